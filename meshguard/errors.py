@@ -1,0 +1,76 @@
+"""Error types, one per party at fault.
+
+Every meshguard failure says who must act:
+
+- :class:`RefusedError` — the object (a pod, its policy) is not acceptable; its author fixes it.
+  The webhook answers ``allowed: false`` with the message, the CLI exits 1.
+- :class:`MalformedInputError` — the input itself is unreadable (not YAML, not an
+  AdmissionReview, a truncated ruleset); whoever sent it fixes it. HTTP 400, CLI exit 2.
+- :class:`MeshguardFailure` — meshguard (or the kernel tooling it drives) failed on a valid
+  input; the operator investigates. meshguard-init exits non-zero so the pod never runs
+  unprotected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class MeshguardError(Exception):
+    """Base class of every error meshguard raises on purpose."""
+
+
+class RefusedError(MeshguardError):
+    """The object is refused: its content breaks a meshguard rule."""
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing"
+
+
+#: The "value" of a required field that is absent.
+MISSING = _Missing()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an annotation: where, what was found, what was expected."""
+
+    path: str
+    value: object
+    expected: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{where}got {_show(self.value)}, expected {self.expected}"
+
+
+class PolicyError(RefusedError):
+    """A meshguard annotation is invalid.
+
+    The message names the annotation, then each problem: field path, bad value, expectation.
+    """
+
+    def __init__(self, *, annotation: str, problems: Sequence[Problem]) -> None:
+        self.annotation = annotation
+        self.problems = tuple(problems)
+        super().__init__(f"{annotation}: " + "; ".join(str(p) for p in self.problems))
+
+
+class CompileError(RefusedError):
+    """The pod cannot be isolated as written (e.g. two containers share a uid)."""
+
+
+class MalformedInputError(MeshguardError):
+    """The input cannot be read at all (bad YAML, not a Kubernetes object, bad ruleset)."""
+
+
+class MeshguardFailure(MeshguardError):
+    """meshguard itself, or a tool it runs, failed on a valid input."""
+
+
+def _show(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

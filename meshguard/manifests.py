@@ -1,0 +1,123 @@
+"""Kubernetes manifests: YAML streams in, the pod templates they carry out.
+
+Handles what ``kubectl apply -f`` and ``istioctl kube-inject -f`` take: one or many YAML
+documents, ``kind: List``, and every workload kind that holds a pod template. The templates
+are returned by reference (the dicts inside the loaded documents), so a caller that edits
+them edits the documents, which keeps every other field and the document order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import yaml
+
+from meshguard.errors import MalformedInputError
+
+#: Where each workload kind keeps its pod template (path of keys below the object).
+TEMPLATE_PATHS: Final[Mapping[str, tuple[str, ...]]] = {
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "DeploymentConfig": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "PodTemplate": ("template",),
+}
+MAX_MANIFEST_BYTES: Final = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    """A pod (or pod template) found in a manifest; ``metadata``/``spec`` are live dicts."""
+
+    kind: str
+    name: str
+    namespace: str | None
+    metadata: dict[str, Any]
+    spec: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        namespace = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.kind} {namespace}{self.name}"
+
+
+def read_documents(source: str | Path | TextIO) -> list[Any]:
+    """Load every YAML document of a file path, ``-`` (already opened as a stream) or text."""
+    text = _read_text(source)
+    if len(text.encode()) > MAX_MANIFEST_BYTES:
+        raise MalformedInputError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise MalformedInputError(f"not valid YAML: {exc}") from None
+
+
+def pod_templates(documents: list[Any]) -> Iterator[PodTemplate]:
+    """Every pod template in the documents, in document order (List items expanded)."""
+    for index, document in enumerate(documents):
+        yield from _templates_of(document, f"document {index + 1}")
+
+
+def _templates_of(obj: object, where: str) -> Iterator[PodTemplate]:
+    if not isinstance(obj, dict):
+        raise MalformedInputError(
+            f"{where}: expected a Kubernetes object, got {type(obj).__name__}"
+        )
+    kind = obj.get("kind")
+    if not isinstance(kind, str):
+        raise MalformedInputError(f"{where}: has no 'kind'")
+    if kind == "List" or (kind.endswith("List") and isinstance(obj.get("items"), list)):
+        for index, item in enumerate(obj.get("items") or []):
+            yield from _templates_of(item, f"{where}, items[{index}]")
+        return
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise MalformedInputError(f"{where}: metadata is not a mapping")
+    name = str(metadata.get("name") or metadata.get("generateName") or "")
+    namespace = metadata.get("namespace")
+    if kind == "Pod":
+        yield _template(kind, name, namespace, obj, where)
+    elif kind in TEMPLATE_PATHS:
+        holder: object = obj
+        for key in TEMPLATE_PATHS[kind]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if holder is None:
+            raise MalformedInputError(f"{where}: {kind} {name} has no pod template")
+        yield _template(kind, name, namespace, holder, where)
+
+
+def _template(kind: str, name: str, namespace: object, holder: object, where: str) -> PodTemplate:
+    if not isinstance(holder, dict):
+        raise MalformedInputError(f"{where}: {kind} {name}: pod template is not a mapping")
+    metadata = holder.setdefault("metadata", {})
+    spec = holder.get("spec")
+    if not isinstance(metadata, dict) or not isinstance(spec, dict):
+        raise MalformedInputError(f"{where}: {kind} {name}: pod template needs metadata and spec")
+    return PodTemplate(
+        kind=kind,
+        name=name,
+        namespace=namespace if isinstance(namespace, str) else None,
+        metadata=metadata,
+        spec=spec,
+    )
+
+
+def _read_text(source: str | Path | TextIO) -> str:
+    if isinstance(source, Path):
+        try:
+            return source.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MalformedInputError(f"cannot read {source}: {exc}") from None
+    if isinstance(source, str):
+        return source
+    try:
+        return source.read()
+    except UnicodeDecodeError as exc:
+        raise MalformedInputError(f"input is not UTF-8 text: {exc}") from None

@@ -1,0 +1,15 @@
+"""Names of the pod annotations meshguard reads and writes, and of the Istio ones it honors."""
+
+from __future__ import annotations
+
+from typing import Final
+
+POLICY: Final = "meshguard.io/policy"
+MODE: Final = "meshguard.io/mode"
+INJECT: Final = "meshguard.io/inject"
+STATUS: Final = "meshguard.io/status"
+RULESET: Final = "meshguard.io/ruleset"
+
+ISTIO_INJECT: Final = "sidecar.istio.io/inject"
+ISTIO_STATUS: Final = "sidecar.istio.io/status"
+ISTIO_TEMPLATES: Final = "inject.istio.io/templates"

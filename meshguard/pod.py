@@ -1,0 +1,188 @@
+"""A typed, read-only view of a pod spec as meshguard needs it.
+
+Reads the containers of a pod (or pod template) after Istio's injection: which one is the
+proxy and with which uid/gid it runs, which are the workload's containers, native sidecars
+and init containers, with their effective uid/gid and declared ports. Pure: dict in, frozen
+dataclasses out; malformed specs raise :class:`~meshguard.errors.MalformedInputError`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from meshguard.errors import MalformedInputError
+
+PROXY_CONTAINER: Final = "istio-proxy"
+ISTIO_INIT: Final = "istio-init"
+ISTIO_VALIDATION: Final = "istio-validation"
+MESHGUARD_INIT: Final = "meshguard-init"
+DEFAULT_PROXY_ID: Final = 1337
+
+#: Init containers that set up the pod's network and finish before anything else runs.
+MESH_INIT_CONTAINERS: Final = frozenset({ISTIO_INIT, ISTIO_VALIDATION, MESHGUARD_INIT})
+
+
+class Role(enum.StrEnum):
+    CONTAINER = "container"
+    SIDECAR = "sidecar"  # native sidecar: an init container with restartPolicy Always
+    INIT = "init"  # a regular init container of the workload
+    PROXY = "proxy"
+    MESH_INIT = "mesh-init"  # istio-init, istio-validation, meshguard-init
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    port: int
+    protocol: str  # "tcp", "udp" or "sctp"
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    role: Role
+    uid: int | None
+    gid: int | None
+    ports: tuple[ContainerPort, ...]
+
+    @property
+    def runs_alongside(self) -> bool:
+        """True for containers that run while the pod serves (not one-shot init containers)."""
+        return self.role in {Role.CONTAINER, Role.SIDECAR}
+
+
+@dataclass(frozen=True)
+class ProxyIdentity:
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    namespace: str | None
+    annotations: Mapping[str, str]
+    containers: tuple[Container, ...]
+    host_network: bool
+
+    @property
+    def proxy(self) -> Container | None:
+        return next((c for c in self.containers if c.role is Role.PROXY), None)
+
+    @property
+    def proxy_identity(self) -> ProxyIdentity:
+        proxy = self.proxy
+        uid = proxy.uid if proxy and proxy.uid is not None else DEFAULT_PROXY_ID
+        gid = proxy.gid if proxy and proxy.gid is not None else DEFAULT_PROXY_ID
+        return ProxyIdentity(uid=uid, gid=gid)
+
+    @property
+    def workload(self) -> tuple[Container, ...]:
+        """Every container the policy governs: all but the proxy and the mesh's init steps."""
+        return tuple(c for c in self.containers if c.role not in {Role.PROXY, Role.MESH_INIT})
+
+    def container(self, name: str) -> Container | None:
+        return next((c for c in self.containers if c.name == name), None)
+
+
+def read_pod(*, metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> PodView:
+    """Build the view of one pod (or pod template) from its metadata and spec."""
+    metadata = _mapping(metadata, "metadata")
+    spec = _mapping(spec, "spec")
+    pod_context = _mapping(spec.get("securityContext") or {}, "spec.securityContext")
+    containers = [
+        *_read_list(spec, "initContainers", pod_context, init=True),
+        *_read_list(spec, "containers", pod_context, init=False),
+    ]
+    names = [c.name for c in containers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise MalformedInputError(f"spec: container names must be unique, repeated: {duplicates}")
+    raw_annotations = _mapping(metadata.get("annotations") or {}, "metadata.annotations")
+    return PodView(
+        name=str(metadata.get("name") or metadata.get("generateName") or ""),
+        namespace=metadata.get("namespace"),
+        annotations={str(k): str(v) for k, v in raw_annotations.items()},
+        containers=tuple(containers),
+        host_network=spec.get("hostNetwork") is True,
+    )
+
+
+def _read_list(
+    spec: Mapping[str, Any], field: str, pod_context: Mapping[str, Any], *, init: bool
+) -> list[Container]:
+    items = spec.get(field) or []
+    if not isinstance(items, list):
+        raise MalformedInputError(f"spec.{field}: expected a list, got {type(items).__name__}")
+    return [
+        _read_container(item, f"spec.{field}[{index}]", pod_context, init=init)
+        for index, item in enumerate(items)
+    ]
+
+
+def _read_container(
+    raw: object, where: str, pod_context: Mapping[str, Any], *, init: bool
+) -> Container:
+    item = _mapping(raw, where)
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise MalformedInputError(f"{where}.name: expected a container name, got {name!r}")
+    context = _mapping(item.get("securityContext") or {}, f"{where}.securityContext")
+    return Container(
+        name=name,
+        role=_role(name, item, init=init),
+        uid=_id(context, pod_context, "runAsUser", where),
+        gid=_id(context, pod_context, "runAsGroup", where),
+        ports=_ports(item.get("ports") or [], where),
+    )
+
+
+def _role(name: str, item: Mapping[str, Any], *, init: bool) -> Role:
+    if name == PROXY_CONTAINER:
+        return Role.PROXY
+    if init and name in MESH_INIT_CONTAINERS:
+        return Role.MESH_INIT
+    if init:
+        return Role.SIDECAR if item.get("restartPolicy") == "Always" else Role.INIT
+    return Role.CONTAINER
+
+
+def _id(
+    context: Mapping[str, Any], pod_context: Mapping[str, Any], key: str, where: str
+) -> int | None:
+    value = context.get(key, pod_context.get(key))
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
+        raise MalformedInputError(
+            f"{where}.securityContext.{key}: expected an integer 0-4294967294, got {value!r}"
+        )
+    return value
+
+
+def _ports(raw: object, where: str) -> tuple[ContainerPort, ...]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise MalformedInputError(f"{where}.ports: expected a list, got {type(raw).__name__}")
+    ports = []
+    for index, entry in enumerate(raw):
+        item = _mapping(entry, f"{where}.ports[{index}]")
+        port = item.get("containerPort")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise MalformedInputError(
+                f"{where}.ports[{index}].containerPort: expected 1-65535, got {port!r}"
+            )
+        protocol = str(item.get("protocol", "TCP")).lower()
+        if protocol not in {"tcp", "udp", "sctp"}:
+            raise MalformedInputError(
+                f"{where}.ports[{index}].protocol: expected TCP, UDP or SCTP, got {protocol!r}"
+            )
+        ports.append(ContainerPort(port=port, protocol=protocol))
+    return tuple(ports)
+
+
+def _mapping(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise MalformedInputError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value

@@ -1,0 +1,288 @@
+"""The meshguard policy: pydantic models of the pod annotations and their parsing.
+
+A pod says who may talk to whom over loopback in ``meshguard.io/policy`` (YAML or JSON),
+whether violations are enforced or only logged in ``meshguard.io/mode``, and may opt out
+with ``meshguard.io/inject: "false"``. Parsing is pure: text in, frozen model or
+:class:`~meshguard.errors.PolicyError` out. Every problem names the annotation, the field
+path, the bad value and what is expected.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from meshguard import names
+from meshguard.errors import MISSING, PolicyError, Problem
+
+PROXY: Literal["proxy"] = "proxy"
+ANY_CONTAINER = "*"
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+MAX_POLICY_BYTES = 64 * 1024
+
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+
+
+class Mode(enum.StrEnum):
+    """What the kernel rules and the authz server do with a flow the policy does not allow."""
+
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+    ANY = "any"
+
+
+class Action(enum.StrEnum):
+    DENY = "deny"
+    ALLOW = "allow"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+
+
+class HttpMatch(_Frozen):
+    """L7 conditions, checked by the ext_authz server. Empty lists match anything."""
+
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    headers: Mapping[str, str] = Field(default_factory=dict)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper_methods(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            return tuple(m.upper() if isinstance(m, str) else m for m in value)
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for method in value:
+            if method not in HTTP_METHODS:
+                raise ValueError(f"unknown HTTP method {method!r}")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/") or "*" in path[:-1]:
+                raise ValueError(f"bad path {path!r}")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _lowercase_header_names(cls, value: Mapping[str, str]) -> Mapping[str, str]:
+        return {name.lower(): text for name, text in value.items()}
+
+
+class Rule(_Frozen):
+    """One allowed loopback flow: from some containers to ports of one container."""
+
+    sources: tuple[str, ...] = Field(alias="from")
+    to: str
+    ports: tuple[Port, ...]
+    protocol: Protocol = Protocol.TCP
+    http: HttpMatch | None = None
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("sources")
+    @classmethod
+    def _sane_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("empty list")
+        if PROXY in value:
+            raise ValueError("'proxy' is never restricted, so it cannot be a source")
+        if ANY_CONTAINER in value and len(value) > 1:
+            raise ValueError("'*' already means every container")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _some_ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("empty list")
+        return tuple(sorted(set(value)))
+
+    @field_validator("to")
+    @classmethod
+    def _single_destination(cls, value: str) -> str:
+        if value == ANY_CONTAINER:
+            raise ValueError("'*' is not a destination")
+        return value
+
+    @model_validator(mode="after")
+    def _http_is_tcp(self) -> Rule:
+        if self.http is not None and self.protocol is not Protocol.TCP:
+            raise ValueError("an http rule must use protocol tcp")
+        return self
+
+    @property
+    def protocols(self) -> tuple[Protocol, ...]:
+        """The concrete protocols (``any`` expands to tcp and udp)."""
+        if self.protocol is Protocol.ANY:
+            return (Protocol.TCP, Protocol.UDP)
+        return (self.protocol,)
+
+
+class Policy(_Frozen):
+    """The content of ``meshguard.io/policy``."""
+
+    default_action: Action = Field(default=Action.DENY, alias="defaultAction")
+    rules: tuple[Rule, ...] = ()
+
+
+#: What each field expects, in words, for error messages (keyed by field alias).
+_EXPECTED = {
+    "defaultAction": "'deny' or 'allow'",
+    "rules": "a list of rules (from, to, ports, protocol, http)",
+    "from": "a container name, a list of container names, or '*'",
+    "to": "one container name, or 'proxy'",
+    "ports": "a non-empty list of port numbers (integers 1-65535)",
+    "protocol": "'tcp', 'udp' or 'any'",
+    "http": "a mapping with methods, paths, headers",
+    "methods": f"a list of HTTP methods ({', '.join(sorted(HTTP_METHODS))})",
+    "paths": "a list of paths starting with '/' (exact, or a prefix ending in '*')",
+    "headers": "a mapping of header name to exact value",
+}
+#: What one item of a list field expects.
+_EXPECTED_ITEM = {
+    "rules": "a rule (from, to, ports, protocol, http)",
+    "from": "a container name",
+    "ports": "a port number (integer 1-65535)",
+    "methods": "an HTTP method",
+    "paths": "a path starting with '/' (exact, or a prefix ending in '*')",
+}
+_FIELDS_OF = {
+    (): ("defaultAction", "rules"),
+    ("rules",): ("from", "to", "ports", "protocol", "http"),
+    ("rules", "http"): ("methods", "paths", "headers"),
+}
+
+
+def parse_policy(text: str | None) -> Policy:
+    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything."""
+    if text is None:
+        return Policy()
+    if len(text.encode()) > MAX_POLICY_BYTES:
+        raise _error(Problem(path="", value=f"{len(text)} characters", expected="at most 64 KiB"))
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _error(
+            Problem(path="", value=text, expected=f"valid YAML or JSON ({_yaml_reason(exc)})")
+        ) from None
+    if document is None:
+        return Policy()
+    if not isinstance(document, dict):
+        raise _error(Problem(path="", value=document, expected="a mapping (defaultAction, rules)"))
+    try:
+        return Policy.model_validate(document)
+    except ValidationError as exc:
+        raise _error(*(_problem(err) for err in exc.errors())) from None
+
+
+def parse_mode(text: str | None) -> Mode:
+    """Parse ``meshguard.io/mode``; absent means enforce."""
+    if text is None:
+        return Mode.ENFORCE
+    try:
+        return Mode(text.strip().lower())
+    except ValueError:
+        raise PolicyError(
+            annotation=names.MODE,
+            problems=[Problem(path="", value=text, expected="'enforce' or 'audit'")],
+        ) from None
+
+
+def parse_opt_out(text: str | None) -> bool:
+    """True when ``meshguard.io/inject`` opts the pod out."""
+    if text is None:
+        return False
+    value = text.strip().lower()
+    if value not in {"true", "false"}:
+        raise PolicyError(
+            annotation=names.INJECT,
+            problems=[Problem(path="", value=text, expected="'true' or 'false'")],
+        )
+    return value == "false"
+
+
+def check_names(policy: Policy, *, containers: Collection[str]) -> None:
+    """Refuse rules that name containers the pod does not have."""
+    known = ", ".join(sorted(containers)) or "none"
+    problems: list[Problem] = []
+    for index, rule in enumerate(policy.rules):
+        for position, name in enumerate(rule.sources):
+            if name != ANY_CONTAINER and name not in containers:
+                path = f"rules[{index}].from" + (f"[{position}]" if len(rule.sources) > 1 else "")
+                expected = f"a container of this pod ({known}) or '*'"
+                problems.append(Problem(path=path, value=name, expected=expected))
+        if rule.to != PROXY and rule.to not in containers:
+            expected = f"a container of this pod ({known}) or 'proxy'"
+            problems.append(Problem(path=f"rules[{index}].to", value=rule.to, expected=expected))
+    if problems:
+        raise _error(*problems)
+
+
+def _error(*problems: Problem) -> PolicyError:
+    return PolicyError(annotation=names.POLICY, problems=problems)
+
+
+def _problem(err: Mapping[str, Any]) -> Problem:
+    loc: Sequence[str | int] = err["loc"]
+    path = _format_path(loc)
+    names = [part for part in loc if isinstance(part, str)]
+    if err["type"] == "extra_forbidden":
+        parent = tuple(names[:-1])
+        known = ", ".join(_FIELDS_OF.get(parent, ()))
+        return Problem(path=path, value=names[-1], expected=f"one of the known fields ({known})")
+    if err["type"] == "missing":
+        return Problem(path=path, value=MISSING, expected=_EXPECTED.get(names[-1], err["msg"]))
+    detail = str(err.get("ctx", {}).get("error", "")) or err["msg"]
+    table = _EXPECTED_ITEM if loc and isinstance(loc[-1], int) else _EXPECTED
+    expected = table.get(names[-1], "") if names else ""
+    expected = f"{expected} ({detail})" if expected else detail
+    return Problem(path=path or "(policy)", value=err.get("input"), expected=expected)
+
+
+def _format_path(loc: Sequence[str | int]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in {"function-after", "function-before"} or part.startswith("function-"):
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)

@@ -1,0 +1,1 @@
+"""Loopback rules: the compiler (pure), the ruleset format, and meshguard-init (kernel I/O)."""

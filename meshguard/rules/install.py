@@ -1,0 +1,171 @@
+"""meshguard-init: install a compiled ruleset into the pod's network namespace, fail closed.
+
+Per family: read the current tables (``iptables-save``), plan one ``iptables-restore
+--noflush`` payload that makes meshguard's chains exactly the ruleset's — (re)declaring them
+flushes stale content, hooks are inserted at position 1 unless already there, chains and
+hooks of an earlier ruleset that this one lacks are removed — apply it in one transaction,
+then read the tables back and verify every chain, rule count and hook. Istio's chains are
+never touched. Any failure raises :class:`~meshguard.errors.MeshguardFailure`: the init
+container exits non-zero and the pod does not start unprotected. Running it again on the
+same namespace (a container restart) converges to the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshguard.errors import MeshguardFailure
+from meshguard.rules.iptables import (
+    CommandRunner,
+    SavedState,
+    SavedTable,
+    jump_target,
+    parse_save,
+)
+from meshguard.rules.ruleset import CHAIN_PREFIX, Family, FamilyRuleset, Ruleset, Table, render
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    family: Family
+    installed: bool  # False when the family is unavailable in this namespace
+    payload: str
+    seconds: float
+
+
+def plan_payload(desired: FamilyRuleset, current: SavedState) -> str:
+    """The restore payload that turns ``current`` into ``desired`` for meshguard's chains."""
+    wanted = {table.name: table for table in desired.tables}
+    names = list(wanted) + sorted(
+        name
+        for name, table in current.tables.items()
+        if name not in wanted and _own_chains(table.chains)
+    )
+    tables: list[Table] = []
+    hook_lines: dict[str, list[str]] = {}
+    final_lines: dict[str, list[str]] = {}
+    for name in names:
+        target = wanted.get(name, Table(name=name, chains=(), hooks=(), rules=()))
+        stale = [c for c in _own_chains(current.table(name).chains) if c not in target.chains]
+        # Declaring a stale chain flushes it, so the -X at the end finds it empty.
+        tables.append(
+            Table(
+                name=name,
+                chains=(*target.chains, *stale),
+                hooks=target.hooks,
+                rules=target.rules,
+            )
+        )
+        hook_lines[name] = _hook_changes(target, current.table(name))
+        final_lines[name] = [f"-X {chain}" for chain in stale]
+    return render(tables, hook_lines=hook_lines, final_lines=final_lines)
+
+
+def verify(desired: FamilyRuleset, current: SavedState) -> list[str]:
+    """Problems between what is installed and the ruleset; empty means verified."""
+    problems: list[str] = []
+    wanted = {table.name: table for table in desired.tables}
+    for table in desired.tables:
+        saved = current.table(table.name)
+        for chain in table.chains:
+            if chain not in saved.chains:
+                problems.append(f"{table.name}: chain {chain} missing")
+            elif len(saved.rules_of(chain)) != len(table.rules_of(chain)):
+                problems.append(
+                    f"{table.name}: chain {chain} has {len(saved.rules_of(chain))} rules,"
+                    f" expected {len(table.rules_of(chain))}"
+                )
+        for hook in table.hooks:
+            rules = saved.rules_of(hook.chain)
+            if not rules or rules[0] != hook.spec:
+                problems.append(f"{table.name}: {hook.chain} does not start with '{hook.spec}'")
+            elif rules.count(hook.spec) != 1:
+                problems.append(f"{table.name}: {hook.chain} jumps to {hook.target} more than once")
+    for name, saved in current.tables.items():
+        expected = wanted[name].chains if name in wanted else ()
+        extra = [c for c in _own_chains(saved.chains) if c not in expected]
+        if extra:
+            problems.append(f"{name}: stale meshguard chains {', '.join(extra)}")
+    return problems
+
+
+def install(
+    ruleset: Ruleset,
+    *,
+    run: CommandRunner,
+    families: Iterable[Family] = tuple(Family),
+    ipv6_available: bool | None = None,
+) -> list[InstallResult]:
+    """Install every family of the ruleset; raise :class:`MeshguardFailure` on any problem."""
+    if ipv6_available is None:
+        ipv6_available = Path("/proc/net/if_inet6").exists()
+    results = []
+    for family in families:
+        if family is Family.IPV6 and not ipv6_available:
+            log.warning(
+                "IPv6 is disabled in this network namespace: no IPv6 loopback traffic is"
+                " possible, IPv6 rules skipped",
+                extra={"fields": {"event": "skipped", "family": family.value}},
+            )
+            results.append(InstallResult(family=family, installed=False, payload="", seconds=0))
+            continue
+        results.append(_install_family(ruleset.family(family), run=run, digest=ruleset.digest))
+    return results
+
+
+def _install_family(desired: FamilyRuleset, *, run: CommandRunner, digest: str) -> InstallResult:
+    started = time.perf_counter()
+    family = desired.family
+    for prefix in desired.local_routes:
+        run(["ip", "-6", "route", "replace", "local", prefix, "dev", "lo"])
+    payload = plan_payload(desired, parse_save(run([family.save])))
+    run([family.restore, "--noflush", "--wait"], stdin=payload)
+    problems = verify(desired, parse_save(run([family.save])))
+    if problems:
+        raise MeshguardFailure(f"{family.value} rules not as compiled: {'; '.join(problems)}")
+    seconds = time.perf_counter() - started
+    log.info(
+        "ruleset installed",
+        extra={
+            "fields": {
+                "event": "installed",
+                "family": family.value,
+                "digest": digest,
+                "chains": sum(len(t.chains) for t in desired.tables),
+                "rules": sum(len(t.rules) for t in desired.tables),
+                "ms": round(seconds * 1000, 1),
+            }
+        },
+    )
+    return InstallResult(family=family, installed=True, payload=payload, seconds=seconds)
+
+
+def _hook_changes(target: Table, saved: SavedTable) -> list[str]:
+    """Delete misplaced or stale jumps into meshguard chains; insert missing hooks first."""
+    deletes: list[str] = []
+    inserts: list[str] = []
+    for chain in sorted(saved.builtins):
+        rules = saved.rules_of(chain)
+        for spec in rules:
+            target_chain = jump_target(spec)
+            if target_chain is None or not target_chain.startswith(CHAIN_PREFIX):
+                continue
+            wanted_here = any(h.chain == chain and h.spec == spec for h in target.hooks)
+            if not (wanted_here and rules[0] == spec and rules.count(spec) == 1):
+                deletes.append(f"-D {chain} {spec}")
+    for hook in target.hooks:
+        rules = saved.rules_of(hook.chain)
+        in_place = bool(rules) and rules[0] == hook.spec and rules.count(hook.spec) == 1
+        if not in_place:
+            inserts.append(f"-I {hook.chain} 1 {hook.spec}")
+    return deletes + inserts
+
+
+def _own_chains(chains: Iterable[str]) -> list[str]:
+    return [c for c in chains if c.startswith(CHAIN_PREFIX)]
