@@ -7,7 +7,7 @@ Pure and deterministic: the same pod and policy give the same bytes. The layout,
   2. returns everything of the proxy's uid (Envoy, pilot-agent are never restricted);
   3. returns flows that Istio or meshguard REDIRECTed to the proxy (outbound capture,
      DNS capture, the loopback listener) — only when conntrack saw the redirect;
-  4. dispatches each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
+  4. sends (goto) each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
      the container's own ports and the ports the policy allows, then applies the default;
   5. sends any other uid (one no container runs as, or no socket) to ``MESHGUARD_DENY``.
   ``MESHGUARD_DENY`` rejects (enforce) or logs and lets pass (audit).
@@ -342,7 +342,9 @@ def _filter_table(
             (OUTPUT_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
             for spec in _port_matches(Protocol.UDP, (settings.dns_capture_port,))
         ),
-        *((OUTPUT_CHAIN, f"-m owner --uid-owner {p.uid} -j {source_chain(p.uid)}") for p in plans),
+        # -g, not -j: a RETURN in the source chain must leave OUTPUT's meshguard hook, not
+        # fall through to the default below.
+        *((OUTPUT_CHAIN, f"-m owner --uid-owner {p.uid} -g {source_chain(p.uid)}") for p in plans),
         (OUTPUT_CHAIN, f"-j {DENY_CHAIN}"),
     ]
     protected = (*settings.protected_proxy_ports, settings.listener_port)

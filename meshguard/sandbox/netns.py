@@ -1,0 +1,139 @@
+"""A network namespace standing in for a pod's, and processes running inside it.
+
+Creates a namespace with ``lo`` up and an ``eth0`` carrying the pod's addresses (so
+traffic to the pod's own IP takes ``lo``, as in a pod, and remote destinations have a
+route for Istio's outbound capture), runs commands in it, and removes it and every process
+it started on exit — also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from meshguard.errors import MeshguardFailure
+from meshguard.rules.iptables import run_command
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodAddresses:
+    ipv4: str = "10.1.2.3"
+    ipv6: str = "fd00:10::3"
+    prefix4: int = 24
+    prefix6: int = 64
+
+
+@dataclass
+class NetworkNamespace:
+    """``with NetworkNamespace() as ns: ns.run([...])`` — needs root and iproute2."""
+
+    addresses: PodAddresses = field(default_factory=PodAddresses)
+    name: str = field(default_factory=lambda: f"meshguard-{secrets.token_hex(4)}")
+    _processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def __enter__(self) -> NetworkNamespace:
+        run_command(["ip", "netns", "add", self.name])
+        try:
+            for argv in self._setup_commands():
+                self.run(argv)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _setup_commands(self) -> list[list[str]]:
+        pod = self.addresses
+        return [
+            ["ip", "link", "set", "lo", "up"],
+            # A veth pair whose far end stays in the namespace: eth0 only needs to exist and
+            # carry the pod's addresses and routes (dummy links are not in every kernel).
+            ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"],
+            ["ip", "link", "set", "eth0-peer", "up"],
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "addr", "add", f"{pod.ipv4}/{pod.prefix4}", "dev", "eth0"],
+            ["ip", "-6", "addr", "add", f"{pod.ipv6}/{pod.prefix6}", "dev", "eth0", "nodad"],
+            ["ip", "route", "add", "default", "dev", "eth0"],
+            ["ip", "-6", "route", "add", "default", "dev", "eth0"],
+        ]
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], *, stdin: str | None = None) -> str:
+        return run_command(self.argv(argv), stdin=stdin)
+
+    def spawn(self, argv: Sequence[str], *, ready_line: str | None = None) -> subprocess.Popen[str]:
+        """Start a long-running process in the namespace; wait for its ready line."""
+        process = subprocess.Popen(
+            self.argv(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._processes.append(process)
+        if ready_line is not None:
+            line = process.stdout.readline() if process.stdout else ""
+            if line.strip() != ready_line:
+                _, err = _stop(process)
+                raise MeshguardFailure(f"{' '.join(argv)} did not start: {err.strip()[-500:]}")
+        return process
+
+    def close(self) -> None:
+        for process in reversed(self._processes):
+            _stop(process)
+        self._processes.clear()
+        with contextlib.suppress(MeshguardFailure):
+            run_command(["ip", "netns", "delete", self.name])
+
+
+def probe_command(*, uid: int, gid: int, groups: Sequence[int] = ()) -> list[str]:
+    """argv of a probe client running as uid/gid (to be run through :meth:`run`)."""
+    return [
+        sys.executable, "-m", "meshguard.sandbox.probe", "probe",
+        "--uid", str(uid), "--gid", str(gid), "--groups", ",".join(map(str, groups)),
+    ]  # fmt: skip
+
+
+def serve_command(
+    *, name: str, uid: int, gid: int, tcp: Sequence[int], udp: Sequence[int]
+) -> list[str]:
+    return [
+        sys.executable, "-m", "meshguard.sandbox.probe", "serve", "--name", name,
+        "--uid", str(uid), "--gid", str(gid),
+        "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp)),
+    ]  # fmt: skip
+
+
+def _stop(process: subprocess.Popen[str]) -> tuple[str, str]:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def namespace(addresses: PodAddresses | None = None) -> Iterator[NetworkNamespace]:
+    with NetworkNamespace(addresses=addresses or PodAddresses()) as ns:
+        yield ns

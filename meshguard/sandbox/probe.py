@@ -1,0 +1,157 @@
+"""Stand-ins for a pod's containers: echo servers and connection probes under a given uid.
+
+Run inside a network namespace (``ip netns exec NS python -m meshguard.sandbox.probe ...``),
+as root; each process drops to the container's uid/gid before touching the network, so the
+kernel's owner match sees exactly what it would see in a pod.
+
+- ``serve``: listen on TCP and UDP ports, dual-stack (one ``::`` socket per port also takes
+  IPv4 and IPv4-mapped traffic), and answer every connection or datagram with one JSON line
+  naming the server, the local port it landed on and the peer address. Prints ``ready``
+  once bound.
+- ``probe``: read a JSON list of targets on stdin, try each, print a JSON list of outcomes:
+  ``allow`` (the server answered; its reply says where the flow landed), ``deny`` (refused
+  or reset: the kernel rejected it), ``timeout`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+PROBE_TIMEOUT_SECONDS = 2.0
+#: How a rejected flow shows: refused/reset (TCP, ICMP port unreachable), or EPERM when
+#: netfilter drops a datagram in OUTPUT before it leaves the sending socket.
+_REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPERM}
+
+
+def drop_privileges(*, uid: int, gid: int, groups: Sequence[int] = ()) -> None:
+    """Become uid/gid with exactly ``groups`` as supplementary groups (needs root)."""
+    os.setgroups(list(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def serve(*, name: str, tcp: Sequence[int], udp: Sequence[int]) -> None:
+    selector = selectors.DefaultSelector()
+    for port in tcp:
+        listener = _dual_stack(socket.SOCK_STREAM, port)
+        listener.listen(128)
+        selector.register(listener, selectors.EVENT_READ, ("tcp", port))
+    for port in udp:
+        selector.register(_dual_stack(socket.SOCK_DGRAM, port), selectors.EVENT_READ, ("udp", port))
+    print("ready", flush=True)
+    while True:
+        for key, _ in selector.select():
+            protocol, port = key.data
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            if protocol == "tcp":
+                _answer_tcp(sock, name=name, port=port)
+            else:
+                _answer_udp(sock, name=name, port=port)
+
+
+def _dual_stack(kind: socket.SocketKind, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    if kind == socket.SOCK_DGRAM:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    sock.bind(("::", port))
+    sock.setblocking(False)
+    return sock
+
+
+def _reply(*, name: str, port: int, peer: str) -> bytes:
+    return (json.dumps({"server": name, "port": port, "peer": _plain(peer)}) + "\n").encode()
+
+
+def _answer_tcp(listener: socket.socket, *, name: str, port: int) -> None:
+    try:
+        conn, peer = listener.accept()
+    except BlockingIOError:
+        return
+    with conn, contextlib.suppress(OSError):
+        conn.setblocking(True)
+        conn.settimeout(1.0)
+        conn.sendall(_reply(name=name, port=port, peer=peer[0]))
+
+
+def _answer_udp(sock: socket.socket, *, name: str, port: int) -> None:
+    # Reply from the address the datagram was sent to (IPV6_PKTINFO, which Linux also fills
+    # for IPv4 on a dual-stack socket): a reply from another local address would not match
+    # the client's connected socket, nor its conntrack entry.
+    with contextlib.suppress(BlockingIOError, OSError):
+        _, ancillary, _, peer = sock.recvmsg(2048, socket.CMSG_SPACE(20))
+        info = [
+            (level, kind, data)
+            for level, kind, data in ancillary
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+        ]
+        sock.sendmsg([_reply(name=name, port=port, peer=peer[0])], info, 0, peer)
+
+
+def _plain(address: str) -> str:
+    return address.removeprefix("::ffff:") if address.startswith("::ffff:") else address
+
+
+def probe(target: dict[str, Any]) -> dict[str, Any]:
+    """Try one flow; the outcome and, when it got through, where it landed."""
+    host, port = str(target["host"]), int(target["port"])
+    protocol = target.get("protocol", "tcp")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    try:
+        with socket.socket(family, kind) as sock:
+            sock.settimeout(target.get("timeout", PROBE_TIMEOUT_SECONDS))
+            if target.get("source"):
+                sock.bind((str(target["source"]), 0))
+            sock.connect((host, port))
+            if protocol == "udp":
+                sock.send(b"ping\n")
+            data = sock.recv(4096)
+    except TimeoutError:
+        return {"result": "timeout"}
+    except OSError as exc:
+        if exc.errno in _REFUSED:
+            return {"result": "deny", "errno": errno.errorcode.get(exc.errno or 0, "")}
+        return {"result": "error", "detail": str(exc)}
+    if not data:
+        return {"result": "deny", "errno": "EOF"}
+    return {"result": "allow", **json.loads(data.decode().splitlines()[0])}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshguard.sandbox.probe")
+    parser.add_argument("command", choices=["serve", "probe"])
+    parser.add_argument("--uid", type=int, required=True)
+    parser.add_argument("--gid", type=int, required=True)
+    parser.add_argument("--groups", default="", help="comma-separated supplementary gids")
+    parser.add_argument("--name", default="")
+    parser.add_argument("--tcp", default="", help="comma-separated ports to serve")
+    parser.add_argument("--udp", default="", help="comma-separated ports to serve")
+    args = parser.parse_args(argv)
+    drop_privileges(uid=args.uid, gid=args.gid, groups=_ints(args.groups))
+    if args.command == "serve":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        serve(name=args.name, tcp=_ints(args.tcp), udp=_ints(args.udp))
+        return 0
+    targets = json.load(sys.stdin)
+    json.dump([probe(target) for target in targets], sys.stdout)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

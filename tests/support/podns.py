@@ -1,0 +1,85 @@
+"""A pod in a network namespace: Istio's real capture rules, meshguard's rules installed by
+the real ``meshguard init``, and one echo server per container under the container's uid."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshguard.pod import read_pod
+from meshguard.rules.compiler import CompilerSettings, compile_pod
+from meshguard.rules.ruleset import Family, Ruleset
+from meshguard.sandbox.netns import NetworkNamespace, probe_command, serve_command
+from tests.support.shared import golden_payloads
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    uid: int
+    gid: int
+    tcp: tuple[int, ...] = ()
+    udp: tuple[int, ...] = ()
+
+
+@dataclass
+class PodSandbox:
+    ns: NetworkNamespace
+    ruleset: Ruleset
+    ruleset_file: Path
+    servers: list[Server] = field(default_factory=list)
+
+    def load_istio(self, golden: str, *, families: Iterable[Family] = tuple(Family)) -> None:
+        v4, v6 = golden_payloads(golden)
+        for family, payloads in ((Family.IPV4, v4), (Family.IPV6, v6)):
+            if family in families:
+                for payload in payloads:
+                    self.ns.run([family.restore, "--noflush"], stdin=payload)
+
+    def meshguard_init(self, *extra: str) -> str:
+        return self.ns.run(
+            [sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(self.ruleset_file),
+             *extra]
+        )  # fmt: skip
+
+    def serve(self, server: Server) -> None:
+        argv = serve_command(
+            name=server.name, uid=server.uid, gid=server.gid, tcp=server.tcp, udp=server.udp
+        )
+        self.ns.spawn(argv, ready_line="ready")
+        self.servers.append(server)
+
+    def probe(
+        self,
+        *,
+        uid: int,
+        gid: int,
+        targets: Sequence[Mapping[str, Any]],
+        groups: Sequence[int] = (),
+    ) -> list[dict[str, Any]]:
+        out = self.ns.run(
+            probe_command(uid=uid, gid=gid, groups=groups), stdin=json.dumps(list(targets))
+        )
+        results: list[dict[str, Any]] = json.loads(out)
+        return results
+
+    def save(self, family: Family) -> str:
+        return self.ns.run([family.save])
+
+
+def compile_for(pod: Mapping[str, Any]) -> Ruleset:
+    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+    return compile_pod(view, settings=CompilerSettings())
+
+
+def own_lines(save_output: str) -> list[str]:
+    """iptables-save lines that concern meshguard (its chains and jumps), counters stripped."""
+    return [
+        line
+        for line in save_output.splitlines()
+        if "MESHGUARD" in line and not line.startswith("#")
+    ]
