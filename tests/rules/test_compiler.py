@@ -1,0 +1,312 @@
+"""The compiler, without root: layout, determinism, refusals, and Istio's real pods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import meshguard
+from meshguard.errors import CompileError, PolicyError
+from meshguard.pod import read_pod
+from meshguard.policy import Mode, parse_policy
+from meshguard.rules.compiler import CompilerSettings, compile_pod, compile_ruleset
+from meshguard.rules.ruleset import Family
+from tests.support.samples import (
+    give_distinct_uids,
+    injected_sample_names,
+    load_templates,
+    workload_names,
+)
+
+EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+SETTINGS = CompilerSettings()
+
+
+def example() -> dict[str, Any]:
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return pod
+
+
+def compiled(pod: dict[str, Any]):
+    return compile_pod(read_pod(metadata=pod["metadata"], spec=pod["spec"]), settings=SETTINGS)
+
+
+def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in pod["spec"]["containers"] if c["name"] == name)
+    return found
+
+
+def lines(pod: dict[str, Any], family: Family = Family.IPV4) -> list[str]:
+    return compiled(pod).family(family).payload().splitlines()
+
+
+def test_layout_of_the_example_pod():
+    payload = lines(example())
+    output = [line for line in payload if line.startswith("-A MESHGUARD_OUTPUT")]
+    assert output == [
+        "-A MESHGUARD_OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A MESHGUARD_OUTPUT -p tcp -m multiport --dports 15001,15007,15053"
+        " -m conntrack --ctstate DNAT -j RETURN",
+        "-A MESHGUARD_OUTPUT -p udp -m udp --dport 15053 -m conntrack --ctstate DNAT -j RETURN",
+        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1000 -g MESHGUARD_SRC_1000",
+        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1001 -g MESHGUARD_SRC_1001",
+        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1002 -g MESHGUARD_SRC_1002",
+        "-A MESHGUARD_OUTPUT -j MESHGUARD_DENY",
+    ]
+    assert "-I OUTPUT 1 -o lo -j MESHGUARD_OUTPUT" in payload
+    assert "-I OUTPUT 1 -o lo -j MESHGUARD_REDIRECT" in payload
+    assert "-I POSTROUTING 1 -o lo -j MESHGUARD_SNAT" in payload
+    assert (
+        "-A MESHGUARD_REDIRECT -p tcp -m tcp --dport 15020 -m owner --uid-owner 1000"
+        " -j REDIRECT --to-ports 15007"
+    ) in payload
+    assert (
+        "-A MESHGUARD_SNAT -p tcp -m tcp --dport 15007 -m owner --uid-owner 1000"
+        " -m conntrack --ctstate DNAT -j SNAT --to-source 127.0.100.1"
+    ) in payload
+
+
+def test_only_meshguard_chains_are_declared_or_appended():
+    for family in Family:
+        for line in lines(example(), family):
+            if line.startswith(":"):
+                assert line.startswith(":MESHGUARD_")
+            if line.startswith("-A "):
+                assert line.split()[1].startswith("MESHGUARD_")
+            if line.startswith("-I "):
+                assert line.split()[1] in {"OUTPUT", "POSTROUTING"}
+                assert " 1 -o lo -j MESHGUARD_" in line
+
+
+def test_ipv6_uses_icmp6_and_the_routed_ula_source_addresses():
+    ruleset = compiled(example())
+    v6 = ruleset.ipv6.payload()
+    assert "--reject-with icmp6-port-unreachable" in v6
+    assert "icmp-port-unreachable" not in v6.replace("icmp6-port-unreachable", "")
+    assert "-j SNAT --to-source fd6d:6775::1" in v6
+    assert ruleset.ipv6.local_routes == ("fd6d:6775::/112",)
+    assert ruleset.ipv4.local_routes == ()
+
+
+def test_same_input_same_bytes_and_digest_and_order_of_rules_does_not_matter():
+    first, second = compiled(example()), compiled(example())
+    assert first.to_json() == second.to_json()
+    assert first.digest == second.digest
+    assert first.digest.startswith("sha256:")
+    shuffled = example()
+    policy = yaml.safe_load(shuffled["metadata"]["annotations"]["meshguard.io/policy"])
+    shuffled["spec"]["containers"].reverse()
+    shuffled["metadata"]["annotations"]["meshguard.io/policy"] = yaml.safe_dump(policy)
+    assert compiled(shuffled).digest == first.digest
+
+
+def test_policy_change_changes_the_digest():
+    changed = example()
+    changed["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
+    assert compiled(changed).digest != compiled(example()).digest
+
+
+def test_audit_mode_logs_instead_of_rejecting():
+    pod = example()
+    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+    policy = parse_policy(pod["metadata"]["annotations"]["meshguard.io/policy"])
+    deny = compile_ruleset(view, policy, mode=Mode.AUDIT, settings=SETTINGS).ipv4.tables[0]
+    assert deny.rules_of("MESHGUARD_DENY") == [
+        '-m limit --limit 10/sec -j LOG --log-prefix "meshguard-audit: " --log-uid',
+        "-j RETURN",
+    ]
+
+
+def test_default_allow_still_protects_the_proxy_ports():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "defaultAction: allow"
+    chain = [line for line in lines(pod) if line.startswith("-A MESHGUARD_SRC_1002")]
+    assert chain == [
+        '-A MESHGUARD_SRC_1002 -p tcp -m tcp --dport 6379 -m comment --comment "own ports of'
+        ' cache" -j RETURN',
+        "-A MESHGUARD_SRC_1002 -p tcp -m multiport --dports 15000,15004,15007,15020,15021,15090"
+        " -j MESHGUARD_DENY",
+        "-A MESHGUARD_SRC_1002 -j RETURN",
+    ]
+
+
+def test_no_l7_rule_means_no_nat_table():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: []"
+    ruleset = compiled(pod)
+    assert [t.name for t in ruleset.ipv4.tables] == ["filter"]
+    assert "15007" not in ruleset.ipv4.payload()
+
+
+def test_more_than_fifteen_ports_are_split_across_multiport_rules():
+    pod = example()
+    ports = list(range(20000, 20020))
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = yaml.safe_dump(
+        {"rules": [{"from": "cache", "to": "app", "ports": ports}]}
+    )
+    chain = [
+        line for line in lines(pod) if line.startswith("-A MESHGUARD_SRC_1002 -p tcp -m multi")
+    ]
+    assert len(chain) == 2
+    assert "--dports " + ",".join(map(str, ports[:15])) in chain[0]
+    assert "--dports " + ",".join(map(str, ports[15:])) in chain[1]
+
+
+def test_wildcard_source_covers_every_container():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = (
+        "rules: [{from: '*', to: app, ports: [8080]}]"
+    )
+    payload = lines(pod)
+    for uid in (1000, 1001, 1002):
+        assert any(
+            line.startswith(f"-A MESHGUARD_SRC_{uid}") and "8080" in line for line in payload
+        )
+
+
+def test_proxy_uid_comes_from_the_istio_proxy_container():
+    pod = example()
+    container(pod, "istio-proxy")["securityContext"].update(runAsUser=1234, runAsGroup=4321)
+    payload = lines(pod)
+    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 1234 -j RETURN" in payload
+    assert not any("1337" in line for line in payload)
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_containers_sharing_a_uid_are_refused_not_merged():
+    pod = example()
+    container(pod, "cache")["securityContext"]["runAsUser"] = 1000
+    with pytest.raises(CompileError, match="containers 'app' and 'cache' share uid 1000"):
+        compiled(pod)
+
+
+def test_container_without_uid_is_refused():
+    pod = example()
+    del container(pod, "cache")["securityContext"]["runAsUser"]
+    with pytest.raises(CompileError, match="container 'cache' has no runAsUser"):
+        compiled(pod)
+
+
+def test_pod_level_run_as_user_is_inherited():
+    pod = example()
+    for name in ("app", "cache", "log-shipper"):
+        del container(pod, name)["securityContext"]["runAsUser"]
+    pod["spec"]["securityContext"] = {"runAsUser": 1000}
+    with pytest.raises(CompileError, match="share uid 1000"):
+        compiled(pod)
+
+
+def test_container_running_as_the_proxy_uid_is_refused():
+    pod = example()
+    container(pod, "cache")["securityContext"]["runAsUser"] = 1337
+    with pytest.raises(CompileError, match="'cache' runs as uid 1337, the proxy's uid"):
+        compiled(pod)
+
+
+def test_declaring_a_sidecar_port_is_refused():
+    pod = example()
+    container(pod, "app")["ports"].append({"containerPort": 15000})
+    with pytest.raises(CompileError, match="'app' declares port 15000"):
+        compiled(pod)
+
+
+def test_rule_on_the_listener_port_is_refused():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = (
+        "rules: [{from: app, to: proxy, ports: [15007]}]"
+    )
+    with pytest.raises(PolicyError, match=r"rules\[0\].ports: got 15007"):
+        compiled(pod)
+
+
+def test_unknown_container_in_policy_is_refused():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = (
+        "rules: [{from: app, to: redis, ports: [1]}]"
+    )
+    with pytest.raises(PolicyError, match=r"rules\[0\].to: got 'redis'"):
+        compiled(pod)
+
+
+def test_bad_mode_annotation_is_refused():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/mode"] = "relaxed"
+    with pytest.raises(PolicyError, match=r"meshguard\.io/mode"):
+        compiled(pod)
+
+
+def test_init_container_sharing_a_uid_is_merged_with_a_warning():
+    pod = example()
+    pod["spec"]["initContainers"].append(
+        {"name": "migrate", "image": "x", "securityContext": {"runAsUser": 1000}}
+    )
+    ruleset = compiled(pod)
+    assert any("'migrate' shares uid 1000 with 'app'" in w for w in ruleset.warnings)
+
+
+def test_undeclared_destination_port_is_a_warning():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = (
+        "rules: [{from: cache, to: app, ports: [7000]}]"
+    )
+    assert any("'app' does not declare port(s) 7000" in w for w in compiled(pod).warnings)
+
+
+# --- Istio's real injector outputs --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", injected_sample_names() or ["(../shared absent)"])
+def test_every_istio_injected_sample_compiles_once_uids_are_distinct(name: str):
+    if name.startswith("("):
+        pytest.skip("../shared/istio-injector-samples is absent")
+    templates = [t for t in load_templates(name) if t.spec]
+    compiled_any = False
+    for template in templates:
+        view = read_pod(metadata=template.metadata, spec=template.spec)
+        if view.proxy is None:
+            continue  # not injected (host network, custom template without proxy)
+        give_distinct_uids(template)
+        names = workload_names(template)
+        template.metadata.setdefault("annotations", {})["meshguard.io/policy"] = yaml.safe_dump(
+            {"rules": [{"from": "*", "to": names[0], "ports": [8080]}]} if names else {}
+        )
+        view = read_pod(metadata=template.metadata, spec=template.spec)
+        ruleset = compile_pod(view, settings=SETTINGS)
+        compiled_any = True
+        expected_uid = view.proxy_identity.uid
+        assert f"-A MESHGUARD_OUTPUT -m owner --uid-owner {expected_uid} -j RETURN" in (
+            ruleset.ipv4.payload()
+        )
+        assert {s.container for s in ruleset.sources} == {
+            c.name for c in view.workload if c.runs_alongside
+        }
+    # Only these samples have no istio-proxy: host network, and a custom template without it.
+    assert compiled_any or name in {
+        "hello-host-network.yaml.injected",
+        "custom-template.yaml.injected",
+    }
+
+
+def test_istio_proxy_override_runas_sample_uses_1234():
+    if "proxy-override-runas.yaml.injected" not in injected_sample_names():
+        pytest.skip("../shared/istio-injector-samples is absent")
+    (template,) = load_templates("proxy-override-runas.yaml.injected")
+    give_distinct_uids(template)
+    view = read_pod(metadata=template.metadata, spec=template.spec)
+    assert (view.proxy_identity.uid, view.proxy_identity.gid) == (1234, 4321)
+    assert "--uid-owner 1234 -j RETURN" in compile_pod(view, settings=SETTINGS).ipv4.payload()
+
+
+def test_istio_samples_without_run_as_user_are_refused_with_the_reason():
+    if "hello.yaml.injected" not in injected_sample_names():
+        pytest.skip("../shared/istio-injector-samples is absent")
+    (template,) = load_templates("hello.yaml.injected")
+    view = read_pod(metadata=template.metadata, spec=template.spec)
+    with pytest.raises(CompileError, match="container 'hello' has no runAsUser"):
+        compile_pod(view, settings=SETTINGS)
