@@ -4,9 +4,11 @@ Per family: read the current tables (``iptables-save``), plan one ``iptables-res
 --noflush`` payload that makes meshguard's chains exactly the ruleset's — (re)declaring them
 flushes stale content, hooks are inserted at position 1 unless already there, chains and
 hooks of an earlier ruleset that this one lacks are removed — apply it in one transaction,
-then read the tables back and verify every chain, rule count and hook. Istio's chains are
-never touched. Any failure raises :class:`~meshguard.errors.MeshguardFailure`: the init
-container exits non-zero and the pod does not start unprotected. Running it again on the
+then read the tables back and verify every chain, rule count and hook. iptables-restore
+commits table by table, so when any table fails (or verification does) the tables already
+committed are rolled back to meshguard's previous state. Istio's chains are never touched.
+Any failure raises :class:`~meshguard.errors.MeshguardFailure`: the init container exits
+non-zero and the pod does not start unprotected. Running it again on the
 same namespace (a container restart) converges to the same state.
 """
 
@@ -26,7 +28,15 @@ from meshguard.rules.iptables import (
     jump_target,
     parse_save,
 )
-from meshguard.rules.ruleset import CHAIN_PREFIX, Family, FamilyRuleset, Ruleset, Table, render
+from meshguard.rules.ruleset import (
+    CHAIN_PREFIX,
+    Family,
+    FamilyRuleset,
+    Hook,
+    Ruleset,
+    Table,
+    render,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +134,16 @@ def _install_family(desired: FamilyRuleset, *, run: CommandRunner, digest: str) 
     family = desired.family
     for prefix in desired.local_routes:
         run(["ip", "-6", "route", "replace", "local", prefix, "dev", "lo"])
-    payload = plan_payload(desired, parse_save(run([family.save])))
-    run([family.restore, "--noflush", "--wait"], stdin=payload)
-    problems = verify(desired, parse_save(run([family.save])))
-    if problems:
-        raise MeshguardFailure(f"{family.value} rules not as compiled: {'; '.join(problems)}")
+    before = parse_save(run([family.save]))
+    payload = plan_payload(desired, before)
+    try:
+        run([family.restore, "--noflush", "--wait"], stdin=payload)
+        problems = verify(desired, parse_save(run([family.save])))
+        if problems:
+            raise MeshguardFailure(f"{family.value} rules not as compiled: {'; '.join(problems)}")
+    except MeshguardFailure as failure:
+        _roll_back(before, family=family, run=run, failure=failure)
+        raise
     seconds = time.perf_counter() - started
     log.info(
         "ruleset installed",
@@ -144,6 +159,41 @@ def _install_family(desired: FamilyRuleset, *, run: CommandRunner, digest: str) 
         },
     )
     return InstallResult(family=family, installed=True, payload=payload, seconds=seconds)
+
+
+def snapshot(state: SavedState, *, family: Family) -> FamilyRuleset:
+    """meshguard's chains, rules and hooks as they are in ``state`` (to return to it)."""
+    tables = []
+    for name, saved in sorted(state.tables.items()):
+        chains = tuple(_own_chains(saved.chains))
+        hooks = tuple(
+            Hook(chain=chain, spec=spec)
+            for chain in sorted(saved.builtins)
+            for spec in saved.rules_of(chain)
+            if (jump_target(spec) or "").startswith(CHAIN_PREFIX)
+        )
+        rules = tuple((chain, spec) for chain in chains for spec in saved.rules_of(chain))
+        if chains or hooks:
+            tables.append(Table(name=name, chains=chains, hooks=hooks, rules=rules))
+    return FamilyRuleset(family=family, tables=tuple(tables))
+
+
+def _roll_back(
+    before: SavedState, *, family: Family, run: CommandRunner, failure: MeshguardFailure
+) -> None:
+    """iptables-restore commits table by table: undo the tables a failed payload did change."""
+    previous = snapshot(before, family=family)
+    try:
+        run(
+            [family.restore, "--noflush", "--wait"],
+            stdin=plan_payload(previous, parse_save(run([family.save]))),
+        )
+    except MeshguardFailure as rollback:
+        raise MeshguardFailure(f"{failure}; rolling back also failed: {rollback}") from None
+    log.warning(
+        "install failed, meshguard rules rolled back to their previous state",
+        extra={"fields": {"event": "rolled-back", "family": family.value, "reason": str(failure)}},
+    )
 
 
 def _hook_changes(target: Table, saved: SavedTable) -> list[str]:

@@ -1,0 +1,206 @@
+"""``meshguard init`` against the real kernel: idempotent, converging, atomic, fail-closed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import meshguard
+from meshguard.pod import read_pod
+from meshguard.rules.compiler import CompilerSettings, compile_pod
+from meshguard.rules.ruleset import Family, Ruleset
+from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.podns import own_lines
+from tests.support.shared import golden_payloads
+
+pytestmark = pytest.mark.root
+
+EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+
+
+def compiled(policy: str | None = None) -> Ruleset:
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    if policy is not None:
+        pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
+    return compile_pod(
+        read_pod(metadata=pod["metadata"], spec=pod["spec"]), settings=CompilerSettings()
+    )
+
+
+@pytest.fixture
+def ns() -> Iterator[NetworkNamespace]:
+    with NetworkNamespace() as namespace:
+        v4, _ = golden_payloads("ipnets.golden")
+        for payload in v4:
+            namespace.run(["iptables-restore", "--noflush"], stdin=payload)
+        yield namespace
+
+
+def init(ns: NetworkNamespace, ruleset_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ns.argv(
+            [sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file), *extra]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def reason(done: subprocess.CompletedProcess[str]) -> str:
+    """The one-line reason init ends with; every line before it must be a JSON log line."""
+    *logs, last = done.stderr.splitlines()
+    for line in logs:
+        json.loads(line)
+    return last
+
+
+def snapshot(ns: NetworkNamespace) -> dict[Family, list[str]]:
+    return {family: own_lines(ns.run([family.save])) for family in Family}
+
+
+def istio_lines(ns: NetworkNamespace) -> list[str]:
+    return [line for line in ns.run(["iptables-save"]).splitlines() if "ISTIO" in line]
+
+
+def test_init_installs_verifies_and_logs_json(ns: NetworkNamespace, tmp_path: Path):
+    rs = compiled()
+    path = tmp_path / "ruleset"
+    path.write_text(rs.to_json())
+    done = init(ns, path)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(e["event"], e["family"], e["digest"]) for e in events] == [
+        ("installed", "ipv4", rs.digest),
+        ("installed", "ipv6", rs.digest),
+    ]
+    assert "local fd6d:6775::/112 dev lo" in ns.run(["ip", "-6", "route", "show", "table", "local"])
+
+
+def test_init_twice_equals_init_once_and_leaves_istio_alone(ns: NetworkNamespace, tmp_path: Path):
+    path = tmp_path / "ruleset"
+    path.write_text(compiled().to_json())
+    istio_before = istio_lines(ns)
+    assert init(ns, path).returncode == 0
+    once = snapshot(ns)
+    assert init(ns, path).returncode == 0
+    assert snapshot(ns) == once
+    assert sum(line == "-A OUTPUT -o lo -j MESHGUARD_OUTPUT" for line in once[Family.IPV4]) == 1
+    assert istio_lines(ns) == istio_before
+
+
+def test_a_changed_ruleset_converges_and_leaves_nothing_stale(ns: NetworkNamespace, tmp_path: Path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text(compiled().to_json())
+    new.write_text(compiled("rules: [{from: app, to: cache, ports: [6379]}]").to_json())
+    assert init(ns, old).returncode == 0
+    assert any("MESHGUARD_REDIRECT" in line for line in snapshot(ns)[Family.IPV4])
+    assert init(ns, new).returncode == 0
+    after = snapshot(ns)
+    fresh = tmp_path / "fresh"
+    fresh.write_text(new.read_text())
+    with NetworkNamespace() as clean:
+        assert init(clean, fresh).returncode == 0
+        assert snapshot(clean) == after
+    assert not any("REDIRECT" in line or "SNAT" in line for line in after[Family.IPV4])
+
+
+def test_init_puts_its_hook_back_in_front_when_something_went_ahead(
+    ns: NetworkNamespace, tmp_path: Path
+):
+    path = tmp_path / "ruleset"
+    path.write_text(compiled().to_json())
+    assert init(ns, path).returncode == 0
+    ns.run(["iptables", "-I", "OUTPUT", "1", "-j", "ACCEPT"])  # e.g. something re-ran ahead of us
+    assert init(ns, path).returncode == 0
+    output = [
+        line
+        for line in ns.run(["iptables-save", "-t", "filter"]).splitlines()
+        if line.startswith("-A OUTPUT")
+    ]
+    assert output == ["-A OUTPUT -o lo -j MESHGUARD_OUTPUT", "-A OUTPUT -j ACCEPT"]
+
+
+def with_rule(rs: Ruleset, table: str, rule: tuple[str, str], *, first: bool = False) -> Ruleset:
+    """The ruleset with one more IPv4 rule (its document digest matches the new content)."""
+    tables = tuple(
+        replace(t, rules=(rule, *t.rules) if first else (*t.rules, rule)) if t.name == table else t
+        for t in rs.ipv4.tables
+    )
+    return replace(rs, ipv4=replace(rs.ipv4, tables=tables))
+
+
+def test_a_ruleset_that_fails_half_way_leaves_no_rule_behind(ns: NetworkNamespace, tmp_path: Path):
+    # The nat table cannot be applied (no such target). The filter table comes first in
+    # the payload, yet nothing of it may remain.
+    broken = with_rule(compiled(), "nat", ("MESHGUARD_SNAT", "-j NO_SUCH_CHAIN"))
+    path = tmp_path / "ruleset"
+    path.write_text(broken.to_json())
+    done = init(ns, path, "--family", "ipv4")
+    assert done.returncode == 1
+    assert reason(done).startswith("meshguard init: iptables-restore --noflush --wait failed:")
+    assert "rolled-back" in done.stderr
+    assert snapshot(ns)[Family.IPV4] == []
+
+
+def test_a_restart_that_fails_keeps_the_previous_rules_whole(ns: NetworkNamespace, tmp_path: Path):
+    good = tmp_path / "good"
+    good.write_text(compiled().to_json())
+    assert init(ns, good).returncode == 0
+    before = snapshot(ns)
+    bad = tmp_path / "bad"
+    rule = ("MESHGUARD_OUTPUT", "-j NO_SUCH_CHAIN")
+    bad.write_text(with_rule(compiled("rules: []"), "filter", rule, first=True).to_json())
+    assert init(ns, bad, "--family", "ipv4").returncode == 1
+    assert snapshot(ns) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read ruleset"),
+        ("", "is empty: the meshguard.io/ruleset annotation is missing"),
+        ("{not json", "ruleset: not valid JSON"),
+        ("TAMPER", "digest mismatch"),
+    ],
+)
+def test_init_without_a_good_ruleset_exits_non_zero_with_one_line(
+    ns: NetworkNamespace, tmp_path: Path, content: str | None, expected: str
+):
+    path = tmp_path / "ruleset"
+    if content == "TAMPER":
+        document = json.loads(compiled().to_json())
+        document["ipv4"]["tables"][0]["rules"].pop(0)  # e.g. drop the ESTABLISHED rule
+        content = json.dumps(document)
+    if content is not None:
+        path.write_text(content)
+    done = init(ns, path)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert expected in done.stderr
+    assert done.stderr.startswith("meshguard init: ")
+    assert snapshot(ns) == {Family.IPV4: [], Family.IPV6: []}
+
+
+def test_init_reads_the_ruleset_from_the_environment(ns: NetworkNamespace):
+    rs = compiled()
+    done = subprocess.run(
+        ns.argv(
+            ["env", f"MESHGUARD_RULESET={rs.to_json()}", sys.executable, "-m", "meshguard", "init"]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "-A OUTPUT -o lo -j MESHGUARD_OUTPUT" in snapshot(ns)[Family.IPV4]
