@@ -8,15 +8,25 @@ usage or unreadable input.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
+import yaml
+
 from meshguard import __version__, logs, names
 from meshguard.errors import MalformedInputError, MeshguardError, MeshguardFailure, RefusedError
+from meshguard.inject.container import DEFAULT_IMAGE, InitContainerSettings
+from meshguard.inject.istio import istio_template
+from meshguard.inject.posture import Action as PostureAction
+from meshguard.inject.posture import PostureSettings
+from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate, pod_templates, read_documents
 from meshguard.pod import read_pod
 from meshguard.policy import parse_opt_out
@@ -24,6 +34,7 @@ from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.install import install, plan_payload
 from meshguard.rules.iptables import parse_save, run_command
 from meshguard.rules.ruleset import Family, Ruleset
+from meshguard.webhook.server import WebhookSettings, run_webhook
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -96,7 +107,72 @@ def _parser() -> argparse.ArgumentParser:
         help="print the payload that would be applied to the current tables; change nothing",
     )
     init.set_defaults(handler=_cmd_init)
+
+    inject = commands.add_parser(
+        "inject",
+        help="add meshguard to Istio-injected workloads (like istioctl kube-inject)",
+        description="Read workloads already injected by Istio (pipe `istioctl kube-inject -f"
+        " app.yaml` into `meshguard inject -f -`), check each pod template's posture, compile"
+        " its ruleset, record it on the pod and insert meshguard-init after istio-init. Prints"
+        " the documents in their order with every other field kept. Pod templates without"
+        " istio-proxy, opted-out and ambient pods pass through unchanged (a note on stderr).",
+    )
+    inject.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    _add_injection_flags(inject)
+    inject.set_defaults(handler=_cmd_inject)
+
+    webhook = commands.add_parser(
+        "serve-webhook",
+        help="serve the admission webhook (HTTPS, AdmissionReview v1 on POST /inject)",
+        description="Serve the mutating admission webhook over HTTPS: POST /inject takes an"
+        " AdmissionReview v1 and answers with a JSONPatch (the same transformation as"
+        " `meshguard inject`) and a warning per fix, or refuses the pod with the reason;"
+        " /healthz, /readyz, /metrics (Prometheus). The certificate and key are reloaded when"
+        " their files change.",
+    )
+    webhook.add_argument("--cert", type=Path, required=True, help="TLS certificate (PEM)")
+    webhook.add_argument("--key", type=Path, required=True, help="TLS private key (PEM)")
+    webhook.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
+    webhook.add_argument("--port", type=int, default=9443)
+    webhook.add_argument(
+        "--no-template",
+        action="store_true",
+        help="do not ask Istio for the meshguard template (istiod runs without it); the"
+        " webhook then inserts meshguard-init itself when it is reinvoked after Istio",
+    )
+    _add_injection_flags(webhook)
+    webhook.set_defaults(handler=_cmd_serve_webhook)
+
+    template = commands.add_parser(
+        "istio-template",
+        help="print the Istio injection template 'meshguard' (values overlay for istiod)",
+        description="Print the `meshguard` injection template for Istio's"
+        " sidecarInjectorWebhook.templates, as an IstioOperator overlay (istioctl install -f) or"
+        " as istiod Helm values. Pods then ask for it with inject.istio.io/templates:"
+        " sidecar,meshguard (the webhook adds it).",
+    )
+    template.add_argument("--format", choices=["iop", "helm"], default="iop")
+    template.add_argument("--image", default=DEFAULT_IMAGE, help="meshguard image")
+    template.set_defaults(handler=_cmd_istio_template)
     return parser
+
+
+def _add_injection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--posture-action",
+        choices=[a.value for a in PostureAction],
+        default=PostureAction.FIX.value,
+        help="fix: patch what can be patched and warn (default); deny: refuse instead",
+    )
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of meshguard-init")
+
+
+def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
+    return InjectSettings(
+        posture=PostureSettings(default_action=PostureAction(args.posture_action)),
+        init=InitContainerSettings(image=args.image),
+        request_template=request_template,
+    )
 
 
 # --- meshguard rules ----------------------------------------------------------------------
@@ -177,6 +253,66 @@ def _read_manifest(filename: str) -> list[object]:
     if filename == "-":
         return read_documents(sys.stdin)
     return read_documents(Path(filename))
+
+
+# --- meshguard inject ---------------------------------------------------------------------
+
+
+def _cmd_inject(args: argparse.Namespace) -> int:
+    try:
+        documents = _read_manifest(args.filename)
+        templates = list(pod_templates(documents))
+    except MalformedInputError as exc:
+        return _fail(f"{args.filename}: {exc}", EXIT_USAGE)
+    settings = injection_settings(args, request_template=False)
+    failed = False
+    for template in templates:
+        try:
+            result = inject_pod(template.metadata, template.spec, settings=settings)
+        except RefusedError as exc:
+            print(f"error: {template.label}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        except MalformedInputError as exc:
+            print(f"error: {template.label}: malformed pod spec: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if result.outcome is Outcome.SKIPPED:
+            print(f"note: {template.label}: unchanged, {result.reason}", file=sys.stderr)
+        for warning in result.warnings:
+            print(f"warning: {template.label}: {warning}", file=sys.stderr)
+    if failed:
+        return _fail("meshguard inject: nothing written, fix the errors above", EXIT_FAILED)
+    yaml.safe_dump_all(documents, sys.stdout, sort_keys=False, default_flow_style=False)
+    return EXIT_OK
+
+
+def _cmd_serve_webhook(args: argparse.Namespace) -> int:
+    settings = WebhookSettings(
+        cert_file=args.cert,
+        key_file=args.key,
+        host=args.host,
+        port=args.port,
+        inject=injection_settings(args, request_template=not args.no_template),
+    )
+    try:
+        asyncio.run(_serve_until_signal(settings))
+    except (OSError, ssl.SSLError) as exc:
+        return _fail(f"meshguard serve-webhook: {exc}", EXIT_FAILED)
+    return EXIT_OK
+
+
+async def _serve_until_signal(settings: WebhookSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await run_webhook(settings, stop=stop)
+
+
+def _cmd_istio_template(args: argparse.Namespace) -> int:
+    sys.stdout.write(istio_template(InitContainerSettings(image=args.image), fmt=args.format))
+    return EXIT_OK
 
 
 # --- meshguard init -----------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The admission webhook: AdmissionReview handling (pure) and its HTTPS server (aiohttp)."""

@@ -1,0 +1,191 @@
+"""AdmissionReview in, AdmissionReview out: the webhook's decision, without any I/O.
+
+The request body is checked strictly (a malformed request is the caller's fault: HTTP 400
+with the reason); a well-formed review of a pod is answered with the same ``uid``, and
+either a JSONPatch built with ``jsonpatch`` from the shared injection transform plus one
+warning per fix, or ``allowed: false`` with a message that names the container, the field and
+the fix. A failure inside meshguard is answered ``allowed: false`` too (fail closed), with a
+message that says it is meshguard's fault.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jsonpatch
+
+from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
+from meshguard.inject.transform import InjectSettings, Outcome, Result, inject_pod
+
+log = logging.getLogger(__name__)
+
+API_VERSION: Final = "admission.k8s.io/v1"
+MAX_WARNING_CHARS: Final = 256
+
+
+class BadReviewError(MalformedInputError):
+    """The body is not a usable AdmissionReview: answered with HTTP 400."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened, for logs and metrics."""
+
+    uid: str
+    result: str  # injected, template-requested, skipped, refused, failed
+    pod: str
+    reason: str
+    warnings: int
+
+
+def parse_review(body: bytes) -> dict[str, Any]:
+    """The request part of an AdmissionReview v1, or :class:`BadReviewError`."""
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadReviewError(f"body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadReviewError(f"expected an AdmissionReview object, got {type(document).__name__}")
+    if document.get("kind") != "AdmissionReview" or document.get("apiVersion") != API_VERSION:
+        raise BadReviewError(
+            f"expected kind AdmissionReview, apiVersion {API_VERSION}; got kind"
+            f" {document.get('kind')!r}, apiVersion {document.get('apiVersion')!r}"
+        )
+    request = document.get("request")
+    if not isinstance(request, dict):
+        raise BadReviewError("AdmissionReview has no request")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadReviewError("AdmissionReview request has no uid")
+    return request
+
+
+class _Deny(Exception):
+    """Answer ``allowed: false`` with this code and message."""
+
+    def __init__(self, code: int, message: str, *, result: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
+        self.result = result
+
+
+def respond(
+    request: Mapping[str, Any], *, settings: InjectSettings
+) -> tuple[dict[str, Any], Decision]:
+    """The AdmissionReview answering a parsed request, and the decision behind it."""
+    uid = str(request["uid"])
+    label = _pod_label(request)
+    if request.get("operation", "CREATE") != "CREATE":
+        return _allowed(uid), Decision(uid, "skipped", label, "not a CREATE", 0)
+    try:
+        pod = _pod_of(request)
+        mutated = copy.deepcopy(pod)
+        result = _transform(mutated, settings=settings)
+    except _Deny as deny:
+        decision = Decision(uid, deny.result, label, str(deny), 0)
+        return _denied(uid, deny.code, str(deny)), decision
+    patch = jsonpatch.make_patch(pod, mutated).patch
+    warnings = [_short(w) for w in result.warnings]
+    if result.outcome is Outcome.SKIPPED:
+        warnings.append(_short(f"meshguard skipped this pod: {result.reason}"))
+    response = _allowed(uid, patch=patch, warnings=warnings)
+    return response, Decision(uid, result.outcome.value, label, result.reason, len(warnings))
+
+
+def _pod_of(request: Mapping[str, Any]) -> dict[str, Any]:
+    kind = request.get("kind")
+    kind_name = kind.get("kind") if isinstance(kind, dict) else None
+    if kind_name != "Pod":
+        raise _Deny(
+            400, f"meshguard only handles Pods, got kind {kind_name!r}: check the webhook's rules"
+        )
+    pod = request.get("object")
+    if not isinstance(pod, dict) or not isinstance(pod.get("spec"), dict):
+        raise _Deny(400, "request.object is not a pod (no spec)")
+    if not isinstance(pod.get("metadata", {}), dict):
+        raise _Deny(400, "request.object.metadata is not a mapping")
+    return pod
+
+
+def _transform(pod: dict[str, Any], *, settings: InjectSettings) -> Result:
+    try:
+        return inject_pod(pod.setdefault("metadata", {}), pod["spec"], settings=settings)
+    except RefusedError as exc:
+        raise _Deny(403, str(exc)) from None
+    except MalformedInputError as exc:
+        raise _Deny(400, f"malformed pod: {exc}") from None
+    except MeshguardError as exc:
+        raise _Deny(500, f"meshguard failed: {exc}", result="failed") from None
+
+
+def handle(body: bytes, *, settings: InjectSettings) -> tuple[int, dict[str, Any], Decision | None]:
+    """HTTP status, JSON answer and decision for a request body; never raises."""
+    started = time.perf_counter()
+    try:
+        request = parse_review(body)
+    except BadReviewError as exc:
+        return 400, {"error": str(exc)}, None
+    try:
+        answer, decision = respond(request, settings=settings)
+    except Exception as exc:  # a bug must not become a 500 nor let the pod through
+        log.exception("admission failed", extra={"fields": {"event": "admission-error"}})
+        uid = str(request["uid"])
+        message = f"meshguard failed: internal error ({type(exc).__name__})"
+        answer = _denied(uid, 500, message)
+        decision = Decision(uid, "failed", _pod_label(request), message, 0)
+    log.info(
+        "admission",
+        extra={
+            "fields": {
+                "event": "admission",
+                "uid": decision.uid,
+                "pod": decision.pod,
+                "result": decision.result,
+                "reason": decision.reason,
+                "warnings": decision.warnings,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+        },
+    )
+    return 200, answer, decision
+
+
+def _review(response: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def _allowed(
+    uid: str, *, patch: list[dict[str, Any]] | None = None, warnings: list[str] | None = None
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"uid": uid, "allowed": True}
+    if patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+    if warnings:
+        response["warnings"] = warnings
+    return _review(response)
+
+
+def _denied(uid: str, code: int, message: str) -> dict[str, Any]:
+    return _review({"uid": uid, "allowed": False, "status": {"code": code, "message": message}})
+
+
+def _pod_label(request: Mapping[str, Any]) -> str:
+    pod = request.get("object")
+    metadata = pod.get("metadata") if isinstance(pod, dict) else None
+    name = ""
+    if isinstance(metadata, dict):
+        name = str(metadata.get("name") or metadata.get("generateName") or "")
+    namespace = request.get("namespace")
+    return f"{namespace}/{name}" if namespace else name
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_WARNING_CHARS else text[: MAX_WARNING_CHARS - 3] + "..."
