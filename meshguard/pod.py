@@ -55,8 +55,21 @@ class Container:
 
 @dataclass(frozen=True)
 class ProxyIdentity:
+    """Who the kernel sees as the proxy: its uid, and its gid when the pod states it.
+
+    In Istio's TPROXY mode the proxy runs as uid 0 with gid 1337: matching the gid too keeps
+    every other root process from passing as the proxy.
+    """
+
     uid: int
     gid: int
+    gid_stated: bool = True
+
+    @property
+    def owner_match(self) -> str:
+        """The iptables owner match of the proxy's sockets."""
+        match = f"-m owner --uid-owner {self.uid}"
+        return f"{match} --gid-owner {self.gid}" if self.gid_stated else match
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,9 @@ class PodView:
     def proxy_identity(self) -> ProxyIdentity:
         proxy = self.proxy
         uid = proxy.uid if proxy and proxy.uid is not None else DEFAULT_PROXY_ID
+        stated = proxy is not None and proxy.gid is not None
         gid = proxy.gid if proxy and proxy.gid is not None else DEFAULT_PROXY_ID
-        return ProxyIdentity(uid=uid, gid=gid)
+        return ProxyIdentity(uid=uid, gid=gid, gid_stated=stated)
 
     @property
     def workload(self) -> tuple[Container, ...]:

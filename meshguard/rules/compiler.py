@@ -4,7 +4,8 @@ Pure and deterministic: the same pod and policy give the same bytes. The layout,
 
 ``filter`` — ``OUTPUT -o lo`` jumps first to ``MESHGUARD_OUTPUT``, which
   1. returns packets of established flows (replies travel under the server's uid);
-  2. returns everything of the proxy's uid (Envoy, pilot-agent are never restricted);
+  2. returns everything of the proxy (its uid and gid: Envoy, pilot-agent are never
+     restricted);
   3. returns flows that Istio or meshguard REDIRECTed to the proxy (outbound capture,
      DNS capture, the loopback listener) — only when conntrack saw the redirect;
   4. sends (goto) each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
@@ -327,13 +328,12 @@ def _filter_table(
     plans: Sequence[_SourcePlan],
     settings: CompilerSettings,
 ) -> Table:
-    proxy_uid = pod.proxy_identity.uid
     captured_tcp = [settings.outbound_capture_port, settings.dns_capture_port]
     if any(plan.redirected for plan in plans):
         captured_tcp.append(settings.listener_port)
     rules: list[tuple[str, str]] = [
         (OUTPUT_CHAIN, "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
-        (OUTPUT_CHAIN, f"-m owner --uid-owner {proxy_uid} -j RETURN"),
+        (OUTPUT_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
         *(
             (OUTPUT_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
             for spec in _port_matches(Protocol.TCP, captured_tcp)
@@ -398,7 +398,7 @@ def _nat_table(
     address_of = {s.uid: (s.address4 if family is Family.IPV4 else s.address6) for s in identities}
     listener = settings.listener_port
     rules: list[tuple[str, str]] = [
-        (REDIRECT_CHAIN, f"-m owner --uid-owner {pod.proxy_identity.uid} -j RETURN"),
+        (REDIRECT_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
     ]
     for plan in plans:
         if not plan.redirected or plan.uid not in address_of:

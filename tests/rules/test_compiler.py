@@ -48,7 +48,7 @@ def test_layout_of_the_example_pod():
     output = [line for line in payload if line.startswith("-A MESHGUARD_OUTPUT")]
     assert output == [
         "-A MESHGUARD_OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
         "-A MESHGUARD_OUTPUT -p tcp -m multiport --dports 15001,15007,15053"
         " -m conntrack --ctstate DNAT -j RETURN",
         "-A MESHGUARD_OUTPUT -p udp -m udp --dport 15053 -m conntrack --ctstate DNAT -j RETURN",
@@ -172,11 +172,25 @@ def test_proxy_uid_comes_from_the_istio_proxy_container():
     pod = example()
     container(pod, "istio-proxy")["securityContext"].update(runAsUser=1234, runAsGroup=4321)
     payload = lines(pod)
-    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 1234 -j RETURN" in payload
+    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 1234 --gid-owner 4321 -j RETURN" in payload
     assert not any("1337" in line for line in payload)
 
 
 # --- refusals -----------------------------------------------------------------------------
+
+
+def test_tproxy_mode_proxy_is_root_with_the_proxy_gid_and_both_are_matched():
+    pod = example()
+    container(pod, "istio-proxy")["securityContext"].update(runAsUser=0, runAsGroup=1337)
+    payload = lines(pod)
+    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 0 --gid-owner 1337 -j RETURN" in payload
+    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 0 -j RETURN" not in payload
+
+
+def test_proxy_without_a_stated_gid_is_matched_by_uid():
+    pod = example()
+    del container(pod, "istio-proxy")["securityContext"]["runAsGroup"]
+    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 -j RETURN" in lines(pod)
 
 
 def test_containers_sharing_a_uid_are_refused_not_merged():
@@ -279,10 +293,9 @@ def test_every_istio_injected_sample_compiles_once_uids_are_distinct(name: str):
         view = read_pod(metadata=template.metadata, spec=template.spec)
         ruleset = compile_pod(view, settings=SETTINGS)
         compiled_any = True
-        expected_uid = view.proxy_identity.uid
-        assert f"-A MESHGUARD_OUTPUT -m owner --uid-owner {expected_uid} -j RETURN" in (
-            ruleset.ipv4.payload()
-        )
+        proxy = view.proxy_identity
+        expected = f"-A MESHGUARD_OUTPUT -m owner --uid-owner {proxy.uid} --gid-owner {proxy.gid}"
+        assert f"{expected} -j RETURN" in ruleset.ipv4.payload()
         assert {s.container for s in ruleset.sources} == {
             c.name for c in view.workload if c.runs_alongside
         }
@@ -300,7 +313,8 @@ def test_istio_proxy_override_runas_sample_uses_1234():
     give_distinct_uids(template)
     view = read_pod(metadata=template.metadata, spec=template.spec)
     assert (view.proxy_identity.uid, view.proxy_identity.gid) == (1234, 4321)
-    assert "--uid-owner 1234 -j RETURN" in compile_pod(view, settings=SETTINGS).ipv4.payload()
+    payload = compile_pod(view, settings=SETTINGS).ipv4.payload()
+    assert "--uid-owner 1234 --gid-owner 4321 -j RETURN" in payload
 
 
 def test_istio_samples_without_run_as_user_are_refused_with_the_reason():
