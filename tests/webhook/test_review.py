@@ -1,0 +1,292 @@
+"""AdmissionReview handling without a server: answers, refusals, bad input, random input."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.manifests import pod_templates
+from meshguard.pod import read_pod
+from meshguard.webhook.review import handle
+from tests.support.samples import injected_sample_names
+from tests.support.shared import shared_file
+
+SETTINGS = InjectSettings()
+
+
+def review(
+    pod: Any, *, uid: str = "7f0c-1", kind: str = "Pod", operation: str = "CREATE"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": kind},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": operation,
+            "object": pod,
+        },
+    }
+
+
+def post(document: Any) -> tuple[int, dict[str, Any]]:
+    status, answer, _ = handle(json.dumps(document).encode(), settings=SETTINGS)
+    return status, answer
+
+
+def sample_pods(name: str) -> list[dict[str, Any]]:
+    """Every pod template of a sample, as the Pod the API server would send."""
+    documents = list(yaml.safe_load_all(shared_file("istio-injector-samples", name).read_text()))
+    return [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": t.metadata, "spec": t.spec}
+        for t in pod_templates([d for d in documents if d])
+    ]
+
+
+def apply(answer: dict[str, Any], pod: dict[str, Any]) -> dict[str, Any]:
+    response = answer["response"]
+    if "patch" not in response:
+        return pod
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    patched: dict[str, Any] = jsonpatch.apply_patch(pod, patch)
+    return patched
+
+
+@pytest.mark.parametrize("name", injected_sample_names() or ["(../shared absent)"])
+def test_patch_applied_equals_meshguard_inject(name: str):
+    if name.startswith("("):
+        pytest.skip("../shared/istio-injector-samples is absent")
+    for pod in sample_pods(name):
+        status, answer = post(review(pod, uid=f"uid-{name}"))
+        assert status == 200
+        response = answer["response"]
+        assert response["uid"] == f"uid-{name}"
+        assert response["allowed"] is True, response
+        patched = apply(answer, copy.deepcopy(pod))
+        has_proxy = read_pod(metadata=pod["metadata"], spec=pod["spec"]).proxy is not None
+        expected = copy.deepcopy(pod)
+        # meshguard inject (no template request) for injected pods; the webhook alone asks
+        # Istio for the template when Istio has not injected yet.
+        cli = InjectSettings(request_template=False)
+        inject_pod(expected["metadata"], expected["spec"], settings=cli if has_proxy else SETTINGS)
+        assert patched == expected
+        if has_proxy:
+            again = post(review(patched))[1]["response"]
+            assert again["allowed"] is True
+            assert "patch" not in again  # idempotent: nothing left to change
+            assert "warnings" not in again  # every fix was made the first time
+
+
+def test_before_istio_only_the_template_is_requested():
+    (pod,) = sample_pods("pod.yaml")
+    _, answer = post(review(pod))
+    patch = json.loads(base64.b64decode(answer["response"]["patch"]))
+    assert patch == [
+        {
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": {"inject.istio.io/templates": "sidecar,meshguard"},
+        }
+    ]
+
+
+def test_refused_pod_is_denied_with_403_and_the_reason():
+    (pod,) = sample_pods("pod.yaml.injected")
+    pod["spec"]["hostNetwork"] = True
+    status, answer = post(review(pod))
+    assert status == 200
+    response = answer["response"]
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 403
+    assert "spec.hostNetwork: the pod uses the node's network" in response["status"]["message"]
+
+
+def test_bad_policy_is_denied_naming_annotation_and_field():
+    (pod,) = sample_pods("pod.yaml.injected")
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: [{from: x, bogus: 1}]"
+    _, answer = post(review(pod))
+    message = answer["response"]["status"]["message"]
+    assert message.startswith("meshguard.io/policy: rules[0].to: got nothing")
+    assert "rules[0].bogus: got 'bogus', expected one of the known fields" in message
+
+
+def test_opted_out_pod_is_allowed_untouched_with_a_warning():
+    (pod,) = sample_pods("pod.yaml.injected")
+    pod["metadata"]["annotations"]["meshguard.io/inject"] = "false"
+    _, answer = post(review(pod))
+    assert answer["response"]["allowed"] is True
+    assert "patch" not in answer["response"]
+    assert answer["response"]["warnings"] == [
+        'meshguard skipped this pod: opted out (meshguard.io/inject: "false")'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "body is not JSON"),
+        (b"\xff\xfe", "body is not JSON"),
+        (b"[]", "expected an AdmissionReview object, got list"),
+        (json.dumps({"kind": "Pod", "apiVersion": "v1"}).encode(), "expected kind AdmissionReview"),
+        (
+            json.dumps(
+                {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1beta1", "request": {}}
+            ).encode(),
+            "apiVersion 'admission.k8s.io/v1beta1'",
+        ),
+        (
+            json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}).encode(),
+            "has no request",
+        ),
+        (
+            json.dumps(
+                {
+                    "kind": "AdmissionReview",
+                    "apiVersion": "admission.k8s.io/v1",
+                    "request": {"uid": ""},
+                }
+            ).encode(),
+            "has no uid",
+        ),
+    ],
+)
+def test_malformed_reviews_get_400_with_the_reason(body: bytes, message: str):
+    status, answer, decision = handle(body, settings=SETTINGS)
+    assert status == 400
+    assert message in answer["error"]
+    assert decision is None
+
+
+@pytest.mark.parametrize(
+    ("document", "code", "message"),
+    [
+        (
+            review({"spec": {}}, kind="Deployment"),
+            400,
+            "meshguard only handles Pods, got kind 'Deployment'",
+        ),
+        (review("not a pod"), 400, "request.object is not a pod"),
+        (review({"metadata": [], "spec": {}}), 400, "metadata is not a mapping"),
+        (
+            review({"spec": {"containers": "x"}}),
+            400,
+            "malformed pod: spec.containers: expected a list",
+        ),
+        (
+            review({"spec": {"containers": [{"name": "a", "securityContext": {"runAsUser": -1}}]}}),
+            400,
+            "runAsUser: expected an integer",
+        ),
+    ],
+)
+def test_reviews_of_things_that_are_not_sound_pods_are_denied(document, code, message):
+    status, answer = post(document)
+    assert status == 200
+    response = answer["response"]
+    assert response["uid"] == "7f0c-1"
+    assert response["allowed"] is False
+    assert response["status"]["code"] == code
+    assert message in response["status"]["message"]
+
+
+def test_non_create_operations_are_allowed_unchanged():
+    (pod,) = sample_pods("pod.yaml.injected")
+    _, answer = post(review(pod, operation="UPDATE"))
+    assert answer["response"] == {"uid": "7f0c-1", "allowed": True}
+
+
+# --- random input: always an answer, never an exception -------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_container = st.fixed_dictionaries(
+    {"name": st.sampled_from(["app", "istio-proxy", "istio-init", "cache", ""]) | _json},
+    optional={
+        "securityContext": st.fixed_dictionaries(
+            {},
+            optional={
+                "runAsUser": st.integers(-1, 70000) | _json,
+                "runAsGroup": st.integers(-1, 70000),
+                "privileged": st.booleans(),
+                "capabilities": st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "add": st.lists(st.sampled_from(["NET_ADMIN", "ALL", "SYS_PTRACE", 3]))
+                    },
+                ),
+            },
+        )
+        | _json,
+        "ports": st.lists(st.fixed_dictionaries({"containerPort": st.integers(-1, 70000) | _json}))
+        | _json,
+        "restartPolicy": st.sampled_from(["Always", "Never"]),
+    },
+)
+_pod = st.fixed_dictionaries(
+    {
+        "metadata": st.fixed_dictionaries(
+            {},
+            optional={
+                "annotations": st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "meshguard.io/policy",
+                            "meshguard.io/mode",
+                            "meshguard.io/inject",
+                            "sidecar.istio.io/inject",
+                            "inject.istio.io/templates",
+                        ]
+                    ),
+                    st.text(max_size=40)
+                    | st.sampled_from(
+                        ["rules: [{from: app, to: cache, ports: [1]}]", "audit", "false"]
+                    ),
+                )
+            },
+        )
+        | _json,
+        "spec": st.fixed_dictionaries(
+            {},
+            optional={
+                "containers": st.lists(_container, max_size=4) | _json,
+                "initContainers": st.lists(_container, max_size=3) | _json,
+                "hostNetwork": st.booleans(),
+                "securityContext": _json,
+                "volumes": _json,
+            },
+        )
+        | _json,
+    }
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_pod.map(review), _json.map(review), _json))
+def test_any_review_gets_a_4xx_or_an_answer_with_the_same_uid(document):
+    status, answer, _ = handle(json.dumps(document).encode(), settings=SETTINGS)
+    assert status in {200, 400}
+    if status == 200:
+        response = answer["response"]
+        assert response["uid"] == document["request"]["uid"]
+        if not response["allowed"]:
+            assert response["status"]["code"] in {400, 403}, response  # never "meshguard failed"
+            assert response["status"]["message"]
+    else:
+        assert answer["error"]
