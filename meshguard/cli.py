@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     webhook.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
     webhook.add_argument("--port", type=int, default=9443)
     webhook.add_argument(
+        "--reload-interval",
+        type=float,
+        default=5.0,
+        help="seconds between checks of the certificate files for a rotation",
+    )
+    webhook.add_argument(
         "--no-template",
         action="store_true",
         help="do not ask Istio for the meshguard template (istiod runs without it); the"
@@ -293,6 +299,7 @@ def _cmd_serve_webhook(args: argparse.Namespace) -> int:
         key_file=args.key,
         host=args.host,
         port=args.port,
+        reload_interval=args.reload_interval,
         inject=injection_settings(args, request_template=not args.no_template),
     )
     try:
