@@ -32,7 +32,7 @@ def meshguard_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedP
 def test_help_lists_every_command_and_each_has_help():
     done = meshguard_cli("--help")
     assert done.returncode == 0
-    for command in ("rules", "init"):
+    for command in ("rules", "init", "inject", "serve-webhook", "istio-template"):
         assert command in done.stdout
         sub = meshguard_cli(command, "--help")
         assert sub.returncode == 0
@@ -168,3 +168,26 @@ def test_rules_json_is_the_document_init_reads():
     assert document["version"] == 1
     assert [s["container"] for s in document["sources"]] == ["app", "cache", "log-shipper"]
     assert document["sources"][0]["ipv4"] == "127.0.100.1"
+
+
+def test_inject_refusal_writes_nothing_and_says_why():
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    pod["spec"]["hostNetwork"] = True
+    done = meshguard_cli("inject", "-f", "-", stdin=yaml.safe_dump(pod))
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "error: Pod demo/shop: meshguard refuses pod shop: pod: spec.hostNetwork" in done.stderr
+    assert done.stderr.splitlines()[-1] == "meshguard inject: nothing written, fix the errors above"
+
+
+def test_inject_deny_mode_refuses_what_fix_mode_patches():
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    del pod["spec"]["containers"][0]["securityContext"]["runAsUser"]
+    fixed = meshguard_cli("inject", "-f", "-", stdin=yaml.safe_dump(pod))
+    assert fixed.returncode == 0
+    assert "warning: Pod demo/shop: meshguard fixed container 'app'" in fixed.stderr
+    denied = meshguard_cli(
+        "inject", "-f", "-", "--posture-action", "deny", stdin=yaml.safe_dump(pod)
+    )
+    assert denied.returncode == 1
+    assert "[missing-uid]" in denied.stderr
