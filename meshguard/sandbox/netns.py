@@ -59,6 +59,8 @@ class NetworkNamespace:
         pod = self.addresses
         return [
             ["ip", "link", "set", "lo", "up"],
+            # As container runtimes set it for pods: any uid may bind ports below 1024.
+            ["sysctl", "-q", "-w", "net.ipv4.ip_unprivileged_port_start=0"],
             # A veth pair whose far end stays in the namespace: eth0 only needs to exist and
             # carry the pod's addresses and routes (dummy links are not in every kernel).
             ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"],
