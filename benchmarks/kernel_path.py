@@ -1,0 +1,579 @@
+"""Benchmark meshguard's kernel path: loopback TCP with and without its rules, and install cost.
+
+Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE]``.
+
+1. Traffic. A synthetic Istio-injected pod of 16 containers (``c00``..``c15``, uid 2000+i,
+   port 8000+i, plus ``istio-proxy`` as uid 1337) whose ``meshguard.io/policy`` lets each
+   container reach the next one's port (``c15`` reaches ``c00``). In a fresh network
+   namespace per trial, a server running as ``c00``'s uid listens on 127.0.0.1:8000 and a
+   client running as ``c15``'s uid — the last of the 16 per-uid dispatch rules, the worst
+   case for NEW packets — measures
+
+   - request/response: round trips per second of a small ping-pong on one TCP connection;
+   - connect: sequential connect + close per second (the server accepts and closes).
+
+   Trials alternate baseline (no rules) and meshguard (rules installed by the real
+   ``python -m meshguard init --ruleset-file FILE``, as in production); the medians are
+   compared. After each meshguard trial the packet counter of the client's source chain
+   confirms that every connection went through the per-uid dispatch.
+
+2. Install cost for pods of 2, 8 and 32 containers: ``compile_pod`` (pure Python),
+   ``meshguard init`` as a subprocess (wall time, includes ``ip netns exec`` and Python
+   start-up) and the in-process :func:`meshguard.rules.install.install`.
+
+The load generator is this file too (hidden ``_server`` / ``_client`` subcommands), run
+inside the namespace; it drops to the container's uid as ``meshguard.sandbox.probe`` does.
+Only 127.0.0.1 inside namespaces this script creates is used; the namespaces and their
+processes are removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from meshguard.pod import read_pod
+from meshguard.rules.compiler import CompilerSettings, compile_pod, source_chain
+from meshguard.rules.install import install
+from meshguard.rules.iptables import run_command
+from meshguard.rules.ruleset import Ruleset
+from meshguard.sandbox.netns import NetworkNamespace, is_root
+from meshguard.sandbox.probe import drop_privileges
+
+HOST = "127.0.0.1"
+TRAFFIC_POD_SIZE = 16
+INSTALL_POD_SIZES = (2, 8, 32)
+BASE_UID = 2000
+BASE_PORT = 8000
+PROXY_UID = 1337
+GOAL = 0.95
+MESSAGE = b"x" * 32
+RR_WARMUP = 500
+CONNECT_WARMUP = 100
+SOCKET_TIMEOUT_SECONDS = 5.0
+SERVER_LIFETIME_SECONDS = 120
+CHECK_EVERY = 64
+BASELINE = "baseline"
+MESHGUARD = "meshguard"
+THIS_FILE = Path(__file__).resolve()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How long and how often to measure."""
+
+    name: str
+    trials: int  # per configuration
+    rr_count: int
+    rr_seconds: float
+    connect_count: int
+    connect_seconds: float
+    compile_reps: int
+    install_reps: int
+
+
+FULL = Profile(
+    name="full",
+    trials=5,
+    rr_count=200_000,
+    rr_seconds=2.0,
+    connect_count=20_000,
+    connect_seconds=2.0,
+    compile_reps=50,
+    install_reps=5,
+)
+QUICK = Profile(
+    name="quick",
+    trials=2,
+    rr_count=50_000,
+    rr_seconds=0.6,
+    connect_count=5_000,
+    connect_seconds=0.6,
+    compile_reps=10,
+    install_reps=1,
+)
+WARMUP = Profile(
+    name="warmup",
+    trials=1,
+    rr_count=2_000,
+    rr_seconds=0.2,
+    connect_count=200,
+    connect_seconds=0.2,
+    compile_reps=1,
+    install_reps=1,
+)
+
+
+# --- the synthetic pod --------------------------------------------------------------------
+
+
+def container_name(index: int) -> str:
+    return f"c{index:02d}"
+
+
+def synthetic_pod(n: int) -> dict[str, Any]:
+    """An Istio-injected pod of ``n`` containers; each may reach the next one's port.
+
+    Container ``cNN`` runs as uid/gid 2000+NN and declares port 8000+NN; the policy allows
+    ``c[i] -> c[i+1]`` on ``8000+i+1``, and the last container reaches ``c00`` on 8000.
+    """
+    if n < 2:
+        raise ValueError("a synthetic pod needs at least 2 containers")
+    rules = [
+        {"from": container_name(i), "to": container_name((i + 1) % n), "ports": [_port(i + 1, n)]}
+        for i in range(n)
+    ]
+    containers: list[dict[str, Any]] = [
+        {
+            "name": container_name(i),
+            "image": f"example.com/bench/{container_name(i)}:1.0",
+            "ports": [{"containerPort": BASE_PORT + i, "name": f"port-{i}"}],
+            "securityContext": {"runAsUser": BASE_UID + i, "runAsGroup": BASE_UID + i},
+        }
+        for i in range(n)
+    ]
+    containers.append(
+        {
+            "name": "istio-proxy",
+            "image": "docker.io/istio/proxyv2:1.28.0",
+            "ports": [{"containerPort": 15090, "name": "http-envoy-prom"}],
+            "securityContext": {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID},
+        }
+    )
+    status = {"initContainers": ["istio-init"], "containers": ["istio-proxy"], "volumes": []}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"bench-{n}",
+            "namespace": "bench",
+            "annotations": {
+                "meshguard.io/mode": "enforce",
+                "meshguard.io/policy": json.dumps({"defaultAction": "deny", "rules": rules}),
+                "sidecar.istio.io/status": json.dumps(status),
+            },
+        },
+        "spec": {
+            "initContainers": [
+                {
+                    "name": "istio-init",
+                    "image": "docker.io/istio/proxyv2:1.28.0",
+                    "securityContext": {"runAsUser": 0, "runAsGroup": 0},
+                }
+            ],
+            "containers": containers,
+        },
+    }
+
+
+def _port(index: int, n: int) -> int:
+    return BASE_PORT + index % n
+
+
+def compile_synthetic(n: int) -> Ruleset:
+    pod = synthetic_pod(n)
+    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+    return compile_pod(view, settings=CompilerSettings())
+
+
+def rule_count(ruleset: Ruleset) -> int:
+    return sum(len(t.rules) for family in (ruleset.ipv4, ruleset.ipv6) for t in family.tables)
+
+
+# --- load generator (runs inside the namespace, as a container's uid) ---------------------
+
+
+def serve(port: int) -> None:
+    """Echo on the first connection until EOF, then accept and close every connection."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, port))
+    listener.listen(4096)
+    print("ready", flush=True)
+    conn, _ = listener.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := conn.recv(4096):
+            conn.sendall(data)
+    while True:
+        conn, _ = listener.accept()
+        conn.close()
+
+
+def ping(sock: socket.socket) -> None:
+    sock.sendall(MESSAGE)
+    received = 0
+    while received < len(MESSAGE):
+        chunk = sock.recv(len(MESSAGE) - received)
+        if not chunk:
+            raise ConnectionError("server closed the request/response connection")
+        received += len(chunk)
+
+
+def connect_once(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(SOCKET_TIMEOUT_SECONDS)
+        sock.connect((HOST, port))
+        if sock.recv(1):  # wait for the server's close: one full connection per iteration
+            raise ConnectionError("server sent data on a connect-rate connection")
+
+
+def timed_loop(step: Callable[[], None], *, count: int, seconds: float) -> tuple[int, float]:
+    """Run ``step`` up to ``count`` times or about ``seconds``; (iterations, elapsed)."""
+    started = time.perf_counter()
+    deadline = started + seconds
+    done = 0
+    while done < count:
+        step()
+        done += 1
+        if done % CHECK_EVERY == 0 and time.perf_counter() >= deadline:
+            break
+    return done, time.perf_counter() - started
+
+
+def measure_rr(port: int, *, count: int, seconds: float) -> tuple[int, float]:
+    # Not socket.create_connection: after dropping root, this uid may not read the stdlib's
+    # files, and getaddrinfo would lazily import the idna codec.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(SOCKET_TIMEOUT_SECONDS)
+        sock.connect((HOST, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(RR_WARMUP):
+            ping(sock)
+        return timed_loop(lambda: ping(sock), count=count, seconds=seconds)
+
+
+def measure_connect(port: int, *, count: int, seconds: float) -> tuple[int, float]:
+    for _ in range(CONNECT_WARMUP):
+        connect_once(port)
+    return timed_loop(lambda: connect_once(port), count=count, seconds=seconds)
+
+
+def client(args: argparse.Namespace) -> dict[str, Any]:
+    rr, rr_elapsed = measure_rr(args.port, count=args.rr_count, seconds=args.rr_seconds)
+    conn, conn_elapsed = measure_connect(
+        args.port, count=args.connect_count, seconds=args.connect_seconds
+    )
+    return {
+        "rr_per_second": rr / rr_elapsed,
+        "round_trips": rr,
+        "connect_per_second": conn / conn_elapsed,
+        "connections": conn,
+        "connections_total": 1 + CONNECT_WARMUP + conn,
+    }
+
+
+def helper_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kernel_path.py _server|_client")
+    parser.add_argument("role", choices=["_server", "_client"])
+    parser.add_argument("--uid", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rr-count", type=int, default=0)
+    parser.add_argument("--rr-seconds", type=float, default=0.0)
+    parser.add_argument("--connect-count", type=int, default=0)
+    parser.add_argument("--connect-seconds", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    drop_privileges(uid=args.uid, gid=args.uid)
+    if args.role == "_server":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.alarm(SERVER_LIFETIME_SECONDS)  # never outlive the benchmark
+        serve(args.port)
+        return 0
+    json.dump(client(args), sys.stdout)
+    return 0
+
+
+def helper_argv(role: str, *extra: str) -> list[str]:
+    return [sys.executable, str(THIS_FILE), role, *extra]
+
+
+# --- traffic trials -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    config: str
+    rr_per_second: float
+    connect_per_second: float
+    connections_total: int
+    dispatched: int | None  # NEW packets RETURNed by the client's source chain (meshguard)
+
+
+def meshguard_init(ns: NetworkNamespace, ruleset_file: Path) -> float:
+    started = time.perf_counter()
+    ns.run([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
+    return time.perf_counter() - started
+
+
+def dispatched_packets(ns: NetworkNamespace, uid: int, port: int) -> int:
+    """Packets the client's source chain let through to ``port`` (its NEW packets)."""
+    listing = ns.run(["iptables", "-w", "-t", "filter", "-L", source_chain(uid), "-v", "-x", "-n"])
+    return sum(
+        int(line.split()[0])
+        for line in listing.splitlines()[2:]
+        if f"dpt:{port}" in line.split() and "RETURN" in line.split()
+    )
+
+
+def run_trial(config: str, profile: Profile, ruleset_file: Path) -> Trial:
+    client_uid = BASE_UID + TRAFFIC_POD_SIZE - 1
+    server_uid, port = BASE_UID, BASE_PORT
+    with NetworkNamespace() as ns:
+        if config == MESHGUARD:
+            meshguard_init(ns, ruleset_file)
+        ns.spawn(
+            helper_argv("_server", "--uid", str(server_uid), "--port", str(port)),
+            ready_line="ready",
+        )
+        output = ns.run(
+            helper_argv(
+                "_client", "--uid", str(client_uid), "--port", str(port),
+                "--rr-count", str(profile.rr_count), "--rr-seconds", str(profile.rr_seconds),
+                "--connect-count", str(profile.connect_count),
+                "--connect-seconds", str(profile.connect_seconds),
+            )
+        )  # fmt: skip
+        result = json.loads(output)
+        dispatched = dispatched_packets(ns, client_uid, port) if config == MESHGUARD else None
+    return Trial(
+        config=config,
+        rr_per_second=result["rr_per_second"],
+        connect_per_second=result["connect_per_second"],
+        connections_total=result["connections_total"],
+        dispatched=dispatched,
+    )
+
+
+def run_traffic(profile: Profile, workdir: Path) -> list[Trial]:
+    ruleset_file = workdir / f"ruleset-{TRAFFIC_POD_SIZE}.json"
+    ruleset_file.write_text(compile_synthetic(TRAFFIC_POD_SIZE).to_json(), encoding="utf-8")
+    run_trial(BASELINE, WARMUP, ruleset_file)  # not counted: page caches, pyc, first netns
+    trials = []
+    for index in range(profile.trials):
+        for config in (BASELINE, MESHGUARD):
+            trial = run_trial(config, profile, ruleset_file)
+            print(
+                f"  trial {index + 1}/{profile.trials} {config:9}"
+                f"  rr {trial.rr_per_second:9,.0f}/s  connect {trial.connect_per_second:7,.0f}/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            trials.append(trial)
+    return trials
+
+
+def median_of(trials: Sequence[Trial], config: str, metric: str) -> float:
+    return statistics.median(getattr(t, metric) for t in trials if t.config == config)
+
+
+def traffic_summary(trials: Sequence[Trial]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for metric in ("rr_per_second", "connect_per_second"):
+        base = median_of(trials, BASELINE, metric)
+        guarded = median_of(trials, MESHGUARD, metric)
+        summary[metric] = {
+            BASELINE: base,
+            MESHGUARD: guarded,
+            "ratio": guarded / base,
+            "meets_goal": guarded / base >= GOAL,
+            "trials": {
+                config: [getattr(t, metric) for t in trials if t.config == config]
+                for config in (BASELINE, MESHGUARD)
+            },
+        }
+    guarded_trials = [t for t in trials if t.config == MESHGUARD]
+    summary["dispatch_check"] = {
+        "connections": sum(t.connections_total for t in guarded_trials),
+        "returned_by_source_chain": sum(t.dispatched or 0 for t in guarded_trials),
+    }
+    return summary
+
+
+# --- compile and install cost -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstallCost:
+    containers: int
+    rules: int
+    compile_ms: float
+    init_subprocess_ms: float
+    install_in_process_ms: float
+
+
+def namespaced(ns: NetworkNamespace) -> Callable[..., str]:
+    def run(argv: Sequence[str], *, stdin: str | None = None) -> str:
+        return run_command(ns.argv(argv), stdin=stdin)
+
+    return run
+
+
+def time_compile(n: int, reps: int) -> float:
+    pod = synthetic_pod(n)
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+        compile_pod(view, settings=CompilerSettings())
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def time_in_process_install(ruleset: Ruleset) -> float:
+    with NetworkNamespace() as ns:
+        started = time.perf_counter()
+        install(ruleset, run=namespaced(ns))
+        return time.perf_counter() - started
+
+
+def time_init(ruleset_file: Path) -> float:
+    with NetworkNamespace() as ns:
+        return meshguard_init(ns, ruleset_file)
+
+
+def measure_install(n: int, profile: Profile, workdir: Path) -> InstallCost:
+    ruleset = compile_synthetic(n)
+    ruleset_file = workdir / f"ruleset-{n}.json"
+    ruleset_file.write_text(ruleset.to_json(), encoding="utf-8")
+    init = [time_init(ruleset_file) for _ in range(profile.install_reps)]
+    in_process = [time_in_process_install(ruleset) for _ in range(profile.install_reps)]
+    return InstallCost(
+        containers=n,
+        rules=rule_count(ruleset),
+        compile_ms=time_compile(n, profile.compile_reps) * 1000,
+        init_subprocess_ms=statistics.median(init) * 1000,
+        install_in_process_ms=statistics.median(in_process) * 1000,
+    )
+
+
+def python_startup_ms(reps: int) -> float:
+    """``ip netns exec NS python -c pass``: the fixed part of the init subprocess time."""
+    with NetworkNamespace() as ns:
+        samples = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            ns.run([sys.executable, "-c", "pass"])
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def format_traffic(summary: dict[str, Any], profile: Profile) -> str:
+    last = TRAFFIC_POD_SIZE - 1
+    lines = [
+        f"Loopback TCP, pod of {TRAFFIC_POD_SIZE} containers + istio-proxy;"
+        f" client {container_name(last)} (uid {BASE_UID + last}, last of"
+        f" {TRAFFIC_POD_SIZE} per-uid dispatch rules) -> server {container_name(0)}"
+        f" (uid {BASE_UID}) on {HOST}:{BASE_PORT}",
+        f"median of {profile.trials} alternating trials per configuration,"
+        f" fresh namespace per trial ({profile.name} profile)",
+        "",
+        f"{'metric':<26}{'baseline':>12}{'meshguard':>12}{'ratio':>8}  goal >= {GOAL}",
+    ]
+    for metric, label in (
+        ("rr_per_second", "request/response (rt/s)"),
+        ("connect_per_second", "connect+close (conn/s)"),
+    ):
+        row = summary[metric]
+        verdict = "met" if row["meets_goal"] else "NOT met"
+        lines.append(
+            f"{label:<26}{row[BASELINE]:>12,.0f}{row[MESHGUARD]:>12,.0f}"
+            f"{row['ratio']:>8.3f}  {verdict}"
+        )
+    for metric, label in (("rr_per_second", "rr"), ("connect_per_second", "connect")):
+        for config in (BASELINE, MESHGUARD):
+            values = ", ".join(f"{v:,.0f}" for v in summary[metric]["trials"][config])
+            lines.append(f"  {label} {config} trials: {values}")
+    check = summary["dispatch_check"]
+    lines.append(
+        f"dispatch check: {check['returned_by_source_chain']:,} NEW packets RETURNed by"
+        f" {source_chain(BASE_UID + last)} for {check['connections']:,} connections opened"
+    )
+    return "\n".join(lines)
+
+
+def format_install(costs: Sequence[InstallCost], startup_ms: float, profile: Profile) -> str:
+    lines = [
+        f"Compile and install (median; compile x{profile.compile_reps},"
+        f" install x{profile.install_reps}, fresh namespace per install, IPv4 + IPv6)",
+        "",
+        f"{'containers':>10}{'rules':>8}{'compile ms':>12}{'init subprocess ms':>20}"
+        f"{'install() ms':>14}",
+    ]
+    lines.extend(
+        f"{c.containers:>10}{c.rules:>8}{c.compile_ms:>12.2f}{c.init_subprocess_ms:>20.1f}"
+        f"{c.install_in_process_ms:>14.1f}"
+        for c in costs
+    )
+    lines.append(
+        f"reference: 'ip netns exec NS python -c pass' takes {startup_ms:.1f} ms"
+        " (part of the init subprocess time)"
+    )
+    return "\n".join(lines)
+
+
+def main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/kernel_path.py",
+        description="Loopback TCP with and without meshguard's rules, and install cost (root).",
+    )
+    parser.add_argument("--quick", action="store_true", help="shorter run (about 20 s)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in {"_server", "_client"}:
+        return helper_main(argv)
+    args = main_parser().parse_args(argv)
+    if not is_root():
+        print("kernel_path.py needs root (network namespaces, iptables, setuid): run it as root")
+        return 2
+    profile = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="meshguard-bench-") as tmp:
+        workdir = Path(tmp)
+        trials = run_traffic(profile, workdir)
+        costs = [measure_install(n, profile, workdir) for n in INSTALL_POD_SIZES]
+    startup_ms = python_startup_ms(max(3, profile.install_reps))
+    summary = traffic_summary(trials)
+    print(format_traffic(summary, profile))
+    print()
+    print(format_install(costs, startup_ms, profile))
+    elapsed = time.perf_counter() - started
+    print(f"\n{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs,"
+          f" Python {platform.python_version()}; benchmark took {elapsed:.0f} s")  # fmt: skip
+    if args.json:
+        document = {
+            "profile": asdict(profile),
+            "machine": {
+                "kernel": platform.release(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            "traffic": summary,
+            "trials": [asdict(t) for t in trials],
+            "install": [asdict(c) for c in costs],
+            "python_startup_in_netns_ms": startup_ms,
+            "seconds": elapsed,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,2 @@
+"""Zero-trust L7 checks on loopback: the decision (pure), the policy stores, the ext_authz
+gRPC server."""
