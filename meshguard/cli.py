@@ -21,6 +21,8 @@ from typing import Final, TextIO
 import yaml
 
 from meshguard import __version__, logs, names
+from meshguard.authz.server import AuthzSettings, serve_authz
+from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
 from meshguard.errors import MalformedInputError, MeshguardError, MeshguardFailure, RefusedError
 from meshguard.inject.container import DEFAULT_IMAGE, InitContainerSettings
 from meshguard.inject.istio import istio_template
@@ -148,6 +150,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_injection_flags(webhook)
     webhook.set_defaults(handler=_cmd_serve_webhook)
+
+    authz = commands.add_parser(
+        "serve-authz",
+        help="serve the Envoy ext_authz gRPC server for L7 checks on loopback",
+        description="Serve envoy.service.auth.v3.Authorization/Check (grpc.aio) and the gRPC"
+        " health service: each request on a pod's loopback listener is allowed or denied by the"
+        " pod's meshguard policy (default deny; audit mode logs would-be denials and allows),"
+        " one JSON log line per decision, Prometheus metrics on --metrics-port. Policies come"
+        " from the Kubernetes API (--kubernetes: a watch cache of the pods) or from pod files"
+        " written by `meshguard inject` (--pods, standalone mode).",
+    )
+    policies = authz.add_mutually_exclusive_group(required=True)
+    policies.add_argument("--pods", type=Path, nargs="+", metavar="FILE", help="pod manifests")
+    policies.add_argument("--kubernetes", action="store_true", help="watch pods in the cluster")
+    authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    authz.add_argument("--port", type=int, default=9191)
+    authz.add_argument(
+        "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
+    )
+    authz.set_defaults(handler=_cmd_serve_authz)
 
     template = commands.add_parser(
         "istio-template",
@@ -315,6 +337,35 @@ async def _serve_until_signal(settings: WebhookSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await run_webhook(settings, stop=stop)
+
+
+def _cmd_serve_authz(args: argparse.Namespace) -> int:
+    settings = AuthzSettings(host=args.host, port=args.port, metrics_port=args.metrics_port or None)
+    watcher: KubernetesStore | None = None
+    try:
+        if args.kubernetes:
+            watcher = KubernetesStore(KubernetesPodSource())
+            watcher.start()
+            store: PolicyStore = watcher
+        else:
+            store = StaticStore.from_files(args.pods)
+        asyncio.run(_serve_authz_until_signal(settings, store))
+    except MeshguardError as exc:
+        return _fail(f"meshguard serve-authz: {exc}", EXIT_USAGE)
+    except OSError as exc:
+        return _fail(f"meshguard serve-authz: {exc}", EXIT_FAILED)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    return EXIT_OK
+
+
+async def _serve_authz_until_signal(settings: AuthzSettings, store: PolicyStore) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve_authz(settings, store=store, stop=stop)
 
 
 def _cmd_istio_template(args: argparse.Namespace) -> int:

@@ -131,7 +131,23 @@ def _unattributable(request: Request, source: str | None) -> str | None:
         return "no HTTP method or path"
     if len(request.path) > MAX_PATH_CHARS:
         return "path too long"
+    if _ambiguous(_path_only(request.path)):
+        return f"path {request.path[:100]!r} is not normalized (dot segments, //, encoded / or .)"
     return None
+
+
+def _ambiguous(path: str) -> bool:
+    """Paths an upstream could resolve differently than a prefix match would (Envoy's
+    normalize_path removes these first; this holds even if it did not)."""
+    lowered = path.lower()
+    segments = path.split("/")[1:]
+    return (
+        not path.startswith("/")
+        or "//" in path
+        or any(s in {".", ".."} for s in segments)
+        or any(code in lowered for code in ("%2e", "%2f", "%5c"))
+        or "\\" in path
+    )
 
 
 def _covers(rule: Rule, source: str, port: int) -> bool:

@@ -1,0 +1,153 @@
+"""The L7 decision: default deny, rules by source/port/method/path/headers, audit mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshguard.authz.decision import PodPolicy, Request, decide
+
+POLICY = """
+rules:
+  - from: app
+    to: proxy
+    ports: [15020]
+    http: {methods: [POST], paths: ["/quitquitquit"]}
+  - from: [app, cache]
+    to: app
+    ports: [8080]
+    http: {methods: [GET], paths: ["/api/*"], headers: {x-token: s3cret}}
+  - from: log-shipper
+    to: app
+    ports: [9090]
+"""
+STATUS = json.dumps(
+    {"listener": {"sources": {"app": ["127.0.100.1", "fd6d:6775::1"],
+                              "cache": ["127.0.100.2", "fd6d:6775::2"],
+                              "log-shipper": ["127.0.100.3", "fd6d:6775::3"]}}}
+)  # fmt: skip
+
+
+def pod(mode: str = "enforce", policy: str = POLICY) -> PodPolicy:
+    return PodPolicy.from_pod(
+        key="shop/web-1",
+        annotations={
+            "meshguard.io/policy": policy,
+            "meshguard.io/mode": mode,
+            "meshguard.io/status": STATUS,
+        },
+        ports={8080: "app", 9090: "app"},
+    )
+
+
+def req(
+    source: str = "127.0.100.1",
+    port: int = 15020,
+    method: str = "POST",
+    path: str = "/quitquitquit",
+    headers: dict[str, str] | None = None,
+) -> Request:
+    return Request("shop/web-1", source, port, method, path, headers or {})
+
+
+@pytest.mark.parametrize(
+    ("request_", "allowed", "reason"),
+    [
+        (req(), True, "allowed by rules[0]"),
+        (req(source="fd6d:6775::1"), True, "allowed by rules[0]"),
+        (req(path="/quitquitquit?now=1"), True, "allowed by rules[0]"),
+        (req(method="GET"), False, "no rule allows app -> proxy:15020 GET /quitquitquit"),
+        (req(path="/quitquitquit/../logging"), False, "is not normalized"),
+        (
+            req(port=8080, method="GET", path="/api/../admin", headers={"x-token": "s3cret"}),
+            False,
+            "is not normalized",
+        ),
+        (
+            req(port=8080, method="GET", path="/api/%2e%2e/admin", headers={"x-token": "s3cret"}),
+            False,
+            "is not normalized",
+        ),
+        (req(path="//quitquitquit"), False, "is not normalized"),
+        (req(source="127.0.100.2"), False, "no rule allows cache -> proxy:15020"),
+        (req(source="127.0.0.1"), False, "unknown source address '127.0.0.1'"),
+        (
+            req(port=8080, method="GET", path="/api/v1", headers={"x-token": "s3cret"}),
+            True,
+            "rules[1]",
+        ),
+        (
+            req(port=8080, method="GET", path="/api/v1", headers={"x-token": "nope"}),
+            False,
+            "no rule",
+        ),
+        (
+            req(port=8080, method="GET", path="/apiv1", headers={"x-token": "s3cret"}),
+            False,
+            "no rule",
+        ),
+        (
+            req(
+                source="127.0.100.2",
+                port=8080,
+                method="GET",
+                path="/api/",
+                headers={"x-token": "s3cret"},
+            ),
+            True,
+            "rules[1]",
+        ),
+        (req(source="127.0.100.3", port=9090, method="DELETE", path="/anything"), True, "rules[2]"),
+        (
+            Request("shop/web-1", "127.0.100.1", 15020, None, None, {}),
+            False,
+            "no HTTP method or path",
+        ),
+        (Request("shop/web-1", "127.0.100.1", None, "POST", "/", {}), False, "no destination port"),
+        (req(path="/" + "a" * 9000), False, "path too long"),
+    ],
+)
+def test_decisions(request_: Request, allowed: bool, reason: str):
+    decision = decide(request_, pod())
+    assert decision.allowed is allowed
+    assert reason in decision.reason
+    assert decision.audited is False
+
+
+def test_unknown_pod_is_denied():
+    decision = decide(req(), None)
+    assert not decision.allowed
+    assert decision.reason.startswith("unknown pod 'shop/web-1'")
+
+
+def test_audit_mode_allows_and_flags_what_it_would_deny():
+    decision = decide(req(method="GET"), pod(mode="audit"))
+    assert decision.allowed and decision.audited
+    assert decision.reason.startswith("audit: would deny: no rule allows app -> proxy:15020 GET")
+    assert decide(req(), pod(mode="audit")).audited is False
+
+
+def test_default_allow_allows_unmatched_known_sources_only():
+    policy = pod(policy="defaultAction: allow")
+    assert decide(req(method="GET"), policy).allowed
+    assert not decide(req(source="127.0.0.9"), policy).allowed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    source=st.none()
+    | st.sampled_from(["127.0.100.1", "127.0.100.3", "::1"])
+    | st.text(max_size=20),
+    port=st.none() | st.integers(0, 70000),
+    method=st.none() | st.sampled_from(["GET", "POST", "get"]) | st.text(max_size=10),
+    path=st.none() | st.text(max_size=50),
+    headers=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=5),
+)
+def test_any_request_gets_a_decision_with_a_reason(source, port, method, path, headers):
+    decision = decide(Request("shop/web-1", source, port, method, path, headers), pod())
+    assert decision.reason
+    if decision.allowed:
+        assert decision.reason.startswith("allowed by rules[")
