@@ -1,0 +1,163 @@
+"""The ext_authz server over a real gRPC channel: answers, partial requests, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshguard.authz.decision import PodPolicy
+from meshguard.authz.server import AuthzSettings, serve_authz
+from meshguard.authz.store import StaticStore
+
+STATUS = json.dumps({"listener": {"sources": {"app": ["127.0.100.1", "fd6d:6775::1"]}}})
+POLICY = "rules: [{from: app, to: proxy, ports: [15020], http: {methods: [POST], paths: [/quit]}}]"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def store(mode: str = "enforce") -> StaticStore:
+    annotations = {
+        "meshguard.io/policy": POLICY,
+        "meshguard.io/status": STATUS,
+        "meshguard.io/mode": mode,
+    }
+    return StaticStore([PodPolicy.from_pod(key="shop/web-1", annotations=annotations, ports={})])
+
+
+def check_request(
+    *,
+    method: str = "POST",
+    path: str = "/quit",
+    source: str = "127.0.100.1",
+    port: int = 15020,
+    pod: str | None = "shop/web-1",
+    extra: dict[str, str] | None = None,
+):
+    headers = {**({"x-meshguard-pod": pod} if pod else {}), **(extra or {})}
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.source.address.socket_address.address = source
+    request.attributes.source.address.socket_address.port_value = 40000
+    request.attributes.destination.address.socket_address.address = "127.0.0.1"
+    request.attributes.destination.address.socket_address.port_value = port
+    request.attributes.request.http.method = method
+    request.attributes.request.http.path = path
+    request.attributes.request.http.headers.update(headers)
+    return request
+
+
+def run_with_server(body: Callable[[str, int], Awaitable[Any]], *, mode: str = "enforce") -> Any:
+    async def main() -> Any:
+        port, metrics_port = free_port(), free_port()
+        stop = asyncio.Event()
+        settings = AuthzSettings(port=port, metrics_port=metrics_port, grace_seconds=0.1)
+        server = asyncio.create_task(serve_authz(settings, store=store(mode), stop=stop))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(channel.channel_ready(), 10)
+                return await body(f"127.0.0.1:{port}", metrics_port)
+        finally:
+            stop.set()
+            await server
+
+    return asyncio.run(main())
+
+
+async def checks(address: str, requests: list[Any]) -> list[Any]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        return [await stub.Check(r, timeout=5) for r in requests]
+
+
+def test_allow_and_deny_with_a_403_that_names_the_reason(caplog):
+    caplog.set_level(logging.INFO, logger="meshguard.authz.decisions")
+
+    async def body(address: str, _: int) -> list[Any]:
+        return await checks(address, [check_request(), check_request(method="GET")])
+
+    allowed, denied = run_with_server(body)
+    assert allowed.status.code == 0
+    assert list(allowed.ok_response.headers_to_remove) == ["x-meshguard-pod"]
+    assert denied.status.code == 7  # PERMISSION_DENIED
+    assert denied.denied_response.status.code == 403
+    assert (
+        denied.denied_response.body
+        == "meshguard: denied: no rule allows app -> proxy:15020 GET /quit\n"
+    )
+    lines = [r for r in caplog.records if r.name == "meshguard.authz.decisions"]
+    assert [r.fields["result"] for r in lines] == ["allow", "deny"]
+    assert lines[0].fields["pod"] == "shop/web-1"
+    assert lines[0].fields["rule"] == 0
+    assert lines[1].fields["request"] == {"method": "GET", "path": "/quit", "port": 15020,
+                                           "source_address": "127.0.100.1"}  # fmt: skip
+
+
+def test_partial_and_hostile_requests_are_denied_with_a_reason():
+    async def body(address: str, _: int) -> list[Any]:
+        return await checks(
+            address,
+            [
+                external_auth_pb2.CheckRequest(),  # nothing at all
+                check_request(pod=None),
+                check_request(pod="other/pod"),
+                check_request(source="127.0.0.1"),
+                check_request(extra={"x-big": "a" * 70_000}),
+            ],
+        )
+
+    responses = run_with_server(body)
+    reasons = [r.status.message for r in responses]
+    assert all(r.status.code == 7 for r in responses)
+    assert reasons[0].startswith("unknown pod None")
+    assert reasons[1].startswith("unknown pod None")
+    assert reasons[2].startswith("unknown pod 'other/pod'")
+    assert reasons[3] == "unknown source address '127.0.0.1'"
+    assert reasons[4] == "request headers larger than 65536 bytes"
+
+
+def test_audit_mode_allows_would_be_denials():
+    async def body(address: str, _: int) -> list[Any]:
+        return await checks(address, [check_request(method="DELETE")])
+
+    (response,) = run_with_server(body, mode="audit")
+    assert response.status.code == 0
+
+
+def test_health_service_and_metrics():
+    async def body(address: str, metrics_port: int) -> tuple[Any, Any, str]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            overall = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            named = await health.Check(
+                health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"),
+                timeout=5,
+            )
+        await checks(address, [check_request(), check_request(method="GET")])
+        text = await asyncio.to_thread(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
+        )
+        return overall, named, text
+
+    overall, named, metrics = run_with_server(body)
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+    assert named.status == health_pb2.HealthCheckResponse.SERVING
+    assert 'meshguard_authz_decisions_total{reason="allowed",result="allow"} 1.0' in metrics
+    assert 'meshguard_authz_decisions_total{reason="no",result="deny"} 1.0' in metrics
+    assert "meshguard_authz_check_seconds_bucket" in metrics

@@ -1,0 +1,111 @@
+"""Policy stores: pod files, and the Kubernetes watch cache against a fake API."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import meshguard
+from meshguard.authz.store import KubernetesStore, StaticStore, WatchEvent
+from meshguard.errors import MalformedInputError
+from meshguard.inject.transform import InjectSettings, inject_pod
+
+EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+
+
+def injected_example(name: str = "shop") -> dict[str, Any]:
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    pod["metadata"]["name"] = name
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    return pod
+
+
+def test_static_store_reads_injected_pod_files(tmp_path: Path):
+    path = tmp_path / "pod.yaml"
+    path.write_text(yaml.safe_dump(injected_example()))
+    store = StaticStore.from_files([path])
+    assert store.keys() == ["demo/shop"]
+    policy = store.get("demo/shop")
+    assert policy is not None
+    assert policy.sources["127.0.100.1"] == "app"
+    assert policy.sources["fd6d:6775::3"] == "log-shipper"
+    assert policy.ports[9090] == "app"
+
+
+def test_static_store_refuses_pods_meshguard_did_not_inject():
+    with pytest.raises(MalformedInputError, match=r"has no meshguard\.io/status annotation"):
+        StaticStore.from_files([EXAMPLE])
+
+
+class FakeApi:
+    """A scripted Kubernetes API: lists, then watch streams; a step may raise to break it."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = script
+        self.calls: list[str] = []
+        self.done = threading.Event()
+
+    def list(self) -> tuple[list[Mapping[str, Any]], str]:
+        self.calls.append("list")
+        step = self._next()
+        if isinstance(step, Exception):
+            raise step
+        pods, version = step
+        return pods, version
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
+        self.calls.append(f"watch@{resource_version}")
+        step = self._next()
+        for event in step:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    def _next(self) -> Any:
+        if not self.script:
+            self.done.set()
+            raise ConnectionError("script over")
+        return self.script.pop(0)
+
+
+def test_watch_cache_lists_follows_events_survives_breaks_and_relists():
+    web, other = injected_example("web"), injected_example("other")
+    plain = yaml.safe_load(EXAMPLE.read_text())  # not injected: not cached
+    changed = json.loads(json.dumps(web))
+    changed["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
+    seen: list[dict[str, str]] = []
+    store: KubernetesStore
+
+    def snapshot(_: float) -> bool:
+        policies = {key: store.get(key) for key in ("demo/web", "demo/other")}
+        seen.append({key: p.mode.value for key, p in policies.items() if p is not None})
+        return api.done.is_set()
+
+    api = FakeApi(
+        [
+            ([web, plain], "10"),
+            [
+                WatchEvent("ADDED", other),
+                WatchEvent("MODIFIED", changed),
+                ConnectionError("watch broke"),
+            ],
+            ConnectionError("API down"),  # relist fails: cache must keep serving
+            ([changed], "20"),  # relist: 'other' vanished while we were away
+            [WatchEvent("DELETED", changed)],
+        ]
+    )
+    store = KubernetesStore(api, sleep=snapshot, backoff_initial=0.01)
+    store.run()
+    assert api.calls == ["list", "watch@10", "list", "list", "watch@20", "list"]
+    # After the broken watch and during the API outage, the cache kept its policies.
+    assert seen[0] == {"demo/web": "audit", "demo/other": "enforce"}
+    assert seen[1] == {"demo/web": "audit", "demo/other": "enforce"}
+    assert store.get("demo/web") is None  # deleted by the last event
+    assert store.get("demo/other") is None  # gone at the relist
+    assert store.reconnects == 3
