@@ -21,6 +21,7 @@ from typing import Final, TextIO
 import yaml
 
 from meshguard import __version__, logs, names
+from meshguard.authz.listener import envoy_config_text
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
 from meshguard.errors import MalformedInputError, MeshguardError, MeshguardFailure, RefusedError
@@ -170,6 +171,22 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
     )
     authz.set_defaults(handler=_cmd_serve_authz)
+
+    envoy = commands.add_parser(
+        "envoy-config",
+        help="print the Envoy loopback listener configuration (standalone or for Istio)",
+        description="Print the loopback listener that receives the flows meshguard's rules"
+        " redirect: as a standalone Envoy bootstrap (bootstrap), as the Istio EnvoyFilter that"
+        " adds it to every sidecar (envoyfilter), or as the IstioOperator overlay with the"
+        " meshConfig extensionProviders entry for the authz service (mesh-config).",
+    )
+    envoy.add_argument(
+        "--format", choices=["bootstrap", "envoyfilter", "mesh-config"], default="bootstrap"
+    )
+    envoy.add_argument("--authz-host", default="127.0.0.1", help="authz server (bootstrap)")
+    envoy.add_argument("--authz-port", type=int, default=9191, help="authz server port")
+    envoy.add_argument("--admin-port", type=int, default=15000, help="Envoy admin (bootstrap)")
+    envoy.set_defaults(handler=_cmd_envoy_config)
 
     template = commands.add_parser(
         "istio-template",
@@ -366,6 +383,15 @@ async def _serve_authz_until_signal(settings: AuthzSettings, store: PolicyStore)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await serve_authz(settings, store=store, stop=stop)
+
+
+def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    text = envoy_config_text(
+        args.format, authz_host=args.authz_host, authz_port=args.authz_port,
+        admin_port=args.admin_port,
+    )  # fmt: skip
+    sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _cmd_istio_template(args: argparse.Namespace) -> int:

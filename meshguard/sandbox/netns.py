@@ -13,9 +13,10 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import IO
 
 from meshguard.errors import MeshguardFailure
 from meshguard.rules.iptables import run_command
@@ -78,22 +79,37 @@ class NetworkNamespace:
     def run(self, argv: Sequence[str], *, stdin: str | None = None) -> str:
         return run_command(self.argv(argv), stdin=stdin)
 
-    def spawn(self, argv: Sequence[str], *, ready_line: str | None = None) -> subprocess.Popen[str]:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        ready_line: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stderr: int | IO[str] = subprocess.PIPE,
+    ) -> subprocess.Popen[str]:
         """Start a long-running process in the namespace; wait for its ready line."""
         process = subprocess.Popen(
             self.argv(argv),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if ready_line is not None else subprocess.DEVNULL,
+            stderr=stderr,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self._processes.append(process)
         if ready_line is not None:
             line = process.stdout.readline() if process.stdout else ""
             if line.strip() != ready_line:
                 _, err = _stop(process)
-                raise MeshguardFailure(f"{' '.join(argv)} did not start: {err.strip()[-500:]}")
+                raise MeshguardFailure(
+                    f"{' '.join(argv)} did not start: {(err or '').strip()[-500:]}"
+                )
         return process
+
+    def stop(self, process: subprocess.Popen[str]) -> None:
+        """Stop one process this namespace started (e.g. to show a fault)."""
+        _stop(process)
+        self._processes.remove(process)
 
     def close(self) -> None:
         for process in reversed(self._processes):
@@ -118,6 +134,13 @@ def serve_command(
         sys.executable, "-m", "meshguard.sandbox.probe", "serve", "--name", name,
         "--uid", str(uid), "--gid", str(gid),
         "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp)),
+    ]  # fmt: skip
+
+
+def serve_http_command(*, name: str, uid: int, gid: int, ports: Sequence[int]) -> list[str]:
+    return [
+        sys.executable, "-m", "meshguard.sandbox.probe", "serve-http", "--name", name,
+        "--uid", str(uid), "--gid", str(gid), "--tcp", ",".join(map(str, ports)),
     ]  # fmt: skip
 
 

