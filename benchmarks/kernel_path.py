@@ -1,6 +1,6 @@
 """Benchmark meshguard's kernel path: loopback TCP with and without its rules, and install cost.
 
-Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE]``.
+Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE] [--cpu N | --no-pin]``.
 
 1. Traffic. A synthetic Istio-injected pod of 16 containers (``c00``..``c15``, uid 2000+i,
    port 8000+i, plus ``istio-proxy`` as uid 1337) whose ``meshguard.io/policy`` lets each
@@ -12,10 +12,15 @@ Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE]``.
    - request/response: round trips per second of a small ping-pong on one TCP connection;
    - connect: sequential connect + close per second (the server accepts and closes).
 
-   Trials alternate baseline (no rules) and meshguard (rules installed by the real
-   ``python -m meshguard init --ruleset-file FILE``, as in production); the medians are
-   compared. After each meshguard trial the packet counter of the client's source chain
-   confirms that every connection went through the per-uid dispatch.
+   Four configurations, in rounds that alternate their order (ABCD, DCBA, ...):
+   ``baseline`` (no netfilter rules at all), ``meshguard`` (rules installed by the real
+   ``python -m meshguard init --ruleset-file FILE``, as in production), ``istio`` (Istio's
+   IPv4 nat capture rules, which turn conntrack on as in any Istio pod) and
+   ``istio+meshguard``. The medians give two ratios: meshguard / baseline (the headline
+   figure) and istio+meshguard / istio (meshguard's own cost in an Istio pod). After each
+   meshguard trial the packet counter of the client's source chain confirms that every
+   connection went through the per-uid dispatch. Client and server are pinned to one CPU
+   by default: unpinned, cross-CPU wake-ups on a small VM make trials differ by 2-4x.
 
 2. Install cost for pods of 2, 8 and 32 containers: ``compile_pod`` (pure Python),
    ``meshguard init`` as a subprocess (wall time, includes ``ip netns exec`` and Python
@@ -65,8 +70,6 @@ CONNECT_WARMUP = 100
 SOCKET_TIMEOUT_SECONDS = 5.0
 SERVER_LIFETIME_SECONDS = 120
 CHECK_EVERY = 64
-BASELINE = "baseline"
-MESHGUARD = "meshguard"
 THIS_FILE = Path(__file__).resolve()
 
 
@@ -88,9 +91,9 @@ FULL = Profile(
     name="full",
     trials=5,
     rr_count=200_000,
-    rr_seconds=2.0,
-    connect_count=20_000,
-    connect_seconds=2.0,
+    rr_seconds=1.5,
+    connect_count=30_000,
+    connect_seconds=1.5,
     compile_reps=50,
     install_reps=5,
 )
@@ -98,9 +101,9 @@ QUICK = Profile(
     name="quick",
     trials=2,
     rr_count=50_000,
-    rr_seconds=0.6,
-    connect_count=5_000,
-    connect_seconds=0.6,
+    rr_seconds=0.5,
+    connect_count=10_000,
+    connect_seconds=0.5,
     compile_reps=10,
     install_reps=1,
 )
@@ -284,7 +287,10 @@ def helper_main(argv: Sequence[str]) -> int:
     parser.add_argument("--rr-seconds", type=float, default=0.0)
     parser.add_argument("--connect-count", type=int, default=0)
     parser.add_argument("--connect-seconds", type=float, default=0.0)
+    parser.add_argument("--cpu", type=int, help="run on this CPU only")
     args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     drop_privileges(uid=args.uid, gid=args.uid)
     if args.role == "_server":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -300,6 +306,58 @@ def helper_argv(role: str, *extra: str) -> list[str]:
 
 
 # --- traffic trials -----------------------------------------------------------------------
+
+#: Istio's IPv4 capture rules as istio-iptables installs them for a default sidecar
+#: (REDIRECT mode, inbound and outbound capture). Loopback traffic between containers
+#: RETURNs in ISTIO_OUTPUT, but the nat table turns conntrack on in the namespace — which
+#: meshguard's rules also need, so on a real Istio pod meshguard does not pay for it.
+ISTIO_NAT = """*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -p tcp -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+"""  # noqa: E501
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a trial's namespace holds besides lo: Istio's nat rules, meshguard's rules."""
+
+    name: str
+    istio: bool
+    meshguard: bool
+
+
+BASELINE = Config(name="baseline", istio=False, meshguard=False)
+MESHGUARD = Config(name="meshguard", istio=False, meshguard=True)
+ISTIO = Config(name="istio", istio=True, meshguard=False)
+ISTIO_MESHGUARD = Config(name="istio+meshguard", istio=True, meshguard=True)
+CONFIGS = (BASELINE, MESHGUARD, ISTIO, ISTIO_MESHGUARD)
+#: (without, with) pairs whose ratio is reported; the first is the headline figure.
+PAIRS = ((BASELINE, MESHGUARD), (ISTIO, ISTIO_MESHGUARD))
+METRICS = (
+    ("rr_per_second", "request/response (rt/s)"),
+    ("connect_per_second", "connect+close (conn/s)"),
+)
 
 
 @dataclass(frozen=True)
@@ -327,28 +385,31 @@ def dispatched_packets(ns: NetworkNamespace, uid: int, port: int) -> int:
     )
 
 
-def run_trial(config: str, profile: Profile, ruleset_file: Path) -> Trial:
+def run_trial(config: Config, profile: Profile, ruleset_file: Path, cpu: int | None) -> Trial:
     client_uid = BASE_UID + TRAFFIC_POD_SIZE - 1
     server_uid, port = BASE_UID, BASE_PORT
+    pin = ["--cpu", str(cpu)] if cpu is not None else []
     with NetworkNamespace() as ns:
-        if config == MESHGUARD:
+        if config.istio:  # istio-init runs first, meshguard-init right after it
+            ns.run(["iptables-restore", "--noflush", "--wait"], stdin=ISTIO_NAT)
+        if config.meshguard:
             meshguard_init(ns, ruleset_file)
         ns.spawn(
-            helper_argv("_server", "--uid", str(server_uid), "--port", str(port)),
+            helper_argv("_server", "--uid", str(server_uid), "--port", str(port), *pin),
             ready_line="ready",
         )
         output = ns.run(
             helper_argv(
-                "_client", "--uid", str(client_uid), "--port", str(port),
+                "_client", "--uid", str(client_uid), "--port", str(port), *pin,
                 "--rr-count", str(profile.rr_count), "--rr-seconds", str(profile.rr_seconds),
                 "--connect-count", str(profile.connect_count),
                 "--connect-seconds", str(profile.connect_seconds),
             )
         )  # fmt: skip
         result = json.loads(output)
-        dispatched = dispatched_packets(ns, client_uid, port) if config == MESHGUARD else None
+        dispatched = dispatched_packets(ns, client_uid, port) if config.meshguard else None
     return Trial(
-        config=config,
+        config=config.name,
         rr_per_second=result["rr_per_second"],
         connect_per_second=result["connect_per_second"],
         connections_total=result["connections_total"],
@@ -356,17 +417,18 @@ def run_trial(config: str, profile: Profile, ruleset_file: Path) -> Trial:
     )
 
 
-def run_traffic(profile: Profile, workdir: Path) -> list[Trial]:
+def run_traffic(profile: Profile, workdir: Path, cpu: int | None) -> list[Trial]:
+    """Trials in rounds, each round in the reverse order of the previous (ABCD DCBA ...)."""
     ruleset_file = workdir / f"ruleset-{TRAFFIC_POD_SIZE}.json"
     ruleset_file.write_text(compile_synthetic(TRAFFIC_POD_SIZE).to_json(), encoding="utf-8")
-    run_trial(BASELINE, WARMUP, ruleset_file)  # not counted: page caches, pyc, first netns
+    run_trial(BASELINE, WARMUP, ruleset_file, cpu)  # not counted: page cache, first netns
     trials = []
     for index in range(profile.trials):
-        for config in (BASELINE, MESHGUARD):
-            trial = run_trial(config, profile, ruleset_file)
+        for config in CONFIGS if index % 2 == 0 else tuple(reversed(CONFIGS)):
+            trial = run_trial(config, profile, ruleset_file, cpu)
             print(
-                f"  trial {index + 1}/{profile.trials} {config:9}"
-                f"  rr {trial.rr_per_second:9,.0f}/s  connect {trial.connect_per_second:7,.0f}/s",
+                f"  round {index + 1}/{profile.trials} {config.name:16}"
+                f" rr {trial.rr_per_second:9,.0f}/s  connect {trial.connect_per_second:7,.0f}/s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -374,31 +436,38 @@ def run_traffic(profile: Profile, workdir: Path) -> list[Trial]:
     return trials
 
 
-def median_of(trials: Sequence[Trial], config: str, metric: str) -> float:
-    return statistics.median(getattr(t, metric) for t in trials if t.config == config)
+def values_of(trials: Sequence[Trial], config: Config, metric: str) -> list[float]:
+    return [getattr(t, metric) for t in trials if t.config == config.name]
 
 
 def traffic_summary(trials: Sequence[Trial]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for metric in ("rr_per_second", "connect_per_second"):
-        base = median_of(trials, BASELINE, metric)
-        guarded = median_of(trials, MESHGUARD, metric)
-        summary[metric] = {
-            BASELINE: base,
-            MESHGUARD: guarded,
-            "ratio": guarded / base,
-            "meets_goal": guarded / base >= GOAL,
-            "trials": {
-                config: [getattr(t, metric) for t in trials if t.config == config]
-                for config in (BASELINE, MESHGUARD)
-            },
+    medians = {
+        config.name: {
+            metric: statistics.median(values_of(trials, config, metric)) for metric, _ in METRICS
         }
-    guarded_trials = [t for t in trials if t.config == MESHGUARD]
-    summary["dispatch_check"] = {
-        "connections": sum(t.connections_total for t in guarded_trials),
-        "returned_by_source_chain": sum(t.dispatched or 0 for t in guarded_trials),
+        for config in CONFIGS
     }
-    return summary
+    ratios = {
+        f"{with_.name} / {without.name}": {
+            metric: medians[with_.name][metric] / medians[without.name][metric]
+            for metric, _ in METRICS
+        }
+        for without, with_ in PAIRS
+    }
+    guarded = [t for t in trials if t.dispatched is not None]
+    return {
+        "medians": medians,
+        "ratios": ratios,
+        "goal": GOAL,
+        "trials": {
+            config.name: {metric: values_of(trials, config, metric) for metric, _ in METRICS}
+            for config in CONFIGS
+        },
+        "dispatch_check": {
+            "connections": sum(t.connections_total for t in guarded),
+            "returned_by_source_chain": sum(t.dispatched or 0 for t in guarded),
+        },
+    }
 
 
 # --- compile and install cost -------------------------------------------------------------
@@ -458,55 +527,75 @@ def measure_install(n: int, profile: Profile, workdir: Path) -> InstallCost:
     )
 
 
-def python_startup_ms(reps: int) -> float:
-    """``ip netns exec NS python -c pass``: the fixed part of the init subprocess time."""
+def startup_ms(reps: int) -> dict[str, float]:
+    """What ``meshguard init`` pays before installing anything: interpreter and imports."""
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import meshguard.cli'": [sys.executable, "-c", "import meshguard.cli"],
+    }
     with NetworkNamespace() as ns:
-        samples = []
-        for _ in range(reps):
-            started = time.perf_counter()
-            ns.run([sys.executable, "-c", "pass"])
-            samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1000
+        return {label: median_seconds(ns, argv, reps) * 1000 for label, argv in commands.items()}
+
+
+def median_seconds(ns: NetworkNamespace, argv: Sequence[str], reps: int) -> float:
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        ns.run(argv)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
 
 
 # --- report -------------------------------------------------------------------------------
 
 
-def format_traffic(summary: dict[str, Any], profile: Profile) -> str:
+def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -> str:
     last = TRAFFIC_POD_SIZE - 1
+    pinning = f"client and server pinned to CPU {cpu}" if cpu is not None else "not pinned"
     lines = [
-        f"Loopback TCP, pod of {TRAFFIC_POD_SIZE} containers + istio-proxy;"
-        f" client {container_name(last)} (uid {BASE_UID + last}, last of"
+        f"Loopback TCP in a pod of {TRAFFIC_POD_SIZE} containers + istio-proxy:"
+        f" client {container_name(last)} (uid {BASE_UID + last}, the last of"
         f" {TRAFFIC_POD_SIZE} per-uid dispatch rules) -> server {container_name(0)}"
         f" (uid {BASE_UID}) on {HOST}:{BASE_PORT}",
-        f"median of {profile.trials} alternating trials per configuration,"
-        f" fresh namespace per trial ({profile.name} profile)",
+        f"median of {profile.trials} trials per configuration, alternating, fresh namespace"
+        f" per trial, {pinning} ({profile.name} profile)",
         "",
-        f"{'metric':<26}{'baseline':>12}{'meshguard':>12}{'ratio':>8}  goal >= {GOAL}",
+        f"{'configuration':<26}{'rr (rt/s)':>14}{'connect (conn/s)':>18}",
     ]
-    for metric, label in (
-        ("rr_per_second", "request/response (rt/s)"),
-        ("connect_per_second", "connect+close (conn/s)"),
-    ):
-        row = summary[metric]
-        verdict = "met" if row["meets_goal"] else "NOT met"
+    for config in CONFIGS:
+        medians = summary["medians"][config.name]
         lines.append(
-            f"{label:<26}{row[BASELINE]:>12,.0f}{row[MESHGUARD]:>12,.0f}"
-            f"{row['ratio']:>8.3f}  {verdict}"
+            f"{config.name:<26}{medians['rr_per_second']:>14,.0f}"
+            f"{medians['connect_per_second']:>18,.0f}"
         )
-    for metric, label in (("rr_per_second", "rr"), ("connect_per_second", "connect")):
-        for config in (BASELINE, MESHGUARD):
-            values = ", ".join(f"{v:,.0f}" for v in summary[metric]["trials"][config])
-            lines.append(f"  {label} {config} trials: {values}")
+    lines += ["", f"{'ratio (with / without)':<26}{'rr':>14}{'connect':>18}   goal >= {GOAL}"]
+    for pair, ratios in summary["ratios"].items():
+        verdicts = ", ".join("met" if r >= GOAL else "NOT met" for r in ratios.values())
+        lines.append(
+            f"{pair:<26}{ratios['rr_per_second']:>14.3f}{ratios['connect_per_second']:>18.3f}"
+            f"   {verdicts}"
+        )
+    lines += ["", "per trial:"]
+    for config in CONFIGS:
+        for metric, label in (("rr_per_second", "rr"), ("connect_per_second", "connect")):
+            values = ", ".join(f"{v:,.0f}" for v in summary["trials"][config.name][metric])
+            lines.append(f"  {config.name:<16} {label:<8} {values}")
     check = summary["dispatch_check"]
     lines.append(
-        f"dispatch check: {check['returned_by_source_chain']:,} NEW packets RETURNed by"
-        f" {source_chain(BASE_UID + last)} for {check['connections']:,} connections opened"
+        f"dispatch check: {source_chain(BASE_UID + last)} RETURNed"
+        f" {check['returned_by_source_chain']:,} NEW packets for"
+        f" {check['connections']:,} connections opened in the meshguard trials"
+    )
+    lines.append(
+        "note: 'baseline' has no netfilter rules at all, so meshguard / baseline includes"
+        " turning conntrack on; an Istio pod already has it on (its nat capture rules)."
     )
     return "\n".join(lines)
 
 
-def format_install(costs: Sequence[InstallCost], startup_ms: float, profile: Profile) -> str:
+def format_install(
+    costs: Sequence[InstallCost], startup: dict[str, float], profile: Profile
+) -> str:
     lines = [
         f"Compile and install (median; compile x{profile.compile_reps},"
         f" install x{profile.install_reps}, fresh namespace per install, IPv4 + IPv6)",
@@ -519,10 +608,8 @@ def format_install(costs: Sequence[InstallCost], startup_ms: float, profile: Pro
         f"{c.install_in_process_ms:>14.1f}"
         for c in costs
     )
-    lines.append(
-        f"reference: 'ip netns exec NS python -c pass' takes {startup_ms:.1f} ms"
-        " (part of the init subprocess time)"
-    )
+    lines.append("part of the init subprocess time (ip netns exec NS ...):")
+    lines.extend(f"  {label:<34} {ms:6.1f} ms" for label, ms in startup.items())
     return "\n".join(lines)
 
 
@@ -533,7 +620,18 @@ def main_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="shorter run (about 20 s)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
+    pin = parser.add_mutually_exclusive_group()
+    pin.add_argument(
+        "--cpu", type=int, help="CPU to pin client and server to (default: the first allowed)"
+    )
+    pin.add_argument("--no-pin", action="store_true", help="let the scheduler place them")
     return parser
+
+
+def chosen_cpu(args: argparse.Namespace) -> int | None:
+    if args.no_pin:
+        return None
+    return args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -541,25 +639,30 @@ def main(argv: Sequence[str]) -> int:
         return helper_main(argv)
     args = main_parser().parse_args(argv)
     if not is_root():
-        print("kernel_path.py needs root (network namespaces, iptables, setuid): run it as root")
+        print(
+            "kernel_path.py needs root (network namespaces, iptables, setuid): run it as root",
+            file=sys.stderr,
+        )
         return 2
     profile = QUICK if args.quick else FULL
+    cpu = chosen_cpu(args)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-") as tmp:
         workdir = Path(tmp)
-        trials = run_traffic(profile, workdir)
+        trials = run_traffic(profile, workdir, cpu)
         costs = [measure_install(n, profile, workdir) for n in INSTALL_POD_SIZES]
-    startup_ms = python_startup_ms(max(3, profile.install_reps))
+    startup = startup_ms(max(3, profile.install_reps))
     summary = traffic_summary(trials)
-    print(format_traffic(summary, profile))
-    print()
-    print(format_install(costs, startup_ms, profile))
     elapsed = time.perf_counter() - started
-    print(f"\n{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs,"
-          f" Python {platform.python_version()}; benchmark took {elapsed:.0f} s")  # fmt: skip
+    print(format_traffic(summary, profile, cpu))
+    print()
+    print(format_install(costs, startup, profile))
+    print(f"\nLinux {platform.release()}, {os.cpu_count()} CPUs, Python"
+          f" {platform.python_version()}; the benchmark took {elapsed:.0f} s")  # fmt: skip
     if args.json:
         document = {
             "profile": asdict(profile),
+            "cpu": cpu,
             "machine": {
                 "kernel": platform.release(),
                 "cpus": os.cpu_count(),
@@ -568,7 +671,7 @@ def main(argv: Sequence[str]) -> int:
             "traffic": summary,
             "trials": [asdict(t) for t in trials],
             "install": [asdict(c) for c in costs],
-            "python_startup_in_netns_ms": startup_ms,
+            "init_startup_ms": startup,
             "seconds": elapsed,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -10,6 +10,7 @@ spelling handed to ``iptables-restore``. It renders to the restore payload that
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -93,7 +94,7 @@ class Ruleset:
     def family(self, family: Family) -> FamilyRuleset:
         return self.ipv4 if family is Family.IPV4 else self.ipv6
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """``sha256:<hex>`` over both payloads and the routes: same input, same digest."""
         hasher = hashlib.sha256()
