@@ -8,6 +8,7 @@ them edits the documents, which keeps every other field and the document order.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,11 @@ def read_documents(source: str | Path | TextIO) -> list[Any]:
         return [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
         raise MalformedInputError(f"not valid YAML: {exc}") from None
+
+
+def read_source(filename: str) -> list[Any]:
+    """The documents of a file named on the command line; ``-`` is standard input."""
+    return read_documents(sys.stdin if filename == "-" else Path(filename))
 
 
 def pod_templates(documents: list[Any]) -> Iterator[PodTemplate]:

@@ -132,7 +132,7 @@ def test_rules_skips_opted_out_pods_with_a_note():
     pod = yaml.safe_load(EXAMPLE.read_text())
     pod["metadata"]["annotations"]["meshguard.io/inject"] = "false"
     done = meshguard_cli("rules", "-f", "-", stdin=yaml.safe_dump(pod))
-    assert "note: Pod demo/shop: skipped, opted out (meshguard.io/inject: false)" in done.stderr
+    assert 'note: Pod demo/shop: skipped, opted out (meshguard.io/inject: "false")' in done.stderr
 
 
 @pytest.mark.parametrize("name", injected_sample_names() or ["(../shared absent)"])

@@ -65,8 +65,7 @@ def inject_pod(
 ) -> Result:
     """Transform one pod in place; :class:`RefusedError` when it cannot be made safe."""
     annotations: dict[str, Any] = metadata.get("annotations") or {}
-    labels: dict[str, Any] = metadata.get("labels") or {}
-    skip = _skip_reason(annotations, labels)
+    skip = skip_reason(metadata)
     if skip:
         return Result(Outcome.SKIPPED, reason=skip)
     before = read_pod(metadata=metadata, spec=spec)
@@ -114,7 +113,10 @@ def status_annotation(pod: PodView, ruleset: Ruleset, *, mode: str) -> str:
     return json.dumps(status, sort_keys=True, separators=(",", ":"))
 
 
-def _skip_reason(annotations: dict[str, Any], labels: dict[str, Any]) -> str:
+def skip_reason(metadata: dict[str, Any]) -> str:
+    """Why meshguard leaves this pod alone (opted out, Istio off, ambient), or ""."""
+    annotations: dict[str, Any] = metadata.get("annotations") or {}
+    labels: dict[str, Any] = metadata.get("labels") or {}
     if parse_opt_out(_text(annotations.get(names.INJECT))):
         return f'opted out ({names.INJECT}: "false")'
     for source in (annotations, labels):

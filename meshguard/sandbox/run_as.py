@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 
 import meshguard.cli
+import meshguard.cli.init
+import meshguard.cli.inject
+import meshguard.cli.rules
+import meshguard.cli.serve
 from meshguard.sandbox.probe import drop_privileges
+
+#: Every command's module, imported above so nothing is loaded after the drop.
+COMMANDS = (meshguard.cli.init, meshguard.cli.inject, meshguard.cli.rules, meshguard.cli.serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

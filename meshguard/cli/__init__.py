@@ -1,0 +1,207 @@
+"""The ``meshguard`` command line.
+
+Each subcommand is a thin shell around the library: parse flags, read input, call the pure
+logic, print. A subcommand's module is imported only when it runs, so ``meshguard init``
+(the init container, on every pod start) does not pay for the servers' libraries.
+Exit status: 0 success, 1 refused or failed (the message says why), 2 bad usage or
+unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, TextIO
+
+from meshguard import __version__, logs, names
+from meshguard.inject.container import DEFAULT_IMAGE
+from meshguard.inject.posture import Action as PostureAction
+from meshguard.rules.ruleset import Family
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+DEFAULT_RULESET_FILE: Final = "/etc/meshguard/ruleset"
+RULESET_ENV: Final = "MESHGUARD_RULESET"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logs.configure(stream=sys.stderr, level=getattr(logging, args.log_level.upper()))
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _handler(args.handler)(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def fail(message: str, code: int, stream: TextIO | None = None) -> int:
+    """Print the one-line reason and return the exit status."""
+    print(message, file=stream or sys.stderr)
+    return code
+
+
+def _handler(spec: str) -> Callable[[argparse.Namespace], int]:
+    module, function = spec.split(":")
+    handler: Callable[[argparse.Namespace], int] = getattr(
+        importlib.import_module(module), function
+    )
+    return handler
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshguard",
+        description="Intra-pod isolation for Istio sidecars: per-uid loopback rules (iptables"
+        " owner match) and zero-trust L7 checks for loopback traffic.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshguard {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    rules = commands.add_parser(
+        "rules",
+        help="print the iptables-restore payloads meshguard-init would apply for a pod",
+        description="Compile the meshguard ruleset of every Istio-injected pod template in a"
+        " manifest (Pod, Deployment, StatefulSet, DaemonSet, Job, CronJob, List, ...) and print"
+        " the exact iptables-restore payload(s) meshguard-init applies.",
+    )
+    rules.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    rules.add_argument("--family", choices=[f.value for f in Family], help="only this family")
+    rules.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text: restore payloads; json: the ruleset document meshguard-init reads",
+    )
+    rules.set_defaults(handler="meshguard.cli.rules:run")
+
+    init = commands.add_parser(
+        "init",
+        help="meshguard-init: install a compiled ruleset in this network namespace",
+        description="Install the compiled ruleset with one iptables-restore --noflush per"
+        " family, verify it with iptables-save, and exit non-zero with a one-line reason on any"
+        " failure so the pod never runs unprotected. Safe to run again (container restart)."
+        f" The ruleset comes from --ruleset-file, or the ${RULESET_ENV} environment variable,"
+        f" or {DEFAULT_RULESET_FILE} (the downward-API file of the {names.RULESET} annotation).",
+    )
+    source = init.add_mutually_exclusive_group()
+    source.add_argument("--ruleset-file", type=Path, help="path of the ruleset document")
+    source.add_argument("--ruleset-env", metavar="VAR", help="environment variable holding it")
+    init.add_argument("--family", choices=[f.value for f in Family], help="only this family")
+    init.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the payload that would be applied to the current tables; change nothing",
+    )
+    init.set_defaults(handler="meshguard.cli.init:run")
+
+    inject = commands.add_parser(
+        "inject",
+        help="add meshguard to Istio-injected workloads (like istioctl kube-inject)",
+        description="Read workloads already injected by Istio (pipe `istioctl kube-inject -f"
+        " app.yaml` into `meshguard inject -f -`), check each pod template's posture, compile"
+        " its ruleset, record it on the pod and insert meshguard-init after istio-init. Prints"
+        " the documents in their order with every other field kept. Pod templates without"
+        " istio-proxy, opted-out and ambient pods pass through unchanged (a note on stderr).",
+    )
+    inject.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    add_injection_flags(inject)
+    inject.set_defaults(handler="meshguard.cli.inject:run")
+
+    webhook = commands.add_parser(
+        "serve-webhook",
+        help="serve the admission webhook (HTTPS, AdmissionReview v1 on POST /inject)",
+        description="Serve the mutating admission webhook over HTTPS: POST /inject takes an"
+        " AdmissionReview v1 and answers with a JSONPatch (the same transformation as"
+        " `meshguard inject`) and a warning per fix, or refuses the pod with the reason;"
+        " /healthz, /readyz, /metrics (Prometheus). The certificate and key are reloaded when"
+        " their files change.",
+    )
+    webhook.add_argument("--cert", type=Path, required=True, help="TLS certificate (PEM)")
+    webhook.add_argument("--key", type=Path, required=True, help="TLS private key (PEM)")
+    webhook.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
+    webhook.add_argument("--port", type=int, default=9443)
+    webhook.add_argument(
+        "--reload-interval",
+        type=float,
+        default=5.0,
+        help="seconds between checks of the certificate files for a rotation",
+    )
+    webhook.add_argument(
+        "--no-template",
+        action="store_true",
+        help="do not ask Istio for the meshguard template (istiod runs without it); the"
+        " webhook then inserts meshguard-init itself when it is reinvoked after Istio",
+    )
+    add_injection_flags(webhook)
+    webhook.set_defaults(handler="meshguard.cli.serve:webhook")
+
+    authz = commands.add_parser(
+        "serve-authz",
+        help="serve the Envoy ext_authz gRPC server for L7 checks on loopback",
+        description="Serve envoy.service.auth.v3.Authorization/Check (grpc.aio) and the gRPC"
+        " health service: each request on a pod's loopback listener is allowed or denied by the"
+        " pod's meshguard policy (default deny; audit mode logs would-be denials and allows),"
+        " one JSON log line per decision, Prometheus metrics on --metrics-port. Policies come"
+        " from the Kubernetes API (--kubernetes: a watch cache of the pods) or from pod files"
+        " written by `meshguard inject` (--pods, standalone mode).",
+    )
+    policies = authz.add_mutually_exclusive_group(required=True)
+    policies.add_argument("--pods", type=Path, nargs="+", metavar="FILE", help="pod manifests")
+    policies.add_argument("--kubernetes", action="store_true", help="watch pods in the cluster")
+    authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    authz.add_argument("--port", type=int, default=9191)
+    authz.add_argument(
+        "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
+    )
+    authz.set_defaults(handler="meshguard.cli.serve:authz")
+
+    envoy = commands.add_parser(
+        "envoy-config",
+        help="print the Envoy loopback listener configuration (standalone or for Istio)",
+        description="Print the loopback listener that receives the flows meshguard's rules"
+        " redirect: as a standalone Envoy bootstrap (bootstrap), as the Istio EnvoyFilter that"
+        " adds it to every sidecar (envoyfilter), or as the IstioOperator overlay with the"
+        " meshConfig extensionProviders entry for the authz service (mesh-config).",
+    )
+    envoy.add_argument(
+        "--format", choices=["bootstrap", "envoyfilter", "mesh-config"], default="bootstrap"
+    )
+    envoy.add_argument("--authz-host", default="127.0.0.1", help="authz server (bootstrap)")
+    envoy.add_argument("--authz-port", type=int, default=9191, help="authz server port")
+    envoy.add_argument("--admin-port", type=int, default=15000, help="Envoy admin (bootstrap)")
+    envoy.set_defaults(handler="meshguard.cli.serve:envoy_config")
+
+    template = commands.add_parser(
+        "istio-template",
+        help="print the Istio injection template 'meshguard' (values overlay for istiod)",
+        description="Print the `meshguard` injection template for Istio's"
+        " sidecarInjectorWebhook.templates, as an IstioOperator overlay (istioctl install -f) or"
+        " as istiod Helm values. Pods then ask for it with inject.istio.io/templates:"
+        " sidecar,meshguard (the webhook adds it).",
+    )
+    template.add_argument("--format", choices=["iop", "helm"], default="iop")
+    template.add_argument("--image", default=DEFAULT_IMAGE, help="meshguard image")
+    template.set_defaults(handler="meshguard.cli.inject:istio_template")
+    return parser
+
+
+def add_injection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--posture-action",
+        choices=[a.value for a in PostureAction],
+        default=PostureAction.FIX.value,
+        help="fix: patch what can be patched and warn (default); deny: refuse instead",
+    )
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of meshguard-init")

@@ -1,0 +1,59 @@
+"""``meshguard inject`` (offline injection) and ``meshguard istio-template``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
+from meshguard.errors import MalformedInputError, RefusedError
+from meshguard.inject.container import InitContainerSettings
+from meshguard.inject.istio import istio_template as template_text
+from meshguard.inject.posture import Action as PostureAction
+from meshguard.inject.posture import PostureSettings
+from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
+from meshguard.manifests import pod_templates, read_source
+
+
+def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
+    return InjectSettings(
+        posture=PostureSettings(default_action=PostureAction(args.posture_action)),
+        init=InitContainerSettings(image=args.image),
+        request_template=request_template,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        documents = read_source(args.filename)
+        templates = list(pod_templates(documents))
+    except MalformedInputError as exc:
+        return fail(f"{args.filename}: {exc}", EXIT_USAGE)
+    settings = injection_settings(args, request_template=False)
+    failed = False
+    for template in templates:
+        try:
+            result = inject_pod(template.metadata, template.spec, settings=settings)
+        except RefusedError as exc:
+            print(f"error: {template.label}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        except MalformedInputError as exc:
+            print(f"error: {template.label}: malformed pod spec: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if result.outcome is Outcome.SKIPPED:
+            print(f"note: {template.label}: unchanged, {result.reason}", file=sys.stderr)
+        for warning in result.warnings:
+            print(f"warning: {template.label}: {warning}", file=sys.stderr)
+    if failed:
+        return fail("meshguard inject: nothing written, fix the errors above", EXIT_FAILED)
+    yaml.safe_dump_all(documents, sys.stdout, sort_keys=False, default_flow_style=False)
+    return EXIT_OK
+
+
+def istio_template(args: argparse.Namespace) -> int:
+    sys.stdout.write(template_text(InitContainerSettings(image=args.image), fmt=args.format))
+    return EXIT_OK

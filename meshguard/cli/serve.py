@@ -1,0 +1,74 @@
+"""``meshguard serve-webhook``, ``serve-authz`` and ``envoy-config``: the long-running servers
+and the configuration of the Envoy listener that calls the authz server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+
+from meshguard.authz.listener import envoy_config_text
+from meshguard.authz.server import AuthzSettings, serve_authz
+from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
+from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
+from meshguard.cli.inject import injection_settings
+from meshguard.errors import MeshguardError
+from meshguard.webhook.server import WebhookSettings, run_webhook
+
+
+def webhook(args: argparse.Namespace) -> int:
+    settings = WebhookSettings(
+        cert_file=args.cert,
+        key_file=args.key,
+        host=args.host,
+        port=args.port,
+        reload_interval=args.reload_interval,
+        inject=injection_settings(args, request_template=not args.no_template),
+    )
+    try:
+        asyncio.run(_until_signal(lambda stop: run_webhook(settings, stop=stop)))
+    except (OSError, ssl.SSLError) as exc:
+        return fail(f"meshguard serve-webhook: {exc}", EXIT_FAILED)
+    return EXIT_OK
+
+
+def authz(args: argparse.Namespace) -> int:
+    settings = AuthzSettings(host=args.host, port=args.port, metrics_port=args.metrics_port or None)
+    watcher: KubernetesStore | None = None
+    try:
+        if args.kubernetes:
+            watcher = KubernetesStore(KubernetesPodSource())
+            watcher.start()
+            store: PolicyStore = watcher
+        else:
+            store = StaticStore.from_files(args.pods)
+        asyncio.run(_until_signal(lambda stop: serve_authz(settings, store=store, stop=stop)))
+    except MeshguardError as exc:
+        return fail(f"meshguard serve-authz: {exc}", EXIT_USAGE)
+    except OSError as exc:
+        return fail(f"meshguard serve-authz: {exc}", EXIT_FAILED)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    return EXIT_OK
+
+
+def envoy_config(args: argparse.Namespace) -> int:
+    text = envoy_config_text(
+        args.format, authz_host=args.authz_host, authz_port=args.authz_port,
+        admin_port=args.admin_port,
+    )  # fmt: skip
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+async def _until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a server until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(stop)
