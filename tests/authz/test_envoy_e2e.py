@@ -9,6 +9,7 @@ clients under the containers' uids.
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -177,6 +178,20 @@ def test_authz_down_means_denied_and_back_up_means_allowed(l7pod: L7Pod):
     deadline = time.monotonic() + 10
     while l7pod.http(APP, **request)["result"] != "allow" and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert l7pod.http(APP, **request)["result"] == "allow"
+
+
+def test_a_hung_authz_server_means_denied_within_the_timeout(l7pod: L7Pod):
+    request = {"host": "127.0.0.1", "port": 15020, "method": "POST", "path": "/quitquitquit"}
+    l7pod.authz.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        slow = l7pod.http(APP, **request)
+        elapsed = time.monotonic() - started
+    finally:
+        l7pod.authz.send_signal(signal.SIGCONT)
+    assert (slow["result"], slow["status"]) == ("deny", 403)
+    assert 0.4 < elapsed < 1.5  # Envoy's 0.5 s authz timeout, then fail closed
     assert l7pod.http(APP, **request)["result"] == "allow"
 
 
