@@ -180,12 +180,8 @@ def probe_http(target: dict[str, Any]) -> dict[str, Any]:
         )
         response = connection.getresponse()
         body = response.read().decode(errors="replace")
-    except TimeoutError:
-        return {"result": "timeout"}
     except OSError as exc:
-        if exc.errno in _REFUSED:
-            return {"result": "deny", "errno": errno.errorcode.get(exc.errno or 0, "")}
-        return {"result": "error", "detail": str(exc)}
+        return _failure(exc)
     finally:
         connection.close()
     if response.status == 200:
@@ -214,13 +210,18 @@ def probe(target: dict[str, Any]) -> dict[str, Any]:
             if protocol == "udp":
                 sock.send(b"ping\n")
             data = sock.recv(4096)
-    except TimeoutError:
-        return {"result": "timeout"}
     except OSError as exc:
-        if exc.errno in _REFUSED:
-            return {"result": "deny", "errno": errno.errorcode.get(exc.errno or 0, "")}
-        return {"result": "error", "detail": str(exc)}
+        return _failure(exc)
     return _landing(data)
+
+
+def _failure(exc: OSError) -> dict[str, Any]:
+    """deny when the kernel (or a REJECT rule) refused the flow; timeout; or error."""
+    if isinstance(exc, TimeoutError):
+        return {"result": "timeout"}
+    if exc.errno in _REFUSED:
+        return {"result": "deny", "errno": errno.errorcode.get(exc.errno or 0, "")}
+    return {"result": "error", "detail": str(exc)}
 
 
 def _landing(data: bytes) -> dict[str, Any]:

@@ -17,8 +17,7 @@ import yaml
 
 import meshguard
 from meshguard.rules.ruleset import Family
-from meshguard.sandbox.netns import NetworkNamespace
-from tests.support.podns import PodSandbox, Server, compile_for
+from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
 
 pytestmark = pytest.mark.root
 
@@ -66,15 +65,9 @@ def example_pod() -> dict[str, Any]:
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[PodSandbox]:
-    ruleset = compile_for(example_pod())
-    ruleset_file = tmp_path / "ruleset"
-    ruleset_file.write_text(ruleset.to_json())
-    with NetworkNamespace() as ns:
-        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
-        box.load_istio("ipnets.golden", families=[Family.IPV4])
-        # IPv6: the capture that redirects outbound TCP to ports 31000/32000 (any address).
-        box.load_istio("ipv6-outbound-ports.golden", families=[Family.IPV6])
-        box.meshguard_init()
+    # IPv6: the capture that redirects outbound TCP to ports 31000/32000 (any address).
+    istio = {Family.IPV4: "ipnets.golden", Family.IPV6: "ipv6-outbound-ports.golden"}
+    with pod_sandbox(compile_for(example_pod()), tmp_path, istio=istio) as box:
         for server in SERVERS:
             box.serve(server)
         yield box
@@ -172,13 +165,7 @@ def test_dns_capture_to_15053_works_on_top_of_istio_dns_rules(tmp_path: Path):
     pod = example_pod()
     proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy")
     proxy["securityContext"].update(runAsUser=3, runAsGroup=1)
-    ruleset = compile_for(pod)
-    ruleset_file = tmp_path / "ruleset"
-    ruleset_file.write_text(ruleset.to_json())
-    with NetworkNamespace() as ns:
-        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
-        box.load_istio("dns-uid-gid.golden", families=[Family.IPV4])
-        box.meshguard_init()
+    with pod_sandbox(compile_for(pod), tmp_path, istio={Family.IPV4: "dns-uid-gid.golden"}) as box:
         box.serve(APP)
         box.serve(Server("proxy", 3, 1, tcp=(15053, 15000), udp=(15053,)))
         dns = [
@@ -202,13 +189,7 @@ def test_dns_capture_to_15053_works_on_top_of_istio_dns_rules(tmp_path: Path):
 def test_audit_mode_logs_and_lets_flows_through(tmp_path: Path):
     pod = example_pod()
     pod["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
-    ruleset = compile_for(pod)
-    ruleset_file = tmp_path / "ruleset"
-    ruleset_file.write_text(ruleset.to_json())
-    with NetworkNamespace() as ns:
-        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
-        box.load_istio("ipnets.golden", families=[Family.IPV4])
-        box.meshguard_init()
+    with pod_sandbox(compile_for(pod), tmp_path, istio={Family.IPV4: "ipnets.golden"}) as box:
         box.serve(APP)
         box.serve(PROXY)
         results = box.probe(
@@ -216,7 +197,7 @@ def test_audit_mode_logs_and_lets_flows_through(tmp_path: Path):
             targets=[{"host": "127.0.0.1", "port": 8080}, {"host": "127.0.0.1", "port": 15000}],
         )  # fmt: skip
         assert [r["result"] for r in results] == ["allow", "allow"]
-        counters = ns.run(["iptables", "-L", "MESHGUARD_DENY", "-v", "-x", "-n"])
+        counters = box.ns.run(["iptables", "-L", "MESHGUARD_DENY", "-v", "-x", "-n"])
         log_line = next(line for line in counters.splitlines() if "LOG" in line)
         assert int(log_line.split()[0]) >= 2, counters  # both would-be denials were logged
 

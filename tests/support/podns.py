@@ -3,9 +3,10 @@ the real ``meshguard init``, and one echo server per container under the contain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,22 @@ class PodSandbox:
 
     def save(self, family: Family) -> str:
         return self.ns.run([family.save])
+
+
+@contextlib.contextmanager
+def pod_sandbox(
+    ruleset: Ruleset, directory: Path, *, istio: Mapping[Family, str]
+) -> Iterator[PodSandbox]:
+    """A namespace with Istio's golden capture rules (per family) and meshguard's ruleset
+    installed by the real ``meshguard init`` from the file the downward API would give it."""
+    ruleset_file = directory / "ruleset"
+    ruleset_file.write_text(ruleset.to_json())
+    with NetworkNamespace() as ns:
+        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
+        for family, golden in istio.items():
+            box.load_istio(golden, families=[family])
+        box.meshguard_init()
+        yield box
 
 
 def compile_for(pod: Mapping[str, Any]) -> Ruleset:
