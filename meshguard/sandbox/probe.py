@@ -209,6 +209,8 @@ def probe(target: dict[str, Any]) -> dict[str, Any]:
             sock.connect((host, port))
             if protocol == "udp":
                 sock.send(b"ping\n")
+            elif target.get("send"):
+                sock.sendall(str(target["send"]).encode())  # e.g. a request to an HTTP server
             data = sock.recv(4096)
     except OSError as exc:
         return _failure(exc)
