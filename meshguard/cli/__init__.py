@@ -15,13 +15,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, logs, names
 from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.inject.posture import Action as PostureAction
 from meshguard.rules.ruleset import Family
 
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
@@ -68,6 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
+    _add_demo(commands)
+    _add_rules(commands)
+    _add_injection(commands)
+    _add_servers(commands)
+    _add_configs(commands)
+    return parser
+
+
+def add_injection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--posture-action",
+        choices=[a.value for a in PostureAction],
+        default=PostureAction.FIX.value,
+        help="fix: patch what can be patched and warn (default); deny: refuse instead",
+    )
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of meshguard-init")
+
+
+def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser(
         "demo",
         help="build a pod sandbox (no cluster) and try every flow of the threat model",
@@ -88,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler="meshguard.cli.demo:run")
 
+
+def _add_rules(commands: Subcommands) -> None:
     rules = commands.add_parser(
         "rules",
         help="print the iptables-restore payloads meshguard-init would apply for a pod",
@@ -126,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(handler="meshguard.cli.init:run")
 
+
+def _add_injection(commands: Subcommands) -> None:
     inject = commands.add_parser(
         "inject",
         help="add meshguard to Istio-injected workloads (like istioctl kube-inject)",
@@ -139,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     add_injection_flags(inject)
     inject.set_defaults(handler="meshguard.cli.inject:run")
 
+
+def _add_servers(commands: Subcommands) -> None:
     webhook = commands.add_parser(
         "serve-webhook",
         help="serve the admission webhook (HTTPS, AdmissionReview v1 on POST /inject)",
@@ -187,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     authz.set_defaults(handler="meshguard.cli.serve:authz")
 
+
+def _add_configs(commands: Subcommands) -> None:
     envoy = commands.add_parser(
         "envoy-config",
         help="print the Envoy loopback listener configuration (standalone or for Istio)",
@@ -214,14 +242,3 @@ def _parser() -> argparse.ArgumentParser:
     template.add_argument("--format", choices=["iop", "helm"], default="iop")
     template.add_argument("--image", default=DEFAULT_IMAGE, help="meshguard image")
     template.set_defaults(handler="meshguard.cli.inject:istio_template")
-    return parser
-
-
-def add_injection_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--posture-action",
-        choices=[a.value for a in PostureAction],
-        default=PostureAction.FIX.value,
-        help="fix: patch what can be patched and warn (default); deny: refuse instead",
-    )
-    parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of meshguard-init")

@@ -31,7 +31,7 @@ from meshguard.manifests import PodTemplate
 from meshguard.pod import read_pod
 from meshguard.policy import parse_policy
 from meshguard.rules.ruleset import Family
-from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
+from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.flows import ENVOY_ADMIN_PORT, DemoPlan, Flow, Identity, plan
 from meshguard.sandbox.istio import CaptureConfig, capture_payload
 from meshguard.sandbox.netns import (
@@ -267,6 +267,10 @@ def root_problem() -> str | None:
     if missing:
         needed = ", ".join(missing)
         return f"meshguard demo needs {needed}: apt-get install iptables iproute2 util-linux"
+    try:
+        envoy_binary()
+    except MeshguardFailure as exc:
+        return f"meshguard demo needs the Envoy binary: {exc}"
     return None
 
 
