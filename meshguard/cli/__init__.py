@@ -128,6 +128,16 @@ def _add_rules(commands: Subcommands) -> None:
     )
     rules.set_defaults(handler="meshguard.cli.rules:run")
 
+    describe = commands.add_parser(
+        "describe",
+        help="summarize who may talk to whom in each pod of a manifest",
+        description="For every pod template in a manifest (or `kubectl get pod -o yaml`"
+        " output): the proxy, each container's uid and ports, the rules in words, the default,"
+        " and whether the recorded ruleset (meshguard.io/status) still matches the policy.",
+    )
+    describe.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    describe.set_defaults(handler="meshguard.cli.describe:run")
+
     init = commands.add_parser(
         "init",
         help="meshguard-init: install a compiled ruleset in this network namespace",

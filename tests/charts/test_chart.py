@@ -1,0 +1,653 @@
+"""The Helm chart ``charts/meshguard``, rendered and linted by the real Helm engine.
+
+helm-python-sdk binds Helm's Go SDK (``libhelm_c``, shipped in the wheel) through ctypes:
+rendering, values.schema.json validation and ``helm lint`` run offline, with no helm binary
+and no cluster. Every rendered object is validated against the Kubernetes OpenAPI schemas of
+kubernetes-validate (strict: unknown fields are errors); cert-manager's Certificate and Issuer
+and the Prometheus Operator's ServiceMonitor have no schema there and are checked by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshguard import __version__
+from meshguard.authz.listener import IstioSettings
+from meshguard.cli import _parser
+from meshguard.cli.inject import injection_settings
+from meshguard.inject.container import DEFAULT_IMAGE
+from meshguard.inject.posture import Action
+
+helm = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')"
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "meshguard"
+RELEASE = "meshguard"
+NAMESPACE = "meshguard-system"
+K8S_VERSION = kubernetes_validate.latest_version()
+#: Kinds of CRDs kubernetes-validate has no schema for: checked by hand below.
+NO_SCHEMA_KINDS = {"Certificate", "Issuer", "ServiceMonitor"}
+#: Istio's own MutatingWebhookConfigurations: meshguard's must sort before them.
+ISTIO_WEBHOOK_CONFIGURATIONS = ("istio-sidecar-injector", "istio-revision-tag-default")
+
+CERT_MANAGER = {"tls": {"mode": "certManager"}}
+OBSERVED = {"networkPolicy": {"enabled": True}, "serviceMonitor": {"enabled": True}}
+IGNORE = {"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 5}}
+NO_TEMPLATE = {
+    "webhook": {"requestTemplate": False, "postureAction": "deny"},
+    "image": {"repository": "registry.example/mg", "digest": "sha256:" + "a" * 64},
+}
+VALUE_SETS = {
+    "default": {},
+    "cert-manager": CERT_MANAGER,
+    "netpol+servicemonitor": OBSERVED,
+    "failure-ignore": IGNORE,
+    "no-template+digest": NO_TEMPLATE,
+}
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+@cache
+def _render(values_json: str) -> tuple[tuple[str, ...], str]:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(
+            json.loads(values_json), name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
+    notes = rendered.pop(f"{CHART.name}/templates/NOTES.txt", "")
+    return tuple(rendered[name] for name in sorted(rendered)), notes
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The objects the chart renders with these values (a fresh copy each call)."""
+    documents, _ = _render(json.dumps(values or {}, sort_keys=True))
+    return [obj for text in documents for obj in yaml.safe_load_all(text) if obj]
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    return _render(json.dumps(values or {}, sort_keys=True))[1]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, got {len(found)}"
+    return found[0]
+
+
+def kinds(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label selector semantics (matchLabels AND matchExpressions)."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values") or []
+        matched = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def namespace_labels(name: str, **labels: str) -> dict[str, str]:
+    """A namespace's labels as the API server sees them (with the automatic name label)."""
+    return {"kubernetes.io/metadata.name": name, **labels}
+
+
+def pem(data: str) -> bytes:
+    return base64.b64decode(data)
+
+
+# --- every object is a valid Kubernetes object -----------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_every_rendered_object_is_valid(values: dict[str, Any]) -> None:
+    objects = render(values)
+    assert objects
+    unvalidated = set()
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert obj["kind"] in NO_SCHEMA_KINDS, f"no schema for {obj['kind']}"
+            unvalidated.add(obj["kind"])
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message}")
+        namespaced = obj["kind"] not in {
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "MutatingWebhookConfiguration",
+        }
+        assert (obj["metadata"].get("namespace") == NAMESPACE) == namespaced, obj["kind"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshguard"
+    assert unvalidated <= NO_SCHEMA_KINDS
+
+
+def test_default_objects() -> None:
+    names = sorted((o["kind"], o["metadata"]["name"]) for o in render())
+    assert names == sorted(
+        [
+            ("ClusterRole", "meshguard-authz"),
+            ("ClusterRoleBinding", "meshguard-authz"),
+            ("Deployment", "meshguard-authz"),
+            ("Deployment", "meshguard-webhook"),
+            ("MutatingWebhookConfiguration", "00-meshguard"),
+            ("PodDisruptionBudget", "meshguard-authz"),
+            ("PodDisruptionBudget", "meshguard-webhook"),
+            ("Secret", "meshguard-webhook-tls"),
+            ("Service", "meshguard-authz"),
+            ("Service", "meshguard-webhook"),
+            ("ServiceAccount", "meshguard-authz"),
+            ("ServiceAccount", "meshguard-webhook"),
+        ]
+    )
+
+
+# --- the workloads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("component", ["webhook", "authz"])
+def test_deployment_security_and_availability(component: str) -> None:
+    objects = render()
+    deployment = one(objects, "Deployment", f"meshguard-{component}")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    main = container(deployment)
+    security = main["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 65532
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["privileged"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert main["image"] == DEFAULT_IMAGE == f"ghcr.io/meshguard/meshguard:{__version__}"
+    assert main["command"] == ["meshguard"]
+    assert set(main["resources"]) == {"requests", "limits"}
+    assert {"cpu", "memory"} <= set(main["resources"]["requests"])
+    assert "memory" in main["resources"]["limits"]
+    assert main["livenessProbe"] and main["readinessProbe"]
+    # spread over nodes: preferred pod anti-affinity by hostname, on this component's pods
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert selector_matches(term["podAffinityTerm"]["labelSelector"], pod_labels)
+    assert selector_matches(spec["selector"], pod_labels)
+    assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    # one PodDisruptionBudget per component, over exactly its pods, leaving room to drain
+    pdb = one(objects, "PodDisruptionBudget", f"meshguard-{component}")
+    assert pdb["spec"]["selector"] == spec["selector"]
+    assert 1 <= pdb["spec"]["minAvailable"] < spec["replicas"]
+    other = "authz" if component == "webhook" else "webhook"
+    other_labels = one(objects, "Deployment", f"meshguard-{other}")["spec"]["template"]
+    assert not selector_matches(pdb["spec"]["selector"], other_labels["metadata"]["labels"])
+
+
+def test_webhook_command_line_is_the_real_cli() -> None:
+    deployment = one(render(), "Deployment", "meshguard-webhook")
+    main = container(deployment)
+    args = _parser().parse_args(main["args"])
+    assert args.handler == "meshguard.cli.serve:webhook"
+    assert (str(args.cert), str(args.key)) == (
+        "/etc/meshguard/tls/tls.crt",
+        "/etc/meshguard/tls/tls.key",
+    )
+    assert (args.host, args.port) == ("0.0.0.0", 9443)
+    assert args.log_level == "info"
+    settings = injection_settings(args, request_template=not args.no_template)
+    assert settings.request_template is True
+    assert settings.posture.default_action is Action.FIX
+    assert settings.init.image == DEFAULT_IMAGE
+    # TLS files come from the Secret mounted read-only where --cert/--key point
+    mounts = {m["name"]: m for m in main["volumeMounts"]}
+    assert mounts["tls"]["mountPath"] == "/etc/meshguard/tls"
+    assert mounts["tls"]["readOnly"] is True
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "meshguard-webhook-tls"
+    assert "emptyDir" in volumes["tmp"]  # the only writable path
+    # HTTPS probes on the server's own port
+    (port,) = main["ports"]
+    assert port == {"name": "https", "containerPort": 9443, "protocol": "TCP"}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        http = main[probe]["httpGet"]
+        assert http == {"path": path, "port": "https", "scheme": "HTTPS"}
+    # no Kubernetes API: no token mounted
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_webhook_flags_follow_values() -> None:
+    main = container(one(render(NO_TEMPLATE), "Deployment", "meshguard-webhook"))
+    image = "registry.example/mg@sha256:" + "a" * 64
+    assert main["image"] == image
+    args = _parser().parse_args(main["args"])
+    assert args.no_template is True
+    settings = injection_settings(args, request_template=not args.no_template)
+    assert settings.request_template is False
+    assert settings.posture.default_action is Action.DENY
+    assert settings.init.image == image
+    init = render({"webhook": {"initImage": "other/init:1"}, "image": {"tag": "9.9"}})
+    main = container(one(init, "Deployment", "meshguard-webhook"))
+    assert main["image"] == "ghcr.io/meshguard/meshguard:9.9"
+    assert "--image=other/init:1" in main["args"]
+
+
+def test_authz_command_line_is_the_real_cli() -> None:
+    deployment = one(render(), "Deployment", "meshguard-authz")
+    main = container(deployment)
+    args = _parser().parse_args(main["args"])
+    assert args.handler == "meshguard.cli.serve:authz"
+    assert args.kubernetes is True
+    assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", 9191, 9192)
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert ports == {"grpc": 9191, "metrics": 9192}
+    # the standard gRPC health service, which the server registers for service ""
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert main[probe]["grpc"] == {"port": 9191}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "meshguard-authz"
+    assert pod["automountServiceAccountToken"] is True
+
+
+# --- services and the Istio side ---------------------------------------------------------
+
+
+def _target(service: dict[str, Any], port_name: str, deployment: dict[str, Any]) -> int:
+    """The container port a Service port reaches (by name), checking the selector too."""
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels)
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == port_name]
+    named = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    return named[port["targetPort"]]
+
+
+def test_services() -> None:
+    objects = render()
+    webhook = one(objects, "Service", "meshguard-webhook")
+    (port,) = webhook["spec"]["ports"]
+    assert port["port"] == 443
+    assert _target(webhook, "https", one(objects, "Deployment", "meshguard-webhook")) == 9443
+    authz = one(objects, "Service", "meshguard-authz")
+    ports = {p["name"]: p["port"] for p in authz["spec"]["ports"]}
+    assert ports == {"grpc": 9191, "metrics": 9192}
+    deployment = one(objects, "Deployment", "meshguard-authz")
+    assert _target(authz, "grpc", deployment) == 9191
+    assert _target(authz, "metrics", deployment) == 9192
+
+
+def test_authz_service_is_what_the_envoyfilter_calls() -> None:
+    istio = IstioSettings()
+    authz = one(render(), "Service", istio.service)
+    name, namespace = authz["metadata"]["name"], authz["metadata"]["namespace"]
+    grpc = next(p for p in authz["spec"]["ports"] if p["name"] == "grpc")
+    host = f"{name}.{namespace}.svc.cluster.local"
+    assert f"outbound|{grpc['port']}||{host}" == istio.cluster
+    envoy_filter = (ROOT / "istio" / "loopback-listener.envoyfilter.yaml").read_text()
+    assert istio.cluster in envoy_filter
+    assert "WARNING" not in notes()
+    elsewhere = notes({"authz": {"service": {"port": 9000}}})
+    assert "outbound|9000||meshguard-authz.meshguard-system.svc.cluster.local" in elsewhere
+
+
+# --- RBAC --------------------------------------------------------------------------------
+
+
+def test_rbac_reads_pods_only() -> None:
+    objects = render()
+    (role,) = kinds(objects, "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]
+    assert not kinds(objects, "Role") and not kinds(objects, "RoleBinding")
+    (binding,) = kinds(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "meshguard-authz", "namespace": NAMESPACE}
+    ]
+    webhook_account = one(objects, "ServiceAccount", "meshguard-webhook")
+    assert webhook_account["automountServiceAccountToken"] is False
+    pod = one(objects, "Deployment", "meshguard-webhook")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "meshguard-webhook"
+
+
+# --- the MutatingWebhookConfiguration ----------------------------------------------------
+
+
+def configuration(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    (config,) = kinds(render(values), "MutatingWebhookConfiguration")
+    return config
+
+
+def test_webhook_configuration() -> None:
+    config = configuration()
+    assert all(config["metadata"]["name"] < istio for istio in ISTIO_WEBHOOK_CONFIGURATIONS)
+    hooks = config["webhooks"]
+    assert [h["name"] for h in hooks] == [
+        "namespace.inject.meshguard.io",
+        "rev.namespace.inject.meshguard.io",
+    ]
+    for hook in hooks:
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["sideEffects"] == "None"
+        assert hook["reinvocationPolicy"] == "IfNeeded"
+        assert hook["failurePolicy"] == "Fail"
+        assert hook["timeoutSeconds"] == 10
+        assert hook["clientConfig"]["service"] == {
+            "name": "meshguard-webhook",
+            "namespace": NAMESPACE,
+            "path": "/inject",
+            "port": 443,
+        }
+        assert hook["rules"] == [
+            {
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+                "scope": "Namespaced",
+            }
+        ]
+
+
+def test_failure_policy_and_timeout_are_configurable() -> None:
+    for hook in configuration(IGNORE)["webhooks"]:
+        assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Ignore", 5)
+    assert "WITHOUT meshguard" in notes(IGNORE)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "selected"),
+    [
+        (namespace_labels("shop", **{"istio-injection": "enabled"}), True),
+        (namespace_labels("shop", **{"istio.io/rev": "canary"}), True),
+        (namespace_labels("shop", **{"istio.io/rev": "default"}), True),
+        # Istio honours istio-injection first: with both labels, still exactly one call
+        (namespace_labels("shop", **{"istio-injection": "enabled", "istio.io/rev": "x"}), True),
+        (namespace_labels("shop", **{"istio-injection": "disabled", "istio.io/rev": "x"}), False),
+        (namespace_labels("shop", **{"istio-injection": "disabled"}), False),
+        (namespace_labels("shop"), False),
+        # the opt-out label
+        (
+            namespace_labels(
+                "shop", **{"istio-injection": "enabled", "meshguard.io/inject": "disabled"}
+            ),
+            False,
+        ),
+        (
+            namespace_labels("shop", **{"istio.io/rev": "x", "meshguard.io/inject": "disabled"}),
+            False,
+        ),
+        (
+            namespace_labels(
+                "shop", **{"istio-injection": "enabled", "meshguard.io/inject": "enabled"}
+            ),
+            True,
+        ),
+        # meshguard's own namespace and kube-system, even if labeled
+        (namespace_labels(NAMESPACE, **{"istio-injection": "enabled"}), False),
+        (namespace_labels("kube-system", **{"istio.io/rev": "x"}), False),
+    ],
+)
+def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
+    hooks = configuration()["webhooks"]
+    matching = [h["name"] for h in hooks if selector_matches(h["namespaceSelector"], namespace)]
+    assert len(matching) == (1 if selected else 0), matching
+
+
+@pytest.mark.parametrize(
+    ("pod_labels", "selected"),
+    [
+        ({}, True),
+        ({"app": "shop", "sidecar.istio.io/inject": "true"}, True),
+        ({"app": "shop", "sidecar.istio.io/inject": "false"}, False),
+    ],
+)
+def test_object_selector(pod_labels: dict[str, str], selected: bool) -> None:
+    for hook in configuration()["webhooks"]:
+        assert selector_matches(hook["objectSelector"], pod_labels) is selected
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+DNS_NAMES = [
+    "meshguard-webhook",
+    f"meshguard-webhook.{NAMESPACE}",
+    f"meshguard-webhook.{NAMESPACE}.svc",
+    f"meshguard-webhook.{NAMESPACE}.svc.cluster.local",
+]
+
+
+def test_generated_tls() -> None:
+    objects = render()
+    secret = one(objects, "Secret", "meshguard-webhook-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    ca = x509.load_pem_x509_certificate(pem(secret["data"]["ca.crt"]))
+    leaf = x509.load_pem_x509_certificate(pem(secret["data"]["tls.crt"]))
+    key = serialization.load_pem_private_key(pem(secret["data"]["tls.key"]), password=None)
+    leaf.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == DNS_NAMES
+    assert key.public_key() == leaf.public_key()
+    # the API server trusts that CA, in both webhook entries
+    for hook in one(objects, "MutatingWebhookConfiguration", "00-meshguard")["webhooks"]:
+        assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    assert kinds(objects, "Certificate") == kinds(objects, "Issuer") == []
+
+
+def test_cert_manager_tls() -> None:
+    objects = render(CERT_MANAGER)
+    assert not kinds(objects, "Secret")
+    issuer = one(objects, "Issuer", "meshguard-selfsigned")
+    assert issuer["apiVersion"] == "cert-manager.io/v1"
+    assert issuer["spec"] == {"selfSigned": {}}
+    certificate = one(objects, "Certificate", "meshguard-webhook")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    assert spec["dnsNames"] == DNS_NAMES
+    assert spec["secretName"] == "meshguard-webhook-tls"
+    assert spec["issuerRef"] == {
+        "name": "meshguard-selfsigned",
+        "kind": "Issuer",
+        "group": "cert-manager.io",
+    }
+    assert "server auth" in spec["usages"]
+    assert re.fullmatch(r"\d+h", spec["duration"]) and re.fullmatch(r"\d+h", spec["renewBefore"])
+    # the webhook mounts the Secret cert-manager writes; cainjector fills the caBundle
+    pod = one(objects, "Deployment", "meshguard-webhook")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == spec["secretName"]
+    config = one(objects, "MutatingWebhookConfiguration", "00-meshguard")
+    annotation = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert annotation == f"{certificate['metadata']['namespace']}/meshguard-webhook"
+    for hook in config["webhooks"]:
+        assert "caBundle" not in hook["clientConfig"]
+
+
+def test_cert_manager_with_an_existing_issuer() -> None:
+    values = {"tls": {"mode": "certManager", "certManager": {"issuerRef": {"name": "corp-ca"}}}}
+    values["tls"]["certManager"]["issuerRef"]["kind"] = "ClusterIssuer"
+    objects = render(values)
+    assert not kinds(objects, "Issuer")
+    certificate = one(objects, "Certificate", "meshguard-webhook")
+    assert certificate["spec"]["issuerRef"] == {
+        "name": "corp-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+
+
+# --- NetworkPolicy and ServiceMonitor ----------------------------------------------------
+
+
+def test_network_policies() -> None:
+    objects = render(OBSERVED)
+    webhook = one(objects, "NetworkPolicy", "meshguard-webhook")
+    deployment = one(objects, "Deployment", "meshguard-webhook")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches(webhook["spec"]["podSelector"], labels)
+    assert webhook["spec"]["policyTypes"] == ["Ingress"]
+    # the API server is not a pod: the HTTPS port is open to any source
+    assert webhook["spec"]["ingress"] == [{"ports": [{"port": "https", "protocol": "TCP"}]}]
+
+    authz = one(objects, "NetworkPolicy", "meshguard-authz")
+    deployment = one(objects, "Deployment", "meshguard-authz")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches(authz["spec"]["podSelector"], labels)
+    grpc_rule, metrics_rule = authz["spec"]["ingress"]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert "from" not in metrics_rule  # metricsFrom empty: any scraper
+
+    def admitted(namespace: dict[str, str]) -> bool:
+        return any(selector_matches(p["namespaceSelector"], namespace) for p in grpc_rule["from"])
+
+    assert admitted(namespace_labels("shop", **{"istio-injection": "enabled"}))
+    assert admitted(namespace_labels("shop", **{"istio.io/rev": "canary"}))
+    assert not admitted(namespace_labels("shop"))
+    assert not admitted(namespace_labels("shop", **{"istio-injection": "disabled"}))
+
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    restricted = render({"networkPolicy": {"enabled": True, "metricsFrom": [scraper]}})
+    rules = one(restricted, "NetworkPolicy", "meshguard-authz")["spec"]["ingress"]
+    assert rules[1]["from"] == [scraper]
+    assert not kinds(render(), "NetworkPolicy")
+
+
+def test_service_monitors() -> None:
+    objects = render(OBSERVED)
+    assert not kinds(render(), "ServiceMonitor")
+    for component, port_name, scheme in (
+        ("webhook", "https", "https"),
+        ("authz", "metrics", "http"),
+    ):
+        monitor = one(objects, "ServiceMonitor", f"meshguard-{component}")
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        spec = monitor["spec"]
+        assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        service = one(objects, "Service", f"meshguard-{component}")
+        assert selector_matches(spec["selector"], service["metadata"]["labels"])
+        other = "authz" if component == "webhook" else "webhook"
+        other_labels = one(objects, "Service", f"meshguard-{other}")["metadata"]["labels"]
+        assert not selector_matches(spec["selector"], other_labels)
+        (endpoint,) = spec["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        assert (endpoint["port"], endpoint["path"], endpoint["scheme"]) == (
+            port_name,
+            "/metrics",
+            scheme,
+        )
+    webhook = one(objects, "ServiceMonitor", "meshguard-webhook")["spec"]["endpoints"][0]
+    assert webhook["tlsConfig"] == {
+        "serverName": f"meshguard-webhook.{NAMESPACE}.svc",
+        "ca": {"secret": {"name": "meshguard-webhook-tls", "key": "ca.crt"}},
+    }
+
+
+# --- values, schema, lint ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"webhook": {"replicas": "two"}}, "/webhook/replicas"),
+        ({"authz": {"replicas": 0}}, "/authz/replicas"),
+        ({"tls": {"mode": "vault"}}, "/tls/mode"),
+        ({"webhook": {"postureAction": "warn"}}, "/webhook/postureAction"),
+        ({"webhook": {"failurePolicy": "Sometimes"}}, "/webhook/failurePolicy"),
+        ({"webhook": {"timeoutSeconds": 31}}, "/webhook/timeoutSeconds"),
+        ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser"),
+        ({"replicas": 2}, "replicas"),
+        ({"webhook": {"replica": 2}}, "replica"),
+    ],
+)
+def test_bad_values_are_rejected_by_the_schema(values: dict[str, Any], where: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(chart.merge_values(values))
+
+
+def test_schema_covers_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        ref = node.get("$ref")
+        return schema["definitions"][ref.rsplit("/", 1)[1]] if ref else node
+
+    def walk(value: Any, node: dict[str, Any], path: str) -> None:
+        node = resolve(node)
+        assert "type" in node or "oneOf" in node, f"{path}: no type in the schema"
+        if isinstance(value, dict) and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path}: open object"
+            assert set(value) <= set(node["properties"]), path
+            for key, child in value.items():
+                walk(child, node["properties"][key], f"{path}.{key}")
+
+    walk(defaults, schema, "")
+
+
+def test_every_value_is_commented() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if re.match(r"^\s*[\w.-]+:", line):
+            previous = lines[number - 1].strip()
+            assert previous.startswith("#"), f"values.yaml:{number + 1}: {line.strip()}"
+
+
+def test_chart_metadata() -> None:
+    with helm.Chart.load(CHART) as chart:
+        metadata = chart.metadata
+    assert metadata["apiVersion"] == "v2"
+    assert (metadata["name"], metadata["version"]) == ("meshguard", "0.1.0")
+    assert metadata["appVersion"] == __version__
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_helm_lint_strict(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    # severity 1 is informational ("icon is recommended"); 2 warning, 3 error
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == []
