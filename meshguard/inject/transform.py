@@ -28,7 +28,7 @@ from meshguard.inject.container import (
 from meshguard.inject.posture import PostureSettings, refusals, review_posture
 from meshguard.pod import ISTIO_INIT, ISTIO_VALIDATION, MESHGUARD_INIT, PodView, read_pod
 from meshguard.policy import parse_mode, parse_opt_out, parse_policy
-from meshguard.rules.compiler import CompilerSettings, compile_ruleset
+from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
 
 TEMPLATE_NAME: Final = "meshguard"
@@ -76,7 +76,7 @@ def inject_pod(
             )
         _request_template(metadata)
         return Result(Outcome.TEMPLATE_REQUESTED, reason="asked Istio for the meshguard template")
-    policy = parse_policy(annotations.get(names.POLICY))
+    parse_policy(annotations.get(names.POLICY))  # a bad policy is refused before anything else
     mode = parse_mode(annotations.get(names.MODE))
     findings = review_posture(spec, proxy=before.proxy_identity, settings=settings.posture)
     refused = refusals(findings)
@@ -86,7 +86,7 @@ def inject_pod(
             + "; ".join(str(f) for f in refused)
         )
     pod = read_pod(metadata=metadata, spec=spec)
-    ruleset = compile_ruleset(pod, policy, mode=mode, settings=settings.compiler)
+    ruleset = compile_cached(pod.containers, annotations.get(names.POLICY), mode, settings.compiler)
     annotations = metadata.setdefault("annotations", {})
     annotations[names.RULESET] = ruleset.to_json()
     annotations[names.STATUS] = status_annotation(pod, ruleset, mode=mode.value)

@@ -25,6 +25,7 @@ of rules that run after it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -436,6 +437,22 @@ def _port_matches(protocol: Protocol, ports: Iterable[int]) -> list[str]:
         f"-p {name} -m multiport --dports {','.join(map(str, unique[i : i + MULTIPORT_MAX]))}"
         for i in range(0, len(unique), MULTIPORT_MAX)
     ]
+
+
+@functools.lru_cache(maxsize=512)
+def compile_cached(
+    containers: tuple[Container, ...],
+    policy_text: str | None,
+    mode: Mode,
+    settings: CompilerSettings,
+) -> Ruleset:
+    """:func:`compile_ruleset` memoized on everything it reads: the replicas of one workload
+    (same containers, same policy) are compiled once. The pod's name and other annotations
+    do not enter the ruleset, so they are not part of the key."""
+    pod = PodView(
+        name="", namespace=None, annotations={}, containers=containers, host_network=False
+    )
+    return compile_ruleset(pod, parse_policy(policy_text), mode=mode, settings=settings)
 
 
 def compile_pod(pod: PodView, *, settings: CompilerSettings) -> Ruleset:

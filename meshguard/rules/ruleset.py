@@ -105,6 +105,10 @@ class Ruleset:
 
     def to_json(self) -> str:
         """The document meshguard-init reads (compact, keys sorted: deterministic)."""
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> str:
         document = {
             "version": FORMAT_VERSION,
             "digest": self.digest,

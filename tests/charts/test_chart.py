@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -28,6 +30,7 @@ from meshguard.cli import _parser
 from meshguard.cli.inject import injection_settings
 from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.inject.posture import Action
+from tests.support.shared import shared_file
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')"
@@ -38,8 +41,9 @@ CHART = ROOT / "charts" / "meshguard"
 RELEASE = "meshguard"
 NAMESPACE = "meshguard-system"
 K8S_VERSION = kubernetes_validate.latest_version()
-#: Kinds of CRDs kubernetes-validate has no schema for: checked by hand below.
-NO_SCHEMA_KINDS = {"Certificate", "Issuer", "ServiceMonitor"}
+#: Kinds of CRDs kubernetes-validate has no schema for: checked by hand below (and the
+#: DestinationRule against Istio's CRD schema in ../shared).
+NO_SCHEMA_KINDS = {"Certificate", "Issuer", "ServiceMonitor", "DestinationRule"}
 #: Istio's own MutatingWebhookConfigurations: meshguard's must sort before them.
 ISTIO_WEBHOOK_CONFIGURATIONS = ("istio-sidecar-injector", "istio-revision-tag-default")
 
@@ -50,8 +54,10 @@ NO_TEMPLATE = {
     "webhook": {"requestTemplate": False, "postureAction": "deny"},
     "image": {"repository": "registry.example/mg", "digest": "sha256:" + "a" * 64},
 }
+DESTINATION_RULE = {"istio": {"destinationRule": {"enabled": True}}}
 VALUE_SETS = {
     "default": {},
+    "destination-rule": DESTINATION_RULE,
     "cert-manager": CERT_MANAGER,
     "netpol+servicemonitor": OBSERVED,
     "failure-ignore": IGNORE,
@@ -581,6 +587,42 @@ def test_service_monitors() -> None:
     }
 
 
+# --- the Istio DestinationRule ------------------------------------------------------------
+
+
+@cache
+def istio_crd_schema(kind: str, version: str) -> dict[str, Any]:
+    text = shared_file("istio-crds", "crd-all.gen.yaml").read_text()
+    for document in yaml.safe_load_all(text):
+        if document and document["spec"]["names"]["kind"] == kind:
+            for entry in document["spec"]["versions"]:
+                if entry["name"] == version:
+                    schema: dict[str, Any] = entry["schema"]["openAPIV3Schema"]
+                    return schema
+    raise AssertionError(f"Istio's CRDs have no {kind} {version}")
+
+
+def test_destination_rule_is_plaintext_to_the_authz_service() -> None:
+    assert not kinds(render(), "DestinationRule")
+    objects = render(DESTINATION_RULE)
+    rule = one(objects, "DestinationRule", "meshguard-authz")
+    group, version = rule["apiVersion"].split("/")
+    assert group == "networking.istio.io"
+    jsonschema.validate(rule, istio_crd_schema("DestinationRule", version))
+    assert rule["spec"]["host"] == IstioSettings().host
+    assert rule["spec"]["trafficPolicy"] == {"tls": {"mode": "DISABLE"}}
+    # the server it points at indeed runs without a sidecar
+    pod = one(objects, "Deployment", "meshguard-authz")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_a_broken_destination_rule_fails_istios_schema() -> None:
+    rule = one(render(DESTINATION_RULE), "DestinationRule", "meshguard-authz")
+    rule["spec"]["trafficPolicy"]["tls"]["mode"] = "PLAINTEXT"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rule, istio_crd_schema("DestinationRule", "v1"))
+
+
 # --- values, schema, lint ----------------------------------------------------------------
 
 
@@ -651,3 +693,23 @@ def test_helm_lint_strict(values: dict[str, Any]) -> None:
     # severity 1 is informational ("icon is recommended"); 2 warning, 3 error
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert problems == []
+
+
+def test_helm_lint_reports_a_broken_template(tmp_path: Path) -> None:
+    broken = tmp_path / "meshguard"
+    shutil.copytree(CHART, broken)
+    services = broken / "templates" / "services.yaml"
+    services.write_text(services.read_text().replace("  type: ClusterIP\n", "   type: [\n", 1))
+    report = helm.lint(broken, strict=True, namespace=NAMESPACE)
+    assert any("services.yaml" in m["path"] for m in report["messages"] if m["severity"] == 3)
+
+
+def test_servers_run_as_the_images_user() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, flags=re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["meshguard"\]$', dockerfile, flags=re.MULTILINE)
+    for component in ("webhook", "authz"):
+        deployment = one(render(), "Deployment", f"meshguard-{component}")
+        security = container(deployment)["securityContext"]
+        assert (str(security["runAsUser"]), str(security["runAsGroup"])) == user
+        assert container(deployment)["command"] == ["meshguard"]
