@@ -31,7 +31,7 @@ RULESET_ENV: Final = "MESHGUARD_RULESET"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(stream=sys.stderr, level=getattr(logging, args.log_level.upper()))
     if not hasattr(args, "handler"):
@@ -57,7 +57,7 @@ def _handler(spec: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshguard",
         description="Intra-pod isolation for Istio sidecars: per-uid loopback rules (iptables"

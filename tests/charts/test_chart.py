@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshguard import __version__
 from meshguard.authz.listener import IstioSettings
-from meshguard.cli import _parser
+from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.inject.posture import Action
@@ -225,7 +225,7 @@ def test_deployment_security_and_availability(component: str) -> None:
 def test_webhook_command_line_is_the_real_cli() -> None:
     deployment = one(render(), "Deployment", "meshguard-webhook")
     main = container(deployment)
-    args = _parser().parse_args(main["args"])
+    args = build_parser().parse_args(main["args"])
     assert args.handler == "meshguard.cli.serve:webhook"
     assert (str(args.cert), str(args.key)) == (
         "/etc/meshguard/tls/tls.crt",
@@ -259,7 +259,7 @@ def test_webhook_flags_follow_values() -> None:
     main = container(one(render(NO_TEMPLATE), "Deployment", "meshguard-webhook"))
     image = "registry.example/mg@sha256:" + "a" * 64
     assert main["image"] == image
-    args = _parser().parse_args(main["args"])
+    args = build_parser().parse_args(main["args"])
     assert args.no_template is True
     settings = injection_settings(args, request_template=not args.no_template)
     assert settings.request_template is False
@@ -274,7 +274,7 @@ def test_webhook_flags_follow_values() -> None:
 def test_authz_command_line_is_the_real_cli() -> None:
     deployment = one(render(), "Deployment", "meshguard-authz")
     main = container(deployment)
-    args = _parser().parse_args(main["args"])
+    args = build_parser().parse_args(main["args"])
     assert args.handler == "meshguard.cli.serve:authz"
     assert args.kubernetes is True
     assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", 9191, 9192)
