@@ -29,9 +29,10 @@ import selectors
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PROBE_TIMEOUT_SECONDS = 2.0
@@ -41,7 +42,12 @@ _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPERM}
 
 
 def drop_privileges(*, uid: int, gid: int, groups: Sequence[int] = ()) -> None:
-    """Become uid/gid with exactly ``groups`` as supplementary groups (needs root)."""
+    """Become uid/gid with exactly ``groups`` as supplementary groups (needs root; a no-op
+    for a process that already is that identity, e.g. root without CAP_SETUID)."""
+    if (os.getresuid(), os.getresgid(), sorted(os.getgroups())) == (
+        (uid,) * 3, (gid,) * 3, sorted(groups),
+    ):  # fmt: skip
+        return
     os.setgroups(list(groups))
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -193,8 +199,54 @@ def probe_http(target: dict[str, Any]) -> dict[str, Any]:
     return {"result": result, "status": response.status, "body": body[:300]}
 
 
+def attempt(target: dict[str, Any]) -> dict[str, Any]:
+    """An escape attempt other than a connection: ``deny`` when the kernel refuses it.
+
+    - ``raw-socket``: open a raw IP socket (needs CAP_NET_RAW);
+    - ``setuid``: switch to ``uid`` (e.g. the proxy's; needs CAP_SETUID), in a child process
+      so the prober keeps its own identity;
+    - ``iptables``: run ``iptables`` with ``args`` (e.g. flush meshguard's chain; needs
+      CAP_NET_ADMIN).
+    """
+    kind = target["attack"]
+    if kind == "raw-socket":
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP).close()
+        except PermissionError:
+            return {"result": "deny"}
+        return {"result": "allow"}
+    if kind == "setuid":
+        return _in_child(lambda: os.setresuid(*(int(target["uid"]),) * 3))
+    if kind == "iptables":
+        done = subprocess.run(
+            ["iptables", "-w", *target["args"]], capture_output=True, text=True, check=False
+        )
+        outcome = "allow" if done.returncode == 0 else "deny"
+        return {"result": outcome, "detail": done.stderr.strip()[:200]}
+    return {"result": "error", "detail": f"unknown attack {kind!r}"}
+
+
+def _in_child(action: Callable[[], object]) -> dict[str, Any]:
+    """Run ``action`` in a forked child: allow if it succeeded, deny if refused (EPERM)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            action()
+        except PermissionError:
+            os._exit(1)
+        except BaseException:  # report, whatever it is
+            os._exit(2)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return {0: {"result": "allow"}, 1: {"result": "deny"}}.get(
+        os.waitstatus_to_exitcode(status), {"result": "error"}
+    )
+
+
 def probe(target: dict[str, Any]) -> dict[str, Any]:
     """Try one flow; the outcome and, when it got through, where it landed."""
+    if "attack" in target:
+        return attempt(target)
     host, port = str(target["host"]), int(target["port"])
     protocol = target.get("protocol", "tcp")
     if protocol == "http":
