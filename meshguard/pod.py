@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from meshguard.errors import MalformedInputError
 
 PROXY_CONTAINER: Final = "istio-proxy"
@@ -101,8 +103,81 @@ class PodView:
         return next((c for c in self.containers if c.name == name), None)
 
 
+class _Shape(BaseModel):
+    """Types of the pod fields meshguard reads; everything else is left as it is."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Capabilities(_Shape):
+    add: list[str] | None = None
+    drop: list[str] | None = None
+
+
+class _SecurityContext(_Shape):
+    runAsUser: int | None = None
+    runAsGroup: int | None = None
+    privileged: bool | None = None
+    allowPrivilegeEscalation: bool | None = None
+    capabilities: _Capabilities | None = None
+
+
+class _PodSecurityContext(_Shape):
+    runAsUser: int | None = None
+    runAsGroup: int | None = None
+    fsGroup: int | None = None
+    supplementalGroups: list[int] | None = None
+
+
+class _ContainerShape(_Shape):
+    name: str
+    securityContext: _SecurityContext | None = None
+    ports: list[dict[str, Any]] | None = None
+    restartPolicy: str | None = None
+
+
+class _HostPath(_Shape):
+    path: str
+
+
+class _Volume(_Shape):
+    name: str
+    hostPath: _HostPath | None = None
+
+
+class _SpecShape(_Shape):
+    containers: list[_ContainerShape] | None = None
+    initContainers: list[_ContainerShape] | None = None
+    securityContext: _PodSecurityContext | None = None
+    volumes: list[_Volume] | None = None
+    hostNetwork: bool | None = None
+    hostPID: bool | None = None
+    shareProcessNamespace: bool | None = None
+
+
+class _MetadataShape(_Shape):
+    name: str | None = None
+    namespace: str | None = None
+    annotations: dict[str, str] | None = None
+    labels: dict[str, str] | None = None
+
+
+def check_shape(*, metadata: object, spec: object) -> None:
+    """Refuse a pod whose fields meshguard reads have the wrong types, naming the field."""
+    for where, model, value in (("metadata", _MetadataShape, metadata), ("spec", _SpecShape, spec)):
+        try:
+            model.model_validate(value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            got = repr(err.get("input"))[:60]
+            expected = str(err["msg"]).replace("Input should be", "expected")
+            raise MalformedInputError(f"{where}{path}: {expected}, got {got}") from None
+
+
 def read_pod(*, metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> PodView:
     """Build the view of one pod (or pod template) from its metadata and spec."""
+    check_shape(metadata=metadata, spec=spec)
     metadata = _mapping(metadata, "metadata")
     spec = _mapping(spec, "spec")
     pod_context = _mapping(spec.get("securityContext") or {}, "spec.securityContext")

