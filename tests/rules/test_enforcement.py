@@ -17,6 +17,7 @@ import yaml
 
 import meshguard
 from meshguard.rules.ruleset import Family
+from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
 
 pytestmark = pytest.mark.root
@@ -96,6 +97,7 @@ def _expected(source: str, target: dict[str, Any]) -> tuple[str, str | None, int
 
 
 def _check(box: PodSandbox, source: str, uid: int, gid: int, groups: tuple[int, ...] = ()) -> int:
+    """Every port of every container over every address, as ``source``: all as expected."""
     targets = _targets()
     results = box.probe(uid=uid, gid=gid, groups=groups, targets=targets)
     wrong = []
@@ -105,6 +107,7 @@ def _check(box: PodSandbox, source: str, uid: int, gid: int, groups: tuple[int, 
         if observed != (result, server, port):
             wrong.append(f"{source} -> {target}: expected {(result, server, port)}, got {got}")
     assert not wrong, "\n".join(wrong)
+    print(f"{source}: {len(targets)} flows, all as expected")
     return len(targets)
 
 
@@ -147,6 +150,40 @@ def test_istio_outbound_capture_still_works_for_every_uid(sandbox: PodSandbox):
         assert [(r["result"], r.get("server"), r.get("port")) for r in results] == [
             ("allow", "proxy", 15001), ("allow", "proxy", 15001),
         ], uid  # fmt: skip
+
+
+#: Istio's own traffic: outbound capture (v4, v6), the proxy's traffic, inbound delivery.
+CAPTURE_FLOWS = [
+    (APP, {"host": "10.0.0.5", "port": 80}),
+    (APP, {"host": "2001:db8::5", "port": 32000}),
+    (CACHE, {"host": "10.0.0.5", "port": 80}),
+    (PROXY, {"host": "10.1.2.3", "port": 8080}),  # the proxy dialing the pod IP: inbound
+    (PROXY, {"host": "127.0.0.1", "port": 8080}),
+    (PROXY, {"host": "10.1.2.3", "port": 8080, "source": "127.0.0.6"}),  # inbound delivery
+    (PROXY, {"host": "fd00:10::3", "port": 9090}),
+]
+
+
+def _capture_outcomes(box: PodSandbox) -> list[tuple[str, str | None, int | None]]:
+    outcomes = []
+    for server, target in CAPTURE_FLOWS:
+        (got,) = box.probe(uid=server.uid, gid=server.gid, targets=[target])
+        outcomes.append((got["result"], got.get("server"), got.get("port")))
+    return outcomes
+
+
+def test_istio_capture_behaves_exactly_as_without_meshguard(sandbox: PodSandbox, tmp_path: Path):
+    with_meshguard = _capture_outcomes(sandbox)
+    with NetworkNamespace() as ns:
+        istio_only = PodSandbox(ns=ns, ruleset=sandbox.ruleset, ruleset_file=tmp_path / "unused")
+        istio_only.load_istio("ipnets.golden", families=[Family.IPV4])
+        istio_only.load_istio("ipv6-outbound-ports.golden", families=[Family.IPV6])
+        for server in SERVERS:
+            istio_only.serve(server)
+        without = _capture_outcomes(istio_only)
+    assert with_meshguard == without
+    assert ("allow", "proxy", 15006) in without  # the comparison covers the inbound redirect
+    assert ("allow", "proxy", 15001) in without  # and the outbound capture
 
 
 def test_envoy_inbound_delivery_from_127_0_0_6_reaches_the_app(sandbox: PodSandbox):
