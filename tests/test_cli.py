@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 import meshguard
+from meshguard.cli import POSTURE_ACTIONS
+from meshguard.inject.posture import Action
 from meshguard.rules.ruleset import Ruleset
 from tests.support.samples import injected_sample_names
 from tests.support.shared import INJECTOR_SAMPLES
@@ -191,3 +193,16 @@ def test_inject_deny_mode_refuses_what_fix_mode_patches():
     )
     assert denied.returncode == 1
     assert "[missing-uid]" in denied.stderr
+
+
+def test_posture_action_choices_are_the_posture_module_s():
+    assert set(POSTURE_ACTIONS) == {a.value for a in Action}
+
+
+def test_meshguard_init_does_not_load_the_servers_or_pydantic():
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, meshguard.cli, meshguard.cli.init;"
+         " print(sorted(m for m in ('pydantic', 'aiohttp', 'grpc', 'yaml') if m in sys.modules))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "[]"

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, logs, names
-from meshguard.inject.container import DEFAULT_IMAGE
-from meshguard.inject.posture import Action as PostureAction
+from meshguard.names import DEFAULT_IMAGE
 from meshguard.rules.ruleset import Family
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+#: meshguard.inject.posture.Action's values (not imported: `meshguard init` stays light).
+POSTURE_ACTIONS: Final = ("fix", "deny")
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_injection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--posture-action",
-        choices=[a.value for a in PostureAction],
-        default=PostureAction.FIX.value,
+        choices=POSTURE_ACTIONS,
+        default="fix",
         help="fix: patch what can be patched and warn (default); deny: refuse instead",
     )
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of meshguard-init")

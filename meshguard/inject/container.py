@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from meshguard import __version__, names
+from meshguard import names
 from meshguard.pod import MESHGUARD_INIT
 
 RULESET_VOLUME: Final = "meshguard-ruleset"
 RULESET_DIR: Final = "/etc/meshguard"
 RULESET_FILE: Final = "ruleset"
-DEFAULT_IMAGE: Final = f"ghcr.io/meshguard/meshguard:{__version__}"
+DEFAULT_IMAGE: Final = names.DEFAULT_IMAGE
 
 
 @dataclass(frozen=True, kw_only=True)
