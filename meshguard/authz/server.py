@@ -147,7 +147,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 async def serve_authz(settings: AuthzSettings, *, store: PolicyStore, stop: asyncio.Event) -> None:
     """Serve Check and health until ``stop`` is set."""
     metrics = AuthzMetrics()
-    server = grpc.aio.server()
+    # SO_REUSEPORT (gRPC's default on Linux, set explicitly): worker processes share the port.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(store=store, metrics=metrics), server
     )

@@ -222,6 +222,13 @@ def _add_servers(commands: Subcommands) -> None:
     authz.add_argument(
         "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
     )
+    authz.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), e.g. one per core; worker i"
+        " serves its metrics on --metrics-port + i",
+    )
     authz.set_defaults(handler="meshguard.cli.serve:authz")
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import signal
 import ssl
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -17,6 +19,8 @@ from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cli.inject import injection_settings
 from meshguard.errors import MeshguardError
 from meshguard.webhook.server import WebhookSettings, run_webhook
+
+PR_SET_PDEATHSIG = 1
 
 
 def webhook(args: argparse.Namespace) -> int:
@@ -38,6 +42,7 @@ def webhook(args: argparse.Namespace) -> int:
 def authz(args: argparse.Namespace) -> int:
     settings = AuthzSettings(host=args.host, port=args.port, metrics_port=args.metrics_port or None)
     watcher: KubernetesStore | None = None
+    workers = [_start_worker(args, index) for index in range(1, args.workers)]
     try:
         if args.kubernetes:
             watcher = KubernetesStore(KubernetesPodSource())
@@ -53,7 +58,30 @@ def authz(args: argparse.Namespace) -> int:
     finally:
         if watcher is not None:
             watcher.stop()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=10)
     return EXIT_OK
+
+
+def _start_worker(args: argparse.Namespace, index: int) -> subprocess.Popen[bytes]:
+    """Another server process on the same port (gRPC sets SO_REUSEPORT: the kernel spreads
+    connections); worker ``index`` serves its metrics on ``--metrics-port + index``."""
+    source = ["--kubernetes"] if args.kubernetes else ["--pods", *map(str, args.pods)]
+    metrics = args.metrics_port + index if args.metrics_port else 0
+    argv = [
+        sys.executable, "-m", "meshguard", "--log-level", args.log_level, "serve-authz", *source,
+        "--host", args.host, "--port", str(args.port), "--metrics-port", str(metrics),
+        "--workers", "1",
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive the process that started it, even if that one is killed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def envoy_config(args: argparse.Namespace) -> int:

@@ -6,17 +6,23 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshguard.authz.decision import PodPolicy
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import StaticStore
+from meshguard.inject.transform import InjectSettings, inject_pod
+from tests.authz.test_store import EXAMPLE
 
 STATUS = json.dumps({"listener": {"sources": {"app": ["127.0.100.1", "fd6d:6775::1"]}}})
 POLICY = "rules: [{from: app, to: proxy, ports: [15020], http: {methods: [POST], paths: [/quit]}}]"
@@ -161,3 +167,39 @@ def test_health_service_and_metrics():
     assert 'meshguard_authz_decisions_total{reason="allowed",result="allow"} 1.0' in metrics
     assert 'meshguard_authz_decisions_total{reason="no",result="deny"} 1.0' in metrics
     assert "meshguard_authz_check_seconds_bucket" in metrics
+
+
+def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    pod_file = tmp_path / "pod.yaml"
+    pod_file.write_text(yaml.safe_dump(pod))
+    port = free_port()
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
+         "--port", str(port), "--metrics-port", "0", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def listeners() -> int:
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout
+        return len(out.splitlines())
+
+    try:
+        deadline = time.monotonic() + 30
+        while listeners() < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert listeners() == 2
+        answers = asyncio.run(
+            checks(f"127.0.0.1:{port}", [check_request(pod="demo/shop", path="/quitquitquit")] * 20)
+        )
+        assert {a.status.code for a in answers} == {0}
+    finally:
+        parent.terminate()
+        parent.wait(timeout=20)
+    deadline = time.monotonic() + 10
+    while listeners() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert listeners() == 0
