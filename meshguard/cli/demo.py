@@ -23,7 +23,7 @@ from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.rules.ruleset import Family
-from meshguard.sandbox.demo import Outcomes, demo_pod, root_problem
+from meshguard.sandbox.demo import Outcomes, PodDemo, root_problem
 from meshguard.sandbox.flows import Flow, audit_flows
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pod.yaml"
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up on kill as on Ctrl-C
     try:
-        with demo_pod(template, progress=lambda line: err.print(f"[dim]•[/] {line}")) as pod:
+        with PodDemo(template, progress=lambda line: err.print(f"[dim]•[/] {line}")) as pod:
             err.print(f"[dim]•[/] trying {len(pod.plan.flows)} flows")
             outcomes = pod.run(pod.plan.flows)
             pod.switch_to_audit()

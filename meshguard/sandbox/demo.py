@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from shutil import which
@@ -272,9 +272,3 @@ def root_problem() -> str | None:
     except MeshguardFailure as exc:
         return f"meshguard demo needs the Envoy binary: {exc}"
     return None
-
-
-@contextlib.contextmanager
-def demo_pod(template: PodTemplate, *, progress: Progress) -> Iterator[PodDemo]:
-    with PodDemo(template, progress=progress) as pod:
-        yield pod

@@ -13,7 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO
@@ -152,13 +152,3 @@ def _stop(process: subprocess.Popen[str]) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.communicate()
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-@contextlib.contextmanager
-def namespace(addresses: PodAddresses | None = None) -> Iterator[NetworkNamespace]:
-    with NetworkNamespace(addresses=addresses or PodAddresses()) as ns:
-        yield ns
