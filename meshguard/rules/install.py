@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,21 +113,33 @@ def install(
     families: Iterable[Family] = tuple(Family),
     ipv6_available: bool | None = None,
 ) -> list[InstallResult]:
-    """Install every family of the ruleset; raise :class:`MeshguardFailure` on any problem."""
+    """Install every family of the ruleset; raise :class:`MeshguardFailure` on any problem.
+
+    The families are independent (separate tools, separate tables): they are installed
+    side by side, which halves meshguard-init's time; each rolls back on its own failure.
+    """
     if ipv6_available is None:
         ipv6_available = Path("/proc/net/if_inet6").exists()
-    results = []
-    for family in families:
-        if family is Family.IPV6 and not ipv6_available:
-            log.warning(
-                "IPv6 is disabled in this network namespace: no IPv6 loopback traffic is"
-                " possible, IPv6 rules skipped",
-                extra={"fields": {"event": "skipped", "family": family.value}},
-            )
-            results.append(InstallResult(family=family, installed=False, payload="", seconds=0))
-            continue
-        results.append(_install_family(ruleset.family(family), run=run, digest=ruleset.digest))
-    return results
+    wanted = list(families)
+    with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
+        futures = [
+            pool.submit(_install_or_skip, ruleset, family, run=run, ipv6_available=ipv6_available)
+            for family in wanted
+        ]
+        return [future.result() for future in futures]
+
+
+def _install_or_skip(
+    ruleset: Ruleset, family: Family, *, run: CommandRunner, ipv6_available: bool
+) -> InstallResult:
+    if family is Family.IPV6 and not ipv6_available:
+        log.warning(
+            "IPv6 is disabled in this network namespace: no IPv6 loopback traffic is"
+            " possible, IPv6 rules skipped",
+            extra={"fields": {"event": "skipped", "family": family.value}},
+        )
+        return InstallResult(family=family, installed=False, payload="", seconds=0)
+    return _install_family(ruleset.family(family), run=run, digest=ruleset.digest)
 
 
 def _install_family(desired: FamilyRuleset, *, run: CommandRunner, digest: str) -> InstallResult:
