@@ -54,7 +54,7 @@ from meshguard.rules.compiler import CompilerSettings, compile_pod, source_chain
 from meshguard.rules.install import install
 from meshguard.rules.iptables import run_command
 from meshguard.rules.ruleset import Ruleset
-from meshguard.sandbox.netns import NetworkNamespace, is_root
+from meshguard.sandbox.netns import NetworkNamespace
 from meshguard.sandbox.probe import drop_privileges
 
 HOST = "127.0.0.1"
@@ -120,6 +120,10 @@ WARMUP = Profile(
 
 
 # --- the synthetic pod --------------------------------------------------------------------
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
 
 
 def container_name(index: int) -> str:
@@ -620,6 +624,13 @@ def main_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="shorter run (about 20 s)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
+    parser.add_argument(
+        "--containers",
+        type=int,
+        default=TRAFFIC_POD_SIZE,
+        metavar="N",
+        help=f"containers in the traffic pod, >= 2 (default: {TRAFFIC_POD_SIZE})",
+    )
     pin = parser.add_mutually_exclusive_group()
     pin.add_argument(
         "--cpu", type=int, help="CPU to pin client and server to (default: the first allowed)"
@@ -637,7 +648,12 @@ def chosen_cpu(args: argparse.Namespace) -> int | None:
 def main(argv: Sequence[str]) -> int:
     if argv and argv[0] in {"_server", "_client"}:
         return helper_main(argv)
+    global TRAFFIC_POD_SIZE  # noqa: PLW0603 - read by the traffic and report functions
     args = main_parser().parse_args(argv)
+    if args.containers < 2:
+        print("--containers needs at least 2", file=sys.stderr)
+        return 2
+    TRAFFIC_POD_SIZE = args.containers
     if not is_root():
         print(
             "kernel_path.py needs root (network namespaces, iptables, setuid): run it as root",
@@ -663,6 +679,7 @@ def main(argv: Sequence[str]) -> int:
         document = {
             "profile": asdict(profile),
             "cpu": cpu,
+            "containers": TRAFFIC_POD_SIZE,
             "machine": {
                 "kernel": platform.release(),
                 "cpus": os.cpu_count(),

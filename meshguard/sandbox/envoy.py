@@ -7,6 +7,7 @@ distribution's files, never by importing ``envoy``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -97,8 +98,9 @@ def wait_listening(
     deadline = time.monotonic() + timeout
     target = f'[{{"host": "127.0.0.1", "port": {port}, "timeout": 0.3}}]'
     while time.monotonic() < deadline:
-        result = ns.run(probe_command(uid=uid, gid=gid), stdin=target)
-        if '"deny"' not in result:
+        (result,) = json.loads(ns.run(probe_command(uid=uid, gid=gid), stdin=target))
+        # Accepted: an answer, or a silent server (HTTP waits for the request) — not refused.
+        if result["result"] in {"allow", "timeout"}:
             return
         time.sleep(0.1)
     raise MeshguardFailure(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")

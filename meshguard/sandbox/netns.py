@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -37,6 +38,7 @@ class NetworkNamespace:
     addresses: PodAddresses = field(default_factory=PodAddresses)
     name: str = field(default_factory=lambda: f"meshguard-{secrets.token_hex(4)}")
     _processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    _stderr_files: list[IO[str]] = field(default_factory=list)
 
     def __enter__(self) -> NetworkNamespace:
         run_command(["ip", "netns", "add", self.name])
@@ -85,9 +87,16 @@ class NetworkNamespace:
         *,
         ready_line: str | None = None,
         env: Mapping[str, str] | None = None,
-        stderr: int | IO[str] = subprocess.PIPE,
+        stderr: IO[str] | None = None,
     ) -> subprocess.Popen[str]:
-        """Start a long-running process in the namespace; wait for its ready line."""
+        """Start a long-running process in the namespace; wait for its ready line.
+
+        Its stderr goes to ``stderr``, or to a temporary file (never an undrained pipe that
+        would block a chatty process), read back when it fails to start.
+        """
+        if stderr is None:
+            stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the process
+            self._stderr_files.append(stderr)
         process = subprocess.Popen(
             self.argv(argv),
             stdin=subprocess.DEVNULL,
@@ -100,10 +109,10 @@ class NetworkNamespace:
         if ready_line is not None:
             line = process.stdout.readline() if process.stdout else ""
             if line.strip() != ready_line:
-                _, err = _stop(process)
-                raise MeshguardFailure(
-                    f"{' '.join(argv)} did not start: {(err or '').strip()[-500:]}"
-                )
+                _stop(process)
+                stderr.seek(0)
+                err = stderr.read().strip()[-500:]
+                raise MeshguardFailure(f"{' '.join(argv)} did not start: {err}")
         return process
 
     def stop(self, process: subprocess.Popen[str]) -> None:
@@ -115,6 +124,9 @@ class NetworkNamespace:
         for process in reversed(self._processes):
             _stop(process)
         self._processes.clear()
+        for file in self._stderr_files:
+            file.close()
+        self._stderr_files.clear()
         with contextlib.suppress(MeshguardFailure):
             run_command(["ip", "netns", "delete", self.name])
 

@@ -1,0 +1,1 @@
+"""Pieces of ``python -m benchmarks``: running the scripts, extra measurements, plots, report."""

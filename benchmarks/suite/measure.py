@@ -1,0 +1,105 @@
+"""Measurements made here: meshguard-init wall time by pod size, admission cost by pod size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .runner import ROOT
+
+INSTALL_SIZES = (2, 8, 32, 64)
+INSTALL_GOAL_MS = 100.0
+ADMISSION_SIZES = (5, 10, 30, 64)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``benchmarks/NAME.py`` (a standalone script) to reuse its pod builders."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rule_install(*, quick: bool) -> dict[str, Any]:
+    """``python -m meshguard init --ruleset-file F`` (sys.executable) in a fresh netns each time.
+
+    Also the in-process ``install()`` and the interpreter + import start-up, to show where
+    the subprocess's time goes.
+    """
+    kp = load_script("kernel_path")
+    reps = 3 if quick else 7
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="meshguard-install-") as tmp:
+        for n in INSTALL_SIZES:
+            ruleset = kp.compile_synthetic(n)
+            ruleset_file = Path(tmp) / f"ruleset-{n}.json"
+            ruleset_file.write_text(ruleset.to_json(), encoding="utf-8")
+            kp.time_init(ruleset_file)  # warm the page cache
+            init = [kp.time_init(ruleset_file) * 1000 for _ in range(reps)]
+            in_process = [kp.time_in_process_install(ruleset) * 1000 for _ in range(reps)]
+            rows.append(
+                {
+                    "containers": n,
+                    "rules": kp.rule_count(ruleset),
+                    "init_ms": statistics.median(init),
+                    "init_ms_samples": init,
+                    "install_in_process_ms": statistics.median(in_process),
+                    "compile_ms": kp.time_compile(n, 5 if quick else 20) * 1000,
+                }
+            )
+            print(
+                f"[install] {n:2} containers: init {rows[-1]['init_ms']:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    startup = kp.startup_ms(reps)
+    return {"rows": rows, "startup_ms": startup, "reps": reps, "goal_ms": INSTALL_GOAL_MS}
+
+
+def admission_growth(*, quick: bool) -> dict[str, Any]:
+    """In-process ``meshguard.webhook.review.handle()`` per admission, by pod size (no HTTP)."""
+    from meshguard.inject.transform import InjectSettings  # noqa: PLC0415
+    from meshguard.webhook.review import handle  # noqa: PLC0415
+
+    wh = load_script("webhook")
+    settings = InjectSettings()
+    iterations = 20 if quick else 100
+    repeats = 3 if quick else 5
+    rows = []
+    for n in ADMISSION_SIZES:
+        body = wh.review_body(wh.synthetic_pod(n))
+        status, answer, _ = handle(body, settings=settings)
+        allowed = status == 200 and answer["response"]["allowed"]
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(iterations):
+                handle(body, settings=settings)
+            samples.append((time.perf_counter() - started) / iterations * 1000)
+        rows.append(
+            {
+                "containers": n,
+                "request_bytes": len(body),
+                "answer_bytes": len(json.dumps(answer)),
+                "allowed": bool(allowed),
+                "handle_ms": min(samples),
+                "handle_ms_median": statistics.median(samples),
+            }
+        )
+        print(
+            f"[admission] {n:2} containers: handle() {rows[-1]['handle_ms']:.2f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"rows": rows, "iterations": iterations, "repeats": repeats}

@@ -1,0 +1,239 @@
+"""PNG figures (matplotlib, Agg): each a ratio against the baseline measured in the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+
+DPI = 110
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _goal(ax: Any, y: float, label: str) -> None:
+    ax.axhline(y, color="tab:red", linestyle="--", linewidth=1.5, label=label)
+
+
+def _baseline(ax: Any, label: str = "baseline (= 1.0)") -> None:
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1.2, label=label)
+
+
+def kernel(rows: dict[int, dict[str, Any]], goal: float, path: Path) -> Path:
+    """Ratio (with meshguard / without) vs containers in the pod."""
+    sizes = sorted(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    series = (
+        ("meshguard / baseline", "rr_per_second", "request/response, meshguard / no rules", "o-"),
+        ("meshguard / baseline", "connect_per_second", "connect+close, meshguard / no rules", "s-"),
+        ("istio+meshguard / istio", "rr_per_second", "request/response, istio+mg / istio", "o--"),
+        ("istio+meshguard / istio", "connect_per_second", "connect+close, istio+mg / istio", "s--"),
+    )
+    for pair, metric, label, style in series:
+        ys = [rows[n]["ratios"][pair][metric] for n in sizes if pair in rows[n]["ratios"]]
+        if len(ys) == len(sizes):
+            ax.plot(sizes, ys, style, label=label)
+    _baseline(ax, "without meshguard (= 1.0)")
+    _goal(ax, goal, f"goal >= {goal}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("containers in the pod (per-uid dispatch rules; client is the last)")
+    ax.set_ylabel("throughput ratio (with / without meshguard)")
+    ax.set_title("Kernel path: loopback TCP with meshguard's rules vs without")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
+    """Envoy throughput ratios vs Envoy RBAC, latency, and authz vs bare grpc.aio echo."""
+    conc = sorted(int(c) for c in http["rows"]["a"])
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
+    width = 0.25
+    xs = range(len(conc))
+    for i, (key, label) in enumerate(
+        (
+            ("a", "(a) envoy plain / (b) rbac"),
+            ("c", "(c) envoy+meshguard / (b) rbac"),
+            ("c0", "(c0) envoy+authz-echo / (b) rbac"),
+        )
+    ):
+        ys = [
+            http["rows"][key][str(c)]["per_second"] / http["rows"]["b"][str(c)]["per_second"]
+            for c in conc
+        ]
+        left.bar([x + (i - 1) * width for x in xs], ys, width, label=label)
+    _baseline(left, "(b) envoy+rbac (= 1.0)")
+    _goal(left, http["goal_c_over_b"], f"goal (c)/(b) >= {http['goal_c_over_b']}")
+    left.set_xticks(list(xs), [str(c) for c in conc])
+    left.set_xlabel("concurrent connections (wrk)")
+    left.set_ylabel("requests/s ratio vs (b) Envoy RBAC")
+    left.set_title("L7: HTTP throughput vs Envoy RBAC")
+    left.legend(fontsize=7, loc="upper right")
+    left.grid(axis="y", alpha=0.3)
+    for key, label, color in (
+        ("a", "(a) plain", "tab:blue"),
+        ("b", "(b) rbac", "tab:grey"),
+        ("c", "(c) meshguard", "tab:orange"),
+    ):
+        middle.plot(
+            conc,
+            [http["rows"][key][str(c)]["p50_us"] / 1000 for c in conc],
+            "o-",
+            color=color,
+            label=f"{label} p50",
+        )
+        middle.plot(
+            conc,
+            [http["rows"][key][str(c)]["p99_us"] / 1000 for c in conc],
+            "^--",
+            color=color,
+            label=f"{label} p99",
+        )
+    middle.set_xscale("log", base=2)
+    middle.set_yscale("log")
+    middle.set_xticks(conc, [str(c) for c in conc])
+    middle.set_xlabel("concurrent connections (wrk)")
+    middle.set_ylabel("latency (ms, log scale)")
+    middle.set_title("L7: request latency p50 / p99")
+    middle.legend(fontsize=7, ncol=2)
+    middle.grid(alpha=0.3)
+    gconc = sorted(int(c) for c in grpc["ratio_meshguard_over_echo"])
+    right.plot(
+        gconc,
+        [grpc["ratio_meshguard_over_echo"][str(c)] for c in gconc],
+        "o-",
+        label="meshguard serve-authz / bare grpc.aio echo",
+    )
+    _baseline(right, "bare grpc.aio echo (= 1.0)")
+    _goal(right, grpc["goal"], f"goal >= {grpc['goal']}")
+    right.set_xscale("log", base=2)
+    right.set_xticks(gconc, [str(c) for c in gconc])
+    right.set_ylim(0, 1.2)
+    right.set_xlabel("calls in flight (one gRPC channel)")
+    right.set_ylabel("checks/s ratio vs bare echo")
+    right.set_title("Authz server alone: Check calls/s")
+    right.legend(fontsize=7, loc="lower left")
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def workers(result: dict[str, Any], path: Path) -> Path:
+    counts = sorted(int(w) for w in result["checks_per_second"])
+    base = result["checks_per_second"][str(counts[0])]
+    ratios = [result["checks_per_second"][str(w)] / base for w in counts]
+    fig, ax = plt.subplots(figsize=(6.5, 4.3))
+    bars = ax.bar(
+        [str(w) for w in counts], ratios, color="tab:orange", label="checks/s vs 1 worker"
+    )
+    for bar, w in zip(bars, counts, strict=True):
+        ax.annotate(
+            f"{result['checks_per_second'][str(w)]:,.0f}/s",
+            (bar.get_x() + 0.2, bar.get_height() + 0.03),
+            fontsize=9,
+        )
+    _baseline(ax, "1 worker (= 1.0)")
+    ax.axhline(
+        len(counts),
+        color="tab:green",
+        linestyle="-.",
+        linewidth=1,
+        label=f"linear scaling ({len(counts)}x)",
+    )
+    ax.set_xlabel("serve-authz --workers")
+    ax.set_ylabel("Check calls/s ratio vs 1 worker")
+    ax.set_title(f"serve-authz workers (SO_REUSEPORT), {result['cpus']} CPUs shared with clients")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def admission(webhook: dict[str, Any] | None, growth: dict[str, Any], path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if webhook is not None:
+        conc = sorted(int(c) for c in webhook["throughput_ratio"])
+        left.bar(
+            [str(c) for c in conc],
+            [webhook["throughput_ratio"][str(c)] for c in conc],
+            color="tab:orange",
+            label="meshguard serve-webhook / bare aiohttp",
+        )
+        _baseline(left, "bare aiohttp endpoint (= 1.0)")
+        _goal(left, webhook["goal_ratio"], f"goal >= {webhook['goal_ratio']}")
+        left.set_ylim(0, 1.15)
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "webhook.py: not measured", ha="center", transform=left.transAxes)
+    left.set_xlabel("requests in flight (HTTPS, keep-alive)")
+    left.set_ylabel("admissions/s ratio vs bare endpoint")
+    left.set_title(
+        f"Admission throughput, pod of {webhook['pod_containers'] if webhook else '?'} containers"
+    )
+    left.grid(axis="y", alpha=0.3)
+    rows = growth["rows"]
+    sizes = [r["containers"] for r in rows]
+    first = rows[0]["handle_ms"]
+    right.plot(
+        sizes,
+        [r["handle_ms"] / first for r in rows],
+        "o-",
+        label="handle() time / handle() time at 5 containers",
+    )
+    right.plot(
+        sizes, [n / sizes[0] for n in sizes], "-.", color="tab:green", label="linear in containers"
+    )
+    _baseline(right, f"{sizes[0]} containers (= 1.0, {first:.2f} ms)")
+    for r in rows:
+        right.annotate(
+            f"{r['handle_ms']:.2f} ms",
+            (r["containers"], r["handle_ms"] / first),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
+    right.set_xlabel("containers in the pod")
+    right.set_ylabel("in-process handle() time, ratio vs smallest pod")
+    right.set_title("Admission cost growth (in-process handle(), no HTTP)")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def install(result: dict[str, Any], path: Path) -> Path:
+    rows = result["rows"]
+    sizes = [r["containers"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot(sizes, [r["init_ms"] for r in rows], "o-", label="python -m meshguard init (wall)")
+    ax.plot(
+        sizes,
+        [r["install_in_process_ms"] for r in rows],
+        "s--",
+        label="install() in process (iptables save/restore/verify, IPv4+IPv6)",
+    )
+    start = result["startup_ms"].get("python -c 'import meshguard.cli'")
+    if start is not None:
+        ax.axhline(
+            start,
+            color="tab:purple",
+            linestyle=":",
+            label=f"interpreter + import meshguard.cli ({start:.0f} ms)",
+        )
+    _goal(ax, result["goal_ms"], f"goal < {result['goal_ms']:.0f} ms at 64 containers")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_ylim(0, max(*(r["init_ms"] for r in rows), result["goal_ms"]) * 1.45)
+    ax.set_xlabel("containers in the pod")
+    ax.set_ylabel("wall time (ms)")
+    ax.set_title("Rule install: meshguard-init in a fresh network namespace")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,100 @@
+"""Run one benchmark script as a subprocess and collect its ``--json`` output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ScriptRun:
+    """What a script printed and wrote."""
+
+    name: str
+    argv: list[str]
+    ok: bool
+    seconds: float
+    data: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    problem: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def run_script(
+    name: str, script: str, args: list[str], *, timeout: float, log_dir: Path
+) -> ScriptRun:
+    """``python benchmarks/SCRIPT ARGS --json FILE``."""
+    run = _attempt(name, script, args, timeout=timeout)
+    (log_dir / f"{name}.stdout.txt").write_text(run.stdout, encoding="utf-8")
+    (log_dir / f"{name}.stderr.txt").write_text(run.stderr, encoding="utf-8")
+    return run
+
+
+def _attempt(name: str, script: str, args: list[str], *, timeout: float) -> ScriptRun:
+    with tempfile.TemporaryDirectory(prefix="meshguard-suite-") as tmp:
+        out = Path(tmp) / "out.json"
+        argv = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)]
+        env = dict(os.environ)
+        print(f"[{name}] {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                start_new_session=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            return ScriptRun(
+                name=name,
+                argv=argv,
+                ok=False,
+                seconds=time.perf_counter() - started,
+                stdout=_text(exc.stdout),
+                stderr=_text(exc.stderr),
+                problem=f"timed out after {timeout:.0f} s",
+            )
+        seconds = time.perf_counter() - started
+        data = json.loads(out.read_text()) if out.exists() else None
+        ok = done.returncode == 0 and data is not None
+        problem = "" if ok else _problem(done.returncode, done.stderr)
+        print(
+            f"[{name}] {'done' if ok else 'FAILED: ' + problem} in {seconds:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return ScriptRun(
+            name=name,
+            argv=argv,
+            ok=ok,
+            seconds=seconds,
+            data=data,
+            stdout=done.stdout,
+            stderr=done.stderr,
+            problem=problem,
+        )
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _problem(returncode: int, stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return f"exit {returncode}: {lines[-1] if lines else 'no output'}"
