@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import logging
-import logging.handlers
 import signal
 import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
-from meshguard import logs
 from meshguard.authz.listener import envoy_config_text
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
@@ -26,11 +23,6 @@ from meshguard.webhook.server import WebhookSettings, run_webhook
 PR_SET_PDEATHSIG = 1
 
 
-def _log_in_background(args: argparse.Namespace) -> logging.handlers.QueueListener | None:
-    level = getattr(logging, args.log_level.upper())
-    return logs.configure(stream=sys.stderr, level=level, background=True)
-
-
 def webhook(args: argparse.Namespace) -> int:
     settings = WebhookSettings(
         cert_file=args.cert,
@@ -40,14 +32,10 @@ def webhook(args: argparse.Namespace) -> int:
         reload_interval=args.reload_interval,
         inject=injection_settings(args, request_template=not args.no_template),
     )
-    listener = _log_in_background(args)
     try:
         asyncio.run(_until_signal(lambda stop: run_webhook(settings, stop=stop)))
     except (OSError, ssl.SSLError) as exc:
         return fail(f"meshguard serve-webhook: {exc}", EXIT_FAILED)
-    finally:
-        if listener is not None:
-            listener.stop()  # writes out what is still buffered
     return EXIT_OK
 
 
@@ -55,7 +43,6 @@ def authz(args: argparse.Namespace) -> int:
     settings = AuthzSettings(host=args.host, port=args.port, metrics_port=args.metrics_port or None)
     watcher: KubernetesStore | None = None
     workers = [_start_worker(args, index) for index in range(1, args.workers)]
-    listener = _log_in_background(args)
     try:
         if args.kubernetes:
             watcher = KubernetesStore(KubernetesPodSource())
@@ -75,8 +62,6 @@ def authz(args: argparse.Namespace) -> int:
             worker.terminate()
         for worker in workers:
             worker.wait(timeout=10)
-        if listener is not None:
-            listener.stop()  # writes out what is still buffered
     return EXIT_OK
 
 
