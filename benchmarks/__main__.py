@@ -49,7 +49,7 @@ def main_parser() -> argparse.ArgumentParser:
         "--only",
         nargs="+",
         choices=["kernel", "l7", "workers", "webhook", "admission", "install", "load"],
-        help="run only these parts (the report shows the others as not measured)",
+        help="re-measure only these parts; the others keep the figures of the last run",
     )
     return parser
 

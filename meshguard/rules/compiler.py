@@ -10,6 +10,8 @@ Pure and deterministic: the same pod and policy give the same bytes. The layout,
      DNS capture, the loopback listener) — only when conntrack saw the redirect;
   4. sends (goto) each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
      the container's own ports and the ports the policy allows, then applies the default;
+     past four uids through a tree of uid-range chains ``MESHGUARD_UIDS<depth>_<uid>``, so
+     the rules a NEW packet walks grow with the log of the number of containers;
   5. sends any other uid (one no container runs as, or no socket) to ``MESHGUARD_DENY``.
   ``MESHGUARD_DENY`` rejects (enforce) or logs and lets pass (audit).
 
@@ -65,8 +67,17 @@ ISTIO_RESERVED_PORTS: Final = frozenset(
 )
 
 
+#: Most rules a NEW packet walks per level of the uid dispatch (see ``_dispatch_rules``).
+DISPATCH_FANOUT: Final = 4
+
+
 def source_chain(uid: int) -> str:
     return f"MESHGUARD_SRC_{uid}"
+
+
+def dispatch_chain(depth: int, first_uid: int) -> str:
+    """The chain of one uid range; ranges of one depth never overlap, so the name is unique."""
+    return f"MESHGUARD_UIDS{depth}_{first_uid}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,11 +354,9 @@ def _filter_table(
             (OUTPUT_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
             for spec in _port_matches(Protocol.UDP, (settings.dns_capture_port,))
         ),
-        # -g, not -j: a RETURN in the source chain must leave OUTPUT's meshguard hook, not
-        # fall through to the default below.
-        *((OUTPUT_CHAIN, f"-m owner --uid-owner {p.uid} -g {source_chain(p.uid)}") for p in plans),
-        (OUTPUT_CHAIN, f"-j {DENY_CHAIN}"),
     ]
+    dispatch_chains, dispatch = _dispatch_rules([p.uid for p in plans], chain=OUTPUT_CHAIN)
+    rules.extend(dispatch)
     protected = (*settings.protected_proxy_ports, settings.listener_port)
     for plan in plans:
         chain = source_chain(plan.uid)
@@ -365,13 +374,57 @@ def _filter_table(
         else:
             rules.append((chain, f"-j {DENY_CHAIN}"))
     rules.extend((DENY_CHAIN, spec) for spec in _deny_rules(family, mode, settings))
-    chains = (OUTPUT_CHAIN, DENY_CHAIN, *(source_chain(p.uid) for p in plans))
+    chains = (OUTPUT_CHAIN, DENY_CHAIN, *dispatch_chains, *(source_chain(p.uid) for p in plans))
     return Table(
         name="filter",
         chains=chains,
         hooks=(Hook(chain="OUTPUT", spec=f"-o lo -j {OUTPUT_CHAIN}"),),
         rules=tuple(rules),
     )
+
+
+def _dispatch_rules(
+    uids: Sequence[int], *, chain: str, depth: int = 1
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Send each uid's NEW packets to its source chain, and any other uid to the default.
+
+    Up to :data:`DISPATCH_FANOUT` uids get one rule each. More are split into that many
+    contiguous uid ranges, each its own chain (``--uid-owner LO-HI``), recursively: a NEW
+    packet walks about ``FANOUT * log_FANOUT(n)`` rules instead of ``n`` (12 instead of 64
+    at 64 containers). Every chain ends in the default deny, since a range also holds uids
+    that no container runs as. Returns the range chains to create and the rules.
+    """
+    chains: list[str] = []
+    rules: list[tuple[str, str]] = []
+    nested: list[tuple[str, str]] = []  # after this chain's rules, for a readable payload
+    for group in _split(uids, DISPATCH_FANOUT):
+        lo, hi = group[0], group[-1]
+        # -g, not -j: a RETURN in the source chain must leave OUTPUT's meshguard hook, not
+        # fall through to the default at the end of this chain.
+        if lo == hi:
+            rules.append((chain, f"-m owner --uid-owner {lo} -g {source_chain(lo)}"))
+            continue
+        sub = dispatch_chain(depth, lo)
+        rules.append((chain, f"-m owner --uid-owner {lo}-{hi} -g {sub}"))
+        sub_chains, sub_rules = _dispatch_rules(group, chain=sub, depth=depth + 1)
+        chains += [sub, *sub_chains]
+        nested += sub_rules
+    rules.append((chain, f"-j {DENY_CHAIN}"))
+    return chains, rules + nested
+
+
+def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:
+    """``items`` in at most ``parts`` contiguous groups of near-equal size."""
+    if len(items) <= parts:
+        return [items[i : i + 1] for i in range(len(items))]
+    size, extra = divmod(len(items), parts)
+    groups: list[Sequence[int]] = []
+    start = 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        groups.append(items[start:end])
+        start = end
+    return groups
 
 
 def _deny_rules(family: Family, mode: Mode, settings: CompilerSettings) -> list[str]:

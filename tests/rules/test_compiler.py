@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import meshguard
 from meshguard.errors import CompileError, PolicyError
@@ -18,6 +20,7 @@ from tests.support.samples import (
     give_distinct_uids,
     injected_sample_names,
     load_templates,
+    pod_of_uids,
     workload_names,
 )
 
@@ -324,3 +327,68 @@ def test_istio_samples_without_run_as_user_are_refused_with_the_reason():
     view = read_pod(metadata=template.metadata, spec=template.spec)
     with pytest.raises(CompileError, match="container 'hello' has no runAsUser"):
         compile_pod(view, settings=SETTINGS)
+
+
+# --- the uid dispatch ---------------------------------------------------------------------
+
+MAX_UID = 4294967294
+
+
+def walk_dispatch(payload: str, uid: int) -> tuple[str, int]:
+    """Follow a non-proxy uid's NEW packet through the dispatch rules of an ipv4 payload:
+    the chain it ends in (its source chain, or the deny) and the owner matches it tried."""
+    rules: dict[str, list[list[str]]] = {}
+    for line in payload.splitlines():
+        if line.startswith("-A ") and ("--uid-owner" in line or line.endswith("-j MESHGUARD_DENY")):
+            words = line.split()
+            if "--gid-owner" not in words:  # the proxy's rule
+                rules.setdefault(words[1], []).append(words)
+    chain, tried = "MESHGUARD_OUTPUT", 0
+    while chain in rules and not chain.startswith("MESHGUARD_SRC_"):
+        for words in rules[chain]:
+            if "--uid-owner" not in words:
+                return "MESHGUARD_DENY", tried
+            tried += 1
+            lo, _, hi = words[words.index("--uid-owner") + 1].partition("-")
+            if int(lo) <= uid <= int(hi or lo):
+                chain = words[words.index("-g") + 1]
+                break
+        else:
+            raise AssertionError(f"chain {chain} does not end in the default deny")
+    return chain, tried
+
+
+def test_a_few_uids_are_dispatched_one_rule_each():
+    payload = compiled(pod_of_uids(example(), [1000, 1001, 1002, 1003])).family(Family.IPV4)
+    assert "UIDS" not in payload.payload()
+
+
+def test_64_containers_are_dispatched_through_uid_ranges_in_few_rules():
+    uids = [2000 + i for i in range(64)]
+    payload = compiled(pod_of_uids(example(), uids)).family(Family.IPV4).payload()
+    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 2000-2015 -g MESHGUARD_UIDS1_2000" in payload
+    walks = {uid: walk_dispatch(payload, uid) for uid in uids}
+    assert {uid: chain for uid, (chain, _) in walks.items()} == {
+        uid: f"MESHGUARD_SRC_{uid}" for uid in uids
+    }
+    assert max(tried for _, tried in walks.values()) == 12  # 3 levels of 4, not 64
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    uids=st.lists(
+        st.integers(min_value=0, max_value=MAX_UID).filter(lambda u: u != 1337),
+        min_size=1, max_size=80, unique=True,
+    ),
+    strangers=st.lists(st.integers(min_value=0, max_value=MAX_UID), max_size=20),
+)  # fmt: skip
+def test_every_uid_reaches_its_own_chain_and_no_other_uid_escapes_the_deny(
+    uids: list[int], strangers: list[int]
+):
+    ruleset = compiled(pod_of_uids(example(), uids)).family(Family.IPV4)
+    payload = ruleset.payload()
+    for uid in uids:
+        assert walk_dispatch(payload, uid)[0] == f"MESHGUARD_SRC_{uid}"
+    for uid in {*strangers, 1337, uids[0] - 1, uids[-1] + 1} - set(uids):
+        assert walk_dispatch(payload, uid)[0] == "MESHGUARD_DENY", uid
+    assert all(len(chain) <= 28 for table in ruleset.tables for chain in table.chains)

@@ -19,6 +19,7 @@ import meshguard
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
+from tests.support.samples import pod_of_uids
 
 pytestmark = pytest.mark.root
 
@@ -248,3 +249,25 @@ def test_meshguard_hooks_run_before_istio_output(sandbox: PodSandbox):
             "-A OUTPUT -o lo -j MESHGUARD_REDIRECT",
             "-A OUTPUT -j ISTIO_OUTPUT",
         ], family
+
+
+def test_uid_range_dispatch_in_the_kernel(tmp_path: Path):
+    # 9 containers on every other uid: dispatched through uid-range chains whose ranges also
+    # hold uids of no container (3001, 3009), which must still be denied.
+    uids = [3000 + 2 * i for i in range(9)]
+    pod = pod_of_uids(example_pod(), uids)
+    ruleset = compile_for(pod)
+    assert "MESHGUARD_UIDS1_3000" in ruleset.family(Family.IPV4).payload()
+    with pod_sandbox(ruleset, tmp_path, istio={Family.IPV4: "ipnets.golden"}) as box:
+        servers = [Server(f"c{i:02d}", uid, uid, tcp=(7000 + i,)) for i, uid in enumerate(uids)]
+        for server in servers:
+            box.serve(server)
+        targets = [{"host": "127.0.0.1", "port": s.tcp[0]} for s in servers]
+        for index, server in enumerate(servers):
+            results = box.probe(uid=server.uid, gid=server.gid, targets=targets)
+            assert [r["result"] for r in results] == [
+                "allow" if i == index else "deny" for i in range(len(servers))
+            ], server
+        for stranger in (2999, 3001, 3009, 3015, 3017):
+            results = box.probe(uid=stranger, gid=stranger, targets=targets)
+            assert {r["result"] for r in results} == {"deny"}, stranger

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +41,24 @@ def workload_names(template: PodTemplate) -> list[str]:
         for c in template.spec.get(field) or []
         if c["name"] not in MESH_INIT_CONTAINERS and c["name"] != PROXY_CONTAINER
     ]
+
+
+def pod_of_uids(pod: dict[str, Any], uids: list[int], *, first_port: int = 7000) -> dict[str, Any]:
+    """``pod`` with its workload replaced by one container per uid, ``cNN`` serving port
+    ``first_port + NN``; the policy denies everything but each container's own port."""
+    result = copy.deepcopy(pod)
+    proxy = [c for c in result["spec"]["containers"] if c["name"] == PROXY_CONTAINER]
+    result["spec"]["containers"] = [
+        {
+            "name": f"c{index:02d}",
+            "image": f"example.com/c{index:02d}:1.0",
+            "ports": [{"containerPort": first_port + index}],
+            "securityContext": {"runAsUser": uid, "runAsGroup": uid},
+        }
+        for index, uid in enumerate(uids)
+    ] + proxy
+    result["spec"]["initContainers"] = [
+        c for c in result["spec"].get("initContainers") or [] if c["name"] in MESH_INIT_CONTAINERS
+    ]
+    result["metadata"]["annotations"]["meshguard.io/policy"] = '{"defaultAction": "deny"}'
+    return result
