@@ -6,8 +6,8 @@ Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE] [--cpu N
    port 8000+i, plus ``istio-proxy`` as uid 1337) whose ``meshguard.io/policy`` lets each
    container reach the next one's port (``c15`` reaches ``c00``). In a fresh network
    namespace per trial, a server running as ``c00``'s uid listens on 127.0.0.1:8000 and a
-   client running as ``c15``'s uid — the last of the 16 per-uid dispatch rules, the worst
-   case for NEW packets — measures
+   client running as ``c15``'s uid — the highest uid, the longest walk through the uid
+   dispatch for NEW packets — measures
 
    - request/response: round trips per second of a small ping-pong on one TCP connection;
    - connect: sequential connect + close per second (the server accepts and closes).
@@ -19,7 +19,7 @@ Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE] [--cpu N
    ``istio+meshguard``. The medians give two ratios: meshguard / baseline (the headline
    figure) and istio+meshguard / istio (meshguard's own cost in an Istio pod). After each
    meshguard trial the packet counter of the client's source chain confirms that every
-   connection went through the per-uid dispatch. Client and server are pinned to one CPU
+   connection went through the uid dispatch. Client and server are pinned to one CPU
    by default: unpinned, cross-CPU wake-ups on a small VM make trials differ by 2-4x.
 
 2. Install cost for pods of 2, 8 and 32 containers: ``compile_pod`` (pure Python),
@@ -38,17 +38,20 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import meshguard
 from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod, source_chain
 from meshguard.rules.install import install
@@ -58,6 +61,7 @@ from meshguard.sandbox.netns import NetworkNamespace
 from meshguard.sandbox.probe import drop_privileges
 
 HOST = "127.0.0.1"
+MESHGUARD_PACKAGE = Path(meshguard.__file__).parent
 TRAFFIC_POD_SIZE = 16
 INSTALL_POD_SIZES = (2, 8, 32)
 BASE_UID = 2000
@@ -189,10 +193,11 @@ def _port(index: int, n: int) -> int:
     return BASE_PORT + index % n
 
 
-def compile_synthetic(n: int) -> Ruleset:
+def compile_synthetic(n: int, *, flat: bool = False) -> Ruleset:
     pod = synthetic_pod(n)
     view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
-    return compile_pod(view, settings=CompilerSettings())
+    settings = CompilerSettings(dispatch_fanout=max(n, 2)) if flat else CompilerSettings()
+    return compile_pod(view, settings=settings)
 
 
 def rule_count(ruleset: Ruleset) -> int:
@@ -349,15 +354,18 @@ class Config:
     name: str
     istio: bool
     meshguard: bool
+    flat: bool = False  # meshguard's rules with one dispatch rule per uid (no uid ranges)
 
 
 BASELINE = Config(name="baseline", istio=False, meshguard=False)
 MESHGUARD = Config(name="meshguard", istio=False, meshguard=True)
 ISTIO = Config(name="istio", istio=True, meshguard=False)
 ISTIO_MESHGUARD = Config(name="istio+meshguard", istio=True, meshguard=True)
-CONFIGS = (BASELINE, MESHGUARD, ISTIO, ISTIO_MESHGUARD)
-#: (without, with) pairs whose ratio is reported; the first is the headline figure.
-PAIRS = ((BASELINE, MESHGUARD), (ISTIO, ISTIO_MESHGUARD))
+ISTIO_MESHGUARD_FLAT = Config(name="istio+meshguard-flat", istio=True, meshguard=True, flat=True)
+CONFIGS = (BASELINE, MESHGUARD, ISTIO, ISTIO_MESHGUARD, ISTIO_MESHGUARD_FLAT)
+#: (without, with) pairs whose ratio is reported; the first is the headline figure, the
+#: last what the uid-range dispatch gains over the flat layout.
+PAIRS = ((BASELINE, MESHGUARD), (ISTIO, ISTIO_MESHGUARD), (ISTIO_MESHGUARD_FLAT, ISTIO_MESHGUARD))
 METRICS = (
     ("rr_per_second", "request/response (rt/s)"),
     ("connect_per_second", "connect+close (conn/s)"),
@@ -373,10 +381,33 @@ class Trial:
     dispatched: int | None  # NEW packets RETURNed by the client's source chain (meshguard)
 
 
-def meshguard_init(ns: NetworkNamespace, ruleset_file: Path) -> float:
+def meshguard_init(
+    ns: NetworkNamespace, ruleset_file: Path, *, python: str = sys.executable
+) -> float:
     started = time.perf_counter()
-    ns.run([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
+    ns.run([python, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
     return time.perf_counter() - started
+
+
+def installed_python(directory: Path) -> str:
+    """A virtualenv holding meshguard as the image has it: a plain (not editable) copy of
+    the package, byte-compiled as ``pip install`` does. meshguard-init needs only the
+    standard library, so no dependencies are installed. Returns its interpreter."""
+    venv = directory / "installed"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True
+    )
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    package = Path(site) / "meshguard"
+    shutil.copytree(MESHGUARD_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [str(python), "-m", "compileall", "-q", str(package)], check=True, capture_output=True
+    )
+    return str(python)
 
 
 def dispatched_packets(ns: NetworkNamespace, uid: int, port: int) -> int:
@@ -389,7 +420,9 @@ def dispatched_packets(ns: NetworkNamespace, uid: int, port: int) -> int:
     )
 
 
-def run_trial(config: Config, profile: Profile, ruleset_file: Path, cpu: int | None) -> Trial:
+def run_trial(
+    config: Config, profile: Profile, rulesets: Mapping[bool, Path], cpu: int | None
+) -> Trial:
     client_uid = BASE_UID + TRAFFIC_POD_SIZE - 1
     server_uid, port = BASE_UID, BASE_PORT
     pin = ["--cpu", str(cpu)] if cpu is not None else []
@@ -397,7 +430,7 @@ def run_trial(config: Config, profile: Profile, ruleset_file: Path, cpu: int | N
         if config.istio:  # istio-init runs first, meshguard-init right after it
             ns.run(["iptables-restore", "--noflush", "--wait"], stdin=ISTIO_NAT)
         if config.meshguard:
-            meshguard_init(ns, ruleset_file)
+            meshguard_init(ns, rulesets[config.flat])
         ns.spawn(
             helper_argv("_server", "--uid", str(server_uid), "--port", str(port), *pin),
             ready_line="ready",
@@ -423,13 +456,17 @@ def run_trial(config: Config, profile: Profile, ruleset_file: Path, cpu: int | N
 
 def run_traffic(profile: Profile, workdir: Path, cpu: int | None) -> list[Trial]:
     """Trials in rounds, each round in the reverse order of the previous (ABCD DCBA ...)."""
-    ruleset_file = workdir / f"ruleset-{TRAFFIC_POD_SIZE}.json"
-    ruleset_file.write_text(compile_synthetic(TRAFFIC_POD_SIZE).to_json(), encoding="utf-8")
-    run_trial(BASELINE, WARMUP, ruleset_file, cpu)  # not counted: page cache, first netns
+    rulesets = {}
+    for flat in (False, True):
+        rulesets[flat] = workdir / f"ruleset-{TRAFFIC_POD_SIZE}{'-flat' if flat else ''}.json"
+        rulesets[flat].write_text(
+            compile_synthetic(TRAFFIC_POD_SIZE, flat=flat).to_json(), encoding="utf-8"
+        )
+    run_trial(BASELINE, WARMUP, rulesets, cpu)  # not counted: page cache, first netns
     trials = []
     for index in range(profile.trials):
         for config in CONFIGS if index % 2 == 0 else tuple(reversed(CONFIGS)):
-            trial = run_trial(config, profile, ruleset_file, cpu)
+            trial = run_trial(config, profile, rulesets, cpu)
             print(
                 f"  round {index + 1}/{profile.trials} {config.name:16}"
                 f" rr {trial.rr_per_second:9,.0f}/s  connect {trial.connect_per_second:7,.0f}/s",
@@ -511,16 +548,16 @@ def time_in_process_install(ruleset: Ruleset) -> float:
         return time.perf_counter() - started
 
 
-def time_init(ruleset_file: Path) -> float:
+def time_init(ruleset_file: Path, *, python: str = sys.executable) -> float:
     with NetworkNamespace() as ns:
-        return meshguard_init(ns, ruleset_file)
+        return meshguard_init(ns, ruleset_file, python=python)
 
 
-def measure_install(n: int, profile: Profile, workdir: Path) -> InstallCost:
+def measure_install(n: int, profile: Profile, workdir: Path, *, python: str) -> InstallCost:
     ruleset = compile_synthetic(n)
     ruleset_file = workdir / f"ruleset-{n}.json"
     ruleset_file.write_text(ruleset.to_json(), encoding="utf-8")
-    init = [time_init(ruleset_file) for _ in range(profile.install_reps)]
+    init = [time_init(ruleset_file, python=python) for _ in range(profile.install_reps)]
     in_process = [time_in_process_install(ruleset) for _ in range(profile.install_reps)]
     return InstallCost(
         containers=n,
@@ -531,11 +568,15 @@ def measure_install(n: int, profile: Profile, workdir: Path) -> InstallCost:
     )
 
 
-def startup_ms(reps: int) -> dict[str, float]:
+#: What ``meshguard init`` imports before it reads the ruleset.
+INIT_IMPORTS = "import meshguard.cli, meshguard.cli.init"
+
+
+def startup_ms(reps: int, *, python: str = sys.executable) -> dict[str, float]:
     """What ``meshguard init`` pays before installing anything: interpreter and imports."""
     commands = {
-        "python -c pass": [sys.executable, "-c", "pass"],
-        "python -c 'import meshguard.cli'": [sys.executable, "-c", "import meshguard.cli"],
+        "python -c pass": [python, "-c", "pass"],
+        f"python -c '{INIT_IMPORTS}'": [python, "-c", INIT_IMPORTS],
     }
     with NetworkNamespace() as ns:
         return {label: median_seconds(ns, argv, reps) * 1000 for label, argv in commands.items()}
@@ -558,8 +599,8 @@ def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -
     pinning = f"client and server pinned to CPU {cpu}" if cpu is not None else "not pinned"
     lines = [
         f"Loopback TCP in a pod of {TRAFFIC_POD_SIZE} containers + istio-proxy:"
-        f" client {container_name(last)} (uid {BASE_UID + last}, the last of"
-        f" {TRAFFIC_POD_SIZE} per-uid dispatch rules) -> server {container_name(0)}"
+        f" client {container_name(last)} (uid {BASE_UID + last}, the longest walk"
+        f" through the uid dispatch of {TRAFFIC_POD_SIZE}) -> server {container_name(0)}"
         f" (uid {BASE_UID}) on {HOST}:{BASE_PORT}",
         f"median of {profile.trials} trials per configuration, alternating, fresh namespace"
         f" per trial, {pinning} ({profile.name} profile)",
@@ -572,18 +613,21 @@ def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -
             f"{config.name:<26}{medians['rr_per_second']:>14,.0f}"
             f"{medians['connect_per_second']:>18,.0f}"
         )
-    lines += ["", f"{'ratio (with / without)':<26}{'rr':>14}{'connect':>18}   goal >= {GOAL}"]
+    lines += ["", f"{'ratio (with / without)':<40}{'rr':>10}{'connect':>10}   goal >= {GOAL}"]
+    flat_pair = f"{ISTIO_MESHGUARD.name} / {ISTIO_MESHGUARD_FLAT.name}"
     for pair, ratios in summary["ratios"].items():
         verdicts = ", ".join("met" if r >= GOAL else "NOT met" for r in ratios.values())
+        if pair == flat_pair:
+            verdicts = "(no goal: uid-range dispatch vs one rule per uid)"
         lines.append(
-            f"{pair:<26}{ratios['rr_per_second']:>14.3f}{ratios['connect_per_second']:>18.3f}"
+            f"{pair:<40}{ratios['rr_per_second']:>10.3f}{ratios['connect_per_second']:>10.3f}"
             f"   {verdicts}"
         )
     lines += ["", "per trial:"]
     for config in CONFIGS:
         for metric, label in (("rr_per_second", "rr"), ("connect_per_second", "connect")):
             values = ", ".join(f"{v:,.0f}" for v in summary["trials"][config.name][metric])
-            lines.append(f"  {config.name:<16} {label:<8} {values}")
+            lines.append(f"  {config.name:<20} {label:<8} {values}")
     check = summary["dispatch_check"]
     lines.append(
         f"dispatch check: {source_chain(BASE_UID + last)} RETURNed"
@@ -666,8 +710,9 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-") as tmp:
         workdir = Path(tmp)
         trials = run_traffic(profile, workdir, cpu)
-        costs = [measure_install(n, profile, workdir) for n in INSTALL_POD_SIZES]
-    startup = startup_ms(max(3, profile.install_reps))
+        python = installed_python(workdir)
+        costs = [measure_install(n, profile, workdir, python=python) for n in INSTALL_POD_SIZES]
+        startup = startup_ms(max(3, profile.install_reps), python=python)
     summary = traffic_summary(trials)
     elapsed = time.perf_counter() - started
     print(format_traffic(summary, profile, cpu))

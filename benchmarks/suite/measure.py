@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from meshguard.sandbox.netns import NetworkNamespace
 
 from .runner import ROOT
 
@@ -32,7 +35,9 @@ def load_script(name: str) -> ModuleType:
 
 
 def rule_install(*, quick: bool) -> dict[str, Any]:
-    """``python -m meshguard init --ruleset-file F`` (sys.executable) in a fresh netns each time.
+    """``python -m meshguard init --ruleset-file F`` in a fresh netns each time, with
+    meshguard installed as in the image (byte-compiled, not editable) and, for comparison,
+    from this checkout (sys.executable).
 
     Also the in-process ``install()`` and the interpreter + import start-up, to show where
     the subprocess's time goes.
@@ -41,12 +46,14 @@ def rule_install(*, quick: bool) -> dict[str, Any]:
     reps = 3 if quick else 7
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshguard-install-") as tmp:
+        python = kp.installed_python(Path(tmp))
         for n in INSTALL_SIZES:
             ruleset = kp.compile_synthetic(n)
             ruleset_file = Path(tmp) / f"ruleset-{n}.json"
             ruleset_file.write_text(ruleset.to_json(), encoding="utf-8")
-            kp.time_init(ruleset_file)  # warm the page cache
-            init = [kp.time_init(ruleset_file) * 1000 for _ in range(reps)]
+            kp.time_init(ruleset_file, python=python)  # warm the page cache
+            init = [kp.time_init(ruleset_file, python=python) * 1000 for _ in range(reps)]
+            checkout = [kp.time_init(ruleset_file) * 1000 for _ in range(reps)]
             in_process = [kp.time_in_process_install(ruleset) * 1000 for _ in range(reps)]
             rows.append(
                 {
@@ -54,6 +61,7 @@ def rule_install(*, quick: bool) -> dict[str, Any]:
                     "rules": kp.rule_count(ruleset),
                     "init_ms": statistics.median(init),
                     "init_ms_samples": init,
+                    "init_checkout_ms": statistics.median(checkout),
                     "install_in_process_ms": statistics.median(in_process),
                     "compile_ms": kp.time_compile(n, 5 if quick else 20) * 1000,
                 }
@@ -63,8 +71,44 @@ def rule_install(*, quick: bool) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-    startup = kp.startup_ms(reps)
-    return {"rows": rows, "startup_ms": startup, "reps": reps, "goal_ms": INSTALL_GOAL_MS}
+        startup = kp.startup_ms(reps, python=python)
+        profile = init_profile(ruleset_file, python=python, directory=Path(tmp))
+    return {
+        "rows": rows,
+        "startup_ms": startup,
+        "profile_ms": profile,
+        "reps": reps,
+        "goal_ms": INSTALL_GOAL_MS,
+    }
+
+
+#: Where meshguard init's time goes: (label, file suffix, function) of cProfile entries.
+INIT_PHASES = (
+    ("imports (all modules, incl. the subcommand's)", "<frozen importlib._bootstrap>",
+     "_find_and_load"),
+    ("building the argument parser", "meshguard/cli/__init__.py", "build_parser"),
+    ("reading and checking the ruleset", "meshguard/rules/ruleset.py", "from_json"),
+    ("install(): iptables save, restore, verify (both families)",
+     "meshguard/rules/install.py", "install"),
+)  # fmt: skip
+
+
+def init_profile(ruleset_file: Path, *, python: str, directory: Path) -> dict[str, float]:
+    """One ``meshguard init`` under cProfile in a fresh namespace: ms per phase, and the
+    whole run inside the interpreter (cProfile adds some overhead to every phase)."""
+    out = directory / "init.prof"
+    argv = [python, "-m", "cProfile", "-o", str(out), "-m", "meshguard", "init",
+            "--ruleset-file", str(ruleset_file)]  # fmt: skip
+    with NetworkNamespace() as ns:
+        ns.run(argv)
+    stats: dict[tuple[str, int, str], tuple[Any, ...]] = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
+    phases = {"whole run (in the interpreter)": max(entry[3] for entry in stats.values()) * 1000}
+    for label, suffix, function in INIT_PHASES:
+        phases[label] = 1000 * sum(
+            entry[3] for (file, _, name), entry in stats.items()
+            if name == function and file.endswith(suffix)
+        )  # fmt: skip
+    return phases
 
 
 def admission_growth(*, quick: bool) -> dict[str, Any]:

@@ -67,10 +67,6 @@ ISTIO_RESERVED_PORTS: Final = frozenset(
 )
 
 
-#: Most rules a NEW packet walks per level of the uid dispatch (see ``_dispatch_rules``).
-DISPATCH_FANOUT: Final = 4
-
-
 def source_chain(uid: int) -> str:
     return f"MESHGUARD_SRC_{uid}"
 
@@ -91,6 +87,13 @@ class CompilerSettings:
     source_net4: str = "127.0.100.0/24"
     source_net6: str = "fd6d:6775::/112"
     audit_log_rate: str = "10/sec"
+    #: Most rules a NEW packet walks per level of the uid dispatch (see ``_dispatch_rules``);
+    #: a fanout of at least the number of uids gives the flat layout, one rule per uid.
+    dispatch_fanout: int = 4
+
+    def __post_init__(self) -> None:
+        if self.dispatch_fanout < 2:
+            raise ValueError(f"dispatch_fanout must be at least 2, got {self.dispatch_fanout}")
 
 
 @dataclass
@@ -355,7 +358,9 @@ def _filter_table(
             for spec in _port_matches(Protocol.UDP, (settings.dns_capture_port,))
         ),
     ]
-    dispatch_chains, dispatch = _dispatch_rules([p.uid for p in plans], chain=OUTPUT_CHAIN)
+    dispatch_chains, dispatch = _dispatch_rules(
+        [p.uid for p in plans], chain=OUTPUT_CHAIN, fanout=settings.dispatch_fanout
+    )
     rules.extend(dispatch)
     protected = (*settings.protected_proxy_ports, settings.listener_port)
     for plan in plans:
@@ -384,20 +389,20 @@ def _filter_table(
 
 
 def _dispatch_rules(
-    uids: Sequence[int], *, chain: str, depth: int = 1
+    uids: Sequence[int], *, chain: str, fanout: int, depth: int = 1
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Send each uid's NEW packets to its source chain, and any other uid to the default.
 
-    Up to :data:`DISPATCH_FANOUT` uids get one rule each. More are split into that many
-    contiguous uid ranges, each its own chain (``--uid-owner LO-HI``), recursively: a NEW
-    packet walks about ``FANOUT * log_FANOUT(n)`` rules instead of ``n`` (12 instead of 64
-    at 64 containers). Every chain ends in the default deny, since a range also holds uids
-    that no container runs as. Returns the range chains to create and the rules.
+    Up to ``fanout`` uids get one rule each. More are split into that many contiguous uid
+    ranges, each its own chain (``--uid-owner LO-HI``), recursively: a NEW packet walks at
+    most ``fanout * ceil(log_fanout(n))`` rules instead of ``n`` (12 instead of 64 at 64
+    containers with the default fanout of 4). Every chain ends in the default deny, since a
+    range also holds uids that no container runs as. Returns the range chains and the rules.
     """
     chains: list[str] = []
     rules: list[tuple[str, str]] = []
     nested: list[tuple[str, str]] = []  # after this chain's rules, for a readable payload
-    for group in _split(uids, DISPATCH_FANOUT):
+    for group in _split(uids, fanout):
         lo, hi = group[0], group[-1]
         # -g, not -j: a RETURN in the source chain must leave OUTPUT's meshguard hook, not
         # fall through to the default at the end of this chain.
@@ -406,7 +411,7 @@ def _dispatch_rules(
             continue
         sub = dispatch_chain(depth, lo)
         rules.append((chain, f"-m owner --uid-owner {lo}-{hi} -g {sub}"))
-        sub_chains, sub_rules = _dispatch_rules(group, chain=sub, depth=depth + 1)
+        sub_chains, sub_rules = _dispatch_rules(group, chain=sub, fanout=fanout, depth=depth + 1)
         chains += [sub, *sub_chains]
         nested += sub_rules
     rules.append((chain, f"-j {DENY_CHAIN}"))

@@ -392,3 +392,17 @@ def test_every_uid_reaches_its_own_chain_and_no_other_uid_escapes_the_deny(
     for uid in {*strangers, 1337, uids[0] - 1, uids[-1] + 1} - set(uids):
         assert walk_dispatch(payload, uid)[0] == "MESHGUARD_DENY", uid
     assert all(len(chain) <= 28 for table in ruleset.tables for chain in table.chains)
+
+
+def test_a_fanout_as_large_as_the_pod_gives_one_dispatch_rule_per_uid():
+    uids = [2000 + i for i in range(64)]
+    view = read_pod(**{k: pod_of_uids(example(), uids)[k] for k in ("metadata", "spec")})
+    payload = compile_pod(view, settings=CompilerSettings(dispatch_fanout=64))
+    text = payload.family(Family.IPV4).payload()
+    assert "UIDS" not in text
+    assert walk_dispatch(text, 2063) == ("MESHGUARD_SRC_2063", 64)
+
+
+def test_a_fanout_below_two_is_refused():
+    with pytest.raises(ValueError, match="dispatch_fanout must be at least 2, got 1"):
+        CompilerSettings(dispatch_fanout=1)
