@@ -570,12 +570,22 @@ def measure_install(n: int, profile: Profile, workdir: Path, *, python: str) -> 
 
 #: What ``meshguard init`` imports before it reads the ruleset.
 INIT_IMPORTS = "import meshguard.cli, meshguard.cli.init"
+#: The standard-library modules among them: what any Python init would pay.
+INIT_STDLIB_IMPORTS = (
+    "import argparse, concurrent.futures, dataclasses, enum, hashlib, json, logging, pathlib,"
+    " shlex, subprocess, typing"
+)
 
 
 def startup_ms(reps: int, *, python: str = sys.executable) -> dict[str, float]:
     """What ``meshguard init`` pays before installing anything: interpreter and imports."""
     commands = {
         "python -c pass": [python, "-c", "pass"],
+        "python -c 'import <the standard library modules init uses>'": [
+            python,
+            "-c",
+            INIT_STDLIB_IMPORTS,
+        ],
         f"python -c '{INIT_IMPORTS}'": [python, "-c", INIT_IMPORTS],
     }
     with NetworkNamespace() as ns:
