@@ -126,7 +126,28 @@ def install(
             pool.submit(_install_or_skip, ruleset, family, run=run, ipv6_available=ipv6_available)
             for family in wanted
         ]
-        return [future.result() for future in futures]
+        results = [future.result() for future in futures]
+    for result in results:  # logged in family order, whichever finished first
+        if result.installed:
+            _log_installed(ruleset, result)
+    return results
+
+
+def _log_installed(ruleset: Ruleset, result: InstallResult) -> None:
+    tables = ruleset.family(result.family).tables
+    log.info(
+        "ruleset installed",
+        extra={
+            "fields": {
+                "event": "installed",
+                "family": result.family.value,
+                "digest": ruleset.digest,
+                "chains": sum(len(t.chains) for t in tables),
+                "rules": sum(len(t.rules) for t in tables),
+                "ms": round(result.seconds * 1000, 1),
+            }
+        },
+    )
 
 
 def _install_or_skip(
@@ -139,10 +160,10 @@ def _install_or_skip(
             extra={"fields": {"event": "skipped", "family": family.value}},
         )
         return InstallResult(family=family, installed=False, payload="", seconds=0)
-    return _install_family(ruleset.family(family), run=run, digest=ruleset.digest)
+    return _install_family(ruleset.family(family), run=run)
 
 
-def _install_family(desired: FamilyRuleset, *, run: CommandRunner, digest: str) -> InstallResult:
+def _install_family(desired: FamilyRuleset, *, run: CommandRunner) -> InstallResult:
     started = time.perf_counter()
     family = desired.family
     for prefix in desired.local_routes:
@@ -158,19 +179,6 @@ def _install_family(desired: FamilyRuleset, *, run: CommandRunner, digest: str) 
         _roll_back(before, family=family, run=run, failure=failure)
         raise
     seconds = time.perf_counter() - started
-    log.info(
-        "ruleset installed",
-        extra={
-            "fields": {
-                "event": "installed",
-                "family": family.value,
-                "digest": digest,
-                "chains": sum(len(t.chains) for t in desired.tables),
-                "rules": sum(len(t.rules) for t in desired.tables),
-                "ms": round(seconds * 1000, 1),
-            }
-        },
-    )
     return InstallResult(family=family, installed=True, payload=payload, seconds=seconds)
 
 
