@@ -126,10 +126,15 @@ def install(
             pool.submit(_install_or_skip, ruleset, family, run=run, ipv6_available=ipv6_available)
             for family in wanted
         ]
-        results = [future.result() for future in futures]
-    for result in results:  # logged in family order, whichever finished first
+    # Logged in family order, whichever finished first; a family installed next to one that
+    # failed is still logged before the failure is raised.
+    failures = [error for f in futures if (error := f.exception()) is not None]
+    results = [f.result() for f in futures if f.exception() is None]
+    for result in results:
         if result.installed:
             _log_installed(ruleset, result)
+    if failures:
+        raise failures[0]
     return results
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,37 @@ def test_install_fails_closed_when_verification_fails():
     with pytest.raises(MeshguardFailure, match="ipv4 rules not as compiled: filter: chain"):
         install(rs, run=run, families=[Family.IPV4])
     assert calls[1][:2] == ["iptables-restore", "--noflush"]
+
+
+def test_a_family_installed_next_to_one_that_fails_is_logged_before_the_failure(
+    caplog: pytest.LogCaptureFixture,
+):
+    rs = ruleset()
+    restored: list[bool] = []
+
+    def run(argv, *, stdin=None):
+        if argv[0].startswith("ip6tables") or argv[0] == "ip":
+            raise MeshguardFailure("ip6tables-save: broken")
+        if argv[0] == "iptables-restore":
+            restored.append(True)
+            return ""
+        return installed_state(rs) if restored else "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+
+    # Straight from meshguard's logger, whether or not the CLI has stopped its propagation.
+    logger = logging.getLogger("meshguard")
+    logger.addHandler(caplog.handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="meshguard"),
+            pytest.raises(MeshguardFailure, match="ip6tables-save: broken"),
+        ):
+            install(rs, run=run, ipv6_available=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
+    installed = [r.fields for r in caplog.records if r.getMessage() == "ruleset installed"]
+    assert [(f["family"], f["digest"]) for f in installed] == [("ipv4", rs.digest)]
 
 
 def test_install_skips_ipv6_only_when_the_namespace_has_no_ipv6():
