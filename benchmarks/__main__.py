@@ -193,6 +193,17 @@ def kernel_section(report: Report, runs: dict[int, ScriptRun]) -> None:
     report.section(lines)
 
 
+def _handle_steps(handle_ms: dict[str, float]) -> list[tuple[str, float]]:
+    """The innermost steps of handle() in the script's indented breakdown (leaves only)."""
+    names = list(handle_ms)
+    depth = [len(k) - len(k.lstrip()) for k in names]
+    return [
+        (name.strip(), handle_ms[name])
+        for i, name in enumerate(names)
+        if depth[i] > 0 and (i + 1 == len(names) or depth[i + 1] <= depth[i])
+    ]
+
+
 def _dispatch_note(good: dict[int, Any], top: int) -> str:
     gains = {
         n: d["traffic"]["ratios"][FLAT_PAIR]["connect_per_second"]
@@ -493,10 +504,7 @@ def webhook_section(
         if not ok:
             handle_ms = d["handle_ms"]
             served = handle_ms.get("handle() (JSON log line, as served)")
-            steps = sorted(
-                ((k.strip(), v) for k, v in handle_ms.items() if k.startswith("    ")),
-                key=lambda kv: -kv[1],
-            )
+            steps = sorted(_handle_steps(handle_ms), key=lambda kv: -kv[1])
             mg = next(
                 r
                 for r in d["results"]
@@ -520,7 +528,7 @@ def webhook_section(
                 + ". To reach the goal meshguard must serve one admission in"
                 f" {2000 / base['throughput']:.2f} ms at this concurrency; `handle()` alone"
                 f" is {served:.2f} ms, so even a free HTTP/TLS layer would not reach it: the"
-                " work inside `handle()` (largest: the ruleset compile) has to shrink by"
+                f" work inside `handle()` (largest: {steps[0][0]}) has to shrink by"
                 f" {served - 2000 / base['throughput']:.2f} ms, or run on more processes. The"
                 " baseline endpoint does no work, so at this concurrency it mostly measures the"
                 f" client, which shares the {d['cpus']} CPUs with the server (the script's own"

@@ -19,10 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import jsonpatch
-
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.inject.transform import InjectSettings, Outcome, Result, inject_pod
+from meshguard.webhook.patch import pod_patch
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def respond(
     except _Deny as deny:
         decision = Decision(uid, deny.result, label, str(deny), 0)
         return _denied(uid, deny.code, str(deny)), decision
-    patch = jsonpatch.make_patch(pod, mutated).patch
+    patch = pod_patch(pod, mutated)
     warnings = [_short(w) for w in result.warnings]
     if result.outcome is Outcome.SKIPPED:
         warnings.append(_short(f"meshguard skipped this pod: {result.reason}"))
