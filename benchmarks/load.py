@@ -539,6 +539,10 @@ class CheckRun:
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
 
+    @property
+    def count(self) -> int:
+        return sum(self.sent.values())
+
     def add(self, other: CheckRun) -> None:
         self.sent += other.sent
         self.errors += other.errors

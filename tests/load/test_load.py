@@ -27,8 +27,8 @@ import base64
 import copy
 import http.client
 import json
+import math
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,30 @@ import grpc
 import jsonpatch
 import pytest
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-import meshguard
+from benchmarks.load import (
+    AGENT_PORT,
+    APP,
+    AUTHZ_PORT,
+    ENVOY_ADMIN_PORT,
+    HOST,
+    LISTENER_PORT,
+    LOAD_CLIENT,
+    PROXY,
+    CheckRun,
+    check_kinds,
+    example_pod,
+    free_port,
+    injected_example,
+    percentile,
+    review,
+    rss_kib,
+    run_checks,
+    stop_process,
+    wait_serving,
+)
 from meshguard.authz.listener import envoy_config_text
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family
@@ -58,9 +77,6 @@ from meshguard.sandbox.istio import CaptureConfig, capture_payload
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
 from tests.support.tls import CertificateAuthority
 
-HOST = "127.0.0.1"
-EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
-POD_KEY = "demo/shop"  # the example pod's namespace/name
 CONCURRENCY = 64
 ADMISSIONS = 2000
 CHECKS = 20_000
@@ -71,59 +87,14 @@ WARMUP_CHECKS = 2_000
 #: record, request and response objects -- while leaving room for allocator noise (a few
 #: MiB) on any machine.
 RSS_GROWTH_LIMIT_KIB = 20 * 1024
-PROXY, APP = 1337, 1000
-AUTHZ_PORT, LISTENER_PORT, ENVOY_ADMIN_PORT, AGENT_PORT = 9191, 15007, 15000, 15020
 
 
 # --- shared helpers -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(fraction * len(sorted_values) + 0.5 - 1e-9))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """Every line of a JSON log; a line that is not JSON fails the test."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def example_pod() -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    return pod
-
-
-def injected_example() -> dict[str, Any]:
-    pod = example_pod()
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
-    return pod
 
 
 # --- a. the webhook -------------------------------------------------------------------------
@@ -179,23 +150,6 @@ def webhook(tmp_path: Path) -> Iterator[Webhook]:
         yield served
     finally:
         stop_process(process)
-
-
-def review(pod: dict[str, Any], uid: str) -> bytes:
-    return json.dumps(
-        {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "operation": "CREATE",
-                "namespace": pod["metadata"]["namespace"],
-                "object": pod,
-            },
-        }
-    ).encode()
 
 
 @dataclass
@@ -311,151 +265,12 @@ def test_webhook_answers_every_admission_under_load(webhook: Webhook):
 # --- b. the authz server --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Kind:
-    """One kind of Check in the mix, with the answer the example policy calls for."""
-
-    name: str
-    allowed: bool
-    request: external_auth_pb2.CheckRequest
-    reason: str = ""  # the deny reason starts with this
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        """What the decision log records of the request."""
-        http = self.request.attributes.request.http
-        return (
-            http.headers.get("x-meshguard-pod"),
-            self.request.attributes.source.address.socket_address.address,
-            self.request.attributes.destination.address.socket_address.port_value,
-            http.method,
-            http.path,
-        )
-
-    def problem(self, response: external_auth_pb2.CheckResponse) -> str | None:
-        if self.allowed:
-            if response.status.code != 0:
-                return f"{self.name}: denied ({response.status.message})"
-            if list(response.ok_response.headers_to_remove) != ["x-meshguard-pod"]:
-                return f"{self.name}: the pod header is not removed"
-            return None
-        if response.status.code != 7:  # PERMISSION_DENIED
-            return f"{self.name}: allowed"
-        if response.denied_response.status.code != 403:
-            return f"{self.name}: denied with {response.denied_response.status.code}"
-        if not response.status.message.startswith(self.reason):
-            return f"{self.name}: reason {response.status.message!r}"
-        return None
-
-
-def check_request(
-    source: str, *, method: str = "POST", path: str = "/quitquitquit", port: int = AGENT_PORT,
-    pod: str = POD_KEY,
-) -> external_auth_pb2.CheckRequest:  # fmt: skip
-    """A CheckRequest as the loopback listener's Envoy sends it."""
-    request = external_auth_pb2.CheckRequest()
-    request.attributes.source.address.socket_address.address = source
-    request.attributes.source.address.socket_address.port_value = 40000
-    request.attributes.destination.address.socket_address.address = HOST
-    request.attributes.destination.address.socket_address.port_value = port
-    http = request.attributes.request.http
-    http.method, http.path = method, path
-    http.headers.update({"x-meshguard-pod": pod, ":authority": f"{HOST}:{port}"})
-    return request
-
-
-def check_kinds(pod: dict[str, Any]) -> list[Kind]:
-    """The mix: the pod's own source addresses (from its status annotation); about half is
-    allowed (app -> proxy:15020 POST /quitquitquit), the rest denied for various reasons."""
-    sources = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])["listener"][
-        "sources"
-    ]
-    app4, app6 = sources["app"]
-    cache = sources["cache"][0]
-    return [
-        Kind("app POST /quitquitquit", True, check_request(app4)),
-        Kind("app POST /quitquitquit (IPv6)", True, check_request(app6)),
-        Kind("app POST /quitquitquit?now", True, check_request(app4, path="/quitquitquit?now")),
-        Kind("app POST /quitquitquit again", True, check_request(app4)),
-        Kind("app GET /quitquitquit", False, check_request(app4, method="GET"),
-             "no rule allows app -> proxy:15020 GET /quitquitquit"),
-        Kind("cache POST /quitquitquit", False, check_request(cache),
-             "no rule allows cache -> proxy:15020 POST /quitquitquit"),
-        Kind("app POST /quitquitquit/now", False, check_request(app4, path="/quitquitquit/now"),
-             "no rule allows app -> proxy:15020 POST /quitquitquit/now"),
-        Kind("app dot segments", False, check_request(app4, path="/x/../quitquitquit"),
-             "path '/x/../quitquitquit' is not normalized"),
-        Kind("unknown pod", False, check_request(app4, pod="demo/other"),
-             "unknown pod 'demo/other'"),
-        Kind("unknown source", False, check_request("127.0.0.1"),
-             "unknown source address '127.0.0.1'"),
-    ]  # fmt: skip
-
-
-@dataclass
-class CheckRun:
-    sent: Counter[str] = field(default_factory=Counter)  # by kind name
-    errors: Counter[str] = field(default_factory=Counter)  # gRPC status codes
-    problems: Counter[str] = field(default_factory=Counter)  # wrong answers
-    latencies: list[float] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return sum(self.sent.values())
-
-
-async def run_checks(
-    stub: external_auth_pb2_grpc.AuthorizationStub, kinds: Sequence[Kind], *, count: int,
-    concurrency: int,
-) -> CheckRun:  # fmt: skip
-    run = CheckRun()
-    numbers = iter(range(count))
-
-    async def worker() -> None:
-        for number in numbers:
-            kind = kinds[number % len(kinds)]
-            run.sent[kind.name] += 1
-            started = time.perf_counter()
-            try:
-                response = await stub.Check(kind.request, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                run.errors[exc.code().name] += 1
-                continue
-            finally:
-                run.latencies.append(time.perf_counter() - started)
-            if problem := kind.problem(response):
-                run.problems[problem] += 1
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    run.elapsed = time.perf_counter() - began
-    return run
-
-
 @dataclass
 class AuthzServer:
     address: str
     process: subprocess.Popen[bytes]
     log_file: Path
     pod: dict[str, Any]
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
-    deadline = time.monotonic() + 20
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"serve-authz exited: {log_file.read_text()[-2000:]}")
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError("serve-authz not serving within 20 s")
 
 
 @pytest.fixture
@@ -487,11 +302,15 @@ def test_authz_answers_every_check_under_load_without_growing(authz_server: Auth
         async with grpc.aio.insecure_channel(authz_server.address) as channel:
             await asyncio.wait_for(channel.channel_ready(), 10)
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            warmup = await run_checks(stub, kinds, count=WARMUP_CHECKS, concurrency=CONCURRENCY)
+            warmup = await run_checks(
+                stub, kinds, first=0, count=WARMUP_CHECKS, concurrency=CONCURRENCY,
+                stop_at=math.inf,
+            )  # fmt: skip
             rss_warm = rss_kib(pid)
             measured = await run_checks(
-                stub, kinds, count=CHECKS - WARMUP_CHECKS, concurrency=CONCURRENCY
-            )
+                stub, kinds, first=WARMUP_CHECKS, count=CHECKS - WARMUP_CHECKS,
+                concurrency=CONCURRENCY, stop_at=math.inf,
+            )  # fmt: skip
             return warmup, rss_warm, measured, rss_kib(pid)
 
     warmup, rss_warm, measured, rss_end = asyncio.run(load())
@@ -509,13 +328,13 @@ def test_authz_answers_every_check_under_load_without_growing(authz_server: Auth
         f" {percentile(latencies, 0.5) * 1000:.2f} ms, p99"
         f" {percentile(latencies, 0.99) * 1000:.2f} ms; gRPC errors"
         f" {dict(warmup.errors + measured.errors)}, wrong answers"
-        f" {dict(warmup.problems + measured.problems)}; RSS after warm-up {rss_warm / 1024:.1f}"
+        f" {dict(warmup.wrong + measured.wrong)}; RSS after warm-up {rss_warm / 1024:.1f}"
         f" MiB, at the end {rss_end / 1024:.1f} MiB ({(rss_end - rss_warm) / 1024:+.1f} MiB,"
         f" limit +{RSS_GROWTH_LIMIT_KIB / 1024:.0f}); decision lines {len(decisions)}"
     )
     assert sent.total() == CHECKS
     assert not warmup.errors and not measured.errors
-    assert not warmup.problems and not measured.problems
+    assert not warmup.wrong and not measured.wrong
     assert rss_end - rss_warm < RSS_GROWTH_LIMIT_KIB
     # Exactly one decision line per Check, saying what was asked and what was answered.
     assert len(decisions) == CHECKS
@@ -534,56 +353,6 @@ def test_authz_answers_every_check_under_load_without_growing(authz_server: Auth
 
 
 # --- c. the authz server killed mid-load, with the real Envoy in front ----------------------
-
-#: A client under the app's uid (started as root, dropping in-process after its imports):
-#: ``WORKERS`` threads alternate POST and GET /quitquitquit to 127.0.0.1:15020, a new
-#: connection each (meshguard's rules redirect it to Envoy's loopback listener), until stdin
-#: closes or ``MAX_SECONDS`` pass; then prints one JSON list of
-#: [began, ended, method, status, origin] (CLOCK_MONOTONIC, shared by every process).
-LOAD_CLIENT = r"""
-import encodings.idna, http.client, json, sys, threading, time
-from meshguard.sandbox.probe import drop_privileges
-uid, workers, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
-max_seconds = float(sys.argv[3])
-drop_privileges(uid=uid, gid=uid)
-stop = threading.Event()
-results = []
-
-def work(first):
-    mine, n = [], first
-    while not stop.is_set():
-        method = ("POST", "GET")[n % 2]
-        n += 1
-        began = time.monotonic()
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            connection.request(method, "/quitquitquit")
-            response = connection.getresponse()
-            body, status = response.read(), response.status
-            if status == 200 and b'"pilot-agent"' in body:
-                origin = "upstream"
-            elif body.startswith(b"meshguard: denied"):
-                origin = "meshguard"
-            else:
-                origin = "envoy:" + body[:80].decode(errors="replace")
-        except OSError as exc:
-            status, origin = 0, type(exc).__name__
-        finally:
-            connection.close()
-        mine.append([began, time.monotonic(), method, status, origin])
-    results.append(mine)
-
-threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-for thread in threads:
-    thread.start()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-print("ready", flush=True)
-stop.wait(max_seconds)
-stop.set()
-for thread in threads:
-    thread.join()
-json.dump([record for mine in results for record in mine], sys.stdout)
-"""
 
 
 @dataclass
