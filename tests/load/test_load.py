@@ -28,7 +28,6 @@ import copy
 import http.client
 import json
 import math
-import signal
 import ssl
 import subprocess
 import sys
@@ -51,13 +50,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.load import (
     AGENT_PORT,
     APP,
-    AUTHZ_PORT,
-    ENVOY_ADMIN_PORT,
     HOST,
-    LISTENER_PORT,
     LOAD_CLIENT,
-    PROXY,
     CheckRun,
+    FaultPod,
     check_kinds,
     example_pod,
     free_port,
@@ -69,12 +65,8 @@ from benchmarks.load import (
     stop_process,
     wait_serving,
 )
-from meshguard.authz.listener import envoy_config_text
 from meshguard.inject.transform import InjectSettings, inject_pod
-from meshguard.rules.ruleset import Family
-from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
-from meshguard.sandbox.istio import CaptureConfig, capture_payload
-from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
+from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.tls import CertificateAuthority
 
 CONCURRENCY = 64
@@ -355,30 +347,6 @@ def test_authz_answers_every_check_under_load_without_growing(authz_server: Auth
 # --- c. the authz server killed mid-load, with the real Envoy in front ----------------------
 
 
-@dataclass
-class FaultPod:
-    ns: NetworkNamespace
-    pod_file: Path
-    log_file: Path
-    authz: subprocess.Popen[str] | None = None
-
-    def start_authz(self) -> None:
-        with self.log_file.open("a") as log:
-            self.authz = self.ns.spawn(
-                authz_command([self.pod_file], uid=PROXY, gid=PROXY, port=AUTHZ_PORT), stderr=log
-            )
-        wait_listening(self.ns, port=AUTHZ_PORT, uid=PROXY, gid=PROXY)
-
-    def kill_authz(self) -> None:
-        assert self.authz is not None
-        self.authz.send_signal(signal.SIGKILL)  # ip netns exec and run_as exec: it is the server
-        self.ns.stop(self.authz)  # reaps it
-        self.authz = None
-
-    def decision_count(self) -> int:
-        return sum(line.get("event") == "decision" for line in json_lines(self.log_file))
-
-
 def world_readable_dir(path: Path) -> Path:
     """``path`` created, and it and its parents up to the temp directory traversable by any
     uid (the proxy's uid reads the pod file and Envoy's config there)."""
@@ -396,33 +364,8 @@ def fault_pod(tmp_path: Path) -> Iterator[FaultPod]:
     """The injected example pod in a network namespace: Istio's capture rules, meshguard's
     rules installed by ``meshguard init``, pilot-agent's stand-in on 15020 (uid 1337),
     ``meshguard serve-authz`` (uid 1337) and the real Envoy's loopback listener (uid 1337)."""
-    pod = injected_example()
-    shared = world_readable_dir(tmp_path / "shared")
-    pod_file = shared / "pod.yaml"
-    pod_file.write_text(yaml.safe_dump(pod))
-    ruleset_file = shared / "ruleset"
-    ruleset_file.write_text(pod["metadata"]["annotations"]["meshguard.io/ruleset"])
-    envoy_config = shared / "envoy.yaml"
-    envoy_config.write_text(
-        envoy_config_text("bootstrap", authz_host=HOST, authz_port=AUTHZ_PORT,
-                          admin_port=ENVOY_ADMIN_PORT)
-    )  # fmt: skip
-    log_file = tmp_path / "authz.log"
-    log_file.write_text("")
     with NetworkNamespace() as ns:
-        capture = CaptureConfig(proxy_uids=(PROXY,), proxy_gids=(PROXY,))
-        for family in Family:
-            ns.run([family.restore, "--noflush"], stdin=capture_payload(capture, family))
-        ns.run([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
-        agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[AGENT_PORT])
-        ns.spawn(agent, ready_line="ready")
-        box = FaultPod(ns=ns, pod_file=pod_file, log_file=log_file)
-        box.start_authz()
-        metadata = pod["metadata"]
-        identity = {"POD_NAME": metadata["name"], "POD_NAMESPACE": metadata["namespace"]}
-        ns.spawn(envoy_command(envoy_config, uid=PROXY, gid=PROXY), env=identity)
-        wait_listening(ns, port=LISTENER_PORT, uid=PROXY, gid=PROXY)
-        yield box
+        yield FaultPod(ns, world_readable_dir(tmp_path / "shared"))
 
 
 class LoadClient:
@@ -495,7 +438,7 @@ def test_authz_killed_mid_load_fails_closed_and_recovers(fault_pod: FaultPod):
         for began, ended, method, status, origin in records
     )
     decided = sum(origin in {"upstream", "meshguard"} for *_, origin in records)
-    decisions = fault_pod.decision_count()
+    decisions = sum(line.get("event") == "decision" for line in json_lines(fault_pod.log_file))
     print(f"\nauthz killed mid-load behind Envoy: {len(records)} requests in"
           f" {records[-1][1] - records[0][0]:.1f} s (4 threads, app uid); down"
           f" {restarted - dead:.2f} s, restart to listening {listening - restarted:.2f} s,"
