@@ -2,27 +2,45 @@
 
 Pure and deterministic: the same pod and policy give the same bytes. The layout, per family:
 
-``filter`` — ``OUTPUT -o lo`` jumps first to ``MESHGUARD_OUTPUT``, which
-  1. returns packets of established flows (replies travel under the server's uid);
-  2. returns everything of the proxy (its uid and gid: Envoy, pilot-agent are never
-     restricted);
-  3. returns flows that Istio or meshguard REDIRECTed to the proxy (outbound capture,
+``filter`` — ``OUTPUT`` jumps first, for every packet, to ``MESHGUARD_OUTPUT``, which
+  1. returns TCP packets of established connections past the handshake (a TCP 4-tuple
+     belongs to one socket: another uid cannot reuse it);
+  2. checks hairpin flows — the proxy dialing the pod's own address, which Istio redirects
+     to its inbound listener — in ``MESHGUARD_HAIRPIN``: only ports every container may
+     reach pass, since the kernel no longer knows which container started the flow;
+  3. returns everything else of the proxy (its uid and gid: Envoy, pilot-agent);
+  4. rejects any other uid sending *from* the proxy's ports (15000-15090, the loopback
+     listener), on any interface: a process that binds them before Envoy does can receive
+     a SYN but never answer it;
+  5. sends (goto) every locally delivered flow to ``MESHGUARD_LOCAL``: whatever leaves
+     through ``lo``, and TCP/UDP that leaves through another interface to a local,
+     broadcast or multicast address (the kernel loops those back);
+  6. lets every other packet (the pod's egress) go on to Istio's rules untouched.
+``MESHGUARD_LOCAL``
+  1. returns replies (conntrack REPLY direction: they travel under the server's uid);
+  2. returns flows that Istio or meshguard REDIRECTed to the proxy (outbound capture,
      DNS capture, the loopback listener) — only when conntrack saw the redirect;
-  4. sends (goto) each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
+  3. sends (goto) each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
      the container's own ports and the ports the policy allows, then applies the default;
      past four uids through a tree of uid-range chains ``MESHGUARD_UIDS<depth>_<uid>``, so
      the rules a NEW packet walks grow with the log of the number of containers;
-  5. sends any other uid (one no container runs as, or no socket) to ``MESHGUARD_DENY``.
+  4. sends any other uid (one no container runs as, or no socket) to ``MESHGUARD_DENY``.
+  Original-direction packets of established UDP flows take the same path as new ones: a
+  conntrack entry is not a permission (another uid can bind a closed socket's port).
   ``MESHGUARD_DENY`` rejects (enforce) or logs and lets pass (audit).
 
-``nat`` (only when a rule has ``http``) — ``OUTPUT -o lo`` jumps first, ahead of Istio's
-  ``ISTIO_OUTPUT``, to ``MESHGUARD_REDIRECT``, which REDIRECTs a source's L7-covered ports to
-  the loopback listener; ``POSTROUTING -o lo`` jumps to ``MESHGUARD_SNAT``, which rewrites the
-  redirected flow's source to the container's own address so that one static Envoy listener
-  can tell source containers apart (127.0.100.N, and a ULA prefix routed locally on IPv6).
+``nat`` — ``OUTPUT`` jumps first, ahead of Istio's ``ISTIO_OUTPUT``, to
+  ``MESHGUARD_REDIRECT``: the proxy's flows and flows to non-local addresses return to
+  Istio's capture; a flow to a local address REDIRECTs to the loopback listener when an
+  ``http`` rule covers it, and is otherwise ACCEPTed — left un-NATed, so Istio's capture
+  never turns a flow between containers into a flow of the proxy (TCP to ``<pod IP>:53``
+  would otherwise reach Envoy's outbound listener and be re-dialed as uid 1337).
+  ``POSTROUTING -o lo`` jumps to ``MESHGUARD_SNAT``, which rewrites the redirected flow's
+  source to the container's own address so that one static Envoy listener can tell source
+  containers apart (127.0.100.N, and a ULA prefix routed locally on IPv6).
 
-Packets are only ever RETURNed or rejected: meshguard subtracts, it never accepts on behalf
-of rules that run after it.
+In the filter table packets are only ever RETURNed or rejected: meshguard subtracts, it
+never accepts on behalf of rules that run after it.
 """
 
 from __future__ import annotations
@@ -57,14 +75,16 @@ from meshguard.rules.ruleset import (
 )
 
 OUTPUT_CHAIN: Final = "MESHGUARD_OUTPUT"
+LOCAL_CHAIN: Final = "MESHGUARD_LOCAL"
+HAIRPIN_CHAIN: Final = "MESHGUARD_HAIRPIN"
 DENY_CHAIN: Final = "MESHGUARD_DENY"
 REDIRECT_CHAIN: Final = "MESHGUARD_REDIRECT"
 SNAT_CHAIN: Final = "MESHGUARD_SNAT"
 MULTIPORT_MAX: Final = 15
-#: Ports of the sidecar that no workload container may declare.
-ISTIO_RESERVED_PORTS: Final = frozenset(
-    {15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090}
-)
+#: The ports Istio reserves for its sidecar: no workload container may declare, reach or
+#: send from them, except the control ports a rule names.
+PROXY_PORT_RANGE: Final = (15000, 15090)
+ISTIO_RESERVED_PORTS: Final = frozenset(range(PROXY_PORT_RANGE[0], PROXY_PORT_RANGE[1] + 1))
 
 
 def source_chain(uid: int) -> str:
@@ -80,8 +100,11 @@ def dispatch_chain(depth: int, first_uid: int) -> str:
 class CompilerSettings:
     """What the compiler assumes about the proxy; defaults match a stock Istio sidecar."""
 
+    #: The proxy's ports that a rule may open to a container (``to: proxy``); every other
+    #: port of the proxy is never reached directly (Istio's capture is the only way in).
     protected_proxy_ports: tuple[int, ...] = (15000, 15004, 15020, 15021, 15090)
     outbound_capture_port: int = 15001
+    inbound_capture_port: int = 15006
     dns_capture_port: int = 15053
     listener_port: int = 15007
     source_net4: str = "127.0.100.0/24"
@@ -94,6 +117,18 @@ class CompilerSettings:
     def __post_init__(self) -> None:
         if self.dispatch_fanout < 2:
             raise ValueError(f"dispatch_fanout must be at least 2, got {self.dispatch_fanout}")
+
+    @property
+    def proxy_ports(self) -> frozenset[int]:
+        """Every port that belongs to the proxy: Istio's reserved range and the listener."""
+        return ISTIO_RESERVED_PORTS | {self.listener_port}
+
+    @property
+    def proxy_port_spec(self) -> str:
+        """The proxy's ports as a multiport list (the range, and the listener if outside)."""
+        low, high = PROXY_PORT_RANGE
+        extra = "" if low <= self.listener_port <= high else f",{self.listener_port}"
+        return f"{low}:{high}{extra}"
 
 
 @dataclass
@@ -191,12 +226,14 @@ def _plan_sources(pod: PodView, warnings: list[str]) -> dict[int, _SourcePlan]:
 
 
 def _check_declared_ports(workload: Iterable[Container], settings: CompilerSettings) -> None:
-    reserved = ISTIO_RESERVED_PORTS | {settings.listener_port}
+    low, high = PROXY_PORT_RANGE
     clashes = [
-        f"container {c.name!r} declares port {p.port}, which the Istio sidecar or meshguard uses"
+        f"container {c.name!r} declares port {p.port}, which belongs to the Istio sidecar"
+        f" ({low}-{high}) or meshguard ({settings.listener_port}): only the proxy may serve"
+        " from it; move the container to another port"
         for c in workload
         for p in c.ports
-        if p.port in reserved
+        if p.port in settings.proxy_ports
     ]
     if clashes:
         raise CompileError("; ".join(clashes))
@@ -247,13 +284,11 @@ def _add_policy_rules(
 ) -> None:
     problems: list[Problem] = []
     for index, rule in enumerate(policy.rules):
-        if settings.listener_port in rule.ports:
-            problems.append(
-                Problem(
-                    path=f"rules[{index}].ports",
-                    value=settings.listener_port,
-                    expected="a port other than meshguard's loopback listener port",
-                )
+        misplaced = _misplaced_proxy_ports(rule.to, rule.ports, settings)
+        if misplaced:
+            problems.extend(
+                Problem(path=f"rules[{index}].ports", value=port, expected=expected)
+                for port, expected in misplaced
             )
             continue
         _warn_undeclared(pod, index, rule.to, rule.ports, warnings)
@@ -270,6 +305,25 @@ def _add_policy_rules(
                 plan.redirected.update(rule.ports)
     if problems:
         raise PolicyError(annotation=names.POLICY, problems=problems)
+
+
+def _misplaced_proxy_ports(
+    to: str, ports: Sequence[int], settings: CompilerSettings
+) -> list[tuple[int, str]]:
+    """Ports a rule cannot open: the proxy's, but for the control ports of ``to: proxy``."""
+    low, high = PROXY_PORT_RANGE
+    control = ", ".join(map(str, settings.protected_proxy_ports))
+    if to == PROXY:
+        expected = (
+            f"a control port of the proxy ({control}); its other ports are entered only"
+            " through Istio's capture"
+        )
+        return [(p, expected) for p in ports if p not in settings.protected_proxy_ports]
+    expected = (
+        f"a port outside the proxy's {low}-{high} and meshguard's listener"
+        f" {settings.listener_port} (to reach the proxy, write to: proxy)"
+    )
+    return [(p, expected) for p in ports if p in settings.proxy_ports]
 
 
 def _expand_sources(
@@ -321,17 +375,14 @@ def _family_ruleset(
     identities: Sequence[SourceIdentity],
     settings: CompilerSettings,
 ) -> FamilyRuleset:
-    tables = [
-        _filter_table(family, pod=pod, policy=policy, mode=mode, plans=plans, settings=settings)
-    ]
+    tables = (
+        _filter_table(family, pod=pod, policy=policy, mode=mode, plans=plans, settings=settings),
+        _nat_table(family, pod=pod, plans=plans, identities=identities, settings=settings),
+    )
     routes: tuple[str, ...] = ()
-    if any(plan.redirected for plan in plans):
-        tables.append(
-            _nat_table(family, pod=pod, plans=plans, identities=identities, settings=settings)
-        )
-        if family is Family.IPV6:
-            routes = (settings.source_net6,)
-    return FamilyRuleset(family=family, tables=tuple(tables), local_routes=routes)
+    if family is Family.IPV6 and any(plan.redirected for plan in plans):
+        routes = (settings.source_net6,)
+    return FamilyRuleset(family=family, tables=tables, local_routes=routes)
 
 
 def _filter_table(
@@ -343,49 +394,133 @@ def _filter_table(
     plans: Sequence[_SourcePlan],
     settings: CompilerSettings,
 ) -> Table:
-    captured_tcp = [settings.outbound_capture_port, settings.dns_capture_port]
-    if any(plan.redirected for plan in plans):
-        captured_tcp.append(settings.listener_port)
-    rules: list[tuple[str, str]] = [
-        (OUTPUT_CHAIN, "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
-        (OUTPUT_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
-        *(
-            (OUTPUT_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
-            for spec in _port_matches(Protocol.TCP, captured_tcp)
-        ),
-        *(
-            (OUTPUT_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
-            for spec in _port_matches(Protocol.UDP, (settings.dns_capture_port,))
-        ),
-    ]
     dispatch_chains, dispatch = _dispatch_rules(
-        [p.uid for p in plans], chain=OUTPUT_CHAIN, fanout=settings.dispatch_fanout
+        [p.uid for p in plans], chain=LOCAL_CHAIN, fanout=settings.dispatch_fanout
     )
-    rules.extend(dispatch)
-    protected = (*settings.protected_proxy_ports, settings.listener_port)
+    rules = [
+        *_entry_rules(family, pod=pod, settings=settings),
+        *_hairpin_rules(policy, settings),
+        *_local_rules(plans, settings),
+        *dispatch,
+    ]
     for plan in plans:
-        chain = source_chain(plan.uid)
-        for protocol, ports, comment in plan.allowed:
-            rules.extend(
-                (chain, f'{spec} -m comment --comment "{comment}" -j RETURN')
-                for spec in _port_matches(protocol, ports)
-            )
-        if policy.default_action is Action.ALLOW:
-            rules.extend(
-                (chain, f"{spec} -j {DENY_CHAIN}")
-                for spec in _port_matches(Protocol.TCP, protected)
-            )
-            rules.append((chain, "-j RETURN"))
-        else:
-            rules.append((chain, f"-j {DENY_CHAIN}"))
+        rules.extend(_source_rules(plan, policy=policy, settings=settings))
     rules.extend((DENY_CHAIN, spec) for spec in _deny_rules(family, mode, settings))
-    chains = (OUTPUT_CHAIN, DENY_CHAIN, *dispatch_chains, *(source_chain(p.uid) for p in plans))
+    chains = (
+        OUTPUT_CHAIN,
+        LOCAL_CHAIN,
+        HAIRPIN_CHAIN,
+        DENY_CHAIN,
+        *dispatch_chains,
+        *(source_chain(p.uid) for p in plans),
+    )
     return Table(
         name="filter",
         chains=chains,
-        hooks=(Hook(chain="OUTPUT", spec=f"-o lo -j {OUTPUT_CHAIN}"),),
+        hooks=(Hook(chain="OUTPUT", spec=f"-j {OUTPUT_CHAIN}"),),
         rules=tuple(rules),
     )
+
+
+def _entry_rules(
+    family: Family, *, pod: PodView, settings: CompilerSettings
+) -> list[tuple[str, str]]:
+    """``MESHGUARD_OUTPUT``: every packet the pod sends passes here first."""
+    proxy_ports = settings.proxy_port_spec
+    if family is Family.IPV4:
+        local_udp, local_tcp = "LOCAL,BROADCAST,MULTICAST", "LOCAL"
+    else:
+        local_udp, local_tcp = "LOCAL,MULTICAST", "LOCAL"
+    return [
+        (
+            OUTPUT_CHAIN,
+            "-p tcp -m tcp ! --tcp-flags SYN SYN -m conntrack --ctstate ESTABLISHED -j RETURN",
+        ),
+        (
+            OUTPUT_CHAIN,
+            f"-p tcp -m tcp --dport {settings.inbound_capture_port}"
+            f" -m conntrack --ctstate DNAT -j {HAIRPIN_CHAIN}",
+        ),
+        (OUTPUT_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
+        # A reset is what the kernel itself answers for a closed port (from a socket of its
+        # own): harmless, and refusing it would turn "connection refused" into a timeout.
+        (
+            OUTPUT_CHAIN,
+            f"-p tcp -m tcp ! --tcp-flags RST RST -m multiport --sports {proxy_ports}"
+            f" -j {DENY_CHAIN}",
+        ),
+        (OUTPUT_CHAIN, f"-p udp -m multiport --sports {proxy_ports} -j {DENY_CHAIN}"),
+        (OUTPUT_CHAIN, f"-o lo -g {LOCAL_CHAIN}"),
+        (OUTPUT_CHAIN, f"-p udp -m addrtype --dst-type {local_udp} -g {LOCAL_CHAIN}"),
+        (OUTPUT_CHAIN, f"-p tcp -m addrtype --dst-type {local_tcp} -g {LOCAL_CHAIN}"),
+    ]
+
+
+def _hairpin_rules(policy: Policy, settings: CompilerSettings) -> list[tuple[str, str]]:
+    """``MESHGUARD_HAIRPIN``: the proxy dialing the pod itself, on behalf of some container.
+
+    A container that calls its own pod through a Service VIP is captured to Envoy, which
+    dials the pod IP as the proxy; Istio sends that to the inbound listener, and Envoy
+    delivers it from 127.0.0.6. By then no one knows which container started it, so only
+    ports that a plain rule opens to every container (``from: "*"``) pass.
+    """
+    ports = sorted(
+        {
+            port
+            for rule in policy.rules
+            if ANY_CONTAINER in rule.sources
+            and rule.http is None
+            and rule.to != PROXY
+            and Protocol.TCP in rule.protocols
+            for port in rule.ports
+        }
+    )
+    return [
+        *((HAIRPIN_CHAIN, f"-m conntrack --ctorigdstport {port} -j RETURN") for port in ports),
+        (HAIRPIN_CHAIN, f"-j {DENY_CHAIN}"),
+    ]
+
+
+def _local_rules(plans: Sequence[_SourcePlan], settings: CompilerSettings) -> list[tuple[str, str]]:
+    """``MESHGUARD_LOCAL``, before the uid dispatch: replies, and redirected flows."""
+    captured_tcp = [settings.outbound_capture_port, settings.dns_capture_port]
+    if any(plan.redirected for plan in plans):
+        captured_tcp.append(settings.listener_port)
+    return [
+        (LOCAL_CHAIN, "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN"),
+        *(
+            (LOCAL_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
+            for spec in _port_matches(Protocol.TCP, captured_tcp)
+        ),
+        *(
+            (LOCAL_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
+            for spec in _port_matches(Protocol.UDP, (settings.dns_capture_port,))
+        ),
+    ]
+
+
+def _source_rules(
+    plan: _SourcePlan, *, policy: Policy, settings: CompilerSettings
+) -> list[tuple[str, str]]:
+    """``MESHGUARD_SRC_<uid>``: what one uid may reach, then the default."""
+    chain = source_chain(plan.uid)
+    rules = [
+        (chain, f'{spec} -m comment --comment "{comment}" -j RETURN')
+        for protocol, ports, comment in plan.allowed
+        for spec in _port_matches(protocol, ports)
+    ]
+    if policy.default_action is Action.ALLOW:
+        # The proxy's ports stay the proxy's: only the control ports a rule names (returned
+        # above) are reachable, and never Envoy's capture ports directly.
+        rules.extend(
+            (chain, f"-p {protocol.value} -m multiport --dports {settings.proxy_port_spec}"
+             f" -j {DENY_CHAIN}")
+            for protocol in (Protocol.TCP, Protocol.UDP)
+        )  # fmt: skip
+        rules.append((chain, "-j RETURN"))
+    else:
+        rules.append((chain, f"-j {DENY_CHAIN}"))
+    return rules
 
 
 def _dispatch_rules(
@@ -458,7 +593,9 @@ def _nat_table(
     listener = settings.listener_port
     rules: list[tuple[str, str]] = [
         (REDIRECT_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
+        (REDIRECT_CHAIN, "! -o lo -m addrtype ! --dst-type LOCAL -j RETURN"),
     ]
+    snat: list[tuple[str, str]] = []
     for plan in plans:
         if not plan.redirected or plan.uid not in address_of:
             continue
@@ -467,21 +604,25 @@ def _nat_table(
             (REDIRECT_CHAIN, f"{spec} {owner} -j REDIRECT --to-ports {listener}")
             for spec in _port_matches(Protocol.TCP, sorted(plan.redirected))
         )
-        rules.append(
+        snat.append(
             (
                 SNAT_CHAIN,
                 f"-p tcp -m tcp --dport {listener} {owner} -m conntrack --ctstate DNAT"
                 f" -j SNAT --to-source {address_of[plan.uid]}",
             )
         )
+    # The end of nat for a flow between the pod's own processes: Istio's capture after this
+    # hook would hand it to the proxy, which re-dials it as uid 1337 (a relay around the
+    # policy). Un-NATed, the filter table decides it by its real port.
+    rules.append((REDIRECT_CHAIN, "-j ACCEPT"))
     return Table(
         name="nat",
         chains=(REDIRECT_CHAIN, SNAT_CHAIN),
         hooks=(
-            Hook(chain="OUTPUT", spec=f"-o lo -j {REDIRECT_CHAIN}"),
+            Hook(chain="OUTPUT", spec=f"-j {REDIRECT_CHAIN}"),
             Hook(chain="POSTROUTING", spec=f"-o lo -j {SNAT_CHAIN}"),
         ),
-        rules=tuple(rules),
+        rules=(*rules, *snat),
     )
 
 

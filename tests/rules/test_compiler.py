@@ -50,27 +50,91 @@ def test_layout_of_the_example_pod():
     payload = lines(example())
     output = [line for line in payload if line.startswith("-A MESHGUARD_OUTPUT")]
     assert output == [
-        "-A MESHGUARD_OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-A MESHGUARD_OUTPUT -p tcp -m tcp ! --tcp-flags SYN SYN -m conntrack --ctstate"
+        " ESTABLISHED -j RETURN",
+        "-A MESHGUARD_OUTPUT -p tcp -m tcp --dport 15006 -m conntrack --ctstate DNAT"
+        " -j MESHGUARD_HAIRPIN",
         "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
-        "-A MESHGUARD_OUTPUT -p tcp -m multiport --dports 15001,15007,15053"
-        " -m conntrack --ctstate DNAT -j RETURN",
-        "-A MESHGUARD_OUTPUT -p udp -m udp --dport 15053 -m conntrack --ctstate DNAT -j RETURN",
-        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1000 -g MESHGUARD_SRC_1000",
-        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1001 -g MESHGUARD_SRC_1001",
-        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1002 -g MESHGUARD_SRC_1002",
-        "-A MESHGUARD_OUTPUT -j MESHGUARD_DENY",
+        "-A MESHGUARD_OUTPUT -p tcp -m tcp ! --tcp-flags RST RST -m multiport"
+        " --sports 15000:15090 -j MESHGUARD_DENY",
+        "-A MESHGUARD_OUTPUT -p udp -m multiport --sports 15000:15090 -j MESHGUARD_DENY",
+        "-A MESHGUARD_OUTPUT -o lo -g MESHGUARD_LOCAL",
+        "-A MESHGUARD_OUTPUT -p udp -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST"
+        " -g MESHGUARD_LOCAL",
+        "-A MESHGUARD_OUTPUT -p tcp -m addrtype --dst-type LOCAL -g MESHGUARD_LOCAL",
     ]
-    assert "-I OUTPUT 1 -o lo -j MESHGUARD_OUTPUT" in payload
-    assert "-I OUTPUT 1 -o lo -j MESHGUARD_REDIRECT" in payload
+    local = [line for line in payload if line.startswith("-A MESHGUARD_LOCAL")]
+    assert local == [
+        "-A MESHGUARD_LOCAL -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN",
+        "-A MESHGUARD_LOCAL -p tcp -m multiport --dports 15001,15007,15053"
+        " -m conntrack --ctstate DNAT -j RETURN",
+        "-A MESHGUARD_LOCAL -p udp -m udp --dport 15053 -m conntrack --ctstate DNAT -j RETURN",
+        "-A MESHGUARD_LOCAL -m owner --uid-owner 1000 -g MESHGUARD_SRC_1000",
+        "-A MESHGUARD_LOCAL -m owner --uid-owner 1001 -g MESHGUARD_SRC_1001",
+        "-A MESHGUARD_LOCAL -m owner --uid-owner 1002 -g MESHGUARD_SRC_1002",
+        "-A MESHGUARD_LOCAL -j MESHGUARD_DENY",
+    ]
+    # No rule opens a port to every container: no hairpin through the proxy passes.
+    assert [line for line in payload if line.startswith("-A MESHGUARD_HAIRPIN")] == [
+        "-A MESHGUARD_HAIRPIN -j MESHGUARD_DENY"
+    ]
+    assert "-I OUTPUT 1 -j MESHGUARD_OUTPUT" in payload
+    assert "-I OUTPUT 1 -j MESHGUARD_REDIRECT" in payload
     assert "-I POSTROUTING 1 -o lo -j MESHGUARD_SNAT" in payload
-    assert (
+    redirect = [line for line in payload if line.startswith("-A MESHGUARD_REDIRECT")]
+    assert redirect == [
+        "-A MESHGUARD_REDIRECT -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
+        "-A MESHGUARD_REDIRECT ! -o lo -m addrtype ! --dst-type LOCAL -j RETURN",
         "-A MESHGUARD_REDIRECT -p tcp -m tcp --dport 15020 -m owner --uid-owner 1000"
-        " -j REDIRECT --to-ports 15007"
-    ) in payload
+        " -j REDIRECT --to-ports 15007",
+        "-A MESHGUARD_REDIRECT -j ACCEPT",
+    ]
     assert (
         "-A MESHGUARD_SNAT -p tcp -m tcp --dport 15007 -m owner --uid-owner 1000"
         " -m conntrack --ctstate DNAT -j SNAT --to-source 127.0.100.1"
     ) in payload
+
+
+def test_ports_opened_to_every_container_pass_the_hairpin_check():
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = yaml.safe_dump(
+        {
+            "rules": [
+                {"from": "*", "to": "app", "ports": [8080, 9090]},
+                {"from": "*", "to": "cache", "ports": [6379], "protocol": "udp"},  # not TCP
+                {"from": "*", "to": "app", "ports": [8081], "http": {"paths": ["/x"]}},  # L7
+                {"from": "log-shipper", "to": "cache", "ports": [6379]},  # not everyone
+            ]
+        }
+    )
+    hairpin = [line for line in lines(pod) if line.startswith("-A MESHGUARD_HAIRPIN")]
+    assert hairpin == [
+        "-A MESHGUARD_HAIRPIN -m conntrack --ctorigdstport 8080 -j RETURN",
+        "-A MESHGUARD_HAIRPIN -m conntrack --ctorigdstport 9090 -j RETURN",
+        "-A MESHGUARD_HAIRPIN -j MESHGUARD_DENY",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("to", "port"),
+    [("proxy", 15001), ("proxy", 15006), ("proxy", 15053), ("proxy", 15008), ("proxy", 15009),
+     ("proxy", 15007), ("proxy", 15030), ("app", 15000), ("app", 15090), ("cache", 15053)],
+)  # fmt: skip
+def test_rules_cannot_open_the_proxys_own_ports(to: str, port: int):
+    pod = example()
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = yaml.safe_dump(
+        {"rules": [{"from": "cache", "to": to, "ports": [port]}]}
+    )
+    with pytest.raises(PolicyError, match=rf"rules\[0\]\.ports: got {port}, expected"):
+        compiled(pod)
+
+
+@pytest.mark.parametrize("port", [15000, 15030, 15090, 15007])
+def test_containers_cannot_declare_the_proxys_ports(port: int):
+    pod = example()
+    container(pod, "cache")["ports"].append({"containerPort": port})
+    with pytest.raises(CompileError, match=f"declares port {port}, which belongs to the Istio"):
+        compiled(pod)
 
 
 def test_only_meshguard_chains_are_declared_or_appended():
@@ -82,7 +146,9 @@ def test_only_meshguard_chains_are_declared_or_appended():
                 assert line.split()[1].startswith("MESHGUARD_")
             if line.startswith("-I "):
                 assert line.split()[1] in {"OUTPUT", "POSTROUTING"}
-                assert " 1 -o lo -j MESHGUARD_" in line
+                assert line.split()[2] == "1"
+                assert line.split()[-2:][0] == "-j"
+                assert line.split()[-1].startswith("MESHGUARD_")
 
 
 def test_ipv6_uses_icmp6_and_the_routed_ula_source_addresses():
@@ -131,18 +197,21 @@ def test_default_allow_still_protects_the_proxy_ports():
     assert chain == [
         '-A MESHGUARD_SRC_1002 -p tcp -m tcp --dport 6379 -m comment --comment "own ports of'
         ' cache" -j RETURN',
-        "-A MESHGUARD_SRC_1002 -p tcp -m multiport --dports 15000,15004,15007,15020,15021,15090"
-        " -j MESHGUARD_DENY",
+        "-A MESHGUARD_SRC_1002 -p tcp -m multiport --dports 15000:15090 -j MESHGUARD_DENY",
+        "-A MESHGUARD_SRC_1002 -p udp -m multiport --dports 15000:15090 -j MESHGUARD_DENY",
         "-A MESHGUARD_SRC_1002 -j RETURN",
     ]
 
 
-def test_no_l7_rule_means_no_nat_table():
+def test_no_l7_rule_means_no_redirect_to_the_listener_but_the_nat_guard_stays():
     pod = example()
     pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: []"
     ruleset = compiled(pod)
-    assert [t.name for t in ruleset.ipv4.tables] == ["filter"]
-    assert "15007" not in ruleset.ipv4.payload()
+    assert [t.name for t in ruleset.ipv4.tables] == ["filter", "nat"]
+    assert "REDIRECT --to-ports" not in ruleset.ipv4.payload()
+    assert "SNAT" not in ruleset.ipv4.payload().replace("MESHGUARD_SNAT", "")
+    assert "-A MESHGUARD_REDIRECT -j ACCEPT" in ruleset.ipv4.payload()
+    assert ruleset.ipv6.local_routes == ()
 
 
 def test_more_than_fifteen_ports_are_split_across_multiport_rules():
@@ -343,7 +412,7 @@ def walk_dispatch(payload: str, uid: int) -> tuple[str, int]:
             words = line.split()
             if "--gid-owner" not in words:  # the proxy's rule
                 rules.setdefault(words[1], []).append(words)
-    chain, tried = "MESHGUARD_OUTPUT", 0
+    chain, tried = "MESHGUARD_LOCAL", 0
     while chain in rules and not chain.startswith("MESHGUARD_SRC_"):
         for words in rules[chain]:
             if "--uid-owner" not in words:
@@ -366,7 +435,7 @@ def test_a_few_uids_are_dispatched_one_rule_each():
 def test_64_containers_are_dispatched_through_uid_ranges_in_few_rules():
     uids = [2000 + i for i in range(64)]
     payload = compiled(pod_of_uids(example(), uids)).family(Family.IPV4).payload()
-    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 2000-2015 -g MESHGUARD_UIDS1_2000" in payload
+    assert "-A MESHGUARD_LOCAL -m owner --uid-owner 2000-2015 -g MESHGUARD_UIDS1_2000" in payload
     walks = {uid: walk_dispatch(payload, uid) for uid in uids}
     assert {uid: chain for uid, (chain, _) in walks.items()} == {
         uid: f"MESHGUARD_SRC_{uid}" for uid in uids
