@@ -1,4 +1,10 @@
-"""``meshguard init``: the meshguard-init entry point. Imports only what installing needs."""
+"""``meshguard init``: the meshguard-init entry point. Imports only what installing needs.
+
+Everything it reads and changes happens under the network namespace's install lock, so two
+installers at once (a restarted init container racing a node-side check) run one after the
+other, and exit 0 means the rules were verified in place before the lock was let go.
+``$MESHGUARD_LOCK_TIMEOUT`` (seconds, default 30) bounds the wait for the lock.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +17,50 @@ from pathlib import Path
 from meshguard import names
 from meshguard.cli import DEFAULT_RULESET_FILE, EXIT_FAILED, EXIT_OK, RULESET_ENV, fail
 from meshguard.errors import MeshguardError, MeshguardFailure
-from meshguard.rules.install import install, plan_payload
-from meshguard.rules.iptables import parse_save, run_command
+from meshguard.rules.install import (
+    DEFAULT_LOCK_TIMEOUT_SECONDS,
+    install,
+    install_lock,
+    plan_payload,
+)
+from meshguard.rules.iptables import parse_save
 from meshguard.rules.ruleset import Family, Ruleset
+
+LOCK_TIMEOUT_ENV = "MESHGUARD_LOCK_TIMEOUT"
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         ruleset = Ruleset.from_json(_ruleset_text(args, os.environ))
         families = [Family(args.family)] if args.family else list(Family)
-        if args.dry_run:
-            for family in families:
-                current = parse_save(run_command([family.save]))
-                print(f"# {family.value}: {family.restore} --noflush")
-                sys.stdout.write(plan_payload(ruleset.family(family), current))
-            return EXIT_OK
-        install(ruleset, run=run_command, families=families)
+        with install_lock(timeout=_lock_timeout(args, os.environ)) as locked:
+            if args.dry_run:
+                for family in families:
+                    current = parse_save(locked([family.save]))
+                    print(f"# {family.value}: {family.restore} --noflush")
+                    sys.stdout.write(plan_payload(ruleset.family(family), current))
+            else:
+                install(ruleset, run=locked, families=families)
     except MeshguardError as exc:
         return fail(f"meshguard init: {exc}", EXIT_FAILED)
     return EXIT_OK
+
+
+def _lock_timeout(args: argparse.Namespace, environ: Mapping[str, str]) -> float:
+    # A --lock-timeout flag, where the parser defines one, wins over the environment.
+    flag: float | None = getattr(args, "lock_timeout", None)
+    if flag is not None:
+        return flag
+    text = environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_LOCK_TIMEOUT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise MeshguardFailure(f"${LOCK_TIMEOUT_ENV} is {text!r}, expected seconds (e.g. 30)")
+    return seconds
 
 
 def _ruleset_text(args: argparse.Namespace, environ: Mapping[str, str]) -> str:

@@ -64,6 +64,22 @@ def reason(done: subprocess.CompletedProcess[str]) -> str:
     return last
 
 
+def output_hook(rs: Ruleset, table: str = "filter") -> str:
+    """The save line of the ruleset's first hook into OUTPUT of ``table`` (IPv4)."""
+    hook = next(
+        h for t in rs.ipv4.tables if t.name == table for h in t.hooks if h.chain == "OUTPUT"
+    )
+    return f"-A OUTPUT {hook.spec}"
+
+
+def without_nat(rs: Ruleset) -> Ruleset:
+    return replace(
+        rs,
+        ipv4=replace(rs.ipv4, tables=tuple(t for t in rs.ipv4.tables if t.name != "nat")),
+        ipv6=replace(rs.ipv6, tables=tuple(t for t in rs.ipv6.tables if t.name != "nat")),
+    )
+
+
 def snapshot(ns: NetworkNamespace) -> dict[Family, list[str]]:
     return {family: own_lines(ns.run([family.save])) for family in Family}
 
@@ -88,22 +104,28 @@ def test_init_installs_verifies_and_logs_json(ns: NetworkNamespace, tmp_path: Pa
 
 def test_init_twice_equals_init_once_and_leaves_istio_alone(ns: NetworkNamespace, tmp_path: Path):
     path = tmp_path / "ruleset"
-    path.write_text(compiled().to_json())
+    rs = compiled()
+    path.write_text(rs.to_json())
     istio_before = istio_lines(ns)
     assert init(ns, path).returncode == 0
     once = snapshot(ns)
     assert init(ns, path).returncode == 0
     assert snapshot(ns) == once
-    assert sum(line == "-A OUTPUT -o lo -j MESHGUARD_OUTPUT" for line in once[Family.IPV4]) == 1
+    assert sum(line == output_hook(rs) for line in once[Family.IPV4]) == 1
     assert istio_lines(ns) == istio_before
 
 
 def test_a_changed_ruleset_converges_and_leaves_nothing_stale(ns: NetworkNamespace, tmp_path: Path):
     old, new = tmp_path / "old", tmp_path / "new"
-    old.write_text(compiled().to_json())
-    new.write_text(compiled("rules: [{from: app, to: cache, ports: [6379]}]").to_json())
+    old_rs = compiled()
+    nat_chains = {c for t in old_rs.ipv4.tables if t.name == "nat" for c in t.chains}
+    assert nat_chains
+    old.write_text(old_rs.to_json())
+    new.write_text(
+        without_nat(compiled("rules: [{from: app, to: cache, ports: [6379]}]")).to_json()
+    )
     assert init(ns, old).returncode == 0
-    assert any("MESHGUARD_REDIRECT" in line for line in snapshot(ns)[Family.IPV4])
+    assert any(c in line for c in nat_chains for line in snapshot(ns)[Family.IPV4])
     assert init(ns, new).returncode == 0
     after = snapshot(ns)
     fresh = tmp_path / "fresh"
@@ -111,14 +133,15 @@ def test_a_changed_ruleset_converges_and_leaves_nothing_stale(ns: NetworkNamespa
     with NetworkNamespace() as clean:
         assert init(clean, fresh).returncode == 0
         assert snapshot(clean) == after
-    assert not any("REDIRECT" in line or "SNAT" in line for line in after[Family.IPV4])
+    assert not any(c in line for c in nat_chains for family in Family for line in after[family])
 
 
 def test_init_puts_its_hook_back_in_front_when_something_went_ahead(
     ns: NetworkNamespace, tmp_path: Path
 ):
     path = tmp_path / "ruleset"
-    path.write_text(compiled().to_json())
+    rs = compiled()
+    path.write_text(rs.to_json())
     assert init(ns, path).returncode == 0
     ns.run(["iptables", "-I", "OUTPUT", "1", "-j", "ACCEPT"])  # e.g. something re-ran ahead of us
     assert init(ns, path).returncode == 0
@@ -127,7 +150,7 @@ def test_init_puts_its_hook_back_in_front_when_something_went_ahead(
         for line in ns.run(["iptables-save", "-t", "filter"]).splitlines()
         if line.startswith("-A OUTPUT")
     ]
-    assert output == ["-A OUTPUT -o lo -j MESHGUARD_OUTPUT", "-A OUTPUT -j ACCEPT"]
+    assert output == [output_hook(rs), "-A OUTPUT -j ACCEPT"]
 
 
 def with_rule(rs: Ruleset, table: str, rule: tuple[str, str], *, first: bool = False) -> Ruleset:
@@ -203,4 +226,4 @@ def test_init_reads_the_ruleset_from_the_environment(ns: NetworkNamespace):
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "-A OUTPUT -o lo -j MESHGUARD_OUTPUT" in snapshot(ns)[Family.IPV4]
+    assert output_hook(rs) in snapshot(ns)[Family.IPV4]

@@ -1,9 +1,14 @@
-"""meshguard-init's planning and verification (pure), and the ruleset document it reads."""
+"""meshguard-init's planning, verification and rollback (pure), its locks, and the ruleset
+document it reads."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +20,16 @@ from meshguard.errors import MalformedInputError, MeshguardFailure
 from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.install import install, plan_payload, verify
-from meshguard.rules.iptables import SavedState, jump_target, parse_save
-from meshguard.rules.ruleset import Family, Ruleset
+from meshguard.rules.iptables import (
+    XTABLES_LOCKFILE_ENV,
+    Deadline,
+    SavedState,
+    abstract_socket_lock,
+    jump_target,
+    parse_save,
+    xtables_lock,
+)
+from meshguard.rules.ruleset import Family, Hook, Ruleset, Table
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
@@ -33,8 +46,9 @@ def installed_state(rs: Ruleset, family: Family = Family.IPV4) -> str:
     """What iptables-save prints after a fresh install of ``rs`` on top of Istio's OUTPUT jump."""
     blocks = []
     for table in rs.family(family).tables:
+        builtins = dict.fromkeys(["OUTPUT", "POSTROUTING", *(h.chain for h in table.hooks)])
         lines = [f"*{table.name}"]
-        lines += [f":{b} ACCEPT [0:0]" for b in ("OUTPUT", "POSTROUTING")]
+        lines += [f":{b} ACCEPT [0:0]" for b in builtins]
         lines += [f":{c} - [0:0]" for c in table.chains]
         lines += [f"-A {h.chain} {h.spec}" for h in table.hooks]
         if table.name == "nat":
@@ -42,6 +56,16 @@ def installed_state(rs: Ruleset, family: Family = Family.IPV4) -> str:
         lines += [f"-A {chain} {spec}" for chain, spec in table.rules]
         blocks.append("\n".join([*lines, "COMMIT"]))
     return "\n".join(blocks) + "\n"
+
+
+def first_hook(rs: Ruleset, table: str, chain: str = "OUTPUT") -> Hook:
+    return next(h for t in rs.ipv4.tables if t.name == table for h in t.hooks if h.chain == chain)
+
+
+def with_table(rs: Ruleset, table: Table) -> Ruleset:
+    """``rs`` with its IPv4 table of that name replaced."""
+    tables = tuple(table if t.name == table.name else t for t in rs.ipv4.tables)
+    return replace(rs, ipv4=replace(rs.ipv4, tables=tables))
 
 
 def test_plan_on_an_empty_namespace_is_the_printed_payload():
@@ -60,25 +84,27 @@ def test_plan_on_an_installed_namespace_keeps_hooks_and_refills_chains():
 
 def test_plan_moves_a_hook_that_is_no_longer_first():
     rs = ruleset()
+    hook = first_hook(rs, "filter").spec
     state = installed_state(rs).replace(
-        "-A OUTPUT -o lo -j MESHGUARD_OUTPUT",
-        "-A OUTPUT -j SOMETHING_ELSE\n-A OUTPUT -o lo -j MESHGUARD_OUTPUT",
+        f"-A OUTPUT {hook}\n", f"-A OUTPUT -j SOMETHING_ELSE\n-A OUTPUT {hook}\n"
     )
     plan = plan_payload(rs.ipv4, parse_save(state)).splitlines()
-    delete = plan.index("-D OUTPUT -o lo -j MESHGUARD_OUTPUT")
-    insert = plan.index("-I OUTPUT 1 -o lo -j MESHGUARD_OUTPUT")
+    delete = plan.index(f"-D OUTPUT {hook}")
+    insert = plan.index(f"-I OUTPUT 1 {hook}")
     assert delete < insert
 
 
 def test_plan_removes_chains_and_hooks_the_new_ruleset_no_longer_has():
-    old = ruleset()  # has the nat table (an http rule)
-    new = ruleset("rules: [{from: app, to: cache, ports: [6379]}]")
+    old = ruleset()
+    nat = next(t for t in old.ipv4.tables if t.name == "nat")
+    new = replace(old, ipv4=replace(old.ipv4, tables=tuple(t for t in old.ipv4.tables if t != nat)))
     plan = plan_payload(new.ipv4, parse_save(installed_state(old)))
-    nat = plan[plan.index("*nat") :]
-    assert "-D OUTPUT -o lo -j MESHGUARD_REDIRECT" in nat
-    assert "-D POSTROUTING -o lo -j MESHGUARD_SNAT" in nat
-    assert nat.index(":MESHGUARD_REDIRECT - [0:0]") < nat.index("-X MESHGUARD_REDIRECT")
-    assert "-X MESHGUARD_SNAT" in nat
+    planned = plan[plan.index("*nat") :]
+    for hook in nat.hooks:
+        assert f"-D {hook.chain} {hook.spec}" in planned
+    for chain in nat.chains:
+        assert planned.index(f":{chain} - [0:0]") < planned.index(f"-X {chain}")
+    assert "ISTIO" not in planned
 
 
 def test_plan_removes_a_source_chain_of_a_container_that_is_gone():
@@ -97,11 +123,12 @@ def test_verify_accepts_a_faithful_install_and_names_every_discrepancy():
     broken = installed_state(rs)
     broken = broken.replace("-A MESHGUARD_SRC_1002 -j MESHGUARD_DENY\n", "")
     broken = broken.replace(":MESHGUARD_SNAT - [0:0]\n", ":MESHGUARD_OLD - [0:0]\n")
-    broken = broken.replace("-A OUTPUT -o lo -j MESHGUARD_REDIRECT\n", "")
+    redirect = first_hook(rs, "nat").spec
+    broken = broken.replace(f"-A OUTPUT {redirect}\n", "")
     problems = verify(rs.ipv4, parse_save(broken))
     assert "filter: chain MESHGUARD_SRC_1002 has 1 rules, expected 2" in problems
     assert "nat: chain MESHGUARD_SNAT missing" in problems
-    assert "nat: OUTPUT does not start with '-o lo -j MESHGUARD_REDIRECT'" in problems
+    assert f"nat: OUTPUT does not start with '{redirect}'" in problems
     assert "nat: stale meshguard chains MESHGUARD_OLD" in problems
 
 
@@ -118,20 +145,42 @@ def test_install_fails_closed_when_verification_fails():
     assert calls[1][:2] == ["iptables-restore", "--noflush"]
 
 
-def test_a_family_installed_next_to_one_that_fails_is_logged_before_the_failure(
+class FakeTables:
+    """iptables-save/restore of both families as text: a restore leaves either ``rs``
+    installed or nothing (enough for install and rollback); each tool in ``failing`` fails
+    the first time it runs."""
+
+    def __init__(self, rs: Ruleset, *, failing: set[str]) -> None:
+        self.rs = rs
+        self.failing = failing
+        self.state = {f: "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n" for f in Family}
+        self.restores: list[str] = []
+
+    def __call__(self, argv, *, stdin=None):
+        tool = argv[0]
+        family = Family.IPV6 if tool.startswith("ip6") else Family.IPV4
+        if tool == "ip":
+            return ""
+        if tool in self.failing:
+            self.failing.discard(tool)
+            raise MeshguardFailure(f"{tool}: broken")
+        if tool.endswith("-save"):
+            return self.state[family]
+        self.restores.append(tool)
+        installs_ruleset = f":{self.rs.family(family).tables[0].chains[0]} - [0:0]" in stdin
+        rolls_back = "-D " in stdin or "-X " in stdin
+        if installs_ruleset and not rolls_back:
+            self.state[family] = installed_state(self.rs, family)
+        else:
+            self.state[family] = "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+        return ""
+
+
+def test_a_family_that_fails_rolls_back_the_one_installed_next_to_it(
     caplog: pytest.LogCaptureFixture,
 ):
     rs = ruleset()
-    restored: list[bool] = []
-
-    def run(argv, *, stdin=None):
-        if argv[0].startswith("ip6tables") or argv[0] == "ip":
-            raise MeshguardFailure("ip6tables-save: broken")
-        if argv[0] == "iptables-restore":
-            restored.append(True)
-            return ""
-        return installed_state(rs) if restored else "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
-
+    tables = FakeTables(rs, failing={"ip6tables-restore"})
     # Straight from meshguard's logger, whether or not the CLI has stopped its propagation.
     logger = logging.getLogger("meshguard")
     logger.addHandler(caplog.handler)
@@ -139,14 +188,49 @@ def test_a_family_installed_next_to_one_that_fails_is_logged_before_the_failure(
     try:
         with (
             caplog.at_level(logging.INFO, logger="meshguard"),
-            pytest.raises(MeshguardFailure, match="ip6tables-save: broken"),
+            pytest.raises(MeshguardFailure, match=r"^ip6tables-restore: broken$"),
         ):
-            install(rs, run=run, ipv6_available=True)
+            install(rs, run=tables, ipv6_available=True)
     finally:
         logger.removeHandler(caplog.handler)
         logger.propagate = propagate
-    installed = [r.fields for r in caplog.records if r.getMessage() == "ruleset installed"]
-    assert [(f["family"], f["digest"]) for f in installed] == [("ipv4", rs.digest)]
+    events = [(r.fields["event"], r.fields["family"]) for r in caplog.records]
+    assert ("installed", "ipv4") not in events
+    assert ("rolled-back", "ipv4") in events
+    assert tables.state[Family.IPV4] == "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    # ipv4 installed and rolled back; ipv6's failed restore may have half-committed: undone
+    assert sorted(tables.restores) == ["ip6tables-restore", "iptables-restore", "iptables-restore"]
+
+
+def test_a_family_that_fails_before_changing_anything_is_not_rolled_back():
+    rs = ruleset()
+    tables = FakeTables(rs, failing={"ip6tables-save"})
+    with pytest.raises(MeshguardFailure, match=r"^ip6tables-save: broken$"):
+        install(rs, run=tables, ipv6_available=True)
+    assert tables.restores == ["iptables-restore", "iptables-restore"]
+
+
+def test_a_rollback_that_does_not_verify_is_named_in_the_one_line():
+    rs = ruleset()
+    saves: list[str] = []
+
+    def run(argv, *, stdin=None):
+        if argv[0] == "iptables-save":
+            saves.append(argv[0])  # nothing at first; then the rollback never takes
+            return (
+                "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+                if len(saves) == 1
+                else installed_state(rs)
+            )
+        if argv[0] == "iptables-restore" and len(saves) == 1:
+            raise MeshguardFailure("iptables-restore: line 9 failed")
+        return ""
+
+    with pytest.raises(MeshguardFailure) as failure:
+        install(rs, run=run, families=[Family.IPV4])
+    message = str(failure.value)
+    assert message.startswith("iptables-restore: line 9 failed; rolling back also failed: ipv4")
+    assert "\n" not in message
 
 
 def test_install_skips_ipv6_only_when_the_namespace_has_no_ipv6():
@@ -160,6 +244,118 @@ def test_install_skips_ipv6_only_when_the_namespace_has_no_ipv6():
     results = install(rs, run=run, families=[Family.IPV6], ipv6_available=False)
     assert [r.installed for r in results] == [False]
     assert seen == []
+
+
+def two_hooks_into_output(rs: Ruleset) -> Ruleset:
+    """``rs`` with a second filter hook into OUTPUT (to a chain of its own), after the first."""
+    filter_table = next(t for t in rs.ipv4.tables if t.name == "filter")
+    extra = Hook(chain="OUTPUT", spec="-o lo -j MESHGUARD_EXTRA")
+    return with_table(
+        rs,
+        replace(
+            filter_table,
+            chains=(*filter_table.chains, "MESHGUARD_EXTRA"),
+            hooks=(*filter_table.hooks, extra),
+            rules=(*filter_table.rules, ("MESHGUARD_EXTRA", "-j RETURN")),
+        ),
+    )
+
+
+def test_several_hooks_into_one_chain_are_its_first_rules_in_order():
+    rs = two_hooks_into_output(ruleset())
+    first, extra = (h.spec for h in rs.ipv4.tables[0].hooks if h.chain == "OUTPUT")
+    plan = plan_payload(rs.ipv4, SavedState()).splitlines()
+    assert plan.index(f"-I OUTPUT 1 {first}") < plan.index(f"-I OUTPUT 2 {extra}")
+    installed = parse_save(installed_state(rs))
+    assert installed.table("filter").rules_of("OUTPUT")[:2] == [first, extra]
+    assert verify(rs.ipv4, installed) == []
+    assert "-I " not in plan_payload(rs.ipv4, installed)
+    swapped = installed_state(rs).replace(
+        f"-A OUTPUT {first}\n-A OUTPUT {extra}\n", f"-A OUTPUT {extra}\n-A OUTPUT {first}\n"
+    )
+    assert verify(rs.ipv4, parse_save(swapped)) == [
+        f"filter: OUTPUT does not start with '{first}', '{extra}'"
+    ]
+    replan = plan_payload(rs.ipv4, parse_save(swapped)).splitlines()
+    assert [line for line in replan if line.startswith(("-D ", "-I "))] == [
+        f"-D OUTPUT {extra}",
+        f"-D OUTPUT {first}",
+        f"-I OUTPUT 1 {first}",
+        f"-I OUTPUT 2 {extra}",
+    ]
+
+
+def test_a_jump_into_meshguard_that_is_no_hook_is_found_and_removed():
+    rs = ruleset()
+    state = installed_state(rs).replace(
+        "-A OUTPUT -j ISTIO_OUTPUT\n", "-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -j MESHGUARD_SNAT\n"
+    )
+    assert "nat: OUTPUT has an unexpected jump '-j MESHGUARD_SNAT'" in verify(
+        rs.ipv4, parse_save(state)
+    )
+    assert "-D OUTPUT -j MESHGUARD_SNAT" in plan_payload(rs.ipv4, parse_save(state))
+
+
+# --- the locks ------------------------------------------------------------------------------
+
+
+def test_the_install_lock_is_exclusive_and_names_its_holder():
+    name = f"meshguard-test/{os.getpid()}/{time.monotonic_ns()}"
+    with abstract_socket_lock(name, deadline=Deadline.after(1)):
+        started = time.monotonic()
+        with (
+            pytest.raises(MeshguardFailure) as failure,
+            abstract_socket_lock(name, deadline=Deadline.after(0.2)),
+        ):
+            pass
+        assert time.monotonic() - started >= 0.2
+    assert str(failure.value) == (
+        f"another meshguard installer (pid {os.getpid()}) holds the install lock of this"
+        f" network namespace (@{name}); gave up after 0.2s"
+    )
+    with abstract_socket_lock(name, deadline=Deadline.after(0)):
+        pass  # free again once the holder let go
+
+
+def test_a_waiter_gets_the_install_lock_when_the_holder_lets_go():
+    name = f"meshguard-test/{os.getpid()}/{time.monotonic_ns()}"
+    order: list[str] = []
+    holding = threading.Event()
+
+    def holder() -> None:
+        with abstract_socket_lock(name, deadline=Deadline.after(1)):
+            holding.set()
+            time.sleep(0.2)
+            order.append("released")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    holding.wait(5)
+    with abstract_socket_lock(name, deadline=Deadline.after(5)):
+        order.append("acquired")
+    thread.join()
+    assert order == ["released", "acquired"]
+
+
+def test_the_xtables_lock_is_exclusive_and_its_holders_tools_lock_elsewhere(tmp_path: Path):
+    path = tmp_path / "xtables.lock"
+    with xtables_lock(path, deadline=Deadline.after(1)) as held:
+        assert held.held
+        private = held.env[XTABLES_LOCKFILE_ENV]
+        assert Path(private).resolve() != path.resolve()
+        with (
+            pytest.raises(MeshguardFailure, match=f"holds iptables' lock {path}; gave up after"),
+            xtables_lock(path, deadline=Deadline.after(0.1)),
+        ):
+            pass
+    with xtables_lock(path, deadline=Deadline.after(0)) as again:
+        assert again.held
+
+
+def test_an_xtables_lock_file_that_cannot_be_opened_is_skipped(tmp_path: Path):
+    with xtables_lock(tmp_path / "missing" / "xtables.lock", deadline=Deadline.after(0)) as held:
+        assert not held.held
+        assert held.env == {}
 
 
 def test_parse_save_reads_real_output_and_rejects_garbage():
