@@ -428,9 +428,14 @@ def _entry_rules(
     """``MESHGUARD_OUTPUT``: every packet the pod sends passes here first."""
     proxy_ports = settings.proxy_port_spec
     if family is Family.IPV4:
-        local_udp, local_tcp = "LOCAL,BROADCAST,MULTICAST", "LOCAL"
+        looped = [f"-p udp -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -g {LOCAL_CHAIN}"]
     else:
-        local_udp, local_tcp = "LOCAL,MULTICAST", "LOCAL"
+        # ip6tables' addrtype ANDs multicast with the other types: one rule each.
+        looped = [
+            f"-d ff00::/8 -p udp -g {LOCAL_CHAIN}",
+            f"-p udp -m addrtype --dst-type LOCAL -g {LOCAL_CHAIN}",
+        ]
+    looped.append(f"-p tcp -m addrtype --dst-type LOCAL -g {LOCAL_CHAIN}")
     return [
         (
             OUTPUT_CHAIN,
@@ -451,8 +456,7 @@ def _entry_rules(
         ),
         (OUTPUT_CHAIN, f"-p udp -m multiport --sports {proxy_ports} -j {DENY_CHAIN}"),
         (OUTPUT_CHAIN, f"-o lo -g {LOCAL_CHAIN}"),
-        (OUTPUT_CHAIN, f"-p udp -m addrtype --dst-type {local_udp} -g {LOCAL_CHAIN}"),
-        (OUTPUT_CHAIN, f"-p tcp -m addrtype --dst-type {local_tcp} -g {LOCAL_CHAIN}"),
+        *((OUTPUT_CHAIN, spec) for spec in looped),
     ]
 
 

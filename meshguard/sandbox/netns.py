@@ -149,6 +149,17 @@ def serve_command(
     ]  # fmt: skip
 
 
+def record_command(
+    *, uid: int, gid: int, tcp: Sequence[int] = (), udp: Sequence[int] = (), seconds: float
+) -> list[str]:
+    """argv of a recorder: what a process of uid/gid listening on these ports receives."""
+    return [
+        sys.executable, "-m", "meshguard.sandbox.probe", "record",
+        "--uid", str(uid), "--gid", str(gid), "--seconds", str(seconds),
+        "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp)),
+    ]  # fmt: skip
+
+
 def serve_http_command(*, name: str, uid: int, gid: int, ports: Sequence[int]) -> list[str]:
     return [
         sys.executable, "-m", "meshguard.sandbox.probe", "serve-http", "--name", name,

@@ -12,7 +12,11 @@ kernel's owner match sees exactly what it would see in a pod.
   JSON line (server, port, method, path, peer): the upstreams of L7 flows.
 - ``probe``: read a JSON list of targets on stdin, try each, print a JSON list of outcomes:
   ``allow`` (the server answered; its reply says where the flow landed), ``deny`` (refused
-  or reset: the kernel rejected it), ``timeout`` or ``error``.
+  or reset: the kernel rejected it), ``timeout`` or ``error``; a datagram sent without
+  waiting for an answer (``send_only``: broadcast, multicast) is ``sent`` or ``deny``.
+- ``record``: listen on TCP and UDP ports (IPv4 and IPv6 wildcard sockets) for some seconds,
+  then print a JSON list of everything received: what a squatter or a broadcast listener
+  would see, whether or not it could answer.
 """
 
 from __future__ import annotations
@@ -259,13 +263,14 @@ def probe(target: dict[str, Any]) -> dict[str, Any]:
     protocol = target.get("protocol", "tcp")
     if protocol == "http":
         return probe_http(target)
+    if target.get("send_only"):
+        return send_datagram(target)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     try:
         with socket.socket(family, kind) as sock:
             sock.settimeout(target.get("timeout", PROBE_TIMEOUT_SECONDS))
-            if target.get("source"):
-                sock.bind((str(target["source"]), 0))
+            _bind_source(sock, target, family)
             sock.connect((host, port))
             if protocol == "udp":
                 sock.send(b"ping\n")
@@ -275,6 +280,80 @@ def probe(target: dict[str, Any]) -> dict[str, Any]:
     except OSError as exc:
         return _failure(exc)
     return _landing(data)
+
+
+def send_datagram(target: dict[str, Any]) -> dict[str, Any]:
+    """One UDP datagram carrying ``target["mark"]``, sent without waiting for an answer (to a
+    broadcast or multicast address, or where the answer cannot come back): ``sent`` or
+    ``deny`` (netfilter dropped it in OUTPUT: EPERM)."""
+    host, port = str(target["host"]), int(target["port"])
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            if target.get("device"):
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_BINDTODEVICE, str(target["device"]).encode()
+                )
+            _bind_source(sock, target, family)
+            sock.sendto(str(target.get("mark", "ping")).encode(), address)
+    except OSError as exc:
+        return _failure(exc)
+    return {"result": "sent"}
+
+
+def _bind_source(sock: socket.socket, target: dict[str, Any], family: int) -> None:
+    """Bind the source address and/or port a target asks for (e.g. a port another
+    container's closed socket just used)."""
+    source, source_port = target.get("source"), int(target.get("source_port") or 0)
+    if source or source_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"  # noqa: S104 - a probe
+        sock.bind((str(source or wildcard), source_port))
+
+
+def record(*, tcp: Sequence[int], udp: Sequence[int], seconds: float) -> list[dict[str, Any]]:
+    """Everything received on the ports within ``seconds``: connections accepted (TCP) and
+    datagrams (UDP), on separate IPv4 and IPv6 wildcard sockets."""
+    selector = selectors.DefaultSelector()
+    for port in tcp:
+        for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):  # noqa: S104
+            listener = _wildcard_socket(family, socket.SOCK_STREAM, wildcard, port)
+            listener.listen(16)
+            selector.register(listener, selectors.EVENT_READ, ("tcp", port))
+    for port in udp:
+        for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):  # noqa: S104
+            sock = _wildcard_socket(family, socket.SOCK_DGRAM, wildcard, port)
+            selector.register(sock, selectors.EVENT_READ, ("udp", port))
+    print("ready", flush=True)
+    received: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        for key, _ in selector.select(timeout=left):
+            protocol, port = key.data
+            sock = key.fileobj  # type: ignore[assignment]
+            with contextlib.suppress(BlockingIOError, OSError):
+                if protocol == "tcp":
+                    conn, peer = sock.accept()
+                    conn.close()
+                    data = b""
+                else:
+                    data, peer = sock.recvfrom(2048)
+                received.append(
+                    {"protocol": protocol, "port": port, "peer": _plain(peer[0]),
+                     "data": data.decode(errors="replace")}
+                )  # fmt: skip
+    return received
+
+
+def _wildcard_socket(family: int, kind: int, wildcard: str, port: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((wildcard, port))
+    sock.setblocking(False)
+    return sock
 
 
 def _failure(exc: OSError) -> dict[str, Any]:
@@ -298,13 +377,14 @@ def _landing(data: bytes) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshguard.sandbox.probe")
-    parser.add_argument("command", choices=["serve", "serve-http", "probe"])
+    parser.add_argument("command", choices=["serve", "serve-http", "probe", "record"])
     parser.add_argument("--uid", type=int, required=True)
     parser.add_argument("--gid", type=int, required=True)
     parser.add_argument("--groups", default="", help="comma-separated supplementary gids")
     parser.add_argument("--name", default="")
     parser.add_argument("--tcp", default="", help="comma-separated ports to serve")
     parser.add_argument("--udp", default="", help="comma-separated ports to serve")
+    parser.add_argument("--seconds", type=float, default=2.0, help="how long to record")
     args = parser.parse_args(argv)
     drop_privileges(uid=args.uid, gid=args.gid, groups=_ints(args.groups))
     if args.command in {"serve", "serve-http"}:
@@ -313,6 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_http(name=args.name, ports=_ints(args.tcp))
         else:
             serve(name=args.name, tcp=_ints(args.tcp), udp=_ints(args.udp))
+        return 0
+    if args.command == "record":
+        received = record(tcp=_ints(args.tcp), udp=_ints(args.udp), seconds=args.seconds)
+        json.dump(received, sys.stdout)
         return 0
     targets = json.load(sys.stdin)
     json.dump([probe(target) for target in targets], sys.stdout)

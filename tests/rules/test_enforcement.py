@@ -20,11 +20,13 @@ from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
 from tests.support.samples import pod_of_uids
+from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 PROXY_UID = 1337
+CLUSTER_DNS = "10.96.0.10"
 
 # Who runs as what, and what each serves (the proxy's ports stand in for Envoy/pilot-agent).
 APP = Server("app", 1000, 1000, tcp=(8080, 9090))
@@ -88,7 +90,9 @@ def _expected(source: str, target: dict[str, Any]) -> tuple[str, str | None, int
     proto, port, host = target["protocol"], target["port"], target["host"]
     if source == "proxy":
         if proto == "tcp" and not DESTINATIONS[host]:
-            return "allow", "proxy", 15006  # Istio: the proxy dialing a pod address is inbound
+            # Istio sends the proxy dialing a pod address to its inbound listener: a hairpin,
+            # on behalf of some container; the example opens no port to every container.
+            return "deny", None, None
         return "allow", OWNER[(proto, port)], port
     if (proto, port) in L7_REDIRECTED.get(source, set()):
         return "allow", "proxy", 15007
@@ -117,7 +121,7 @@ def test_container_reaches_exactly_what_the_policy_allows(sandbox: PodSandbox, s
     assert _check(sandbox, server.name, server.uid, server.gid) == len(DESTINATIONS) * len(OWNER)
 
 
-def test_proxy_uid_reaches_everything_as_without_meshguard(sandbox: PodSandbox):
+def test_proxy_uid_reaches_everything_but_hairpins(sandbox: PodSandbox):
     _check(sandbox, "proxy", PROXY_UID, PROXY_UID)
 
 
@@ -158,16 +162,21 @@ CAPTURE_FLOWS = [
     (APP, {"host": "10.0.0.5", "port": 80}),
     (APP, {"host": "2001:db8::5", "port": 32000}),
     (CACHE, {"host": "10.0.0.5", "port": 80}),
-    (PROXY, {"host": "10.1.2.3", "port": 8080}),  # the proxy dialing the pod IP: inbound
     (PROXY, {"host": "127.0.0.1", "port": 8080}),
     (PROXY, {"host": "10.1.2.3", "port": 8080, "source": "127.0.0.6"}),  # inbound delivery
+]
+#: The proxy dialing the pod's own address: Istio sends it to the inbound listener (15006).
+HAIRPIN_FLOWS = [
+    (PROXY, {"host": "10.1.2.3", "port": 8080}),
     (PROXY, {"host": "fd00:10::3", "port": 9090}),
 ]
 
 
-def _capture_outcomes(box: PodSandbox) -> list[tuple[str, str | None, int | None]]:
+def _capture_outcomes(
+    box: PodSandbox, flows: list[tuple[Server, dict[str, Any]]] = CAPTURE_FLOWS
+) -> list[tuple[str, str | None, int | None]]:
     outcomes = []
-    for server, target in CAPTURE_FLOWS:
+    for server, target in flows:
         (got,) = box.probe(uid=server.uid, gid=server.gid, targets=[target])
         outcomes.append((got["result"], got.get("server"), got.get("port")))
     return outcomes
@@ -175,6 +184,7 @@ def _capture_outcomes(box: PodSandbox) -> list[tuple[str, str | None, int | None
 
 def test_istio_capture_behaves_exactly_as_without_meshguard(sandbox: PodSandbox, tmp_path: Path):
     with_meshguard = _capture_outcomes(sandbox)
+    hairpins = _capture_outcomes(sandbox, HAIRPIN_FLOWS)
     with NetworkNamespace() as ns:
         istio_only = PodSandbox(ns=ns, ruleset=sandbox.ruleset, ruleset_file=tmp_path / "unused")
         istio_only.load_istio("ipnets.golden", families=[Family.IPV4])
@@ -182,9 +192,13 @@ def test_istio_capture_behaves_exactly_as_without_meshguard(sandbox: PodSandbox,
         for server in SERVERS:
             istio_only.serve(server)
         without = _capture_outcomes(istio_only)
+        hairpins_without = _capture_outcomes(istio_only, HAIRPIN_FLOWS)
     assert with_meshguard == without
-    assert ("allow", "proxy", 15006) in without  # the comparison covers the inbound redirect
-    assert ("allow", "proxy", 15001) in without  # and the outbound capture
+    assert ("allow", "proxy", 15001) in without  # the comparison covers the outbound capture
+    # The one difference: Istio alone lets the proxy dial the pod itself (to its inbound
+    # listener, which delivers to any port); meshguard refuses such hairpins here.
+    assert hairpins_without == [("allow", "proxy", 15006)] * 2
+    assert [outcome[0] for outcome in hairpins] == ["deny", "deny"]
 
 
 def test_envoy_inbound_delivery_from_127_0_0_6_reaches_the_app(sandbox: PodSandbox):
@@ -199,16 +213,22 @@ def test_envoy_inbound_delivery_from_127_0_0_6_reaches_the_app(sandbox: PodSandb
 
 
 def test_dns_capture_to_15053_works_on_top_of_istio_dns_rules(tmp_path: Path):
-    # dns-uid-gid.golden is Istio's capture with DNS on, for a proxy running as uid 3 / gid 1.
+    # dns-uid-gid.golden is Istio's capture with DNS on, for a proxy running as uid 3 / gid 1,
+    # recorded with nameserver 127.0.0.53; a pod's nameserver is the cluster DNS Service.
     pod = example_pod()
     proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy")
     proxy["securityContext"].update(runAsUser=3, runAsGroup=1)
-    with pod_sandbox(compile_for(pod), tmp_path, istio={Family.IPV4: "dns-uid-gid.golden"}) as box:
+    with pod_sandbox(compile_for(pod), tmp_path, istio={}) as box:
+        (v4, _) = golden_payloads("dns-uid-gid.golden")
+        for payload in v4:
+            box.ns.run(["iptables-restore", "--noflush"], stdin=payload.replace(
+                "127.0.0.53/32", f"{CLUSTER_DNS}/32"))  # fmt: skip
+        box.meshguard_init()  # again, so that its hooks come first
         box.serve(APP)
         box.serve(Server("proxy", 3, 1, tcp=(15053, 15000), udp=(15053,)))
         dns = [
-            {"host": "127.0.0.53", "port": 53, "protocol": "udp"},
-            {"host": "127.0.0.53", "port": 53, "protocol": "tcp"},
+            {"host": CLUSTER_DNS, "port": 53, "protocol": "udp"},
+            {"host": CLUSTER_DNS, "port": 53, "protocol": "tcp"},
             {"host": "127.0.0.1", "port": 15053, "protocol": "udp"},  # direct: not a capture
             {"host": "127.0.0.1", "port": 15000, "protocol": "tcp"},  # admin port
         ]
@@ -246,7 +266,7 @@ def test_meshguard_hooks_run_before_istio_output(sandbox: PodSandbox):
         nat = save[save.index("*nat") :]
         output_jumps = [line for line in nat.splitlines() if line.startswith("-A OUTPUT ")]
         assert output_jumps[:2] == [
-            "-A OUTPUT -o lo -j MESHGUARD_REDIRECT",
+            "-A OUTPUT -j MESHGUARD_REDIRECT",
             "-A OUTPUT -j ISTIO_OUTPUT",
         ], family
 
