@@ -8,9 +8,11 @@ state is exactly the ruleset of the installer that held it last.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +24,11 @@ from typing import Any
 import pytest
 
 from meshguard.rules.install import INSTALL_LOCK_NAME, verify
-from meshguard.rules.iptables import parse_save
+from meshguard.rules.iptables import Deadline, EnvRunner, parse_save, xtables_lock
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.rules.test_init_netns import compiled, output_hook, snapshot
+from tests.support.podns import own_lines
 from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
@@ -51,6 +54,42 @@ class Outcome:
         return times["lock-acquired"], times["lock-released"]
 
 
+@dataclass(frozen=True)
+class Backend:
+    """The iptables variant the installers run: what Istio used decides it in a pod."""
+
+    name: str
+    bin_dir: Path | None = None  # put first on PATH: its iptables-* are the variant's
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.bin_dir is None:
+            return dict(os.environ)
+        return {**os.environ, "PATH": f"{self.bin_dir}:{os.environ['PATH']}"}
+
+    def save(self, ns: NetworkNamespace, family: Family) -> str:
+        return ns.run([str(self.bin_dir / family.save) if self.bin_dir else family.save])
+
+    def snapshot(self, ns: NetworkNamespace) -> dict[Family, list[str]]:
+        return {family: own_lines(self.save(ns, family)) for family in Family}
+
+
+NFT = Backend("nft")
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory: pytest.TempPathFactory) -> Backend:
+    """iptables-legacy under the usual names (as in an image whose Istio chose legacy)."""
+    if shutil.which("iptables-legacy-restore") is None:
+        pytest.skip("iptables-legacy is not installed")
+    directory = tmp_path_factory.mktemp("legacy-bin")
+    for family in Family:
+        for tool in (family.save, family.restore):
+            legacy_tool = tool.replace("tables-", "tables-legacy-")
+            (directory / tool).symlink_to(shutil.which(legacy_tool) or legacy_tool)
+    return Backend("legacy", directory)
+
+
 def init_command(ns: NetworkNamespace, path: Path, *extra: str) -> list[str]:
     return ns.argv(
         [sys.executable, "-m", "meshguard", "--log-level", "debug", "init",
@@ -58,36 +97,49 @@ def init_command(ns: NetworkNamespace, path: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
-def fresh_istio_namespace() -> NetworkNamespace:
+def run_init(
+    ns: NetworkNamespace, path: Path, *, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        init_command(ns, path), capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+def fresh_istio_namespace(backend: Backend) -> NetworkNamespace:
     ns = NetworkNamespace().__enter__()
     v4, _ = golden_payloads("ipnets.golden")
+    restore = str(backend.bin_dir / "iptables-restore") if backend.bin_dir else "iptables-restore"
     for payload in v4:
-        ns.run(["iptables-restore", "--noflush"], stdin=payload)
+        ns.run([restore, "--noflush"], stdin=payload)
     return ns
 
 
-def expected_states(rulesets: list[Ruleset], tmp_path: Path) -> dict[str, dict[Family, list[str]]]:
+def expected_states(
+    rulesets: list[Ruleset], paths: list[Path], backend: Backend
+) -> dict[str, dict[Family, list[str]]]:
     """meshguard's lines after a lone install of each ruleset (by digest)."""
     states = {}
-    for index, rs in enumerate(rulesets):
-        path = tmp_path / f"alone-{index}"
-        path.write_text(rs.to_json())
-        ns = fresh_istio_namespace()
+    for rs, path in zip(rulesets, paths, strict=True):
+        ns = fresh_istio_namespace(backend)
         try:
-            done = subprocess.run(
-                init_command(ns, path), capture_output=True, text=True, timeout=60, check=False
-            )
+            done = run_init(ns, path, env=backend.env)
             assert done.returncode == 0, done.stderr
-            states[rs.digest] = snapshot(ns)
+            states[rs.digest] = backend.snapshot(ns)
         finally:
             ns.close()
     return states
 
 
-def race_round(ns: NetworkNamespace, rulesets: list[Ruleset], paths: list[Path]) -> list[Outcome]:
+def race_round(
+    ns: NetworkNamespace, rulesets: list[Ruleset], paths: list[Path], backend: Backend
+) -> list[Outcome]:
     processes = [
         subprocess.Popen(
-            init_command(ns, path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            init_command(ns, path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=backend.env,
         )
         for path in paths
     ]
@@ -99,15 +151,17 @@ def race_round(ns: NetworkNamespace, rulesets: list[Ruleset], paths: list[Path])
 
 
 def round_problems(
-    ns: NetworkNamespace, outcomes: list[Outcome], states: dict[str, dict[Family, list[str]]]
+    ns: NetworkNamespace,
+    outcomes: list[Outcome],
+    states: dict[str, dict[Family, list[str]]],
+    backend: Backend,
 ) -> list[str]:
     problems = []
-    final = snapshot(ns)
-    matching = [digest for digest, state in states.items() if state == final]
+    final = backend.snapshot(ns)
     for family in Family:
         if not any(line.startswith("-A OUTPUT ") for line in final[family]):
             problems.append(f"{family.value} has no meshguard hook in OUTPUT")
-    if not matching:
+    if final not in states.values():
         problems.append("final state is neither ruleset")
     for outcome in outcomes:
         if outcome.returncode != 0:
@@ -117,6 +171,8 @@ def round_problems(
     if None in held:
         problems.append("an installer that exited 0 logged no install-lock interval")
         return problems
+    # Each exit 0 verified its rules under the lock; disjoint intervals mean nobody changed
+    # them before it let go, and the last holder's rules are what is left.
     intervals = sorted((h, o) for h, o in zip(held, succeeded, strict=True) if h is not None)
     for (first, _), (second, _) in itertools.pairwise(intervals):
         if second[0] < first[1]:
@@ -124,42 +180,42 @@ def round_problems(
     if intervals:
         last = intervals[-1][1].ruleset
         for family in Family:
-            state = parse_save(ns.run([family.save]))
-            if verify(last.family(family), state):
+            if verify(last.family(family), parse_save(backend.save(ns, family))):
                 problems.append(f"{family.value} is not the ruleset of the last lock holder")
     return problems
 
 
-@pytest.mark.parametrize("same", [False, True], ids=["different-rulesets", "same-ruleset"])
-def test_concurrent_inits_serialize_and_the_last_holder_wins(tmp_path: Path, same: bool):
+def race(backend: Backend, tmp_path: Path, *, same: bool) -> None:
     first = compiled()
     second = first if same else compiled(NARROW_POLICY)
     rulesets = [first, second]
-    paths = []
-    for index, rs in enumerate(rulesets):
-        paths.append(tmp_path / f"ruleset-{index}")
-        paths[-1].write_text(rs.to_json())
-    states = expected_states(rulesets, tmp_path)
+    paths = [tmp_path / "ruleset-0", tmp_path / "ruleset-1"]
+    for rs, path in zip(rulesets, paths, strict=True):
+        path.write_text(rs.to_json())
+    states = expected_states(rulesets, paths, backend)
     failed: dict[int, list[str]] = {}
     for number in range(ROUNDS):
-        ns = fresh_istio_namespace()
+        ns = fresh_istio_namespace(backend)
         try:
             if number % 3 == 2:
                 # A third of the rounds race on top of an installed ruleset (a restart).
-                done = subprocess.run(
-                    init_command(ns, paths[1]),
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
-                )
+                done = run_init(ns, paths[1], env=backend.env)
                 assert done.returncode == 0, done.stderr
-            problems = round_problems(ns, race_round(ns, rulesets, paths), states)
+            problems = round_problems(ns, race_round(ns, rulesets, paths, backend), states, backend)
         finally:
             ns.close()
         if problems:
             failed[number] = problems
     assert not failed, f"{len(failed)}/{ROUNDS} rounds went wrong: {failed}"
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["different-rulesets", "same-ruleset"])
+def test_concurrent_inits_serialize_and_the_last_holder_wins(tmp_path: Path, same: bool):
+    race(NFT, tmp_path, same=same)
+
+
+def test_concurrent_inits_on_iptables_legacy_serialize_too(tmp_path: Path, legacy: Backend):
+    race(legacy, tmp_path, same=False)
 
 
 def hold_lock(ns: NetworkNamespace) -> subprocess.Popen[str]:
@@ -238,3 +294,41 @@ def test_the_lock_is_per_network_namespace(tmp_path: Path):
             check=False,
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_a_held_xtables_lock_times_out_with_one_line_naming_the_holder(tmp_path: Path):
+    path = tmp_path / "ruleset"
+    path.write_text(compiled().to_json())
+    lock = tmp_path / "xtables.lock"  # via $XTABLES_LOCKFILE, as iptables itself reads it
+    with NetworkNamespace() as ns, lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = {**os.environ, "XTABLES_LOCKFILE": str(lock), "MESHGUARD_LOCK_TIMEOUT": "0.5"}
+        done = run_init(ns, path, env=env)
+        assert done.returncode == 1
+        assert done.stderr.splitlines()[-1] == (
+            f"meshguard init: another process (pid {os.getpid()}) holds iptables' lock {lock};"
+            " gave up after 0.5s"
+        ), done.stderr
+        assert snapshot(ns) == {Family.IPV4: [], Family.IPV6: []}
+
+
+def test_legacy_writers_wait_for_the_xtables_lock_while_meshguards_tools_do_not(
+    tmp_path: Path, legacy: Backend
+):
+    lock = tmp_path / "xtables.lock"
+    restore = [str(legacy.bin_dir / "iptables-restore"), "--noflush", "--wait", "1"]
+    payload = "*filter\n:MESHGUARD_PROBE - [0:0]\nCOMMIT\n"
+    with NetworkNamespace() as ns, xtables_lock(lock, deadline=Deadline.after(1)) as held:
+        istio_like = subprocess.run(
+            ns.argv(restore),
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "XTABLES_LOCKFILE": str(lock)},
+            check=False,
+        )
+        assert istio_like.returncode == 4
+        assert "Another app is currently holding the xtables lock" in istio_like.stderr
+        EnvRunner(env=held.env)(ns.argv(restore), stdin=payload)  # would wait for us without
+        assert ":MESHGUARD_PROBE - [0:0]" in legacy.save(ns, Family.IPV4)

@@ -18,12 +18,14 @@ from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.rules.test_install import two_hooks_into_output
 from tests.support.podns import own_lines
 from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+NARROW_POLICY = "rules: [{from: app, to: cache, ports: [6379]}]"
 
 
 def compiled(policy: str | None = None) -> Ruleset:
@@ -121,9 +123,7 @@ def test_a_changed_ruleset_converges_and_leaves_nothing_stale(ns: NetworkNamespa
     nat_chains = {c for t in old_rs.ipv4.tables if t.name == "nat" for c in t.chains}
     assert nat_chains
     old.write_text(old_rs.to_json())
-    new.write_text(
-        without_nat(compiled("rules: [{from: app, to: cache, ports: [6379]}]")).to_json()
-    )
+    new.write_text(without_nat(compiled(NARROW_POLICY)).to_json())
     assert init(ns, old).returncode == 0
     assert any(c in line for c in nat_chains for line in snapshot(ns)[Family.IPV4])
     assert init(ns, new).returncode == 0
@@ -227,3 +227,68 @@ def test_init_reads_the_ruleset_from_the_environment(ns: NetworkNamespace):
     )
     assert done.returncode == 0, done.stderr
     assert output_hook(rs) in snapshot(ns)[Family.IPV4]
+
+
+def test_several_hooks_into_one_chain_install_in_order_and_converge(
+    ns: NetworkNamespace, tmp_path: Path
+):
+    plain = compiled()
+    two = two_hooks_into_output(plain)
+    hooks = [f"-A OUTPUT {h.spec}" for t in two.ipv4.tables if t.name == "filter" for h in t.hooks]
+    assert len(hooks) == 2
+    path = tmp_path / "ruleset"
+    path.write_text(two.to_json())
+    assert init(ns, path).returncode == 0
+    output = [
+        line
+        for line in ns.run(["iptables-save", "-t", "filter"]).splitlines()
+        if line.startswith("-A OUTPUT")
+    ]
+    assert output[:2] == hooks
+    once = snapshot(ns)
+    assert init(ns, path).returncode == 0
+    assert snapshot(ns) == once
+    path.write_text(plain.to_json())
+    assert init(ns, path).returncode == 0
+    assert not any("MESHGUARD_EXTRA" in line for line in snapshot(ns)[Family.IPV4])
+    with NetworkNamespace() as clean:
+        v4, _ = golden_payloads("ipnets.golden")
+        for payload in v4:
+            clean.run(["iptables-restore", "--noflush"], stdin=payload)
+        assert init(clean, path).returncode == 0
+        assert snapshot(clean) == snapshot(ns)
+
+
+def spelled_differently(rs: Ruleset) -> Ruleset:
+    """``rs`` with its IPv4 filter hook in a spelling the kernel accepts but iptables-save
+    prints otherwise: the install applies, and verification then fails."""
+    table = next(t for t in rs.ipv4.tables if t.name == "filter")
+    hook = table.hooks[0]
+    spec = (
+        hook.spec.replace("-o lo", "--out-interface lo")
+        if "-o lo" in hook.spec
+        else f"--out-interface lo {hook.spec}"
+    )
+    respelled = replace(table, hooks=(replace(hook, spec=spec), *table.hooks[1:]))
+    tables = tuple(respelled if t is table else t for t in rs.ipv4.tables)
+    return replace(rs, ipv4=replace(rs.ipv4, tables=tables))
+
+
+def test_a_failed_verification_rolls_both_families_back_and_says_one_line(
+    ns: NetworkNamespace, tmp_path: Path
+):
+    good = tmp_path / "good"
+    good.write_text(compiled().to_json())
+    assert init(ns, good).returncode == 0
+    before = snapshot(ns)
+    bad = tmp_path / "bad"
+    bad.write_text(spelled_differently(compiled(NARROW_POLICY)).to_json())
+    done = init(ns, bad)
+    assert done.returncode == 1
+    assert reason(done).startswith(
+        "meshguard init: ipv4 rules not as compiled: filter: OUTPUT does not start with"
+    ), done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()[:-1]]
+    assert sorted(e["family"] for e in events if e["event"] == "rolled-back") == ["ipv4", "ipv6"]
+    assert not any(e["event"] == "installed" for e in events)
+    assert snapshot(ns) == before
