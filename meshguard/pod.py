@@ -1,38 +1,56 @@
 """A typed, read-only view of a pod spec as meshguard needs it.
 
 Reads the containers of a pod (or pod template) after Istio's injection: which one is the
-proxy and with which uid/gid it runs, which are the workload's containers, native sidecars
-and init containers, with their effective uid/gid and declared ports. Pure: dict in, frozen
-dataclasses out; malformed specs raise :class:`~meshguard.errors.MalformedInputError`.
+proxy and with which uid/gid it runs, which are the workload's containers, native sidecars,
+init containers and ephemeral (debug) containers, with their effective uid/gid and declared
+ports. Pure: dict in, frozen dataclasses out; malformed specs raise
+:class:`~meshguard.errors.MalformedInputError`.
+
+Containers are classified here, once, for the compiler, the posture checks and the status:
+a name alone never makes a container Istio's or meshguard's. ``istio-init`` and
+``istio-validation`` are Istio's only as run-to-completion init containers that Istio's
+``sidecar.istio.io/status`` lists in ``initContainers``; ``istio-proxy`` only where the
+status lists it (``containers`` for a regular container, ``initContainers`` for a native
+sidecar with ``restartPolicy: Always``); ``meshguard-init`` only as a run-to-completion init
+container right after Istio's init step whose spec is the one meshguard generates. Every
+other container, whatever its name, is the workload's.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from meshguard import names
 from meshguard.errors import MalformedInputError
+from meshguard.inject.container import MESHGUARD_INIT, InitContainerSettings, init_container
 
 PROXY_CONTAINER: Final = "istio-proxy"
 ISTIO_INIT: Final = "istio-init"
 ISTIO_VALIDATION: Final = "istio-validation"
-MESHGUARD_INIT: Final = "meshguard-init"
 DEFAULT_PROXY_ID: Final = 1337
 
-#: Init containers that set up the pod's network and finish before anything else runs.
+#: Names of the init containers that set up the pod's network before anything else runs.
+#: A name is not a classification: see :class:`Role` and :func:`read_pod`.
 MESH_INIT_CONTAINERS: Final = frozenset({ISTIO_INIT, ISTIO_VALIDATION, MESHGUARD_INIT})
+#: Istio's init steps, one of which meshguard-init follows.
+ISTIO_INIT_STEPS: Final = (ISTIO_INIT, ISTIO_VALIDATION)
+#: Fields of meshguard-init that depend on the installation's settings, not on what it does.
+_SETTINGS_FIELDS: Final = frozenset({"image", "imagePullPolicy", "resources"})
 
 
 class Role(enum.StrEnum):
     CONTAINER = "container"
     SIDECAR = "sidecar"  # native sidecar: an init container with restartPolicy Always
     INIT = "init"  # a regular init container of the workload
-    PROXY = "proxy"
-    MESH_INIT = "mesh-init"  # istio-init, istio-validation, meshguard-init
+    PROXY = "proxy"  # istio-proxy, as Istio's status lists it
+    MESH_INIT = "mesh-init"  # istio-init, istio-validation, meshguard-init, recognized as such
+    EPHEMERAL = "ephemeral"  # spec.ephemeralContainers (kubectl debug): no rules of its own
 
 
 @dataclass(frozen=True)
@@ -48,11 +66,20 @@ class Container:
     uid: int | None
     gid: int | None
     ports: tuple[ContainerPort, ...]
+    #: Where the container is in the spec: ``initContainers``, ``containers`` or
+    #: ``ephemeralContainers``, and its index there.
+    field: str = "containers"
+    index: int = 0
 
     @property
     def runs_alongside(self) -> bool:
         """True for containers that run while the pod serves (not one-shot init containers)."""
         return self.role in {Role.CONTAINER, Role.SIDECAR}
+
+    @property
+    def where(self) -> str:
+        """The container's place in the pod spec, e.g. ``spec.initContainers[2]``."""
+        return f"spec.{self.field}[{self.index}]"
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,9 @@ class PodView:
     annotations: Mapping[str, str]
     containers: tuple[Container, ...]
     host_network: bool
+    #: spec.ephemeralContainers: reviewed like the workload, but given no rules (their uids
+    #: are no container's, so the kernel's default deny applies to them).
+    ephemeral: tuple[Container, ...] = ()
 
     @property
     def proxy(self) -> Container | None:
@@ -99,6 +129,16 @@ class PodView:
         """Every container the policy governs: all but the proxy and the mesh's init steps."""
         return tuple(c for c in self.containers if c.role not in {Role.PROXY, Role.MESH_INIT})
 
+    @property
+    def mesh_init(self) -> tuple[Container, ...]:
+        """Istio's and meshguard's recognized init steps."""
+        return tuple(c for c in self.containers if c.role is Role.MESH_INIT)
+
+    @property
+    def istio_init_step(self) -> Container | None:
+        """The recognized istio-init (or istio-validation in Istio CNI mode), if any."""
+        return next((c for c in self.mesh_init if c.name in ISTIO_INIT_STEPS), None)
+
     def container(self, name: str) -> Container | None:
         return next((c for c in self.containers if c.name == name), None)
 
@@ -114,12 +154,33 @@ class _Capabilities(_Shape):
     drop: list[str] | None = None
 
 
+class _Profile(_Shape):
+    type: str | None = None
+    localhostProfile: str | None = None
+
+
+class _SELinuxOptions(_Shape):
+    type: str | None = None
+    user: str | None = None
+    role: str | None = None
+    level: str | None = None
+
+
 class _SecurityContext(_Shape):
     runAsUser: int | None = None
     runAsGroup: int | None = None
     privileged: bool | None = None
     allowPrivilegeEscalation: bool | None = None
     capabilities: _Capabilities | None = None
+    procMount: str | None = None
+    seccompProfile: _Profile | None = None
+    appArmorProfile: _Profile | None = None
+    seLinuxOptions: _SELinuxOptions | None = None
+
+
+class _Sysctl(_Shape):
+    name: str
+    value: str | None = None
 
 
 class _PodSecurityContext(_Shape):
@@ -127,6 +188,10 @@ class _PodSecurityContext(_Shape):
     runAsGroup: int | None = None
     fsGroup: int | None = None
     supplementalGroups: list[int] | None = None
+    seccompProfile: _Profile | None = None
+    appArmorProfile: _Profile | None = None
+    seLinuxOptions: _SELinuxOptions | None = None
+    sysctls: list[_Sysctl] | None = None
 
 
 class _ContainerShape(_Shape):
@@ -134,6 +199,7 @@ class _ContainerShape(_Shape):
     securityContext: _SecurityContext | None = None
     ports: list[dict[str, Any]] | None = None
     restartPolicy: str | None = None
+    targetContainerName: str | None = None
 
 
 class _HostPath(_Shape):
@@ -148,10 +214,12 @@ class _Volume(_Shape):
 class _SpecShape(_Shape):
     containers: list[_ContainerShape] | None = None
     initContainers: list[_ContainerShape] | None = None
+    ephemeralContainers: list[_ContainerShape] | None = None
     securityContext: _PodSecurityContext | None = None
     volumes: list[_Volume] | None = None
     hostNetwork: bool | None = None
     hostPID: bool | None = None
+    hostIPC: bool | None = None
     shareProcessNamespace: bool | None = None
 
 
@@ -175,67 +243,195 @@ def check_shape(*, metadata: object, spec: object) -> None:
             raise MalformedInputError(f"{where}{path}: {expected}, got {got}") from None
 
 
-def read_pod(*, metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> PodView:
-    """Build the view of one pod (or pod template) from its metadata and spec."""
+def read_pod(
+    *,
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    init_settings: InitContainerSettings | None = None,
+) -> PodView:
+    """Build the view of one pod (or pod template) from its metadata and spec.
+
+    ``init_settings``: the settings meshguard-init is generated with; a ``meshguard-init``
+    is meshguard's only if its spec is exactly that container. Without them (readers of an
+    admitted pod) only the fields that do not depend on the installation (image, pull
+    policy, resources) are compared.
+    """
     check_shape(metadata=metadata, spec=spec)
     metadata = _mapping(metadata, "metadata")
     spec = _mapping(spec, "spec")
+    raw_annotations = _mapping(metadata.get("annotations") or {}, "metadata.annotations")
+    annotations = {str(k): str(v) for k, v in raw_annotations.items()}
     pod_context = _mapping(spec.get("securityContext") or {}, "spec.securityContext")
+    raw = {field: _items(spec, field) for field in _FIELDS}
+    status = _istio_status(annotations, raw["initContainers"], raw["containers"])
+    roles = _classify(raw, status, init_settings)
     containers = [
-        *_read_list(spec, "initContainers", pod_context, init=True),
-        *_read_list(spec, "containers", pod_context, init=False),
+        _read_container(item, field, index, roles[field][index], pod_context)
+        for field in _FIELDS
+        for index, item in enumerate(raw[field])
     ]
-    names = [c.name for c in containers]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    names_ = [c.name for c in containers]
+    duplicates = sorted({n for n in names_ if names_.count(n) > 1})
     if duplicates:
         raise MalformedInputError(f"spec: container names must be unique, repeated: {duplicates}")
-    raw_annotations = _mapping(metadata.get("annotations") or {}, "metadata.annotations")
     return PodView(
         name=str(metadata.get("name") or metadata.get("generateName") or ""),
         namespace=metadata.get("namespace"),
-        annotations={str(k): str(v) for k, v in raw_annotations.items()},
-        containers=tuple(containers),
+        annotations=annotations,
+        containers=tuple(c for c in containers if c.role is not Role.EPHEMERAL),
         host_network=spec.get("hostNetwork") is True,
+        ephemeral=tuple(c for c in containers if c.role is Role.EPHEMERAL),
     )
 
 
-def _read_list(
-    spec: Mapping[str, Any], field: str, pod_context: Mapping[str, Any], *, init: bool
-) -> list[Container]:
+_FIELDS: Final = ("initContainers", "containers", "ephemeralContainers")
+
+
+@dataclass(frozen=True)
+class IstioStatus:
+    """The containers Istio's injector says it added (``sidecar.istio.io/status``)."""
+
+    init_containers: frozenset[str]
+    containers: frozenset[str]
+
+
+def _istio_status(
+    annotations: Mapping[str, str],
+    init: Sequence[Mapping[str, Any]],
+    regular: Sequence[Mapping[str, Any]],
+) -> IstioStatus:
+    raw = annotations.get(names.ISTIO_STATUS)
+    if raw is None:
+        return _layout_status(init, regular)
+    where = f"metadata.annotations[{names.ISTIO_STATUS}]"
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise MalformedInputError(
+            f"{where}: expected Istio's JSON status, got {raw[:60]!r}"
+        ) from None
+    if not isinstance(document, dict):
+        raise MalformedInputError(f"{where}: expected a JSON object, got {raw[:60]!r}")
+    listed: dict[str, frozenset[str]] = {}
+    for key in ("initContainers", "containers"):
+        value = document.get(key)
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(n, str) for n in value)
+        ):
+            raise MalformedInputError(
+                f"{where}.{key}: expected a list of container names or null, got {value!r}"
+            )
+        listed[key] = frozenset(value or ())
+    return IstioStatus(init_containers=listed["initContainers"], containers=listed["containers"])
+
+
+def _layout_status(
+    init: Sequence[Mapping[str, Any]], regular: Sequence[Mapping[str, Any]]
+) -> IstioStatus:
+    """What the status would list when the pod carries none, from Istio's exact layout.
+
+    ``istioctl kube-inject`` writes a CronJob's status on ``spec.jobTemplate.metadata``, not
+    on the pod template (and Istio's webhook adds it to each pod it sees): such a template
+    is read as Istio lays pods out, and nothing else: its init step first, the native
+    sidecar proxy right after it (or after meshguard-init), or the proxy as a regular
+    container.
+    """
+    listed_init: set[str] = set()
+    position = 0
+    if init and init[0].get("name") in ISTIO_INIT_STEPS and not _restartable(init[0]):
+        listed_init.add(str(init[0]["name"]))
+        position = 1
+    if len(init) > position and _is_meshguard_init(init[position], None):
+        position += 1  # what meshguard inserts: the proxy follows it
+    if len(init) > position and init[position].get("name") == PROXY_CONTAINER:
+        listed_init.add(PROXY_CONTAINER)
+    in_regular = any(c.get("name") == PROXY_CONTAINER for c in regular)
+    return IstioStatus(
+        init_containers=frozenset(listed_init),
+        containers=frozenset({PROXY_CONTAINER} if in_regular else ()),
+    )
+
+
+def _classify(
+    raw: Mapping[str, Sequence[Mapping[str, Any]]],
+    status: IstioStatus,
+    init_settings: InitContainerSettings | None,
+) -> dict[str, list[Role]]:
+    """The role of every container, by field and index (see the module docstring)."""
+    init = raw["initContainers"]
+    roles: dict[str, list[Role]] = {
+        "initContainers": [],
+        "containers": [
+            Role.PROXY
+            if c.get("name") == PROXY_CONTAINER and PROXY_CONTAINER in status.containers
+            else Role.CONTAINER
+            for c in raw["containers"]
+        ],
+        "ephemeralContainers": [Role.EPHEMERAL] * len(raw["ephemeralContainers"]),
+    }
+    anchor = -1
+    for index, item in enumerate(init):
+        name = item.get("name")
+        restartable = _restartable(item)
+        listed = name in status.init_containers
+        if name in ISTIO_INIT_STEPS and listed and not restartable:
+            role = Role.MESH_INIT
+            anchor = index if anchor < 0 else anchor
+        elif name == PROXY_CONTAINER and listed and restartable:
+            role = Role.PROXY
+        else:
+            role = Role.SIDECAR if restartable else Role.INIT
+        roles["initContainers"].append(role)
+    own = anchor + 1
+    if own < len(init) and _is_meshguard_init(init[own], init_settings):
+        roles["initContainers"][own] = Role.MESH_INIT
+    return roles
+
+
+def _restartable(item: Mapping[str, Any]) -> bool:
+    return item.get("restartPolicy") == "Always"
+
+
+def is_meshguard_init(item: Mapping[str, Any], settings: InitContainerSettings | None) -> bool:
+    """Whether ``item`` is the meshguard-init meshguard generates (for ``settings``)."""
+    return _is_meshguard_init(item, settings)
+
+
+def _is_meshguard_init(item: Mapping[str, Any], settings: InitContainerSettings | None) -> bool:
+    if item.get("name") != MESHGUARD_INIT:
+        return False
+    if settings is not None:
+        return dict(item) == init_container(settings)
+    expected = init_container(InitContainerSettings())
+    return {k: v for k, v in item.items() if k not in _SETTINGS_FIELDS} == {
+        k: v for k, v in expected.items() if k not in _SETTINGS_FIELDS
+    }
+
+
+def _items(spec: Mapping[str, Any], field: str) -> list[Mapping[str, Any]]:
     items = spec.get(field) or []
     if not isinstance(items, list):
         raise MalformedInputError(f"spec.{field}: expected a list, got {type(items).__name__}")
-    return [
-        _read_container(item, f"spec.{field}[{index}]", pod_context, init=init)
-        for index, item in enumerate(items)
-    ]
+    return [_mapping(item, f"spec.{field}[{index}]") for index, item in enumerate(items)]
 
 
 def _read_container(
-    raw: object, where: str, pod_context: Mapping[str, Any], *, init: bool
+    item: Mapping[str, Any], field: str, index: int, role: Role, pod_context: Mapping[str, Any]
 ) -> Container:
-    item = _mapping(raw, where)
+    where = f"spec.{field}[{index}]"
     name = item.get("name")
     if not isinstance(name, str) or not name:
         raise MalformedInputError(f"{where}.name: expected a container name, got {name!r}")
     context = _mapping(item.get("securityContext") or {}, f"{where}.securityContext")
     return Container(
         name=name,
-        role=_role(name, item, init=init),
+        role=role,
         uid=_id(context, pod_context, "runAsUser", where),
         gid=_id(context, pod_context, "runAsGroup", where),
         ports=_ports(item.get("ports") or [], where),
+        field=field,
+        index=index,
     )
-
-
-def _role(name: str, item: Mapping[str, Any], *, init: bool) -> Role:
-    if name == PROXY_CONTAINER:
-        return Role.PROXY
-    if init and name in MESH_INIT_CONTAINERS:
-        return Role.MESH_INIT
-    if init:
-        return Role.SIDECAR if item.get("restartPolicy") == "Always" else Role.INIT
-    return Role.CONTAINER
 
 
 def _id(

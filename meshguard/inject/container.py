@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meshguard import names
-from meshguard.pod import MESHGUARD_INIT
 
+MESHGUARD_INIT: Final = "meshguard-init"
 RULESET_VOLUME: Final = "meshguard-ruleset"
 RULESET_DIR: Final = "/etc/meshguard"
 RULESET_FILE: Final = "ruleset"

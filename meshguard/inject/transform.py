@@ -14,24 +14,32 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshguard import __version__, names
 from meshguard.errors import RefusedError
 from meshguard.inject.container import (
+    MESHGUARD_INIT,
     RULESET_VOLUME,
     InitContainerSettings,
     init_container,
     ruleset_volume,
 )
-from meshguard.inject.posture import PostureSettings, refusals, review_posture
+from meshguard.inject.posture import (
+    Finding,
+    PostureSettings,
+    refusals,
+    review_ephemeral,
+    review_posture,
+)
 from meshguard.pod import (
-    ISTIO_INIT,
-    ISTIO_VALIDATION,
-    MESHGUARD_INIT,
+    PROXY_CONTAINER,
     PodView,
+    Role,
     check_shape,
+    is_meshguard_init,
     read_pod,
 )
 from meshguard.policy import parse_mode, parse_opt_out, parse_policy
@@ -76,8 +84,9 @@ def inject_pod(
     skip = skip_reason(metadata)
     if skip:
         return Result(Outcome.SKIPPED, reason=skip)
-    before = read_pod(metadata=metadata, spec=spec)
+    before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     if before.proxy is None:
+        _refuse_unrecognized_proxy(before)
         if not settings.request_template:
             return Result(
                 Outcome.SKIPPED, reason="no istio-proxy container (not injected by Istio)"
@@ -86,22 +95,92 @@ def inject_pod(
         return Result(Outcome.TEMPLATE_REQUESTED, reason="asked Istio for the meshguard template")
     parse_policy(annotations.get(names.POLICY))  # a bad policy is refused before anything else
     mode = parse_mode(annotations.get(names.MODE))
-    findings = review_posture(spec, proxy=before.proxy_identity, settings=settings.posture)
-    refused = refusals(findings)
-    if refused:
-        raise RefusedError(
-            f"meshguard refuses pod {before.name or '(unnamed)'}: "
-            + "; ".join(str(f) for f in refused)
-        )
-    pod = read_pod(metadata=metadata, spec=spec)
+    replaced = _remove_stale_init_container(before, spec)
+    if replaced:
+        before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    findings = review_posture(spec, pod=before, settings=settings.posture)
+    _raise_refusals(before, findings)
+    pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     ruleset = compile_cached(pod.containers, annotations.get(names.POLICY), mode, settings.compiler)
     annotations = metadata.setdefault("annotations", {})
     annotations[names.RULESET] = ruleset.to_json()
     annotations[names.STATUS] = status_annotation(pod, ruleset, mode=mode.value)
-    _place_init_container(spec, init_container(settings.init))
+    _place_init_container(spec, init_container(settings.init), pod)
     _set_volume(spec, ruleset_volume())
-    warnings = tuple(str(f) for f in findings) + ruleset.warnings
+    warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
+
+
+def review_ephemeral_containers(
+    metadata: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    settings: InjectSettings,
+    added: Collection[str] | None = None,
+) -> Result:
+    """Admit ephemeral containers being added to a running pod (``kubectl debug``).
+
+    They cannot be patched once requested, so any finding refuses them
+    (:class:`RefusedError`). ``added``: the names to review (default: every ephemeral
+    container of the spec). Pods meshguard does not protect are left alone.
+    """
+    check_shape(metadata=metadata, spec=spec)
+    pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    injected = names.STATUS in pod.annotations
+    if not injected and (pod.proxy is None or skip_reason(metadata)):
+        return Result(Outcome.SKIPPED, reason="meshguard does not protect this pod")
+    wanted = {c.name for c in pod.ephemeral} if added is None else set(added)
+    findings = review_ephemeral(spec, pod=pod, settings=settings.posture, names=wanted)
+    _raise_refusals(pod, findings)
+    return Result(Outcome.SKIPPED, reason="ephemeral containers reviewed: nothing to change")
+
+
+def _raise_refusals(pod: PodView, findings: list[Finding]) -> None:
+    refused = refusals(findings)
+    if refused:
+        raise RefusedError(
+            f"meshguard refuses pod {pod.name or '(unnamed)'}: "
+            + "; ".join(str(f) for f in refused)
+        )
+
+
+def _refuse_unrecognized_proxy(pod: PodView) -> None:
+    """Istio says it injected the pod, yet no istio-proxy is where its status puts it:
+    meshguard cannot tell the proxy apart, and Istio will not inject it again."""
+    if names.ISTIO_STATUS not in pod.annotations:
+        return
+    fake = next((c for c in (*pod.containers, *pod.ephemeral) if c.name == PROXY_CONTAINER), None)
+    if fake is not None:
+        raise RefusedError(
+            f"meshguard refuses pod {pod.name or '(unnamed)'}: container {PROXY_CONTAINER!r}"
+            f" ({fake.where}) is not where {names.ISTIO_STATUS} says Istio put its proxy"
+            " (listed in containers, or in initContainers with restartPolicy: Always): rename"
+            " the container, or let Istio inject the pod"
+        )
+
+
+def _remove_stale_init_container(pod: PodView, spec: dict[str, Any]) -> tuple[str, ...]:
+    """meshguard-init is meshguard's to place: an out-of-date or misplaced copy of it (an
+    older template's image, say) is removed, to be replaced; any other container of that
+    name would be deleted or doubled by the transform, so it is refused."""
+    init = spec.get("initContainers") or []
+    for container in (*pod.containers, *pod.ephemeral):
+        if container.name != MESHGUARD_INIT or container.role is Role.MESH_INIT:
+            continue
+        stale = container.role is Role.INIT and is_meshguard_init(init[container.index], None)
+        if not stale:
+            raise RefusedError(
+                f"meshguard refuses pod {pod.name or '(unnamed)'}: container {MESHGUARD_INIT!r}"
+                f" ({container.where}) is not meshguard's init container (its command or"
+                " securityContext differ, or it is not a run-to-completion init container):"
+                " the name is reserved for meshguard, rename the container"
+            )
+        spec["initContainers"] = [c for i, c in enumerate(init) if i != container.index]
+        return (
+            f"meshguard replaced {container.where} {MESHGUARD_INIT!r}: it was not the container"
+            " this meshguard generates (image, resources or place differ)",
+        )
+    return ()
 
 
 def status_annotation(pod: PodView, ruleset: Ruleset, *, mode: str) -> str:
@@ -148,12 +227,17 @@ def _request_template(metadata: dict[str, Any]) -> None:
     annotations[names.ISTIO_TEMPLATES] = ",".join(templates)
 
 
-def _place_init_container(spec: dict[str, Any], container: dict[str, Any]) -> None:
-    """Put meshguard-init right after Istio's init step (first if there is none)."""
+def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: PodView) -> None:
+    """Put meshguard-init right after Istio's init step (first if there is none).
+
+    Any meshguard-init in the spec is meshguard's own by now (the pod view recognized it,
+    or :func:`_remove_stale_init_container` removed it); the anchor is the init step the
+    view recognized as Istio's, not whatever bears its name.
+    """
     init = [c for c in spec.get("initContainers") or [] if c.get("name") != MESHGUARD_INIT]
+    step = pod.istio_init_step
     names_ = [c.get("name") for c in init]
-    anchor = next((n for n in (ISTIO_INIT, ISTIO_VALIDATION) if n in names_), None)
-    position = names_.index(anchor) + 1 if anchor else 0
+    position = names_.index(step.name) + 1 if step is not None else 0
     init.insert(position, container)
     spec["initContainers"] = init
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,63 @@ def pod_of_uids(pod: dict[str, Any], uids: list[int], *, first_port: int = 7000)
     ]
     result["metadata"]["annotations"]["meshguard.io/policy"] = '{"defaultAction": "deny"}'
     return result
+
+
+ISTIO_STATUS = "sidecar.istio.io/status"
+#: Workload securityContext that passes every posture check (uid/gid to be added).
+SAFE_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def istio_pod(*, cni: bool = False, native: bool = True) -> dict[str, Any]:
+    """A minimal pod laid out as Istio's injector lays it out (see ../shared's samples), with
+    its ``sidecar.istio.io/status``: istio-init (istio-validation in CNI mode) first, the
+    proxy as a native sidecar right after it (or as a regular container), and ``app``."""
+    step = "istio-validation" if cni else "istio-init"
+    step_context = (
+        {**SAFE_CONTEXT, "runAsUser": 1337, "runAsGroup": 1337}
+        if cni
+        else {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "runAsUser": 0,
+            "runAsGroup": 0,
+        }
+    )
+    proxy: dict[str, Any] = {
+        "name": PROXY_CONTAINER,
+        "image": "registry.istio.io/testing/proxyv2:latest",
+        "securityContext": {**SAFE_CONTEXT, "runAsUser": 1337, "runAsGroup": 1337},
+    }
+    init: list[dict[str, Any]] = [
+        {"name": step, "image": "registry.istio.io/testing/proxyv2:latest",
+         "securityContext": step_context}
+    ]  # fmt: skip
+    containers: list[dict[str, Any]] = [
+        {
+            "name": "app",
+            "image": "example.com/app:1.0",
+            "ports": [{"containerPort": 8080}],
+            "securityContext": {**SAFE_CONTEXT, "runAsUser": 1000, "runAsGroup": 1000},
+        }
+    ]
+    if native:
+        init.append({**proxy, "restartPolicy": "Always"})
+    else:
+        containers.append(proxy)
+    status = {
+        "initContainers": [step, PROXY_CONTAINER] if native else [step],
+        "containers": None if native else [PROXY_CONTAINER],
+        "volumes": [],
+        "imagePullSecrets": None,
+        "revision": "default",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "shop", "namespace": "demo", "annotations": {
+            ISTIO_STATUS: json.dumps(status, separators=(",", ":"))}},
+        "spec": {"initContainers": init, "containers": containers},
+    }  # fmt: skip
