@@ -32,7 +32,15 @@ from meshguard.pod import read_pod
 from meshguard.policy import parse_policy
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
-from meshguard.sandbox.flows import ENVOY_ADMIN_PORT, DemoPlan, Flow, Identity, plan
+from meshguard.sandbox.flows import (
+    CLUSTER_DNS,
+    CLUSTER_DNS6,
+    ENVOY_ADMIN_PORT,
+    DemoPlan,
+    Flow,
+    Identity,
+    plan,
+)
 from meshguard.sandbox.istio import CaptureConfig, capture_payload
 from meshguard.sandbox.netns import (
     NetworkNamespace,
@@ -41,7 +49,9 @@ from meshguard.sandbox.netns import (
     serve_http_command,
 )
 
-AUTHZ_PORT = 9191
+#: Inside the proxy's reserved range: only the proxy's uid can answer from it, so no container
+#: can squat it before the authz server binds it.
+AUTHZ_PORT = 15030
 LISTENER_PORT = 15007
 #: The proxy's listeners that Istio's capture and meshguard's redirect deliver to.
 PROXY_TCP = (15001, 15006, 15053)
@@ -103,7 +113,12 @@ class PodDemo:
         self.ns = self._exit.enter_context(NetworkNamespace())
         self.progress(f"network namespace {self.ns.name} with lo and eth0")
         proxy = view.proxy_identity
-        capture = CaptureConfig(proxy_uids=(proxy.uid,), proxy_gids=(proxy.gid,))
+        capture = CaptureConfig(
+            proxy_uids=(proxy.uid,),
+            proxy_gids=(proxy.gid,),
+            nameserver4=f"{CLUSTER_DNS}/32",
+            nameserver6=f"{CLUSTER_DNS6}/128",
+        )
         for family in Family:
             self.ns.run([family.restore, "--noflush"], stdin=capture_payload(capture, family))
         self.progress("Istio's capture rules (istio-init, REDIRECT mode, DNS capture)")

@@ -17,6 +17,9 @@ from meshguard.rules.ruleset import Family
 
 PROXY_CONTROL_PORTS: Final = (15000, 15004, 15020, 15021, 15090)
 ENVOY_ADMIN_PORT: Final = 15000
+#: The pod's nameserver (resolv.conf), whose DNS Istio captures: the cluster DNS Service.
+CLUSTER_DNS: Final = "10.96.0.10"
+CLUSTER_DNS6: Final = "fd00:10:96::a"
 #: Identities no container has: another uid, and the proxy's gid without its uid.
 NO_CONTAINER: Final = "other-uid"
 PROXY_GID_ONLY: Final = "proxy-gid-only"
@@ -241,7 +244,7 @@ def _mesh_flows(identities: Sequence[Identity], containers: Sequence[Container])
         yield Flow("mesh", identity.name, "outbound", 80, "tcp", Family.IPV6, "allow",
                    "2001:db8::5", lands_on=15001)  # fmt: skip
         yield Flow("mesh", identity.name, "dns", 53, "udp", Family.IPV4, "allow",
-                   "127.0.0.53", lands_on=15053)  # fmt: skip
+                   CLUSTER_DNS, lands_on=15053)  # fmt: skip
 
 
 def _sources(rule: Rule, containers: Sequence[Container]) -> list[str]:

@@ -28,6 +28,10 @@ class CaptureConfig:
     #: Outbound destinations redirected to the proxy; ``*`` means all.
     outbound_ranges: tuple[str, ...] = ("*",)
     capture_dns: bool = True
+    #: The nameservers of the pod's resolv.conf, whose DNS traffic is captured: Istio's
+    #: goldens were recorded with 127.0.0.53; a pod's nameserver is the cluster DNS Service.
+    nameserver4: str = "127.0.0.53/32"
+    nameserver6: str = "::127.0.0.53/128"
 
 
 @dataclass(frozen=True)
@@ -37,17 +41,18 @@ class _Addresses:
     dns_server: str
 
 
-_ADDRESSES = {
-    Family.IPV4: _Addresses("127.0.0.1/32", "127.0.0.6/32", "127.0.0.53/32"),
-    Family.IPV6: _Addresses("::1/128", "::6/128", "::127.0.0.53/128"),
-}
+def _addresses(config: CaptureConfig, family: Family) -> _Addresses:
+    if family is Family.IPV4:
+        return _Addresses("127.0.0.1/32", "127.0.0.6/32", config.nameserver4)
+    return _Addresses("::1/128", "::6/128", config.nameserver6)
 
 
 def capture_payload(config: CaptureConfig, family: Family) -> str:
     """The iptables-restore payload(s) istio-init applies for this family."""
-    blocks = [_nat(config, _ADDRESSES[family])]
+    addresses = _addresses(config, family)
+    blocks = [_nat(config, addresses)]
     if config.capture_dns:
-        blocks.append(_raw(config, _ADDRESSES[family]))
+        blocks.append(_raw(config, addresses))
     return "".join("\n".join([*block, "COMMIT"]) + "\n" for block in blocks)
 
 
