@@ -4,16 +4,22 @@ Input: which pod (from the Envoy that asks), which source container (from the so
 address meshguard's SNAT gave the flow), the original destination port, and the HTTP method,
 path and headers. Output: allow or deny, with the rule that allowed it or the reason it was
 denied. Default deny: a request no rule allows is denied, and so is anything that cannot be
-attributed (unknown pod, unknown source, no HTTP attributes). In audit mode a would-be denial
-is allowed and flagged, so it can be logged.
+attributed (unknown pod, unknown source, no HTTP attributes), and so is a path that some
+common backend could resolve differently from the path the rules matched (dot segments
+hidden in path parameters or encodings, backslashes, Windows' trailing dots: see
+``path_ambiguity``). In audit mode a would-be denial is allowed and flagged, so it can be
+logged.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from meshguard import names
 from meshguard.errors import MalformedInputError
@@ -131,23 +137,116 @@ def _unattributable(request: Request, source: str | None) -> str | None:
         return "no HTTP method or path"
     if len(request.path) > MAX_PATH_CHARS:
         return "path too long"
-    if _ambiguous(_path_only(request.path)):
-        return f"path {request.path[:100]!r} is not normalized (dot segments, //, encoded / or .)"
+    ambiguity = path_ambiguity(request.path)
+    if ambiguity:
+        return f"path {request.path[:100]!r} is not normalized (ambiguous path: {ambiguity})"
     return None
 
 
-def _ambiguous(path: str) -> bool:
-    """Paths an upstream could resolve differently than a prefix match would (Envoy's
-    normalize_path removes these first; this holds even if it did not)."""
-    lowered = path.lower()
-    segments = path.split("/")[1:]
+#: Percent-encoded characters refused anywhere in the path: decoded after the rules matched
+#: (by the backend, or by a second decoding pass) they would add a separator, a dot, a path
+#: parameter, a query or fragment, or a further level of encoding.
+_ENCODED: Final = {
+    ".": "percent-encoded dot",
+    "/": "percent-encoded slash",
+    "\\": "percent-encoded backslash",
+    ";": "percent-encoded ;",
+    "?": "percent-encoded ?",
+    "#": "percent-encoded #",
+    "%": "double percent-encoding (%25)",
+}
+#: Non-ASCII characters that a backend's Unicode normalization (NFKC) or Windows' best-fit
+#: mapping to a code page may turn into ASCII path syntax, beyond what NFKC shows itself.
+_LOOKALIKES: Final = frozenset("\u2215\u2044\u29f5\u29f8\u29f9\u3002\uff61\u2024\u2025\u2026")
+_PATH_SYNTAX: Final = frozenset("./\\;?#%")
+_MALFORMED_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def path_ambiguity(target: str) -> str | None:
+    """Why a backend could resolve this request target to another path than the one the
+    rules match, if it could; None for a path every common backend reads the same way.
+
+    Envoy's ``normalize_path`` already removed plain dot segments, decoded unreserved
+    characters and merged slashes; it does not know path parameters (``..;`` reaches us from
+    ``%2e%2e;``, and Tomcat, Jetty and Spring then resolve it to ``..``), nor double, ``%u``
+    or overlong UTF-8 encodings, nor Windows' trailing dots. This check holds on its own,
+    whatever Envoy did.
+    """
+    if not target.startswith("/"):
+        return "not origin-form (it must start with /: no absolute URL, no *)"
+    if "#" in target:
+        return "fragment (#) in the request target"
+    path = target.split("?", 1)[0]
+    if any(not "!" <= char <= "~" for char in path):
+        return "raw control, space or non-ASCII character"
+    if "\\" in path:
+        return "backslash, which some backends read as /"
     return (
-        not path.startswith("/")
-        or "//" in path
-        or any(s in {".", ".."} for s in segments)
-        or any(code in lowered for code in ("%2e", "%2f", "%5c"))
-        or "\\" in path
+        _escape_ambiguity(path)
+        or _unicode_ambiguity(path)
+        or _segment_ambiguity(path.split("/")[1:])
     )
+
+
+def _escape_ambiguity(path: str) -> str | None:
+    if _MALFORMED_ESCAPE.search(path):
+        return "malformed percent-encoding (%u or not two hex digits)"
+    for escape in _ESCAPE.finditer(path):
+        byte = int(escape.group(1), 16)
+        if byte < 0x20 or byte == 0x7F:
+            return "percent-encoded NUL or control character"
+        if chr(byte) in _ENCODED:
+            return _ENCODED[chr(byte)]
+    return None
+
+
+def _unicode_ambiguity(path: str) -> str | None:
+    try:
+        decoded = urllib.parse.unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid UTF-8 in percent-encoding (overlong forms such as %c0%ae hide . and /)"
+    for char in decoded:
+        if char.isascii():
+            continue
+        if unicodedata.category(char)[0] in "CZ":
+            return "percent-encoded non-ASCII control, format or space character"
+        if char in _LOOKALIKES or _PATH_SYNTAX & set(unicodedata.normalize("NFKC", char)):
+            return "non-ASCII character that Unicode normalization turns into . / \\ ; ? # or %"
+    return None
+
+
+def _segment_ambiguity(segments: list[str]) -> str | None:
+    last = len(segments) - 1
+    for index, segment in enumerate(segments):
+        if not segment:
+            if index < last:
+                return "empty segment (//)"
+            continue
+        name, semicolon, _ = urllib.parse.unquote(segment).partition(";")
+        if not name:
+            return "path parameter on an empty segment"
+        if not name.strip(". "):
+            return _dots_only(name, parameter=bool(semicolon))
+        if name.endswith((".", " ")):
+            return "segment ending in a dot or space (Windows and IIS drop them)"
+    return None
+
+
+def _dots_only(name: str, *, parameter: bool) -> str:
+    if parameter:
+        return "path parameter in a dot segment, which Tomcat, Jetty and Spring resolve"
+    if name in {".", ".."}:
+        return "dot segment"
+    return "segment of only dots and spaces (Windows and IIS resolve it as ..)"
+
+
+def _views(path: str) -> tuple[str, ...]:
+    """The path as the rules must see it: as received, and as backends that strip path
+    parameters (``/a;x/b`` -> ``/a/b``: Tomcat, Jetty, Spring) resolve it."""
+    if ";" not in path:
+        return (path,)
+    return path, "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
 
 
 def _covers(rule: Rule, source: str, port: int) -> bool:
@@ -161,8 +260,10 @@ def _matches(http: HttpMatch | None, request: Request) -> bool:
     method = (request.method or "").upper()
     if http.methods and method not in http.methods:
         return False
-    path = _path_only(request.path or "")
-    if http.paths and not any(_path_matches(pattern, path) for pattern in http.paths):
+    views = _views(_path_only(request.path or ""))
+    if http.paths and not any(
+        all(_path_matches(pattern, view) for view in views) for pattern in http.paths
+    ):
         return False
     return all(request.headers.get(name) == value for name, value in http.headers.items())
 

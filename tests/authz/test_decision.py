@@ -60,18 +60,23 @@ def req(
         (req(source="fd6d:6775::1"), True, "allowed by rules[0]"),
         (req(path="/quitquitquit?now=1"), True, "allowed by rules[0]"),
         (req(method="GET"), False, "no rule allows app -> proxy:15020 GET /quitquitquit"),
-        (req(path="/quitquitquit/../logging"), False, "is not normalized"),
+        (req(path="/quitquitquit/../logging"), False, "ambiguous path: dot segment"),
         (
             req(port=8080, method="GET", path="/api/../admin", headers={"x-token": "s3cret"}),
             False,
-            "is not normalized",
+            "ambiguous path: dot segment",
         ),
         (
             req(port=8080, method="GET", path="/api/%2e%2e/admin", headers={"x-token": "s3cret"}),
             False,
-            "is not normalized",
+            "ambiguous path: percent-encoded dot",
         ),
-        (req(path="//quitquitquit"), False, "is not normalized"),
+        (req(path="//quitquitquit"), False, "ambiguous path: empty segment (//)"),
+        (
+            req(port=8080, method="GET", path="/api/..;/admin", headers={"x-token": "s3cret"}),
+            False,
+            "ambiguous path: path parameter in a dot segment",
+        ),
         (req(source="127.0.100.2"), False, "no rule allows cache -> proxy:15020"),
         (req(source="127.0.0.1"), False, "unknown source address '127.0.0.1'"),
         (
