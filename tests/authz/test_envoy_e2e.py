@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,9 +45,11 @@ rules:
     http: {methods: [POST], paths: ["/quitquitquit"]}
   - from: cache
     to: app
-    ports: [8080]
-    http: {methods: [GET], paths: ["/api/*"]}
+    ports: [8080, 8081]
+    http: {methods: [GET], paths: ["/api/*", "/public/*"]}
 """
+H2C_PORT = 8081  # the app's h2c (HTTP/2 cleartext) port; 8080 speaks HTTP/1.1
+PEERS = Path(__file__).with_name("peers.py")
 
 
 @dataclass
@@ -58,6 +61,19 @@ class L7Pod:
 
     def http(self, uid: int, **target: Any) -> dict[str, Any]:
         (result,) = self.box.probe(uid=uid, gid=uid, targets=[{"protocol": "http", **target}])
+        return result
+
+    def h2c(self, uid: int, **target: Any) -> dict[str, Any]:
+        """One HTTP/2 prior-knowledge request as uid."""
+        return self._peer("h2c", uid, target)
+
+    def raw(self, uid: int, request: str, *, port: int = 8080) -> dict[str, Any]:
+        """``request`` sent byte for byte over a plain socket as uid (no client rewrites it)."""
+        return self._peer("raw", uid, {"host": "127.0.0.1", "port": port, "request": request})
+
+    def _peer(self, command: str, uid: int, target: dict[str, Any]) -> dict[str, Any]:
+        argv = [sys.executable, str(PEERS), command, "--uid", str(uid), "--gid", str(uid)]
+        result: dict[str, Any] = json.loads(self.box.ns.run(argv, stdin=json.dumps(target)))
         return result
 
     def restart_authz(self) -> None:
@@ -79,6 +95,8 @@ def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
 
 def injected_pod(mode: str) -> dict[str, Any]:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    (app,) = (c for c in pod["spec"]["containers"] if c["name"] == "app")
+    app["ports"].append({"containerPort": H2C_PORT, "name": "grpc"})
     pod["metadata"]["annotations"]["meshguard.io/policy"] = POLICY
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
@@ -110,6 +128,9 @@ def l7pod(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[L7Pod]:
         ns.spawn(
             serve_http_command(name="app", uid=APP, gid=APP, ports=[8080, 9090]), ready_line="ready"
         )
+        h2c = [sys.executable, str(PEERS), "serve-h2c", "--name", "app-h2c", "--port",
+               str(H2C_PORT), "--uid", str(APP), "--gid", str(APP)]  # fmt: skip
+        ns.spawn(h2c, ready_line="ready")
         agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[15020])
         ns.spawn(agent, ready_line="ready")
         authz = start_authz(ns, pod_file, decisions)
@@ -200,3 +221,86 @@ def test_audit_mode_lets_would_be_denials_through_and_logs_them(l7pod: L7Pod):
     (line,) = l7pod.decision_lines()
     assert line["result"] == "allow" and line["audit"] is True
     assert line["reason"].startswith("audit: would deny: no rule allows app -> proxy:15020 GET")
+
+
+def test_http11_reaches_an_http11_app_and_h2c_prior_knowledge_an_h2c_app(l7pod: L7Pod):
+    """The upstream speaks the downstream's protocol: the app's own."""
+    h1 = l7pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/items")
+    assert (h1["status"], h1["server"], h1["path"]) == (200, "app", "/api/items")
+    for host in ("127.0.0.1", "::1", "10.1.2.3"):
+        h2 = l7pod.h2c(CACHE, host=host, port=H2C_PORT, method="GET", path="/api/items")
+        assert (h2["status"], h2.get("server"), h2.get("protocol"), h2.get("path")) == (
+            200, "app-h2c", "h2c", "/api/items",
+        ), (host, h2)  # fmt: skip
+        assert h2["meshguard_headers"] == []
+
+
+def test_h2c_requests_are_checked_by_ext_authz_too(l7pod: L7Pod):
+    denied = l7pod.h2c(CACHE, host="127.0.0.1", port=H2C_PORT, method="GET", path="/admin")
+    assert denied["status"] == 403, denied
+    assert denied["body"] == "meshguard: denied: no rule allows cache -> app:8081 GET /admin\n"
+    hidden = l7pod.h2c(CACHE, host="127.0.0.1", port=H2C_PORT, method="GET",
+                       path="/public/%2e%2e;/private")  # fmt: skip
+    assert hidden["status"] == 403, hidden
+    assert "ambiguous path: path parameter in a dot segment" in hidden["body"]
+    allowed = l7pod.h2c(CACHE, host="127.0.0.1", port=H2C_PORT, method="GET", path="/public/ok")
+    assert (allowed["status"], allowed.get("path")) == (200, "/public/ok")
+    assert [(d["result"], d["request"]["path"]) for d in l7pod.decision_lines()] == [
+        ("deny", "/admin"), ("deny", "/public/..;/private"), ("allow", "/public/ok"),
+    ]  # fmt: skip
+
+
+PARAMETER_DOT = "ambiguous path: path parameter in a dot segment"
+#: Request target sent byte for byte -> status, and what the 403 body says (Envoy's own 400s
+#: and 404s have no meshguard reason).
+RAW_TARGETS = {
+    "/public/%2e%2e;/private": (403, f"'/public/..;/private' is not normalized ({PARAMETER_DOT}"),
+    "/public/%2E%2E;/private": (403, PARAMETER_DOT),
+    "/public/%2e%2e;jsessionid=1/private": (403, PARAMETER_DOT),
+    "/public/%2e%2e;x/private": (403, PARAMETER_DOT),
+    "/public/%2e;/private": (403, PARAMETER_DOT),
+    "http://app/public/%2e%2e;/private": (403, PARAMETER_DOT),
+    "/public/%252e%252e/private": (403, "ambiguous path: double percent-encoding"),
+    "/public/%c0%ae%c0%ae/private": (403, "ambiguous path: invalid UTF-8"),
+    "/public/%u002e%u002e/private": (403, "ambiguous path: malformed percent-encoding"),
+    "/public/..%3b/private": (403, "ambiguous path: percent-encoded ;"),
+    "/public/..%20/private": (403, "ambiguous path: segment of only dots and spaces"),
+    "/public/.../private": (403, "ambiguous path: segment of only dots and spaces"),
+    "/public/private.": (403, "ambiguous path: segment ending in a dot or space"),
+    "/public/%ef%bc%8e%ef%bc%8e/private": (403, "ambiguous path: non-ASCII character"),
+    # Envoy resolves these itself (and forwards what it resolved): no rule allows /private.
+    "/public/..;/private": (403, "no rule allows cache -> app:8080 GET /private"),
+    "/public/..\\private": (403, "no rule allows cache -> app:8080 GET /private"),
+    "/public/%2e%2e/private": (403, "no rule allows cache -> app:8080 GET /private"),
+    # Envoy refuses these before asking (escaped slashes, NUL, fragment, raw bytes).
+    "/public/..%2fprivate": (400, None),
+    "/public/%5c../private": (400, None),
+    "/public/..%00/private": (400, None),
+    "/public/x#/../../private": (400, None),
+    "/public/.. /private": (400, None),
+    "*": (404, None),
+}
+
+
+def test_dot_segments_hidden_in_path_parameters_or_encodings_get_403_with_the_reason(
+    l7pod: L7Pod,
+):
+    def send(target: str) -> dict[str, Any]:
+        method = "OPTIONS" if target == "*" else "GET"
+        return l7pod.raw(
+            CACHE, f"{method} {target} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+        )
+
+    ok = send("/public/ok")
+    assert (ok["status"], ok["server"], ok["path"]) == (200, "app", "/public/ok")
+    matrix = send("/public/items;v=2")
+    assert (matrix["status"], matrix["path"]) == (200, "/public/items;v=2")
+    got = {target: send(target) for target in RAW_TARGETS}
+    for target, (status, reason) in RAW_TARGETS.items():
+        assert got[target]["status"] == status, (target, got[target])
+        if reason:
+            assert got[target]["body"].startswith("meshguard: denied: "), (target, got[target])
+            assert reason in got[target]["body"], (target, got[target])
+    # The app saw only the two allowed requests; every denial was logged with its reason.
+    paths = [d["request"]["path"] for d in l7pod.decision_lines() if d["result"] == "allow"]
+    assert paths == ["/public/ok", "/public/items;v=2"]

@@ -4,6 +4,7 @@ accepts the bootstrap, and the Istio objects validate against Istio's real CRD s
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,13 @@ import jsonschema
 import pytest
 import yaml
 
-from meshguard.authz.listener import IstioSettings, envoy_config_text, envoy_filter
+from meshguard.authz.listener import (
+    HCM,
+    UPSTREAM_CLUSTER,
+    IstioSettings,
+    envoy_config_text,
+    envoy_filter,
+)
 from meshguard.sandbox.envoy import envoy_binary
 from tests.support.shared import shared_file
 
@@ -113,3 +120,63 @@ def test_extension_provider_names_the_authz_service_and_fails_closed():
             "failOpen": False,
         },
     }
+
+
+def listeners_and_upstream(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The loopback listeners and their upstream cluster, from a committed file."""
+    document = yaml.safe_load((PROJECT / path).read_text())
+    if document.get("kind") == "EnvoyFilter":
+        values = [p["patch"]["value"] for p in document["spec"]["configPatches"]]
+        listeners = [v for v in values if "filter_chains" in v]
+        clusters = [v for v in values if "filter_chains" not in v]
+    else:
+        listeners = document["static_resources"]["listeners"]
+        clusters = document["static_resources"]["clusters"]
+    (upstream,) = (c for c in clusters if c["name"] == UPSTREAM_CLUSTER)
+    return listeners, upstream
+
+
+def connection_manager(listener: dict[str, Any]) -> dict[str, Any]:
+    (chain,) = listener["filter_chains"]
+    (hcm,) = (
+        f["typed_config"] for f in chain["filters"] if f["typed_config"]["@type"].endswith(HCM)
+    )
+    return hcm
+
+
+@pytest.mark.parametrize("path", ["envoy/loopback-listener.yaml",
+                                  "istio/loopback-listener.envoyfilter.yaml"])  # fmt: skip
+def test_http11_and_h2c_in_the_apps_protocol_upstream_with_strict_paths(path: str):
+    """HTTP/1.1 and h2c prior knowledge downstream (codec AUTO); upstream, the protocol the
+    client spoke, which is the app's (an h2 client of an HTTP/1.1 app, or the reverse, is
+    the client's error, not the listener's); the strictest path handling Envoy has."""
+    listeners, upstream = listeners_and_upstream(path)
+    assert len(listeners) == 2
+    for listener in listeners:
+        hcm = connection_manager(listener)
+        assert hcm["codec_type"] == "AUTO"
+        assert (hcm["normalize_path"], hcm["merge_slashes"]) == (True, True)
+        assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    options = upstream["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert options["use_downstream_protocol_config"] == {}
+    assert "explicit_http_config" not in options and "auto_config" not in options
+
+
+def test_the_envoyfilter_adds_the_standalone_listeners_and_cluster():
+    """Same listeners and upstream cluster in a sidecar as standalone, but for the authz
+    cluster's name (Istio's outbound cluster of the authz service)."""
+    standalone = listeners_and_upstream("envoy/loopback-listener.yaml")
+    sidecar = listeners_and_upstream("istio/loopback-listener.envoyfilter.yaml")
+    text = yaml.safe_dump(sidecar).replace(IstioSettings().cluster, "meshguard_authz")
+    assert yaml.safe_load(text) == yaml.safe_load(yaml.safe_dump(standalone))
+
+
+@pytest.mark.parametrize(("path", "fmt"), sorted(GENERATED.items()))
+def test_the_cli_prints_the_committed_configs(path: str, fmt: str):
+    done = subprocess.run(
+        [sys.executable, "-m", "meshguard", "envoy-config", "--format", fmt],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert done.stdout == (PROJECT / path).read_text()
