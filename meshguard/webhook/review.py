@@ -4,8 +4,10 @@ The request body is checked strictly (a malformed request is the caller's fault:
 with the reason); a well-formed review of a pod is answered with the same ``uid``, and
 either a JSONPatch built with ``jsonpatch`` from the shared injection transform plus one
 warning per fix, or ``allowed: false`` with a message that names the container, the field and
-the fix. A failure inside meshguard is answered ``allowed: false`` too (fail closed), with a
-message that says it is meshguard's fault.
+the fix. Ephemeral containers added to a running pod (``kubectl debug``: an UPDATE of the
+``ephemeralcontainers`` subresource) get the same posture checks; they are never patched,
+a finding refuses them. A failure inside meshguard is answered ``allowed: false`` too (fail
+closed), with a message that says it is meshguard's fault.
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
-from meshguard.inject.transform import InjectSettings, Outcome, Result, inject_pod
+from meshguard.inject.transform import (
+    InjectSettings,
+    Outcome,
+    Result,
+    inject_pod,
+    review_ephemeral_containers,
+)
 from meshguard.webhook.patch import pod_patch
 
 log = logging.getLogger(__name__)
 
 API_VERSION: Final = "admission.k8s.io/v1"
 MAX_WARNING_CHARS: Final = 256
+EPHEMERAL_SUBRESOURCE: Final = "ephemeralcontainers"
 
 
 class BadReviewError(MalformedInputError):
@@ -81,11 +90,18 @@ def respond(
     """The AdmissionReview answering a parsed request, and the decision behind it."""
     uid = str(request["uid"])
     label = _pod_label(request)
-    if request.get("operation", "CREATE") != "CREATE":
+    operation = request.get("operation", "CREATE")
+    ephemeral = operation == "UPDATE" and request.get("subResource") == EPHEMERAL_SUBRESOURCE
+    if operation != "CREATE" and not ephemeral:
         return _allowed(uid), Decision(uid, "skipped", label, "not a CREATE", 0)
     try:
         pod = _pod_of(request)
         mutated = copy.deepcopy(pod)
+        if ephemeral:
+            result = _transform(
+                mutated, settings=settings, added=_added_ephemeral(request, pod), ephemeral=True
+            )
+            return _allowed(uid), Decision(uid, "skipped", label, result.reason, 0)
         result = _transform(mutated, settings=settings)
     except _Deny as deny:
         decision = Decision(uid, deny.result, label, str(deny), 0)
@@ -113,9 +129,36 @@ def _pod_of(request: Mapping[str, Any]) -> dict[str, Any]:
     return pod
 
 
-def _transform(pod: dict[str, Any], *, settings: InjectSettings) -> Result:
+def _added_ephemeral(request: Mapping[str, Any], pod: Mapping[str, Any]) -> set[str]:
+    """The ephemeral containers this UPDATE adds (those admitted before are not re-judged)."""
+    old = request.get("oldObject")
+    old_spec = old.get("spec") if isinstance(old, dict) else None
+    before = old_spec.get("ephemeralContainers") if isinstance(old_spec, dict) else None
+    known = (
+        {c.get("name") for c in before if isinstance(c, dict)}
+        if isinstance(before, list)
+        else set()
+    )
+    now = pod["spec"].get("ephemeralContainers") or []
+    if not isinstance(now, list):
+        raise _Deny(400, "malformed pod: spec.ephemeralContainers: expected a list")
+    return {str(c.get("name")) for c in now if isinstance(c, dict)} - known
+
+
+def _transform(
+    pod: dict[str, Any],
+    *,
+    settings: InjectSettings,
+    added: set[str] | None = None,
+    ephemeral: bool = False,
+) -> Result:
     try:
-        return inject_pod(pod.setdefault("metadata", {}), pod["spec"], settings=settings)
+        metadata = pod.setdefault("metadata", {})
+        if ephemeral:
+            return review_ephemeral_containers(
+                metadata, pod["spec"], settings=settings, added=added
+            )
+        return inject_pod(metadata, pod["spec"], settings=settings)
     except RefusedError as exc:
         raise _Deny(403, str(exc)) from None
     except MalformedInputError as exc:

@@ -13,11 +13,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshguard.inject.posture import Action, PostureSettings
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates
 from meshguard.pod import read_pod
 from meshguard.webhook.review import handle
-from tests.support.samples import injected_sample_names
+from tests.support.samples import SAFE_CONTEXT, injected_sample_names, istio_pod
 from tests.support.shared import shared_file
 
 SETTINGS = InjectSettings()
@@ -211,6 +212,126 @@ def test_non_create_operations_are_allowed_unchanged():
     assert answer["response"] == {"uid": "7f0c-1", "allowed": True}
 
 
+# --- kubectl debug: UPDATE of pods/ephemeralcontainers ---------------------------------------
+
+SAFE_DEBUG = {**SAFE_CONTEXT, "runAsUser": 30000, "runAsGroup": 30000}
+
+
+def injected_pod() -> dict[str, Any]:
+    pod = istio_pod()
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    return pod
+
+
+def debug_review(pod: dict[str, Any], *containers: dict[str, Any]) -> dict[str, Any]:
+    """The UPDATE ``kubectl debug`` sends: the pod with ``containers`` added."""
+    new = copy.deepcopy(pod)
+    new["spec"].setdefault("ephemeralContainers", []).extend(containers)
+    document = review(new, operation="UPDATE")
+    document["request"]["subResource"] = "ephemeralcontainers"
+    document["request"]["resource"]["resource"] = "pods"
+    document["request"]["oldObject"] = pod
+    return document
+
+
+@pytest.mark.parametrize(
+    ("context", "check", "message"),
+    [
+        ({**SAFE_DEBUG, "runAsUser": 1337}, "proxy-uid", "is the proxy's uid 1337"),
+        ({**SAFE_DEBUG, "runAsGroup": 1337}, "proxy-gid", "is the proxy's gid 1337"),
+        ({**SAFE_DEBUG, "runAsUser": 1000}, "shared-uid", "uid 1000 is also 'app''s"),
+        (None, "missing-uid", "runAsUser: is not set"),
+        ({**SAFE_DEBUG, "privileged": True}, "privileged", "securityContext.privileged"),
+        ({**SAFE_DEBUG, "capabilities": {"add": ["NET_ADMIN"]}}, "net-capability", "NET_ADMIN"),
+        ({**SAFE_DEBUG, "capabilities": {"add": ["SYS_MODULE"], "drop": ["ALL"]}},
+         "added-capability", "adds SYS_MODULE"),
+    ],
+)  # fmt: skip
+def test_a_debug_container_that_fails_a_check_is_refused_not_patched(context, check, message):
+    debug: dict[str, Any] = {"name": "debugger", "image": "busybox", "stdin": True, "tty": True}
+    if context is not None:
+        debug["securityContext"] = context
+    status, answer = post(debug_review(injected_pod(), debug))
+    assert status == 200
+    response = answer["response"]
+    assert response["allowed"] is False, response
+    assert "patch" not in response
+    assert response["status"]["code"] == 403
+    text = response["status"]["message"]
+    assert "ephemeral container 'debugger': securityContext." in text
+    assert message in text and f"[{check}]" in text
+
+
+def test_a_safe_debug_container_is_allowed_unchanged():
+    debug = {"name": "debugger", "image": "busybox", "securityContext": SAFE_DEBUG}
+    _, answer = post(debug_review(injected_pod(), debug))
+    assert answer["response"] == {"uid": "7f0c-1", "allowed": True}
+
+
+def test_only_the_added_debug_containers_are_judged():
+    pod = injected_pod()
+    pod["spec"]["ephemeralContainers"] = [{"name": "old", "image": "busybox"}]  # pre-meshguard
+    debug = {"name": "debugger", "image": "busybox", "securityContext": SAFE_DEBUG}
+    assert post(debug_review(pod, debug))[1]["response"]["allowed"] is True
+    clash = {"name": "second", "image": "x", "securityContext": {**SAFE_DEBUG, "runAsUser": 1337}}
+    assert post(debug_review(pod, clash))[1]["response"]["allowed"] is False
+
+
+def test_a_debug_container_targeting_the_proxy_as_root_is_refused():
+    debug = {
+        "name": "debugger",
+        "image": "busybox",
+        "targetContainerName": "istio-proxy",
+        "securityContext": {**SAFE_DEBUG, "runAsUser": 0},
+    }
+    _, answer = post(debug_review(injected_pod(), debug))
+    assert "[shared-pid-root]" in answer["response"]["status"]["message"]
+
+
+def test_debug_containers_of_pods_meshguard_does_not_protect_are_allowed():
+    pod = istio_pod()
+    pod["metadata"]["annotations"]["meshguard.io/inject"] = "false"
+    debug = {"name": "debugger", "image": "busybox"}
+    assert post(debug_review(pod, debug))[1]["response"]["allowed"] is True
+
+
+def test_ephemeral_containers_in_a_created_pod_are_refused_on_a_finding():
+    pod = istio_pod()
+    pod["spec"]["ephemeralContainers"] = [
+        {"name": "debugger", "image": "busybox", "securityContext": {**SAFE_DEBUG,
+         "runAsUser": 1337}}]  # fmt: skip
+    response = post(review(pod))[1]["response"]
+    assert response["allowed"] is False
+    assert (
+        "ephemeral container 'debugger': securityContext.runAsUser"
+        in (response["status"]["message"])
+    )
+
+
+# --- containers disguised with Istio's and meshguard's names -------------------------------
+
+
+@pytest.mark.parametrize("place", ["regular", "native-sidecar", "unlisted-init"])
+@pytest.mark.parametrize("name", ["istio-init", "istio-validation", "meshguard-init"])
+def test_a_disguised_privileged_container_is_refused_by_the_webhook(name, place):
+    pod = istio_pod(cni=name == "istio-init")
+    container = {"name": name, "image": "evil", "securityContext": {**SAFE_CONTEXT,
+                 "runAsUser": 3000, "runAsGroup": 3000, "privileged": True}}  # fmt: skip
+    if place == "regular":
+        pod["spec"]["containers"].append(container)
+    else:
+        if place == "native-sidecar":
+            container["restartPolicy"] = "Always"
+        pod["spec"]["initContainers"].append(container)
+    strict = InjectSettings(posture=PostureSettings(default_action=Action.DENY))
+    _, answer, _ = handle(json.dumps(review(pod)).encode(), settings=strict)
+    response = answer["response"]
+    assert response["allowed"] is False
+    message = response["status"]["message"]
+    assert f"container {name!r}" in message
+    assert "[privileged]" in message or "is not meshguard's init container" in message
+
+
 # --- random input: always an answer, never an exception -------------------------------------
 
 _json = st.recursive(
@@ -221,7 +342,12 @@ _json = st.recursive(
     max_leaves=20,
 )
 _container = st.fixed_dictionaries(
-    {"name": st.sampled_from(["app", "istio-proxy", "istio-init", "cache", ""]) | _json},
+    {
+        "name": st.sampled_from(
+            ["app", "istio-proxy", "istio-init", "istio-validation", "meshguard-init", "cache", ""]
+        )
+        | _json
+    },
     optional={
         "securityContext": st.fixed_dictionaries(
             {},
@@ -256,11 +382,20 @@ _pod = st.fixed_dictionaries(
                             "meshguard.io/inject",
                             "sidecar.istio.io/inject",
                             "inject.istio.io/templates",
+                            "sidecar.istio.io/status",
                         ]
                     ),
                     st.text(max_size=40)
                     | st.sampled_from(
-                        ["rules: [{from: app, to: cache, ports: [1]}]", "audit", "false"]
+                        [
+                            "rules: [{from: app, to: cache, ports: [1]}]",
+                            "audit",
+                            "false",
+                            '{"initContainers":["istio-init","istio-proxy"],"containers":null}',
+                            '{"initContainers":null,"containers":["istio-proxy"]}',
+                            '{"initContainers":[1],"containers":{}}',
+                            "[]",
+                        ]
                     ),
                 )
             },
@@ -271,6 +406,8 @@ _pod = st.fixed_dictionaries(
             optional={
                 "containers": st.lists(_container, max_size=4) | _json,
                 "initContainers": st.lists(_container, max_size=3) | _json,
+                "ephemeralContainers": st.lists(_container, max_size=2) | _json,
+                "shareProcessNamespace": st.booleans(),
                 "hostNetwork": st.booleans(),
                 "securityContext": _json,
                 "volumes": _json,
@@ -282,7 +419,13 @@ _pod = st.fixed_dictionaries(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(_pod.map(review), _json.map(review), _json))
+def _debug_review(pod: Any) -> dict[str, Any]:
+    document = review(pod, operation="UPDATE")
+    document["request"]["subResource"] = "ephemeralcontainers"
+    return document
+
+
+@given(st.one_of(_pod.map(review), _pod.map(_debug_review), _json.map(review), _json))
 def test_any_review_gets_a_4xx_or_an_answer_with_the_same_uid(document):
     status, answer, _ = handle(json.dumps(document).encode(), settings=SETTINGS)
     assert status in {200, 400}
