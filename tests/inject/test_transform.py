@@ -20,8 +20,9 @@ from meshguard.inject.istio import istio_template
 from meshguard.inject.posture import Action, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_documents
+from meshguard.pod import read_pod
 from meshguard.rules.ruleset import Ruleset
-from tests.support.samples import injected_sample_names
+from tests.support.samples import SAFE_CONTEXT, injected_sample_names, istio_pod
 from tests.support.shared import INJECTOR_SAMPLES, shared_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -247,3 +248,201 @@ def test_a_template_placed_container_is_moved_after_istio_init_and_normalized():
     assert names[:2] == ["istio-init", "meshguard-init"]
     assert names.count("meshguard-init") == 1
     assert template.spec["initContainers"][1] == init_container(InitContainerSettings())
+
+
+# --- Istio's own containers in the samples; disguised ones in the transform ---------------
+
+ISTIO_OWN = ("istio-init", "istio-validation", "istio-proxy", "meshguard-init")
+DENY = InjectSettings(request_template=False, posture=PostureSettings(default_action=Action.DENY))
+
+
+def harden_workload(template: Any) -> None:
+    """Give every workload container of a sample a context that passes every check."""
+    view = read_pod(metadata=template.metadata, spec=template.spec)
+    for uid, container in enumerate(view.workload, start=2000):
+        template.spec[container.field][container.index]["securityContext"] = {
+            "runAsUser": uid, "runAsGroup": uid, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_istio_s_own_containers_in_every_sample_pass_deny_mode_untouched(name: str):
+    documents = with_policy(load(name))
+    for template in pod_templates(documents):
+        harden_workload(template)
+        istio_before = {
+            c["name"]: copy.deepcopy(c)
+            for key in ("initContainers", "containers")
+            for c in template.spec.get(key) or []
+            if c["name"] in ISTIO_OWN
+        }
+        result = inject_pod(template.metadata, template.spec, settings=DENY)
+        assert not any(n in w for w in result.warnings for n in ISTIO_OWN), result.warnings
+        if name in NOT_INJECTED_BY_ISTIO:
+            continue
+        assert result.outcome is Outcome.INJECTED
+        view = read_pod(metadata=template.metadata, spec=template.spec)
+        assert view.proxy is not None
+        assert {c.name for c in view.mesh_init} <= {"istio-init", "istio-validation",
+                                                    "meshguard-init"}  # fmt: skip
+        assert "meshguard-init" in {c.name for c in view.mesh_init}
+        for container in template.spec.get("initContainers", []) + template.spec["containers"]:
+            if container["name"] in istio_before:
+                assert container == istio_before[container["name"]]
+
+
+def test_a_sample_with_a_host_path_is_refused_naming_volume_and_path():
+    (template,) = pod_templates(load("statefulset.yaml.injected", as_is=True))
+    with pytest.raises(RefusedError) as caught:
+        inject_pod(template.metadata, template.spec, settings=SETTINGS)
+    assert (
+        "pod: spec.volumes[data].hostPath.path: volume 'data' mounts the node's /mnt/disks/ssd0"
+        in (str(caught.value))
+    )
+    assert "[host-path]" in str(caught.value)
+
+
+TRANSFORM_ATTACKS = {
+    "privileged": ({"privileged": True}, "privileged"),
+    "root-net-admin": (
+        {"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}},
+        "net-capability",
+    ),
+    "uid-1337": ({"runAsUser": 1337}, "proxy-uid"),
+    "gid-1337": ({"runAsGroup": 1337}, "proxy-gid"),
+}
+
+
+def disguised_pod(name: str, place: str, attack: str, *, native: bool = True) -> dict[str, Any]:
+    pod = istio_pod(cni=name == "istio-init", native=native)
+    context = {**SAFE_CONTEXT, "runAsUser": 3000, "runAsGroup": 3000,
+               **copy.deepcopy(TRANSFORM_ATTACKS[attack][0])}  # fmt: skip
+    container = {"name": name, "image": "evil:1", "securityContext": context}
+    if place == "regular":
+        pod["spec"]["containers"].insert(0, container)
+    else:
+        if place == "native-sidecar":
+            container["restartPolicy"] = "Always"
+        pod["spec"]["initContainers"].append(container)
+    return pod
+
+
+@pytest.mark.parametrize("attack", sorted(TRANSFORM_ATTACKS))
+@pytest.mark.parametrize("place", ["regular", "native-sidecar", "unlisted-init"])
+@pytest.mark.parametrize("name", ["istio-init", "istio-validation"])
+def test_disguised_istio_init_steps_are_refused_in_deny_and_fixed_in_fix(name, place, attack):
+    pod = disguised_pod(name, place, attack)
+    with pytest.raises(RefusedError) as caught:
+        inject_pod(pod["metadata"], pod["spec"], settings=DENY)
+    assert f"container {name!r} (spec." in str(caught.value)
+    assert f"[{TRANSFORM_ATTACKS[attack][1]}]" in str(caught.value)
+    result = inject_pod(pod["metadata"], pod["spec"], settings=SETTINGS)
+    assert result.outcome is Outcome.INJECTED
+    assert any(w.startswith(f"meshguard fixed container {name!r}") for w in result.warnings)
+    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
+    assert name in status["containers"]  # a workload container: it has rules of its own
+    assert status["containers"][name] != 1337  # root stays root, without NET_ADMIN
+    context = next(
+        c for key in ("initContainers", "containers") for c in pod["spec"][key]
+        if c["name"] == name
+    )["securityContext"]  # fmt: skip
+    assert context.get("privileged") is not True and context["runAsGroup"] != 1337
+    assert "NET_ADMIN" not in context["capabilities"].get("add", [])
+    init_names = [c["name"] for c in pod["spec"]["initContainers"]]
+    real_step = "istio-validation" if name == "istio-init" else "istio-init"
+    assert init_names[init_names.index(real_step) + 1] == "meshguard-init"
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, DENY], ids=["fix", "deny"])
+@pytest.mark.parametrize("attack", sorted(TRANSFORM_ATTACKS))
+@pytest.mark.parametrize("place", ["regular", "native-sidecar", "unlisted-init"])
+def test_a_disguised_meshguard_init_is_refused_the_name_is_reserved(place, attack, settings):
+    pod = disguised_pod("meshguard-init", place, attack)
+    with pytest.raises(RefusedError, match=r"container 'meshguard-init' \(spec\.\w+\[\d\]\) is"
+                       r" not meshguard's init container"):  # fmt: skip
+        inject_pod(pod["metadata"], pod["spec"], settings=settings)
+
+
+def test_meshguard_init_with_meshguard_s_spec_but_more_privileges_is_refused():
+    pod = istio_pod()
+    own = init_container(InitContainerSettings())
+    own["securityContext"] = {**own["securityContext"], "privileged": True}
+    pod["spec"]["initContainers"].insert(1, own)
+    with pytest.raises(RefusedError, match="is not meshguard's init container"):
+        inject_pod(pod["metadata"], pod["spec"], settings=SETTINGS)
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, DENY], ids=["fix", "deny"])
+@pytest.mark.parametrize(
+    ("native", "place"),
+    [(True, "regular"), (True, "unlisted-init"), (False, "native-sidecar"),
+     (False, "unlisted-init")],
+    ids=["status-native/regular", "status-native/init", "status-regular/native-sidecar",
+         "status-regular/init"],
+)  # fmt: skip
+def test_an_istio_proxy_where_istio_s_status_does_not_put_it_is_refused(native, place, settings):
+    """The status says where Istio put its proxy; an 'istio-proxy' elsewhere (uid 1337) is
+    not the proxy, and without the proxy meshguard cannot protect the pod: refused."""
+    pod = istio_pod(native=native)
+    for key in ("initContainers", "containers"):
+        pod["spec"][key] = [c for c in pod["spec"][key] if c["name"] != "istio-proxy"]
+    fake = disguised_pod("istio-proxy", place, "uid-1337")["spec"]
+    moved = fake["containers"][0] if place == "regular" else fake["initContainers"][-1]
+    pod["spec"]["containers" if place == "regular" else "initContainers"].append(moved)
+    with pytest.raises(RefusedError, match=r"container 'istio-proxy' \(spec\.\w+\[\d\]\) is not"
+                       r" where sidecar\.istio\.io/status says Istio put its proxy"):  # fmt: skip
+        inject_pod(pod["metadata"], pod["spec"], settings=settings)
+
+
+def test_without_any_istio_status_an_istio_named_init_container_is_not_istio_s():
+    """A pod that carries no status but Istio's layout (istioctl kube-inject's CronJob):
+    only the exact layout is Istio's; a privileged 'istio-validation' after it is not."""
+    pod = istio_pod()
+    del pod["metadata"]["annotations"]["sidecar.istio.io/status"]
+    pod["spec"]["initContainers"].append({"name": "istio-validation", "image": "evil",
+        "securityContext": {**SAFE_CONTEXT, "runAsUser": 3000, "runAsGroup": 3000,
+                            "privileged": True}})  # fmt: skip
+    with pytest.raises(RefusedError, match=r"container 'istio-validation' .*\[privileged\]"):
+        inject_pod(pod["metadata"], pod["spec"], settings=DENY)
+
+
+@pytest.mark.parametrize(
+    ("context", "check"),
+    [
+        ({**SAFE_CONTEXT, "runAsUser": 1337, "runAsGroup": 30000}, "proxy-uid"),
+        ({**SAFE_CONTEXT, "runAsUser": 30000, "runAsGroup": 1337}, "proxy-gid"),
+        ({**SAFE_CONTEXT, "runAsUser": 1000, "runAsGroup": 30000}, "shared-uid"),
+        (None, "missing-uid"),
+    ],
+)
+def test_meshguard_inject_refuses_an_ephemeral_container_even_in_fix_mode(context, check):
+    pod = istio_pod()
+    debug: dict[str, Any] = {"name": "debugger", "image": "busybox"}
+    if context:
+        debug["securityContext"] = context
+    pod["spec"]["ephemeralContainers"] = [debug]
+    with pytest.raises(RefusedError, match=rf"ephemeral container 'debugger': .*\[{check}\]"):
+        inject_pod(pod["metadata"], pod["spec"], settings=SETTINGS)
+
+
+def test_a_safe_ephemeral_container_gets_no_rules_and_no_status_entry():
+    pod = istio_pod()
+    pod["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox",
+        "securityContext": {**SAFE_CONTEXT, "runAsUser": 30000, "runAsGroup": 30000}}]  # fmt: skip
+    result = inject_pod(pod["metadata"], pod["spec"], settings=DENY)
+    assert result.outcome is Outcome.INJECTED
+    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
+    assert "debugger" not in status["containers"]
+    assert result.ruleset is not None
+    assert "30000" not in result.ruleset.ipv4.payload()
+
+
+def test_the_cli_refuses_a_disguised_container_in_deny_mode():
+    pod = disguised_pod("istio-validation", "regular", "privileged")
+    done = subprocess.run(
+        [sys.executable, "-m", "meshguard", "inject", "-f", "-", "--posture-action", "deny"],
+        input=yaml.safe_dump(pod), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "container 'istio-validation' (spec.containers[0], not Istio's" in done.stderr
