@@ -148,7 +148,7 @@ def test_rules_on_every_istio_sample_answers_without_crashing(name: str):
     if done.returncode == 0:
         # Only pods with nothing but the proxy (a gateway) compile as Istio wrote them.
         assert name in {"gateway.yaml.injected", "only-proxy-container.yaml.injected"}
-        assert "-A MESHGUARD_OUTPUT -j MESHGUARD_DENY" in done.stdout
+        assert "-A MESHGUARD_LOCAL -j MESHGUARD_DENY" in done.stdout
     else:
         # Istio's samples set no runAsUser: meshguard must say it cannot tell containers
         # apart, or that Istio injected nothing.

@@ -33,7 +33,7 @@ from meshguard.sandbox.netns import (
     record_command,
     serve_command,
 )
-from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
+from tests.support.podns import PodSandbox, Server, client_namespace, compile_for, pod_sandbox
 from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
@@ -192,7 +192,7 @@ def test_a_squatter_on_the_inbound_port_cannot_answer_through_eth0(tmp_path: Pat
     # in another namespace (another pod, across the veth) connects to the pod IP.
     ruleset = compile_for(example_pod())
     istio = {Family.IPV4: "inbound-ports-wildcard.golden"}
-    with pod_sandbox(ruleset, tmp_path, istio=istio) as box, _client_namespace(box) as client:
+    with pod_sandbox(ruleset, tmp_path, istio=istio) as box, client_namespace(box) as client:
         squatter = box.ns.spawn(
             serve_command(name="squatter", uid=CACHE.uid, gid=CACHE.gid, tcp=(15006,), udp=()),
             ready_line="ready",
@@ -208,18 +208,6 @@ def test_a_squatter_on_the_inbound_port_cannot_answer_through_eth0(tmp_path: Pat
         assert [(r["result"], r.get("server"), r.get("port")) for r in results] == [
             ("allow", "proxy", 15006), ("allow", "proxy", 15006),
         ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def _client_namespace(box: PodSandbox) -> Iterator[NetworkNamespace]:
-    """Another pod on the same link: the far end of the pod's eth0 moved into a namespace
-    of its own, with an address of the pod's subnet."""
-    with NetworkNamespace(addresses=PodAddresses(ipv4="10.1.2.100", ipv6="fd00:10::100")) as ns:
-        ns.run(["ip", "link", "del", "eth0"])  # its own veth pair is not needed
-        box.ns.run(["ip", "link", "set", "eth0-peer", "netns", ns.name])
-        ns.run(["ip", "link", "set", "eth0-peer", "up"])
-        ns.run(["ip", "addr", "add", "10.1.2.100/24", "dev", "eth0-peer"])
-        yield ns
 
 
 # --- 4. relays and hairpins through the proxy -----------------------------------------------

@@ -44,8 +44,8 @@ import yaml
 import meshguard
 from meshguard.errors import MeshguardFailure
 from meshguard.sandbox.envoy import envoy_command
-from meshguard.sandbox.netns import NetworkNamespace, PodAddresses, probe_command
-from tests.support.podns import PodSandbox, Server, compile_for
+from meshguard.sandbox.netns import NetworkNamespace, probe_command
+from tests.support.podns import PodSandbox, Server, client_namespace, compile_for
 from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
@@ -353,18 +353,6 @@ def test_a_port_open_to_every_container_passes_the_hairpin(tmp_path: Path) -> No
 
 
 # --- 4. inbound from another pod still goes through Envoy -------------------------------
-
-
-@contextlib.contextmanager
-def client_namespace(box: PodSandbox) -> Iterator[NetworkNamespace]:
-    """Another pod on the same link: the far end of the pod's eth0 moved into a namespace
-    of its own, with an address of the pod's subnet."""
-    with NetworkNamespace(addresses=PodAddresses(ipv4="10.1.2.100", ipv6="fd00:10::100")) as ns:
-        ns.run(["ip", "link", "del", "eth0"])  # its own veth pair is not needed
-        box.ns.run(["ip", "link", "set", "eth0-peer", "netns", ns.name])
-        ns.run(["ip", "link", "set", "eth0-peer", "up"])
-        ns.run(["ip", "addr", "add", "10.1.2.100/24", "dev", "eth0-peer"])
-        yield ns
 
 
 def test_inbound_from_another_pod_still_reaches_the_app_through_envoy(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.ruleset import Family, Ruleset
-from meshguard.sandbox.netns import NetworkNamespace, probe_command, serve_command
+from meshguard.sandbox.netns import NetworkNamespace, PodAddresses, probe_command, serve_command
 from tests.support.shared import golden_payloads
 
 
@@ -100,3 +100,16 @@ def own_lines(save_output: str) -> list[str]:
         for line in save_output.splitlines()
         if "MESHGUARD" in line and not line.startswith("#")
     ]
+
+
+@contextlib.contextmanager
+def client_namespace(box: PodSandbox) -> Iterator[NetworkNamespace]:
+    """Another pod on the same link: the far end of the pod's eth0 moved into a namespace
+    of its own, with an address of the pod's subnet (its traffic arrives on the pod's eth0,
+    where Istio's inbound capture applies)."""
+    with NetworkNamespace(addresses=PodAddresses(ipv4="10.1.2.100", ipv6="fd00:10::100")) as ns:
+        ns.run(["ip", "link", "del", "eth0"])  # its own veth pair is not needed
+        box.ns.run(["ip", "link", "set", "eth0-peer", "netns", ns.name])
+        ns.run(["ip", "link", "set", "eth0-peer", "up"])
+        ns.run(["ip", "addr", "add", "10.1.2.100/24", "dev", "eth0-peer"])
+        yield ns
