@@ -83,6 +83,9 @@ def _show(outcomes: Outcomes, *, json_lines: bool, label: str) -> None:
     for family in Family:
         console.print(_matrix(outcomes, family))
     console.print(_listing(outcomes, "l7", "L7 requests on loopback (ext_authz)"))
+    console.print(
+        _listing(outcomes, "broadcast", "Broadcast and multicast (looped back through eth0)")
+    )
     console.print(_listing(outcomes, "mesh", "Istio's own capture (must keep working)"))
     console.print(_listing(outcomes, "audit", "Audit mode (meshguard.io/mode: audit)"))
     total, wrong = len(outcomes.results), len(outcomes.unexpected)

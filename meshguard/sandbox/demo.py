@@ -263,6 +263,8 @@ class PodDemo:
 
 def _observed(flow: Flow, answer: dict[str, Any]) -> str:
     result = str(answer.get("result"))
+    if result == "sent":  # a broadcast left the socket: the kernel did not refuse it
+        return "allow"
     if result == "allow" and flow.lands_on is not None and answer.get("port") != flow.lands_on:
         return f"landed on {answer.get('port')}"
     if result in {"allow", "deny"}:

@@ -40,7 +40,7 @@ class Identity:
 
 @dataclass(frozen=True)
 class Flow:
-    kind: str  # "l4", "l7", "mesh", "audit"
+    kind: str  # "l4", "l7", "mesh", "audit", "broadcast"
     source: str
     to: str
     port: int
@@ -59,6 +59,8 @@ class Flow:
         target: dict[str, Any] = {"host": self.host, "port": self.port, "protocol": self.protocol}
         if self.protocol == "http":
             target.update(method=self.method, path=self.path, headers=dict(self.headers))
+        elif self.kind == "broadcast":
+            target["send_only"] = True  # looped back to every socket on the port: no answer
         elif self.http_server:
             target["send"] = HTTP_HELLO
         return target
@@ -101,6 +103,7 @@ def plan(pod: PodView, policy: Policy) -> DemoPlan:
         *_l4_flows(identities, containers, policy, http_ports),
         *_l7_flows(containers, policy, http_ports),
         *_mesh_flows(identities, containers),
+        *_broadcast_flows(identities, containers, policy),
     ]
     return DemoPlan(
         identities=identities,
@@ -178,6 +181,27 @@ def _l4_flows(
                     "l4", identity.name, to, port, protocol, family, expected,
                     LOCALHOST[family], http_server=speaks_http,
                 )  # fmt: skip
+
+
+#: Addresses the kernel delivers back to every local socket bound to the port, through eth0.
+BROADCASTS: Final = {Family.IPV4: "255.255.255.255", Family.IPV6: "ff02::1%eth0"}
+
+
+def _broadcast_flows(
+    identities: Sequence[Identity], containers: Sequence[Container], policy: Policy
+) -> Iterator[Flow]:
+    """A datagram to a broadcast or multicast address on a container's UDP port is a flow to
+    that port like any other, though it never passes lo."""
+    own = {c.name: {(p.protocol, p.port) for p in c.ports} for c in containers}
+    for identity in identities:
+        for container in containers:
+            for port in _declared(container, "udp"):
+                expected = _l4_expected(
+                    identity, to=container.name, port=port, protocol="udp", policy=policy, own=own
+                )
+                for family, host in BROADCASTS.items():
+                    yield Flow("broadcast", identity.name, container.name, port, "udp", family,
+                               expected, host)  # fmt: skip
 
 
 def _l4_expected(

@@ -30,7 +30,7 @@ def test_demo_json_every_flow_as_the_policy_says_and_nothing_left_behind():
     for flow in flows:
         assert set(flow) >= {"from", "to", "port", "protocol", "family", "expected", "observed"}
         assert flow["observed"] == flow["expected"], flow
-    assert {f["kind"] for f in flows} == {"l4", "l7", "mesh", "audit"}
+    assert {f["kind"] for f in flows} == {"l4", "l7", "mesh", "audit", "broadcast"}
     assert {f["family"] for f in flows} == {"ipv4", "ipv6"}
     assert {f["protocol"] for f in flows} == {"tcp", "udp", "http"}
     assert any(f["expected"] == "deny" for f in flows) and any(
