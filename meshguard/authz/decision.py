@@ -212,7 +212,10 @@ def _unicode_ambiguity(path: str) -> str | None:
         if unicodedata.category(char)[0] in "CZ":
             return "percent-encoded non-ASCII control, format or space character"
         if char in _LOOKALIKES or _PATH_SYNTAX & set(unicodedata.normalize("NFKC", char)):
-            return "non-ASCII character that Unicode normalization turns into . / \\ ; ? # or %"
+            return (
+                "non-ASCII character that Unicode normalization or best-fit mapping turns"
+                " into . / \\ ; ? # or %"
+            )
     return None
 
 
