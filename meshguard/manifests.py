@@ -16,6 +16,7 @@ from typing import Any, Final, TextIO
 
 import yaml
 
+from meshguard import names
 from meshguard.errors import MalformedInputError
 
 #: Where each workload kind keeps its pod template (path of keys below the object).
@@ -96,7 +97,24 @@ def _templates_of(obj: object, where: str) -> Iterator[PodTemplate]:
             holder = holder.get(key) if isinstance(holder, dict) else None
         if holder is None:
             raise MalformedInputError(f"{where}: {kind} {name} has no pod template")
-        yield _template(kind, name, namespace, holder, where)
+        template = _template(kind, name, namespace, holder, where)
+        if kind == "CronJob":
+            _inherit_istio_status(obj, template)
+        yield template
+
+
+def _inherit_istio_status(cronjob: dict[str, Any], template: PodTemplate) -> None:
+    """``istioctl kube-inject`` records a CronJob's injection on ``spec.jobTemplate.metadata``,
+    not on its pod template (the only place meshguard reads it): carry it down, as the pods
+    Istio's webhook injects carry it."""
+    holder: object = cronjob
+    for key in ("spec", "jobTemplate", "metadata", "annotations"):
+        holder = holder.get(key) if isinstance(holder, dict) else None
+    status = holder.get(names.ISTIO_STATUS) if isinstance(holder, dict) else None
+    if isinstance(status, str):
+        annotations = template.metadata.setdefault("annotations", {})
+        if isinstance(annotations, dict):
+            annotations.setdefault(names.ISTIO_STATUS, status)
 
 
 def _template(kind: str, name: str, namespace: object, holder: object, where: str) -> PodTemplate:

@@ -301,8 +301,8 @@ def _istio_status(
     regular: Sequence[Mapping[str, Any]],
 ) -> IstioStatus:
     raw = annotations.get(names.ISTIO_STATUS)
-    if raw is None:
-        return _layout_status(init, regular)
+    if raw is None:  # Istio did not inject this pod: nothing in it is Istio's
+        return IstioStatus(init_containers=frozenset(), containers=frozenset())
     where = f"metadata.annotations[{names.ISTIO_STATUS}]"
     try:
         document = json.loads(raw)
@@ -323,33 +323,6 @@ def _istio_status(
             )
         listed[key] = frozenset(value or ())
     return IstioStatus(init_containers=listed["initContainers"], containers=listed["containers"])
-
-
-def _layout_status(
-    init: Sequence[Mapping[str, Any]], regular: Sequence[Mapping[str, Any]]
-) -> IstioStatus:
-    """What the status would list when the pod carries none, from Istio's exact layout.
-
-    ``istioctl kube-inject`` writes a CronJob's status on ``spec.jobTemplate.metadata``, not
-    on the pod template (and Istio's webhook adds it to each pod it sees): such a template
-    is read as Istio lays pods out, and nothing else: its init step first, the native
-    sidecar proxy right after it (or after meshguard-init), or the proxy as a regular
-    container.
-    """
-    listed_init: set[str] = set()
-    position = 0
-    if init and init[0].get("name") in ISTIO_INIT_STEPS and not _restartable(init[0]):
-        listed_init.add(str(init[0]["name"]))
-        position = 1
-    if len(init) > position and _is_meshguard_init(init[position], None):
-        position += 1  # what meshguard inserts: the proxy follows it
-    if len(init) > position and init[position].get("name") == PROXY_CONTAINER:
-        listed_init.add(PROXY_CONTAINER)
-    in_regular = any(c.get("name") == PROXY_CONTAINER for c in regular)
-    return IstioStatus(
-        init_containers=frozenset(listed_init),
-        containers=frozenset({PROXY_CONTAINER} if in_regular else ()),
-    )
 
 
 def _classify(

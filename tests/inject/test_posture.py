@@ -300,17 +300,17 @@ def test_a_disguised_name_is_fixed_as_a_workload_in_fix_mode(name, place, attack
     assert "NET_ADMIN" not in (context_after.get("capabilities") or {}).get("add", [])
 
 
-def test_without_istio_status_names_in_istio_places_are_istio_s_and_others_are_not():
-    """No status at all (a CronJob's pod template from istioctl kube-inject): only Istio's
-    exact layout is recognized; a privileged istio-validation after it is a workload."""
+def test_without_istio_status_nothing_is_istio_s_whatever_the_names_and_places():
+    """No status at all: Istio did not inject the pod, so no container is Istio's, not even
+    one named and placed as Istio places its own (a CronJob's kube-inject status is carried
+    down to its pod template by meshguard.manifests)."""
     spec = pod()
     spec["initContainers"].append({"name": "istio-validation", "securityContext": {
         **SAFE_CONTEXT, "privileged": True}})  # fmt: skip
     findings = review_posture_of(spec, settings=DENY, status=None)
-    assert {f.where for f in findings} == {
-        "container 'istio-validation' (spec.initContainers[1], not Istio's or meshguard's own:"
-        " checked as a workload)"
-    }
+    workloads = {f.where for f in findings if "checked as a workload" in f.where}
+    assert any("'istio-init' (spec.initContainers[0]" in where for where in workloads), findings
+    assert any("'istio-validation' (spec.initContainers[1]" in where for where in workloads)
     assert Check.PRIVILEGED in checks(findings)
 
 

@@ -395,16 +395,26 @@ def test_an_istio_proxy_where_istio_s_status_does_not_put_it_is_refused(native, 
         inject_pod(pod["metadata"], pod["spec"], settings=settings)
 
 
-def test_without_any_istio_status_an_istio_named_init_container_is_not_istio_s():
-    """A pod that carries no status but Istio's layout (istioctl kube-inject's CronJob):
-    only the exact layout is Istio's; a privileged 'istio-validation' after it is not."""
+def test_without_any_istio_status_the_pod_is_not_taken_for_istio_injected():
+    """A pod that carries Istio's layout but no status was not injected by Istio: nothing in
+    it is Istio's, so it is never protected as if it were (the webhook asks Istio for the
+    template, and reviews the pod when Istio has injected it)."""
     pod = istio_pod()
     del pod["metadata"]["annotations"]["sidecar.istio.io/status"]
     pod["spec"]["initContainers"].append({"name": "istio-validation", "image": "evil",
         "securityContext": {**SAFE_CONTEXT, "runAsUser": 3000, "runAsGroup": 3000,
                             "privileged": True}})  # fmt: skip
-    with pytest.raises(RefusedError, match=r"container 'istio-validation' .*\[privileged\]"):
-        inject_pod(pod["metadata"], pod["spec"], settings=DENY)
+    result = inject_pod(pod["metadata"], pod["spec"], settings=DENY)
+    assert result.outcome is not Outcome.INJECTED
+    assert result.ruleset is None
+
+
+def test_a_cronjob_from_kube_inject_carries_its_istio_status_down_to_the_pod_template():
+    path = shared_file("istio-injector-samples", "cronjob.yaml.injected")
+    (template,) = pod_templates(read_documents(path))
+    assert "sidecar.istio.io/status" in template.metadata["annotations"]
+    result = inject_pod(template.metadata, template.spec, settings=InjectSettings())
+    assert result.outcome is Outcome.INJECTED
 
 
 @pytest.mark.parametrize(
