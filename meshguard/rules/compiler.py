@@ -399,7 +399,7 @@ def _filter_table(
     )
     rules = [
         *_entry_rules(family, pod=pod, settings=settings),
-        *_hairpin_rules(policy, settings),
+        *_hairpin_rules(policy),
         *_local_rules(plans, settings),
         *dispatch,
     ]
@@ -460,7 +460,7 @@ def _entry_rules(
     ]
 
 
-def _hairpin_rules(policy: Policy, settings: CompilerSettings) -> list[tuple[str, str]]:
+def _hairpin_rules(policy: Policy) -> list[tuple[str, str]]:
     """``MESHGUARD_HAIRPIN``: the proxy dialing the pod itself, on behalf of some container.
 
     A container that calls its own pod through a Service VIP is captured to Envoy, which
