@@ -234,7 +234,8 @@ def test_webhook_command_line_is_the_real_cli() -> None:
     assert (args.host, args.port) == ("0.0.0.0", 9443)
     assert args.log_level == "info"
     settings = injection_settings(args, request_template=not args.no_template)
-    assert settings.request_template is True
+    # no template by default: a missing `meshguard` template in istiod cannot block pods
+    assert settings.request_template is False
     assert settings.posture.default_action is Action.FIX
     assert settings.init.image == DEFAULT_IMAGE
     # TLS files come from the Secret mounted read-only where --cert/--key point
@@ -365,9 +366,12 @@ def test_webhook_configuration() -> None:
     config = configuration()
     assert all(config["metadata"]["name"] < istio for istio in ISTIO_WEBHOOK_CONFIGURATIONS)
     hooks = config["webhooks"]
+    # Istio's four selections of the default revision (tests/charts/test_selection.py)
     assert [h["name"] for h in hooks] == [
         "namespace.inject.meshguard.io",
+        "object.inject.meshguard.io",
         "rev.namespace.inject.meshguard.io",
+        "rev.object.inject.meshguard.io",
     ]
     for hook in hooks:
         assert hook["admissionReviewVersions"] == ["v1"]
@@ -388,7 +392,14 @@ def test_webhook_configuration() -> None:
                 "apiVersions": ["v1"],
                 "resources": ["pods"],
                 "scope": "Namespaced",
-            }
+            },
+            {
+                "operations": ["UPDATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods/ephemeralcontainers"],
+                "scope": "Namespaced",
+            },
         ]
 
 
@@ -402,7 +413,8 @@ def test_failure_policy_and_timeout_are_configurable() -> None:
     ("namespace", "selected"),
     [
         (namespace_labels("shop", **{"istio-injection": "enabled"}), True),
-        (namespace_labels("shop", **{"istio.io/rev": "canary"}), True),
+        # only the revisions declared in istio.revisions / istio.revisionTags (default)
+        (namespace_labels("shop", **{"istio.io/rev": "canary"}), False),
         (namespace_labels("shop", **{"istio.io/rev": "default"}), True),
         # Istio honours istio-injection first: with both labels, still exactly one call
         (namespace_labels("shop", **{"istio-injection": "enabled", "istio.io/rev": "x"}), True),
@@ -433,7 +445,13 @@ def test_failure_policy_and_timeout_are_configurable() -> None:
 )
 def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
     hooks = configuration()["webhooks"]
-    matching = [h["name"] for h in hooks if selector_matches(h["namespaceSelector"], namespace)]
+    pod = {"app": "shop"}
+    matching = [
+        h["name"]
+        for h in hooks
+        if selector_matches(h["namespaceSelector"], namespace)
+        and selector_matches(h["objectSelector"], pod)
+    ]
     assert len(matching) == (1 if selected else 0), matching
 
 
@@ -446,8 +464,14 @@ def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
     ],
 )
 def test_object_selector(pod_labels: dict[str, str], selected: bool) -> None:
-    for hook in configuration()["webhooks"]:
-        assert selector_matches(hook["objectSelector"], pod_labels) is selected
+    namespace = namespace_labels("shop", **{"istio-injection": "enabled"})
+    matching = [
+        h["name"]
+        for h in configuration()["webhooks"]
+        if selector_matches(h["namespaceSelector"], namespace)
+        and selector_matches(h["objectSelector"], pod_labels)
+    ]
+    assert len(matching) == (1 if selected else 0), matching
 
 
 # --- TLS ---------------------------------------------------------------------------------
