@@ -231,7 +231,12 @@ def xtables_lock(path: Path, *, deadline: Deadline) -> Iterator[XtablesLock]:
                 f"another process{f' (pid {holder})' if holder else ''} holds iptables' lock"
                 f" {path}; gave up after {deadline.timeout:g}s"
             ) from None
-        private = os.memfd_create("meshguard-xtables-lock", os.MFD_CLOEXEC)
+        try:
+            private = os.memfd_create("meshguard-xtables-lock", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise MeshguardFailure(
+                f"cannot create a private lock file for iptables: {exc}"
+            ) from None
         try:
             yield XtablesLock(
                 held=True, env={XTABLES_LOCKFILE_ENV: f"/proc/{os.getpid()}/fd/{private}"}
