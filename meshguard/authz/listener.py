@@ -8,7 +8,12 @@ to the container's own address (127.0.100.N / fd6d:6775::N). The listener, one p
    ``%DOWNSTREAM_LOCAL_PORT%`` is the port the container dialed;
 2. stamps the pod's identity (``x-meshguard-pod: namespace/name`` from the proxy's
    ``POD_NAMESPACE``/``POD_NAME`` environment), overwriting whatever the client sent;
-3. asks meshguard's ext_authz server (``failure_mode_allow: false``: no answer, no request);
+3. asks meshguard's ext_authz server (``failure_mode_allow: false``: no answer, no request).
+   A policy denial is the server's 403; no decision at all (the ext_authz cluster is
+   misnamed or has no endpoint, the call timed out) is a 503, counted in
+   ``http.<listener>.ext_authz.error`` and logged on the proxy's stdout as a JSON line
+   ``{"meshguard": "ext_authz_error", "authz_cluster": ...}``, so a wrong location shows
+   as what it is rather than as a storm of 403s;
 4. forwards what is allowed to 127.0.0.1 or [::1] on the original port — never to the
    original address, which may be the pod IP (Istio would send Envoy's own connection to the
    pod IP to its inbound listener) — and strips meshguard's headers on the way upstream.
@@ -20,17 +25,27 @@ the pod in the stamped header. The same listener dicts feed the standalone boots
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
 
 from meshguard.authz.server import POD_HEADER
+from meshguard.errors import MalformedInputError
 
 HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ORIGINAL_DST_HEADER: Final = "x-envoy-original-dst-host"
 UPSTREAM_CLUSTER: Final = "meshguard_loopback_upstream"
 AUTHZ_CLUSTER: Final = "meshguard_authz"
+ENVOY_FILTER_NAME: Final = "meshguard-loopback-listener"
+#: What the listener answers when the authz server gives no decision (the ext_authz cluster
+#: does not exist, has no endpoint, or the call timed out): 503, never a policy's 403.
+AUTHZ_ERROR_STATUS: Final = 503
+#: The access log line (proxy's stdout) for each such request carries this "meshguard" field.
+AUTHZ_ERROR_EVENT: Final = "ext_authz_error"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +103,16 @@ def upstream_cluster() -> dict[str, Any]:
 
 
 def authz_cluster(*, host: str, port: int) -> dict[str, Any]:
-    """The ext_authz server as a static HTTP/2 cluster (standalone Envoy)."""
+    """The ext_authz server as an HTTP/2 cluster (standalone Envoy): STATIC for an IP
+    address, STRICT_DNS for a host name."""
+    try:
+        ipaddress.ip_address(host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"
     return {
         "name": AUTHZ_CLUSTER,
-        "type": "STATIC",
+        "type": discovery,
         "connect_timeout": "0.25s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -149,6 +170,7 @@ def _http_connection_manager(
             "merge_slashes": True,
             "path_with_escaped_slashes_action": "REJECT_REQUEST",
             "http_protocol_options": {"accept_http_10": True},
+            "access_log": [_authz_error_log(settings)],
             "http_filters": [
                 _stamp_pod_identity(),
                 _ext_authz(settings),
@@ -191,6 +213,52 @@ def _http_connection_manager(
     }
 
 
+def _authz_error_log(settings: ListenerSettings) -> dict[str, Any]:
+    """One JSON line on stdout (the istio-proxy container's log, which Istio's stats
+    inclusion list does not filter) for each request refused because ext_authz gave no
+    decision: UAEX (refused by ext_authz) with the error status, which a policy's 403 never
+    has."""
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "filter": {
+            "and_filter": {
+                "filters": [
+                    {"response_flag_filter": {"flags": ["UAEX"]}},
+                    {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {
+                                    "default_value": AUTHZ_ERROR_STATUS,
+                                    "runtime_key": "meshguard.authz_error_status",
+                                },
+                            }
+                        }
+                    },
+                ]
+            }
+        },
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3"
+            ".StdoutAccessLog",
+            "log_format": {
+                "json_format": {
+                    "meshguard": AUTHZ_ERROR_EVENT,
+                    "message": "no decision from the ext_authz cluster (missing, no endpoint"
+                    " or timed out): request refused",
+                    "authz_cluster": settings.authz_cluster,
+                    "details": "%RESPONSE_CODE_DETAILS%",
+                    "code": "%RESPONSE_CODE%",
+                    "pod": f"%REQ({POD_HEADER})%",
+                    "source": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    "port": "%DOWNSTREAM_LOCAL_PORT%",
+                    "time": "%START_TIME%",
+                }
+            },
+        },
+    }
+
+
 def _stamp_pod_identity() -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.header_mutation",
@@ -220,7 +288,7 @@ def _ext_authz(settings: ListenerSettings) -> dict[str, Any]:
             "@type": _type("filters.http.ext_authz.v3.ExtAuthz"),
             "transport_api_version": "V3",
             "failure_mode_allow": False,
-            "status_on_error": {"code": "Forbidden"},
+            "status_on_error": {"code": "ServiceUnavailable"},
             "grpc_service": {
                 "envoy_grpc": {"cluster_name": settings.authz_cluster},
                 "timeout": settings.authz_timeout,
@@ -237,18 +305,98 @@ def _socket(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
+# --- where the authz service runs: one location, validated, for every generated object -----
+
+#: Kubernetes names: a namespace is a DNS-1123 label, a Service name a DNS-1035 label.
+_DNS1123_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035_LABEL: Final = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_LABEL_RULE: Final = (
+    "lowercase letters, digits and '-', starting and ending with a letter or digit,"
+    " at most 63 characters"
+)
+
+
+class LocationError(MalformedInputError):
+    """The authz service's location is not one Istio can name: each problem is a field of
+    :class:`IstioSettings` and what is wrong with its value."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(f"{field} {message}" for field, message in self.problems))
+
+
 @dataclass(frozen=True, kw_only=True)
 class IstioSettings:
-    """Where the authz service runs in the cluster (the Helm chart's defaults)."""
+    """Where the authz service runs in the cluster (the Helm chart's defaults).
+
+    Every Istio object meshguard generates derives from these five values: the EnvoyFilter's
+    namespace, the ext_authz cluster name (``outbound|PORT||SERVICE.NAMESPACE.svc.DOMAIN``,
+    the name Istio gives the Service's cluster in every sidecar) and the DestinationRule's
+    host. A value Istio cannot have produced is refused here, because a cluster name that
+    names no cluster still loads in Envoy and only fails at request time.
+    """
 
     service: str = "meshguard-authz"
     namespace: str = "meshguard-system"
     port: int = 9191
     root_namespace: str = "istio-system"
+    cluster_domain: str = "cluster.local"
+
+    def __post_init__(self) -> None:
+        problems = [
+            *_label_problems("service", self.service, _DNS1035_LABEL, "DNS-1035 label"),
+            *_label_problems("namespace", self.namespace, _DNS1123_LABEL, "DNS-1123 label"),
+            *_label_problems(
+                "root_namespace", self.root_namespace, _DNS1123_LABEL, "DNS-1123 label"
+            ),
+            *_domain_problems(self.cluster_domain),
+        ]
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            problems.append(("port", f"{self.port!r} is not an integer"))
+        elif not 1 <= self.port <= 65535:
+            problems.append(("port", f"{self.port} is out of range: expected 1-65535"))
+        if problems:
+            raise LocationError(problems)
+
+    @classmethod
+    def from_host(
+        cls,
+        host: str,
+        *,
+        port: int = 9191,
+        root_namespace: str = "istio-system",
+        cluster_domain: str = "cluster.local",
+    ) -> IstioSettings:
+        """The location named by the Service's host: ``SERVICE.NAMESPACE``,
+        ``SERVICE.NAMESPACE.svc`` or ``SERVICE.NAMESPACE.svc.DOMAIN`` (``cluster_domain``
+        when the host has none)."""
+        parts = host.rstrip(".").split(".")
+        if len(parts) == 2 or (len(parts) == 3 and parts[2] == "svc"):
+            domain = cluster_domain
+        elif len(parts) >= 4 and parts[2] == "svc":
+            domain = ".".join(parts[3:])
+        else:
+            raise LocationError(
+                [
+                    (
+                        "host",
+                        f"{host!r} is not a Kubernetes Service's name: expected"
+                        " SERVICE.NAMESPACE.svc.DOMAIN (Istio names the Service's cluster"
+                        " outbound|PORT||SERVICE.NAMESPACE.svc.DOMAIN)",
+                    )
+                ]
+            )
+        return cls(
+            service=parts[0],
+            namespace=parts[1],
+            port=port,
+            root_namespace=root_namespace,
+            cluster_domain=domain,
+        )
 
     @property
     def host(self) -> str:
-        return f"{self.service}.{self.namespace}.svc.cluster.local"
+        return f"{self.service}.{self.namespace}.svc.{self.cluster_domain}"
 
     @property
     def cluster(self) -> str:
@@ -256,61 +404,138 @@ class IstioSettings:
         return f"outbound|{self.port}||{self.host}"
 
 
+def _label_problems(
+    field: str, value: str, pattern: re.Pattern[str], kind: str
+) -> list[tuple[str, str]]:
+    if isinstance(value, str) and len(value) <= 63 and pattern.fullmatch(value):
+        return []
+    rule = _LABEL_RULE
+    if pattern is _DNS1035_LABEL:
+        rule = rule.replace("starting and", "starting with a letter and")
+    return [(field, f"{value!r} is not a {kind}: {rule}")]
+
+
+def _domain_problems(value: str) -> list[tuple[str, str]]:
+    labels = value.split(".") if isinstance(value, str) else []
+    if (
+        labels
+        and len(value) <= 253
+        and all(len(label) <= 63 and _DNS1123_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    ):
+        return []
+    return [
+        (
+            "cluster_domain",
+            f"{value!r} is not a DNS domain: dot-separated DNS-1123 labels such as"
+            " cluster.local, no trailing dot (it must equal Istio's"
+            " values.global.proxy.clusterDomain)",
+        )
+    ]
+
+
 def envoy_filter(istio: IstioSettings, settings: ListenerSettings | None = None) -> dict[str, Any]:
     """The EnvoyFilter adding the loopback listeners and their upstream cluster to every
     sidecar (it lives in Istio's root namespace, so one object serves all pods)."""
     listener_settings = settings or ListenerSettings(authz_cluster=istio.cluster)
-    outbound = {"context": "SIDECAR_OUTBOUND"}
     patches = [
-        {"applyTo": "LISTENER", "match": outbound, "patch": {"operation": "ADD", "value": listener}}
+        {
+            "applyTo": "LISTENER",
+            "match": {"context": "SIDECAR_OUTBOUND"},
+            "patch": {"operation": "ADD", "value": listener},
+        }
         for listener in loopback_listeners(listener_settings)
     ]
     patches.append(
         {
             "applyTo": "CLUSTER",
-            "match": outbound,
+            "match": {"context": "SIDECAR_OUTBOUND"},
             "patch": {"operation": "ADD", "value": upstream_cluster()},
         }
     )
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
-        "metadata": {"name": "meshguard-loopback-listener", "namespace": istio.root_namespace},
+        "metadata": {"name": ENVOY_FILTER_NAME, "namespace": istio.root_namespace},
         "spec": {"configPatches": patches},
     }
 
 
-def extension_provider(istio: IstioSettings) -> dict[str, Any]:
-    """meshConfig.extensionProviders entry naming the authz service (envoyExtAuthzGrpc)."""
-    return {
-        "name": "meshguard",
-        "envoyExtAuthzGrpc": {
-            "service": istio.host,
-            "port": istio.port,
-            "timeout": ListenerSettings().authz_timeout,
-            "failOpen": False,
-        },
+#: Stand-ins the Helm template replaces with expressions of the chart's values.
+_HELM_NAMESPACE: Final = "MESHGUARD_HELM_ROOT_NAMESPACE"
+_HELM_CLUSTER: Final = "MESHGUARD_HELM_AUTHZ_CLUSTER"
+_HELM_LABELS: Final = "MESHGUARD_HELM_LABELS"
+
+
+def envoy_filter_helm_template() -> str:
+    """``charts/meshguard/templates/istio-envoyfilter.yaml``: :func:`envoy_filter` with the
+    root namespace and the ext_authz cluster taken from the chart's values (one definition
+    for the CLI, ``istio/`` and the chart; a test keeps the committed template equal)."""
+    document = envoy_filter(IstioSettings(), ListenerSettings(authz_cluster=_HELM_CLUSTER))
+    document["metadata"] = {
+        "name": ENVOY_FILTER_NAME,
+        "namespace": _HELM_NAMESPACE,
+        "labels": _HELM_LABELS,
     }
+    body = yaml.safe_dump(document, sort_keys=False)
+    body = body.replace(
+        f"namespace: {_HELM_NAMESPACE}", "namespace: {{ .Values.istio.rootNamespace }}"
+    )
+    body = body.replace(
+        f"labels: {_HELM_LABELS}",
+        'labels:\n    {{- include "meshguard.labels" (dict "root" $ "component" "authz")'
+        " | nindent 4 }}",
+    )
+    body = body.replace(_HELM_CLUSTER, "{{ $cluster | quote }}")
+    return (
+        "{{- /* Generated by meshguard.authz.listener.envoy_filter_helm_template(): do not"
+        " edit.\n"
+        "The loopback listener for every sidecar, in Istio's root namespace, calling the authz"
+        " Service\nof this release (the same object as `meshguard envoy-config --format"
+        " envoyfilter`). */}}\n"
+        "{{- if .Values.istio.envoyFilter.enabled }}\n"
+        '{{- $host := printf "%s.%s.svc.%s" .Values.authz.service.name .Release.Namespace'
+        " .Values.istio.clusterDomain }}\n"
+        '{{- $cluster := printf "outbound|%d||%s" (int .Values.authz.service.port) $host }}\n'
+        f"{body}"
+        "{{- end }}\n"
+    )
 
 
-def envoy_config_text(fmt: str, *, authz_host: str, authz_port: int, admin_port: int) -> str:
-    """The YAML ``meshguard envoy-config`` prints (and ``envoy/``, ``istio/`` hold)."""
-    header = f"# Generated by `meshguard envoy-config --format {fmt}`; see envoy/README.md.\n"
+def envoy_config_text(
+    fmt: str,
+    *,
+    authz_host: str = "127.0.0.1",
+    authz_port: int = 9191,
+    admin_port: int = 15000,
+    istio: IstioSettings | None = None,
+) -> str:
+    """The YAML ``meshguard envoy-config`` prints (and ``envoy/``, ``istio/`` hold):
+    ``bootstrap`` (standalone Envoy calling the authz server at authz_host:authz_port) or
+    ``envoyfilter`` (for the authz service at ``istio``, default: the chart's defaults)."""
     if fmt == "bootstrap":
+        command = "meshguard envoy-config --format bootstrap"
         document = bootstrap(
             ListenerSettings(), authz_host=authz_host, authz_port=authz_port, admin_port=admin_port
         )
     elif fmt == "envoyfilter":
-        document = envoy_filter(IstioSettings(port=authz_port))
+        location = istio or IstioSettings(port=authz_port)
+        command = " ".join(["meshguard envoy-config --format envoyfilter", *_flags(location)])
+        document = envoy_filter(location)
     else:
-        document = {
-            "apiVersion": "install.istio.io/v1alpha1",
-            "kind": "IstioOperator",
-            "metadata": {"name": "meshguard-authz", "namespace": "istio-system"},
-            "spec": {
-                "meshConfig": {
-                    "extensionProviders": [extension_provider(IstioSettings(port=authz_port))]
-                }
-            },
-        }
+        raise ValueError(f"unknown envoy-config format {fmt!r}")
+    header = f"# Generated by `{command}`; see envoy/README.md.\n"
     return header + yaml.safe_dump(document, sort_keys=False)
+
+
+def _flags(istio: IstioSettings) -> list[str]:
+    """The envoy-config flags that reproduce a non-default location."""
+    default = IstioSettings()
+    flags = {
+        "--namespace": (istio.namespace, default.namespace),
+        "--service": (istio.service, default.service),
+        "--port": (istio.port, default.port),
+        "--istio-namespace": (istio.root_namespace, default.root_namespace),
+        "--cluster-domain": (istio.cluster_domain, default.cluster_domain),
+    }
+    return [f"{flag} {value}" for flag, (value, usual) in flags.items() if value != usual]

@@ -237,16 +237,43 @@ def _add_configs(commands: Subcommands) -> None:
         "envoy-config",
         help="print the Envoy loopback listener configuration (standalone or for Istio)",
         description="Print the loopback listener that receives the flows meshguard's rules"
-        " redirect: as a standalone Envoy bootstrap (bootstrap), as the Istio EnvoyFilter that"
-        " adds it to every sidecar (envoyfilter), or as the IstioOperator overlay with the"
-        " meshConfig extensionProviders entry for the authz service (mesh-config).",
+        " redirect: as a standalone Envoy bootstrap (bootstrap), or as the Istio EnvoyFilter"
+        " that adds it to every sidecar (envoyfilter), calling the authz Service's cluster"
+        " outbound|PORT||SERVICE.NAMESPACE.svc.DOMAIN. The location must be the chart's"
+        " (helm values authz.service.name/port, the release namespace, istio.rootNamespace,"
+        " istio.clusterDomain); the chart renders the same EnvoyFilter with"
+        " istio.envoyFilter.enabled=true.",
     )
-    envoy.add_argument(
-        "--format", choices=["bootstrap", "envoyfilter", "mesh-config"], default="bootstrap"
+    envoy.add_argument("--format", choices=["bootstrap", "envoyfilter"], default="bootstrap")
+    location = envoy.add_argument_group(
+        "authz server location",
+        "bootstrap: --authz-host (an IP address or DNS name, default 127.0.0.1) and --port;"
+        " envoyfilter: the Service (--namespace, --service, --port, --cluster-domain, or all"
+        " but the port as --authz-host SERVICE.NAMESPACE.svc.DOMAIN) and --istio-namespace."
+        " Defaults: the chart's.",
     )
-    envoy.add_argument("--authz-host", default="127.0.0.1", help="authz server (bootstrap)")
-    envoy.add_argument("--authz-port", type=int, default=9191, help="authz server port")
-    envoy.add_argument("--admin-port", type=int, default=15000, help="Envoy admin (bootstrap)")
+    location.add_argument(
+        "--authz-host",
+        help="bootstrap: the authz server's address; envoyfilter: the authz Service's host"
+        " SERVICE.NAMESPACE[.svc[.DOMAIN]]",
+    )
+    location.add_argument(
+        "--port", "--authz-port", dest="port", type=int, help="authz gRPC port (default 9191)"
+    )
+    location.add_argument(
+        "--namespace", help="namespace of the meshguard release (default meshguard-system)"
+    )
+    location.add_argument("--service", help="name of the authz Service (default meshguard-authz)")
+    location.add_argument(
+        "--istio-namespace",
+        help="Istio's root namespace, where the EnvoyFilter lives (default istio-system)",
+    )
+    location.add_argument(
+        "--cluster-domain",
+        help="the cluster's DNS domain, as Istio's values.global.proxy.clusterDomain"
+        " (default cluster.local)",
+    )
+    envoy.add_argument("--admin-port", type=int, help="Envoy admin port (bootstrap; 15000)")
     envoy.set_defaults(handler="meshguard.cli.serve:envoy_config")
 
     template = commands.add_parser(

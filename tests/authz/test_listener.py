@@ -3,6 +3,8 @@ accepts the bootstrap, and the Istio objects validate against Istio's real CRD s
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +14,27 @@ import jsonschema
 import pytest
 import yaml
 
+import meshguard
 from meshguard.authz.listener import (
+    AUTHZ_ERROR_EVENT,
+    AUTHZ_ERROR_STATUS,
     HCM,
     UPSTREAM_CLUSTER,
     IstioSettings,
+    authz_cluster,
     envoy_config_text,
     envoy_filter,
 )
-from meshguard.sandbox.envoy import envoy_binary
+from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
+from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.shared import shared_file
 
 PROJECT = Path(__file__).resolve().parents[2]
+EXAMPLE_POD = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 GENERATED = {
     "envoy/loopback-listener.yaml": "bootstrap",
     "istio/loopback-listener.envoyfilter.yaml": "envoyfilter",
-    "istio/authz-provider.iop.yaml": "mesh-config",
 }
 
 
@@ -108,20 +116,6 @@ def test_a_broken_envoyfilter_fails_the_schema():
         jsonschema.validate(document, crd_schema("EnvoyFilter", "v1alpha3"))
 
 
-def test_extension_provider_names_the_authz_service_and_fails_closed():
-    document = yaml.safe_load((PROJECT / "istio/authz-provider.iop.yaml").read_text())
-    (provider,) = document["spec"]["meshConfig"]["extensionProviders"]
-    assert provider == {
-        "name": "meshguard",
-        "envoyExtAuthzGrpc": {
-            "service": "meshguard-authz.meshguard-system.svc.cluster.local",
-            "port": 9191,
-            "timeout": "0.5s",
-            "failOpen": False,
-        },
-    }
-
-
 def listeners_and_upstream(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The loopback listeners and their upstream cluster, from a committed file."""
     document = yaml.safe_load((PROJECT / path).read_text())
@@ -180,3 +174,104 @@ def test_the_cli_prints_the_committed_configs(path: str, fmt: str):
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert done.stdout == (PROJECT / path).read_text()
+
+
+# --- a misnamed ext_authz cluster, with the real Envoy ------------------------------------
+
+SIDECAR_HAS = IstioSettings()  # the authz Service's cluster Istio gives every sidecar
+ADMIN_PORT = 15000
+AUTHZ_PORT = 9191
+
+
+def sidecar_bootstrap(envoy_filter_calls: IstioSettings) -> dict[str, Any]:
+    """A sidecar as the EnvoyFilter leaves it: its listeners and cluster, beside the authz
+    Service's outbound cluster as Istio names it (pointing at a real authz server)."""
+    patches = envoy_filter(envoy_filter_calls)["spec"]["configPatches"]
+    values: dict[str, list[dict[str, Any]]] = {"LISTENER": [], "CLUSTER": []}
+    for patch in patches:
+        values[patch["applyTo"]].append(patch["patch"]["value"])
+    istio_cluster = authz_cluster(host="127.0.0.1", port=AUTHZ_PORT)
+    istio_cluster["name"] = istio_cluster["load_assignment"]["cluster_name"] = SIDECAR_HAS.cluster
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
+        },
+        "static_resources": {
+            "listeners": values["LISTENER"],
+            "clusters": [*values["CLUSTER"], istio_cluster],
+        },
+    }
+
+
+def http_get(ns: NetworkNamespace, *, port: int, path: str = "/") -> tuple[int, str]:
+    """GET http://127.0.0.1:port/path from inside the namespace: (status, body)."""
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        f"url = 'http://127.0.0.1:{port}{path}'\n"
+        "try:\n"
+        "    r = urllib.request.urlopen(url, timeout=5)\n"
+        "    print(r.status); print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code); print(e.read().decode())\n"
+    )
+    status, _, body = ns.run([sys.executable, "-c", script]).partition("\n")
+    return int(status), body
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("calls", "status", "counter"),
+    [
+        pytest.param(SIDECAR_HAS, 403, "denied", id="right-cluster:policy-denial-403"),
+        pytest.param(IstioSettings(namespace="meshguard"), 503, "error", id="misnamed-cluster:503"),
+        pytest.param(
+            IstioSettings(cluster_domain="corp.local"), 503, "error", id="wrong-domain:503"
+        ),
+    ],
+)
+def test_a_misnamed_authz_cluster_answers_503_and_says_so_not_403(
+    tmp_path: Path, calls: IstioSettings, status: int, counter: str
+) -> None:
+    """An EnvoyFilter whose ext_authz cluster names no cluster of the sidecar loads, and
+    fails closed — but with 503, counted as ``ext_authz.error`` and logged with the cluster
+    name, where a policy denial (here: a pod the authz server does not know) is a 403
+    counted as ``ext_authz.denied``."""
+    pod = yaml.safe_load(EXAMPLE_POD.read_text())
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    pod_file = tmp_path / "pod.yaml"
+    pod_file.write_text(yaml.safe_dump(pod))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump(sidecar_bootstrap(calls)))
+    envoy_out = tmp_path / "envoy.stdout"
+    with NetworkNamespace() as ns, envoy_out.open("w") as out:
+        ns.spawn(authz_command([pod_file], uid=0, gid=0, port=AUTHZ_PORT))
+        wait_listening(ns, port=AUTHZ_PORT, uid=0, gid=0)
+        envoy = subprocess.Popen(
+            ns.argv(envoy_command(config, uid=0, gid=0)), stdout=out,
+            stderr=subprocess.DEVNULL, env={**os.environ, "POD_NAMESPACE": "demo",
+                                            "POD_NAME": "shop"},
+        )  # fmt: skip
+        try:
+            wait_listening(ns, port=15007, uid=0, gid=0)
+            got, body = http_get(ns, port=15007, path="/api/items")
+            stats = dict(
+                line.split(": ", 1)
+                for line in http_get(ns, port=ADMIN_PORT, path="/stats")[1].splitlines()
+                if ": " in line
+            )
+        finally:
+            envoy.terminate()
+            envoy.wait(timeout=10)
+    assert got == status, body
+    prefix = "http.meshguard_loopback_ipv4.ext_authz."
+    assert int(stats[prefix + counter]) == 1
+    assert int(stats.get(prefix + ({"denied", "error"} - {counter}).pop(), "0")) == 0
+    logged = [json.loads(line) for line in envoy_out.read_text().splitlines() if "{" in line]
+    if status == AUTHZ_ERROR_STATUS:
+        (line,) = logged
+        assert line["meshguard"] == AUTHZ_ERROR_EVENT
+        assert line["authz_cluster"] == calls.cluster != SIDECAR_HAS.cluster
+        assert (line["code"], line["pod"], line["port"]) == (503, "demo/shop", 15007)
+        assert line["details"] == "ext_authz_error"
+    else:
+        assert logged == []  # policy denials are the authz server's to log
