@@ -139,3 +139,74 @@ imagePullSecrets:
   values:
     {{- toYaml (uniq (prepend .Values.webhook.excludeNamespaces .Release.Namespace)) | nindent 4 }}
 {{- end }}
+
+{{/*
+TLS modes. generated: the chart makes the CA (a new one at every render without a cluster:
+`helm template`, Argo CD); existingSecret: the operator creates the Secret tls.secretName and
+the chart only references it; certManager: a cert-manager Certificate writes that Secret.
+existingSecret and certManager render the same bytes every time (GitOps).
+*/}}
+
+{{/*
+The caBundle of the webhook entries in existingSecret mode: tls.existingSecret.caBundle,
+base64 of the PEM CA (PEM text is accepted too and encoded). Empty in the other modes (the
+generated mode has its own, from the same genCA call as the Secret) and when the value is
+empty (cainjector fills it, see meshguard.webhook.caInjection).
+*/}}
+{{- define "meshguard.webhook.caBundle" -}}
+{{- if eq .Values.tls.mode "existingSecret" -}}
+{{- $ca := .Values.tls.existingSecret.caBundle | trim -}}
+{{- if hasPrefix "-----BEGIN" $ca -}}
+{{ $ca | b64enc }}
+{{- else -}}
+{{ $ca }}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Annotations of the MutatingWebhookConfiguration that make cert-manager's cainjector fill the
+caBundle: certManager mode, from the chart's Certificate; existingSecret mode without a
+caBundle value, from the Secret itself (cainjector requires the Secret to carry the
+annotation cert-manager.io/allow-direct-injection: "true"). Empty otherwise.
+*/}}
+{{- define "meshguard.webhook.caInjection" -}}
+{{- if eq .Values.tls.mode "certManager" -}}
+cert-manager.io/inject-ca-from: {{ .Release.Namespace }}/meshguard-webhook
+{{- else if and (eq .Values.tls.mode "existingSecret") (not (include "meshguard.webhook.caBundle" .)) -}}
+cert-manager.io/inject-ca-from-secret: {{ .Release.Namespace }}/{{ .Values.tls.secretName }}
+{{- end -}}
+{{- end }}
+
+{{/*
+Graceful drain of a server pod; call with (dict "root" $ "component" "webhook" "values"
+.Values.webhook). A deleted pod leaves the Service's endpoints at once (EndpointSlice
+ready=false) but kube-proxy and the API server learn it a few seconds later: the preStop
+sleep keeps the server answering meanwhile. Then SIGTERM: the server reports not ready
+(/readyz 503, gRPC health NOT_SERVING), stops accepting, finishes in-flight requests and
+exits, all within terminationGracePeriodSeconds.
+*/}}
+{{- define "meshguard.drain.pod" -}}
+{{- $drain := .values.drain -}}
+{{- $sleep := int $drain.preStopSleepSeconds -}}
+{{- $grace := int $drain.terminationGracePeriodSeconds -}}
+{{- $inflight := 0 -}}
+{{- if eq .component "webhook" }}{{ $inflight = int .root.Values.webhook.timeoutSeconds }}{{ end -}}
+{{- if le $grace (add $sleep $inflight) -}}
+{{- fail (printf "%s.drain.terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d)%s, or the kubelet kills the server before it has drained" .component $grace $sleep (ternary (printf " + webhook.timeoutSeconds (%d)" $inflight) "" (gt $inflight 0))) -}}
+{{- end -}}
+terminationGracePeriodSeconds: {{ $grace }}
+{{- end }}
+
+{{/* The container's preStop hook (see meshguard.drain.pod); sleep is in the image. */}}
+{{- define "meshguard.drain.container" -}}
+{{- $sleep := int .values.drain.preStopSleepSeconds -}}
+{{- if gt $sleep 0 -}}
+lifecycle:
+  preStop:
+    exec:
+      command:
+        - sleep
+        - {{ $sleep | quote }}
+{{- end -}}
+{{- end }}
