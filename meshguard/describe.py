@@ -1,17 +1,30 @@
 """A person's summary of a pod's loopback policy: who may talk to whom, and what is enforced.
 
 Pure: (pod view, policy, mode, recorded status) in, lines of text out. Used by
-``meshguard describe``.
+``meshguard describe``. ``protection`` tells, for an admitted pod, whether Istio injected its
+sidecar without meshguard (the pods an operator must find: ``--fail-on-unprotected``).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from meshguard import names
-from meshguard.pod import PodView
-from meshguard.policy import ANY_CONTAINER, PROXY, Action, Mode, Policy, Rule
+from meshguard.errors import MeshguardError
+from meshguard.pod import PROXY_CONTAINER, PodView
+from meshguard.policy import (
+    ANY_CONTAINER,
+    PROXY,
+    Action,
+    Mode,
+    Policy,
+    Rule,
+    parse_opt_out,
+)
 from meshguard.rules.compiler import CompilerSettings
 from meshguard.rules.ruleset import Ruleset
 
@@ -82,3 +95,94 @@ def _status_lines(annotations: Mapping[str, str], compiled: Ruleset | None) -> l
         "matches the policy" if recorded == compiled.digest else "STALE: the policy changed since"
     )
     return [f"status: ruleset {recorded} — {state}"]
+
+
+class Protection(enum.StrEnum):
+    """Whether a pod with Istio's sidecar also has meshguard."""
+
+    #: meshguard recorded its status: its rules are in the pod.
+    PROTECTED = "protected"
+    #: Istio injected its sidecar and meshguard did not: no loopback isolation.
+    UNPROTECTED = "unprotected"
+    #: Istio's sidecar without meshguard, by the operator's choice (annotation or label).
+    OPTED_OUT = "opted-out"
+    #: No Istio sidecar (not in the mesh, injection disabled, ambient mode): nothing to do.
+    NO_SIDECAR = "no-sidecar"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    protection: Protection
+    #: One line for a person ("" when there is nothing to say).
+    line: str
+
+
+def protection(
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    namespace_opt_out: str = "",
+) -> Verdict:
+    """Does this admitted pod carry Istio's sidecar without meshguard?
+
+    Istio's sidecar: istio-proxy listed in the ``sidecar.istio.io/status`` annotation Istio's
+    injector writes, an unreadable status, or a container (or native sidecar) named
+    istio-proxy — deliberately broad, so that a pod is never missed. meshguard: its
+    ``meshguard.io/status`` annotation. ``namespace_opt_out``: the reason when the pod's
+    namespace carries meshguard's opt-out label.
+    """
+    annotations = metadata.get("annotations") or {}
+    if not isinstance(annotations, Mapping):
+        annotations = {}
+    if not _has_istio_sidecar(annotations, spec):
+        return Verdict(Protection.NO_SIDECAR, "")
+    if names.STATUS in annotations:
+        return Verdict(Protection.PROTECTED, "")
+    opt_out = annotations.get(names.INJECT)
+    try:
+        opted_out = parse_opt_out(None if opt_out is None else str(opt_out))
+    except MeshguardError:
+        opted_out = False
+    if opted_out:
+        return Verdict(
+            Protection.OPTED_OUT,
+            f'opted out of meshguard ({names.INJECT}: "false"): Istio\'s sidecar, no loopback'
+            " isolation, by choice",
+        )
+    if namespace_opt_out:
+        return Verdict(
+            Protection.OPTED_OUT,
+            f"opted out of meshguard ({namespace_opt_out}): Istio's sidecar, no loopback"
+            " isolation, by choice",
+        )
+    return Verdict(
+        Protection.UNPROTECTED,
+        f"UNPROTECTED: Istio injected its sidecar ({names.ISTIO_STATUS}) but meshguard did not"
+        f" (no {names.STATUS}): no loopback isolation in this pod — the meshguard webhook did"
+        " not see it (a selection or revision it does not cover, failurePolicy Ignore while it"
+        " was down, or a pod created before meshguard)",
+    )
+
+
+def _has_istio_sidecar(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    """Istio's status lists istio-proxy (a custom template without a proxy is no sidecar),
+    or the status is unreadable, or a container is named istio-proxy."""
+    raw = annotations.get(names.ISTIO_STATUS)
+    if raw is not None:
+        try:
+            status = json.loads(str(raw))
+        except ValueError:
+            return True
+        if not isinstance(status, dict):
+            return True
+        for key in ("containers", "initContainers"):
+            listed = status.get(key)
+            if isinstance(listed, list) and PROXY_CONTAINER in listed:
+                return True
+    for field in ("containers", "initContainers"):
+        items = spec.get(field)
+        if isinstance(items, list) and any(
+            isinstance(item, Mapping) and item.get("name") == PROXY_CONTAINER for item in items
+        ):
+            return True
+    return False

@@ -134,9 +134,30 @@ def _add_rules(commands: Subcommands) -> None:
         help="summarize who may talk to whom in each pod of a manifest",
         description="For every pod template in a manifest (or `kubectl get pod -o yaml`"
         " output): the proxy, each container's uid and ports, the rules in words, the default,"
-        " and whether the recorded ruleset (meshguard.io/status) still matches the policy.",
+        " and whether the recorded ruleset (meshguard.io/status) still matches the policy."
+        " Pods (kind Pod) that have Istio's sidecar (sidecar.istio.io/status, istio-proxy) but"
+        " no meshguard.io/status are flagged UNPROTECTED: run it over `kubectl get"
+        " namespaces,pods -A -o yaml` to find the pods Istio injected without meshguard.",
     )
     describe.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    describe.add_argument(
+        "--fail-on-unprotected",
+        action="store_true",
+        help="exit 3 if a pod has Istio's sidecar and no meshguard (opted-out pods excepted)",
+    )
+    describe.add_argument(
+        "--only-unprotected",
+        action="store_true",
+        help="print only the unprotected pods, one line each, and a summary",
+    )
+    describe.add_argument(
+        "--opt-out-label",
+        default="meshguard.io/inject=disabled",
+        metavar="KEY=VALUE",
+        help="the namespace label that opts out of meshguard (the chart's"
+        " webhook.optOutLabel); Namespace objects in the input carrying it mark their pods"
+        " as opted out (default: %(default)s)",
+    )
     describe.set_defaults(handler="meshguard.cli.describe:run")
 
     init = commands.add_parser(

@@ -1,43 +1,135 @@
-"""``meshguard describe``: who may talk to whom in each pod of a manifest, for a person."""
+"""``meshguard describe``: who may talk to whom in each pod of a manifest, for a person; and,
+over ``kubectl get pods -A -o yaml``, which pods Istio injected without meshguard."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
 
 from meshguard import names
 from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
-from meshguard.describe import describe
+from meshguard.describe import Protection, Verdict, describe, protection
 from meshguard.errors import MalformedInputError, RefusedError
-from meshguard.manifests import pod_templates, read_source
+from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
 from meshguard.policy import parse_mode, parse_policy
 from meshguard.rules.compiler import CompilerSettings, compile_ruleset
 
+#: Exit status of ``--fail-on-unprotected`` when a pod has Istio's sidecar and no meshguard
+#: (distinct from 1, a pod whose policy cannot be read).
+EXIT_UNPROTECTED: Final = 3
+
 
 def run(args: argparse.Namespace) -> int:
     try:
-        templates = list(pod_templates(read_source(args.filename)))
+        documents = read_source(args.filename)
+        templates = list(pod_templates(documents))
+        opt_out = _label(args.opt_out_label)
     except MalformedInputError as exc:
         return fail(f"{args.filename}: {exc}", EXIT_USAGE)
+    opted_out_namespaces = _opted_out_namespaces(documents, opt_out)
     settings = CompilerSettings()
     failed = False
+    verdicts: list[tuple[PodTemplate, Verdict]] = []
     for template in templates:
-        print(f"{template.label}:")
-        try:
-            pod = read_pod(metadata=template.metadata, spec=template.spec)
-            policy = parse_policy(pod.annotations.get(names.POLICY))
-            mode = parse_mode(pod.annotations.get(names.MODE))
-        except (RefusedError, MalformedInputError) as exc:
-            print(f"  error: {exc}")
-            failed = True
+        verdict = _verdict(template, opted_out_namespaces, opt_out)
+        verdicts.append((template, verdict))
+        if args.only_unprotected:
+            if verdict.protection is Protection.UNPROTECTED:
+                print(f"{template.label}: {verdict.line}")
             continue
-        try:
-            compiled = compile_ruleset(pod, policy, mode=mode, settings=settings)
-        except RefusedError as exc:
-            compiled = None
-            print(f"  cannot be enforced as written: {exc}")
-        for line in describe(pod, policy, mode=mode, compiled=compiled, settings=settings):
-            print(f"  {line}")
+        print(f"{template.label}:")
+        if verdict.line:
+            print(f"  {verdict.line}")
+        failed |= not _describe(template, settings)
+    unprotected = [t.label for t, v in verdicts if v.protection is Protection.UNPROTECTED]
+    summary = _summary(verdicts, unprotected)
+    if summary and (unprotected or args.only_unprotected or args.fail_on_unprotected):
+        print(summary)
     sys.stdout.flush()
+    if unprotected and args.fail_on_unprotected:
+        return EXIT_UNPROTECTED
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _describe(template: PodTemplate, settings: CompilerSettings) -> bool:
+    """Print the policy of one pod template in words; False if it cannot be read."""
+    try:
+        pod = read_pod(metadata=template.metadata, spec=template.spec)
+        policy = parse_policy(pod.annotations.get(names.POLICY))
+        mode = parse_mode(pod.annotations.get(names.MODE))
+    except (RefusedError, MalformedInputError) as exc:
+        print(f"  error: {exc}")
+        return False
+    try:
+        compiled = compile_ruleset(pod, policy, mode=mode, settings=settings)
+    except RefusedError as exc:
+        compiled = None
+        print(f"  cannot be enforced as written: {exc}")
+    for line in describe(pod, policy, mode=mode, compiled=compiled, settings=settings):
+        print(f"  {line}")
+    return True
+
+
+def _verdict(
+    template: PodTemplate, opted_out_namespaces: set[str], opt_out: tuple[str, str]
+) -> Verdict:
+    """Only admitted pods are judged: a workload's template says nothing about its pods (the
+    webhook injects them at admission)."""
+    if template.kind != "Pod":
+        return Verdict(Protection.NO_SIDECAR, "")
+    reason = ""
+    if template.namespace in opted_out_namespaces:
+        reason = f"namespace {template.namespace} is labeled {opt_out[0]}={opt_out[1]}"
+    return protection(template.metadata, template.spec, namespace_opt_out=reason)
+
+
+def _summary(verdicts: list[tuple[PodTemplate, Verdict]], unprotected: list[str]) -> str:
+    in_mesh = [v for _, v in verdicts if v.protection is not Protection.NO_SIDECAR]
+    opted = sum(v.protection is Protection.OPTED_OUT for v in in_mesh)
+    note = f", {opted} opted out" if opted else ""
+    if unprotected:
+        return (
+            f"UNPROTECTED: {len(unprotected)} of {len(in_mesh)} pod(s) with Istio's sidecar"
+            f" have no meshguard{note}: {', '.join(unprotected)}"
+        )
+    if in_mesh:
+        return f"every pod with Istio's sidecar has meshguard ({len(in_mesh)} pod(s){note})"
+    return "no pod with Istio's sidecar in the input"
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise MalformedInputError(f"--opt-out-label: expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _opted_out_namespaces(documents: list[Any], label: tuple[str, str]) -> set[str]:
+    """Names of the Namespace objects in the input that carry meshguard's opt-out label
+    (``kubectl get namespaces,pods -A -o yaml`` brings both)."""
+    key, value = label
+    found = set()
+    for obj in _objects(documents):
+        if obj.get("kind") != "Namespace":
+            continue
+        metadata = obj.get("metadata")
+        if not isinstance(metadata, Mapping):
+            continue
+        labels = metadata.get("labels")
+        if isinstance(labels, Mapping) and labels.get(key) == value:
+            found.add(str(metadata.get("name")))
+    return found
+
+
+def _objects(documents: list[Any]) -> Iterator[Mapping[str, Any]]:
+    for document in documents:
+        if not isinstance(document, Mapping):
+            continue
+        items = document.get("items")
+        if isinstance(items, list):
+            yield from _objects(items)
+        else:
+            yield document
