@@ -273,5 +273,6 @@ def test_a_misnamed_authz_cluster_answers_503_and_says_so_not_403(
         assert line["authz_cluster"] == calls.cluster != SIDECAR_HAS.cluster
         assert (line["code"], line["pod"], line["port"]) == (503, "demo/shop", 15007)
         assert line["details"] == "ext_authz_error"
+        assert '"meshguard":"ext_authz_error"' in envoy_out.read_text()  # what NOTES grep for
     else:
         assert logged == []  # policy denials are the authz server's to log
