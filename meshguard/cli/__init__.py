@@ -219,8 +219,10 @@ def _add_servers(commands: Subcommands) -> None:
     webhook.add_argument(
         "--no-template",
         action="store_true",
-        help="do not ask Istio for the meshguard template (istiod runs without it); the"
-        " webhook then inserts meshguard-init itself when it is reinvoked after Istio",
+        help="do not ask Istio for the meshguard template (the chart's default): the webhook"
+        " inserts meshguard-init itself when it is reinvoked after Istio, and istiod needs no"
+        " template. Without this flag every istiod revision must have the template, or Istio"
+        ' refuses each pod: requested template "meshguard" not found',
     )
     add_injection_flags(webhook)
     webhook.set_defaults(handler="meshguard.cli.serve:webhook")
