@@ -178,7 +178,24 @@ def _add_rules(commands: Subcommands) -> None:
         action="store_true",
         help="print the payload that would be applied to the current tables; change nothing",
     )
+    init.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="wait at most this long for another meshguard installer of this network namespace"
+        " (default: $MESHGUARD_LOCK_TIMEOUT, else 30)",
+    )
     init.set_defaults(handler="meshguard.cli.init:run")
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (e.g. 30), got {text!r}")
+    return seconds
 
 
 def _add_injection(commands: Subcommands) -> None:

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _lock_timeout(args: argparse.Namespace, environ: Mapping[str, str]) -> float:
-    # A --lock-timeout flag, where the parser defines one, wins over the environment.
-    flag: float | None = getattr(args, "lock_timeout", None)
+    # The --lock-timeout flag wins over the environment.
+    flag: float | None = args.lock_timeout
     if flag is not None:
         return flag
     text = environ.get(LOCK_TIMEOUT_ENV, "").strip()

@@ -39,7 +39,7 @@ class Family(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Hook:
-    """A jump from a built-in chain into one of meshguard's, inserted at position 1."""
+    """A jump from a built-in chain into one of meshguard's; a chain's hooks come first in it."""
 
     chain: str
     spec: str
@@ -165,7 +165,13 @@ def render(
 
 
 def _insert_lines(hooks: Iterable[Hook]) -> list[str]:
-    return [f"-I {hook.chain} 1 {hook.spec}" for hook in hooks]
+    """Hooks first in their built-in chain, in the ruleset's order (1, 2, ... per chain)."""
+    position: dict[str, int] = {}
+    lines = []
+    for hook in hooks:
+        position[hook.chain] = position.get(hook.chain, 0) + 1
+        lines.append(f"-I {hook.chain} {position[hook.chain]} {hook.spec}")
+    return lines
 
 
 def _family_document(ruleset: FamilyRuleset) -> dict[str, Any]:

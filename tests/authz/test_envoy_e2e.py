@@ -134,8 +134,12 @@ def l7pod(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[L7Pod]:
         agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[15020])
         ns.spawn(agent, ready_line="ready")
         authz = start_authz(ns, pod_file, decisions)
+        # A copy the proxy's uid can read wherever the checkout is (a clone under /root or in
+        # mktemp -d is not traversable by other uids).
+        config = shared / "loopback-listener.yaml"
+        config.write_text((PROJECT / "envoy" / "loopback-listener.yaml").read_text())
         ns.spawn(
-            envoy_command(PROJECT / "envoy" / "loopback-listener.yaml", uid=PROXY, gid=PROXY),
+            envoy_command(config, uid=PROXY, gid=PROXY),
             env={"POD_NAME": "shop", "POD_NAMESPACE": "demo"},
         )
         wait_listening(ns, port=15007, uid=PROXY, gid=PROXY)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import meshguard
+from meshguard import cli
 from meshguard.errors import MalformedInputError, MeshguardFailure
 from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod
@@ -29,7 +30,7 @@ from meshguard.rules.iptables import (
     parse_save,
     xtables_lock,
 )
-from meshguard.rules.ruleset import Family, Hook, Ruleset, Table
+from meshguard.rules.ruleset import Family, FamilyRuleset, Hook, Ruleset, Table
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
@@ -404,3 +405,25 @@ def test_altered_ruleset_documents_are_refused(mutate, message: str):
 def test_unreadable_ruleset_documents_are_refused(text: str):
     with pytest.raises(MalformedInputError, match="ruleset: "):
         Ruleset.from_json(text)
+
+
+def test_several_hooks_into_one_builtin_chain_are_printed_in_order():
+    table = Table(
+        name="filter",
+        chains=("MESHGUARD_A", "MESHGUARD_B"),
+        hooks=(Hook(chain="OUTPUT", spec="-j MESHGUARD_A"),
+               Hook(chain="OUTPUT", spec="-j MESHGUARD_B"),
+               Hook(chain="INPUT", spec="-j MESHGUARD_B")),
+        rules=(),
+    )  # fmt: skip
+    payload = FamilyRuleset(family=Family.IPV4, tables=(table,)).payload().splitlines()
+    assert [line for line in payload if line.startswith("-I ")] == [
+        "-I OUTPUT 1 -j MESHGUARD_A", "-I OUTPUT 2 -j MESHGUARD_B", "-I INPUT 1 -j MESHGUARD_B",
+    ]  # fmt: skip
+
+
+def test_init_refuses_a_lock_timeout_that_is_not_seconds(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["init", "--lock-timeout", "soon"])
+    assert exit_.value.code == 2
+    assert "expected seconds (e.g. 30), got 'soon'" in capsys.readouterr().err
