@@ -4,7 +4,8 @@
 the process lives, ``/readyz`` that it serves with a loaded certificate, ``/metrics`` exposes
 Prometheus counters and a latency histogram. The certificate and key are re-read when their
 files change (cert-manager rotates them in place); a half-written pair is ignored until it
-loads, and the previous certificate keeps being served meanwhile.
+loads, and the previous certificate keeps being served meanwhile. On stop (SIGTERM) it
+drains: not ready, no new connections, requests in flight finish, then it exits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -37,6 +39,8 @@ class WebhookSettings:
     port: int = 9443
     max_body_bytes: int = 3 * 1024 * 1024
     reload_interval: float = 5.0
+    #: On stop: at most this long for requests in flight (an admission lasts at most 30 s).
+    drain_timeout: float = 30.0
     inject: InjectSettings = field(default_factory=InjectSettings)
 
 
@@ -122,15 +126,25 @@ APP_READY = web.AppKey("ready", dict)
 
 
 def create_app(settings: WebhookSettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_in_flight])
     app[APP_SETTINGS] = settings
     app[APP_METRICS] = _Metrics.create()
-    app[APP_READY] = {"ready": False}
+    app[APP_READY] = {"ready": False, "in_flight": 0}
     app.router.add_post("/inject", _inject)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+@web.middleware
+async def _in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[APP_READY]
+    state["in_flight"] += 1
+    try:
+        return await handler(request)
+    finally:
+        state["in_flight"] -= 1
 
 
 async def _inject(request: web.Request) -> web.Response:
@@ -192,4 +206,10 @@ async def run_webhook(settings: WebhookSettings, *, stop: asyncio.Event) -> None
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        # Drain: no new connections, then let requests in flight finish (aiohttp's own
+        # shutdown drops the rest of a request body that is still arriving), then close.
+        await site.stop()
+        deadline = time.monotonic() + settings.drain_timeout
+        while app[APP_READY]["in_flight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await runner.cleanup()

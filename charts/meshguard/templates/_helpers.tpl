@@ -157,7 +157,7 @@ empty (cainjector fills it, see meshguard.webhook.caInjection).
 {{- if eq .Values.tls.mode "existingSecret" -}}
 {{- $ca := .Values.tls.existingSecret.caBundle | trim -}}
 {{- if hasPrefix "-----BEGIN" $ca -}}
-{{ $ca | b64enc }}
+{{ printf "%s\n" $ca | b64enc }}
 {{- else -}}
 {{ $ca }}
 {{- end -}}
