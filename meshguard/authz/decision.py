@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshguard import names
+from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MalformedInputError
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -47,24 +48,73 @@ class PodPolicy:
     mode: Mode
     sources: Mapping[str, str]  # source address on the loopback listener -> container
     ports: Mapping[int, str] = field(default_factory=dict)  # declared port -> container
+    #: Built from the webhook's digest-verified record of what it admitted (not from the
+    #: live annotations): the only kind the authz server's stores serve.
+    admitted: bool = False
+    #: How the live ``policy``/``mode`` annotations differ from what was admitted (ignored).
+    drift: tuple[str, ...] = ()
+    #: Why every request to this pod is denied (its admitted record does not verify), or "".
+    refused: str = ""
 
     @classmethod
     def from_pod(
         cls, *, key: str, annotations: Mapping[str, str], ports: Mapping[int, str]
     ) -> PodPolicy:
-        """From a pod's annotations as the webhook left them (policy, mode, status)."""
+        """From a pod's annotations as the webhook left them.
+
+        When the status holds the webhook's admitted record (key ``admitted``), the policy
+        and mode come from that record only, once its digest verifies; live ``policy`` and
+        ``mode`` annotations that differ are reported in :attr:`drift` and otherwise ignored.
+        A record that does not verify gives a :attr:`refused` pod: every request denied.
+        Annotations whose status has no record (a pod admitted before records existed, or
+        annotations written by hand) are taken as given, with :attr:`admitted` false: the
+        stores refuse such pods (:func:`~meshguard.authz.store.policy_of`).
+        """
         status = _status(annotations.get(names.STATUS))
         sources = {
             address: container
             for container, addresses in status.get("listener", {}).get("sources", {}).items()
             for address in addresses
         }
+        try:
+            record = read_admitted(status)
+        except TamperedError as exc:
+            return cls.refusing(key=key, reason=str(exc), sources=sources, ports=ports)
+        if record is None:
+            return cls(
+                key=key,
+                policy=parse_policy(annotations.get(names.POLICY)),
+                mode=parse_mode(annotations.get(names.MODE)),
+                sources=sources,
+                ports=dict(ports),
+            )
         return cls(
             key=key,
-            policy=parse_policy(annotations.get(names.POLICY)),
-            mode=parse_mode(annotations.get(names.MODE)),
+            policy=record.policy,
+            mode=record.mode,
             sources=sources,
             ports=dict(ports),
+            admitted=True,
+            drift=drift(record, annotations),
+        )
+
+    @classmethod
+    def refusing(
+        cls,
+        *,
+        key: str,
+        reason: str,
+        sources: Mapping[str, str] | None = None,
+        ports: Mapping[int, str] | None = None,
+    ) -> PodPolicy:
+        """A pod whose every request is denied, with ``reason`` (and deny-all, enforced)."""
+        return cls(
+            key=key,
+            policy=Policy(),  # default: deny
+            mode=Mode.ENFORCE,
+            sources=dict(sources or {}),
+            ports=dict(ports or {}),
+            refused=reason,
         )
 
 
@@ -102,6 +152,8 @@ def decide(request: Request, pod: PodPolicy | None) -> Decision:
     """Allow only what a rule of the pod's policy allows; deny anything unattributable."""
     if pod is None:
         return Decision(False, f"unknown pod {request.pod!r}: no meshguard policy known for it")
+    if pod.refused:
+        return Decision(False, f"pod {pod.key!r} refused: {pod.refused}")
     verdict = _evaluate(request, pod)
     if not verdict.allowed and pod.mode is Mode.AUDIT:
         return Decision(

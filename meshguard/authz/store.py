@@ -5,6 +5,10 @@ on the API server. The Kubernetes store lists the pods meshguard injected (those
 ``meshguard.io/status``), then watches them; a broken watch keeps the last known policies in
 service while it reconnects with capped exponential backoff, and a periodic full relist
 repairs anything a missed event left behind.
+
+Both serve only what the webhook admitted (:func:`policy_of`): a pod's live ``policy`` and
+``mode`` annotations never widen it; an edit is logged once per pod (``admitted-drift``), and
+a pod whose admitted record is missing or does not verify is refused (``admitted-refused``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from meshguard import names
+from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.authz.decision import PodPolicy
 from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.manifests import pod_templates, read_documents
@@ -34,13 +39,85 @@ def pod_key(namespace: str | None, name: str) -> str:
 
 
 def policy_of(pod: Mapping[str, Any]) -> PodPolicy:
-    """A pod (dict, as in YAML or the API) -> its PodPolicy; MeshguardError if unusable."""
+    """A pod (dict, as in YAML or the API) -> its PodPolicy; MeshguardError if unusable.
+
+    Only what was admitted is served: a pod whose status holds no admitted record (key
+    ``admitted``), or one that does not verify, is refused (every request
+    to it denied, with the reason); live ``policy``/``mode`` edits are ignored (``drift``).
+    """
     metadata = pod.get("metadata") or {}
     view = read_pod(metadata=metadata, spec=pod.get("spec") or {})
     ports = {p.port: c.name for c in view.containers for p in c.ports}
-    return PodPolicy.from_pod(
-        key=pod_key(view.namespace, view.name), annotations=view.annotations, ports=ports
+    key = pod_key(view.namespace, view.name)
+    policy = PodPolicy.from_pod(key=key, annotations=view.annotations, ports=ports)
+    if policy.admitted or policy.refused:
+        return policy
+    return PodPolicy.refusing(
+        key=key,
+        reason=f"no admitted policy record ({ADMITTED_RECORD}): the pod was admitted by an"
+        " older meshguard, or its status was edited; delete the pod so that the webhook"
+        " admits it again",
+        sources=policy.sources,
+        ports=ports,
     )
+
+
+class AdmissionReport:
+    """Logs, once per pod, that its live annotations differ from what was admitted, or that
+    its admitted record was refused; counts both (``drifted``, ``refused``)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, ...]] = {}
+        self.drifted = 0
+        self.refused = 0
+
+    def note(self, policy: PodPolicy, *, uid: str = "") -> None:
+        if not policy.drift and not policy.refused:
+            self._seen.pop(policy.key, None)
+            return
+        signature = (uid, policy.refused, *policy.drift)
+        if self._seen.get(policy.key) == signature:
+            return
+        self._seen[policy.key] = signature
+        if policy.refused:
+            self.refused += 1
+            log.warning(
+                "pod %s: admitted policy record refused, every request to it is denied: %s",
+                policy.key,
+                policy.refused,
+                extra={
+                    "fields": {
+                        "event": "admitted-refused",
+                        "pod": policy.key,
+                        "reason": policy.refused,
+                    }
+                },
+            )
+            return
+        self.drifted += 1
+        log.warning(
+            "pod %s: meshguard annotations changed after admission, enforcing what was"
+            " admitted (%s mode): %s",
+            policy.key,
+            policy.mode.value,
+            "; ".join(policy.drift),
+            extra={
+                "fields": {
+                    "event": "admitted-drift",
+                    "pod": policy.key,
+                    "enforced_mode": policy.mode.value,
+                    "drift": list(policy.drift),
+                }
+            },
+        )
+
+    def forget(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._seen.pop(key, None)
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        wanted = set(keys)
+        self._seen = {k: v for k, v in self._seen.items() if k in wanted}
 
 
 class StaticStore:
@@ -48,6 +125,9 @@ class StaticStore:
 
     def __init__(self, policies: Iterable[PodPolicy]) -> None:
         self._policies = {p.key: p for p in policies}
+        self.report = AdmissionReport()
+        for policy in self._policies.values():
+            self.report.note(policy)
 
     @classmethod
     def from_files(cls, paths: Iterable[Path]) -> StaticStore:
@@ -105,6 +185,7 @@ class KubernetesStore:
         self._thread: threading.Thread | None = None
         self.synced = threading.Event()
         self.reconnects = 0
+        self.report = AdmissionReport()
 
     def get(self, key: str) -> PodPolicy | None:
         return self._policies.get(key)
@@ -145,6 +226,8 @@ class KubernetesStore:
             policy = self._policy_or_none(pod)
             if policy is not None:
                 fresh[policy.key] = policy
+                self.report.note(policy, uid=_uid(pod))
+        self.report.keep_only(fresh)
         self._policies = fresh  # one reference swap: readers never see a partial cache
         self.synced.set()
         log.info("pods listed", extra={"fields": {"event": "relisted", "pods": len(fresh)}})
@@ -163,8 +246,10 @@ class KubernetesStore:
         policy = None if event.kind == "DELETED" else self._policy_or_none(event.pod)
         if policy is None:
             policies.pop(key, None)
+            self.report.forget([key])
         else:
             policies[key] = policy
+            self.report.note(policy, uid=_uid(event.pod))
         self._policies = policies
 
     @staticmethod
@@ -181,6 +266,10 @@ class KubernetesStore:
                 extra={"fields": {"event": "bad-policy"}},
             )
             return None
+
+
+def _uid(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("uid") or "")
 
 
 class KubernetesPodSource:

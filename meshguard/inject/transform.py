@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshguard import __version__, names
+from meshguard.admitted import STATUS_KEY as ADMITTED_KEY
+from meshguard.admitted import Admitted
 from meshguard.errors import RefusedError
 from meshguard.inject.container import (
     MESHGUARD_INIT,
@@ -93,7 +95,7 @@ def inject_pod(
             )
         _request_template(metadata)
         return Result(Outcome.TEMPLATE_REQUESTED, reason="asked Istio for the meshguard template")
-    parse_policy(annotations.get(names.POLICY))  # a bad policy is refused before anything else
+    policy = parse_policy(annotations.get(names.POLICY))  # a bad one is refused first
     mode = parse_mode(annotations.get(names.MODE))
     replaced = _remove_stale_init_container(before, spec)
     if replaced:
@@ -103,8 +105,9 @@ def inject_pod(
     pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     ruleset = compile_cached(pod.containers, annotations.get(names.POLICY), mode, settings.compiler)
     annotations = metadata.setdefault("annotations", {})
+    admitted = Admitted(policy=policy, mode=mode)  # what the authz server will enforce
     annotations[names.RULESET] = ruleset.to_json()
-    annotations[names.STATUS] = status_annotation(pod, ruleset, mode=mode.value)
+    annotations[names.STATUS] = status_annotation(pod, ruleset, mode=mode.value, admitted=admitted)
     _place_init_container(spec, init_container(settings.init), pod)
     _set_volume(spec, ruleset_volume())
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
@@ -183,8 +186,12 @@ def _remove_stale_init_container(pod: PodView, spec: dict[str, Any]) -> tuple[st
     return ()
 
 
-def status_annotation(pod: PodView, ruleset: Ruleset, *, mode: str) -> str:
-    """``meshguard.io/status``: what was installed, for kubectl and istioctl users."""
+def status_annotation(
+    pod: PodView, ruleset: Ruleset, *, mode: str, admitted: Admitted | None = None
+) -> str:
+    """``meshguard.io/status``: what was installed, for kubectl and istioctl users, and the
+    record of the admitted policy and mode (``admitted``), the only ones the authz server
+    enforces."""
     identity = pod.proxy_identity
     status = {
         "version": __version__,
@@ -197,6 +204,8 @@ def status_annotation(pod: PodView, ruleset: Ruleset, *, mode: str) -> str:
             "sources": {s.container: [s.address4, s.address6] for s in ruleset.sources},
         },
     }
+    if admitted is not None:
+        status[ADMITTED_KEY] = admitted.to_document()
     return json.dumps(status, sort_keys=True, separators=(",", ":"))
 
 

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshguard.admitted import Admitted
 from meshguard.authz.decision import PodPolicy, Request, decide
+from meshguard.policy import Mode, parse_policy
 
 POLICY = """
 rules:
@@ -156,3 +158,53 @@ def test_any_request_gets_a_decision_with_a_reason(source, port, method, path, h
     assert decision.reason
     if decision.allowed:
         assert decision.reason.startswith("allowed by rules[")
+
+
+# --- what was admitted is what is enforced -----------------------------------------------
+
+
+def admitted_pod(*, admitted_mode: str, live: dict[str, str], record_edit=None) -> PodPolicy:
+    """A pod whose status holds the webhook's record of POLICY in ``admitted_mode``, with
+    ``live`` policy/mode annotations edited after admission."""
+    record = Admitted(policy=parse_policy(POLICY), mode=Mode(admitted_mode)).to_document()
+    if record_edit is not None:
+        record_edit(record)
+    status = {**json.loads(STATUS), "admitted": record}
+    return PodPolicy.from_pod(
+        key="shop/web-1",
+        annotations={**live, "meshguard.io/status": json.dumps(status)},
+        ports={8080: "app", 9090: "app"},
+    )
+
+
+@pytest.mark.parametrize(
+    "live",
+    [
+        {"meshguard.io/policy": POLICY, "meshguard.io/mode": "audit"},
+        {"meshguard.io/policy": "defaultAction: allow"},
+        {"meshguard.io/policy": "rules: [{from: app, to: proxy, ports: [15020]}]"},
+        {},
+    ],
+    ids=["mode-audit", "default-allow", "wider-rule", "removed"],
+)
+def test_live_annotations_never_widen_the_admitted_policy(live):
+    policy = admitted_pod(admitted_mode="enforce", live=live)
+    assert policy.admitted and policy.mode.value == "enforce"
+    decision = decide(req(method="GET"), policy)
+    assert (decision.allowed, decision.audited) == (False, False)
+    assert decision.reason == "no rule allows app -> proxy:15020 GET /quitquitquit"
+    assert decide(req(), policy).reason == "allowed by rules[0]"
+    assert bool(policy.drift) is (live != {"meshguard.io/policy": POLICY})
+
+
+def test_a_record_that_does_not_verify_denies_everything():
+    policy = admitted_pod(
+        admitted_mode="enforce",
+        live={"meshguard.io/mode": "audit"},
+        record_edit=lambda r: r.update(mode="audit"),
+    )
+    for request_ in (req(), req(method="GET")):
+        decision = decide(request_, policy)
+        assert (decision.allowed, decision.audited) == (False, False)
+        assert decision.reason.startswith("pod 'shop/web-1' refused: meshguard.io/status")
+        assert "digest mismatch" in decision.reason

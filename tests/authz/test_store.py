@@ -19,9 +19,10 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
 
-def injected_example(name: str = "shop") -> dict[str, Any]:
+def injected_example(name: str = "shop", **annotations: str) -> dict[str, Any]:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     pod["metadata"]["name"] = name
+    pod["metadata"]["annotations"].update(annotations)
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     return pod
 
@@ -77,8 +78,8 @@ class FakeApi:
 def test_watch_cache_lists_follows_events_survives_breaks_and_relists():
     web, other = injected_example("web"), injected_example("other")
     plain = yaml.safe_load(EXAMPLE.read_text())  # not injected: not cached
-    changed = json.loads(json.dumps(web))
-    changed["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
+    # Re-admitted in audit mode (an edit of the live annotation would not count: see below).
+    changed = injected_example("web", **{"meshguard.io/mode": "audit"})
     seen: list[dict[str, str]] = []
     store: KubernetesStore
 
@@ -109,3 +110,43 @@ def test_watch_cache_lists_follows_events_survives_breaks_and_relists():
     assert store.get("demo/web") is None  # deleted by the last event
     assert store.get("demo/other") is None  # gone at the relist
     assert store.reconnects == 3
+
+
+def test_watch_cache_serves_what_was_admitted_whatever_the_live_annotations(caplog):
+    """An edit of a running pod's mode/policy (MODIFIED) changes nothing served, is logged
+    once for the pod (not again at the relist), and a tampered record refuses the pod."""
+    caplog.set_level("WARNING", logger="meshguard.authz.store")
+    web = injected_example("web")
+    edited = json.loads(json.dumps(web))
+    edited["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
+    edited["metadata"]["annotations"]["meshguard.io/policy"] = "defaultAction: allow"
+    forged = json.loads(json.dumps(edited))
+    status = json.loads(forged["metadata"]["annotations"]["meshguard.io/status"])
+    status["admitted"]["mode"] = "audit"
+    forged["metadata"]["annotations"]["meshguard.io/status"] = json.dumps(status)
+    seen: list[tuple[str, str, str]] = []
+    store: KubernetesStore
+
+    def snapshot(_: float) -> bool:
+        policy = store.get("demo/web")
+        assert policy is not None
+        seen.append((policy.mode.value, policy.policy.default_action.value, policy.refused))
+        return api.done.is_set()
+
+    api = FakeApi(
+        [
+            ([web], "1"),
+            [WatchEvent("MODIFIED", edited), ConnectionError("watch broke")],
+            ([edited], "2"),
+            [WatchEvent("MODIFIED", forged), ConnectionError("watch broke")],
+        ]
+    )
+    store = KubernetesStore(api, sleep=snapshot, backoff_initial=0.01)
+    store.run()
+    assert seen[0] == ("enforce", "deny", "")
+    assert seen[1][:2] == ("enforce", "deny")
+    assert "digest mismatch" in seen[1][2]
+    events = [r.fields["event"] for r in caplog.records if hasattr(r, "fields")]
+    assert events.count("admitted-drift") == 1
+    assert events.count("admitted-refused") == 1
+    assert (store.report.drifted, store.report.refused) == (1, 1)

@@ -1,0 +1,119 @@
+"""The admitted L7 policy: what the webhook admitted, recorded so that it is what is enforced.
+
+The kernel rules of a pod are fixed when meshguard-init installs them; its L7 decisions are
+made by the authz server for as long as the pod runs. So that an edit of the pod's
+``meshguard.io/policy`` or ``meshguard.io/mode`` after admission (``kubectl annotate
+--overwrite``) opens nothing, the webhook records the policy and mode it admitted, normalized
+and with their digest, in its status annotation (``meshguard.io/status``, key ``admitted``).
+The authz server builds a pod's policy from this record only, once its digest verifies; the
+live annotations are only compared with it, to report that they were changed. A record that
+does not verify is refused (every request to the pod is denied). The chart's
+ValidatingAdmissionPolicy refuses such edits in the first place; to change a running pod's
+policy, delete the pod.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from meshguard import names
+from meshguard.errors import MalformedInputError, MeshguardError
+from meshguard.policy import Mode, Policy, parse_mode, parse_policy
+
+#: The key of the record in ``meshguard.io/status``.
+STATUS_KEY: Final = "admitted"
+#: How the record is named in messages.
+RECORD: Final = f"{names.STATUS} {STATUS_KEY!r}"
+FORMAT_VERSION: Final = 1
+
+
+class TamperedError(MalformedInputError):
+    """The admitted record does not verify (altered, truncated, of another version): whoever
+    edited the pod's meshguard annotations after admission is at fault."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admitted:
+    """The policy and mode the webhook admitted for one pod."""
+
+    policy: Policy
+    mode: Mode
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """``sha256:<hex>`` over the normalized content: same policy, same digest."""
+        content = json.dumps(self._content(), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
+
+    def to_document(self) -> dict[str, Any]:
+        """The record as it goes in the status: content and digest."""
+        return {**self._content(), "digest": self.digest}
+
+    def _content(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "mode": self.mode.value,
+            "policy": self.policy.model_dump(mode="json", by_alias=True),
+        }
+
+    @classmethod
+    def from_document(cls, document: object) -> Admitted:
+        """Read a record back; anything off (edited, truncated, wrong version) is refused."""
+        if not isinstance(document, dict):
+            raise TamperedError(f"{RECORD}: not a JSON object")
+        if document.get("version") != FORMAT_VERSION:
+            raise TamperedError(
+                f"{RECORD}: version {document.get('version')!r},"
+                f" this meshguard reads {FORMAT_VERSION}"
+            )
+        try:
+            admitted = cls(
+                policy=Policy.model_validate(document["policy"]), mode=Mode(document["mode"])
+            )
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
+            raise TamperedError(f"{RECORD}: unexpected content ({exc})") from None
+        if admitted.digest != document.get("digest"):
+            raise TamperedError(
+                f"{RECORD}: digest mismatch (the record says {document.get('digest')!r},"
+                f" its content hashes to {admitted.digest}): it was edited after admission"
+            )
+        return admitted
+
+
+def read_admitted(status: Mapping[str, Any]) -> Admitted | None:
+    """The admitted record of a pod's (parsed) status; None when the status has none (a pod
+    admitted before records existed); :class:`TamperedError` when it does not verify."""
+    if STATUS_KEY not in status:
+        return None
+    return Admitted.from_document(status[STATUS_KEY])
+
+
+def drift(admitted: Admitted, annotations: Mapping[str, str]) -> tuple[str, ...]:
+    """How the live ``policy`` and ``mode`` annotations differ from what was admitted."""
+    found: list[str] = []
+    live_policy = annotations.get(names.POLICY)
+    try:
+        changed = parse_policy(live_policy) != admitted.policy
+    except MeshguardError:
+        changed = True
+    if changed:
+        found.append(f"{names.POLICY} differs from the policy admitted")
+    live_mode = annotations.get(names.MODE)
+    try:
+        mode_changed = parse_mode(live_mode) is not admitted.mode
+    except MeshguardError:
+        mode_changed = True
+    if mode_changed:
+        found.append(
+            f"{names.MODE} is {live_mode!r}, admitted {admitted.mode.value!r}"
+            if live_mode is not None
+            else f"{names.MODE} was removed, admitted {admitted.mode.value!r}"
+        )
+    return tuple(found)
