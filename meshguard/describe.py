@@ -1,8 +1,10 @@
 """A person's summary of a pod's loopback policy: who may talk to whom, and what is enforced.
 
 Pure: (pod view, policy, mode, recorded status) in, lines of text out. Used by
-``meshguard describe``. ``protection`` tells, for an admitted pod, whether Istio injected its
-sidecar without meshguard (the pods an operator must find: ``--fail-on-unprotected``).
+``meshguard describe``, which also says when the live ``policy``/``mode`` annotations differ
+from what the webhook admitted (the record the authz server enforces). ``protection`` tells,
+for an admitted pod, whether Istio injected its sidecar without meshguard (the pods an
+operator must find: ``--fail-on-unprotected``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshguard import names
+from meshguard.admitted import RECORD as ADMITTED_RECORD
+from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MeshguardError
 from meshguard.pod import PROXY_CONTAINER, PodView
 from meshguard.policy import (
@@ -64,6 +68,7 @@ def describe(
         "Istio's outbound (15001) and DNS (15053) capture: unchanged for every container",
     ]
     lines += _status_lines(pod.annotations, compiled)
+    lines += _admitted_lines(pod.annotations)
     return lines
 
 
@@ -79,6 +84,38 @@ def _rule_text(rule: Rule, index: int) -> str:
         text += f", only {methods} {paths}" + (f" with {headers}" if headers else "")
         text += " (checked per request by the ext_authz server)"
     return text
+
+
+def _admitted_lines(annotations: Mapping[str, str]) -> list[str]:
+    """Whether the live policy and mode are the ones admitted (the authz server enforces
+    the admitted ones only)."""
+    try:
+        status = json.loads(annotations.get(names.STATUS) or "null")
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        return []  # said by the status lines
+    try:
+        record = read_admitted(status)
+    except TamperedError as exc:
+        return [
+            f"admitted: TAMPERED — {exc}; the authz server denies every L7 request to this"
+            " pod: delete the pod so that meshguard admits it again"
+        ]
+    if record is None:
+        return [
+            f"admitted: no admitted policy record ({ADMITTED_RECORD}) — the authz server"
+            " denies every L7 request to this pod: delete the pod so that meshguard admits it"
+            " again"
+        ]
+    changes = drift(record, annotations)
+    if not changes:
+        return [f"admitted: policy and mode as admitted ({record.digest[:19]}…)"]
+    return [
+        f"admitted: TAMPERED — changed after admission: {'; '.join(changes)}",
+        f"  enforced: the admitted policy in {record.mode.value} mode (the edit opens"
+        " nothing); to change the policy, delete the pod and create it anew",
+    ]
 
 
 def _status_lines(annotations: Mapping[str, str], compiled: Ruleset | None) -> list[str]:
