@@ -31,7 +31,7 @@ wheel; without them it is skipped with the reason. The same scenarios, smaller, 
    client under the app's uid (8 threads; ``--quick``: 4) alternates POST /quitquitquit
    (allowed) and GET /quitquitquit (denied) on 127.0.0.1:15020, a new connection each; the
    authz server is SIGKILLed, left down, restarted, three times (``--quick``: once). No GET
-   may ever get a 200; every request while it is down must get Envoy's 403; POST must work
+   may ever get a 200; every request while it is down must get Envoy's 503; POST must work
    again after each restart and keep working; every request must get an HTTP answer.
 
 Figures: per scenario, requests, errors, wrong answers, throughput and latency percentiles
@@ -865,7 +865,7 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[dict[str, Any]
         origin = origin.split(":")[0]
         if method == "GET" and status == 200:
             wrong["GET let through"] += 1
-        elif phase == "down" and status != 403:
+        elif phase == "down" and status != 503:
             wrong[f"{method} {status} while down"] += 1
         elif phase == "up" and method == "POST" and (status, origin) != (200, "upstream"):
             wrong[f"POST {status} ({origin}) while up"] += 1

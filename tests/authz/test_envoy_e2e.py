@@ -196,8 +196,9 @@ def test_authz_down_means_denied_and_back_up_means_allowed(l7pod: L7Pod):
     assert l7pod.http(APP, **request)["result"] == "allow"
     l7pod.box.ns.stop(l7pod.authz)
     down = l7pod.http(APP, **request)
-    # 403 at once (connection refused), not a hang: the probe gives up after 2 s.
-    assert (down["result"], down["status"]) == ("deny", 403)
+    # 503 at once (connection refused), not a hang: the probe gives up after 2 s. Not the
+    # 403 of a policy denial: no decision was made, and the operator can tell.
+    assert (down["result"], down["status"]) == ("error", 503)
     l7pod.restart_authz()
     deadline = time.monotonic() + 10
     while l7pod.http(APP, **request)["result"] != "allow" and time.monotonic() < deadline:
@@ -212,8 +213,9 @@ def test_a_hung_authz_server_means_denied_within_the_timeout(l7pod: L7Pod):
         slow = l7pod.http(APP, **request)
     finally:
         l7pod.authz.send_signal(signal.SIGCONT)
-    # Envoy waited for its 0.5 s authz timeout, then failed closed (the probe gives up at 2 s).
-    assert (slow["result"], slow["status"]) == ("deny", 403)
+    # Envoy waited for its 0.5 s authz timeout, then failed closed with 503 (the probe gives
+    # up at 2 s).
+    assert (slow["result"], slow["status"]) == ("error", 503)
     assert slow["elapsed"] >= 0.45
     assert l7pod.http(APP, **request)["result"] == "allow"
 

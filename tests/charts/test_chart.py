@@ -151,6 +151,8 @@ def test_every_rendered_object_is_valid(values: dict[str, Any]) -> None:
             "ClusterRole",
             "ClusterRoleBinding",
             "MutatingWebhookConfiguration",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         }
         assert (obj["metadata"].get("namespace") == NAMESPACE) == namespaced, obj["kind"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshguard"
@@ -173,6 +175,8 @@ def test_default_objects() -> None:
             ("Service", "meshguard-webhook"),
             ("ServiceAccount", "meshguard-authz"),
             ("ServiceAccount", "meshguard-webhook"),
+            ("ValidatingAdmissionPolicy", "meshguard-annotation-guard"),
+            ("ValidatingAdmissionPolicyBinding", "meshguard-annotation-guard"),
         ]
     )
 
@@ -566,13 +570,19 @@ def test_network_policies() -> None:
     assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert "from" not in metrics_rule  # metricsFrom empty: any scraper
 
-    def admitted(namespace: dict[str, str]) -> bool:
-        return any(selector_matches(p["namespaceSelector"], namespace) for p in grpc_rule["from"])
+    def admitted(namespace: dict[str, str], pod: dict[str, str]) -> bool:
+        return any(
+            selector_matches(p["namespaceSelector"], namespace)
+            and selector_matches(p.get("podSelector") or {}, pod)
+            for p in grpc_rule["from"]
+        )
 
-    assert admitted(namespace_labels("shop", **{"istio-injection": "enabled"}))
-    assert admitted(namespace_labels("shop", **{"istio.io/rev": "canary"}))
-    assert not admitted(namespace_labels("shop"))
-    assert not admitted(namespace_labels("shop", **{"istio-injection": "disabled"}))
+    # Every Istio-injected pod (Istio labels it), whichever way Istio selected it.
+    injected = {"security.istio.io/tlsMode": "istio"}
+    assert admitted(namespace_labels("shop", **{"istio-injection": "enabled"}), injected)
+    assert admitted(namespace_labels("shop", **{"istio.io/rev": "canary"}), injected)
+    assert admitted(namespace_labels("shop"), injected)  # injected by its own pod label
+    assert not admitted(namespace_labels("shop", **{"istio-injection": "enabled"}), {"a": "b"})
 
     scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     restricted = render({"networkPolicy": {"enabled": True, "metricsFrom": [scraper]}})
