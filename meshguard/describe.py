@@ -123,15 +123,21 @@ def _status_lines(annotations: Mapping[str, str], compiled: Ruleset | None) -> l
     if raw is None:
         return ["status: not injected by meshguard yet (no meshguard.io/status)"]
     try:
-        recorded = json.loads(raw).get("ruleset", "?")
+        document = json.loads(raw)
+        recorded = document.get("ruleset", "?")
     except (ValueError, AttributeError):
         return [f"status: {names.STATUS} is not valid JSON"]
+    changes = document.get("changes") or []
+    changed = [
+        "changed by meshguard at admission (posture fixes):",
+        *(f"  {text}" for text in changes if isinstance(text, str)),
+    ]
     if compiled is None:
-        return [f"status: ruleset {recorded}"]
+        return [f"status: ruleset {recorded}", *(changed if changes else [])]
     state = (
         "matches the policy" if recorded == compiled.digest else "STALE: the policy changed since"
     )
-    return [f"status: ruleset {recorded} — {state}"]
+    return [f"status: ruleset {recorded} — {state}", *(changed if changes else [])]
 
 
 class Protection(enum.StrEnum):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -107,7 +107,13 @@ def inject_pod(
     annotations = metadata.setdefault("annotations", {})
     admitted = Admitted(policy=policy, mode=mode)  # what the authz server will enforce
     annotations[names.RULESET] = ruleset.to_json()
-    annotations[names.STATUS] = status_annotation(pod, ruleset, mode=mode.value, admitted=admitted)
+    # Injected again (a webhook reinvocation, meshguard inject twice): what the first pass
+    # changed is still what meshguard changed.
+    earlier = _recorded_changes(annotations.get(names.STATUS))
+    changes = tuple(dict.fromkeys((*earlier, *replaced, *(str(f) for f in findings if f.fixed))))
+    annotations[names.STATUS] = status_annotation(
+        pod, ruleset, mode=mode.value, admitted=admitted, changes=changes
+    )
     _place_init_container(spec, init_container(settings.init), pod)
     _set_volume(spec, ruleset_volume())
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
@@ -187,11 +193,17 @@ def _remove_stale_init_container(pod: PodView, spec: dict[str, Any]) -> tuple[st
 
 
 def status_annotation(
-    pod: PodView, ruleset: Ruleset, *, mode: str, admitted: Admitted | None = None
+    pod: PodView,
+    ruleset: Ruleset,
+    *,
+    mode: str,
+    admitted: Admitted | None = None,
+    changes: Sequence[str] = (),
 ) -> str:
-    """``meshguard.io/status``: what was installed, for kubectl and istioctl users, and the
+    """``meshguard.io/status``: what was installed, for kubectl and istioctl users, the
     record of the admitted policy and mode (``admitted``), the only ones the authz server
-    enforces."""
+    enforces, and what the posture fixes changed in the pod (``changes``), so that
+    ``kubectl describe`` and ``meshguard describe`` show it."""
     identity = pod.proxy_identity
     status = {
         "version": __version__,
@@ -206,7 +218,21 @@ def status_annotation(
     }
     if admitted is not None:
         status[ADMITTED_KEY] = admitted.to_document()
+    if changes:
+        status["changes"] = list(changes)
     return json.dumps(status, sort_keys=True, separators=(",", ":"))
+
+
+def _recorded_changes(status: object) -> tuple[str, ...]:
+    """The ``changes`` an earlier pass recorded in ``meshguard.io/status``, if any."""
+    try:
+        document = json.loads(status) if isinstance(status, str) else None
+    except ValueError:
+        return ()
+    changes = document.get("changes") if isinstance(document, dict) else None
+    if not isinstance(changes, list):
+        return ()
+    return tuple(text for text in changes if isinstance(text, str))
 
 
 def skip_reason(metadata: dict[str, Any]) -> str:

@@ -51,6 +51,9 @@ class Decision:
     pod: str
     reason: str
     warnings: int
+    #: The warnings' texts (what a fix changed), logged: the API server shows them only to
+    #: the client that created the pod, e.g. the ReplicaSet controller.
+    texts: tuple[str, ...] = ()
 
 
 def parse_review(body: bytes) -> dict[str, Any]:
@@ -111,7 +114,10 @@ def respond(
     if result.outcome is Outcome.SKIPPED:
         warnings.append(_short(f"meshguard skipped this pod: {result.reason}"))
     response = _allowed(uid, patch=patch, warnings=warnings)
-    return response, Decision(uid, result.outcome.value, label, result.reason, len(warnings))
+    decision = Decision(
+        uid, result.outcome.value, label, result.reason, len(warnings), tuple(result.warnings)
+    )
+    return response, decision
 
 
 def _pod_of(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,6 +198,7 @@ def handle(body: bytes, *, settings: InjectSettings) -> tuple[int, dict[str, Any
                 "result": decision.result,
                 "reason": decision.reason,
                 "warnings": decision.warnings,
+                "warning_texts": list(decision.texts),
                 "ms": round((time.perf_counter() - started) * 1000, 2),
             }
         },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 from typing import Any
 
 import jsonpatch
@@ -13,10 +14,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshguard.describe import describe
 from meshguard.inject.posture import Action, PostureSettings
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates
 from meshguard.pod import read_pod
+from meshguard.policy import Mode, parse_policy
+from meshguard.rules.compiler import CompilerSettings
 from meshguard.webhook.review import handle
 from tests.support.samples import SAFE_CONTEXT, injected_sample_names, istio_pod
 from tests.support.shared import shared_file
@@ -437,3 +441,39 @@ def test_any_review_gets_a_4xx_or_an_answer_with_the_same_uid(document):
             assert response["status"]["message"]
     else:
         assert answer["error"]
+
+
+def test_what_a_fix_changed_is_logged_and_recorded_on_the_pod(caplog):
+    """Warnings reach only the pod's creator (for a Deployment, the ReplicaSet controller):
+    the texts are logged and recorded in meshguard.io/status, where describe shows them."""
+    pod = istio_pod()
+    (app,) = pod["spec"]["containers"]
+    app["securityContext"] = {**SAFE_CONTEXT, "runAsUser": 1337, "runAsGroup": 1000}
+    with caplog.at_level(logging.INFO, logger="meshguard.webhook.review"):
+        status, answer, _ = handle(json.dumps(review(pod)).encode(), settings=SETTINGS)
+    assert status == 200 and answer["response"]["allowed"] is True
+    warnings = answer["response"]["warnings"]
+    assert any("assigned runAsUser 20000" in w for w in warnings), warnings
+    (record,) = [r for r in caplog.records if r.getMessage() == "admission"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert any("assigned runAsUser 20000" in text for text in fields["warning_texts"]), fields
+    injected = apply(answer, pod)
+    recorded = json.loads(injected["metadata"]["annotations"]["meshguard.io/status"])
+    assert any("assigned runAsUser 20000" in text for text in recorded["changes"]), recorded
+    described = "\n".join(describe_pod_lines(injected))
+    assert "changed by meshguard at admission (posture fixes):" in described
+    assert "assigned runAsUser 20000" in described
+
+
+def test_a_pod_that_needed_no_fix_records_no_changes():
+    pod = istio_pod()
+    _, answer, _ = handle(json.dumps(review(pod)).encode(), settings=SETTINGS)
+    injected = apply(answer, pod)
+    recorded = json.loads(injected["metadata"]["annotations"]["meshguard.io/status"])
+    assert "changes" not in recorded
+
+
+def describe_pod_lines(pod: dict[str, Any]) -> list[str]:
+    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+    policy = parse_policy(view.annotations.get("meshguard.io/policy"))
+    return describe(view, policy, mode=Mode.ENFORCE, compiled=None, settings=CompilerSettings())
