@@ -30,7 +30,7 @@ from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.inject.posture import Action
-from tests.support.shared import shared_file
+from tests.support.kube import istio_crd_schema, selector_matches
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')"
@@ -101,25 +101,6 @@ def kinds(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     (only,) = deployment["spec"]["template"]["spec"]["containers"]
     return only
-
-
-def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Kubernetes label selector semantics (matchLabels AND matchExpressions)."""
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression["key"], expression["operator"]
-        values = expression.get("values") or []
-        matched = {
-            "In": key in labels and labels[key] in values,
-            "NotIn": key not in labels or labels[key] not in values,
-            "Exists": key in labels,
-            "DoesNotExist": key not in labels,
-        }[operator]
-        if not matched:
-            return False
-    return True
 
 
 def namespace_labels(name: str, **labels: str) -> dict[str, str]:
@@ -622,18 +603,6 @@ def test_service_monitors() -> None:
 
 
 # --- the Istio DestinationRule ------------------------------------------------------------
-
-
-@cache
-def istio_crd_schema(kind: str, version: str) -> dict[str, Any]:
-    text = shared_file("istio-crds", "crd-all.gen.yaml").read_text()
-    for document in yaml.safe_load_all(text):
-        if document and document["spec"]["names"]["kind"] == kind:
-            for entry in document["spec"]["versions"]:
-                if entry["name"] == version:
-                    schema: dict[str, Any] = entry["schema"]["openAPIV3Schema"]
-                    return schema
-    raise AssertionError(f"Istio's CRDs have no {kind} {version}")
 
 
 def test_destination_rule_is_plaintext_to_the_authz_service() -> None:

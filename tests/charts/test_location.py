@@ -30,7 +30,7 @@ from meshguard.authz.listener import (
     envoy_filter_helm_template,
 )
 from meshguard.cli import main as cli_main
-from tests.support.shared import shared_file
+from tests.support.kube import istio_crd_schema
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')"
@@ -86,18 +86,6 @@ def notes(values: dict[str, Any], namespace: str = "meshguard-system") -> str:
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     (found,) = (o for o in objects if o["kind"] == kind)
     return found
-
-
-@cache
-def istio_crd_schema(kind: str, version: str) -> dict[str, Any]:
-    text = shared_file("istio-crds", "crd-all.gen.yaml").read_text()
-    for document in yaml.safe_load_all(text):
-        if document and document["spec"]["names"]["kind"] == kind:
-            for entry in document["spec"]["versions"]:
-                if entry["name"] == version:
-                    schema: dict[str, Any] = entry["schema"]["openAPIV3Schema"]
-                    return schema
-    raise AssertionError(f"Istio's CRDs have no {kind} {version}")
 
 
 def validate_istio(obj: dict[str, Any]) -> None:

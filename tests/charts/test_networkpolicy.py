@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.charts.test_chart import OBSERVED, one, render
-from tests.charts.test_selection import selector_matches
+from tests.support.kube import selector_matches
 from tests.support.shared import INJECTOR_SAMPLES, shared_file
 
 

@@ -36,6 +36,7 @@ from tests.charts.test_chart import (
     one,
     render,
 )
+from tests.support.kube import selector_matches
 from tests.support.shared import shared_file
 
 ISTIO_NAMESPACE: Final = "istio-system"
@@ -86,31 +87,6 @@ SCENARIOS: Final = {
 
 
 # --- Kubernetes label selectors ----------------------------------------------------------
-
-
-def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
-    """metav1.LabelSelector semantics: matchLabels AND every matchExpression; an empty or
-    absent selector matches everything. Malformed expressions fail the test, as the API
-    server would refuse them."""
-    if not selector:
-        return True
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression["key"], expression["operator"]
-        values = expression.get("values") or []
-        if operator in {"In", "NotIn"}:
-            assert values, f"{key} {operator} needs values"
-            matched = (key in labels and labels[key] in values) is (operator == "In")
-        elif operator in {"Exists", "DoesNotExist"}:
-            assert not values, f"{key} {operator} takes no values"
-            matched = (key in labels) is (operator == "Exists")
-        else:
-            pytest.fail(f"unknown selector operator {operator}")
-        if not matched:
-            return False
-    return True
 
 
 def calls(hooks: list[dict[str, Any]], namespace: dict[str, str], pod: dict[str, str]) -> list[str]:
