@@ -29,7 +29,7 @@ from meshguard.policy import (
     Rule,
     parse_opt_out,
 )
-from meshguard.rules.compiler import CompilerSettings
+from meshguard.rules.compiler import CompilerSettings, hairpin_ports
 from meshguard.rules.ruleset import Ruleset
 
 
@@ -59,17 +59,27 @@ def describe(
     default = (
         "deny every other loopback flow"
         if policy.default_action is Action.DENY
-        else "allow every other loopback flow, except to the proxy's control ports"
+        else "allow every other loopback flow, except to the proxy's ports"
     )
     protected = ", ".join(map(str, settings.protected_proxy_ports))
     lines += [
         f"default: {default}",
-        f"proxy control ports ({protected}): only where a rule above names them",
-        "Istio's outbound (15001) and DNS (15053) capture: unchanged for every container",
+        f"proxy control ports ({protected}): only where a rule above names them;"
+        " the proxy's other ports (15000-15090) never, and only the proxy sends from them",
+        "Istio's outbound (15001) and DNS (15053) capture: unchanged for every container;"
+        " flows between the pod's own processes are never captured",
+        f"through the pod's own Service (the proxy dialing the pod): {_hairpin_text(policy)}",
     ]
     lines += _status_lines(pod.annotations, compiled)
     lines += _admitted_lines(pod.annotations)
     return lines
+
+
+def _hairpin_text(policy: Policy) -> str:
+    ports = hairpin_ports(policy)
+    if not ports:
+        return "refused (no port is open to every container)"
+    return "only ports open to every container: " + ", ".join(map(str, ports))
 
 
 def _rule_text(rule: Rule, index: int) -> str:

@@ -60,3 +60,17 @@ def test_describe_explains_what_cannot_be_enforced_and_bad_policies():
     bad = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
     assert bad.returncode == 1
     assert "error: meshguard.io/policy: rules[0].to: got nothing" in bad.stdout
+
+
+def test_describe_says_what_passes_through_the_pods_own_service():
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
+    assert "(the proxy dialing the pod): refused (no port is open to every container)" in (
+        done.stdout
+    )
+    policy = yaml.safe_load(pod["metadata"]["annotations"]["meshguard.io/policy"])
+    policy["rules"].append({"from": "*", "to": "app", "ports": [8080]})
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = yaml.safe_dump(policy)
+    done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
+    assert "(the proxy dialing the pod): only ports open to every container: 8080" in done.stdout
+    assert "only the proxy sends from them" in done.stdout

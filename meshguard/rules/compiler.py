@@ -468,7 +468,17 @@ def _hairpin_rules(policy: Policy) -> list[tuple[str, str]]:
     delivers it from 127.0.0.6. By then no one knows which container started it, so only
     ports that a plain rule opens to every container (``from: "*"``) pass.
     """
-    ports = sorted(
+    ports = hairpin_ports(policy)
+    return [
+        *((HAIRPIN_CHAIN, f"-m conntrack --ctorigdstport {port} -j RETURN") for port in ports),
+        (HAIRPIN_CHAIN, f"-j {DENY_CHAIN}"),
+    ]
+
+
+def hairpin_ports(policy: Policy) -> list[int]:
+    """The TCP ports a plain rule opens to every container (``from: "*"``): the only ones a
+    hairpin through the proxy may reach."""
+    return sorted(
         {
             port
             for rule in policy.rules
@@ -479,10 +489,6 @@ def _hairpin_rules(policy: Policy) -> list[tuple[str, str]]:
             for port in rule.ports
         }
     )
-    return [
-        *((HAIRPIN_CHAIN, f"-m conntrack --ctorigdstport {port} -j RETURN") for port in ports),
-        (HAIRPIN_CHAIN, f"-j {DENY_CHAIN}"),
-    ]
 
 
 def _local_rules(plans: Sequence[_SourcePlan], settings: CompilerSettings) -> list[tuple[str, str]]:
