@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +27,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A fresh directory that processes under other uids (the proxy's, a container's) can
+    read, whatever the modes of pytest's base temp or of the checkout's parents (a clone
+    under /root, or in ``mktemp -d``, is not traversable by them)."""
+    directory = Path(tempfile.mkdtemp(prefix="meshguard-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,14 +103,9 @@ def injected_pod(mode: str) -> dict[str, Any]:
 
 
 @pytest.fixture(params=["enforce"])
-def l7pod(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[L7Pod]:
+def l7pod(request: pytest.FixtureRequest, tmp_path: Path, shared_dir: Path) -> Iterator[L7Pod]:
     pod = injected_pod(request.param)
-    shared = tmp_path / "shared"  # read by processes running as the proxy's uid
-    shared.mkdir()
-    for directory in (shared, *shared.parents):
-        if directory == Path(tempfile.gettempdir()):
-            break
-        directory.chmod(directory.stat().st_mode | 0o711)
+    shared = shared_dir  # read by processes running as the proxy's uid
     pod_file = shared / "pod.yaml"
     pod_file.write_text(yaml.safe_dump(pod))
     ruleset_file = tmp_path / "ruleset"

@@ -32,7 +32,6 @@ import math
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -348,25 +347,13 @@ def test_authz_answers_every_check_under_load_without_growing(authz_server: Auth
 # --- c. the authz server killed mid-load, with the real Envoy in front ----------------------
 
 
-def world_readable_dir(path: Path) -> Path:
-    """``path`` created, and it and its parents up to the temp directory traversable by any
-    uid (the proxy's uid reads the pod file and Envoy's config there)."""
-    path.mkdir(exist_ok=True)
-    path.chmod(0o755)
-    for directory in path.parents:
-        if directory == Path(tempfile.gettempdir()) or directory == Path("/"):
-            break
-        directory.chmod(directory.stat().st_mode | 0o711)
-    return path
-
-
 @pytest.fixture
-def fault_pod(tmp_path: Path) -> Iterator[FaultPod]:
+def fault_pod(shared_dir: Path) -> Iterator[FaultPod]:
     """The injected example pod in a network namespace: Istio's capture rules, meshguard's
     rules installed by ``meshguard init``, pilot-agent's stand-in on 15020 (uid 1337),
     ``meshguard serve-authz`` (uid 1337) and the real Envoy's loopback listener (uid 1337)."""
     with NetworkNamespace() as ns:
-        yield FaultPod(ns, world_readable_dir(tmp_path / "shared"))
+        yield FaultPod(ns, shared_dir)
 
 
 class LoadClient:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -189,20 +190,9 @@ def example_pod(policy: dict[str, Any] | None = None) -> dict[str, Any]:
     return pod
 
 
-def _readable_by_the_proxy(directory: Path) -> Path:
-    """``directory`` created, and every parent up to the temp dir traversable by uid 1337."""
-    directory.mkdir(exist_ok=True)
-    for path in (directory, *directory.parents):
-        if path == Path(tempfile.gettempdir()):
-            break
-        path.chmod(path.stat().st_mode | 0o711)
-    directory.chmod(0o755)
-    return directory
-
-
-def start_envoy(box: PodSandbox, directory: Path) -> None:
-    """The real Envoy as the proxy's uid in the pod's namespace, until the server is LIVE."""
-    shared = _readable_by_the_proxy(directory / "envoy")
+def start_envoy(box: PodSandbox, directory: Path, shared: Path) -> None:
+    """The real Envoy as the proxy's uid in the pod's namespace, until the server is LIVE;
+    its configuration in ``shared``, a directory the proxy's uid can read."""
     config = shared / "bootstrap.json"
     config.write_text(json.dumps(envoy_bootstrap(), indent=1))
     config.chmod(0o644)
@@ -241,14 +231,19 @@ def pod(
     ruleset = compile_for(example_pod(policy))
     ruleset_file = tmp_path / "ruleset"
     ruleset_file.write_text(ruleset.to_json())
-    with NetworkNamespace() as ns:
-        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
-        ns.run(["iptables-restore", "--noflush"], stdin=_istio_v4(inbound=inbound))
-        if meshguard:
-            box.meshguard_init()
-        box.serve(APP)
-        start_envoy(box, tmp_path)
-        yield box
+    shared = Path(tempfile.mkdtemp(prefix="meshguard-test-"))
+    shared.chmod(0o755)  # wherever the checkout and pytest's base temp are
+    try:
+        with NetworkNamespace() as ns:
+            box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
+            ns.run(["iptables-restore", "--noflush"], stdin=_istio_v4(inbound=inbound))
+            if meshguard:
+                box.meshguard_init()
+            box.serve(APP)
+            start_envoy(box, tmp_path, shared)
+            yield box
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _istio_v4(*, inbound: bool) -> str:
