@@ -246,14 +246,7 @@ def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path: Path):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=10)
         started = time.monotonic()
-        done = subprocess.run(
-            init_command(ns, path),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "MESHGUARD_LOCK_TIMEOUT": "2"},
-            check=False,
-        )
+        done = run_init(ns, path, env={**os.environ, "MESHGUARD_LOCK_TIMEOUT": "2"})
         assert done.returncode == 0, done.stderr
         assert time.monotonic() - started < 2
         assert output_hook(rs) in snapshot(ns)[Family.IPV4]
@@ -290,14 +283,7 @@ def test_the_lock_is_per_network_namespace(tmp_path: Path):
     path.write_text(compiled().to_json())
     with NetworkNamespace() as held, NetworkNamespace() as other:
         hold_lock(held)
-        done = subprocess.run(
-            init_command(other, path),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "MESHGUARD_LOCK_TIMEOUT": "0.5"},
-            check=False,
-        )
+        done = run_init(other, path, env={**os.environ, "MESHGUARD_LOCK_TIMEOUT": "0.5"})
         assert done.returncode == 0, done.stderr
 
 
