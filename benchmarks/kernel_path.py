@@ -53,9 +53,9 @@ from typing import Any
 
 import meshguard
 from meshguard.pod import read_pod
+from meshguard.process import run_command
 from meshguard.rules.compiler import CompilerSettings, compile_pod, source_chain
 from meshguard.rules.install import install
-from meshguard.rules.iptables import run_command
 from meshguard.rules.ruleset import Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
 from meshguard.sandbox.probe import drop_privileges

@@ -76,6 +76,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 import meshguard
+from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.listener import (
     ListenerSettings,
     authz_cluster,
@@ -83,7 +84,6 @@ from meshguard.authz.listener import (
     loopback_listeners,
     upstream_cluster,
 )
-from meshguard.authz.server import POD_HEADER, SERVICE_NAME
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, probe_command

@@ -23,14 +23,14 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.policy import Mode, Policy, parse_mode, parse_policy
 
 #: The key of the record in ``meshguard.io/status``.
 STATUS_KEY: Final = "admitted"
 #: How the record is named in messages.
-RECORD: Final = f"{names.STATUS} {STATUS_KEY!r}"
+RECORD: Final = f"{annotation_keys.STATUS} {STATUS_KEY!r}"
 FORMAT_VERSION: Final = 1
 
 
@@ -98,22 +98,22 @@ def read_admitted(status: Mapping[str, Any]) -> Admitted | None:
 def drift(admitted: Admitted, annotations: Mapping[str, str]) -> tuple[str, ...]:
     """How the live ``policy`` and ``mode`` annotations differ from what was admitted."""
     found: list[str] = []
-    live_policy = annotations.get(names.POLICY)
+    live_policy = annotations.get(annotation_keys.POLICY)
     try:
         changed = parse_policy(live_policy) != admitted.policy
     except MeshguardError:
         changed = True
     if changed:
-        found.append(f"{names.POLICY} differs from the policy admitted")
-    live_mode = annotations.get(names.MODE)
+        found.append(f"{annotation_keys.POLICY} differs from the policy admitted")
+    live_mode = annotations.get(annotation_keys.MODE)
     try:
         mode_changed = parse_mode(live_mode) is not admitted.mode
     except MeshguardError:
         mode_changed = True
     if mode_changed:
         found.append(
-            f"{names.MODE} is {live_mode!r}, admitted {admitted.mode.value!r}"
+            f"{annotation_keys.MODE} is {live_mode!r}, admitted {admitted.mode.value!r}"
             if live_mode is not None
-            else f"{names.MODE} was removed, admitted {admitted.mode.value!r}"
+            else f"{annotation_keys.MODE} was removed, admitted {admitted.mode.value!r}"
         )
     return tuple(found)

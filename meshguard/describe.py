@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MeshguardError
@@ -100,7 +100,7 @@ def _admitted_lines(annotations: Mapping[str, str]) -> list[str]:
     """Whether the live policy and mode are the ones admitted (the authz server enforces
     the admitted ones only)."""
     try:
-        status = json.loads(annotations.get(names.STATUS) or "null")
+        status = json.loads(annotations.get(annotation_keys.STATUS) or "null")
     except ValueError:
         status = None
     if not isinstance(status, dict):
@@ -129,14 +129,14 @@ def _admitted_lines(annotations: Mapping[str, str]) -> list[str]:
 
 
 def _status_lines(annotations: Mapping[str, str], compiled: Ruleset | None) -> list[str]:
-    raw = annotations.get(names.STATUS)
+    raw = annotations.get(annotation_keys.STATUS)
     if raw is None:
         return ["status: not injected by meshguard yet (no meshguard.io/status)"]
     try:
         document = json.loads(raw)
         recorded = document.get("ruleset", "?")
     except (ValueError, AttributeError):
-        return [f"status: {names.STATUS} is not valid JSON"]
+        return [f"status: {annotation_keys.STATUS} is not valid JSON"]
     changes = document.get("changes") or []
     changed = [
         "changed by meshguard at admission (posture fixes):",
@@ -189,9 +189,9 @@ def protection(
         annotations = {}
     if not _has_istio_sidecar(annotations, spec):
         return Verdict(Protection.NO_SIDECAR, "")
-    if names.STATUS in annotations:
+    if annotation_keys.STATUS in annotations:
         return Verdict(Protection.PROTECTED, "")
-    opt_out = annotations.get(names.INJECT)
+    opt_out = annotations.get(annotation_keys.INJECT)
     try:
         opted_out = parse_opt_out(None if opt_out is None else str(opt_out))
     except MeshguardError:
@@ -199,8 +199,8 @@ def protection(
     if opted_out:
         return Verdict(
             Protection.OPTED_OUT,
-            f'opted out of meshguard ({names.INJECT}: "false"): Istio\'s sidecar, no loopback'
-            " isolation, by choice",
+            f'opted out of meshguard ({annotation_keys.INJECT}: "false"): Istio\'s sidecar, no'
+            " loopback isolation, by choice",
         )
     if namespace_opt_out:
         return Verdict(
@@ -210,17 +210,17 @@ def protection(
         )
     return Verdict(
         Protection.UNPROTECTED,
-        f"UNPROTECTED: Istio injected its sidecar ({names.ISTIO_STATUS}) but meshguard did not"
-        f" (no {names.STATUS}): no loopback isolation in this pod — the meshguard webhook did"
-        " not see it (a selection or revision it does not cover, failurePolicy Ignore while it"
-        " was down, or a pod created before meshguard)",
+        f"UNPROTECTED: Istio injected its sidecar ({annotation_keys.ISTIO_STATUS}) but meshguard"
+        f" did not (no {annotation_keys.STATUS}): no loopback isolation in this pod — the meshguard"
+        " webhook did not see it (a selection or revision it does not cover, failurePolicy"
+        " Ignore while it was down, or a pod created before meshguard)",
     )
 
 
 def _has_istio_sidecar(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
     """Istio's status lists istio-proxy (a custom template without a proxy is no sidecar),
     or the status is unreadable, or a container is named istio-proxy."""
-    raw = annotations.get(names.ISTIO_STATUS)
+    raw = annotations.get(annotation_keys.ISTIO_STATUS)
     if raw is not None:
         try:
             status = json.loads(str(raw))

@@ -16,7 +16,7 @@ from typing import Any, Final, TextIO
 
 import yaml
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError
 
 #: Where each workload kind keeps its pod template (path of keys below the object).
@@ -110,11 +110,11 @@ def _inherit_istio_status(cronjob: dict[str, Any], template: PodTemplate) -> Non
     holder: object = cronjob
     for key in ("spec", "jobTemplate", "metadata", "annotations"):
         holder = holder.get(key) if isinstance(holder, dict) else None
-    status = holder.get(names.ISTIO_STATUS) if isinstance(holder, dict) else None
+    status = holder.get(annotation_keys.ISTIO_STATUS) if isinstance(holder, dict) else None
     if isinstance(status, str):
         annotations = template.metadata.setdefault("annotations", {})
         if isinstance(annotations, dict):
-            annotations.setdefault(names.ISTIO_STATUS, status)
+            annotations.setdefault(annotation_keys.ISTIO_STATUS, status)
 
 
 def _template(kind: str, name: str, namespace: object, holder: object, where: str) -> PodTemplate:

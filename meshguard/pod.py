@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError
 from meshguard.inject.container import MESHGUARD_INIT, InitContainerSettings, init_container
 
@@ -300,10 +300,10 @@ def _istio_status(
     init: Sequence[Mapping[str, Any]],
     regular: Sequence[Mapping[str, Any]],
 ) -> IstioStatus:
-    raw = annotations.get(names.ISTIO_STATUS)
+    raw = annotations.get(annotation_keys.ISTIO_STATUS)
     if raw is None:  # Istio did not inject this pod: nothing in it is Istio's
         return IstioStatus(init_containers=frozenset(), containers=frozenset())
-    where = f"metadata.annotations[{names.ISTIO_STATUS}]"
+    where = f"metadata.annotations[{annotation_keys.ISTIO_STATUS}]"
     try:
         document = json.loads(raw)
     except ValueError:

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.errors import MISSING, PolicyError, Problem
 
 PROXY: Literal["proxy"] = "proxy"
@@ -213,7 +213,7 @@ def parse_mode(text: str | None) -> Mode:
         return Mode(text.strip().lower())
     except ValueError:
         raise PolicyError(
-            annotation=names.MODE,
+            annotation=annotation_keys.MODE,
             problems=[Problem(path="", value=text, expected="'enforce' or 'audit'")],
         ) from None
 
@@ -225,7 +225,7 @@ def parse_opt_out(text: str | None) -> bool:
     value = text.strip().lower()
     if value not in {"true", "false"}:
         raise PolicyError(
-            annotation=names.INJECT,
+            annotation=annotation_keys.INJECT,
             problems=[Problem(path="", value=text, expected="'true' or 'false'")],
         )
     return value == "false"
@@ -249,7 +249,7 @@ def check_names(policy: Policy, *, containers: Collection[str]) -> None:
 
 
 def _error(*problems: Problem) -> PolicyError:
-    return PolicyError(annotation=names.POLICY, problems=problems)
+    return PolicyError(annotation=annotation_keys.POLICY, problems=problems)
 
 
 def _problem(err: Mapping[str, Any]) -> Problem:

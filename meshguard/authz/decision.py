@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MalformedInputError
+from meshguard.mesh import ISTIO_RESERVED_PORTS
 from meshguard.policy import (
     ANY_CONTAINER,
     Action,
@@ -34,7 +35,6 @@ from meshguard.policy import (
     parse_mode,
     parse_policy,
 )
-from meshguard.rules.compiler import ISTIO_RESERVED_PORTS
 
 MAX_PATH_CHARS = 8192
 
@@ -70,7 +70,7 @@ class PodPolicy:
         annotations written by hand) are taken as given, with :attr:`admitted` false: the
         stores refuse such pods (:func:`~meshguard.authz.store.policy_of`).
         """
-        status = _status(annotations.get(names.STATUS))
+        status = _status(annotations.get(annotation_keys.STATUS))
         sources = {
             address: container
             for container, addresses in status.get("listener", {}).get("sources", {}).items()
@@ -83,8 +83,8 @@ class PodPolicy:
         if record is None:
             return cls(
                 key=key,
-                policy=parse_policy(annotations.get(names.POLICY)),
-                mode=parse_mode(annotations.get(names.MODE)),
+                policy=parse_policy(annotations.get(annotation_keys.POLICY)),
+                mode=parse_mode(annotations.get(annotation_keys.MODE)),
                 sources=sources,
                 ports=dict(ports),
             )
@@ -344,7 +344,7 @@ def _status(text: str | None) -> dict[str, Any]:
     try:
         status = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MalformedInputError(f"{names.STATUS}: not JSON ({exc})") from None
+        raise MalformedInputError(f"{annotation_keys.STATUS}: not JSON ({exc})") from None
     if not isinstance(status, dict):
-        raise MalformedInputError(f"{names.STATUS}: not a JSON object")
+        raise MalformedInputError(f"{annotation_keys.STATUS}: not a JSON object")
     return status

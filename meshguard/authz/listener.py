@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import yaml
 
-from meshguard.authz.server import POD_HEADER
+from meshguard.authz.contract import POD_HEADER
 from meshguard.errors import MalformedInputError
 
 HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"

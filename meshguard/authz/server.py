@@ -23,15 +23,14 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.decision import Decision, Request, decide
 from meshguard.authz.store import PolicyStore
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("meshguard.authz.decisions")
 
-POD_HEADER = "x-meshguard-pod"
 MAX_HEADER_BYTES = 64 * 1024
-SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.authz.decision import PodPolicy
 from meshguard.errors import MalformedInputError, MeshguardError
@@ -134,9 +134,10 @@ class StaticStore:
         policies = []
         for path in paths:
             for template in pod_templates(read_documents(path)):
-                if names.STATUS not in (template.metadata.get("annotations") or {}):
+                if annotation_keys.STATUS not in (template.metadata.get("annotations") or {}):
                     raise MalformedInputError(
-                        f"{path}: {template.label} has no {names.STATUS} annotation: run it"
+                        f"{path}: {template.label} has no"
+                        f" {annotation_keys.STATUS} annotation: run it"
                         " through `meshguard inject` first"
                     )
                 policies.append(policy_of({"metadata": template.metadata, "spec": template.spec}))
@@ -255,7 +256,7 @@ class KubernetesStore:
     @staticmethod
     def _policy_or_none(pod: Mapping[str, Any]) -> PodPolicy | None:
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
-        if names.STATUS not in annotations:
+        if annotation_keys.STATUS not in annotations:
             return None
         try:
             return policy_of(pod)

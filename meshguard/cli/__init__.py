@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
-from meshguard import __version__, logs, names
-from meshguard.names import DEFAULT_IMAGE
+from meshguard import __version__, annotation_keys, logs
+from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.rules.ruleset import Family
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -167,7 +167,8 @@ def _add_rules(commands: Subcommands) -> None:
         " family, verify it with iptables-save, and exit non-zero with a one-line reason on any"
         " failure so the pod never runs unprotected. Safe to run again (container restart)."
         f" The ruleset comes from --ruleset-file, or the ${RULESET_ENV} environment variable,"
-        f" or {DEFAULT_RULESET_FILE} (the downward-API file of the {names.RULESET} annotation).",
+        f" or {DEFAULT_RULESET_FILE} (the downward-API file of the"
+        f" {annotation_keys.RULESET} annotation).",
     )
     source = init.add_mutually_exclusive_group()
     source.add_argument("--ruleset-file", type=Path, help="path of the ruleset document")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.describe import Protection, Verdict, describe, protection
 from meshguard.errors import MalformedInputError, RefusedError
@@ -58,8 +58,8 @@ def _describe(template: PodTemplate, settings: CompilerSettings) -> bool:
     """Print the policy of one pod template in words; False if it cannot be read."""
     try:
         pod = read_pod(metadata=template.metadata, spec=template.spec)
-        policy = parse_policy(pod.annotations.get(names.POLICY))
-        mode = parse_mode(pod.annotations.get(names.MODE))
+        policy = parse_policy(pod.annotations.get(annotation_keys.POLICY))
+        mode = parse_mode(pod.annotations.get(annotation_keys.MODE))
     except (RefusedError, MalformedInputError) as exc:
         print(f"  error: {exc}")
         return False

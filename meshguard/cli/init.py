@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.cli import DEFAULT_RULESET_FILE, EXIT_FAILED, EXIT_OK, RULESET_ENV, fail
 from meshguard.errors import MeshguardError, MeshguardFailure
 from meshguard.rules.install import (
@@ -78,7 +78,8 @@ def _ruleset_text(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
             raise MeshguardFailure(f"cannot read ruleset {path}: {exc}") from None
     if not text.strip():
         raise MeshguardFailure(
-            f"ruleset {origin} is empty: the {names.RULESET} annotation is missing (was the pod"
+            f"ruleset {origin} is empty: the {annotation_keys.RULESET} annotation is missing"
+            " (was the pod"
             " admitted by the meshguard webhook?)"
         )
     return text

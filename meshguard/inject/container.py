@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from meshguard import names
+from meshguard import __version__, annotation_keys
 
 MESHGUARD_INIT: Final = "meshguard-init"
 RULESET_VOLUME: Final = "meshguard-ruleset"
 RULESET_DIR: Final = "/etc/meshguard"
 RULESET_FILE: Final = "ruleset"
-DEFAULT_IMAGE: Final = names.DEFAULT_IMAGE
+#: The image that serves the webhook, the authz server and meshguard-init.
+DEFAULT_IMAGE: Final = f"ghcr.io/meshguard/meshguard:{__version__}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +63,7 @@ def ruleset_volume() -> dict[str, Any]:
             "items": [
                 {
                     "path": RULESET_FILE,
-                    "fieldRef": {"fieldPath": f"metadata.annotations['{names.RULESET}']"},
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{annotation_keys.RULESET}']"},
                 }
             ]
         },

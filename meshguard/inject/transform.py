@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from meshguard import __version__, names
+from meshguard import __version__, annotation_keys
 from meshguard.admitted import STATUS_KEY as ADMITTED_KEY
 from meshguard.admitted import Admitted
 from meshguard.errors import RefusedError
@@ -95,23 +95,25 @@ def inject_pod(
             )
         _request_template(metadata)
         return Result(Outcome.TEMPLATE_REQUESTED, reason="asked Istio for the meshguard template")
-    policy = parse_policy(annotations.get(names.POLICY))  # a bad one is refused first
-    mode = parse_mode(annotations.get(names.MODE))
+    policy = parse_policy(annotations.get(annotation_keys.POLICY))  # a bad one is refused first
+    mode = parse_mode(annotations.get(annotation_keys.MODE))
     replaced = _remove_stale_init_container(before, spec)
     if replaced:
         before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     findings = review_posture(spec, pod=before, settings=settings.posture)
     _raise_refusals(before, findings)
     pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
-    ruleset = compile_cached(pod.containers, annotations.get(names.POLICY), mode, settings.compiler)
+    ruleset = compile_cached(
+        pod.containers, annotations.get(annotation_keys.POLICY), mode, settings.compiler
+    )
     annotations = metadata.setdefault("annotations", {})
     admitted = Admitted(policy=policy, mode=mode)  # what the authz server will enforce
-    annotations[names.RULESET] = ruleset.to_json()
+    annotations[annotation_keys.RULESET] = ruleset.to_json()
     # Injected again (a webhook reinvocation, meshguard inject twice): what the first pass
     # changed is still what meshguard changed.
-    earlier = _recorded_changes(annotations.get(names.STATUS))
+    earlier = _recorded_changes(annotations.get(annotation_keys.STATUS))
     changes = tuple(dict.fromkeys((*earlier, *replaced, *(str(f) for f in findings if f.fixed))))
-    annotations[names.STATUS] = status_annotation(
+    annotations[annotation_keys.STATUS] = status_annotation(
         pod, ruleset, mode=mode.value, admitted=admitted, changes=changes
     )
     _place_init_container(spec, init_container(settings.init), pod)
@@ -135,7 +137,7 @@ def review_ephemeral_containers(
     """
     check_shape(metadata=metadata, spec=spec)
     pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
-    injected = names.STATUS in pod.annotations
+    injected = annotation_keys.STATUS in pod.annotations
     if not injected and (pod.proxy is None or skip_reason(metadata)):
         return Result(Outcome.SKIPPED, reason="meshguard does not protect this pod")
     wanted = {c.name for c in pod.ephemeral} if added is None else set(added)
@@ -156,13 +158,13 @@ def _raise_refusals(pod: PodView, findings: list[Finding]) -> None:
 def _refuse_unrecognized_proxy(pod: PodView) -> None:
     """Istio says it injected the pod, yet no istio-proxy is where its status puts it:
     meshguard cannot tell the proxy apart, and Istio will not inject it again."""
-    if names.ISTIO_STATUS not in pod.annotations:
+    if annotation_keys.ISTIO_STATUS not in pod.annotations:
         return
     fake = next((c for c in (*pod.containers, *pod.ephemeral) if c.name == PROXY_CONTAINER), None)
     if fake is not None:
         raise RefusedError(
             f"meshguard refuses pod {pod.name or '(unnamed)'}: container {PROXY_CONTAINER!r}"
-            f" ({fake.where}) is not where {names.ISTIO_STATUS} says Istio put its proxy"
+            f" ({fake.where}) is not where {annotation_keys.ISTIO_STATUS} says Istio put its proxy"
             " (listed in containers, or in initContainers with restartPolicy: Always): rename"
             " the container, or let Istio inject the pod"
         )
@@ -239,11 +241,11 @@ def skip_reason(metadata: dict[str, Any]) -> str:
     """Why meshguard leaves this pod alone (opted out, Istio off, ambient), or ""."""
     annotations: dict[str, Any] = metadata.get("annotations") or {}
     labels: dict[str, Any] = metadata.get("labels") or {}
-    if parse_opt_out(_text(annotations.get(names.INJECT))):
-        return f'opted out ({names.INJECT}: "false")'
+    if parse_opt_out(_text(annotations.get(annotation_keys.INJECT))):
+        return f'opted out ({annotation_keys.INJECT}: "false")'
     for source in (annotations, labels):
-        if str(source.get(names.ISTIO_INJECT, "")).lower() == "false":
-            return f'Istio injection is disabled ({names.ISTIO_INJECT}: "false")'
+        if str(source.get(annotation_keys.ISTIO_INJECT, "")).lower() == "false":
+            return f'Istio injection is disabled ({annotation_keys.ISTIO_INJECT}: "false")'
     if annotations.get(AMBIENT_ANNOTATION) == "enabled" or labels.get(AMBIENT_LABEL) == "ambient":
         return "ambient-mode pod (no sidecar): meshguard does not apply"
     return ""
@@ -255,11 +257,11 @@ def _text(value: object) -> str | None:
 
 def _request_template(metadata: dict[str, Any]) -> None:
     annotations = metadata.setdefault("annotations", {})
-    current = str(annotations.get(names.ISTIO_TEMPLATES) or ISTIO_DEFAULT_TEMPLATES)
+    current = str(annotations.get(annotation_keys.ISTIO_TEMPLATES) or ISTIO_DEFAULT_TEMPLATES)
     templates = [t.strip() for t in current.split(",") if t.strip()]
     if TEMPLATE_NAME not in templates:
         templates.append(TEMPLATE_NAME)
-    annotations[names.ISTIO_TEMPLATES] = ",".join(templates)
+    annotations[annotation_keys.ISTIO_TEMPLATES] = ",".join(templates)
 
 
 def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: PodView) -> None:

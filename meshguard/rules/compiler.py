@@ -51,8 +51,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.errors import CompileError, PolicyError, Problem
+from meshguard.mesh import (
+    CONTROL_PORTS,
+    DNS_CAPTURE_PORT,
+    INBOUND_CAPTURE_PORT,
+    ISTIO_RESERVED_PORTS,
+    OUTBOUND_CAPTURE_PORT,
+    PROXY_PORT_RANGE,
+)
 from meshguard.pod import Container, PodView
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -81,10 +89,6 @@ DENY_CHAIN: Final = "MESHGUARD_DENY"
 REDIRECT_CHAIN: Final = "MESHGUARD_REDIRECT"
 SNAT_CHAIN: Final = "MESHGUARD_SNAT"
 MULTIPORT_MAX: Final = 15
-#: The ports Istio reserves for its sidecar: no workload container may declare, reach or
-#: send from them, except the control ports a rule names.
-PROXY_PORT_RANGE: Final = (15000, 15090)
-ISTIO_RESERVED_PORTS: Final = frozenset(range(PROXY_PORT_RANGE[0], PROXY_PORT_RANGE[1] + 1))
 
 
 def source_chain(uid: int) -> str:
@@ -102,10 +106,10 @@ class CompilerSettings:
 
     #: The proxy's ports that a rule may open to a container (``to: proxy``); every other
     #: port of the proxy is never reached directly (Istio's capture is the only way in).
-    protected_proxy_ports: tuple[int, ...] = (15000, 15004, 15020, 15021, 15090)
-    outbound_capture_port: int = 15001
-    inbound_capture_port: int = 15006
-    dns_capture_port: int = 15053
+    protected_proxy_ports: tuple[int, ...] = CONTROL_PORTS
+    outbound_capture_port: int = OUTBOUND_CAPTURE_PORT
+    inbound_capture_port: int = INBOUND_CAPTURE_PORT
+    dns_capture_port: int = DNS_CAPTURE_PORT
     listener_port: int = 15007
     source_net4: str = "127.0.100.0/24"
     source_net6: str = "fd6d:6775::/112"
@@ -304,7 +308,7 @@ def _add_policy_rules(
             else:
                 plan.redirected.update(rule.ports)
     if problems:
-        raise PolicyError(annotation=names.POLICY, problems=problems)
+        raise PolicyError(annotation=annotation_keys.POLICY, problems=problems)
 
 
 def _misplaced_proxy_ports(
@@ -666,6 +670,6 @@ def compile_cached(
 
 def compile_pod(pod: PodView, *, settings: CompilerSettings) -> Ruleset:
     """Compile from the pod's own annotations (``meshguard.io/policy``, ``meshguard.io/mode``)."""
-    policy = parse_policy(pod.annotations.get(names.POLICY))
-    mode = parse_mode(pod.annotations.get(names.MODE))
+    policy = parse_policy(pod.annotations.get(annotation_keys.POLICY))
+    mode = parse_mode(pod.annotations.get(annotation_keys.MODE))
     return compile_ruleset(pod, policy, mode=mode, settings=settings)

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Final
 
 from meshguard.errors import MeshguardFailure
+from meshguard.process import CommandRunner
 from meshguard.rules.iptables import (
-    CommandRunner,
     Deadline,
     EnvRunner,
     SavedState,

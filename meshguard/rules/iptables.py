@@ -28,16 +28,15 @@ import os
 import shlex
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
 from meshguard.errors import MeshguardFailure
+from meshguard.process import run_command
 
-COMMAND_TIMEOUT_SECONDS = 30.0
 XTABLES_LOCK: Final = Path("/run/xtables.lock")
 #: The environment variable iptables (1.8.5+) reads its lock file's path from.
 XTABLES_LOCKFILE_ENV: Final = "XTABLES_LOCKFILE"
@@ -102,39 +101,6 @@ def jump_target(spec: str) -> str | None:
         if flag in {"-j", "-g", "--jump", "--goto"}:
             return value
     return None
-
-
-class CommandRunner(Protocol):
-    def __call__(self, argv: Sequence[str], *, stdin: str | None = None) -> str: ...
-
-
-def run_command(
-    argv: Sequence[str], *, stdin: str | None = None, env: Mapping[str, str] | None = None
-) -> str:
-    """Run a tool; its stdout, or :class:`MeshguardFailure` with its own error text.
-
-    ``env`` is added to this process's environment for the tool.
-    """
-    try:
-        done = subprocess.run(
-            list(argv),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_SECONDS,
-            check=False,
-            env={**os.environ, **env} if env else None,
-        )
-    except FileNotFoundError:
-        raise MeshguardFailure(f"{argv[0]} not found: install iptables (nf_tables)") from None
-    except subprocess.TimeoutExpired:
-        raise MeshguardFailure(
-            f"{argv[0]} did not finish within {COMMAND_TIMEOUT_SECONDS:.0f}s"
-        ) from None
-    if done.returncode != 0:
-        reason = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
-        raise MeshguardFailure(f"{' '.join(argv)} failed: {reason}")
-    return done.stdout
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from meshguard import names
+from meshguard import annotation_keys
 from meshguard.authz.listener import envoy_config_text
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
@@ -108,7 +108,7 @@ class PodDemo:
         )
         self.workdir.chmod(0o755)  # the pod's processes (other uids) read the files here
         view = read_pod(metadata=self.template.metadata, spec=self.template.spec)
-        policy = parse_policy(self.template.metadata["annotations"].get(names.POLICY))
+        policy = parse_policy(self.template.metadata["annotations"].get(annotation_keys.POLICY))
         self.plan = plan(view, policy)
         self.ns = self._exit.enter_context(NetworkNamespace())
         self.progress(f"network namespace {self.ns.name} with lo and eth0")
@@ -129,7 +129,7 @@ class PodDemo:
     def install_rules(self) -> None:
         """meshguard-init, as in the pod: the ruleset the injection recorded, from a file."""
         annotations = self.template.metadata["annotations"]
-        (self.workdir / "ruleset").write_text(annotations[names.RULESET])
+        (self.workdir / "ruleset").write_text(annotations[annotation_keys.RULESET])
         metadata = {
             **self.template.metadata,
             "name": self.pod_name,
@@ -147,8 +147,8 @@ class PodDemo:
                 str(self.workdir / "ruleset"),
             ]
         )
-        mode = annotations.get(names.MODE, "enforce")
-        digest = json.loads(annotations[names.STATUS])["ruleset"][:19]
+        mode = annotations.get(annotation_keys.MODE, "enforce")
+        digest = json.loads(annotations[annotation_keys.STATUS])["ruleset"][:19]
         self.progress(f"meshguard-init installed ruleset {digest}... ({mode} mode)")
 
     def _start_containers(self) -> None:
@@ -249,7 +249,7 @@ class PodDemo:
 
     def switch_to_audit(self) -> None:
         """Re-inject in audit mode, re-run meshguard-init (it converges), restart authz."""
-        self.template.metadata["annotations"][names.MODE] = "audit"
+        self.template.metadata["annotations"][annotation_keys.MODE] = "audit"
         result = inject_pod(
             self.template.metadata,
             self.template.spec,

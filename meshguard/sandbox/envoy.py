@@ -86,7 +86,7 @@ def envoy_command(config: Path, *, uid: int, gid: int) -> list[str]:
 def authz_command(pod_files: Sequence[Path], *, uid: int, gid: int, port: int) -> list[str]:
     """``meshguard serve-authz`` under uid/gid (dropping privileges after Python loaded)."""
     return [
-        sys.executable, "-m", "meshguard.sandbox.run_as", str(uid), str(gid), "--",
+        sys.executable, "-m", "meshguard.cli.run_as", str(uid), str(gid), "--",
         "serve-authz", "--pods", *map(str, pod_files), "--port", str(port), "--metrics-port", "0",
     ]  # fmt: skip
 

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import IO
 
 from meshguard.errors import MeshguardFailure
-from meshguard.rules.iptables import run_command
+from meshguard.process import run_command
 
 
 @dataclass(frozen=True, kw_only=True)

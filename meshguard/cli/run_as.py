@@ -1,4 +1,4 @@
-"""Run a ``meshguard`` command under another uid: ``python -m meshguard.sandbox.run_as UID GID
+"""Run a ``meshguard`` command under another uid: ``python -m meshguard.cli.run_as UID GID
 -- serve-authz ...``.
 
 Started as root, it imports everything first and only then drops to the uid/gid, because
@@ -26,7 +26,7 @@ COMMANDS = (meshguard.cli.init, meshguard.cli.inject, meshguard.cli.rules, meshg
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3 or args[2] != "--":
-        print("usage: python -m meshguard.sandbox.run_as UID GID -- COMMAND...", file=sys.stderr)
+        print("usage: python -m meshguard.cli.run_as UID GID -- COMMAND...", file=sys.stderr)
         return 2
     uid, gid = int(args[0]), int(args[1])
     drop_privileges(uid=uid, gid=gid)

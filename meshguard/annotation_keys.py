@@ -1,10 +1,8 @@
-"""Names of the pod annotations meshguard reads and writes, and of the Istio ones it honors."""
+"""The keys of the pod annotations meshguard reads and writes, and of the Istio ones it honors."""
 
 from __future__ import annotations
 
 from typing import Final
-
-from meshguard import __version__
 
 POLICY: Final = "meshguard.io/policy"
 MODE: Final = "meshguard.io/mode"
@@ -15,6 +13,3 @@ RULESET: Final = "meshguard.io/ruleset"
 ISTIO_INJECT: Final = "sidecar.istio.io/inject"
 ISTIO_STATUS: Final = "sidecar.istio.io/status"
 ISTIO_TEMPLATES: Final = "inject.istio.io/templates"
-
-#: The image that serves the webhook, the authz server and meshguard-init.
-DEFAULT_IMAGE: Final = f"ghcr.io/meshguard/meshguard:{__version__}"
