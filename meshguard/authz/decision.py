@@ -19,6 +19,7 @@ import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Final
 
 from meshguard import annotation_keys
@@ -55,6 +56,13 @@ class PodPolicy:
     drift: tuple[str, ...] = ()
     #: Why every request to this pod is denied (its admitted record does not verify), or "".
     refused: str = ""
+    #: The pod's ServiceAccount (spec.serviceAccountName, immutable): with the namespace in
+    #: :attr:`key`, the workload identity a caller must present to ask about this pod.
+    service_account: str = "default"
+
+    @property
+    def namespace(self) -> str:
+        return self.key.split("/", 1)[0]
 
     @classmethod
     def from_pod(
@@ -106,12 +114,14 @@ class PodPolicy:
         reason: str,
         sources: Mapping[str, str] | None = None,
         ports: Mapping[int, str] | None = None,
+        service_account: str = "default",
     ) -> PodPolicy:
         """A pod whose every request is denied, with ``reason`` (and deny-all, enforced)."""
         return cls(
             key=key,
             policy=Policy(),  # default: deny
             mode=Mode.ENFORCE,
+            service_account=service_account,
             sources=dict(sources or {}),
             ports=dict(ports or {}),
             refused=reason,
@@ -128,6 +138,28 @@ class Request:
     headers: Mapping[str, str]
 
 
+class Reason(StrEnum):
+    """The fixed set of decision kinds: the ``reason`` label of the decision metric and the
+    ``kind`` field of the decision log (the message beside it says the details)."""
+
+    ALLOWED_BY_RULE = "allowed_by_rule"
+    ALLOWED_BY_DEFAULT = "allowed_by_default"
+    AUDIT = "audit"  # a would-be denial allowed because the pod is in audit mode
+    NO_RULE = "no_rule"
+    UNKNOWN_POD = "unknown_pod"
+    POD_REFUSED = "pod_refused"
+    UNKNOWN_SOURCE = "unknown_source"
+    NO_PORT = "no_port"
+    NO_HTTP = "no_http"
+    PATH_TOO_LONG = "path_too_long"
+    AMBIGUOUS_PATH = "ambiguous_path"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    NO_IDENTITY = "no_identity"  # the caller presented no (usable) workload identity
+    IDENTITY_MISMATCH = "identity_mismatch"  # the caller's identity is not the pod's
+    NOT_SYNCED = "not_synced"  # the pod cache has not completed its first list yet
+    INTERNAL_ERROR = "internal_error"
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
@@ -136,6 +168,7 @@ class Decision:
     source: str | None = None
     destination: str | None = None
     audited: bool = False  # allowed only because the pod is in audit mode
+    kind: Reason = Reason.INTERNAL_ERROR
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -143,6 +176,7 @@ class Decision:
             "audit": self.audited,
             "rule": self.rule,
             "reason": self.reason,
+            "kind": self.kind.value,
             "source": self.source,
             "destination": self.destination,
         }
@@ -151,14 +185,18 @@ class Decision:
 def decide(request: Request, pod: PodPolicy | None) -> Decision:
     """Allow only what a rule of the pod's policy allows; deny anything unattributable."""
     if pod is None:
-        return Decision(False, f"unknown pod {request.pod!r}: no meshguard policy known for it")
+        return Decision(
+            False,
+            f"unknown pod {request.pod!r}: no meshguard policy known for it",
+            kind=Reason.UNKNOWN_POD,
+        )
     if pod.refused:
-        return Decision(False, f"pod {pod.key!r} refused: {pod.refused}")
+        return Decision(False, f"pod {pod.key!r} refused: {pod.refused}", kind=Reason.POD_REFUSED)
     verdict = _evaluate(request, pod)
     if not verdict.allowed and pod.mode is Mode.AUDIT:
         return Decision(
             True, f"audit: would deny: {verdict.reason}", verdict.rule, verdict.source,
-            verdict.destination, audited=True,
+            verdict.destination, audited=True, kind=Reason.AUDIT,
         )  # fmt: skip
     return verdict
 
@@ -168,30 +206,38 @@ def _evaluate(request: Request, pod: PodPolicy) -> Decision:
     destination = _destination(pod, request.port) if request.port else None
     problem = _unattributable(request, source)
     if problem:
-        return Decision(False, problem, source=source, destination=destination)
+        kind, message = problem
+        return Decision(False, message, source=source, destination=destination, kind=kind)
     for index, rule in enumerate(pod.policy.rules):
         if _covers(rule, source or "", request.port or 0) and _matches(rule.http, request):
-            return Decision(True, f"allowed by rules[{index}]", index, source, destination)
+            return Decision(
+                True, f"allowed by rules[{index}]", index, source, destination,
+                kind=Reason.ALLOWED_BY_RULE,
+            )  # fmt: skip
     if pod.policy.default_action is Action.ALLOW:
-        return Decision(True, "allowed by defaultAction: allow", None, source, destination)
+        return Decision(
+            True, "allowed by defaultAction: allow", None, source, destination,
+            kind=Reason.ALLOWED_BY_DEFAULT,
+        )  # fmt: skip
     what = f"{request.method} {_path_only(request.path or '')}"
     reason = f"no rule allows {source} -> {destination} {what}"
-    return Decision(False, reason, None, source, destination)
+    return Decision(False, reason, None, source, destination, kind=Reason.NO_RULE)
 
 
-def _unattributable(request: Request, source: str | None) -> str | None:
-    """Why the request cannot be judged at all, if it cannot."""
+def _unattributable(request: Request, source: str | None) -> tuple[Reason, str] | None:
+    """Why the request cannot be judged at all, if it cannot (kind and message)."""
     if source is None:
-        return f"unknown source address {request.source_address!r}"
+        return Reason.UNKNOWN_SOURCE, f"unknown source address {request.source_address!r}"
     if request.port is None:
-        return "no destination port"
+        return Reason.NO_PORT, "no destination port"
     if not request.method or not request.path:
-        return "no HTTP method or path"
+        return Reason.NO_HTTP, "no HTTP method or path"
     if len(request.path) > MAX_PATH_CHARS:
-        return "path too long"
+        return Reason.PATH_TOO_LONG, "path too long"
     ambiguity = path_ambiguity(request.path)
     if ambiguity:
-        return f"path {request.path[:100]!r} is not normalized (ambiguous path: {ambiguity})"
+        message = f"path {request.path[:100]!r} is not normalized (ambiguous path: {ambiguity})"
+        return Reason.AMBIGUOUS_PATH, message
     return None
 
 

@@ -3,16 +3,24 @@
 Translates a CheckRequest into a :class:`~meshguard.authz.decision.Request`, asks
 :func:`~meshguard.authz.decision.decide`, answers OK or PERMISSION_DENIED with a 403 whose
 body names the reason, and logs one JSON line per decision. Nothing a client sends can
-raise out of ``Check``: malformed or partial requests are denied with a reason. Serves the
-standard gRPC health service beside it, and Prometheus metrics on their own HTTP port.
+raise out of ``Check``: malformed or partial requests are denied with a reason.
+
+With TLS files (:class:`~meshguard.authz.identity.TlsFiles`) the channel is mutual TLS and
+every Check is bound to the caller's workload identity: a caller may only ask about pods of
+its own namespace and ServiceAccount; no identity, or another one, is denied (fail closed).
+The standard gRPC health service reports NOT_SERVING until the policy store has synced (so
+no replica answers "unknown pod" for a pod it has not listed yet); Prometheus metrics on
+their own HTTP port: decisions by a fixed set of reasons (:class:`Reason`), Check latency up
+to Envoy's timeout, the store's size, sync age and watch restarts, process and build info.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -21,16 +29,41 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+import meshguard
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
-from meshguard.authz.decision import Decision, Request, decide
+from meshguard.authz.decision import Decision, Reason, Request, decide
+from meshguard.authz.identity import (
+    TlsFiles,
+    WorkloadIdentity,
+    identity_problem,
+    peer_identity,
+    server_credentials,
+)
 from meshguard.authz.store import PolicyStore
+from meshguard.errors import MeshguardError
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("meshguard.authz.decisions")
 
 MAX_HEADER_BYTES = 64 * 1024
+#: Check latency buckets, up to Envoy's ext_authz timeout (0.5 s) and beyond it.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+READY_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,20 +72,76 @@ class AuthzSettings:
     port: int = 9191
     metrics_port: int | None = 9192
     grace_seconds: float = 2.0
+    #: mTLS files; None serves plaintext without caller identities (standalone, sandbox).
+    tls: TlsFiles | None = None
+    #: The mesh's trust domain: callers' SPIFFE IDs must be of it.
+    trust_domain: str = "cluster.local"
+
+
+class StoreCollector(Collector):
+    """The policy store's size, sync age, relists and watch restarts, read at scrape time."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._store.stats()
+        yield GaugeMetricFamily(
+            "meshguard_authz_cache_pods", "Pods whose admitted policy is cached", value=stats.pods
+        )
+        yield GaugeMetricFamily(
+            "meshguard_authz_synced", "1 once the pod cache has synced",
+            value=1.0 if self._store.is_synced() else 0.0,
+        )  # fmt: skip
+        age = -1.0 if stats.synced_at is None else max(0.0, time.time() - stats.synced_at)
+        yield GaugeMetricFamily(
+            "meshguard_authz_sync_age_seconds",
+            "Seconds since the cache last heard from its source (a list or a watch event or"
+            " bookmark); -1 before the first sync",
+            value=age,
+        )
+        yield CounterMetricFamily(
+            "meshguard_authz_relists", "Complete lists of the admitted pods", value=stats.relists
+        )
+        yield CounterMetricFamily(
+            "meshguard_authz_watch_restarts",
+            "Times the pod watch broke or expired (410 Gone) and was restarted",
+            value=stats.watch_restarts,
+        )
 
 
 class AuthzMetrics:
-    def __init__(self) -> None:
+    def __init__(self, store: PolicyStore | None = None) -> None:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
-            "meshguard_authz_decisions", "Check decisions, by result and reason kind",
+            "meshguard_authz_decisions",
+            "Check decisions, by result and reason (a fixed set: meshguard.authz.decision.Reason)",
             ["result", "reason"], registry=self.registry,
         )  # fmt: skip
         self.latency = Histogram(
             "meshguard_authz_check_seconds", "Time to decide a Check",
-            registry=self.registry,
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=self.registry, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        build = Gauge(
+            "meshguard_authz_build_info", "The running meshguard (always 1)",
+            ["version", "python"], registry=self.registry,
+        )  # fmt: skip
+        build.labels(version=meshguard.__version__, python=platform.python_version()).set(1)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
+        if store is not None:
+            self.registry.register(StoreCollector(store))
+        for result, reasons in _REASONS_BY_RESULT.items():
+            for reason in reasons:  # every series exists from the start (rate() needs it)
+                self.decisions.labels(result=result, reason=reason.value)
+
+
+_ALLOWING = (Reason.ALLOWED_BY_RULE, Reason.ALLOWED_BY_DEFAULT, Reason.AUDIT)
+_REASONS_BY_RESULT = {
+    "allow": _ALLOWING,
+    "deny": tuple(reason for reason in Reason if reason not in _ALLOWING),
+}
 
 
 def request_of(check: external_auth_pb2.CheckRequest) -> Request:
@@ -92,44 +181,107 @@ def response_of(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
-def check(request: Request, store: PolicyStore, *, header_bytes: int) -> Decision:
+@dataclass(frozen=True, kw_only=True)
+class Caller:
+    """Who asks: the identity the channel proved (None on a plaintext server), or why none."""
+
+    identity: WorkloadIdentity | None = None
+    problem: str | None = None
+
+
+def check(
+    request: Request,
+    store: PolicyStore,
+    *,
+    header_bytes: int,
+    caller: Caller | None = None,
+    trust_domain: str = "cluster.local",
+) -> Decision:
+    """The decision for one Check; ``caller`` None means identities are not checked."""
+    if not store.is_synced():
+        return Decision(
+            False, "the pod cache has not synced yet: no decision", kind=Reason.NOT_SYNCED
+        )
+    if caller is not None and caller.identity is None:
+        return Decision(False, f"no caller identity: {caller.problem}", kind=Reason.NO_IDENTITY)
     if header_bytes > MAX_HEADER_BYTES:
-        return Decision(False, f"request headers larger than {MAX_HEADER_BYTES} bytes")
-    return decide(request, store.get(request.pod) if request.pod else None)
+        return Decision(
+            False, f"request headers larger than {MAX_HEADER_BYTES} bytes",
+            kind=Reason.HEADERS_TOO_LARGE,
+        )  # fmt: skip
+    pod = store.get(request.pod) if request.pod else None
+    if caller is not None and caller.identity is not None:
+        namespace = (request.pod or "").split("/", 1)[0]
+        problem = identity_problem(
+            caller.identity,
+            trust_domain=trust_domain,
+            namespace=namespace,
+            service_account=pod.service_account if pod else caller.identity.service_account,
+        )
+        if problem:
+            return Decision(False, problem, kind=Reason.IDENTITY_MISMATCH)
+    return decide(request, pod)
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    try:
+        return Caller(identity=peer_identity(context.auth_context()))
+    except MeshguardError as exc:
+        return Caller(problem=str(exc))
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, *, store: PolicyStore, metrics: AuthzMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        store: PolicyStore,
+        metrics: AuthzMetrics,
+        identities: bool = False,
+        trust_domain: str = "cluster.local",
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._identities = identities
+        self._trust_domain = trust_domain
 
     async def Check(
         self, check_request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
         request = Request(None, None, None, None, None, {})
+        caller: Caller | None = None
         try:
+            caller = caller_of(context) if self._identities else None
             request = request_of(check_request)
             header_bytes = sum(len(k) + len(v) for k, v in request.headers.items())
-            decision = check(request, self._store, header_bytes=header_bytes)
+            decision = check(
+                request, self._store, header_bytes=header_bytes, caller=caller,
+                trust_domain=self._trust_domain,
+            )  # fmt: skip
         except Exception as exc:  # deny, never let an error escape or a request through
             log.exception("check failed", extra={"fields": {"event": "check-error"}})
-            decision = Decision(False, f"meshguard failed: internal error ({type(exc).__name__})")
+            decision = Decision(
+                False, f"meshguard failed: internal error ({type(exc).__name__})",
+                kind=Reason.INTERNAL_ERROR,
+            )  # fmt: skip
         elapsed = time.perf_counter() - started
-        self._record(request, decision, elapsed)
+        self._record(request, decision, elapsed, caller)
         return response_of(decision)
 
-    def _record(self, request: Request, decision: Decision, elapsed: float) -> None:
+    def _record(
+        self, request: Request, decision: Decision, elapsed: float, caller: Caller | None
+    ) -> None:
         result = "allow" if decision.allowed else "deny"
-        kind = "audit" if decision.audited else decision.reason.split(" ", 1)[0].rstrip(":")
-        self._metrics.decisions.labels(result=result, reason=kind).inc()
+        self._metrics.decisions.labels(result=result, reason=decision.kind.value).inc()
         self._metrics.latency.observe(elapsed)
+        identity = caller.identity.spiffe_id if caller and caller.identity else None
         decisions_log.info(
             "decision",
             extra={
                 "fields": {
                     "event": "decision",
                     "pod": request.pod,
+                    "caller": identity,
                     "request": {
                         "method": request.method,
                         "path": request.path,
@@ -141,29 +293,72 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 }
             },
         )
+        if decision.kind in (Reason.NO_IDENTITY, Reason.IDENTITY_MISMATCH):
+            log.warning(
+                "Check denied on the caller's identity: %s",
+                decision.reason,
+                extra={
+                    "fields": {
+                        "event": "identity-denied",
+                        "kind": decision.kind.value,
+                        "pod": request.pod,
+                        "caller": identity,
+                    }
+                },
+            )
+
+
+async def _serve_when_synced(
+    store: PolicyStore, health_service: health.aio.HealthServicer, stop: asyncio.Event
+) -> None:
+    """NOT_SERVING until the store has synced, then SERVING."""
+    while not store.is_synced():
+        if stop.is_set():
+            return
+        await asyncio.sleep(READY_POLL_SECONDS)
+    for service in ("", SERVICE_NAME):
+        await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("pod cache synced: serving", extra={"fields": {"event": "ready"}})
 
 
 async def serve_authz(settings: AuthzSettings, *, store: PolicyStore, stop: asyncio.Event) -> None:
     """Serve Check and health until ``stop`` is set."""
-    metrics = AuthzMetrics()
+    metrics = AuthzMetrics(store)
     # SO_REUSEPORT (gRPC's default on Linux, set explicitly): worker processes share the port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationService(store=store, metrics=metrics), server
-    )
+        AuthorizationService(
+            store=store, metrics=metrics, identities=settings.tls is not None,
+            trust_domain=settings.trust_domain,
+        ),
+        server,
+    )  # fmt: skip
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    for service in ("", SERVICE_NAME):
+        await health_service.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
+    if settings.tls is None:
+        bound = server.add_insecure_port(address)
+        log.warning(
+            "authz serving plaintext: callers' identities are not checked",
+            extra={"fields": {"event": "plaintext"}},
+        )
+    else:
+        bound = server.add_secure_port(address, server_credentials(settings.tls))
+    if bound == 0:
         raise OSError(f"cannot listen on {address}")
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("authz serving", extra={"fields": {"event": "serving", "address": address}})
+    log.info(
+        "authz listening",
+        extra={"fields": {"event": "serving", "address": address, "mtls": bool(settings.tls)}},
+    )
+    ready = asyncio.create_task(_serve_when_synced(store, health_service, stop))
     try:
         await stop.wait()
     finally:
+        ready.cancel()
         await health_service.enter_graceful_shutdown()
         await server.stop(settings.grace_seconds)

@@ -13,8 +13,10 @@ a pod whose admitted record is missing or does not verify is refused (``admitted
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,25 @@ from meshguard.pod import read_pod
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class StoreStats:
+    """What the metrics say about a store."""
+
+    pods: int
+    #: time.time() of the last complete list or applied watch event (None: never synced).
+    synced_at: float | None
+    relists: int = 0
+    watch_restarts: int = 0
+
+
 class PolicyStore(Protocol):
     def get(self, key: str) -> PodPolicy | None: ...
+
+    def is_synced(self) -> bool:
+        """True once the store holds a complete view (a Check may be answered from it)."""
+        ...
+
+    def stats(self) -> StoreStats: ...
 
 
 def pod_key(namespace: str | None, name: str) -> str:
@@ -50,8 +69,9 @@ def policy_of(pod: Mapping[str, Any]) -> PodPolicy:
     ports = {p.port: c.name for c in view.containers for p in c.ports}
     key = pod_key(view.namespace, view.name)
     policy = PodPolicy.from_pod(key=key, annotations=view.annotations, ports=ports)
+    account = str((pod.get("spec") or {}).get("serviceAccountName") or "default")
     if policy.admitted or policy.refused:
-        return policy
+        return dataclasses.replace(policy, service_account=account)
     return PodPolicy.refusing(
         key=key,
         reason=f"no admitted policy record ({ADMITTED_RECORD}): the pod was admitted by an"
@@ -59,6 +79,7 @@ def policy_of(pod: Mapping[str, Any]) -> PodPolicy:
         " admits it again",
         sources=policy.sources,
         ports=ports,
+        service_account=account,
     )
 
 
@@ -125,6 +146,7 @@ class StaticStore:
 
     def __init__(self, policies: Iterable[PodPolicy]) -> None:
         self._policies = {p.key: p for p in policies}
+        self._loaded_at = time.time()
         self.report = AdmissionReport()
         for policy in self._policies.values():
             self.report.note(policy)
@@ -145,6 +167,12 @@ class StaticStore:
 
     def get(self, key: str) -> PodPolicy | None:
         return self._policies.get(key)
+
+    def is_synced(self) -> bool:
+        return True
+
+    def stats(self) -> StoreStats:
+        return StoreStats(pods=len(self._policies), synced_at=self._loaded_at)
 
     def keys(self) -> list[str]:
         return sorted(self._policies)
@@ -186,10 +214,23 @@ class KubernetesStore:
         self._thread: threading.Thread | None = None
         self.synced = threading.Event()
         self.reconnects = 0
+        self.relists = 0
+        self._synced_at: float | None = None
         self.report = AdmissionReport()
 
     def get(self, key: str) -> PodPolicy | None:
         return self._policies.get(key)
+
+    def is_synced(self) -> bool:
+        return self.synced.is_set()
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            pods=len(self._policies),
+            synced_at=self._synced_at,
+            relists=self.relists,
+            watch_restarts=self.reconnects,
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="meshguard-pod-watch", daemon=True)
@@ -230,6 +271,8 @@ class KubernetesStore:
                 self.report.note(policy, uid=_uid(pod))
         self.report.keep_only(fresh)
         self._policies = fresh  # one reference swap: readers never see a partial cache
+        self.relists += 1
+        self._synced_at = time.time()
         self.synced.set()
         log.info("pods listed", extra={"fields": {"event": "relisted", "pods": len(fresh)}})
         return version

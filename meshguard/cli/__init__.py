@@ -270,6 +270,20 @@ def _add_servers(commands: Subcommands) -> None:
         help="server processes sharing the port (SO_REUSEPORT), e.g. one per core; worker i"
         " serves its metrics on --metrics-port + i",
     )
+    tls = authz.add_argument_group(
+        "mutual TLS (the Check channel; required with --kubernetes unless --insecure-plaintext)"
+    )
+    tls.add_argument("--tls-cert", type=Path, help="certificate chain (Istio: cert-chain.pem)")
+    tls.add_argument("--tls-key", type=Path, help="private key (Istio: key.pem)")
+    tls.add_argument("--tls-ca", type=Path, help="CA of client certificates (root-cert.pem)")
+    tls.add_argument(
+        "--trust-domain", default="cluster.local", help="the mesh's trust domain (SPIFFE)"
+    )
+    tls.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="serve --kubernetes without TLS and without checking callers' identities",
+    )
     authz.set_defaults(handler="meshguard.cli.serve:authz")
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
+from meshguard.authz.identity import TlsFiles
 from meshguard.authz.listener import IstioSettings, LocationError, envoy_config_text
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
@@ -43,7 +44,26 @@ def webhook(args: argparse.Namespace) -> int:
 
 
 def authz(args: argparse.Namespace) -> int:
-    settings = AuthzSettings(host=args.host, port=args.port, metrics_port=args.metrics_port or None)
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(given) and not all(given):
+        return fail(
+            "meshguard serve-authz: give --tls-cert, --tls-key and --tls-ca together", EXIT_USAGE
+        )
+    if args.kubernetes and not any(given) and not args.insecure_plaintext:
+        return fail(
+            "meshguard serve-authz: --kubernetes serves the Check channel over mutual TLS:"
+            " give --tls-cert, --tls-key and --tls-ca (Istio's workload certificate files),"
+            " or --insecure-plaintext to serve without callers' identities",
+            EXIT_USAGE,
+        )
+    tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca) if all(given) else None
+    settings = AuthzSettings(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port or None,
+        tls=tls,
+        trust_domain=args.trust_domain,
+    )
     watcher: KubernetesStore | None = None
     workers = [_start_worker(args, index) for index in range(1, args.workers)]
     try:
@@ -76,8 +96,13 @@ def _start_worker(args: argparse.Namespace, index: int) -> subprocess.Popen[byte
     argv = [
         sys.executable, "-m", "meshguard", "--log-level", args.log_level, "serve-authz", *source,
         "--host", args.host, "--port", str(args.port), "--metrics-port", str(metrics),
-        "--workers", "1",
+        "--workers", "1", "--trust-domain", args.trust_domain,
     ]  # fmt: skip
+    if args.tls_cert:
+        argv += ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key)]
+        argv += ["--tls-ca", str(args.tls_ca)]
+    elif args.insecure_plaintext:
+        argv.append("--insecure-plaintext")
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import platform
+import re
 import socket
 import subprocess
 import sys
@@ -18,9 +20,9 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshguard.authz.decision import PodPolicy
+from meshguard.authz.decision import PodPolicy, Reason
 from meshguard.authz.server import AuthzSettings, serve_authz
-from meshguard.authz.store import StaticStore
+from meshguard.authz.store import StaticStore, StoreStats
 from meshguard.inject.transform import InjectSettings, inject_pod
 from tests.authz.test_store import EXAMPLE
 
@@ -164,9 +166,82 @@ def test_health_service_and_metrics():
     overall, named, metrics = run_with_server(body)
     assert overall.status == health_pb2.HealthCheckResponse.SERVING
     assert named.status == health_pb2.HealthCheckResponse.SERVING
-    assert 'meshguard_authz_decisions_total{reason="allowed",result="allow"} 1.0' in metrics
-    assert 'meshguard_authz_decisions_total{reason="no",result="deny"} 1.0' in metrics
-    assert "meshguard_authz_check_seconds_bucket" in metrics
+    assert 'meshguard_authz_decisions_total{reason="allowed_by_rule",result="allow"} 1.0' in metrics
+    assert 'meshguard_authz_decisions_total{reason="no_rule",result="deny"} 1.0' in metrics
+    # the reason label is a fixed set, every series present from the start
+    reasons = set(re.findall(r'meshguard_authz_decisions_total\{reason="([a-z_]+)"', metrics))
+    assert reasons == {reason.value for reason in Reason}
+    # latency buckets up to Envoy's ext_authz timeout (0.5 s) and beyond
+    assert 'meshguard_authz_check_seconds_bucket{le="0.5"} 2.0' in metrics
+    assert 'meshguard_authz_check_seconds_bucket{le="1.0"}' in metrics
+    assert "process_resident_memory_bytes" in metrics
+    assert "process_cpu_seconds_total" in metrics
+    assert f'meshguard_authz_build_info{{python="{platform.python_version()}",' in metrics
+    assert "meshguard_authz_cache_pods 1.0" in metrics
+    assert "meshguard_authz_synced 1.0" in metrics
+    assert "meshguard_authz_watch_restarts_total 0.0" in metrics
+    assert re.search(r"meshguard_authz_sync_age_seconds \d", metrics)
+
+
+class UnsyncedStore:
+    """A store that has not completed its first list until ``synced`` is set."""
+
+    def __init__(self) -> None:
+        self.inner = store()
+        self.synced = False
+
+    def get(self, key: str) -> PodPolicy | None:
+        return self.inner.get(key)
+
+    def is_synced(self) -> bool:
+        return self.synced
+
+    def stats(self) -> StoreStats:
+        return StoreStats(pods=0, synced_at=None)
+
+
+def test_not_serving_and_no_decision_until_the_store_has_synced():
+    """The issue's rollout bug: a replica answered SERVING before its first list and denied
+    allowed requests "unknown pod"; now health says NOT_SERVING and a Check gets
+    not_synced (still a denial, fail closed) until the store has synced."""
+    unsynced = UnsyncedStore()
+
+    async def main() -> tuple[list[int], str, list[int], int]:
+        port = free_port()
+        stop = asyncio.Event()
+        settings = AuthzSettings(port=port, metrics_port=None, grace_seconds=0.1)
+        server = asyncio.create_task(serve_authz(settings, store=unsynced, stop=stop))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(channel.channel_ready(), 10)
+                health = health_pb2_grpc.HealthStub(channel)
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                before = [
+                    (await health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5)).status
+                    for s in ("", "envoy.service.auth.v3.Authorization")
+                ]
+                early = await stub.Check(check_request(), timeout=5)
+                unsynced.synced = True
+                after: list[int] = []
+                for _ in range(50):
+                    status = (
+                        await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    ).status
+                    after = [status]
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                    await asyncio.sleep(0.05)
+                late = await stub.Check(check_request(), timeout=5)
+                return before, early.status.message, after, late.status.code
+        finally:
+            stop.set()
+            await server
+
+    before, early, after, late = asyncio.run(main())
+    assert before == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+    assert early == "the pod cache has not synced yet: no decision"
+    assert after == [health_pb2.HealthCheckResponse.SERVING]
+    assert late == 0
 
 
 def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):

@@ -1,0 +1,140 @@
+"""Who is asking: the caller's mesh workload identity on the Check channel, and the TLS
+credentials of the server that learns it.
+
+The Check channel is mutual TLS with the mesh's workload certificates: the authz server
+terminates it itself (:func:`server_credentials`, files that Istio's agent writes and
+rotates; re-read when they change) and requires a client certificate from the mesh's CA.
+The caller's identity is the SPIFFE ID of that certificate,
+``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``, read from gRPC's
+authentication context (never from anything the caller writes into the request).
+:func:`identity_problem` says why a caller may not ask about a pod: a caller may only ask
+about pods of its own namespace and ServiceAccount (the identity Istio gives that pod).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+from meshguard.errors import MalformedInputError
+
+log = logging.getLogger(__name__)
+
+#: A Kubernetes namespace or ServiceAccount name (DNS label / subdomain) inside a SPIFFE ID.
+_NAME: Final = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+_SPIFFE: Final = re.compile(rf"spiffe://(?P<td>{_NAME})/ns/(?P<ns>{_NAME})/sa/(?P<sa>{_NAME})")
+#: gRPC core's authentication properties: the peer's URI SANs and its SPIFFE ID (set only
+#: when the certificate holds exactly one well-formed SPIFFE URI).
+URI_PROPERTY: Final = "x509_uri"
+SPIFFE_PROPERTY: Final = "peer_spiffe_id"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadIdentity:
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+def parse_spiffe_id(uri: str) -> WorkloadIdentity:
+    """An Istio workload SPIFFE ID -> its parts; :class:`MalformedInputError` otherwise."""
+    match = _SPIFFE.fullmatch(uri)
+    if match is None:
+        raise MalformedInputError(
+            f"{uri[:200]!r} is not a workload SPIFFE ID (spiffe://TRUST-DOMAIN/ns/NS/sa/SA)"
+        )
+    return WorkloadIdentity(
+        trust_domain=match["td"], namespace=match["ns"], service_account=match["sa"]
+    )
+
+
+def peer_identity(auth_context: Mapping[str, Sequence[bytes]]) -> WorkloadIdentity:
+    """The caller's identity from a gRPC authentication context; :class:`MalformedInputError`
+    when there is none (plaintext, no client certificate) or it is not exactly one SPIFFE ID."""
+    uris = [value.decode("utf-8", "replace") for value in auth_context.get(URI_PROPERTY, ())]
+    spiffe = [uri for uri in uris if uri.startswith("spiffe://")]
+    if not auth_context.get("transport_security_type"):
+        raise MalformedInputError("no TLS: the caller presented no workload certificate")
+    if len(spiffe) != 1:
+        raise MalformedInputError(
+            f"the client certificate holds {len(spiffe)} SPIFFE IDs, expected exactly one"
+        )
+    return parse_spiffe_id(spiffe[0])
+
+
+def identity_problem(
+    identity: WorkloadIdentity, *, trust_domain: str, namespace: str, service_account: str
+) -> str | None:
+    """Why ``identity`` may not ask about a pod of ``namespace``/``service_account``, if not."""
+    if identity.trust_domain != trust_domain:
+        return f"caller {identity.spiffe_id} is not of trust domain {trust_domain!r}"
+    if identity.namespace != namespace or identity.service_account != service_account:
+        return (
+            f"caller {identity.spiffe_id} asks about a pod of ns/{namespace}/sa/"
+            f"{service_account}: a workload may only ask about its own pods"
+        )
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """The server's certificate chain and key, and the CA bundle client certificates must
+    chain to (Istio's agent writes cert-chain.pem, key.pem and root-cert.pem)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        try:
+            return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+        except OSError as exc:
+            raise MalformedInputError(f"cannot read the authz TLS files: {exc}") from None
+
+    def stamp(self) -> tuple[float, ...]:
+        stamps = []
+        for path in (self.cert, self.key, self.ca):
+            try:
+                stamps.append(os.stat(path).st_mtime)
+            except OSError:
+                stamps.append(-1.0)
+        return tuple(stamps)
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """mTLS credentials requiring a client certificate, re-read when the files change
+    (Istio rotates workload certificates every 24 h by default)."""
+    cert, key, ca = files.read()
+    loaded = [files.stamp()]
+
+    def configuration(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        stamp = files.stamp()
+        if stamp == loaded[0]:
+            return None
+        try:
+            fresh = files.read()
+        except MalformedInputError as exc:  # half-written rotation: keep the old ones
+            log.warning("%s", exc, extra={"fields": {"event": "tls-reload-failed"}})
+            return None
+        loaded[0] = stamp
+        log.info("authz TLS files reloaded", extra={"fields": {"event": "tls-reloaded"}})
+        return configuration(*fresh)
+
+    fetcher: Callable[[], grpc.ServerCertificateConfiguration | None] = fetch
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(cert, key, ca), fetcher, require_client_authentication=True
+    )
