@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,8 @@ log = logging.getLogger(__name__)
 #: A Kubernetes namespace or ServiceAccount name (DNS label / subdomain) inside a SPIFFE ID.
 _NAME: Final = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
 _SPIFFE: Final = re.compile(rf"spiffe://(?P<td>{_NAME})/ns/(?P<ns>{_NAME})/sa/(?P<sa>{_NAME})")
-#: gRPC core's authentication properties: the peer's URI SANs and its SPIFFE ID (set only
-#: when the certificate holds exactly one well-formed SPIFFE URI).
-URI_PROPERTY: Final = "x509_uri"
-SPIFFE_PROPERTY: Final = "peer_spiffe_id"
+#: gRPC core's authentication property listing the peer certificate's URI SANs.
+URI_PROPERTY: Final = "peer_uri"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +100,22 @@ class TlsFiles:
             return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
         except OSError as exc:
             raise MalformedInputError(f"cannot read the authz TLS files: {exc}") from None
+
+    def wait(self, *, timeout: float, poll: float = 0.5) -> None:
+        """Until the three files exist (Istio's agent writes them once the pod's certificate
+        is issued, after the server started); :class:`MalformedInputError` after timeout."""
+        deadline = time.monotonic() + timeout
+        while not all(path.exists() for path in (self.cert, self.key, self.ca)):
+            if time.monotonic() > deadline:
+                missing = [str(p) for p in (self.cert, self.key, self.ca) if not p.exists()]
+                raise MalformedInputError(
+                    f"the authz TLS files are missing after {timeout:.0f}s: {', '.join(missing)}"
+                )
+            log.info(
+                "waiting for the workload certificate files",
+                extra={"fields": {"event": "tls-wait"}},
+            )
+            time.sleep(poll)
 
     def stamp(self) -> tuple[float, ...]:
         stamps = []

@@ -56,6 +56,21 @@ class ListenerSettings:
     authz_cluster: str = AUTHZ_CLUSTER
     authz_timeout: str = "0.5s"
     request_timeout: str = "30s"
+    #: Request headers the CheckRequest carries besides the pod's name (ext_authz
+    #: ``allowed_headers``): only those a policy's ``http.headers`` can match; every other
+    #: header (Authorization, Cookie, ...) and the body never leave the pod's Envoy.
+    forward_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthzTls:
+    """mTLS from a standalone Envoy to the authz server: the pod's workload certificate and
+    key, the mesh CA, and the SPIFFE ID the server's certificate must carry."""
+
+    cert: str
+    key: str
+    ca: str
+    server_spiffe_id: str
 
 
 def loopback_listeners(settings: ListenerSettings) -> list[dict[str, Any]]:
@@ -102,15 +117,15 @@ def upstream_cluster() -> dict[str, Any]:
     }
 
 
-def authz_cluster(*, host: str, port: int) -> dict[str, Any]:
+def authz_cluster(*, host: str, port: int, tls: AuthzTls | None = None) -> dict[str, Any]:
     """The ext_authz server as an HTTP/2 cluster (standalone Envoy): STATIC for an IP
-    address, STRICT_DNS for a host name."""
+    address, STRICT_DNS for a host name; over mTLS when ``tls`` is given."""
     try:
         ipaddress.ip_address(host)
         discovery = "STATIC"
     except ValueError:
         discovery = "STRICT_DNS"
-    return {
+    cluster = {
         "name": AUTHZ_CLUSTER,
         "type": discovery,
         "connect_timeout": "0.25s",
@@ -125,10 +140,44 @@ def authz_cluster(*, host: str, port: int) -> dict[str, Any]:
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
         },
     }
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_mtls(tls)
+    return cluster
+
+
+def _upstream_mtls(tls: AuthzTls) -> dict[str, Any]:
+    """Present the workload certificate; accept only the authz server's SPIFFE ID."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _type("transport_sockets.tls.v3.UpstreamTlsContext"),
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": tls.cert},
+                        "private_key": {"filename": tls.key},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": tls.ca},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": tls.server_spiffe_id}}
+                    ],
+                },
+            },
+        },
+    }
 
 
 def bootstrap(
-    settings: ListenerSettings, *, authz_host: str, authz_port: int, admin_port: int
+    settings: ListenerSettings,
+    *,
+    authz_host: str,
+    authz_port: int,
+    admin_port: int,
+    authz_tls: AuthzTls | None = None,
 ) -> dict[str, Any]:
     """A standalone Envoy bootstrap: the loopback listeners and their two clusters."""
     return {
@@ -136,7 +185,10 @@ def bootstrap(
         "admin": {"address": _socket("127.0.0.1", admin_port)},
         "static_resources": {
             "listeners": loopback_listeners(settings),
-            "clusters": [upstream_cluster(), authz_cluster(host=authz_host, port=authz_port)],
+            "clusters": [
+                upstream_cluster(),
+                authz_cluster(host=authz_host, port=authz_port, tls=authz_tls),
+            ],
         },
     }
 
@@ -293,8 +345,14 @@ def _ext_authz(settings: ListenerSettings) -> dict[str, Any]:
                 "envoy_grpc": {"cluster_name": settings.authz_cluster},
                 "timeout": settings.authz_timeout,
             },
+            # only the headers a policy can use travel to the authz server; no body
+            "allowed_headers": {"patterns": forwarded_header_patterns(settings.forward_headers)},
         },
     }
+
+
+def forwarded_header_patterns(names: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"exact": name.lower(), "ignore_case": True} for name in (POD_HEADER, *names)]
 
 
 def _type(name: str) -> str:
@@ -465,13 +523,20 @@ def envoy_filter(istio: IstioSettings, settings: ListenerSettings | None = None)
 _HELM_NAMESPACE: Final = "MESHGUARD_HELM_ROOT_NAMESPACE"
 _HELM_CLUSTER: Final = "MESHGUARD_HELM_AUTHZ_CLUSTER"
 _HELM_LABELS: Final = "MESHGUARD_HELM_LABELS"
+_HELM_FORWARD: Final = "meshguard_helm_forward_headers"
+_HELM_FORWARD_LINES: Final = re.compile(
+    rf"(?P<indent> *)- exact: {_HELM_FORWARD}\n *ignore_case: true\n"
+)
 
 
 def envoy_filter_helm_template() -> str:
     """``charts/meshguard/templates/istio-envoyfilter.yaml``: :func:`envoy_filter` with the
     root namespace and the ext_authz cluster taken from the chart's values (one definition
     for the CLI, ``istio/`` and the chart; a test keeps the committed template equal)."""
-    document = envoy_filter(IstioSettings(), ListenerSettings(authz_cluster=_HELM_CLUSTER))
+    document = envoy_filter(
+        IstioSettings(),
+        ListenerSettings(authz_cluster=_HELM_CLUSTER, forward_headers=(_HELM_FORWARD,)),
+    )
     document["metadata"] = {
         "name": ENVOY_FILTER_NAME,
         "namespace": _HELM_NAMESPACE,
@@ -487,6 +552,15 @@ def envoy_filter_helm_template() -> str:
         " | nindent 4 }}",
     )
     body = body.replace(_HELM_CLUSTER, "{{ $cluster | quote }}")
+    body = _HELM_FORWARD_LINES.sub(
+        lambda m: (
+            "{{- range .Values.authz.forwardHeaders }}\n"
+            f"{m['indent']}- exact: {{{{ lower . | quote }}}}\n"
+            f"{m['indent']}  ignore_case: true\n"
+            "{{- end }}\n"
+        ),
+        body,
+    )
     return (
         "{{- /* Generated by meshguard.authz.listener.envoy_filter_helm_template(): do not"
         " edit.\n"

@@ -24,6 +24,8 @@ from meshguard.errors import MeshguardError
 from meshguard.webhook.server import WebhookSettings, run_webhook
 
 PR_SET_PDEATHSIG = 1
+#: How long serve-authz waits for the workload certificate files (Istio's agent writes them).
+TLS_WAIT_SECONDS = 120.0
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 
 
@@ -67,6 +69,8 @@ def authz(args: argparse.Namespace) -> int:
     watcher: KubernetesStore | None = None
     workers = [_start_worker(args, index) for index in range(1, args.workers)]
     try:
+        if tls is not None:
+            tls.wait(timeout=TLS_WAIT_SECONDS)
         if args.kubernetes:
             watcher = KubernetesStore(KubernetesPodSource())
             watcher.start()

@@ -92,11 +92,11 @@ def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
     return process
 
 
-def injected_pod(mode: str) -> dict[str, Any]:
+def injected_pod(mode: str, *, policy: str = POLICY) -> dict[str, Any]:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     (app,) = (c for c in pod["spec"]["containers"] if c["name"] == "app")
     app["ports"].append({"containerPort": H2C_PORT, "name": "grpc"})
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = POLICY
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     return pod

@@ -197,7 +197,13 @@ def test_deployment_security_and_availability(component: str) -> None:
     pod_labels = spec["template"]["metadata"]["labels"]
     assert selector_matches(term["podAffinityTerm"]["labelSelector"], pod_labels)
     assert selector_matches(spec["selector"], pod_labels)
-    assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    annotations = spec["template"]["metadata"]["annotations"]
+    if component == "authz":  # an Istio-injected pod: meshguard never admits its own
+        assert annotations["meshguard.io/inject"] == "false"
+    # the webhook runs without Istio; the authz pods get Istio's sidecar for their workload
+    # certificate only (mTLS on the Check channel, see test_authz_terminates_mtls_...)
+    expected = "true" if component == "authz" else "false"
+    assert annotations["sidecar.istio.io/inject"] == expected
     # one PodDisruptionBudget per component, over exactly its pods, leaving room to drain
     pdb = one(objects, "PodDisruptionBudget", f"meshguard-{component}")
     assert pdb["spec"]["selector"] == spec["selector"]
@@ -605,7 +611,7 @@ def test_service_monitors() -> None:
 # --- the Istio DestinationRule ------------------------------------------------------------
 
 
-def test_destination_rule_is_plaintext_to_the_authz_service() -> None:
+def test_destination_rule_is_istio_mutual_to_the_authz_service() -> None:
     assert not kinds(render(), "DestinationRule")
     objects = render(DESTINATION_RULE)
     rule = one(objects, "DestinationRule", "meshguard-authz")
@@ -613,10 +619,64 @@ def test_destination_rule_is_plaintext_to_the_authz_service() -> None:
     assert group == "networking.istio.io"
     jsonschema.validate(rule, istio_crd_schema("DestinationRule", version))
     assert rule["spec"]["host"] == IstioSettings().host
+    assert rule["spec"]["trafficPolicy"] == {"tls": {"mode": "ISTIO_MUTUAL"}}
+
+
+def test_authz_terminates_mtls_with_istios_workload_certificate() -> None:
+    """The authz pod gets Istio's sidecar for its certificate only (no inbound capture),
+    the server reads the files the agent writes (OUTPUT_CERTS) and checks callers against
+    the trust domain; mtls.enabled false is plaintext, said so on the command line."""
+    values = {"authz": {"mtls": {"trustDomain": "example.org"}}}
+    pod = one(render(values), "Deployment", "meshguard-authz")["spec"]["template"]
+    annotations = pod["metadata"]["annotations"]
+    assert pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "true"
+    assert annotations["traffic.sidecar.istio.io/includeInboundPorts"] == ""
+    assert json.loads(annotations["proxy.istio.io/config"]) == {
+        "proxyMetadata": {"OUTPUT_CERTS": "/etc/istio-output-certs"}
+    }
+    (mount,) = json.loads(annotations["sidecar.istio.io/userVolumeMount"])
+    assert mount == {"name": "istio-certs", "mountPath": "/etc/istio-output-certs"}
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert "--tls-cert=/etc/istio-output-certs/cert-chain.pem" in args
+    assert "--tls-key=/etc/istio-output-certs/key.pem" in args
+    assert "--tls-ca=/etc/istio-output-certs/root-cert.pem" in args
+    assert "--trust-domain=example.org" in args
+    assert "--insecure-plaintext" not in args
+    assert {"name": "istio-certs", "mountPath": "/etc/istio-output-certs", "readOnly": True} in (
+        container["volumeMounts"]
+    )
+    assert any(v["name"] == "istio-certs" for v in pod["spec"]["volumes"])
+
+    plain = render({"authz": {"mtls": {"enabled": False}}, **DESTINATION_RULE})
+    rule = one(plain, "DestinationRule", "meshguard-authz")
     assert rule["spec"]["trafficPolicy"] == {"tls": {"mode": "DISABLE"}}
-    # the server it points at indeed runs without a sidecar
-    pod = one(objects, "Deployment", "meshguard-authz")["spec"]["template"]
+    pod = one(plain, "Deployment", "meshguard-authz")["spec"]["template"]
     assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert "--insecure-plaintext" in pod["spec"]["containers"][0]["args"]
+
+
+def test_the_envoyfilter_forwards_only_the_listed_headers() -> None:
+    values = {"istio": {"envoyFilter": {"enabled": True}}, "authz": {"forwardHeaders": ["X-Token"]}}
+    (envoy_filter,) = kinds(render(values), "EnvoyFilter")
+    text = json.dumps(envoy_filter)
+    filters = [
+        f
+        for patch in envoy_filter["spec"]["configPatches"]
+        if patch["applyTo"] == "LISTENER"
+        for chain in patch["patch"]["value"]["filter_chains"]
+        for f in chain["filters"][0]["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_authz"
+    ]
+    assert len(filters) == 2
+    for ext_authz in filters:
+        config = ext_authz["typed_config"]
+        assert config["allowed_headers"]["patterns"] == [
+            {"exact": "x-meshguard-pod", "ignore_case": True},
+            {"exact": "x-token", "ignore_case": True},
+        ]
+        assert "with_request_body" not in config
+    assert "authorization" not in text.lower()
 
 
 def test_a_broken_destination_rule_fails_istios_schema() -> None:

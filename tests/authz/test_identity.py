@@ -1,0 +1,170 @@
+"""The Check channel over real mutual TLS (gRPC, a test mesh CA issuing SPIFFE certificates):
+a caller may only ask about the pods of its own identity; any other identity, none, or a
+certificate the mesh CA did not issue gets no allow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from meshguard.authz.decision import PodPolicy
+from meshguard.authz.identity import TlsFiles, WorkloadIdentity, parse_spiffe_id, peer_identity
+from meshguard.authz.server import AuthzSettings, serve_authz
+from meshguard.authz.store import StaticStore
+from meshguard.errors import MalformedInputError
+from tests.authz.spiffe import AUTHZ_DNS, Workload, issue_workload, spiffe_id
+from tests.authz.test_server import POLICY, STATUS, check_request, free_port
+from tests.support.tls import CertificateAuthority
+
+POD = "demo/shop"
+
+
+def shop_store() -> StaticStore:
+    annotations = {"meshguard.io/policy": POLICY, "meshguard.io/status": STATUS}
+    policy = PodPolicy.from_pod(key=POD, annotations=annotations, ports={})
+    return StaticStore([policy])  # service account "default", namespace "demo"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Workload]:
+    directory = tmp_path_factory.mktemp("mesh")
+    ca, rogue = CertificateAuthority.create(), CertificateAuthority.create()
+    server = spiffe_id("meshguard-system", "meshguard-authz")
+    return {
+        "server": issue_workload(ca, directory, "server", server, dns=AUTHZ_DNS),
+        "shop": issue_workload(ca, directory, "shop", spiffe_id("demo", "default")),
+        "other-ns": issue_workload(ca, directory, "other-ns", spiffe_id("attacker", "default")),
+        "other-sa": issue_workload(ca, directory, "other-sa", spiffe_id("demo", "batch")),
+        "other-td": issue_workload(
+            ca, directory, "other-td", spiffe_id("demo", "default", "evil.example")
+        ),
+        "two-ids": issue_workload(
+            ca, directory, "two-ids", spiffe_id("attacker", "x"), spiffe_id("demo", "default")
+        ),
+        "no-spiffe": issue_workload(ca, directory, "no-spiffe", "https://demo.example/shop"),
+        "rogue-ca": issue_workload(rogue, directory, "rogue", spiffe_id("demo", "default")),
+    }
+
+
+def ask(mesh: dict[str, Workload], client: str | None, *, pod: str = POD) -> Any:
+    """One Check over mTLS as ``client`` (None: no client certificate); the response, or the
+    gRPC status code when the channel could not be established."""
+    server = mesh["server"]
+
+    async def main() -> Any:
+        port = free_port()
+        stop = asyncio.Event()
+        settings = AuthzSettings(
+            port=port, metrics_port=None, grace_seconds=0.1,
+            tls=TlsFiles(cert=server.cert, key=server.key, ca=server.ca),
+        )  # fmt: skip
+        task = asyncio.create_task(serve_authz(settings, store=shop_store(), stop=stop))
+        identity = mesh[client] if client else None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server.ca.read_bytes(),
+            private_key=identity.key.read_bytes() if identity else None,
+            certificate_chain=identity.cert.read_bytes() if identity else None,
+        )
+        try:
+            await asyncio.sleep(0.2)
+            options = [("grpc.ssl_target_name_override", AUTHZ_DNS)]
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options) as ch:
+                stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+                try:
+                    return await stub.Check(check_request(pod=pod), timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+        finally:
+            stop.set()
+            await task
+
+    return asyncio.run(main())
+
+
+def test_the_pods_own_identity_is_allowed(mesh: dict[str, Workload]):
+    response = ask(mesh, "shop")
+    assert response.status.code == 0
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        ("other-ns", "caller spiffe://cluster.local/ns/attacker/sa/default asks about a pod of"
+                     " ns/demo/sa/default: a workload may only ask about its own pods"),
+        ("other-sa", "caller spiffe://cluster.local/ns/demo/sa/batch asks about a pod of"
+                     " ns/demo/sa/default: a workload may only ask about its own pods"),
+        ("other-td", "caller spiffe://evil.example/ns/demo/sa/default is not of trust domain"
+                     " 'cluster.local'"),
+        ("two-ids", "no caller identity: the client certificate holds 2 SPIFFE IDs, expected"
+                    " exactly one"),
+        ("no-spiffe", "no caller identity: the client certificate holds 0 SPIFFE IDs, expected"
+                      " exactly one"),
+    ],
+)  # fmt: skip
+def test_a_forged_or_missing_identity_is_denied(
+    mesh: dict[str, Workload], client: str, reason: str, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    response = ask(mesh, client)
+    assert response.status.code == 7  # PERMISSION_DENIED
+    assert response.status.message == reason
+    (warning,) = [
+        r for r in caplog.records if getattr(r, "fields", {}).get("event") == "identity-denied"
+    ]
+    assert warning.fields["pod"] == POD
+    assert warning.fields["kind"] in {"identity_mismatch", "no_identity"}
+    (decision,) = [r for r in caplog.records if r.name == "meshguard.authz.decisions"]
+    assert decision.fields["result"] == "deny"
+    json.dumps(decision.fields)  # one JSON line
+
+
+def test_an_identity_cannot_ask_about_another_namespaces_pod_even_if_unknown(
+    mesh: dict[str, Workload],
+):
+    response = ask(mesh, "shop", pod="kube-system/coredns-1")
+    assert response.status.code == 7
+    assert "a workload may only ask about its own pods" in response.status.message
+
+
+@pytest.mark.parametrize("client", [None, "rogue-ca"])
+def test_no_channel_without_a_certificate_of_the_mesh_ca(
+    mesh: dict[str, Workload], client: str | None
+):
+    assert ask(mesh, client) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "spiffe://cluster.local/ns/demo/sa/",
+        "spiffe://cluster.local/ns/demo/sa/default/extra",
+        "spiffe://cluster.local/ns/Demo/sa/default",
+        "https://cluster.local/ns/demo/sa/default",
+        "spiffe://cluster.local/sa/default/ns/demo",
+    ],
+)
+def test_malformed_spiffe_ids_are_refused(text: str):
+    with pytest.raises(MalformedInputError, match="not a workload SPIFFE ID"):
+        parse_spiffe_id(text)
+
+
+def test_plaintext_has_no_identity():
+    with pytest.raises(MalformedInputError, match="no TLS"):
+        peer_identity({})
+    assert peer_identity(
+        {"transport_security_type": [b"ssl"], "peer_uri": [b"spiffe://td/ns/a/sa/b"]}
+    ) == WorkloadIdentity(trust_domain="td", namespace="a", service_account="b")
+
+
+def test_serve_authz_refuses_kubernetes_mode_without_tls(tmp_path: Path):
+    from meshguard.cli import main  # noqa: PLC0415
+
+    assert main(["serve-authz", "--kubernetes", "--port", "0"]) == 2
+    assert main(["serve-authz", "--pods", str(tmp_path / "x"), "--tls-cert", "a"]) == 2
