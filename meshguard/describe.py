@@ -19,6 +19,7 @@ from meshguard import annotation_keys
 from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MeshguardError
+from meshguard.inject.container import MESHGUARD_INIT, MESHGUARD_VALIDATION
 from meshguard.pod import PROXY_CONTAINER, PodView
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -69,10 +70,24 @@ def describe(
         "Istio's outbound (15001) and DNS (15053) capture: unchanged for every container;"
         " flows between the pod's own processes are never captured",
         f"through the pod's own Service (the proxy dialing the pod): {_hairpin_text(policy)}",
+        f"rules installed by: {_installer_text(pod)}",
     ]
     lines += _status_lines(pod.annotations, compiled)
     lines += _admitted_lines(pod.annotations)
     return lines
+
+
+def _installer_text(pod: PodView) -> str:
+    """Which install mode the pod is in: meshguard-init, or Istio CNI mode (from the node)."""
+    steps = {c.name for c in pod.mesh_init}
+    if MESHGUARD_VALIDATION in steps:
+        return (
+            "the node (Istio CNI mode: meshguard's chained CNI plugin),"
+            f" checked in the pod by {MESHGUARD_VALIDATION} (no capabilities)"
+        )
+    if MESHGUARD_INIT in steps:
+        return f"{MESHGUARD_INIT} (init container, after istio-init)"
+    return "nothing yet (no meshguard-init or meshguard-validation in the pod)"
 
 
 def _hairpin_text(policy: Policy) -> str:

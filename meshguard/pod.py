@@ -28,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError
-from meshguard.inject.container import MESHGUARD_INIT, InitContainerSettings, init_container
+from meshguard.inject.container import (
+    MESHGUARD_INIT,
+    MESHGUARD_VALIDATION,
+    InitContainerSettings,
+    init_container,
+    is_validation_container,
+)
 
 PROXY_CONTAINER: Final = "istio-proxy"
 ISTIO_INIT: Final = "istio-init"
@@ -37,7 +43,9 @@ DEFAULT_PROXY_ID: Final = 1337
 
 #: Names of the init containers that set up the pod's network before anything else runs.
 #: A name is not a classification: see :class:`Role` and :func:`read_pod`.
-MESH_INIT_CONTAINERS: Final = frozenset({ISTIO_INIT, ISTIO_VALIDATION, MESHGUARD_INIT})
+MESH_INIT_CONTAINERS: Final = frozenset(
+    {ISTIO_INIT, ISTIO_VALIDATION, MESHGUARD_INIT, MESHGUARD_VALIDATION}
+)
 #: Istio's init steps, one of which meshguard-init follows.
 ISTIO_INIT_STEPS: Final = (ISTIO_INIT, ISTIO_VALIDATION)
 #: Fields of meshguard-init that depend on the installation's settings, not on what it does.
@@ -356,7 +364,10 @@ def _classify(
             role = Role.SIDECAR if restartable else Role.INIT
         roles["initContainers"].append(role)
     own = anchor + 1
-    if own < len(init) and _is_meshguard_init(init[own], init_settings):
+    if own < len(init) and (
+        _is_meshguard_init(init[own], init_settings)
+        or is_validation_container(init[own], init_settings)  # Istio CNI mode
+    ):
         roles["initContainers"][own] = Role.MESH_INIT
     return roles
 

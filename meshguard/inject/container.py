@@ -1,18 +1,29 @@
-"""The ``meshguard-init`` container and the downward-API volume that hands it the ruleset.
+"""The ``meshguard-init`` container and the downward-API volume that hands it the ruleset;
+in Istio CNI mode, the capability-free ``meshguard-validation`` container instead.
 
 The same definitions feed the webhook, ``meshguard inject`` and the Istio injection template
 in ``istio/`` (``meshguard istio-template`` prints it), so the container is identical
 whichever of them put it in the pod.
+
+In Istio CNI mode (``istio-validation`` instead of ``istio-init``) the rules are installed
+from the node by meshguard's chained CNI plugin (:mod:`meshguard.cni`) before any container
+starts; the pod only gets ``meshguard-validation``: non-root, no capabilities, which proves
+the rules are in place (``meshguard cni validate``) before the app's containers start.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from meshguard import __version__, annotation_keys
 
 MESHGUARD_INIT: Final = "meshguard-init"
+MESHGUARD_VALIDATION: Final = "meshguard-validation"
+#: The validation container runs as the highest free uid at or below this one (a uid that
+#: belongs to no container, so meshguard's rules give it nothing over loopback).
+VALIDATION_UID_CEILING: Final = 65532
 RULESET_VOLUME: Final = "meshguard-ruleset"
 RULESET_DIR: Final = "/etc/meshguard"
 RULESET_FILE: Final = "ruleset"
@@ -68,3 +79,57 @@ def ruleset_volume() -> dict[str, Any]:
             ]
         },
     }
+
+
+def validation_container(settings: InitContainerSettings, *, uid: int, mode: str) -> dict[str, Any]:
+    """meshguard-validation (Istio CNI mode): non-root, no capabilities, no privilege.
+
+    Runs as ``uid`` — one that belongs to no container of the pod, to which meshguard's rules
+    refuse every loopback flow — and probes that refusal (``meshguard cni validate``). It
+    satisfies Pod Security Standards "restricted".
+    """
+    return {
+        "name": MESHGUARD_VALIDATION,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["cni", "validate", "--mode", mode],
+        "resources": {
+            "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
+            "limits": {"cpu": settings.cpu_limit, "memory": settings.memory_limit},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsGroup": uid,
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+#: Fields of meshguard-validation that vary per pod or per installation.
+_VALIDATION_VARIABLE: Final = frozenset({"image", "imagePullPolicy", "resources", "args"})
+
+
+def is_validation_container(
+    item: Mapping[str, Any], settings: InitContainerSettings | None
+) -> bool:
+    """Whether ``item`` is the meshguard-validation meshguard generates (any uid and mode)."""
+    if item.get("name") != MESHGUARD_VALIDATION:
+        return False
+    context = item.get("securityContext")
+    uid = context.get("runAsUser") if isinstance(context, Mapping) else None
+    args = item.get("args")
+    mode = args[-1] if isinstance(args, list) and len(args) == 4 else None
+    if isinstance(uid, bool) or not isinstance(uid, int) or not isinstance(mode, str):
+        return False
+    expected = validation_container(settings or InitContainerSettings(), uid=uid, mode=mode)
+    if settings is not None:
+        return dict(item) == expected
+    return {k: v for k, v in item.items() if k not in _VALIDATION_VARIABLE} == {
+        k: v for k, v in expected.items() if k not in _VALIDATION_VARIABLE
+    } and item.get("args") == expected["args"]

@@ -4,8 +4,12 @@ Before Istio has injected the pod (no ``istio-proxy`` yet) the transform only as
 for the ``meshguard`` template next to its own (``inject.istio.io/templates``); the webhook
 is reinvoked after Istio (``reinvocationPolicy: IfNeeded``). Once the proxy is there: parse
 the policy, check the posture (refuse, or fix and warn), compile the ruleset, record it and
-the status on the pod, and put ``meshguard-init`` right after ``istio-init`` (or
-``istio-validation`` in Istio CNI mode), whether the template already added it or not.
+the status on the pod, and put ``meshguard-init`` right after ``istio-init``, whether the
+template already added it or not. In Istio CNI mode (Istio's recognized init step is
+``istio-validation``: no istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin
+installs the same ruleset from the node, and the pod gets the capability-free
+``meshguard-validation`` right after ``istio-validation`` instead: no container with added
+capabilities, privilege or root.
 Pure (dicts in, edited in place): the webhook diffs a copy into a JSONPatch, the CLI prints
 the edited documents. Applying it twice equals applying it once.
 """
@@ -24,10 +28,14 @@ from meshguard.admitted import Admitted
 from meshguard.errors import RefusedError
 from meshguard.inject.container import (
     MESHGUARD_INIT,
+    MESHGUARD_VALIDATION,
     RULESET_VOLUME,
+    VALIDATION_UID_CEILING,
     InitContainerSettings,
     init_container,
+    is_validation_container,
     ruleset_volume,
+    validation_container,
 )
 from meshguard.inject.posture import (
     Finding,
@@ -37,6 +45,7 @@ from meshguard.inject.posture import (
     review_posture,
 )
 from meshguard.pod import (
+    ISTIO_VALIDATION,
     PROXY_CONTAINER,
     PodView,
     Role,
@@ -52,6 +61,21 @@ TEMPLATE_NAME: Final = "meshguard"
 ISTIO_DEFAULT_TEMPLATES: Final = "sidecar"
 AMBIENT_ANNOTATION: Final = "ambient.istio.io/redirection"
 AMBIENT_LABEL: Final = "istio.io/dataplane-mode"
+
+
+class InstallMode(enum.StrEnum):
+    """Who installs the pod's rules."""
+
+    INIT = "init-container"  # meshguard-init, after istio-init
+    CNI = "cni"  # meshguard's chained CNI plugin, from the node; meshguard-validation checks
+
+
+def install_mode(pod: PodView) -> InstallMode:
+    """Istio CNI mode when Istio's recognized init step is istio-validation (no istio-init)."""
+    step = pod.istio_init_step
+    return (
+        InstallMode.CNI if step is not None and step.name == ISTIO_VALIDATION else InstallMode.INIT
+    )
 
 
 class Outcome(enum.StrEnum):
@@ -116,8 +140,15 @@ def inject_pod(
     annotations[annotation_keys.STATUS] = status_annotation(
         pod, ruleset, mode=mode.value, admitted=admitted, changes=changes
     )
-    _place_init_container(spec, init_container(settings.init), pod)
-    _set_volume(spec, ruleset_volume())
+    if install_mode(pod) is InstallMode.CNI:
+        uid = validation_uid(pod)
+        _place_init_container(
+            spec, validation_container(settings.init, uid=uid, mode=mode.value), pod
+        )
+        _set_volume(spec, None)  # the node-side plugin reads the annotation itself
+    else:
+        _place_init_container(spec, init_container(settings.init), pod)
+        _set_volume(spec, ruleset_volume())
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
 
@@ -170,25 +201,45 @@ def _refuse_unrecognized_proxy(pod: PodView) -> None:
         )
 
 
+def validation_uid(pod: PodView) -> int:
+    """The uid of meshguard-validation: the highest one at or below
+    :data:`VALIDATION_UID_CEILING` that no container (nor the proxy) runs as, so meshguard's
+    rules grant it nothing over loopback — which is what it probes."""
+    taken = {c.uid for c in pod.containers if c.uid is not None and c.name != MESHGUARD_VALIDATION}
+    taken |= {pod.proxy_identity.uid, pod.proxy_identity.gid}
+    uid = VALIDATION_UID_CEILING
+    while uid in taken:
+        uid -= 1
+    return uid
+
+
+def _is_own_step(item: dict[str, Any], name: str) -> bool:
+    if name == MESHGUARD_INIT:
+        return is_meshguard_init(item, None)
+    return is_validation_container(item, None)
+
+
 def _remove_stale_init_container(pod: PodView, spec: dict[str, Any]) -> tuple[str, ...]:
-    """meshguard-init is meshguard's to place: an out-of-date or misplaced copy of it (an
-    older template's image, say) is removed, to be replaced; any other container of that
-    name would be deleted or doubled by the transform, so it is refused."""
+    """meshguard-init (meshguard-validation in Istio CNI mode) is meshguard's to place: an
+    out-of-date or misplaced copy of it (an older template's image, say) is removed, to be
+    replaced; any other container of that name would be deleted or doubled by the
+    transform, so it is refused."""
     init = spec.get("initContainers") or []
     for container in (*pod.containers, *pod.ephemeral):
-        if container.name != MESHGUARD_INIT or container.role is Role.MESH_INIT:
+        own_names = (MESHGUARD_INIT, MESHGUARD_VALIDATION)
+        if container.name not in own_names or container.role is Role.MESH_INIT:
             continue
-        stale = container.role is Role.INIT and is_meshguard_init(init[container.index], None)
+        stale = container.role is Role.INIT and _is_own_step(init[container.index], container.name)
         if not stale:
             raise RefusedError(
-                f"meshguard refuses pod {pod.name or '(unnamed)'}: container {MESHGUARD_INIT!r}"
+                f"meshguard refuses pod {pod.name or '(unnamed)'}: container {container.name!r}"
                 f" ({container.where}) is not meshguard's init container (its command or"
                 " securityContext differ, or it is not a run-to-completion init container):"
                 " the name is reserved for meshguard, rename the container"
             )
         spec["initContainers"] = [c for i, c in enumerate(init) if i != container.index]
         return (
-            f"meshguard replaced {container.where} {MESHGUARD_INIT!r}: it was not the container"
+            f"meshguard replaced {container.where} {container.name!r}: it was not the container"
             " this meshguard generates (image, resources or place differ)",
         )
     return ()
@@ -265,13 +316,14 @@ def _request_template(metadata: dict[str, Any]) -> None:
 
 
 def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: PodView) -> None:
-    """Put meshguard-init right after Istio's init step (first if there is none).
+    """Put meshguard's init step right after Istio's (first if there is none).
 
-    Any meshguard-init in the spec is meshguard's own by now (the pod view recognized it,
-    or :func:`_remove_stale_init_container` removed it); the anchor is the init step the
-    view recognized as Istio's, not whatever bears its name.
+    Any meshguard-init or meshguard-validation in the spec is meshguard's own by now (the pod
+    view recognized it, or :func:`_remove_stale_init_container` removed it); the anchor is
+    the init step the view recognized as Istio's, not whatever bears its name.
     """
-    init = [c for c in spec.get("initContainers") or [] if c.get("name") != MESHGUARD_INIT]
+    own = {MESHGUARD_INIT, MESHGUARD_VALIDATION}
+    init = [c for c in spec.get("initContainers") or [] if c.get("name") not in own]
     step = pod.istio_init_step
     names_ = [c.get("name") for c in init]
     position = names_.index(step.name) + 1 if step is not None else 0
@@ -279,7 +331,9 @@ def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: 
     spec["initContainers"] = init
 
 
-def _set_volume(spec: dict[str, Any], volume: dict[str, Any]) -> None:
+def _set_volume(spec: dict[str, Any], volume: dict[str, Any] | None) -> None:
     volumes = [v for v in spec.get("volumes") or [] if v.get("name") != RULESET_VOLUME]
-    volumes.append(volume)
-    spec["volumes"] = volumes
+    if volume is not None:
+        volumes.append(volume)
+    if volumes or "volumes" in spec:
+        spec["volumes"] = volumes

@@ -79,12 +79,15 @@ def test_meshguard_init_follows_istio_init_and_the_status_is_recorded(name: str)
             continue
         assert outcome is Outcome.INJECTED
         init_names = [c["name"] for c in template.spec["initContainers"]]
-        anchor = "istio-validation" if name.endswith(".cni.injected") else "istio-init"
+        cni = name.endswith(".cni.injected")
+        anchor = "istio-validation" if cni else "istio-init"
+        own = "meshguard-validation" if cni else "meshguard-init"
         if anchor in init_names:
-            assert init_names[init_names.index(anchor) + 1] == "meshguard-init"
+            assert init_names[init_names.index(anchor) + 1] == own
         else:
-            assert init_names[0] == "meshguard-init"
-        assert init_names.count("meshguard-init") == 1
+            assert init_names[0] == own
+        assert init_names.count(own) == 1
+        assert init_names.count("meshguard-init" if cni else "meshguard-validation") == 0
         annotations = template.metadata["annotations"]
         status = json.loads(annotations["meshguard.io/status"])
         ruleset = Ruleset.from_json(annotations["meshguard.io/ruleset"])
@@ -95,7 +98,14 @@ def test_meshguard_init_follows_istio_init_and_the_status_is_recorded(name: str)
             c["name"]
             for key in ("initContainers", "containers")
             for c in template.spec.get(key, [])
-            if c["name"] not in {"istio-init", "istio-validation", "meshguard-init", "istio-proxy"}
+            if c["name"]
+            not in {
+                "istio-init",
+                "istio-validation",
+                "meshguard-init",
+                "meshguard-validation",
+                "istio-proxy",
+            }
         )
         assert len(set(status["containers"].values())) == len(status["containers"])
 
@@ -284,9 +294,10 @@ def test_istio_s_own_containers_in_every_sample_pass_deny_mode_untouched(name: s
         assert result.outcome is Outcome.INJECTED
         view = read_pod(metadata=template.metadata, spec=template.spec)
         assert view.proxy is not None
-        assert {c.name for c in view.mesh_init} <= {"istio-init", "istio-validation",
-                                                    "meshguard-init"}  # fmt: skip
-        assert "meshguard-init" in {c.name for c in view.mesh_init}
+        own_steps = {"istio-init", "istio-validation", "meshguard-init", "meshguard-validation"}
+        assert {c.name for c in view.mesh_init} <= own_steps
+        own = "meshguard-validation" if name.endswith(".cni.injected") else "meshguard-init"
+        assert own in {c.name for c in view.mesh_init}
         for container in template.spec.get("initContainers", []) + template.spec["containers"]:
             if container["name"] in istio_before:
                 assert container == istio_before[container["name"]]
@@ -351,7 +362,8 @@ def test_disguised_istio_init_steps_are_refused_in_deny_and_fixed_in_fix(name, p
     assert "NET_ADMIN" not in context["capabilities"].get("add", [])
     init_names = [c["name"] for c in pod["spec"]["initContainers"]]
     real_step = "istio-validation" if name == "istio-init" else "istio-init"
-    assert init_names[init_names.index(real_step) + 1] == "meshguard-init"
+    own = "meshguard-validation" if real_step == "istio-validation" else "meshguard-init"
+    assert init_names[init_names.index(real_step) + 1] == own
 
 
 @pytest.mark.parametrize("settings", [SETTINGS, DENY], ids=["fix", "deny"])
