@@ -71,6 +71,7 @@ def describe(
         " flows between the pod's own processes are never captured",
         f"through the pod's own Service (the proxy dialing the pod): {_hairpin_text(policy)}",
         f"rules installed by: {_installer_text(pod)}",
+        f"netfilter: {_backend_text(compiled)}",
     ]
     lines += _status_lines(pod.annotations, compiled)
     lines += _admitted_lines(pod.annotations)
@@ -88,6 +89,18 @@ def _installer_text(pod: PodView) -> str:
     if MESHGUARD_INIT in steps:
         return f"{MESHGUARD_INIT} (init container, after istio-init)"
     return "nothing yet (no meshguard-init or meshguard-validation in the pod)"
+
+
+def _backend_text(compiled: Ruleset | None) -> str:
+    if compiled is not None and compiled.native_nftables:
+        return (
+            "nftables (Istio runs --native-nftables): table inet meshguard beside Istio's"
+            " inet istio-proxy-nat, uid dispatch through one verdict map"
+        )
+    return (
+        "iptables, in the variant Istio's capture is in (iptables-legacy if it holds rules,"
+        " else iptables-nft; meshguard-init detects it)"
+    )
 
 
 def _hairpin_text(policy: Policy) -> str:

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT_TOOLS = ("ip", "iptables-restore", "ip6tables-restore", "iptables-save")
+ROOT_TOOLS = (
+    "ip",
+    "iptables-restore",
+    "ip6tables-restore",
+    "iptables-save",
+    "iptables-legacy-restore",
+    "iptables-nft-restore",
+    "nft",
+)
 
 
 def root_skip_reason() -> str | None:
@@ -16,7 +24,7 @@ def root_skip_reason() -> str | None:
         return "needs root (network namespaces, iptables, processes under other uids)"
     missing = [tool for tool in ROOT_TOOLS if shutil.which(tool) is None]
     if missing:
-        return f"needs {', '.join(missing)} (apt-get install iptables iproute2)"
+        return f"needs {', '.join(missing)} (apt-get install iptables nftables iproute2)"
     return None
 
 

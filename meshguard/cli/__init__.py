@@ -121,6 +121,13 @@ def _add_rules(commands: Subcommands) -> None:
     rules.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
     rules.add_argument("--family", choices=[f.value for f in Family], help="only this family")
     rules.add_argument(
+        "--backend",
+        choices=["iptables", "nftables"],
+        help="iptables: restore payloads (either iptables variant); nftables: the table"
+        " inet meshguard transaction (default: nftables for pods whose istio-init runs"
+        " --native-nftables, else iptables)",
+    )
+    rules.add_argument(
         "-o",
         "--output",
         choices=["text", "json"],
@@ -174,6 +181,13 @@ def _add_rules(commands: Subcommands) -> None:
     source.add_argument("--ruleset-file", type=Path, help="path of the ruleset document")
     source.add_argument("--ruleset-env", metavar="VAR", help="environment variable holding it")
     init.add_argument("--family", choices=[f.value for f in Family], help="only this family")
+    init.add_argument(
+        "--backend",
+        choices=["auto", "iptables-legacy", "iptables-nft", "iptables", "nftables"],
+        help="netfilter backend (default: $MESHGUARD_BACKEND, else auto: the one Istio's"
+        " capture is in — table inet istio-proxy-nat -> nftables, iptables-legacy rules ->"
+        " iptables-legacy, else iptables-nft; $FORCE_IPTABLES_BINARY honored as by Istio)",
+    )
     init.add_argument(
         "--dry-run",
         action="store_true",

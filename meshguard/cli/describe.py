@@ -15,6 +15,7 @@ from meshguard.errors import MalformedInputError, RefusedError
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
 from meshguard.policy import parse_mode, parse_policy
+from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_ruleset
 
 #: Exit status of ``--fail-on-unprotected`` when a pod has Istio's sidecar and no meshguard
@@ -64,7 +65,10 @@ def _describe(template: PodTemplate, settings: CompilerSettings) -> bool:
         print(f"  error: {exc}")
         return False
     try:
-        compiled = compile_ruleset(pod, policy, mode=mode, settings=settings)
+        native = uses_native_nftables(pod, template.spec)
+        compiled = compile_ruleset(
+            pod, policy, mode=mode, settings=settings, native_nftables=native
+        )
     except RefusedError as exc:
         compiled = None
         print(f"  cannot be enforced as written: {exc}")

@@ -4,6 +4,8 @@ Everything it reads and changes happens under the network namespace's install lo
 installers at once (a restarted init container racing a node-side check) run one after the
 other, and exit 0 means the rules were verified in place before the lock was let go.
 ``$MESHGUARD_LOCK_TIMEOUT`` (seconds, default 30) bounds the wait for the lock.
+The netfilter backend is the one Istio's capture is in (:mod:`meshguard.rules.backend`),
+unless ``--backend`` or ``$MESHGUARD_BACKEND`` forces one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from meshguard import annotation_keys
 from meshguard.cli import DEFAULT_RULESET_FILE, EXIT_FAILED, EXIT_OK, RULESET_ENV, fail
 from meshguard.errors import MeshguardError, MeshguardFailure
+from meshguard.process import CommandRunner
+from meshguard.rules.backend import Backend, detect_backend, parse_backend
 from meshguard.rules.install import (
     DEFAULT_LOCK_TIMEOUT_SECONDS,
     install,
@@ -33,17 +37,44 @@ def run(args: argparse.Namespace) -> int:
     try:
         ruleset = Ruleset.from_json(_ruleset_text(args, os.environ))
         families = [Family(args.family)] if args.family else list(Family)
+        forced = _forced_backend(args)
         with install_lock(timeout=_lock_timeout(args, os.environ)) as locked:
+            backend = detect_backend(
+                locked,
+                environ=os.environ,
+                forced=forced,
+                native_nftables=ruleset.native_nftables,
+            )
             if args.dry_run:
-                for family in families:
-                    current = parse_save(locked([family.save]))
-                    print(f"# {family.value}: {family.restore} --noflush")
-                    sys.stdout.write(plan_payload(ruleset.family(family), current))
+                _dry_run(ruleset, families, backend=backend, run=locked)
             else:
-                install(ruleset, run=locked, families=families)
+                install(ruleset, run=locked, families=families, backend=backend)
     except MeshguardError as exc:
         return fail(f"meshguard init: {exc}", EXIT_FAILED)
     return EXIT_OK
+
+
+def _forced_backend(args: argparse.Namespace) -> Backend | None:
+    text: str | None = getattr(args, "backend", None)
+    if text is None or text == "auto":
+        return None
+    return parse_backend(text, origin="--backend")
+
+
+def _dry_run(
+    ruleset: Ruleset, families: list[Family], *, backend: Backend, run: CommandRunner
+) -> None:
+    """Print what would be applied to the current tables of the chosen backend."""
+    if backend is Backend.NFTABLES:
+        from meshguard.rules import nftables  # noqa: PLC0415 - only the nft backend needs it
+
+        print("# nftables: nft -f - (one transaction, both families)")
+        sys.stdout.write(nftables.render(ruleset, families=families))
+        return
+    for family in families:
+        current = parse_save(run([backend.save(family)]))
+        print(f"# {family.value}: {backend.restore(family)} --noflush")
+        sys.stdout.write(plan_payload(ruleset.family(family), current))
 
 
 def _lock_timeout(args: argparse.Namespace, environ: Mapping[str, str]) -> float:

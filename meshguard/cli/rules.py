@@ -10,6 +10,8 @@ from meshguard.errors import MalformedInputError, RefusedError
 from meshguard.inject.transform import skip_reason
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
+from meshguard.rules import nftables
+from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.ruleset import Family, Ruleset
 
@@ -37,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
         compiled += 1
         for warning in ruleset.warnings:
             print(f"warning: {template.label}: {warning}", file=sys.stderr)
-        _print_ruleset(template, ruleset, family=args.family, output=args.output)
+        _print_ruleset(
+            template,
+            ruleset,
+            family=args.family,
+            output=args.output,
+            backend=_backend(args, ruleset),
+        )
     if failed:
         return EXIT_FAILED
     if not compiled:
@@ -57,16 +65,33 @@ def _compile_template(template: PodTemplate, *, settings: CompilerSettings) -> R
     if skip:
         print(f"note: {template.label}: skipped, {skip}", file=sys.stderr)
         return None
-    return compile_pod(pod, settings=settings)
+    return compile_pod(
+        pod, settings=settings, native_nftables=uses_native_nftables(pod, template.spec)
+    )
+
+
+def _backend(args: argparse.Namespace, ruleset: Ruleset) -> str:
+    """``--backend``, else the pod's own: nftables when its Istio runs native nftables."""
+    chosen: str | None = getattr(args, "backend", None)
+    if chosen:
+        return chosen
+    return "nftables" if ruleset.native_nftables else "iptables"
 
 
 def _print_ruleset(
-    template: PodTemplate, ruleset: Ruleset, *, family: str | None, output: str
+    template: PodTemplate, ruleset: Ruleset, *, family: str | None, output: str, backend: str
 ) -> None:
     if output == "json":
         print(ruleset.to_json())
         return
     print(f"# meshguard ruleset for {template.label} ({ruleset.digest})")
+    if backend == "nftables":
+        families = [f for f in Family if not family or f.value == family]
+        print("# nftables: nft -f - (one atomic transaction; Istio's tables untouched)")
+        sys.stdout.write(nftables.render(ruleset, families=families))
+        for route in ruleset.ipv6.local_routes if Family.IPV6 in families else ():
+            print(f"# and first: ip -6 route replace local {route} dev lo")
+        return
     for fam in Family:
         if family and fam.value != family:
             continue

@@ -54,6 +54,7 @@ from meshguard.pod import (
     read_pod,
 )
 from meshguard.policy import parse_mode, parse_opt_out, parse_policy
+from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
 
@@ -128,7 +129,11 @@ def inject_pod(
     _raise_refusals(before, findings)
     pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     ruleset = compile_cached(
-        pod.containers, annotations.get(annotation_keys.POLICY), mode, settings.compiler
+        pod.containers,
+        annotations.get(annotation_keys.POLICY),
+        mode,
+        settings.compiler,
+        native_nftables=uses_native_nftables(pod, spec),
     )
     annotations = metadata.setdefault("annotations", {})
     admitted = Admitted(policy=policy, mode=mode)  # what the authz server will enforce

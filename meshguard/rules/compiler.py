@@ -146,9 +146,19 @@ class _SourcePlan:
 
 
 def compile_ruleset(
-    pod: PodView, policy: Policy, *, mode: Mode, settings: CompilerSettings
+    pod: PodView,
+    policy: Policy,
+    *,
+    mode: Mode,
+    settings: CompilerSettings,
+    native_nftables: bool = False,
 ) -> Ruleset:
-    """Compile the pod's policy into the rules meshguard-init installs."""
+    """Compile the pod's policy into the rules meshguard-init installs.
+
+    ``native_nftables`` records that the pod's Istio runs native nftables (see
+    :func:`meshguard.rules.backend.uses_native_nftables`); the rules are the same, the
+    backend that renders them differs.
+    """
     workload = pod.workload
     check_names(policy, containers=[c.name for c in workload])
     warnings: list[str] = []
@@ -177,6 +187,7 @@ def compile_ruleset(
         ipv6=families[Family.IPV6],
         sources=tuple(identities),
         listener_port=settings.listener_port,
+        native_nftables=native_nftables,
         warnings=tuple(warnings),
     )
 
@@ -658,6 +669,7 @@ def compile_cached(
     policy_text: str | None,
     mode: Mode,
     settings: CompilerSettings,
+    native_nftables: bool = False,
 ) -> Ruleset:
     """:func:`compile_ruleset` memoized on everything it reads: the replicas of one workload
     (same containers, same policy) are compiled once. The pod's name and other annotations
@@ -665,11 +677,21 @@ def compile_cached(
     pod = PodView(
         name="", namespace=None, annotations={}, containers=containers, host_network=False
     )
-    return compile_ruleset(pod, parse_policy(policy_text), mode=mode, settings=settings)
+    return compile_ruleset(
+        pod,
+        parse_policy(policy_text),
+        mode=mode,
+        settings=settings,
+        native_nftables=native_nftables,
+    )
 
 
-def compile_pod(pod: PodView, *, settings: CompilerSettings) -> Ruleset:
+def compile_pod(
+    pod: PodView, *, settings: CompilerSettings, native_nftables: bool = False
+) -> Ruleset:
     """Compile from the pod's own annotations (``meshguard.io/policy``, ``meshguard.io/mode``)."""
     policy = parse_policy(pod.annotations.get(annotation_keys.POLICY))
     mode = parse_mode(pod.annotations.get(annotation_keys.MODE))
-    return compile_ruleset(pod, policy, mode=mode, settings=settings)
+    return compile_ruleset(
+        pod, policy, mode=mode, settings=settings, native_nftables=native_nftables
+    )

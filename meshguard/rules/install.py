@@ -34,6 +34,7 @@ from typing import Final
 
 from meshguard.errors import MeshguardFailure
 from meshguard.process import CommandRunner
+from meshguard.rules.backend import Backend
 from meshguard.rules.iptables import (
     Deadline,
     EnvRunner,
@@ -176,8 +177,14 @@ def install(
     run: CommandRunner,
     families: Iterable[Family] = tuple(Family),
     ipv6_available: bool | None = None,
+    backend: Backend = Backend.IPTABLES,
 ) -> list[InstallResult]:
     """Install every family of the ruleset; raise :class:`MeshguardFailure` on any problem.
+
+    ``backend`` is where: an iptables variant (its own ``*-save``/``*-restore`` tools, for
+    reading, applying, verifying and rolling back alike) or native nftables (one
+    ``table inet meshguard`` for both families, :mod:`meshguard.rules.nftables`). Choose it
+    with :func:`meshguard.rules.backend.detect_backend`: the backend Istio's capture is in.
 
     Call it under :func:`install_lock` with the runner that yields: another installer of the
     namespace between the read and the verification would make both wrong. The families
@@ -188,23 +195,33 @@ def install(
     if ipv6_available is None:
         ipv6_available = Path("/proc/net/if_inet6").exists()
     wanted = list(families)
+    if backend is Backend.NFTABLES:
+        from meshguard.rules import nftables  # noqa: PLC0415 - only the nft backend needs it
+
+        return nftables.install(
+            ruleset, run=run, families=wanted, ipv6_available=bool(ipv6_available)
+        )
     with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
         attempts = list(
             pool.map(
                 lambda family: _attempt(
-                    ruleset, family, run=run, ipv6_available=bool(ipv6_available)
+                    ruleset,
+                    family,
+                    run=run,
+                    ipv6_available=bool(ipv6_available),
+                    backend=backend,
                 ),
                 wanted,
             )
         )
     failures = [a.error for a in attempts if a.error is not None]
     if failures:
-        _roll_back(attempts, run=run, failure=failures[0])
+        _roll_back(attempts, run=run, failure=failures[0], backend=backend)
         raise failures[0]
     results = [a.result for a in attempts if a.result is not None]
     for result in results:
         if result.installed:
-            _log_installed(ruleset, result)
+            _log_installed(ruleset, result, backend=backend)
     return results
 
 
@@ -237,7 +254,12 @@ class _Attempt:
 
 
 def _attempt(
-    ruleset: Ruleset, family: Family, *, run: CommandRunner, ipv6_available: bool
+    ruleset: Ruleset,
+    family: Family,
+    *,
+    run: CommandRunner,
+    ipv6_available: bool,
+    backend: Backend,
 ) -> _Attempt:
     if family is Family.IPV6 and not ipv6_available:
         log.warning(
@@ -254,11 +276,11 @@ def _attempt(
     try:
         for prefix in desired.local_routes:
             run(["ip", "-6", "route", "replace", "local", prefix, "dev", "lo"])
-        before = parse_save(run([family.save]))
+        before = parse_save(run([backend.save(family)]))
         payload = plan_payload(desired, before)
         changed = True
-        run([family.restore, "--noflush", "--wait"], stdin=payload)
-        problems = verify(desired, parse_save(run([family.save])))
+        run([backend.restore(family), "--noflush", "--wait"], stdin=payload)
+        problems = verify(desired, parse_save(run([backend.save(family)])))
         if problems:
             raise MeshguardFailure(f"{family.value} rules not as compiled: {'; '.join(problems)}")
     except (MeshguardFailure, OSError) as exc:
@@ -269,7 +291,9 @@ def _attempt(
     return _Attempt(family=family, before=before, changed=changed, result=result)
 
 
-def _roll_back(attempts: list[_Attempt], *, run: CommandRunner, failure: MeshguardFailure) -> None:
+def _roll_back(
+    attempts: list[_Attempt], *, run: CommandRunner, failure: MeshguardFailure, backend: Backend
+) -> None:
     """Return every family this install changed to the state it read first, verified.
 
     iptables-restore commits table by table, so even the family that failed may be half
@@ -283,10 +307,10 @@ def _roll_back(attempts: list[_Attempt], *, run: CommandRunner, failure: Meshgua
         previous = snapshot(attempt.before, family=family)
         try:
             run(
-                [family.restore, "--noflush", "--wait"],
-                stdin=plan_payload(previous, parse_save(run([family.save]))),
+                [backend.restore(family), "--noflush", "--wait"],
+                stdin=plan_payload(previous, parse_save(run([backend.save(family)]))),
             )
-            left = verify(previous, parse_save(run([family.save])))
+            left = verify(previous, parse_save(run([backend.save(family)])))
             if left:
                 raise MeshguardFailure(f"{family.value} not as before: {'; '.join(left)}")
         except (MeshguardFailure, OSError) as exc:
@@ -295,14 +319,19 @@ def _roll_back(attempts: list[_Attempt], *, run: CommandRunner, failure: Meshgua
         log.warning(
             "install failed, meshguard rules rolled back to their previous state",
             extra={
-                "fields": {"event": "rolled-back", "family": family.value, "reason": str(failure)}
+                "fields": {
+                    "event": "rolled-back",
+                    "family": family.value,
+                    "backend": backend.value,
+                    "reason": str(failure),
+                }
             },
         )
     if problems:
         raise MeshguardFailure(f"{failure}; rolling back also failed: {'; '.join(problems)}")
 
 
-def _log_installed(ruleset: Ruleset, result: InstallResult) -> None:
+def _log_installed(ruleset: Ruleset, result: InstallResult, *, backend: Backend) -> None:
     tables = ruleset.family(result.family).tables
     log.info(
         "ruleset installed",
@@ -310,6 +339,7 @@ def _log_installed(ruleset: Ruleset, result: InstallResult) -> None:
             "fields": {
                 "event": "installed",
                 "family": result.family.value,
+                "backend": backend.value,
                 "digest": ruleset.digest,
                 "chains": sum(len(t.chains) for t in tables),
                 "rules": sum(len(t.rules) for t in tables),

@@ -22,6 +22,8 @@ from meshguard.errors import MalformedInputError
 CHAIN_PREFIX: Final = "MESHGUARD_"
 FORMAT_VERSION: Final = 1
 MAX_ARTIFACT_BYTES: Final = 1024 * 1024
+#: The document's key (present only when true) recording Istio's native nftables mode.
+NATIVE_NFTABLES_KEY: Final = "istioNativeNftables"
 
 
 class Family(enum.StrEnum):
@@ -89,6 +91,9 @@ class Ruleset:
     ipv6: FamilyRuleset
     sources: tuple[SourceIdentity, ...] = ()
     listener_port: int = 0
+    #: The pod's istio-init runs Istio's native nftables mode (``--native-nftables``):
+    #: meshguard-init installs into ``table inet meshguard`` beside Istio's tables.
+    native_nftables: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def family(self, family: Family) -> FamilyRuleset:
@@ -101,6 +106,8 @@ class Ruleset:
         for part in (self.ipv4, self.ipv6):
             hasher.update(part.payload().encode())
             hasher.update(b"\0" + "\n".join(part.local_routes).encode() + b"\0")
+        if self.native_nftables:  # absent otherwise: earlier digests stay valid
+            hasher.update(NATIVE_NFTABLES_KEY.encode() + b"\0")
         return "sha256:" + hasher.hexdigest()
 
     def to_json(self) -> str:
@@ -119,6 +126,8 @@ class Ruleset:
             ],
             **{f.family.value: _family_document(f) for f in (self.ipv4, self.ipv6)},
         }
+        if self.native_nftables:
+            document[NATIVE_NFTABLES_KEY] = True
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -207,7 +216,14 @@ def _ruleset_from(document: Mapping[str, Any]) -> Ruleset:
             for s in document["sources"]
         ),
         listener_port=int(document["listenerPort"]),
+        native_nftables=_flag(document.get(NATIVE_NFTABLES_KEY, False)),
     )
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{NATIVE_NFTABLES_KEY} must be true or false, got {value!r}")
+    return value
 
 
 def _family_from(family: Family, document: Mapping[str, Any]) -> FamilyRuleset:

@@ -8,6 +8,7 @@ hand (not derived from the compiler), including where Istio's own capture sends 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 import meshguard
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft
 from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
 from tests.support.samples import pod_of_uids
 from tests.support.shared import golden_payloads
@@ -67,11 +69,15 @@ def example_pod() -> dict[str, Any]:
     return pod
 
 
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[PodSandbox]:
+@pytest.fixture(params=NETFILTERS, ids=str)
+def sandbox(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PodSandbox]:
     # IPv6: the capture that redirects outbound TCP to ports 31000/32000 (any address).
     istio = {Family.IPV4: "ipnets.golden", Family.IPV6: "ipv6-outbound-ports.golden"}
-    with pod_sandbox(compile_for(example_pod()), tmp_path, istio=istio) as box:
+    netfilter: Netfilter = request.param
+    nft = matrix_capture_nft() if netfilter is Netfilter.NFTABLES else None
+    with pod_sandbox(
+        compile_for(example_pod()), tmp_path, istio=istio, netfilter=netfilter, istio_nft=nft
+    ) as box:
         for server in SERVERS:
             box.serve(server)
         yield box
@@ -261,6 +267,19 @@ def test_audit_mode_logs_and_lets_flows_through(tmp_path: Path):
 
 
 def test_meshguard_hooks_run_before_istio_output(sandbox: PodSandbox):
+    if sandbox.netfilter is Netfilter.NFTABLES:
+        listing = json.loads(sandbox.ns.run(["nft", "-j", "list", "chains"]))
+        nat_output = {
+            (c["chain"]["table"], c["chain"]["name"]): c["chain"]["prio"]
+            for c in listing["nftables"]
+            if "chain" in c and c["chain"].get("hook") == "output" and c["chain"]["type"] == "nat"
+        }
+        # meshguard's nat output (the L7 redirect, the un-NATed local flows) runs first.
+        assert nat_output == {
+            ("istio-proxy-nat", "output"): -100,
+            ("meshguard", "nat_output"): -110,
+        }
+        return
     for family in Family:
         save = sandbox.save(family)
         nat = save[save.index("*nat") :]

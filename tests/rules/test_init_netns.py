@@ -170,7 +170,7 @@ def test_a_ruleset_that_fails_half_way_leaves_no_rule_behind(ns: NetworkNamespac
     path.write_text(broken.to_json())
     done = init(ns, path, "--family", "ipv4")
     assert done.returncode == 1
-    assert reason(done).startswith("meshguard init: iptables-restore --noflush --wait failed:")
+    assert reason(done).startswith("meshguard init: iptables-nft-restore --noflush --wait failed:")
     assert "rolled-back" in done.stderr
     assert snapshot(ns)[Family.IPV4] == []
 

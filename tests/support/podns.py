@@ -15,6 +15,7 @@ from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace, PodAddresses, probe_command, serve_command
+from tests.support.netfilter import Netfilter
 from tests.support.shared import golden_payloads
 
 
@@ -33,13 +34,24 @@ class PodSandbox:
     ruleset: Ruleset
     ruleset_file: Path
     servers: list[Server] = field(default_factory=list)
+    netfilter: Netfilter = Netfilter.IPTABLES_NFT
 
     def load_istio(self, golden: str, *, families: Iterable[Family] = tuple(Family)) -> None:
+        """Istio's iptables golden, through the sandbox's iptables variant."""
         v4, v6 = golden_payloads(golden)
         for family, payloads in ((Family.IPV4, v4), (Family.IPV6, v6)):
             if family in families:
                 for payload in payloads:
-                    self.ns.run([family.restore, "--noflush"], stdin=payload)
+                    tool = (
+                        family.restore
+                        if self.netfilter is Netfilter.NFTABLES
+                        else self.netfilter.restore(family)
+                    )
+                    self.ns.run([tool, "--noflush"], stdin=payload)
+
+    def load_istio_nft(self, ruleset: str) -> None:
+        """Istio's native nftables capture (a golden's ``nft -f`` text)."""
+        self.ns.run(["nft", "-f", "-"], stdin=ruleset)
 
     def meshguard_init(self, *extra: str) -> str:
         return self.ns.run(
@@ -69,21 +81,36 @@ class PodSandbox:
         return results
 
     def save(self, family: Family) -> str:
-        return self.ns.run([family.save])
+        if self.netfilter is Netfilter.NFTABLES:
+            return self.ns.run(["nft", "list", "ruleset"])
+        return self.ns.run([self.netfilter.save(family)])
 
 
 @contextlib.contextmanager
 def pod_sandbox(
-    ruleset: Ruleset, directory: Path, *, istio: Mapping[Family, str]
+    ruleset: Ruleset,
+    directory: Path,
+    *,
+    istio: Mapping[Family, str],
+    netfilter: Netfilter = Netfilter.IPTABLES_NFT,
+    istio_nft: str | None = None,
 ) -> Iterator[PodSandbox]:
     """A namespace with Istio's golden capture rules (per family) and meshguard's ruleset
-    installed by the real ``meshguard init`` from the file the downward API would give it."""
+    installed by the real ``meshguard init`` from the file the downward API would give it.
+
+    ``netfilter`` is the backend Istio's capture goes into: an iptables variant (the
+    ``istio`` goldens, through its own restore tool), or native nftables (``istio_nft``,
+    a native golden's text); meshguard-init detects it by itself."""
     ruleset_file = directory / "ruleset"
     ruleset_file.write_text(ruleset.to_json())
     with NetworkNamespace() as ns:
-        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
-        for family, golden in istio.items():
-            box.load_istio(golden, families=[family])
+        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file, netfilter=netfilter)
+        if netfilter is Netfilter.NFTABLES:
+            if istio_nft is not None:
+                box.load_istio_nft(istio_nft)
+        else:
+            for family, golden in istio.items():
+                box.load_istio(golden, families=[family])
         box.meshguard_init()
         yield box
 

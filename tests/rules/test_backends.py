@@ -1,0 +1,247 @@
+"""meshguard-init follows the netfilter backend Istio used, and nftables is atomic.
+
+Real kernel, real tools: Istio's capture is loaded from its goldens into iptables-legacy,
+iptables-nft or native nftables, then the real ``meshguard init`` must pick that backend by
+itself (or the one forced), write nothing anywhere else, and — in nftables — replace its
+table in one transaction that either lands whole, verified, or leaves the previous state
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import meshguard
+from meshguard.errors import MeshguardFailure
+from meshguard.pod import read_pod
+from meshguard.process import run_command
+from meshguard.rules import nftables
+from meshguard.rules.backend import Backend
+from meshguard.rules.compiler import CompilerSettings, compile_pod
+from meshguard.rules.install import install
+from meshguard.rules.ruleset import Family, Ruleset, Table
+from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.netfilter import nft_golden
+from tests.support.shared import golden_payloads
+
+pytestmark = pytest.mark.root
+
+EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+
+
+def compiled(*, native: bool = False, policy: str | None = None) -> Ruleset:
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    if policy is not None:
+        pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
+    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+    return compile_pod(view, settings=CompilerSettings(), native_nftables=native)
+
+
+@pytest.fixture
+def ns() -> Iterator[NetworkNamespace]:
+    with NetworkNamespace() as namespace:
+        yield namespace
+
+
+def init(
+    ns: NetworkNamespace,
+    ruleset: Ruleset,
+    directory: Path,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    path = directory / "ruleset"
+    path.write_text(ruleset.to_json())
+    argv = [sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(path), *extra]
+    environment = {k: v for k, v in __import__("os").environ.items() if k not in _OVERRIDES}
+    return subprocess.run(
+        ns.argv(argv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**environment, **(env or {})},
+    )
+
+
+_OVERRIDES = ("FORCE_IPTABLES_BINARY", "MESHGUARD_BACKEND")
+
+
+def load_iptables(ns: NetworkNamespace, backend: Backend, golden: str = "ipnets.golden") -> None:
+    v4, _ = golden_payloads(golden)
+    for payload in v4:
+        ns.run([backend.restore(Family.IPV4), "--noflush"], stdin=payload)
+
+
+def meshguard_in(ns: NetworkNamespace) -> dict[str, bool]:
+    """Where meshguard's rules are: each iptables variant, and native nftables."""
+    found = {}
+    for backend in (Backend.IPTABLES_LEGACY, Backend.IPTABLES_NFT):
+        text = "".join(ns.run([backend.save(f)]) for f in Family)
+        found[backend.value] = "MESHGUARD" in text
+    found["nftables"] = "table inet meshguard" in ns.run(["nft", "list", "tables"])
+    return found
+
+
+def installed_backend(done: subprocess.CompletedProcess[str]) -> set[str]:
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    return {e["backend"] for e in events if e.get("event") == "installed"}
+
+
+def test_legacy_rules_present_means_legacy_and_nothing_in_nf_tables(ns, tmp_path):
+    load_iptables(ns, Backend.IPTABLES_LEGACY)
+    done = init(ns, compiled(), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert installed_backend(done) == {"iptables-legacy"}
+    assert meshguard_in(ns) == {"iptables-legacy": True, "iptables-nft": False, "nftables": False}
+    assert ns.run(["nft", "-s", "list", "ruleset"]).strip() == ""  # not a single nf_tables table
+
+
+def test_no_legacy_rules_means_iptables_nft(ns, tmp_path):
+    load_iptables(ns, Backend.IPTABLES_NFT)
+    done = init(ns, compiled(), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert installed_backend(done) == {"iptables-nft"}
+    assert meshguard_in(ns) == {"iptables-legacy": False, "iptables-nft": True, "nftables": False}
+
+
+@pytest.mark.parametrize(
+    ("forced", "istio", "expected"),
+    [
+        ("iptables-legacy", Backend.IPTABLES_NFT, "iptables-legacy"),
+        ("/usr/sbin/iptables-nft", Backend.IPTABLES_LEGACY, "iptables-nft"),
+    ],
+)
+def test_force_iptables_binary_is_honored_as_istio_does(ns, tmp_path, forced, istio, expected):
+    load_iptables(ns, istio)
+    done = init(ns, compiled(), tmp_path, env={"FORCE_IPTABLES_BINARY": forced})
+    assert done.returncode == 0, done.stderr
+    assert installed_backend(done) == {expected}
+
+
+def test_a_bad_force_iptables_binary_fails_closed(ns, tmp_path):
+    done = init(ns, compiled(), tmp_path, env={"FORCE_IPTABLES_BINARY": "iptables-foo"})
+    assert done.returncode == 1
+    assert "FORCE_IPTABLES_BINARY is 'iptables-foo', expected" in done.stderr.splitlines()[-1]
+    assert not any(meshguard_in(ns).values())
+
+
+def test_istio_native_table_means_nftables_and_no_iptables_at_all(ns, tmp_path):
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("ipv6-ipnets.golden"))
+    istio_before = ns.run(["nft", "list", "table", "inet", "istio-proxy-nat"])
+    done = init(ns, compiled(native=True), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert installed_backend(done) == {"nftables"}
+    assert meshguard_in(ns) == {"iptables-legacy": False, "iptables-nft": False, "nftables": True}
+    assert ns.run(["nft", "list", "table", "inet", "istio-proxy-nat"]) == istio_before
+    # The native table wins even when the ruleset was compiled without the flag.
+    again = init(ns, compiled(), tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert installed_backend(again) == {"nftables"}
+
+
+def test_native_nftables_pod_without_istios_table_fails_closed(ns, tmp_path):
+    done = init(ns, compiled(native=True), tmp_path)
+    assert done.returncode == 1
+    assert "no table inet istio-proxy-nat" in done.stderr.splitlines()[-1]
+    assert not any(meshguard_in(ns).values())
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_the_backend_can_be_forced(ns, tmp_path, how):
+    load_iptables(ns, Backend.IPTABLES_LEGACY)
+    extra = ("--backend", "nftables") if how == "flag" else ()
+    env = {"MESHGUARD_BACKEND": "nftables"} if how == "env" else None
+    done = init(ns, compiled(), tmp_path, *extra, env=env)
+    assert done.returncode == 0, done.stderr
+    assert installed_backend(done) == {"nftables"}
+
+
+def test_nftables_init_is_idempotent_and_converges(ns, tmp_path):
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("ipv6-ipnets.golden"))
+    assert init(ns, compiled(native=True), tmp_path).returncode == 0
+    once = ns.run(["nft", "-s", "list", "ruleset"])
+    assert init(ns, compiled(native=True), tmp_path).returncode == 0
+    assert ns.run(["nft", "-s", "list", "ruleset"]) == once
+    narrow = compiled(native=True, policy="rules: [{from: app, to: cache, ports: [6379]}]")
+    assert init(ns, narrow, tmp_path).returncode == 0
+    with NetworkNamespace() as clean:
+        clean.run(["nft", "-f", "-"], stdin=nft_golden("ipv6-ipnets.golden"))
+        assert init(clean, narrow, tmp_path).returncode == 0
+        assert clean.run(["nft", "-s", "list", "ruleset"]) == ns.run(
+            ["nft", "-s", "list", "ruleset"]
+        )
+
+
+def broken(ruleset: Ruleset) -> Ruleset:
+    """The ruleset with one rule the kernel refuses (a jump to a chain that does not exist),
+    in the last chain of IPv6's nat table: everything before it is valid."""
+
+    def spoil(table: Table) -> Table:
+        if table.name != "nat":
+            return table
+        return replace(table, rules=(*table.rules, ("MESHGUARD_SNAT", "-j MESHGUARD_NOWHERE")))
+
+    ipv6 = replace(ruleset.ipv6, tables=tuple(spoil(t) for t in ruleset.ipv6.tables))
+    return replace(ruleset, ipv6=ipv6)
+
+
+def test_a_refused_transaction_leaves_the_previous_state_byte_identical(ns, tmp_path):
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("dns-uid-gid.golden"))
+    assert init(ns, compiled(native=True), tmp_path).returncode == 0
+    before = ns.run(["nft", "-s", "list", "ruleset"])
+    done = init(ns, broken(compiled(native=True, policy="rules: []")), tmp_path)
+    assert done.returncode == 1
+    assert "nftables transaction refused, nothing changed" in done.stderr.splitlines()[-1]
+    assert ns.run(["nft", "-s", "list", "ruleset"]) == before
+
+
+def test_a_failed_verification_restores_the_previous_table(ns, tmp_path):
+    """Another writer slips a rule into meshguard's table between the apply and the read
+    back: verification fails, and the table found before the install comes back."""
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("dns-uid-gid.golden"))
+    first = compiled(native=True)
+    second = compiled(native=True, policy="rules: [{from: app, to: cache, ports: [6379]}]")
+
+    applied: list[str] = []
+
+    def run(argv: list[str], *, stdin: str | None = None) -> str:
+        out = run_command(ns.argv(argv), stdin=stdin)
+        if argv[:2] == ["nft", "-f"] and not applied:  # right after the install's transaction
+            applied.append("once")
+            intruder = ["nft", "add", "rule", "inet", "meshguard", "MESHGUARD_DENY", "counter"]
+            run_command(ns.argv(intruder))
+        return out
+
+    install(first, run=lambda argv, stdin=None: run_command(ns.argv(argv), stdin=stdin),
+            backend=Backend.NFTABLES)  # fmt: skip
+    before = ns.run(["nft", "-s", "list", "ruleset"])
+    with pytest.raises(MeshguardFailure, match="MESHGUARD_DENY has 3 rules, expected 2"):
+        install(second, run=run, backend=Backend.NFTABLES)
+    assert ns.run(["nft", "-s", "list", "ruleset"]) == before
+
+
+def test_a_failed_first_install_leaves_no_table(ns, tmp_path):
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("empty.golden"))
+    before = ns.run(["nft", "-s", "list", "ruleset"])
+    done = init(ns, broken(compiled(native=True)), tmp_path)
+    assert done.returncode == 1
+    assert ns.run(["nft", "-s", "list", "ruleset"]) == before
+
+
+def test_the_rendered_table_is_what_the_kernel_reads_back(ns, tmp_path):
+    """``meshguard init --dry-run`` prints the exact transaction; nft accepts it unchanged."""
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("ipv6-ipnets.golden"))
+    done = init(ns, compiled(native=True), tmp_path, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == nftables.render(compiled(native=True)).splitlines()
+    assert "table inet meshguard" not in ns.run(["nft", "list", "tables"])
