@@ -6,23 +6,38 @@ Every meshguard failure says who must act:
   The webhook answers ``allowed: false`` with the message, the CLI exits 1.
 - :class:`MalformedInputError` — the input itself is unreadable (not YAML, not an
   AdmissionReview, a truncated ruleset); whoever sent it fixes it. HTTP 400, CLI exit 2.
+- :class:`UsageError` — a command-line flag's value is wrong. CLI exit 2.
 - :class:`MeshguardFailure` — meshguard (or the kernel tooling it drives) failed on a valid
   input; the operator investigates. meshguard-init exits non-zero so the pod never runs
   unprotected.
+
+Each class carries the command line's exit status for it (``exit_code``): the CLI maps an
+error to its status in one place (:func:`meshguard.cli.exit_status`), never per command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Final
+
+#: Exit statuses of the command line (see the README's "Exit status").
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
 
 
 class MeshguardError(Exception):
     """Base class of every error meshguard raises on purpose."""
 
+    #: The command line's exit status when this error ends a command.
+    exit_code: ClassVar[int] = EXIT_FAILED
+
 
 class RefusedError(MeshguardError):
     """The object is refused: its content breaks a meshguard rule."""
+
+    exit_code: ClassVar[int] = EXIT_FAILED
 
 
 class _Missing:
@@ -64,11 +79,22 @@ class CompileError(RefusedError):
 
 
 class MalformedInputError(MeshguardError):
-    """The input cannot be read at all (bad YAML, not a Kubernetes object, bad ruleset)."""
+    """The input cannot be read at all (bad YAML, not UTF-8, not a Kubernetes object, a
+    truncated or altered ruleset)."""
+
+    exit_code: ClassVar[int] = EXIT_USAGE
+
+
+class UsageError(MeshguardError):
+    """A command-line flag's value is wrong; the person who typed it fixes it."""
+
+    exit_code: ClassVar[int] = EXIT_USAGE
 
 
 class MeshguardFailure(MeshguardError):
     """meshguard itself, or a tool it runs, failed on a valid input."""
+
+    exit_code: ClassVar[int] = EXIT_FAILED
 
 
 def _show(value: object, limit: int = 80) -> str:

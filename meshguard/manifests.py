@@ -16,7 +16,7 @@ from typing import Any, Final, TextIO
 
 import yaml
 
-from meshguard import annotation_keys
+from meshguard import annotation_keys, yaml_io
 from meshguard.errors import MalformedInputError
 
 #: Where each workload kind keeps its pod template (path of keys below the object).
@@ -51,19 +51,31 @@ class PodTemplate:
 
 
 def read_documents(source: str | Path | TextIO) -> list[Any]:
-    """Load every YAML document of a file path, ``-`` (already opened as a stream) or text."""
+    """Load every YAML document of a file path, an open stream (``-``) or text."""
     text = _read_text(source)
-    if len(text.encode()) > MAX_MANIFEST_BYTES:
+    if len(text) > MAX_MANIFEST_BYTES:  # characters >= bytes / 4: a cheap first bound
         raise MalformedInputError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        if len(text.encode()) > MAX_MANIFEST_BYTES:
+            raise MalformedInputError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    except UnicodeEncodeError as exc:  # text with lone surrogates, e.g. from surrogateescape
+        raise MalformedInputError(f"input is not UTF-8 text ({exc.reason})") from None
+    try:
+        return [doc for doc in yaml_io.load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
         raise MalformedInputError(f"not valid YAML: {exc}") from None
 
 
 def read_source(filename: str) -> list[Any]:
-    """The documents of a file named on the command line; ``-`` is standard input."""
-    return read_documents(sys.stdin if filename == "-" else Path(filename))
+    """The documents of a file named on the command line; ``-`` is standard input.
+
+    Errors name the file (``stdin`` for ``-``)."""
+    try:
+        return read_documents(sys.stdin if filename == "-" else Path(filename))
+    except MalformedInputError as exc:
+        if filename != "-" and str(exc).startswith("cannot read"):
+            raise  # already names the file
+        raise MalformedInputError(f"{'stdin' if filename == '-' else filename}: {exc}") from None
 
 
 def pod_templates(documents: list[Any]) -> Iterator[PodTemplate]:
@@ -136,12 +148,21 @@ def _template(kind: str, name: str, namespace: object, holder: object, where: st
 def _read_text(source: str | Path | TextIO) -> str:
     if isinstance(source, Path):
         try:
-            return source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MalformedInputError(f"cannot read {source}: {exc}") from None
+            return source.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise MalformedInputError(f"cannot read {source}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise MalformedInputError(f"cannot read {source}: {_not_utf8(exc)}") from None
     if isinstance(source, str):
         return source
+    raw = getattr(source, "buffer", None)  # decode ourselves: the stream's errors= may hide it
     try:
+        if raw is not None:
+            return bytes(raw.read()).decode("utf-8")
         return source.read()
     except UnicodeDecodeError as exc:
-        raise MalformedInputError(f"input is not UTF-8 text: {exc}") from None
+        raise MalformedInputError(_not_utf8(exc)) from None
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Collection, Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from meshguard import annotation_keys
+from meshguard import annotation_keys, yaml_io
 from meshguard.errors import MISSING, PolicyError, Problem
 
 PROXY: Literal["proxy"] = "proxy"
@@ -104,6 +104,11 @@ class Rule(_Frozen):
     protocol: Protocol = Protocol.TCP
     http: HttpMatch | None = None
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_any_case(cls, value: object) -> object:
+        return _lower(value)
+
     @field_validator("sources", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
@@ -153,6 +158,17 @@ class Policy(_Frozen):
 
     default_action: Action = Field(default=Action.DENY, alias="defaultAction")
     rules: tuple[Rule, ...] = ()
+
+    @field_validator("default_action", mode="before")
+    @classmethod
+    def _action_any_case(cls, value: object) -> object:
+        return _lower(value)
+
+
+def _lower(value: object) -> object:
+    """Keywords (``tcp``, ``deny``, ``enforce``) are case-insensitive, as Kubernetes writes
+    ``protocol: TCP``; names (containers, headers' values, paths) are not."""
+    return value.strip().lower() if isinstance(value, str) else value
 
 
 #: What each field expects, in words, for error messages (keyed by field alias).
@@ -248,6 +264,37 @@ def check_names(policy: Policy, *, containers: Collection[str]) -> None:
         raise _error(*problems)
 
 
+#: What a container can do with each of the proxy's control ports, for warnings.
+_CONTROL_PORT_POWERS: Final[Mapping[int, str]] = {
+    15000: "Envoy's admin API: /config_dump (the proxy's whole configuration),"
+    " /quitquitquit, /logging, /drain_listeners",
+    15004: "pilot-agent's debug endpoint (the proxy's xDS state)",
+    15020: "pilot-agent's server: /quitquitquit (stops the proxy), /debug, merged metrics",
+    15021: "the proxy's health check",
+    15090: "Envoy's Prometheus statistics",
+}
+
+
+def control_port_warnings(policy: Policy) -> tuple[str, ...]:
+    """Warnings for rules that open a proxy control port whole (no ``http`` restriction).
+
+    Allowed — a Job stopping its sidecar needs 15020 — but worth a second look: the port
+    gives the source container power over the proxy, not just a service."""
+    warnings: list[str] = []
+    for index, rule in enumerate(policy.rules):
+        if rule.to != PROXY or rule.http is not None:
+            continue
+        for port in rule.ports:
+            power = _CONTROL_PORT_POWERS.get(port)
+            if power is None:
+                continue
+            warnings.append(
+                f"rules[{index}]: opens the proxy's port {port} to {', '.join(rule.sources)}"
+                f" — {power}; add http: {{paths: [...]}} to allow only what is needed"
+            )
+    return tuple(warnings)
+
+
 def _error(*problems: Problem) -> PolicyError:
     return PolicyError(annotation=annotation_keys.POLICY, problems=problems)
 
@@ -281,10 +328,6 @@ def _format_path(loc: Sequence[str | int]) -> str:
     return text
 
 
-#: libyaml's loader when PyYAML was built with it: ~7x faster than the pure-Python one.
-_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _load(text: str) -> object:
     """JSON is the common case (and a YAML subset): parse it directly, YAML otherwise."""
     if text.lstrip().startswith("{"):
@@ -292,7 +335,7 @@ def _load(text: str) -> object:
             return json.loads(text)
         except ValueError:
             pass  # not JSON after all (e.g. a YAML flow mapping): let YAML say what is wrong
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a safe loader
+    return yaml_io.load(text)
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:

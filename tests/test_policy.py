@@ -15,6 +15,7 @@ from meshguard.policy import (
     Mode,
     Protocol,
     check_names,
+    control_port_warnings,
     parse_mode,
     parse_opt_out,
     parse_policy,
@@ -216,3 +217,34 @@ def test_any_text_gives_a_policy_or_a_policy_error(text: str):
             assert rule.ports
             assert all(1 <= port <= 65535 for port in rule.ports)
             assert rule.sources
+
+
+@pytest.mark.parametrize(
+    ("protocol", "action", "mode"),
+    [("TCP", "ALLOW", "AUDIT"), ("Tcp", "Allow", "Audit"), (" tcp ", "allow", " audit ")],
+)
+def test_keywords_are_case_insensitive_like_the_mode(protocol: str, action: str, mode: str):
+    policy = parse_policy(
+        f"defaultAction: '{action}'\n"
+        f"rules: [{{from: a, to: b, ports: [1], protocol: '{protocol}'}}]"
+    )
+    assert policy.rules[0].protocol is Protocol.TCP
+    assert policy.default_action.value == "allow"
+    assert parse_mode(mode).value == "audit"
+
+
+def test_a_misspelled_keyword_is_still_refused():
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.protocol"):
+        parse_policy("rules: [{from: a, to: b, ports: [1], protocol: tcpp}]")
+
+
+def test_control_port_warnings_name_each_whole_control_port():
+    policy = parse_policy(
+        "rules: [{from: app, to: proxy, ports: [15000, 15021]},"
+        " {from: app, to: proxy, ports: [15020], http: {paths: [/quitquitquit]}},"
+        " {from: app, to: cache, ports: [6379]}]"
+    )
+    warnings = control_port_warnings(policy)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("rules[0]: opens the proxy's port 15000 to app — Envoy's admin")
+    assert "15021" in warnings[1]

@@ -3,8 +3,12 @@
 Each subcommand is a thin shell around the library: parse flags, read input, call the pure
 logic, print. A subcommand's module is imported only when it runs, so ``meshguard init``
 (the init container, on every pod start) does not pay for the servers' libraries.
+
 Exit status: 0 success, 1 refused or failed (the message says why), 2 bad usage or
-unreadable input.
+unreadable input, 3 ``describe --fail-on-unprotected`` found unprotected pods. A handler
+raises :class:`~meshguard.errors.MeshguardError` and :func:`main` maps it here, in one place
+(:func:`exit_status`, from the error class's ``exit_code``). A closed standard output (``|
+head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -12,21 +16,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
+from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError
 from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.rules.ruleset import Family
 
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "exit_status",
+    "fail",
+    "main",
+    "worst_status",
+]
+
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-#: meshguard.inject.posture.Action's values (not imported: `meshguard init` stays light).
+#: meshguard.inject.posture.PostureAction's values (not imported: `meshguard init` stays light).
 POSTURE_ACTIONS: Final = ("fix", "deny")
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
+#: A command killed by SIGPIPE exits 128 + 13 in a shell: the same status, without the noise.
+EXIT_CLOSED_PIPE: Final = 141
+EXIT_INTERRUPTED: Final = 130
 DEFAULT_RULESET_FILE: Final = "/etc/meshguard/ruleset"
 RULESET_ENV: Final = "MESHGUARD_RULESET"
 
@@ -39,9 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return _handler(args.handler)(args)
+        status = handler(args.handler)(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
+    except MeshguardError as exc:
+        return fail(f"meshguard {args.command}: {exc}", exit_status(exc))
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    return status
+
+
+def exit_status(error: BaseException) -> int:
+    """The one mapping from an error to the command's exit status."""
+    if isinstance(error, MeshguardError):
+        return error.exit_code
+    return EXIT_FAILED
+
+
+def worst_status(errors: Iterable[BaseException]) -> int:
+    """The exit status of a command that reported several errors (per pod): the highest."""
+    return max((exit_status(e) for e in errors), default=EXIT_OK)
 
 
 def fail(message: str, code: int, stream: TextIO | None = None) -> int:
@@ -50,31 +85,80 @@ def fail(message: str, code: int, stream: TextIO | None = None) -> int:
     return code
 
 
-def _handler(spec: str) -> Callable[[argparse.Namespace], int]:
+def handler(spec: str) -> Callable[[argparse.Namespace], int]:
+    """Import a subcommand's handler (``module:function``) when it runs."""
     module, function = spec.split(":")
-    handler: Callable[[argparse.Namespace], int] = getattr(
-        importlib.import_module(module), function
+    found: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), function)
+    return found
+
+
+def handler_specs(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Every subcommand's handler spec, by command name (for tests and completion)."""
+    specs: dict[str, str] = {}
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                spec = sub.get_default("handler")
+                if isinstance(spec, str):
+                    specs[name] = spec
+    return specs
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``meshguard describe -f x | head``): stop quietly. Python would
+    flush stdout again at exit and complain; point it at /dev/null first."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_CLOSED_PIPE
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (unless the help text already says it or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "default" in text.lower()
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def _command(commands: Subcommands, name: str, **kwargs: object) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        formatter_class=_HelpFormatter,
+        **kwargs,  # type: ignore[arg-type]
     )
-    return handler
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshguard",
+        formatter_class=_HelpFormatter,
         description="Intra-pod isolation for Istio sidecars: per-uid loopback rules (iptables"
         " owner match) and zero-trust L7 checks for loopback traffic.",
     )
     parser.add_argument("--version", action="version", version=f"meshguard {__version__}")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log record written to stderr",
     )
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
 
     _add_demo(commands)
     _add_rules(commands)
     _add_injection(commands)
     _add_servers(commands)
     _add_configs(commands)
+    _add_completion(commands)
     return parser
 
 
@@ -89,7 +173,8 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_demo(commands: Subcommands) -> None:
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
         help="build a pod sandbox (no cluster) and try every flow of the threat model",
         description="Build an Istio-injected pod for real on this machine — a network namespace"
@@ -111,7 +196,8 @@ def _add_demo(commands: Subcommands) -> None:
 
 
 def _add_rules(commands: Subcommands) -> None:
-    rules = commands.add_parser(
+    rules = _command(
+        commands,
         "rules",
         help="print the iptables-restore payloads meshguard-init would apply for a pod",
         description="Compile the meshguard ruleset of every Istio-injected pod template in a"
@@ -130,13 +216,16 @@ def _add_rules(commands: Subcommands) -> None:
     rules.add_argument(
         "-o",
         "--output",
-        choices=["text", "json"],
+        choices=["text", "json", "yaml"],
         default="text",
-        help="text: restore payloads; json: the ruleset document meshguard-init reads",
+        help="text: restore payloads; json: the ruleset document meshguard-init reads, one"
+        " line per pod; yaml: the same documents as a YAML stream. With --family, json and"
+        " yaml hold only that family (a document meshguard-init does not accept)",
     )
     rules.set_defaults(handler="meshguard.cli.rules:run")
 
-    describe = commands.add_parser(
+    describe = _command(
+        commands,
         "describe",
         help="summarize who may talk to whom in each pod of a manifest",
         description="For every pod template in a manifest (or `kubectl get pod -o yaml`"
@@ -147,6 +236,13 @@ def _add_rules(commands: Subcommands) -> None:
         " namespaces,pods -A -o yaml` to find the pods Istio injected without meshguard.",
     )
     describe.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    describe.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json", "yaml"],
+        default="text",
+        help="text: in words; json (one line per pod) or yaml: the same, as data",
+    )
     describe.add_argument(
         "--fail-on-unprotected",
         action="store_true",
@@ -167,7 +263,8 @@ def _add_rules(commands: Subcommands) -> None:
     )
     describe.set_defaults(handler="meshguard.cli.describe:run")
 
-    init = commands.add_parser(
+    init = _command(
+        commands,
         "init",
         help="meshguard-init: install a compiled ruleset in this network namespace",
         description="Install the compiled ruleset with one iptables-restore --noflush per"
@@ -214,7 +311,8 @@ def _seconds(text: str) -> float:
 
 
 def _add_injection(commands: Subcommands) -> None:
-    inject = commands.add_parser(
+    inject = _command(
+        commands,
         "inject",
         help="add meshguard to Istio-injected workloads (like istioctl kube-inject)",
         description="Read workloads already injected by Istio (pipe `istioctl kube-inject -f"
@@ -224,12 +322,20 @@ def _add_injection(commands: Subcommands) -> None:
         " istio-proxy, opted-out and ambient pods pass through unchanged (a note on stderr).",
     )
     inject.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    inject.add_argument(
+        "-o",
+        "--output",
+        choices=["yaml", "json"],
+        default="yaml",
+        help="yaml: the documents as a YAML stream; json: one JSON document per line",
+    )
     add_injection_flags(inject)
     inject.set_defaults(handler="meshguard.cli.inject:run")
 
 
 def _add_servers(commands: Subcommands) -> None:
-    webhook = commands.add_parser(
+    webhook = _command(
+        commands,
         "serve-webhook",
         help="serve the admission webhook (HTTPS, AdmissionReview v1 on POST /inject)",
         description="Serve the mutating admission webhook over HTTPS: POST /inject takes an"
@@ -241,7 +347,7 @@ def _add_servers(commands: Subcommands) -> None:
     webhook.add_argument("--cert", type=Path, required=True, help="TLS certificate (PEM)")
     webhook.add_argument("--key", type=Path, required=True, help="TLS private key (PEM)")
     webhook.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104
-    webhook.add_argument("--port", type=int, default=9443)
+    webhook.add_argument("--port", type=int, default=9443, help="HTTPS port")
     webhook.add_argument(
         "--reload-interval",
         type=float,
@@ -259,7 +365,8 @@ def _add_servers(commands: Subcommands) -> None:
     add_injection_flags(webhook)
     webhook.set_defaults(handler="meshguard.cli.serve:webhook")
 
-    authz = commands.add_parser(
+    authz = _command(
+        commands,
         "serve-authz",
         help="serve the Envoy ext_authz gRPC server for L7 checks on loopback",
         description="Serve envoy.service.auth.v3.Authorization/Check (grpc.aio) and the gRPC"
@@ -273,7 +380,7 @@ def _add_servers(commands: Subcommands) -> None:
     policies.add_argument("--pods", type=Path, nargs="+", metavar="FILE", help="pod manifests")
     policies.add_argument("--kubernetes", action="store_true", help="watch pods in the cluster")
     authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    authz.add_argument("--port", type=int, default=9191)
+    authz.add_argument("--port", type=int, default=9191, help="gRPC port")
     authz.add_argument(
         "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
     )
@@ -302,7 +409,8 @@ def _add_servers(commands: Subcommands) -> None:
 
 
 def _add_configs(commands: Subcommands) -> None:
-    envoy = commands.add_parser(
+    envoy = _command(
+        commands,
         "envoy-config",
         help="print the Envoy loopback listener configuration (standalone or for Istio)",
         description="Print the loopback listener that receives the flows meshguard's rules"
@@ -345,7 +453,8 @@ def _add_configs(commands: Subcommands) -> None:
     envoy.add_argument("--admin-port", type=int, help="Envoy admin port (bootstrap; 15000)")
     envoy.set_defaults(handler="meshguard.cli.serve:envoy_config")
 
-    template = commands.add_parser(
+    template = _command(
+        commands,
         "istio-template",
         help="print the Istio injection template 'meshguard' (values overlay for istiod)",
         description="Print the `meshguard` injection template for Istio's"
@@ -356,3 +465,17 @@ def _add_configs(commands: Subcommands) -> None:
     template.add_argument("--format", choices=["iop", "helm"], default="iop")
     template.add_argument("--image", default=DEFAULT_IMAGE, help="meshguard image")
     template.set_defaults(handler="meshguard.cli.inject:istio_template")
+
+
+def _add_completion(commands: Subcommands) -> None:
+    completion = _command(
+        commands,
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description="Print a completion script for meshguard's commands and flags, generated"
+        " from this command line. bash: `source <(meshguard completion bash)`, or save it in"
+        " /etc/bash_completion.d/meshguard. zsh: `source <(meshguard completion zsh)` (it uses"
+        " bashcompinit).",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(handler="meshguard.cli.completion:run")

@@ -4,14 +4,16 @@ over ``kubectl get pods -A -o yaml``, which pods Istio injected without meshguar
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
-from meshguard import annotation_keys
-from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
+from meshguard import annotation_keys, yaml_io
+from meshguard.cli import EXIT_FAILED, EXIT_OK
 from meshguard.describe import Protection, Verdict, describe, protection
-from meshguard.errors import MalformedInputError, RefusedError
+from meshguard.errors import MalformedInputError, RefusedError, UsageError
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
 from meshguard.policy import parse_mode, parse_policy
@@ -24,46 +26,91 @@ EXIT_UNPROTECTED: Final = 3
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        documents = read_source(args.filename)
-        templates = list(pod_templates(documents))
-        opt_out = _label(args.opt_out_label)
-    except MalformedInputError as exc:
-        return fail(f"{args.filename}: {exc}", EXIT_USAGE)
+    documents = read_source(args.filename)
+    templates = list(pod_templates(documents))
+    opt_out = _label(args.opt_out_label)
     opted_out_namespaces = _opted_out_namespaces(documents, opt_out)
     settings = CompilerSettings()
-    failed = False
-    verdicts: list[tuple[PodTemplate, Verdict]] = []
-    for template in templates:
-        verdict = _verdict(template, opted_out_namespaces, opt_out)
-        verdicts.append((template, verdict))
-        if args.only_unprotected:
-            if verdict.protection is Protection.UNPROTECTED:
-                print(f"{template.label}: {verdict.line}")
-            continue
-        print(f"{template.label}:")
-        if verdict.line:
-            print(f"  {verdict.line}")
-        failed |= not _describe(template, settings)
-    unprotected = [t.label for t, v in verdicts if v.protection is Protection.UNPROTECTED]
-    summary = _summary(verdicts, unprotected)
-    if summary and (unprotected or args.only_unprotected or args.fail_on_unprotected):
-        print(summary)
-    sys.stdout.flush()
+    reports = [
+        _report(template, _verdict(template, opted_out_namespaces, opt_out), settings)
+        for template in templates
+    ]
+    unprotected = [r.pod for r in reports if r.verdict.protection is Protection.UNPROTECTED]
+    summary = _summary(reports, unprotected)
+    if args.output == "text":
+        _print_text(reports, only_unprotected=args.only_unprotected)
+        if summary and (unprotected or args.only_unprotected or args.fail_on_unprotected):
+            print(summary)
+    else:
+        _print_data(reports, output=args.output, only_unprotected=args.only_unprotected)
+        if summary and (unprotected or args.fail_on_unprotected):
+            print(summary, file=sys.stderr)
     if unprotected and args.fail_on_unprotected:
         return EXIT_UNPROTECTED
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if any(r.error for r in reports) else EXIT_OK
 
 
-def _describe(template: PodTemplate, settings: CompilerSettings) -> bool:
-    """Print the policy of one pod template in words; False if it cannot be read."""
+@dataclass(frozen=True, kw_only=True)
+class PodReport:
+    """What ``describe`` says about one pod template."""
+
+    pod: str
+    verdict: Verdict
+    #: The policy in words (empty when it cannot be read).
+    lines: tuple[str, ...]
+    #: Why the policy cannot be read ("" when it can).
+    error: str = ""
+
+    def as_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "pod": self.pod,
+            "protection": self.verdict.protection.value,
+            "lines": list(self.lines),
+        }
+        if self.verdict.line:
+            data["verdict"] = self.verdict.line
+        if self.error:
+            data["error"] = self.error
+        return data
+
+
+def _print_text(reports: list[PodReport], *, only_unprotected: bool) -> None:
+    for report in reports:
+        if only_unprotected:
+            if report.verdict.protection is Protection.UNPROTECTED:
+                print(f"{report.pod}: {report.verdict.line}")
+            continue
+        print(f"{report.pod}:")
+        if report.verdict.line:
+            print(f"  {report.verdict.line}")
+        if report.error:
+            print(f"  error: {report.error}")
+        for line in report.lines:
+            print(f"  {line}")
+
+
+def _print_data(reports: list[PodReport], *, output: str, only_unprotected: bool) -> None:
+    chosen = [
+        r.as_data()
+        for r in reports
+        if not only_unprotected or r.verdict.protection is Protection.UNPROTECTED
+    ]
+    if output == "json":
+        for data in chosen:
+            print(json.dumps(data, separators=(",", ":")))
+    else:
+        yaml_io.dump_all(chosen, sys.stdout)
+
+
+def _report(template: PodTemplate, verdict: Verdict, settings: CompilerSettings) -> PodReport:
+    """The policy of one pod template in words, or why it cannot be read."""
     try:
         pod = read_pod(metadata=template.metadata, spec=template.spec)
         policy = parse_policy(pod.annotations.get(annotation_keys.POLICY))
         mode = parse_mode(pod.annotations.get(annotation_keys.MODE))
     except (RefusedError, MalformedInputError) as exc:
-        print(f"  error: {exc}")
-        return False
+        return PodReport(pod=template.label, verdict=verdict, lines=(), error=str(exc))
+    lines: list[str] = []
     try:
         native = uses_native_nftables(pod, template.spec)
         compiled = compile_ruleset(
@@ -71,10 +118,9 @@ def _describe(template: PodTemplate, settings: CompilerSettings) -> bool:
         )
     except RefusedError as exc:
         compiled = None
-        print(f"  cannot be enforced as written: {exc}")
-    for line in describe(pod, policy, mode=mode, compiled=compiled, settings=settings):
-        print(f"  {line}")
-    return True
+        lines.append(f"cannot be enforced as written: {exc}")
+    lines.extend(describe(pod, policy, mode=mode, compiled=compiled, settings=settings))
+    return PodReport(pod=template.label, verdict=verdict, lines=tuple(lines))
 
 
 def _verdict(
@@ -90,8 +136,8 @@ def _verdict(
     return protection(template.metadata, template.spec, namespace_opt_out=reason)
 
 
-def _summary(verdicts: list[tuple[PodTemplate, Verdict]], unprotected: list[str]) -> str:
-    in_mesh = [v for _, v in verdicts if v.protection is not Protection.NO_SIDECAR]
+def _summary(reports: list[PodReport], unprotected: list[str]) -> str:
+    in_mesh = [r.verdict for r in reports if r.verdict.protection is not Protection.NO_SIDECAR]
     opted = sum(v.protection is Protection.OPTED_OUT for v in in_mesh)
     note = f", {opted} opted out" if opted else ""
     if unprotected:
@@ -107,7 +153,7 @@ def _summary(verdicts: list[tuple[PodTemplate, Verdict]], unprotected: list[str]
 def _label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise MalformedInputError(f"--opt-out-label: expected KEY=VALUE, got {text!r}")
+        raise UsageError(f"--opt-out-label: expected KEY=VALUE, got {text!r}")
     return key, value
 
 

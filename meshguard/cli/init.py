@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from meshguard import annotation_keys
-from meshguard.cli import DEFAULT_RULESET_FILE, EXIT_FAILED, EXIT_OK, RULESET_ENV, fail
+from meshguard.cli import DEFAULT_RULESET_FILE, EXIT_OK, RULESET_ENV, exit_status, fail
 from meshguard.errors import MeshguardError, MeshguardFailure
 from meshguard.process import CommandRunner
 from meshguard.rules.backend import Backend, detect_backend, parse_backend
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 install(ruleset, run=locked, families=families, backend=backend)
     except MeshguardError as exc:
-        return fail(f"meshguard init: {exc}", EXIT_FAILED)
+        return fail(f"meshguard init: {exc}", exit_status(exc))
     return EXIT_OK
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-import yaml
-
-from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
-from meshguard.errors import MalformedInputError, RefusedError
+from meshguard import yaml_io
+from meshguard.cli import EXIT_OK, fail, worst_status
+from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.inject.container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
 from meshguard.inject.posture import Action as PostureAction
@@ -26,31 +26,32 @@ def injection_settings(args: argparse.Namespace, *, request_template: bool) -> I
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        documents = read_source(args.filename)
-        templates = list(pod_templates(documents))
-    except MalformedInputError as exc:
-        return fail(f"{args.filename}: {exc}", EXIT_USAGE)
+    documents = read_source(args.filename)
+    templates = list(pod_templates(documents))
     settings = injection_settings(args, request_template=False)
-    failed = False
+    errors: list[MeshguardError] = []
     for template in templates:
         try:
             result = inject_pod(template.metadata, template.spec, settings=settings)
         except RefusedError as exc:
             print(f"error: {template.label}: {exc}", file=sys.stderr)
-            failed = True
+            errors.append(exc)
             continue
         except MalformedInputError as exc:
             print(f"error: {template.label}: malformed pod spec: {exc}", file=sys.stderr)
-            failed = True
+            errors.append(exc)
             continue
         if result.outcome is Outcome.SKIPPED:
             print(f"note: {template.label}: unchanged, {result.reason}", file=sys.stderr)
         for warning in result.warnings:
             print(f"warning: {template.label}: {warning}", file=sys.stderr)
-    if failed:
-        return fail("meshguard inject: nothing written, fix the errors above", EXIT_FAILED)
-    yaml.safe_dump_all(documents, sys.stdout, sort_keys=False, default_flow_style=False)
+    if errors:
+        return fail("meshguard inject: nothing written, fix the errors above", worst_status(errors))
+    if args.output == "json":
+        for document in documents:
+            print(json.dumps(document, separators=(",", ":")))
+    else:
+        yaml_io.dump_all(documents, sys.stdout)
     return EXIT_OK
 
 

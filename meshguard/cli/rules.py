@@ -1,13 +1,23 @@
-"""``meshguard rules``: the exact payloads meshguard-init applies, for pods in a manifest."""
+"""``meshguard rules``: the exact payloads meshguard-init applies, for pods in a manifest.
+
+Plain ``istioctl kube-inject`` output is a normal input: its containers usually have no
+``runAsUser``, which meshguard needs to tell them apart. For those pods the command shows the
+rules of the pod as meshguard admits it (``meshguard inject``, the webhook: each such
+container gets a uid of its own) and says so on stderr, per pod.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import sys
+from typing import Any
 
-from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
-from meshguard.errors import MalformedInputError, RefusedError
-from meshguard.inject.transform import skip_reason
+from meshguard import yaml_io
+from meshguard.cli import EXIT_FAILED, EXIT_OK, worst_status
+from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
+from meshguard.inject.transform import InjectSettings, inject_pod, skip_reason
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
 from meshguard.rules import nftables
@@ -17,22 +27,20 @@ from meshguard.rules.ruleset import Family, Ruleset
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        templates = list(pod_templates(read_source(args.filename)))
-    except MalformedInputError as exc:
-        return fail(f"{args.filename}: {exc}", EXIT_USAGE)
+    templates = list(pod_templates(read_source(args.filename)))
     settings = CompilerSettings()
-    failed = compiled = 0
+    errors: list[MeshguardError] = []
+    compiled = 0
     for template in templates:
         try:
             ruleset = _compile_template(template, settings=settings)
         except RefusedError as exc:
             print(f"error: {template.label}: {exc}", file=sys.stderr)
-            failed += 1
+            errors.append(exc)
             continue
         except MalformedInputError as exc:
             print(f"error: {template.label}: malformed pod spec: {exc}", file=sys.stderr)
-            failed += 1
+            errors.append(exc)
             continue
         if ruleset is None:
             continue
@@ -46,14 +54,15 @@ def run(args: argparse.Namespace) -> int:
             output=args.output,
             backend=_backend(args, ruleset),
         )
-    if failed:
-        return EXIT_FAILED
+    if errors:
+        return worst_status(errors)
     if not compiled:
-        return fail(
+        print(
             f"{args.filename}: no Istio-injected pod template found (run it through"
             " `istioctl kube-inject -f` first)",
-            EXIT_FAILED,
+            file=sys.stderr,
         )
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -65,6 +74,9 @@ def _compile_template(template: PodTemplate, *, settings: CompilerSettings) -> R
     if skip:
         print(f"note: {template.label}: skipped, {skip}", file=sys.stderr)
         return None
+    missing = [c.name for c in pod.workload if c.uid is None]
+    if missing:
+        return _as_admitted(template, missing, settings=settings)
     return compile_pod(
         pod, settings=settings, native_nftables=uses_native_nftables(pod, template.spec)
     )
@@ -78,11 +90,38 @@ def _backend(args: argparse.Namespace, ruleset: Ruleset) -> str:
     return "nftables" if ruleset.native_nftables else "iptables"
 
 
+def _as_admitted(
+    template: PodTemplate, missing: list[str], *, settings: CompilerSettings
+) -> Ruleset | None:
+    """The rules of the pod once meshguard admits it (uids assigned), on a copy."""
+    metadata: dict[str, Any] = copy.deepcopy(template.metadata)
+    spec: dict[str, Any] = copy.deepcopy(template.spec)
+    result = inject_pod(
+        metadata, spec, settings=InjectSettings(compiler=settings, request_template=False)
+    )
+    if result.ruleset is None:
+        print(f"note: {template.label}: skipped, {result.reason}", file=sys.stderr)
+        return None
+    print(
+        f"note: {template.label}: container(s) {', '.join(missing)} have no runAsUser;"
+        " these are the rules of the pod as meshguard admits it (`meshguard inject`, the"
+        " webhook), which assigns each a uid of its own",
+        file=sys.stderr,
+    )
+    return result.ruleset
+
+
 def _print_ruleset(
     template: PodTemplate, ruleset: Ruleset, *, family: str | None, output: str, backend: str
 ) -> None:
-    if output == "json":
-        print(ruleset.to_json())
+    if output in ("json", "yaml"):
+        document = _document(ruleset, family=family)
+        if output == "json" and not family:
+            print(ruleset.to_json())  # byte for byte what the webhook records
+        elif output == "json":
+            print(json.dumps(document, sort_keys=True, separators=(",", ":")))
+        else:
+            yaml_io.dump_all([document], sys.stdout)
         return
     print(f"# meshguard ruleset for {template.label} ({ruleset.digest})")
     if backend == "nftables":
@@ -99,3 +138,15 @@ def _print_ruleset(
         sys.stdout.write(ruleset.family(fam).payload())
         for route in ruleset.family(fam).local_routes:
             print(f"# and first: ip -6 route replace local {route} dev lo")
+
+
+def _document(ruleset: Ruleset, *, family: str | None) -> dict[str, Any]:
+    """The ruleset document meshguard-init reads; with ``family``, only that family's part
+    (and ``family`` says which), which meshguard-init refuses (the digest covers both)."""
+    document: dict[str, Any] = json.loads(ruleset.to_json())
+    if family:
+        for fam in Family:
+            if fam.value != family:
+                document.pop(fam.value, None)
+        document["family"] = family
+    return document

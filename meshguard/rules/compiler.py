@@ -70,6 +70,7 @@ from meshguard.policy import (
     Policy,
     Protocol,
     check_names,
+    control_port_warnings,
     parse_mode,
     parse_policy,
 )
@@ -167,6 +168,7 @@ def compile_ruleset(
     by_container = {name: plan for plan in plans.values() for name in plan.containers}
     _add_own_ports(workload, by_container)
     _add_policy_rules(pod, policy, by_container, settings, warnings)
+    warnings.extend(control_port_warnings(policy))
 
     identities = _source_identities(pod, settings)
     ordered = [plans[uid] for uid in sorted(plans)]

@@ -188,16 +188,17 @@ def test_a_restart_that_fails_keeps_the_previous_rules_whole(ns: NetworkNamespac
 
 
 @pytest.mark.parametrize(
-    ("content", "expected"),
+    ("content", "expected", "code"),
     [
-        (None, "cannot read ruleset"),
-        ("", "is empty: the meshguard.io/ruleset annotation is missing"),
-        ("{not json", "ruleset: not valid JSON"),
-        ("TAMPER", "digest mismatch"),
+        (None, "cannot read ruleset", 1),
+        ("", "is empty: the meshguard.io/ruleset annotation is missing", 1),
+        # Unreadable or altered input exits 2 (README: exit status).
+        ("{not json", "ruleset: not valid JSON", 2),
+        ("TAMPER", "digest mismatch", 2),
     ],
 )
 def test_init_without_a_good_ruleset_exits_non_zero_with_one_line(
-    ns: NetworkNamespace, tmp_path: Path, content: str | None, expected: str
+    ns: NetworkNamespace, tmp_path: Path, content: str | None, expected: str, code: int
 ):
     path = tmp_path / "ruleset"
     if content == "TAMPER":
@@ -207,7 +208,7 @@ def test_init_without_a_good_ruleset_exits_non_zero_with_one_line(
     if content is not None:
         path.write_text(content)
     done = init(ns, path)
-    assert done.returncode == 1
+    assert done.returncode == code
     assert done.stderr.count("\n") == 1, done.stderr
     assert expected in done.stderr
     assert done.stderr.startswith("meshguard init: ")

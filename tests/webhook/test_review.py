@@ -477,3 +477,24 @@ def describe_pod_lines(pod: dict[str, Any]) -> list[str]:
     view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
     policy = parse_policy(view.annotations.get("meshguard.io/policy"))
     return describe(view, policy, mode=Mode.ENFORCE, compiled=None, settings=CompilerSettings())
+
+
+@pytest.mark.parametrize("port", [15000, 15020])
+def test_a_rule_opening_a_proxy_control_port_is_allowed_with_a_warning(port: int):
+    pod = istio_pod()
+    pod["metadata"].setdefault("annotations", {})["meshguard.io/policy"] = (
+        f"rules: [{{from: app, to: proxy, ports: [{port}]}}]"
+    )
+    status, answer = post(review(pod))
+    assert status == 200 and answer["response"]["allowed"] is True, answer
+    warnings = answer["response"]["warnings"]
+    assert any(f"opens the proxy's port {port} to app" in w for w in warnings), warnings
+
+
+def test_an_http_rule_on_a_control_port_needs_no_warning():
+    pod = istio_pod()
+    pod["metadata"].setdefault("annotations", {})["meshguard.io/policy"] = (
+        "rules: [{from: app, to: proxy, ports: [15020], http: {paths: [/quitquitquit]}}]"
+    )
+    _, answer = post(review(pod))
+    assert not any("opens the proxy's port" in w for w in answer["response"].get("warnings", []))
