@@ -42,6 +42,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "meshguard.sandbox": ("meshguard.cli", "meshguard.webhook"),
     "meshguard.mesh": ("meshguard.",),
     "meshguard.annotation_keys": ("meshguard.",),
+    "meshguard.errors": ("meshguard.",),
+    "meshguard.yaml_io": ("meshguard.",),
     "meshguard.process": ("meshguard.rules", "meshguard.sandbox", "meshguard.cli"),
     "meshguard.policy": (
         "meshguard.rules",
