@@ -40,6 +40,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "meshguard.webhook": ("meshguard.authz", "meshguard.sandbox", "meshguard.cli"),
     "meshguard.sandbox": ("meshguard.cli", "meshguard.webhook"),
+    "meshguard.cni": (
+        "meshguard.webhook",
+        "meshguard.authz",
+        "meshguard.sandbox",
+        "meshguard.inject",
+        "meshguard.cli",
+    ),
     "meshguard.mesh": ("meshguard.",),
     "meshguard.annotation_keys": ("meshguard.",),
     "meshguard.errors": ("meshguard.",),

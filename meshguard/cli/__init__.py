@@ -159,7 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_servers(commands)
     _add_configs(commands)
     _add_completion(commands)
+    _add_cni(commands)
     return parser
+
+
+def _add_cni(commands: Subcommands) -> None:
+    cni = commands.add_parser("cni", help="Istio CNI mode: node-side install, in-pod check")
+    sub = cni.add_subparsers(title="cni commands", metavar="COMMAND")
+    validate = sub.add_parser(
+        "validate", help="meshguard-validation: exit 1 unless meshguard's rules are in place"
+    )
+    validate.add_argument("--mode", choices=["enforce", "audit"], default="enforce")
+    validate.set_defaults(handler="meshguard.cli.cni:run_validate")
 
 
 def add_injection_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,252 @@
+"""meshguard's chained CNI plugin: ADD installs the pod's admitted ruleset in its namespace.
+
+Chained after istio-cni (whose capture rules are in place by then). Per command:
+
+- ADD: read the pod (``K8S_POD_NAMESPACE``/``K8S_POD_NAME`` of ``CNI_ARGS``) from the API
+  server; a pod meshguard did not inject (no ``meshguard.io/ruleset``, no
+  ``meshguard.io/status``) passes through untouched; otherwise read and check its ruleset
+  (digest, and the digest recorded in the status), enter ``CNI_NETNS`` and install it with
+  meshguard-init's own code under the namespace's install lock (plan, one restore per family,
+  verify, roll back on failure). Output: ``prevResult`` unchanged. Any failure — the API
+  answers 403/404, times out or sends garbage, the ruleset is missing or altered, the install
+  fails — is an error object on stdout and exit 1: the runtime does not start the pod, and
+  ``msg`` shows in its events.
+- CHECK: the same reading, then verify (no repair) that the namespace holds exactly the
+  admitted rules; what differs is the error's ``msg``.
+- DEL: remove meshguard's chains and hooks from the namespace (no API call: the pod may be
+  gone); a missing namespace, or one without meshguard's rules, is success.
+- VERSION: the supported spec versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from meshguard import annotation_keys, logs
+from meshguard.cni.kube import api_access, get_pod
+from meshguard.cni.netns import NamespaceGone, enter_netns
+from meshguard.cni.protocol import (
+    SPEC_VERSION,
+    SUPPORTED_VERSIONS,
+    CniError,
+    Code,
+    Command,
+    Invocation,
+    NetConf,
+    read_command,
+    read_invocation,
+    read_netconf,
+    version_document,
+)
+from meshguard.errors import MeshguardError
+from meshguard.rules.install import install, install_lock, plan_payload, verify
+from meshguard.rules.iptables import parse_save
+from meshguard.rules.ruleset import Family, FamilyRuleset, Ruleset
+
+log = logging.getLogger(__name__)
+
+
+def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
+    """Run one CNI command; the exit status (0, or 1 with the error object on stdout)."""
+    cni_version = SPEC_VERSION
+    try:
+        command = read_command(environ)
+        text = stdin.read()
+        if command is Command.VERSION:
+            cni_version = _requested_version(text)
+            _write(stdout, version_document(cni_version))
+            return 0
+        conf = read_netconf(text)
+        cni_version = conf.cni_version
+        invocation = read_invocation(command, environ)
+        result = _run(command, conf, invocation, environ)
+    except CniError as exc:
+        log.error(
+            "meshguard-cni failed",
+            extra={"fields": {"event": "cni-error", "code": int(exc.code), "reason": exc.msg}},
+        )
+        _write(stdout, exc.document(cni_version))
+        return 1
+    if result is not None:
+        _write(stdout, result)
+    return 0
+
+
+def _run(
+    command: Command, conf: NetConf, invocation: Invocation, environ: Mapping[str, str]
+) -> dict[str, Any] | None:
+    if command is Command.DEL:
+        remove(invocation)
+        return None
+    if conf.prev_result is None and command is Command.ADD:
+        raise CniError(
+            Code.INVALID_CONFIG,
+            "meshguard-cni must be chained after the pod's network plugin (no prevResult)",
+        )
+    ruleset = admitted_ruleset(conf, invocation, environ)
+    if ruleset is not None:
+        if command is Command.ADD:
+            add(ruleset, conf=conf, invocation=invocation)
+        else:
+            check(ruleset, conf=conf, invocation=invocation)
+    if command is Command.CHECK:
+        return None
+    return {**(conf.prev_result or {}), "cniVersion": conf.cni_version}
+
+
+def admitted_ruleset(
+    conf: NetConf, invocation: Invocation, environ: Mapping[str, str]
+) -> Ruleset | None:
+    """The pod's ruleset; None when meshguard did not inject the pod (nothing to do)."""
+    pod_ref = invocation.pod
+    if pod_ref is None:
+        _log_event("not a Kubernetes pod (no K8S_POD_NAME in CNI_ARGS): passed through",
+                   event="pass-through", container=invocation.container_id)  # fmt: skip
+        return None
+    namespace, name = pod_ref
+    if namespace in conf.kubernetes.exclude_namespaces:
+        return None
+    pod = get_pod(api_access(conf.kubernetes, environ), namespace=namespace, name=name)
+    metadata = pod["metadata"]
+    where = f"pod {namespace}/{name}"
+    if invocation.pod_uid and metadata.get("uid") != invocation.pod_uid:
+        raise CniError(
+            Code.TRY_AGAIN_LATER,
+            f"{where}: the API server has uid {metadata.get('uid')}, the runtime"
+            f" {invocation.pod_uid} (the pod was recreated)",
+        )
+    annotations = metadata.get("annotations") or {}
+    text, status = annotations.get(annotation_keys.RULESET), annotations.get(annotation_keys.STATUS)
+    if text is None and status is None:
+        _log_event(f"{where} is not injected by meshguard: passed through",
+                   event="pass-through", pod=f"{namespace}/{name}")  # fmt: skip
+        return None
+    if not isinstance(text, str) or not text.strip():
+        raise CniError(
+            Code.RULESET_UNAVAILABLE,
+            f"{where} is injected by meshguard ({annotation_keys.STATUS}) but has no"
+            f" {annotation_keys.RULESET} annotation: not started",
+        )
+    try:
+        ruleset = Ruleset.from_json(text)
+    except MeshguardError as exc:
+        raise CniError(
+            Code.RULESET_UNAVAILABLE, f"{where}: {annotation_keys.RULESET}: {exc}: not started"
+        ) from None
+    recorded = _recorded_digest(status)
+    if status is not None and recorded != ruleset.digest:
+        raise CniError(
+            Code.RULESET_UNAVAILABLE,
+            f"{where}: {annotation_keys.RULESET} hashes to {ruleset.digest}, but"
+            f" {annotation_keys.STATUS} records {recorded}: the annotations were altered after"
+            " admission; not started",
+        )
+    return ruleset
+
+
+def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
+    _enter(invocation)
+    try:
+        with install_lock(timeout=conf.lock_timeout_seconds) as locked:
+            install(ruleset, run=locked)
+    except MeshguardError as exc:
+        raise CniError(Code.INSTALL_FAILED, f"meshguard rules not installed: {exc}") from None
+
+
+def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
+    _enter(invocation)
+    problems: list[str] = []
+    try:
+        with install_lock(timeout=conf.lock_timeout_seconds) as locked:
+            for family in _families():
+                current = parse_save(locked([family.save]))
+                problems += [
+                    f"{family.value}: {p}" for p in verify(ruleset.family(family), current)
+                ]
+    except MeshguardError as exc:
+        raise CniError(
+            Code.IO_FAILURE, f"meshguard CHECK could not read the rules: {exc}"
+        ) from None
+    if problems:
+        raise CniError(
+            Code.RULES_DRIFTED,
+            f"meshguard rules are not as admitted ({ruleset.digest}): {'; '.join(problems)}",
+        )
+
+
+def remove(invocation: Invocation) -> None:
+    """DEL: meshguard's chains and hooks out of the namespace; idempotent."""
+    if not invocation.netns:
+        return
+    try:
+        enter_netns(invocation.netns)
+    except NamespaceGone:
+        return  # the namespace, and its rules, are gone already
+    except MeshguardError as exc:
+        raise CniError(Code.IO_FAILURE, str(exc)) from None
+    try:
+        with install_lock() as locked:
+            for family in _families():
+                current = parse_save(locked([family.save]))
+                empty = FamilyRuleset(family=family, tables=())
+                if not verify(empty, current):
+                    continue
+                locked([family.restore, "--noflush", "--wait"], stdin=plan_payload(empty, current))
+                left = verify(empty, parse_save(locked([family.save])))
+                if left:
+                    raise CniError(Code.IO_FAILURE, f"{family.value}: {'; '.join(left)}")
+    except MeshguardError as exc:
+        raise CniError(Code.IO_FAILURE, f"meshguard rules not removed: {exc}") from None
+    _log_event("meshguard rules removed", event="removed", container=invocation.container_id)
+
+
+def _enter(invocation: Invocation) -> None:
+    try:
+        enter_netns(invocation.netns)
+    except NamespaceGone as exc:
+        raise CniError(Code.UNKNOWN_CONTAINER, str(exc)) from None
+    except MeshguardError as exc:
+        raise CniError(Code.IO_FAILURE, str(exc)) from None
+
+
+def _families() -> list[Family]:
+    """IPv6 only where the namespace has it (as the installer decides)."""
+    ipv6 = os.path.exists("/proc/net/if_inet6")
+    return [f for f in Family if f is Family.IPV4 or ipv6]
+
+
+def _recorded_digest(status: object) -> object:
+    try:
+        document = json.loads(status) if isinstance(status, str) else None
+    except ValueError:
+        return None
+    return document.get("ruleset") if isinstance(document, dict) else None
+
+
+def _requested_version(text: str) -> str:
+    try:
+        document = json.loads(text) if text.strip() else {}
+    except ValueError:
+        document = {}
+    wanted = document.get("cniVersion") if isinstance(document, dict) else None
+    return wanted if wanted in SUPPORTED_VERSIONS else SPEC_VERSION
+
+
+def _log_event(message: str, **fields: str) -> None:
+    log.info(message, extra={"fields": fields})
+
+
+def _write(stream: TextIO, document: dict[str, Any]) -> None:
+    stream.write(json.dumps(document) + "\n")
+    stream.flush()
+
+
+def run() -> int:
+    """Entry point: ``python -m meshguard.cni`` as the runtime (or the agent) execs it."""
+    logs.configure(stream=sys.stderr, level=logging.INFO)
+    return main(environ=os.environ, stdin=sys.stdin, stdout=sys.stdout)
