@@ -14,6 +14,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -156,3 +157,12 @@ def test_a_pod_meshguard_did_not_inject_passes_through(netns, api):
     saved = subprocess.run(["ip", "netns", "exec", netns, "iptables-save"], capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
     assert "MESHGUARD" not in saved
+
+
+def test_concurrent_adds_for_one_pod_serialize_and_leave_the_rules_verified(netns, api):
+    serve(injected_pod())
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(lambda _: plugin("ADD", netns, api), range(2)))
+        assert [code for code, _ in results] == [0, 0], results
+        assert plugin("CHECK", netns, api) == (0, None)
