@@ -44,6 +44,7 @@ from meshguard.cni.protocol import (
     version_document,
 )
 from meshguard.errors import MeshguardError
+from meshguard.rules.backend import detect_backend
 from meshguard.rules.install import install, install_lock, plan_payload, verify
 from meshguard.rules.iptables import parse_save
 from meshguard.rules.ruleset import Family, FamilyRuleset, Ruleset
@@ -153,7 +154,11 @@ def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
     _enter(invocation)
     try:
         with install_lock(timeout=conf.lock_timeout_seconds) as locked:
-            install(ruleset, run=locked)
+            # The backend Istio's capture is in, detected as meshguard-init detects it.
+            backend = detect_backend(
+                locked, environ=os.environ, native_nftables=ruleset.native_nftables
+            )
+            install(ruleset, run=locked, backend=backend)
     except MeshguardError as exc:
         raise CniError(Code.INSTALL_FAILED, f"meshguard rules not installed: {exc}") from None
 
