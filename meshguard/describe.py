@@ -41,7 +41,10 @@ def describe(
     mode: Mode,
     compiled: Ruleset | None,
     settings: CompilerSettings,
+    native_nftables: bool = False,
 ) -> list[str]:
+    """The pod in words. ``native_nftables``: the pod's istio-init (or istio-validation)
+    runs Istio's native nftables mode, read from its spec as admission reads it."""
     proxy = pod.proxy_identity
     lines = [
         f"mode: {mode.value}"
@@ -71,7 +74,7 @@ def describe(
         " flows between the pod's own processes are never captured",
         f"through the pod's own Service (the proxy dialing the pod): {_hairpin_text(policy)}",
         f"rules installed by: {_installer_text(pod)}",
-        f"netfilter: {_backend_text(compiled)}",
+        f"netfilter: {_backend_text(native_nftables=native_nftables)}",
     ]
     lines += _status_lines(pod.annotations, compiled)
     lines += _admitted_lines(pod.annotations)
@@ -91,15 +94,17 @@ def _installer_text(pod: PodView) -> str:
     return "nothing yet (no meshguard-init or meshguard-validation in the pod)"
 
 
-def _backend_text(compiled: Ruleset | None) -> str:
-    if compiled is not None and compiled.native_nftables:
+def _backend_text(*, native_nftables: bool) -> str:
+    if native_nftables:
         return (
-            "nftables (Istio runs --native-nftables): table inet meshguard beside Istio's"
-            " inet istio-proxy-nat, uid dispatch through one verdict map"
+            "native nftables (Istio's init runs --native-nftables): table inet meshguard"
+            " beside Istio's inet istio-proxy-nat, uid dispatch through one verdict map;"
+            " meshguard-init fails closed if Istio's table is not there"
         )
     return (
         "iptables, in the variant Istio's capture is in (iptables-legacy if it holds rules,"
-        " else iptables-nft; meshguard-init detects it)"
+        " else iptables-nft; meshguard-init detects it, and fails closed if it finds Istio's"
+        " native nftables table instead)"
     )
 
 

@@ -407,3 +407,51 @@ def test_completion_script_completes_commands_and_choices(shell: str):
     assert complete("rules", "-o", "") == ["text", "json", "yaml"]
     assert "--family" in complete("rules", "--fa")
     assert complete("inject", "--posture-action", "") == ["fix", "deny"]
+
+
+def native_example() -> str:
+    """The example pod as Istio injects it in native nftables mode."""
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    pod["spec"]["initContainers"][0]["args"].append("--native-nftables")
+    return yaml.safe_dump(pod)
+
+
+@pytest.mark.parametrize(
+    ("native", "flags", "form"),
+    [
+        (False, (), "iptables"),
+        (True, (), "nftables"),
+        (False, ("--backend", "nftables"), "nftables"),
+        (True, ("--backend", "iptables"), "iptables"),
+    ],
+)
+def test_rules_prints_the_form_of_the_pods_backend_or_the_one_asked(native, flags, form):
+    manifest = native_example() if native else EXAMPLE.read_text()
+    done = meshguard_cli("rules", "-f", "-", *flags, stdin=manifest)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    if form == "nftables":
+        assert "# nftables: nft -f - (one atomic transaction" in out
+        assert "table inet meshguard {" in out and "meta skuid vmap {" in out
+        assert "*filter" not in out and "COMMIT" not in out
+    else:
+        assert "*filter" in out and "COMMIT" in out and "-j MESHGUARD_" in out
+        assert "table inet" not in out
+
+
+def test_rules_refuses_an_unknown_backend():
+    done = meshguard_cli("rules", "-f", str(EXAMPLE), "--backend", "ebpf")
+    assert done.returncode == 2
+    assert "invalid choice: 'ebpf'" in done.stderr
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_describe_says_which_backend_the_pod_uses(native):
+    manifest = native_example() if native else EXAMPLE.read_text()
+    done = meshguard_cli("describe", "-f", "-", stdin=manifest)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if "netfilter:" in x)
+    if native:
+        assert "netfilter: native nftables (Istio's init runs --native-nftables)" in line
+    else:
+        assert "netfilter: iptables, in the variant Istio's capture is in" in line

@@ -210,10 +210,10 @@ def _add_rules(commands: Subcommands) -> None:
     rules = _command(
         commands,
         "rules",
-        help="print the iptables-restore payloads meshguard-init would apply for a pod",
+        help="print the payloads meshguard-init would apply for a pod (iptables or nftables)",
         description="Compile the meshguard ruleset of every Istio-injected pod template in a"
         " manifest (Pod, Deployment, StatefulSet, DaemonSet, Job, CronJob, List, ...) and print"
-        " the exact iptables-restore payload(s) meshguard-init applies.",
+        " the exact iptables-restore payload(s) or nft transaction meshguard-init applies.",
     )
     rules.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
     rules.add_argument("--family", choices=[f.value for f in Family], help="only this family")

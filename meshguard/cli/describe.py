@@ -111,15 +111,19 @@ def _report(template: PodTemplate, verdict: Verdict, settings: CompilerSettings)
     except (RefusedError, MalformedInputError) as exc:
         return PodReport(pod=template.label, verdict=verdict, lines=(), error=str(exc))
     lines: list[str] = []
+    native = uses_native_nftables(pod, template.spec)
     try:
-        native = uses_native_nftables(pod, template.spec)
         compiled = compile_ruleset(
             pod, policy, mode=mode, settings=settings, native_nftables=native
         )
     except RefusedError as exc:
         compiled = None
         lines.append(f"cannot be enforced as written: {exc}")
-    lines.extend(describe(pod, policy, mode=mode, compiled=compiled, settings=settings))
+    lines.extend(
+        describe(
+            pod, policy, mode=mode, compiled=compiled, settings=settings, native_nftables=native
+        )
+    )
     return PodReport(pod=template.label, verdict=verdict, lines=tuple(lines))
 
 

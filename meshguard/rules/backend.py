@@ -9,9 +9,12 @@ other.
 
 - :class:`Backend` names the three, and the tools of the iptables variants;
 - :func:`detect_backend` decides, in this order: a forced backend (``meshguard init
-  --backend``, ``$MESHGUARD_BACKEND``); Istio's native table present -> ``nftables``;
-  a ruleset compiled for a pod whose istio-init runs ``--native-nftables`` without that
-  table -> a failure (Istio's capture is not there: never install beside nothing);
+  --backend``, ``$MESHGUARD_BACKEND``); Istio's native table present and the ruleset
+  admitted for native nftables -> ``nftables``. Admission reads the mode from the pod spec
+  (the ruleset records it), init confirms it in the namespace, and when the two disagree
+  init fails closed: the table without the admitted mode (the spec says iptables), or
+  the admitted mode without the table (Istio's capture is not there: never install beside
+  nothing);
   ``$FORCE_IPTABLES_BINARY`` (Istio's own override, honored the same way); rules present
   in iptables-legacy -> ``iptables-legacy``; else ``iptables-nft`` — as Istio's
   ``istio-iptables`` chooses (``tools/istio-iptables/pkg/dependencies``);
@@ -143,6 +146,14 @@ def detect_backend(
     if forced is not None:
         return _chosen(forced, "forced")
     if istio_nft_table_present(run):
+        if not native_nftables:
+            raise MeshguardFailure(
+                "this network namespace has Istio's native nftables capture (table inet"
+                " istio-proxy-nat), but the pod was admitted for iptables (its istio-init runs"
+                " without --native-nftables): the pod spec and the namespace disagree on"
+                " where Istio's capture is, refusing to guess (re-admit the pod, or force"
+                " one with --backend / $MESHGUARD_BACKEND)"
+            )
         return _chosen(Backend.NFTABLES, "table inet istio-proxy-nat present")
     if native_nftables:
         raise MeshguardFailure(

@@ -22,15 +22,14 @@ import yaml
 
 import meshguard
 from meshguard.errors import MeshguardFailure
-from meshguard.pod import read_pod
 from meshguard.process import run_command
 from meshguard.rules import nftables
-from meshguard.rules.backend import Backend
-from meshguard.rules.compiler import CompilerSettings, compile_pod
+from meshguard.rules.backend import Backend, detect_backend
 from meshguard.rules.install import install
 from meshguard.rules.ruleset import Family, Ruleset, Table
 from meshguard.sandbox.netns import NetworkNamespace
-from tests.support.netfilter import nft_golden
+from tests.support.netfilter import native_nftables_pod, nft_golden
+from tests.support.podns import compile_for
 from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
@@ -39,11 +38,12 @@ EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
 
 def compiled(*, native: bool = False, policy: str | None = None) -> Ruleset:
+    """The example pod's ruleset as admission records it: with ``native``, its istio-init
+    runs ``--native-nftables`` and admission reads that from the spec."""
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     if policy is not None:
         pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
-    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
-    return compile_pod(view, settings=CompilerSettings(), native_nftables=native)
+    return compile_for(native_nftables_pod(pod) if native else pod)
 
 
 @pytest.fixture
@@ -143,10 +143,22 @@ def test_istio_native_table_means_nftables_and_no_iptables_at_all(ns, tmp_path):
     assert installed_backend(done) == {"nftables"}
     assert meshguard_in(ns) == {"iptables-legacy": False, "iptables-nft": False, "nftables": True}
     assert ns.run(["nft", "list", "table", "inet", "istio-proxy-nat"]) == istio_before
-    # The native table wins even when the ruleset was compiled without the flag.
-    again = init(ns, compiled(), tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert installed_backend(again) == {"nftables"}
+
+
+def test_istios_table_with_a_pod_admitted_for_iptables_fails_closed(ns, tmp_path):
+    """The spec (admission: no --native-nftables) and the namespace (Istio's native table)
+    disagree: init refuses to guess, and writes nothing anywhere."""
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("ipv6-ipnets.golden"))
+    before = ns.run(["nft", "-s", "list", "ruleset"])
+    done = init(ns, compiled(), tmp_path)
+    assert done.returncode == 1
+    reason = done.stderr.splitlines()[-1]
+    assert "the pod spec and the namespace disagree" in reason
+    assert "istio-proxy-nat" in reason and "--native-nftables" in reason
+    assert meshguard_in(ns) == {"iptables-legacy": False, "iptables-nft": False, "nftables": False}
+    assert ns.run(["nft", "-s", "list", "ruleset"]) == before
+    forced = init(ns, compiled(), tmp_path, "--backend", "nftables")  # the operator's call
+    assert forced.returncode == 0, forced.stderr
 
 
 def test_native_nftables_pod_without_istios_table_fails_closed(ns, tmp_path):
@@ -245,3 +257,104 @@ def test_the_rendered_table_is_what_the_kernel_reads_back(ns, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1:] == nftables.render(compiled(native=True)).splitlines()
     assert "table inet meshguard" not in ns.run(["nft", "list", "tables"])
+
+
+#: Istio's native captures of several configurations: nat only, nat + raw (DNS capture),
+#: nat + mangle (TPROXY), owner groups, IPv6 ranges with virtual interfaces.
+ISTIO_NATIVE_GOLDENS = (
+    "ipv6-ipnets.golden",
+    "dns-uid-gid.golden",
+    "tproxy.golden",
+    "inbound-ports-tproxy.golden",
+    "ipv6-dns-uid-gid.golden",
+    "kube-virt-interfaces.golden",
+)
+
+
+def istio_tables(ns: NetworkNamespace) -> dict[str, str]:
+    """Every Istio table, rules and handles, as the kernel lists it."""
+    names = [line.split()[2] for line in ns.run(["nft", "list", "tables"]).splitlines()]
+    return {
+        name: ns.run(["nft", "-a", "-s", "list", "table", "inet", name])
+        for name in names
+        if name.startswith("istio-")
+    }
+
+
+@pytest.mark.parametrize("golden", ISTIO_NATIVE_GOLDENS)
+def test_istios_native_tables_are_never_modified(ns, tmp_path, golden):
+    """Install, converge to another policy, fail a transaction, fail a verification: every
+    table of Istio keeps its rules and their handles (nothing deleted and re-added)."""
+    ns.run(["nft", "-f", "-"], stdin=nft_golden(golden))
+    istio = istio_tables(ns)
+    assert "istio-proxy-nat" in istio and len(istio["istio-proxy-nat"].splitlines()) > 5
+    assert init(ns, compiled(native=True), tmp_path).returncode == 0
+    narrow = compiled(native=True, policy="rules: [{from: app, to: cache, ports: [6379]}]")
+    assert init(ns, narrow, tmp_path).returncode == 0
+    assert init(ns, broken(compiled(native=True)), tmp_path).returncode == 1
+    assert istio_tables(ns) == istio
+    assert meshguard_in(ns) == {"iptables-legacy": False, "iptables-nft": False, "nftables": True}
+
+
+class Recorder:
+    """A runner in the namespace that records the tool of every command."""
+
+    def __init__(self, ns: NetworkNamespace) -> None:
+        self.ns = ns
+        self.tools: set[str] = set()
+
+    def __call__(self, argv: list[str], *, stdin: str | None = None) -> str:
+        self.tools.add(argv[0])
+        return run_command(self.ns.argv(argv), stdin=stdin)
+
+
+def iptables_state(ns: NetworkNamespace) -> dict[str, list[str]]:
+    """Both iptables variants, both families, without the save's timestamped comments."""
+    return {
+        backend.save(family): [
+            line for line in ns.run([backend.save(family)]).splitlines() if line[:1] != "#"
+        ]
+        for backend in (Backend.IPTABLES_LEGACY, Backend.IPTABLES_NFT)
+        for family in Family
+    }
+
+
+ONLY_TOOLS = {
+    Backend.IPTABLES_LEGACY: {
+        "iptables-legacy-save", "iptables-legacy-restore",
+        "ip6tables-legacy-save", "ip6tables-legacy-restore", "ip",
+    },
+    Backend.IPTABLES_NFT: {
+        "iptables-nft-save", "iptables-nft-restore",
+        "ip6tables-nft-save", "ip6tables-nft-restore", "ip",
+    },
+    Backend.NFTABLES: {"nft", "ip"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", list(ONLY_TOOLS), ids=str)
+def test_install_verify_and_rollback_use_the_detected_backend_only(ns, backend):
+    """A good install, then one that fails half way (IPv6 refused after IPv4 applied, or the
+    nft transaction refused) and is rolled back: every command is the backend's own tool,
+    the other backends hold nothing of meshguard, and the rollback leaves the first install
+    exactly."""
+    native = backend is Backend.NFTABLES
+    if native:
+        ns.run(["nft", "-f", "-"], stdin=nft_golden("dns-uid-gid.golden"))
+    else:
+        load_iptables(ns, backend)
+    detected = detect_backend(Recorder(ns), environ={}, native_nftables=native)
+    assert detected is backend
+    recorder = Recorder(ns)
+    install(compiled(native=native), run=recorder, backend=detected)
+    good = iptables_state(ns)
+    tables = ns.run(["nft", "-s", "list", "ruleset"])
+    with pytest.raises(MeshguardFailure):
+        install(broken(compiled(native=native, policy="rules: []")), run=recorder,
+                backend=detected)  # fmt: skip
+    assert recorder.tools <= ONLY_TOOLS[backend], recorder.tools
+    assert {t for t in recorder.tools if t != "ip"}, "nothing was run"
+    others = {k: v for k, v in meshguard_in(ns).items() if k != backend.value}
+    assert not any(others.values()), others
+    assert ns.run(["nft", "-s", "list", "ruleset"]) == tables
+    assert iptables_state(ns) == good

@@ -19,7 +19,7 @@ import yaml
 import meshguard
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
-from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft
+from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
 from tests.support.samples import pod_of_uids
 from tests.support.shared import golden_payloads
@@ -76,7 +76,11 @@ def sandbox(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PodSandb
     netfilter: Netfilter = request.param
     nft = matrix_capture_nft() if netfilter is Netfilter.NFTABLES else None
     with pod_sandbox(
-        compile_for(example_pod()), tmp_path, istio=istio, netfilter=netfilter, istio_nft=nft
+        compile_for(pod_for(example_pod(), netfilter)),
+        tmp_path,
+        istio=istio,
+        netfilter=netfilter,
+        istio_nft=nft,
     ) as box:
         for server in SERVERS:
             box.serve(server)

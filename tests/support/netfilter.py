@@ -7,8 +7,10 @@ own ``*-restore``; ``nftables`` loads Istio's native nftables goldens (``nft -f`
 
 from __future__ import annotations
 
+import copy
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from meshguard.rules.backend import Backend
 from meshguard.rules.ruleset import Family
@@ -56,3 +58,19 @@ def matrix_capture_nft() -> str:
         "ipv6-outbound-ports.golden",
         extra=[("ipnets-with-kube-virt-interfaces.golden", "istio-output ip daddr 10.0.0.0/8")],
     )
+
+
+def native_nftables_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod as Istio injects it with ``values.global.nativeNftables``: its istio-init runs
+    ``--native-nftables`` (admission reads that from the spec and records it)."""
+    native: dict[str, Any] = copy.deepcopy(dict(pod))
+    init = next(c for c in native["spec"]["initContainers"] if c["name"] == "istio-init")
+    init["args"] = [*init.get("args", []), "--native-nftables"]
+    return native
+
+
+def pod_for(pod: Mapping[str, Any], netfilter: Netfilter) -> dict[str, Any]:
+    """The pod as Istio injects it for ``netfilter``: native nftables or iptables."""
+    if netfilter is Netfilter.NFTABLES:
+        return native_nftables_pod(pod)
+    return copy.deepcopy(dict(pod))

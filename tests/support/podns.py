@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from meshguard.pod import read_pod
+from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace, PodAddresses, probe_command, serve_command
@@ -116,8 +117,10 @@ def pod_sandbox(
 
 
 def compile_for(pod: Mapping[str, Any]) -> Ruleset:
+    """The ruleset admission records for the pod (native nftables read from its spec)."""
     view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
-    return compile_pod(view, settings=CompilerSettings())
+    native = uses_native_nftables(view, pod["spec"])
+    return compile_pod(view, settings=CompilerSettings(), native_nftables=native)
 
 
 def own_lines(save_output: str) -> list[str]:
