@@ -1,16 +1,41 @@
-# meshguard: one image for the webhook, the authz server and meshguard-init.
-# Build: docker build -t ghcr.io/meshguard/meshguard:0.1.0 .
+# meshguard: two images from one build.
+#   docker build -t ghcr.io/meshguard/meshguard:0.1.0 .
+#       the webhook and the authz server (the last stage: the default target)
+#   docker build --target init -t ghcr.io/meshguard/meshguard-init:0.1.0 .
+#       meshguard-init and meshguard-validation in every pod, the CNI plugin on the nodes:
+#       the core install only (no servers' libraries), both iptables variants and nftables
 
-# --- build: the project and its runtime dependencies in a virtualenv -----------------------
+# --- build: the project in two virtualenvs (core only; with the server extra) ---------------
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/meshguard
 COPY pyproject.toml README.md /src/
 COPY meshguard /src/meshguard
 # The README way (pip install of the project), without the editable flag or test extra.
-RUN /opt/meshguard/bin/pip install /src
+# The init venv keeps no pip or setuptools: nothing installs into it at run time.
+RUN python -m venv /opt/meshguard-init \
+ && /opt/meshguard-init/bin/pip install /src \
+ && /opt/meshguard-init/bin/pip uninstall -y -q pip setuptools
+RUN python -m venv /opt/meshguard \
+ && /opt/meshguard/bin/pip install "/src[server]"
 
-# --- runtime: slim, iptables for meshguard-init, non-root by default -------------------------
+# --- init: meshguard-init, meshguard-validation, the CNI plugin -----------------------------
+FROM python:3.11.11-slim-bookworm AS init
+# iptables ships both variants (iptables-legacy, iptables-nft); nftables for native nftables
+# pods; iproute2 for the IPv6 loopback addresses meshguard-init adds.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables nftables iproute2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 65532 meshguard \
+ && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin meshguard
+COPY --from=build /opt/meshguard-init /opt/meshguard
+ENV PATH=/opt/meshguard/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# meshguard-init runs as uid 0 with NET_ADMIN/NET_RAW, meshguard-validation as a uid of no
+# container (both set by their securityContext); the default user is not root.
+USER 65532:65532
+ENTRYPOINT ["meshguard"]
+CMD ["--help"]
+
+# --- runtime: the servers, slim, iptables for meshguard-init, non-root by default -----------
 FROM python:3.11.11-slim-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables iproute2 \
@@ -19,8 +44,8 @@ RUN apt-get update \
  && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin meshguard
 COPY --from=build /opt/meshguard /opt/meshguard
 ENV PATH=/opt/meshguard/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-# meshguard-init runs this image as uid 0 with NET_ADMIN/NET_RAW (set by its securityContext);
-# the webhook and the authz server run as this user.
+# The webhook and the authz server run as this user. (meshguard-init can still run from
+# this image, as before: the chart's init.image points at the slim one.)
 USER 65532:65532
 ENTRYPOINT ["meshguard"]
 CMD ["--help"]

