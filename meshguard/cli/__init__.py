@@ -28,7 +28,7 @@ from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
-from meshguard.inject.container import DEFAULT_IMAGE
+from meshguard.inject.container import DEFAULT_INIT_IMAGE
 from meshguard.rules.ruleset import Family
 
 __all__ = [
@@ -210,7 +210,11 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         default="fix",
         help="fix: patch what can be patched and warn (default); deny: refuse instead",
     )
-    parser.add_argument("--image", default=DEFAULT_IMAGE, help="image of meshguard-init")
+    parser.add_argument(
+        "--image",
+        default=DEFAULT_INIT_IMAGE,
+        help="image of meshguard-init and meshguard-validation (the slim init image)",
+    )
 
 
 def _add_demo(commands: Subcommands) -> None:
@@ -504,7 +508,9 @@ def _add_configs(commands: Subcommands) -> None:
         " sidecar,meshguard (the webhook adds it).",
     )
     template.add_argument("--format", choices=["iop", "helm"], default="iop")
-    template.add_argument("--image", default=DEFAULT_IMAGE, help="meshguard image")
+    template.add_argument(
+        "--image", default=DEFAULT_INIT_IMAGE, help="image of meshguard-init (the slim init image)"
+    )
     template.set_defaults(handler="meshguard.cli.inject:istio_template")
 
 

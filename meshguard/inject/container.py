@@ -27,13 +27,16 @@ VALIDATION_UID_CEILING: Final = 65532
 RULESET_VOLUME: Final = "meshguard-ruleset"
 RULESET_DIR: Final = "/etc/meshguard"
 RULESET_FILE: Final = "ruleset"
-#: The image that serves the webhook, the authz server and meshguard-init.
+#: The servers' image (the webhook, the authz server): the Dockerfile's default target.
 DEFAULT_IMAGE: Final = f"ghcr.io/meshguard/meshguard:{__version__}"
+#: The slim image of meshguard-init and meshguard-validation (the Dockerfile's ``init``
+#: target: the core install and the netfilter tools, none of the servers' libraries).
+DEFAULT_INIT_IMAGE: Final = f"ghcr.io/meshguard/meshguard-init:{__version__}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class InitContainerSettings:
-    image: str = DEFAULT_IMAGE
+    image: str = DEFAULT_INIT_IMAGE
     image_pull_policy: str = "IfNotPresent"
     cpu_request: str = "10m"
     memory_request: str = "32Mi"

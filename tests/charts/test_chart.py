@@ -28,7 +28,7 @@ from meshguard import __version__
 from meshguard.authz.listener import IstioSettings
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
-from meshguard.inject.container import DEFAULT_IMAGE
+from meshguard.inject.container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
 from meshguard.inject.posture import Action
 from tests.support.kube import istio_crd_schema, selector_matches
 
@@ -53,6 +53,7 @@ IGNORE = {"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 5}}
 NO_TEMPLATE = {
     "webhook": {"requestTemplate": False, "postureAction": "deny"},
     "image": {"repository": "registry.example/mg", "digest": "sha256:" + "a" * 64},
+    "init": {"image": {"repository": "registry.example/mg-init", "digest": "sha256:" + "b" * 64}},
 }
 DESTINATION_RULE = {"istio": {"destinationRule": {"enabled": True}}}
 VALUE_SETS = {
@@ -228,7 +229,9 @@ def test_webhook_command_line_is_the_real_cli() -> None:
     # no template by default: a missing `meshguard` template in istiod cannot block pods
     assert settings.request_template is False
     assert settings.posture.default_action is Action.FIX
-    assert settings.init.image == DEFAULT_IMAGE
+    # the slim init image (Dockerfile --target init), the same default as meshguard inject's
+    assert settings.init.image == DEFAULT_INIT_IMAGE
+    assert DEFAULT_INIT_IMAGE == f"ghcr.io/meshguard/meshguard-init:{__version__}"
     # TLS files come from the Secret mounted read-only where --cert/--key point
     mounts = {m["name"]: m for m in main["volumeMounts"]}
     assert mounts["tls"]["mountPath"] == "/etc/meshguard/tls"
@@ -256,11 +259,15 @@ def test_webhook_flags_follow_values() -> None:
     settings = injection_settings(args, request_template=not args.no_template)
     assert settings.request_template is False
     assert settings.posture.default_action is Action.DENY
-    assert settings.init.image == image
+    assert settings.init.image == "registry.example/mg-init@sha256:" + "b" * 64
     init = render({"webhook": {"initImage": "other/init:1"}, "image": {"tag": "9.9"}})
     main = container(one(init, "Deployment", "meshguard-webhook"))
     assert main["image"] == "ghcr.io/meshguard/meshguard:9.9"
     assert "--image=other/init:1" in main["args"]
+    # init.image follows its own tag (default: the appVersion), not the servers' image
+    tagged = render({"init": {"image": {"tag": "9.8"}}, "image": {"tag": "9.9"}})
+    main = container(one(tagged, "Deployment", "meshguard-webhook"))
+    assert "--image=ghcr.io/meshguard/meshguard-init:9.8" in main["args"]
 
 
 def test_authz_command_line_is_the_real_cli() -> None:
@@ -701,6 +708,8 @@ def test_a_broken_destination_rule_fails_istios_schema() -> None:
         ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser"),
         ({"replicas": 2}, "replicas"),
         ({"webhook": {"replica": 2}}, "replica"),
+        ({"init": {"image": {"digest": "latest"}}}, "/init/image/digest"),
+        ({"init": {"image": {"pullPolicy": "Always"}}}, "pullPolicy"),
     ],
 )
 def test_bad_values_are_rejected_by_the_schema(values: dict[str, Any], where: str) -> None:
@@ -769,7 +778,8 @@ def test_helm_lint_reports_a_broken_template(tmp_path: Path) -> None:
 
 def test_servers_run_as_the_images_user() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, flags=re.MULTILINE)
+    # one user for both targets (the servers' image and the init image)
+    (user,) = set(re.findall(r"^USER (\d+):(\d+)$", dockerfile, flags=re.MULTILINE))
     assert re.search(r'^ENTRYPOINT \["meshguard"\]$', dockerfile, flags=re.MULTILINE)
     for component in ("webhook", "authz"):
         deployment = one(render(), "Deployment", f"meshguard-{component}")

@@ -29,13 +29,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* The image reference: repository, then @digest or :tag (default: the appVersion). */}}
-{{- define "meshguard.image" -}}
-{{- $image := .Values.image -}}
+{{/* An image reference from {repository, tag, digest}: repository, then @digest or :tag
+(default: the appVersion). Called with (dict "image" IMAGE "root" $). */}}
+{{- define "meshguard.imageRef" -}}
+{{- $image := .image -}}
 {{- if $image.digest -}}
 {{ printf "%s@%s" $image.repository $image.digest }}
 {{- else -}}
-{{ printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{ printf "%s:%s" $image.repository (default .root.Chart.AppVersion $image.tag) }}
+{{- end -}}
+{{- end }}
+
+{{/* The servers' image (webhook, authz). */}}
+{{- define "meshguard.image" -}}
+{{ include "meshguard.imageRef" (dict "image" .Values.image "root" .) }}
+{{- end }}
+
+{{/* The slim init image: meshguard-init and meshguard-validation in every pod, and what
+runs on the nodes. webhook.initImage (a full reference, the older value) wins when set. */}}
+{{- define "meshguard.initImage" -}}
+{{- if .Values.webhook.initImage -}}
+{{ .Values.webhook.initImage }}
+{{- else -}}
+{{ include "meshguard.imageRef" (dict "image" .Values.init.image "root" .) }}
 {{- end -}}
 {{- end }}
 
