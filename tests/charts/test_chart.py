@@ -230,8 +230,11 @@ def test_webhook_command_line_is_the_real_cli() -> None:
     assert settings.request_template is False
     assert settings.posture.default_action is Action.FIX
     # the slim init image (Dockerfile --target init), the same default as meshguard inject's
-    assert settings.init.image == DEFAULT_INIT_IMAGE
-    assert DEFAULT_INIT_IMAGE == f"ghcr.io/meshguard/meshguard-init:{__version__}"
+    assert (
+        settings.init.image
+        == DEFAULT_INIT_IMAGE
+        == f"ghcr.io/meshguard/meshguard-init:{__version__}"
+    )
     # TLS files come from the Secret mounted read-only where --cert/--key point
     mounts = {m["name"]: m for m in main["volumeMounts"]}
     assert mounts["tls"]["mountPath"] == "/etc/meshguard/tls"
