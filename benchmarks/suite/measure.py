@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import pstats
 import statistics
@@ -14,8 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from meshguard.sandbox.netns import NetworkNamespace
-
-from .runner import ROOT
+from tests.support.pods import admission_review
 
 INSTALL_SIZES = (2, 8, 32, 64)
 INSTALL_GOAL_MS = 100.0
@@ -23,15 +22,9 @@ ADMISSION_SIZES = (5, 10, 30, 64)
 
 
 def load_script(name: str) -> ModuleType:
-    """Import ``benchmarks/NAME.py`` (a standalone script) to reuse its pod builders."""
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import ``benchmarks/NAME.py`` (a script run as ``python -m benchmarks.NAME``) to reuse
+    its pod builders and timers."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def rule_install(*, quick: bool) -> dict[str, Any]:
@@ -122,7 +115,7 @@ def admission_growth(*, quick: bool) -> dict[str, Any]:
     repeats = 3 if quick else 5
     rows = []
     for n in ADMISSION_SIZES:
-        body = wh.review_body(wh.synthetic_pod(n))
+        body = admission_review(wh.synthetic_pod(n), wh.REVIEW_UID)
         status, answer, _ = handle(body, settings=settings)
         allowed = status == 200 and answer["response"]["allowed"]
         samples = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks.common import ROOT
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ScriptRun:
 def run_script(
     name: str, script: str, args: list[str], *, timeout: float, log_dir: Path
 ) -> ScriptRun:
-    """``python benchmarks/SCRIPT ARGS --json FILE``."""
+    """``python -m benchmarks.SCRIPT ARGS --json FILE`` (SCRIPT without its ``.py``)."""
     run = _attempt(name, script, args, timeout=timeout)
     (log_dir / f"{name}.stdout.txt").write_text(run.stdout, encoding="utf-8")
     (log_dir / f"{name}.stderr.txt").write_text(run.stderr, encoding="utf-8")
@@ -43,7 +43,8 @@ def run_script(
 def _attempt(name: str, script: str, args: list[str], *, timeout: float) -> ScriptRun:
     with tempfile.TemporaryDirectory(prefix="meshguard-suite-") as tmp:
         out = Path(tmp) / "out.json"
-        argv = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)]
+        module = f"benchmarks.{script.removesuffix('.py')}"
+        argv = [sys.executable, "-m", module, *args, "--json", str(out)]
         env = dict(os.environ)
         print(f"[{name}] {' '.join(argv[1:])}", file=sys.stderr, flush=True)
         started = time.perf_counter()

@@ -24,33 +24,11 @@ from typing import Any
 
 import yaml
 
-import meshguard
-from meshguard.inject.transform import InjectSettings, inject_pod
+from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
+from tests.support.pods import injected_example
+from tests.support.processes import HOST, free_port, stop_process
 
-from .runner import ROOT
-
-EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
-POLICY = """
-rules:
-  - from: log-shipper
-    to: app
-    ports: [9090]
-  - from: app
-    to: proxy
-    ports: [15020]
-    http: {methods: [POST], paths: ["/quitquitquit"]}
-"""
-HOST = "127.0.0.1"
 CHANNELS_PER_CLIENT = 4
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def injected_pod() -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = POLICY
-    pod["metadata"]["annotations"]["meshguard.io/mode"] = "enforce"
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
-    return pod
 
 
 def request_fields(pod: dict[str, Any]) -> dict[str, Any]:
@@ -58,13 +36,6 @@ def request_fields(pod: dict[str, Any]) -> dict[str, Any]:
     source = next(a for a in status["listener"]["sources"]["app"] if ":" not in a)
     key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
     return {"source": source, "pod": key, "port": 15020, "method": "POST", "path": "/quitquitquit"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def cpu_busy() -> tuple[int, int]:
@@ -232,12 +203,7 @@ def measure(
                 time.perf_counter() - window_started
             )
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server)
     results = [json.loads(o.decode().strip().splitlines()[-1]) for o in outputs]
     window = max(r["seconds"] for r in results)
     busy = (after[0] - before[0]) / max(1, after[1] - before[1])
@@ -258,7 +224,7 @@ def measure(
 
 
 def run(*, quick: bool, log_dir: Path) -> dict[str, Any]:
-    pod = injected_pod()
+    pod = injected_example(policy=L7_POLICY, mode="enforce")
     fields = request_fields(pod)
     seconds = 2.0 if quick else 5.0
     rounds = 1 if quick else 2

@@ -18,7 +18,7 @@
 
 No timing is asserted; the figures (throughput, latency percentiles, RSS, counts) are
 printed, so ``pytest -s tests/load`` shows them. ``benchmarks/load.py`` runs the same
-scenarios with bigger numbers.
+scenarios with bigger numbers; both take their helpers from ``tests/support/load.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import http.client
 import json
 import math
 import ssl
@@ -47,26 +46,29 @@ import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.load import (
+from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.latency import percentile
+from tests.support.load import (
     AGENT_PORT,
     APP,
-    HOST,
     LOAD_CLIENT,
     CheckRun,
     FaultPod,
     check_kinds,
-    example_pod,
-    free_port,
-    injected_example,
-    percentile,
-    review,
-    rss_kib,
     run_checks,
-    stop_process,
-    wait_serving,
 )
-from meshguard.inject.transform import InjectSettings, inject_pod
-from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.pods import admission_review, example_pod, injected_example
+from tests.support.processes import (
+    HOST,
+    free_port,
+    https_get,
+    rss_kib,
+    serve_authz_argv,
+    serve_webhook_argv,
+    stop_process,
+    wait_grpc_serving,
+)
 from tests.support.tls import CertificateAuthority
 
 CONCURRENCY = 64
@@ -100,14 +102,7 @@ class Webhook:
     process: subprocess.Popen[bytes]
 
     def get(self, path: str) -> tuple[int, bytes]:
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        connection = http.client.HTTPSConnection(HOST, self.port, context=context, timeout=10)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+        return https_get(self.port, path, self.ca_file)
 
 
 @pytest.fixture
@@ -121,8 +116,7 @@ def webhook(tmp_path: Path) -> Iterator[Webhook]:
     # The log goes to a file: one line per admission would fill an unread pipe and stall it.
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert_file),
-             "--key", str(key_file), "--host", HOST, "--port", str(port)],
+            serve_webhook_argv(cert_file, key_file, port),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
     served = Webhook(port, ca_file, log_file, process)
@@ -221,7 +215,7 @@ def admissions_counted(metrics_text: str) -> tuple[dict[str, int], int]:
 def test_webhook_answers_every_admission_under_load(webhook: Webhook):
     pod = example_pod()
     uids = [f"load-{i:05d}" for i in range(ADMISSIONS)]
-    bodies = [(uid, review(pod, uid)) for uid in uids]
+    bodies = [(uid, admission_review(pod, uid)) for uid in uids]
     answers, elapsed = asyncio.run(
         admit_all(f"https://{HOST}:{webhook.port}/inject", webhook.ca_file, bodies,
                   concurrency=CONCURRENCY)
@@ -274,13 +268,12 @@ def authz_server(tmp_path: Path) -> Iterator[AuthzServer]:
     log_file = tmp_path / "authz.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
-             "--port", str(port), "--metrics-port", "0"],
+            serve_authz_argv(pod_file, port),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
     server = AuthzServer(f"{HOST}:{port}", process, log_file, pod)
     try:
-        wait_serving(server.address, process, log_file)
+        wait_grpc_serving(server.address, process, log_file)
         yield server
     finally:
         stop_process(process)

@@ -68,3 +68,13 @@ class CertificateAuthority:
         )
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return serial
+
+
+def write_server_files(directory: Path, *, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A fresh CA and a server certificate for ``host`` in ``directory``: the CA's PEM file,
+    the certificate's and its key's (``ca.pem``, ``tls.crt``, ``tls.key``)."""
+    ca = CertificateAuthority.create()
+    ca_file = ca.write_ca(directory / "ca.pem")
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    ca.issue(cert_file, key_file, host=host)
+    return ca_file, cert_file, key_file

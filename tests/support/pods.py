@@ -1,0 +1,51 @@
+"""The example pod as tests and benchmarks use it: read, injected, in an AdmissionReview."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import meshguard
+from meshguard.inject.transform import InjectSettings, inject_pod
+
+EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
+
+
+def example_pod() -> dict[str, Any]:
+    """``meshguard/examples/pod.yaml``, as a fresh dict each call."""
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return pod
+
+
+def injected_example(*, policy: str | None = None, mode: str | None = None) -> dict[str, Any]:
+    """The example pod through ``inject_pod`` (no request template), with ``policy`` and
+    ``mode`` as its meshguard.io annotations when given."""
+    pod = example_pod()
+    annotations = pod["metadata"]["annotations"]
+    if policy is not None:
+        annotations["meshguard.io/policy"] = policy
+    if mode is not None:
+        annotations["meshguard.io/mode"] = mode
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    return pod
+
+
+def admission_review(pod: dict[str, Any], uid: str) -> bytes:
+    """The body of an AdmissionReview (admission.k8s.io/v1) asking to CREATE ``pod``."""
+    return json.dumps(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "namespace": pod["metadata"]["namespace"],
+                "object": pod,
+            },
+        }
+    ).encode()
