@@ -235,6 +235,14 @@ def _add_demo(commands: Subcommands) -> None:
     )
     demo.add_argument("-o", "--output", choices=["text", "json"], default="text")
     demo.add_argument(
+        "--backend",
+        choices=["iptables-nft", "iptables-legacy", "nftables"],
+        default="iptables-nft",
+        help="where the sandbox's Istio writes its capture: iptables-nft, iptables-legacy, or"
+        " Istio's native nftables mode (istio-init runs --native-nftables); meshguard-init"
+        " finds it by itself (default: %(default)s)",
+    )
+    demo.add_argument(
         "--keep", action="store_true", help="leave the sandbox up until Ctrl-C, for poking"
     )
     demo.set_defaults(handler="meshguard.cli.demo:run")

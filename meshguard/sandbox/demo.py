@@ -1,7 +1,9 @@
 """``meshguard demo``: a pod built for real, without a cluster, and every flow tried.
 
-A network namespace stands in for the pod: Istio's capture rules (as istio-init writes them),
-meshguard's rules installed by ``meshguard init`` from the ruleset the injection recorded,
+A network namespace stands in for the pod: Istio's capture rules (as istio-init writes them,
+through iptables-nft, iptables-legacy or in Istio's native nftables mode: :class:`Netfilter`),
+meshguard's rules installed by ``meshguard init`` from the ruleset the injection recorded
+(it finds the backend by itself, as in a pod),
 one process per container under the container's uid (echo and HTTP servers), the real Envoy
 as the proxy's uid with the loopback listener, and ``meshguard serve-authz``. Then a probe
 process per identity tries each planned flow. Everything is removed on exit, error or
@@ -11,6 +13,7 @@ Ctrl-C (the namespace and every process it started).
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import sys
@@ -30,6 +33,7 @@ from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate
 from meshguard.pod import read_pod
 from meshguard.policy import parse_policy
+from meshguard.rules.backend import NATIVE_NFTABLES_FLAG, Backend
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.flows import (
@@ -41,7 +45,7 @@ from meshguard.sandbox.flows import (
     Identity,
     plan,
 )
-from meshguard.sandbox.istio import CaptureConfig, capture_payload
+from meshguard.sandbox.istio import CaptureConfig, capture_nft, capture_payload
 from meshguard.sandbox.netns import (
     NetworkNamespace,
     probe_command,
@@ -60,6 +64,36 @@ PROXY_UDP = (15053,)
 Progress = Callable[[str], None]
 
 
+class Netfilter(enum.StrEnum):
+    """Where the sandbox's Istio writes its capture: an iptables variant, or Istio's native
+    nftables mode (``values.global.nativeNftables``: istio-init runs ``--native-nftables``)."""
+
+    IPTABLES_NFT = "iptables-nft"
+    IPTABLES_LEGACY = "iptables-legacy"
+    NFTABLES = "nftables"
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        if self is Netfilter.NFTABLES:
+            return ("nft",)
+        backend = Backend(self.value)
+        return tuple(backend.restore(family) for family in Family)
+
+
+def as_native_nftables(template: PodTemplate) -> None:
+    """Make the pod's istio-init (the one Istio's status names) run Istio's native nftables
+    mode, as Istio injects it with ``values.global.nativeNftables``; before admission, which
+    reads it from there."""
+    view = read_pod(metadata=template.metadata, spec=template.spec)
+    step = view.istio_init_step
+    if step is None:
+        raise MeshguardFailure("the pod has no istio-init: Istio's native nftables mode needs one")
+    container = template.spec[step.field][step.index]
+    args = list(container.get("args") or [])
+    if NATIVE_NFTABLES_FLAG not in args:
+        container["args"] = [*args, NATIVE_NFTABLES_FLAG]
+
+
 @dataclass(frozen=True)
 class Outcomes:
     results: tuple[tuple[Flow, str], ...]
@@ -72,9 +106,16 @@ class Outcomes:
 class PodDemo:
     """The sandboxed pod; use as a context manager."""
 
-    def __init__(self, template: PodTemplate, *, progress: Progress) -> None:
+    def __init__(
+        self,
+        template: PodTemplate,
+        *,
+        progress: Progress,
+        netfilter: Netfilter = Netfilter.IPTABLES_NFT,
+    ) -> None:
         self.template = template
         self.progress = progress
+        self.netfilter = netfilter
         self._exit = contextlib.ExitStack()
         self.workdir = Path()
         self.ns = NetworkNamespace()
@@ -119,12 +160,24 @@ class PodDemo:
             nameserver4=f"{CLUSTER_DNS}/32",
             nameserver6=f"{CLUSTER_DNS6}/128",
         )
-        for family in Family:
-            self.ns.run([family.restore, "--noflush"], stdin=capture_payload(capture, family))
-        self.progress("Istio's capture rules (istio-init, REDIRECT mode, DNS capture)")
+        self._load_capture(capture)
         self.install_rules()
         self._start_containers()
         self._start_proxy(proxy_uid=proxy.uid, proxy_gid=proxy.gid)
+
+    def _load_capture(self, capture: CaptureConfig) -> None:
+        """Istio's capture, as istio-init writes it in the sandbox's backend."""
+        if self.netfilter is Netfilter.NFTABLES:
+            self.ns.run(["nft", "-f", "-"], stdin=capture_nft(capture))
+            where = "native nftables: table inet istio-proxy-nat, istio-proxy-raw"
+        else:
+            backend = Backend(self.netfilter.value)
+            for family in Family:
+                self.ns.run(
+                    [backend.restore(family), "--noflush"], stdin=capture_payload(capture, family)
+                )
+            where = self.netfilter.value
+        self.progress(f"Istio's capture rules (istio-init, REDIRECT mode, DNS capture) in {where}")
 
     def install_rules(self) -> None:
         """meshguard-init, as in the pod: the ruleset the injection recorded, from a file."""
@@ -149,7 +202,19 @@ class PodDemo:
         )
         mode = annotations.get(annotation_keys.MODE, "enforce")
         digest = json.loads(annotations[annotation_keys.STATUS])["ruleset"][:19]
-        self.progress(f"meshguard-init installed ruleset {digest}... ({mode} mode)")
+        where = ", ".join(self.rules_found()) or "nowhere"
+        self.progress(f"meshguard-init installed ruleset {digest}... ({mode} mode) in {where}")
+
+    def rules_found(self) -> list[str]:
+        """The backends meshguard's rules are in, as read from the namespace: exactly the
+        one Istio's capture is in, when meshguard-init detected it right."""
+        found = []
+        for backend in (Backend.IPTABLES_NFT, Backend.IPTABLES_LEGACY):
+            if any("MESHGUARD" in self.ns.run([backend.save(f)]) for f in Family):
+                found.append(backend.value)
+        if "table inet meshguard" in self.ns.run(["nft", "list", "tables"]):
+            found.append(Netfilter.NFTABLES.value)
+        return found
 
     def _start_containers(self) -> None:
         for identity in self.plan.identities:
@@ -272,18 +337,20 @@ def _observed(flow: Flow, answer: dict[str, Any]) -> str:
     return f"{result}: {answer.get('detail') or answer.get('status') or ''}".strip(": ")
 
 
-def root_problem() -> str | None:
+def root_problem(netfilter: Netfilter = Netfilter.IPTABLES_NFT) -> str | None:
     """Why the demo cannot run here, in one line; None when it can."""
     if os.geteuid() != 0:
         return (
             "meshguard demo needs root (network namespaces, iptables, processes under other uids)"
         )
-    missing = [
-        t for t in ("ip", "iptables-restore", "ip6tables-restore", "setpriv") if which(t) is None
-    ]
+    # meshguard-init's detection reads nft and iptables-legacy whatever the backend.
+    tools = ("ip", "iptables-restore", "ip6tables-restore", "setpriv", *netfilter.tools)
+    missing = list(dict.fromkeys(t for t in tools if which(t) is None))
     if missing:
         needed = ", ".join(missing)
-        return f"meshguard demo needs {needed}: apt-get install iptables iproute2 util-linux"
+        return (
+            f"meshguard demo needs {needed}: apt-get install iptables nftables iproute2 util-linux"
+        )
     try:
         envoy_binary()
     except MeshguardFailure as exc:

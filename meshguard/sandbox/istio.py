@@ -127,3 +127,122 @@ def _raw(config: CaptureConfig, addresses: _Addresses) -> list[str]:
         f"-A ISTIO_INBOUND -p udp --sport {DNS_PORT} -s {addresses.dns_server} -j CT --zone 1",
     ]
     return lines
+
+
+# --- Istio's native nftables mode (istio-init --native-nftables) ---------------------------
+
+NAT_TABLE = "inet istio-proxy-nat"
+RAW_TABLE = "inet istio-proxy-raw"
+
+
+def capture_nft(config: CaptureConfig, *, ipv6: bool = True) -> str:
+    """The ``nft -f`` ruleset istio-init writes in native nftables mode: one ``inet`` table
+    per Istio table (``istio-proxy-nat``, and ``istio-proxy-raw`` with DNS capture), IPv4 and
+    IPv6 together (``ipv6``: the pod has IPv6, so its rules are written too)."""
+    families = [Family.IPV4, Family.IPV6] if ipv6 else [Family.IPV4]
+    lines = _nft_nat(config, families)
+    if config.capture_dns:
+        lines += _nft_raw(config, families)
+    return "\n".join(lines) + "\n"
+
+
+def _nft_nat(config: CaptureConfig, families: Sequence[Family]) -> list[str]:
+    chains = ["istio-inbound", "istio-redirect", "istio-in-redirect", "istio-output"]
+    if config.capture_dns:
+        chains.append("istio-output-dns")
+    head = [
+        f"add table {NAT_TABLE}",
+        f"flush table {NAT_TABLE}",
+        f"add chain {NAT_TABLE} output {{ type nat hook output priority -100 ; }}",
+        *(f"add chain {NAT_TABLE} {chain}" for chain in chains),
+    ]
+    rules = [
+        f"istio-inbound meta l4proto tcp tcp dport {HBONE_PORT} counter return",
+        f"istio-redirect meta l4proto tcp counter redirect to :{config.outbound_port}",
+        f"istio-in-redirect meta l4proto tcp counter redirect to :{config.inbound_port}",
+        "output counter jump istio-output",
+    ]
+    rules += [
+        f"istio-output oifname lo {_ip(f)} saddr {_addresses(config, f).inbound_source}"
+        " counter return"
+        for f in families
+    ]
+    rules += _nft_owner_rules("skuid", config.proxy_uids, config, families)
+    rules += _nft_owner_rules("skgid", config.proxy_gids, config, families)
+    if config.capture_dns:
+        rules.append("istio-output counter jump istio-output-dns")
+        for protocol in ("tcp", "udp"):
+            rules += [
+                f"istio-output-dns {_ip(f)} daddr {_addresses(config, f).dns_server}"
+                f" {protocol} dport {DNS_PORT} counter redirect to :{config.dns_port}"
+                for f in families
+            ]
+    rules += [
+        f"istio-output {_ip(f)} daddr {_addresses(config, f).localhost} counter return"
+        for f in families
+    ]
+    rules += _nft_outbound(config.outbound_ranges)
+    return head + [f"add rule {NAT_TABLE} {rule}" for rule in rules]
+
+
+def _nft_owner_rules(
+    key: str, ids: Sequence[int], config: CaptureConfig, families: Sequence[Family]
+) -> list[str]:
+    rules = []
+    for owner in ids:
+        dns_uid = config.capture_dns and key == "skuid"
+        ports = f"{{ {DNS_PORT}, {HBONE_PORT} }}" if dns_uid else str(HBONE_PORT)
+        rules += [
+            f"istio-output oifname lo meta l4proto tcp {_ip(f)} daddr !="
+            f" {_addresses(config, f).localhost} tcp dport != {ports} {key} {owner}"
+            " counter jump istio-in-redirect"
+            for f in families
+        ]
+        keep_dns = f"meta l4proto tcp tcp dport != {DNS_PORT} " if config.capture_dns else ""
+        rules += [
+            f"istio-output oifname lo {keep_dns}{key} != {owner} counter return",
+            f"istio-output {key} {owner} counter return",
+        ]
+    return rules
+
+
+def _nft_outbound(ranges: Sequence[str]) -> list[str]:
+    if "*" in ranges:
+        return ["istio-output counter jump istio-redirect"]
+    return [
+        f"istio-output {'ip6' if ':' in cidr else 'ip'} daddr {cidr} counter jump istio-redirect"
+        for cidr in ranges
+    ]
+
+
+def _nft_raw(config: CaptureConfig, families: Sequence[Family]) -> list[str]:
+    head = [
+        f"add table {RAW_TABLE}",
+        f"flush table {RAW_TABLE}",
+        f"add chain {RAW_TABLE} prerouting {{ type filter hook prerouting priority -300 ; }}",
+        f"add chain {RAW_TABLE} output {{ type filter hook output priority -300 ; }}",
+        f"add chain {RAW_TABLE} istio-inbound",
+        f"add chain {RAW_TABLE} istio-output-dns",
+    ]
+    rules = ["output counter jump istio-output-dns"]
+    for key, ids in (("skuid", config.proxy_uids), ("skgid", config.proxy_gids)):
+        for owner in ids:
+            rules += [
+                f"istio-output-dns udp dport {DNS_PORT} meta {key} {owner} counter ct zone set 1",
+                f"istio-output-dns udp sport {config.dns_port} meta {key} {owner} counter"
+                " ct zone set 2",
+            ]
+    rules.append("prerouting counter jump istio-inbound")
+    for family in families:
+        server = _addresses(config, family).dns_server
+        rules += [
+            f"istio-output-dns udp dport {DNS_PORT} {_ip(family)} daddr {server} counter"
+            " ct zone set 2",
+            f"istio-inbound udp sport {DNS_PORT} {_ip(family)} saddr {server} counter"
+            " ct zone set 1",
+        ]
+    return head + [f"add rule {RAW_TABLE} {rule}" for rule in rules]
+
+
+def _ip(family: Family) -> str:
+    return "ip" if family is Family.IPV4 else "ip6"
