@@ -12,7 +12,7 @@ all forwarding to that upstream):
 - ``(a) envoy``: a listener on 127.0.0.1:15100 with only the router;
 - ``(b) envoy+rbac``: 127.0.0.1:15101 with Envoy's RBAC filter holding the same rule as
   meshguard's policy (POST /quitquitquit from the app to that port, deny anything else);
-- ``(c) envoy+meshguard``: the real loopback listener of :mod:`meshguard.authz.listener` on
+- ``(c) envoy+meshguard``: the real loopback listener of :mod:`meshguard.authz.envoy_config` on
   15007; the app dials 127.0.0.1:15020 and meshguard's kernel rules REDIRECT it there, and
   ext_authz asks the real ``meshguard serve-authz`` (uid 1337) on an injected pod file;
 - ``(c0) envoy+authz-echo``: the same listener on 127.0.0.1:15102 (the original-destination
@@ -86,7 +86,7 @@ from benchmarks.common import (
     write_json,
 )
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
-from meshguard.authz.listener import (
+from meshguard.authz.envoy_config import (
     ListenerSettings,
     authz_cluster,
     bootstrap,
@@ -242,7 +242,7 @@ async def _serve_upstream(port: int) -> None:
 
 
 def _ok_response() -> external_auth_pb2.CheckResponse:
-    """What meshguard answers an allowed Check (``response_of`` of an allowing Decision)."""
+    """What meshguard answers an allowed Check (``response_of`` of an allowing authz Decision)."""
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(headers_to_remove=[POD_HEADER]),

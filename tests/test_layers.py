@@ -126,7 +126,7 @@ def test_the_checker_sees_a_forbidden_import(
 @pytest.mark.parametrize(
     ("module", "heavy"),
     [
-        ("meshguard.authz.listener", "grpc"),
+        ("meshguard.authz.envoy_config", "grpc"),
         ("meshguard.rules.install", "kubernetes"),
         ("meshguard.cli.init", "kubernetes"),
         ("meshguard.cli.init", "grpc"),

@@ -14,8 +14,8 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
+from meshguard.authz.envoy_config import IstioSettings, LocationError, envoy_config_text
 from meshguard.authz.identity import TlsFiles
-from meshguard.authz.listener import IstioSettings, LocationError, envoy_config_text
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
 from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail

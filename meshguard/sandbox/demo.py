@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from meshguard import annotation_keys
-from meshguard.authz.listener import envoy_config_text
+from meshguard.authz.envoy_config import envoy_config_text
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshguard.authz.listener import AuthzTls, ListenerSettings, bootstrap
+from meshguard.authz.envoy_config import AuthzTls, ListenerSettings, bootstrap
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command

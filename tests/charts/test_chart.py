@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshguard import __version__
-from meshguard.authz.listener import IstioSettings
+from meshguard.authz.envoy_config import IstioSettings
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.inject.container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE

@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-from meshguard.authz.listener import (
+from meshguard.authz.envoy_config import (
     ENVOY_FILTER_NAME,
     HCM,
     IstioSettings,
@@ -200,7 +200,7 @@ def test_the_command_notes_print_generates_the_charts_envoyfilter(
 def test_the_committed_chart_template_is_the_generated_one() -> None:
     assert TEMPLATE.read_text() == envoy_filter_helm_template(), (
         f"{TEMPLATE.relative_to(ROOT)} is stale: regenerate it with python -c 'from"
-        " meshguard.authz.listener import envoy_filter_helm_template as t;"
+        " meshguard.authz.envoy_config import envoy_filter_helm_template as t;"
         ' print(t(), end="")\' > charts/meshguard/templates/istio-envoyfilter.yaml'
     )
 

@@ -24,7 +24,7 @@ import grpc
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from meshguard.authz.listener import envoy_config_text
+from meshguard.authz.envoy_config import envoy_config_text
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.istio import CaptureConfig, capture_payload

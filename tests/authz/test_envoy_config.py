@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import meshguard
-from meshguard.authz.listener import (
+from meshguard.authz.envoy_config import (
     AUTHZ_ERROR_EVENT,
     AUTHZ_ERROR_STATUS,
     HCM,
