@@ -21,7 +21,7 @@ from meshguard.cli import (
     worst_status,
 )
 from meshguard.errors import MalformedInputError, MeshguardFailure, RefusedError, UsageError
-from meshguard.inject.posture import Action
+from meshguard.inject.posture import PostureAction
 from meshguard.rules.ruleset import Ruleset
 from tests.support.samples import injected_sample_names
 from tests.support.shared import INJECTOR_SAMPLES
@@ -218,7 +218,7 @@ def test_inject_deny_mode_refuses_what_fix_mode_patches():
 
 
 def test_posture_action_choices_are_the_posture_module_s():
-    assert set(POSTURE_ACTIONS) == {a.value for a in Action}
+    assert set(POSTURE_ACTIONS) == {a.value for a in PostureAction}
 
 
 def test_meshguard_init_does_not_load_the_servers_or_pydantic():

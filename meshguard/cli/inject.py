@@ -11,8 +11,7 @@ from meshguard.cli import EXIT_OK, fail, worst_status
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.inject.container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
-from meshguard.inject.posture import Action as PostureAction
-from meshguard.inject.posture import PostureSettings
+from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_source
 

@@ -102,7 +102,7 @@ SECCOMP_CONTAINER_ANNOTATION: Final = "container.seccomp.security.alpha.kubernet
 APPARMOR_ANNOTATION: Final = "container.apparmor.security.beta.kubernetes.io/"
 
 
-class Action(enum.StrEnum):
+class PostureAction(enum.StrEnum):
     DENY = "deny"
     FIX = "fix"
 
@@ -175,13 +175,13 @@ UNFIXABLE: Final = frozenset(
 class PostureSettings:
     """What to do per check, and where assigned uids come from."""
 
-    default_action: Action = Action.FIX
-    actions: Mapping[Check, Action] = field(default_factory=dict)
+    default_action: PostureAction = PostureAction.FIX
+    actions: Mapping[Check, PostureAction] = field(default_factory=dict)
     uid_range: tuple[int, int] = (20000, 29999)
 
-    def action(self, check: Check) -> Action:
+    def action(self, check: Check) -> PostureAction:
         if check in UNFIXABLE:
-            return Action.DENY
+            return PostureAction.DENY
         return self.actions.get(check, self.default_action)
 
 
@@ -221,7 +221,7 @@ class _Review:
         fix: Callable[[], str] | None = None,
     ) -> None:
         """Record a finding; in fix mode apply ``fix``, which says what it changed."""
-        fixed = fix is not None and self.settings.action(check) is Action.FIX
+        fixed = fix is not None and self.settings.action(check) is PostureAction.FIX
         if fix is not None and fixed:
             remedy = fix()
         self.findings.append(

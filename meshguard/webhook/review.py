@@ -43,7 +43,7 @@ class BadReviewError(MalformedInputError):
 
 
 @dataclass(frozen=True)
-class Decision:
+class AdmissionVerdict:
     """What happened, for logs and metrics."""
 
     uid: str
@@ -89,14 +89,14 @@ class _Deny(Exception):
 
 def respond(
     request: Mapping[str, Any], *, settings: InjectSettings
-) -> tuple[dict[str, Any], Decision]:
+) -> tuple[dict[str, Any], AdmissionVerdict]:
     """The AdmissionReview answering a parsed request, and the decision behind it."""
     uid = str(request["uid"])
     label = _pod_label(request)
     operation = request.get("operation", "CREATE")
     ephemeral = operation == "UPDATE" and request.get("subResource") == EPHEMERAL_SUBRESOURCE
     if operation != "CREATE" and not ephemeral:
-        return _allowed(uid), Decision(uid, "skipped", label, "not a CREATE", 0)
+        return _allowed(uid), AdmissionVerdict(uid, "skipped", label, "not a CREATE", 0)
     try:
         pod = _pod_of(request)
         mutated = copy.deepcopy(pod)
@@ -104,17 +104,17 @@ def respond(
             result = _transform(
                 mutated, settings=settings, added=_added_ephemeral(request, pod), ephemeral=True
             )
-            return _allowed(uid), Decision(uid, "skipped", label, result.reason, 0)
+            return _allowed(uid), AdmissionVerdict(uid, "skipped", label, result.reason, 0)
         result = _transform(mutated, settings=settings)
     except _Deny as deny:
-        decision = Decision(uid, deny.result, label, str(deny), 0)
+        decision = AdmissionVerdict(uid, deny.result, label, str(deny), 0)
         return _denied(uid, deny.code, str(deny)), decision
     patch = pod_patch(pod, mutated)
     warnings = [_short(w) for w in result.warnings]
     if result.outcome is Outcome.SKIPPED:
         warnings.append(_short(f"meshguard skipped this pod: {result.reason}"))
     response = _allowed(uid, patch=patch, warnings=warnings)
-    decision = Decision(
+    decision = AdmissionVerdict(
         uid, result.outcome.value, label, result.reason, len(warnings), tuple(result.warnings)
     )
     return response, decision
@@ -173,7 +173,9 @@ def _transform(
         raise _Deny(500, f"meshguard failed: {exc}", result="failed") from None
 
 
-def handle(body: bytes, *, settings: InjectSettings) -> tuple[int, dict[str, Any], Decision | None]:
+def handle(
+    body: bytes, *, settings: InjectSettings
+) -> tuple[int, dict[str, Any], AdmissionVerdict | None]:
     """HTTP status, JSON answer and decision for a request body; never raises."""
     started = time.perf_counter()
     try:
@@ -187,7 +189,7 @@ def handle(body: bytes, *, settings: InjectSettings) -> tuple[int, dict[str, Any
         uid = str(request["uid"])
         message = f"meshguard failed: internal error ({type(exc).__name__})"
         answer = _denied(uid, 500, message)
-        decision = Decision(uid, "failed", _pod_label(request), message, 0)
+        decision = AdmissionVerdict(uid, "failed", _pod_label(request), message, 0)
     log.info(
         "admission",
         extra={

@@ -29,7 +29,7 @@ from meshguard.authz.envoy_config import IstioSettings
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.inject.container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
-from meshguard.inject.posture import Action
+from meshguard.inject.posture import PostureAction
 from tests.support.kube import istio_crd_schema, selector_matches
 
 helm = pytest.importorskip(
@@ -228,7 +228,7 @@ def test_webhook_command_line_is_the_real_cli() -> None:
     settings = injection_settings(args, request_template=not args.no_template)
     # no template by default: a missing `meshguard` template in istiod cannot block pods
     assert settings.request_template is False
-    assert settings.posture.default_action is Action.FIX
+    assert settings.posture.default_action is PostureAction.FIX
     # the slim init image (Dockerfile --target init), the same default as meshguard inject's
     assert (
         settings.init.image
@@ -261,7 +261,7 @@ def test_webhook_flags_follow_values() -> None:
     assert args.no_template is True
     settings = injection_settings(args, request_template=not args.no_template)
     assert settings.request_template is False
-    assert settings.posture.default_action is Action.DENY
+    assert settings.posture.default_action is PostureAction.DENY
     assert settings.init.image == "registry.example/mg-init@sha256:" + "b" * 64
     init = render({"webhook": {"initImage": "other/init:1"}, "image": {"tag": "9.9"}})
     main = container(one(init, "Deployment", "meshguard-webhook"))

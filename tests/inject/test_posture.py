@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 
 from meshguard.inject.posture import (
-    Action,
     Check,
+    PostureAction,
     PostureSettings,
     refusals,
     review_posture,
 )
 from meshguard.pod import read_pod
 
-FIX = PostureSettings(default_action=Action.FIX)
-DENY = PostureSettings(default_action=Action.DENY)
+FIX = PostureSettings(default_action=PostureAction.FIX)
+DENY = PostureSettings(default_action=PostureAction.DENY)
 SAFE_CONTEXT = {
     "runAsUser": 1000,
     "runAsGroup": 1000,
@@ -212,7 +212,9 @@ def test_missing_uid_in_deny_mode_says_how_to_fix():
 
 
 def test_configured_per_check_action_overrides_the_default():
-    settings = PostureSettings(default_action=Action.FIX, actions={Check.PRIVILEGED: Action.DENY})
+    settings = PostureSettings(
+        default_action=PostureAction.FIX, actions={Check.PRIVILEGED: PostureAction.DENY}
+    )
     findings = review_posture_of(pod(privileged=True), settings=settings)
     assert [f.check for f in refusals(findings)] == [Check.PRIVILEGED]
 

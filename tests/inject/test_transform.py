@@ -17,7 +17,7 @@ import yaml
 from meshguard.errors import RefusedError
 from meshguard.inject.container import InitContainerSettings, init_container, ruleset_volume
 from meshguard.inject.istio import istio_template
-from meshguard.inject.posture import Action, PostureSettings
+from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
@@ -204,7 +204,7 @@ def test_opted_out_and_ambient_pods_pass_unchanged(annotations, labels, reason):
 
 def test_deny_mode_refuses_with_every_reason():
     (template,) = pod_templates(load("pod.yaml.injected"))
-    settings = InjectSettings(posture=PostureSettings(default_action=Action.DENY))
+    settings = InjectSettings(posture=PostureSettings(default_action=PostureAction.DENY))
     with pytest.raises(RefusedError) as caught:
         inject_pod(template.metadata, template.spec, settings=settings)
     message = str(caught.value)
@@ -263,7 +263,9 @@ def test_a_template_placed_container_is_moved_after_istio_init_and_normalized():
 # --- Istio's own containers in the samples; disguised ones in the transform ---------------
 
 ISTIO_OWN = ("istio-init", "istio-validation", "istio-proxy", "meshguard-init")
-DENY = InjectSettings(request_template=False, posture=PostureSettings(default_action=Action.DENY))
+DENY = InjectSettings(
+    request_template=False, posture=PostureSettings(default_action=PostureAction.DENY)
+)
 
 
 def harden_workload(template: Any) -> None:

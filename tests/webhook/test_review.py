@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshguard.describe import describe
-from meshguard.inject.posture import Action, PostureSettings
+from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates
 from meshguard.pod import read_pod
@@ -327,7 +327,7 @@ def test_a_disguised_privileged_container_is_refused_by_the_webhook(name, place)
         if place == "native-sidecar":
             container["restartPolicy"] = "Always"
         pod["spec"]["initContainers"].append(container)
-    strict = InjectSettings(posture=PostureSettings(default_action=Action.DENY))
+    strict = InjectSettings(posture=PostureSettings(default_action=PostureAction.DENY))
     _, answer, _ = handle(json.dumps(review(pod)).encode(), settings=strict)
     response = answer["response"]
     assert response["allowed"] is False
