@@ -201,6 +201,82 @@ def _add_cni(commands: Subcommands) -> None:
     )
     validate.add_argument("--mode", choices=["enforce", "audit"], default="enforce")
     validate.set_defaults(handler="meshguard.cli.cni:run_validate")
+    node = sub.add_parser(
+        "install",
+        formatter_class=_HelpFormatter,
+        help="node agent (the chart's DaemonSet): chain meshguard-cni after istio-cni and keep"
+        " it there",
+        description="Place the meshguard-cni executable in the node's CNI bin dir and a"
+        " kubeconfig for it in the CNI conf dir (atomically), chain meshguard-cni's entry"
+        " right after istio-cni in the node's primary CNI configuration (a .conf becomes a"
+        " .conflist, others' entries are kept), then check and repair every --interval"
+        " seconds; on SIGTERM remove the entry, then the files. Runs in a pod (the API server"
+        " and token the plugin uses are the pod's own).",
+    )
+    _add_node_dirs(node)
+    node.add_argument(
+        "--host-cni-conf-dir",
+        default="/etc/cni/net.d",
+        help="the CNI conf dir as the node sees it (paths in the entry)",
+    )
+    node.add_argument(
+        "--plugin-binary",
+        required=True,
+        type=Path,
+        help="the executable to install as <cni-bin-dir>/meshguard-cni",
+    )
+    node.add_argument("--chain-after", default="istio-cni", help="plugin type to chain after")
+    node.add_argument(
+        "--exclude-namespace",
+        action="append",
+        default=[],
+        dest="exclude",
+        help="namespace whose pods the plugin passes through (repeatable)",
+    )
+    node.add_argument(
+        "--timeout", type=float, default=5.0, help="the plugin's API request timeout in seconds"
+    )
+    node.add_argument("--interval", type=float, default=2.0, help="seconds between repairs")
+    node.add_argument(
+        "--ready-file", type=Path, help="exists while the entry is chained (readiness probe)"
+    )
+    node.add_argument(
+        "--once",
+        action="store_true",
+        help="install once and exit (1 if not chained); no repair, no uninstall",
+    )
+    node.add_argument(
+        "--keep-on-exit", action="store_true", help="leave the entry and files in place on SIGTERM"
+    )
+    node.add_argument(
+        "--service-account-dir",
+        type=Path,
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        help="token and ca.crt the plugin uses (re-read every --interval: tokens rotate)",
+    )
+    node.set_defaults(handler="meshguard.cli.cni:run_install")
+    remove = sub.add_parser(
+        "uninstall",
+        formatter_class=_HelpFormatter,
+        help="remove meshguard-cni's entry, executable and kubeconfig from the node",
+    )
+    _add_node_dirs(remove)
+    remove.set_defaults(handler="meshguard.cli.cni:run_uninstall")
+
+
+def _add_node_dirs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cni-conf-dir",
+        type=Path,
+        default=Path("/host/etc/cni/net.d"),
+        help="the node's CNI conf dir, as mounted here",
+    )
+    parser.add_argument(
+        "--cni-bin-dir",
+        type=Path,
+        default=Path("/host/opt/cni/bin"),
+        help="the node's CNI bin dir, as mounted here",
+    )
 
 
 def add_injection_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,24 @@
-"""``meshguard cni ...``: the node-side (Istio CNI mode) commands; ``validate`` runs in the pod."""
+"""``meshguard cni ...``: Istio CNI mode; ``install``/``uninstall`` run in the node agent
+(the chart's DaemonSet), ``validate`` in the pod."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import signal
+import threading
+from pathlib import PurePath
 
 from meshguard.cli import EXIT_FAILED, EXIT_OK, fail
+from meshguard.cni.node import (
+    InstallSettings,
+    NodeLayout,
+    api_credentials,
+    install_once,
+    run_agent,
+    uninstall,
+)
 from meshguard.cni.validate import validate
 from meshguard.errors import MeshguardError
 
@@ -17,3 +31,39 @@ def run_validate(args: argparse.Namespace) -> int:
     if problems:
         return fail(f"meshguard-validation: {'; '.join(problems)}", EXIT_FAILED)
     return EXIT_OK
+
+
+def run_install(args: argparse.Namespace) -> int:
+    """The node agent: install, repair until SIGTERM, uninstall (or ``--once``)."""
+    layout = _layout(args)
+    settings = InstallSettings(
+        plugin_source=args.plugin_binary,
+        chain_after=args.chain_after,
+        exclude_namespaces=tuple(args.exclude),
+        timeout_seconds=args.timeout,
+    )
+    credentials = functools.partial(
+        api_credentials, os.environ, account_dir=args.service_account_dir
+    )
+    if args.once:
+        install_once(layout, settings, credentials())
+        return EXIT_OK
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run_agent(layout, settings, credentials=credentials, stop=stop, interval=args.interval,
+              ready_file=args.ready_file, uninstall_on_stop=not args.keep_on_exit)  # fmt: skip
+    return EXIT_OK
+
+
+def run_uninstall(args: argparse.Namespace) -> int:
+    uninstall(_layout(args))
+    return EXIT_OK
+
+
+def _layout(args: argparse.Namespace) -> NodeLayout:
+    return NodeLayout(
+        conf_dir=args.cni_conf_dir,
+        bin_dir=args.cni_bin_dir,
+        host_conf_dir=PurePath(getattr(args, "host_cni_conf_dir", "/etc/cni/net.d")),
+    )

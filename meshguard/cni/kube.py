@@ -7,6 +7,7 @@ failure â€” unreachable, TLS, 401/403/404, a timeout, a body that is not a pod â
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
 import urllib.error
@@ -27,12 +28,15 @@ MAX_POD_BYTES: Final = 4 * 1024 * 1024
 class ApiAccess:
     server: str  # https://host:port
     token: str
-    ca_file: str
+    ca_file: str | None
     timeout: float
+    ca_pem: str | None = None  # the CA inline (a kubeconfig's certificate-authority-data)
 
 
 def api_access(config: KubernetesConfig, environ: Mapping[str, str]) -> ApiAccess:
     """The API server, token and CA from the plugin's configuration, else in-cluster."""
+    if config.kubeconfig is not None:
+        return read_kubeconfig(Path(config.kubeconfig), timeout=config.timeout_seconds)
     server = config.server
     if server is None:
         host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
@@ -56,6 +60,35 @@ def api_access(config: KubernetesConfig, environ: Mapping[str, str]) -> ApiAcces
     return ApiAccess(server=server, token=token, ca_file=ca_file, timeout=config.timeout_seconds)
 
 
+def read_kubeconfig(path: Path, *, timeout: float) -> ApiAccess:
+    """Server, bearer token and inline CA of the kubeconfig's current context (the JSON form
+    ``meshguard cni install`` writes; any clusters/users layout kubectl reads)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CniError(Code.IO_FAILURE, f"cannot read the kubeconfig {path}: {exc}") from None
+    try:
+        contexts = {c["name"]: c["context"] for c in document["contexts"]}
+        context = contexts[document["current-context"]]
+        cluster = {c["name"]: c["cluster"] for c in document["clusters"]}[context["cluster"]]
+        user = {u["name"]: u["user"] for u in document["users"]}[context["user"]]
+        server, token = cluster["server"], user["token"]
+        ca_pem = base64.b64decode(cluster["certificate-authority-data"], validate=True).decode()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CniError(
+            Code.INVALID_CONFIG,
+            f"kubeconfig {path}: expected the current context's cluster server and"
+            f" certificate-authority-data and its user's token ({type(exc).__name__}: {exc})",
+        ) from None
+    if not isinstance(server, str) or not server.startswith("https://"):
+        raise CniError(
+            Code.INVALID_CONFIG, f"kubeconfig {path}: server {server!r}: expected https://"
+        )
+    if not isinstance(token, str) or not token:
+        raise CniError(Code.INVALID_CONFIG, f"kubeconfig {path}: the user's token is empty")
+    return ApiAccess(server=server, token=token, ca_file=None, ca_pem=ca_pem, timeout=timeout)
+
+
 def get_pod(access: ApiAccess, *, namespace: str, name: str) -> dict[str, Any]:
     """GET /api/v1/namespaces/NS/pods/NAME; the pod object, or :class:`CniError`."""
     path = (
@@ -68,9 +101,10 @@ def get_pod(access: ApiAccess, *, namespace: str, name: str) -> dict[str, Any]:
     )
     where = f"pod {namespace}/{name}"
     try:
-        context = ssl.create_default_context(cafile=access.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise CniError(Code.IO_FAILURE, f"cannot load the API CA {access.ca_file}: {exc}") from None
+        context = ssl.create_default_context(cafile=access.ca_file, cadata=access.ca_pem)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        where_ca = access.ca_file or "(the kubeconfig's certificate-authority-data)"
+        raise CniError(Code.IO_FAILURE, f"cannot load the API CA {where_ca}: {exc}") from None
     try:
         with urllib.request.urlopen(request, timeout=access.timeout, context=context) as response:  # noqa: S310
             body = response.read(MAX_POD_BYTES + 1)

@@ -62,12 +62,15 @@ class Command(enum.StrEnum):
 
 
 class KubernetesConfig(BaseModel):
-    """Where the plugin reads pods; absent fields fall back to the in-cluster defaults
-    (``$KUBERNETES_SERVICE_HOST``/``_PORT`` and the service-account files)."""
+    """Where the plugin reads pods: a ``kubeconfig`` (server, token and CA, as the node agent
+    writes it), else ``server``/``tokenFile``/``caFile``; absent fields fall back to the
+    in-cluster defaults (``$KUBERNETES_SERVICE_HOST``/``_PORT`` and the service-account
+    files)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     server: str | None = None
+    kubeconfig: str | None = None  # the file meshguard cni install writes on the node
     token_file: str | None = Field(default=None, alias="tokenFile")
     ca_file: str | None = Field(default=None, alias="caFile")
     timeout_seconds: float = Field(default=5.0, alias="timeoutSeconds", gt=0, le=60)
