@@ -97,7 +97,7 @@ from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from meshguard.sandbox.probe import drop_privileges
 from tests.support.latency import percentile
-from tests.support.pods import injected_example
+from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
 
 APP_UID = 1000
@@ -368,8 +368,7 @@ def injected_pod() -> dict[str, Any]:
 
 def app_source_address(pod: dict[str, Any]) -> str:
     """The IPv4 address meshguard's SNAT gives the app's redirected flows."""
-    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
-    return next(a for a in status["listener"]["sources"]["app"] if ":" not in a)
+    return next(a for a in status_of(pod).listener.sources["app"] if ":" not in a)
 
 
 def _http_connection_manager(listener: dict[str, Any]) -> dict[str, Any]:

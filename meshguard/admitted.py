@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.policy import Mode, Policy, parse_mode, parse_policy
+from meshguard.status import PodStatus
 
 #: The key of the record in ``meshguard.io/status``.
 STATUS_KEY: Final = "admitted"
@@ -87,12 +88,12 @@ class Admitted:
         return admitted
 
 
-def read_admitted(status: Mapping[str, Any]) -> Admitted | None:
-    """The admitted record of a pod's (parsed) status; None when the status has none (a pod
-    admitted before records existed); :class:`TamperedError` when it does not verify."""
-    if STATUS_KEY not in status:
+def read_admitted(status: PodStatus) -> Admitted | None:
+    """The admitted record of a pod's status; None when the status has none (a pod admitted
+    before records existed); :class:`TamperedError` when it does not verify."""
+    if status.admitted is None:
         return None
-    return Admitted.from_document(status[STATUS_KEY])
+    return Admitted.from_document(status.admitted)
 
 
 def drift(admitted: Admitted, annotations: Mapping[str, str]) -> tuple[str, ...]:

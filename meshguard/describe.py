@@ -32,6 +32,7 @@ from meshguard.policy import (
 )
 from meshguard.rules.compiler import CompilerSettings, hairpin_ports
 from meshguard.rules.ruleset import Ruleset
+from meshguard.status import MalformedStatusError, read_status
 
 
 def describe(
@@ -133,10 +134,10 @@ def _admitted_lines(annotations: Mapping[str, str]) -> list[str]:
     """Whether the live policy and mode are the ones admitted (the authz server enforces
     the admitted ones only)."""
     try:
-        status = json.loads(annotations.get(annotation_keys.STATUS) or "null")
-    except ValueError:
+        status = read_status(annotations.get(annotation_keys.STATUS))
+    except MalformedStatusError:
         status = None
-    if not isinstance(status, dict):
+    if status is None:
         return []  # said by the status lines
     try:
         record = read_admitted(status)
@@ -162,18 +163,16 @@ def _admitted_lines(annotations: Mapping[str, str]) -> list[str]:
 
 
 def _status_lines(annotations: Mapping[str, str], compiled: Ruleset | None) -> list[str]:
-    raw = annotations.get(annotation_keys.STATUS)
-    if raw is None:
-        return ["status: not injected by meshguard yet (no meshguard.io/status)"]
     try:
-        document = json.loads(raw)
-        recorded = document.get("ruleset", "?")
-    except (ValueError, AttributeError):
-        return [f"status: {annotation_keys.STATUS} is not valid JSON"]
-    changes = document.get("changes") or []
+        status = read_status(annotations.get(annotation_keys.STATUS))
+    except MalformedStatusError as exc:
+        return [f"status: {exc}"]
+    if status is None:
+        return ["status: not injected by meshguard yet (no meshguard.io/status)"]
+    recorded, changes = status.ruleset or "?", status.changes
     changed = [
         "changed by meshguard at admission (posture fixes):",
-        *(f"  {text}" for text in changes if isinstance(text, str)),
+        *(f"  {text}" for text in changes),
     ]
     if compiled is None:
         return [f"status: ruleset {recorded}", *(changed if changes else [])]

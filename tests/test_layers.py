@@ -51,6 +51,19 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "meshguard.annotation_keys": ("meshguard.",),
     "meshguard.errors": ("meshguard.",),
     "meshguard.yaml_io": ("meshguard.",),
+    # The status annotation's model: below everything that writes or reads it.
+    "meshguard.status": (
+        "meshguard.admitted",
+        "meshguard.policy",
+        "meshguard.pod",
+        "meshguard.rules",
+        "meshguard.authz",
+        "meshguard.webhook",
+        "meshguard.inject",
+        "meshguard.sandbox",
+        "meshguard.cni",
+        "meshguard.cli",
+    ),
     "meshguard.process": ("meshguard.rules", "meshguard.sandbox", "meshguard.cli"),
     "meshguard.policy": (
         "meshguard.rules",

@@ -25,15 +25,14 @@ from typing import Any
 import yaml
 
 from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
-from tests.support.pods import injected_example
+from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST, free_port, stop_process
 
 CHANNELS_PER_CLIENT = 4
 
 
 def request_fields(pod: dict[str, Any]) -> dict[str, Any]:
-    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
-    source = next(a for a in status["listener"]["sources"]["app"] if ":" not in a)
+    source = next(a for a in status_of(pod).listener.sources["app"] if ":" not in a)
     key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
     return {"source": source, "pod": key, "port": 15020, "method": "POST", "path": "/quitquitquit"}
 

@@ -13,7 +13,6 @@ logged.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 import urllib.parse
@@ -24,7 +23,6 @@ from typing import Any, Final
 
 from meshguard import annotation_keys
 from meshguard.admitted import TamperedError, drift, read_admitted
-from meshguard.errors import MalformedInputError
 from meshguard.mesh import ISTIO_RESERVED_PORTS
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -36,6 +34,7 @@ from meshguard.policy import (
     parse_mode,
     parse_policy,
 )
+from meshguard.status import PodStatus, read_status
 
 MAX_PATH_CHARS = 8192
 
@@ -78,12 +77,9 @@ class PodPolicy:
         annotations written by hand) are taken as given, with :attr:`admitted` false: the
         stores refuse such pods (:func:`~meshguard.authz.store.policy_of`).
         """
-        status = _status(annotations.get(annotation_keys.STATUS))
-        sources = {
-            address: container
-            for container, addresses in status.get("listener", {}).get("sources", {}).items()
-            for address in addresses
-        }
+        text = annotations.get(annotation_keys.STATUS)
+        status = (read_status(text) if text else None) or PodStatus()
+        sources = status.source_containers()
         try:
             record = read_admitted(status)
         except TamperedError as exc:
@@ -382,15 +378,3 @@ def _path_only(path: str) -> str:
 def _destination(pod: PodPolicy, port: int) -> str:
     owner = pod.ports.get(port) or ("proxy" if port in ISTIO_RESERVED_PORTS else "port")
     return f"{owner}:{port}"
-
-
-def _status(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        status = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedInputError(f"{annotation_keys.STATUS}: not JSON ({exc})") from None
-    if not isinstance(status, dict):
-        raise MalformedInputError(f"{annotation_keys.STATUS}: not a JSON object")
-    return status

@@ -48,6 +48,7 @@ from meshguard.rules.backend import detect_backend
 from meshguard.rules.install import install, install_lock, plan_payload, verify
 from meshguard.rules.iptables import parse_save
 from meshguard.rules.ruleset import Family, FamilyRuleset, Ruleset
+from meshguard.status import MalformedStatusError, read_status
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +226,14 @@ def _families() -> list[Family]:
     return [f for f in Family if f is Family.IPV4 or ipv6]
 
 
-def _recorded_digest(status: object) -> object:
+def _recorded_digest(text: object) -> str | None:
+    """The ruleset digest ``meshguard.io/status`` records; None when it records none or does
+    not read (then it does not match: the ADD fails)."""
     try:
-        document = json.loads(status) if isinstance(status, str) else None
-    except ValueError:
+        status = read_status(text if isinstance(text, str) else None)
+    except MalformedStatusError:
         return None
-    return document.get("ruleset") if isinstance(document, dict) else None
+    return status.ruleset if status is not None else None
 
 
 def _requested_version(text: str) -> str:

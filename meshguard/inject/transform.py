@@ -17,13 +17,11 @@ the edited documents. Applying it twice equals applying it once.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshguard import __version__, annotation_keys
-from meshguard.admitted import STATUS_KEY as ADMITTED_KEY
 from meshguard.admitted import Admitted
 from meshguard.errors import RefusedError
 from meshguard.inject.container import (
@@ -57,6 +55,13 @@ from meshguard.policy import parse_mode, parse_opt_out, parse_policy
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
+from meshguard.status import (
+    ListenerStatus,
+    MalformedStatusError,
+    PodStatus,
+    ProxyStatus,
+    read_status,
+)
 
 TEMPLATE_NAME: Final = "meshguard"
 ISTIO_DEFAULT_TEMPLATES: Final = "sidecar"
@@ -263,34 +268,30 @@ def status_annotation(
     enforces, and what the posture fixes changed in the pod (``changes``), so that
     ``kubectl describe`` and ``meshguard describe`` show it."""
     identity = pod.proxy_identity
-    status = {
-        "version": __version__,
-        "ruleset": ruleset.digest,
-        "mode": mode,
-        "proxy": {"uid": identity.uid, "gid": identity.gid},
-        "containers": {c.name: c.uid for c in pod.workload},
-        "listener": {
-            "port": ruleset.listener_port,
-            "sources": {s.container: [s.address4, s.address6] for s in ruleset.sources},
-        },
-    }
-    if admitted is not None:
-        status[ADMITTED_KEY] = admitted.to_document()
-    if changes:
-        status["changes"] = list(changes)
-    return json.dumps(status, sort_keys=True, separators=(",", ":"))
+    status = PodStatus(
+        version=__version__,
+        ruleset=ruleset.digest,
+        mode=mode,
+        proxy=ProxyStatus(uid=identity.uid, gid=identity.gid),
+        containers={c.name: c.uid for c in pod.workload},
+        listener=ListenerStatus(
+            port=ruleset.listener_port,
+            sources={s.container: (s.address4, s.address6) for s in ruleset.sources},
+        ),
+        admitted=admitted.to_document() if admitted is not None else None,
+        changes=tuple(changes),
+    )
+    return status.to_annotation()
 
 
-def _recorded_changes(status: object) -> tuple[str, ...]:
-    """The ``changes`` an earlier pass recorded in ``meshguard.io/status``, if any."""
+def _recorded_changes(text: object) -> tuple[str, ...]:
+    """The ``changes`` an earlier pass recorded in ``meshguard.io/status``, if any (none
+    from a status that does not read: this pass writes it anew)."""
     try:
-        document = json.loads(status) if isinstance(status, str) else None
-    except ValueError:
+        status = read_status(text if isinstance(text, str) else None)
+    except MalformedStatusError:
         return ()
-    changes = document.get("changes") if isinstance(document, dict) else None
-    if not isinstance(changes, list):
-        return ()
-    return tuple(text for text in changes if isinstance(text, str))
+    return status.changes if status is not None else ()
 
 
 def skip_reason(metadata: dict[str, Any]) -> str:

@@ -52,6 +52,7 @@ from meshguard.sandbox.netns import (
     serve_command,
     serve_http_command,
 )
+from meshguard.status import read_status
 
 #: Inside the proxy's reserved range: only the proxy's uid can answer from it, so no container
 #: can squat it before the authz server binds it.
@@ -201,7 +202,8 @@ class PodDemo:
             ]
         )
         mode = annotations.get(annotation_keys.MODE, "enforce")
-        digest = json.loads(annotations[annotation_keys.STATUS])["ruleset"][:19]
+        status = read_status(annotations[annotation_keys.STATUS])
+        digest = (status.ruleset if status is not None and status.ruleset else "?")[:19]
         where = ", ".join(self.rules_found()) or "nowhere"
         self.progress(f"meshguard-init installed ruleset {digest}... ({mode} mode) in {where}")
 

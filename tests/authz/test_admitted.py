@@ -26,6 +26,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.pod import read_pod
 from meshguard.policy import Mode, parse_mode, parse_policy
 from meshguard.rules.compiler import CompilerSettings
+from meshguard.status import PodStatus
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 KEY = "demo/shop"
@@ -80,7 +81,7 @@ def test_the_webhook_records_the_admitted_policy_and_mode_in_the_status():
     pod = injected(**{"meshguard.io/mode": "audit"})
     annotations = pod["metadata"]["annotations"]
     status = json.loads(annotations["meshguard.io/status"])
-    record = read_admitted(status)
+    record = read_admitted(PodStatus.model_validate(status))
     assert record == Admitted(
         policy=parse_policy(annotations["meshguard.io/policy"]), mode=Mode.AUDIT
     )
@@ -108,7 +109,7 @@ def test_an_altered_record_does_not_verify(edit, problem):
     status = json.loads(injected()["metadata"]["annotations"]["meshguard.io/status"])
     edit(status[STATUS_KEY])
     with pytest.raises(TamperedError, match=problem):
-        read_admitted(status)
+        read_admitted(PodStatus.model_validate(status))
 
 
 # --- the authz server decides from the record only -----------------------------------------

@@ -9,7 +9,6 @@ fault scenarios kill and restart under load from :data:`LOAD_CLIENT`.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.istio import CaptureConfig, capture_payload
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
-from tests.support.pods import injected_example
+from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
 
 POD_KEY = "demo/shop"
@@ -90,8 +89,7 @@ def check_request(
 
 
 def check_kinds(pod: dict[str, Any]) -> list[Kind]:
-    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
-    sources = status["listener"]["sources"]
+    sources = status_of(pod).listener.sources
     app4, app6 = sources["app"]
     cache = sources["cache"][0]
     return [

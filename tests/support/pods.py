@@ -9,7 +9,9 @@ from typing import Any
 import yaml
 
 import meshguard
+from meshguard import annotation_keys
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.status import PodStatus, read_status
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
@@ -31,6 +33,13 @@ def injected_example(*, policy: str | None = None, mode: str | None = None) -> d
         annotations["meshguard.io/mode"] = mode
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     return pod
+
+
+def status_of(pod: dict[str, Any]) -> PodStatus:
+    """The ``meshguard.io/status`` of an injected pod, read as meshguard reads it."""
+    status = read_status(pod["metadata"]["annotations"].get(annotation_keys.STATUS))
+    assert status is not None, "the pod was not injected by meshguard"
+    return status
 
 
 def admission_review(pod: dict[str, Any], uid: str) -> bytes:
