@@ -13,6 +13,7 @@ logged.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 import urllib.parse
@@ -62,6 +63,13 @@ class PodPolicy:
     @property
     def namespace(self) -> str:
         return self.key.split("/", 1)[0]
+
+    @functools.cached_property
+    def header_names(self) -> tuple[str, ...]:
+        """The request headers this pod's rules read: with the request's pod, source, port,
+        method and path, all that a decision about this pod depends on."""
+        names = {name for rule in self.policy.rules if rule.http for name in rule.http.headers}
+        return tuple(sorted(names))
 
     @classmethod
     def from_pod(

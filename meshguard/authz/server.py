@@ -17,6 +17,7 @@ to Envoy's timeout, the store's size, sync age and watch restarts, process and b
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import platform
 import time
@@ -43,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import meshguard
+from meshguard.authz.cache import DecisionCache
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.decision import Decision, Reason, Request, decide
 from meshguard.authz.identity import (
@@ -64,6 +66,8 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 READY_POLL_SECONDS = 0.1
+#: Distinct answers (CheckResponse messages) kept for reuse.
+RESPONSES_KEPT = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +114,33 @@ class StoreCollector(Collector):
         )
 
 
+class DecisionCacheCollector(Collector):
+    """The decision cache's size, hits and misses, read at scrape time."""
+
+    def __init__(self, cache: DecisionCache[Decision]) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._cache.stats()
+        yield GaugeMetricFamily(
+            "meshguard_authz_decision_cache_entries", "Decisions cached", value=stats.entries
+        )
+        yield CounterMetricFamily(
+            "meshguard_authz_decision_cache_hits",
+            "Checks answered from the decision cache (same request, same pod object)",
+            value=stats.hits,
+        )
+        yield CounterMetricFamily(
+            "meshguard_authz_decision_cache_misses",
+            "Checks decided and cached (new request, or the pod changed)",
+            value=stats.misses,
+        )
+
+
 class AuthzMetrics:
-    def __init__(self, store: PolicyStore | None = None) -> None:
+    def __init__(
+        self, store: PolicyStore | None = None, cache: DecisionCache[Decision] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
             "meshguard_authz_decisions",
@@ -132,6 +161,8 @@ class AuthzMetrics:
         self.registry.register(GC_COLLECTOR)
         if store is not None:
             self.registry.register(StoreCollector(store))
+        if cache is not None:
+            self.registry.register(DecisionCacheCollector(cache))
         for result, reasons in _REASONS_BY_RESULT.items():
             for reason in reasons:  # every series exists from the start (rate() needs it)
                 self.decisions.labels(result=result, reason=reason.value)
@@ -196,8 +227,10 @@ def check(
     header_bytes: int,
     caller: Caller | None = None,
     trust_domain: str = "cluster.local",
+    cache: DecisionCache[Decision] | None = None,
 ) -> Decision:
-    """The decision for one Check; ``caller`` None means identities are not checked."""
+    """The decision for one Check; ``caller`` None means identities are not checked. The
+    sync, identity and size checks run every time; ``cache`` only spares ``decide``."""
     if not store.is_synced():
         return Decision(
             False, "the pod cache has not synced yet: no decision", kind=Reason.NOT_SYNCED
@@ -220,7 +253,9 @@ def check(
         )
         if problem:
             return Decision(False, problem, kind=Reason.IDENTITY_MISMATCH)
-    return decide(request, pod)
+    if cache is None:
+        return decide(request, pod)
+    return cache.get(request, pod, lambda: decide(request, pod))
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
@@ -231,6 +266,13 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Check: one decision, one metric sample and one JSON log line per request.
+
+    The per-Check work is kept small (the authz server sits on every L7 request's path): the
+    decisions of recent requests are cached per pod object (:class:`DecisionCache`), the
+    answer protobuf per decision, the metric series per result and reason.
+    """
+
     def __init__(
         self,
         *,
@@ -238,11 +280,22 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         metrics: AuthzMetrics,
         identities: bool = False,
         trust_domain: str = "cluster.local",
+        cache: DecisionCache[Decision] | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._identities = identities
         self._trust_domain = trust_domain
+        self._cache = cache
+        # A pure function of the (frozen) decision: equal decisions, equal answers.
+        self._response_of = functools.lru_cache(maxsize=RESPONSES_KEPT)(response_of)
+        self._counted = {
+            (result == "allow", reason): metrics.decisions.labels(
+                result=result, reason=reason.value
+            )
+            for result, reasons in _REASONS_BY_RESULT.items()
+            for reason in reasons
+        }
 
     async def Check(
         self, check_request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -253,10 +306,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         try:
             caller = caller_of(context) if self._identities else None
             request = request_of(check_request)
-            header_bytes = sum(len(k) + len(v) for k, v in request.headers.items())
+            headers = request.headers
+            header_bytes = len("".join(headers)) + len("".join(headers.values()))
             decision = check(
                 request, self._store, header_bytes=header_bytes, caller=caller,
-                trust_domain=self._trust_domain,
+                trust_domain=self._trust_domain, cache=self._cache,
             )  # fmt: skip
         except Exception as exc:  # deny, never let an error escape or a request through
             log.exception("check failed", extra={"fields": {"event": "check-error"}})
@@ -266,33 +320,40 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             )  # fmt: skip
         elapsed = time.perf_counter() - started
         self._record(request, decision, elapsed, caller)
-        return response_of(decision)
+        return self._response_of(decision)
 
     def _record(
         self, request: Request, decision: Decision, elapsed: float, caller: Caller | None
     ) -> None:
-        result = "allow" if decision.allowed else "deny"
-        self._metrics.decisions.labels(result=result, reason=decision.kind.value).inc()
+        counter = self._counted.get((decision.allowed, decision.kind))
+        if counter is None:  # not a combination decide() gives; counted all the same
+            result = "allow" if decision.allowed else "deny"
+            counter = self._metrics.decisions.labels(result=result, reason=decision.kind.value)
+        counter.inc()
         self._metrics.latency.observe(elapsed)
         identity = caller.identity.spiffe_id if caller and caller.identity else None
-        decisions_log.info(
-            "decision",
-            extra={
-                "fields": {
-                    "event": "decision",
-                    "pod": request.pod,
-                    "caller": identity,
-                    "request": {
-                        "method": request.method,
-                        "path": request.path,
-                        "port": request.port,
-                        "source_address": request.source_address,
-                    },
-                    **decision.log_fields(),
-                    "us": round(elapsed * 1e6),
-                }
-            },
-        )
+        if decisions_log.isEnabledFor(logging.INFO):
+            fields = {
+                "event": "decision",
+                "pod": request.pod,
+                "caller": identity,
+                "request": {
+                    "method": request.method,
+                    "path": request.path,
+                    "port": request.port,
+                    "source_address": request.source_address,
+                },
+                **decision.log_fields(),
+                "us": round(elapsed * 1e6),
+            }
+            # Logger.info without its caller lookup (a stack walk per Check; the JSON line
+            # does not show the caller's file and line).
+            decisions_log.handle(
+                decisions_log.makeRecord(
+                    decisions_log.name, logging.INFO, "", 0, "decision", (), None,
+                    extra={"fields": fields},
+                )
+            )  # fmt: skip
         if decision.kind in (Reason.NO_IDENTITY, Reason.IDENTITY_MISMATCH):
             log.warning(
                 "Check denied on the caller's identity: %s",
@@ -323,13 +384,14 @@ async def _serve_when_synced(
 
 async def serve_authz(settings: AuthzSettings, *, store: PolicyStore, stop: asyncio.Event) -> None:
     """Serve Check and health until ``stop`` is set."""
-    metrics = AuthzMetrics(store)
+    cache: DecisionCache[Decision] = DecisionCache()
+    metrics = AuthzMetrics(store, cache)
     # SO_REUSEPORT (gRPC's default on Linux, set explicitly): worker processes share the port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(
             store=store, metrics=metrics, identities=settings.tls is not None,
-            trust_domain=settings.trust_domain,
+            trust_domain=settings.trust_domain, cache=cache,
         ),
         server,
     )  # fmt: skip
