@@ -158,6 +158,30 @@ def test_the_cni_plugin_answers_version_and_passes_other_pods_through():
     assert (done.returncode, json.loads(done.stdout)) == (0, prev), done.stderr
 
 
+def test_the_node_agent_installs_and_uninstalls_with_the_core_install(tmp_path: Path):
+    conf_dir, bin_dir, account = tmp_path / "net.d", tmp_path / "bin", tmp_path / "sa"
+    for directory in (conf_dir, bin_dir, account):
+        directory.mkdir()
+    (account / "token").write_text("token")
+    (account / "ca.crt").write_text("CA")
+    (tmp_path / "shim").write_bytes(b"shim")
+    plugins = [{"type": "calico"}, {"type": "istio-cni"}]
+    conflist = conf_dir / "10-calico.conflist"
+    conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": plugins}))
+    dirs = ["--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)]
+    install = ["install", *dirs, "--once", "--plugin-binary", str(tmp_path / "shim"),
+               "--service-account-dir", str(account)]  # fmt: skip
+    in_cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    done = run(core_only("meshguard", "cni", *install), env=in_cluster)
+    assert done.returncode == 0, done.stderr
+    chained = [p["type"] for p in json.loads(conflist.read_text())["plugins"]]
+    assert chained == ["calico", "istio-cni", "meshguard-cni"]
+    done = run(core_only("meshguard", "cni", "uninstall", *dirs))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(conflist.read_text())["plugins"] == plugins
+    assert not (bin_dir / "meshguard-cni").exists()
+
+
 def test_init_refuses_a_malformed_ruleset_with_its_own_message(tmp_path: Path):
     ruleset = tmp_path / "ruleset"
     ruleset.write_text('{"version": 1, "ipv4": ')
