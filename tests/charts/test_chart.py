@@ -63,6 +63,7 @@ VALUE_SETS = {
     "netpol+servicemonitor": OBSERVED,
     "failure-ignore": IGNORE,
     "no-template+digest": NO_TEMPLATE,
+    "cni": {"cni": {"enabled": True}},
 }
 
 

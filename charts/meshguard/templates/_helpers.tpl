@@ -226,3 +226,12 @@ lifecycle:
         - {{ $sleep | quote }}
 {{- end -}}
 {{- end }}
+
+{{/* The node agent's image (cni.image): empty repository means the slim init image. */}}
+{{- define "meshguard.cniImage" -}}
+{{- if .Values.cni.image.repository -}}
+{{ include "meshguard.imageRef" (dict "image" .Values.cni.image "root" .) }}
+{{- else -}}
+{{ include "meshguard.initImage" . }}
+{{- end -}}
+{{- end }}
