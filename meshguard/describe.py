@@ -19,7 +19,7 @@ from meshguard import annotation_keys
 from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MeshguardError
-from meshguard.inject.container import MESHGUARD_INIT, MESHGUARD_VALIDATION
+from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
 from meshguard.pod import PROXY_CONTAINER, PodView
 from meshguard.policy import (
     ANY_CONTAINER,

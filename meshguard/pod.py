@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError
-from meshguard.inject.container import (
+from meshguard.init_container import (
     MESHGUARD_INIT,
     MESHGUARD_VALIDATION,
     InitContainerSettings,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshguard.errors import MalformedInputError
-from meshguard.inject.container import InitContainerSettings, init_container
+from meshguard.init_container import InitContainerSettings, init_container
 from meshguard.pod import Role, read_pod
 from tests.support.samples import (
     injected_sample_names,

@@ -28,7 +28,7 @@ from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
-from meshguard.inject.container import DEFAULT_INIT_IMAGE
+from meshguard.init_container import DEFAULT_INIT_IMAGE
 from meshguard.rules.ruleset import Family
 
 __all__ = [
@@ -580,7 +580,7 @@ def _add_configs(commands: Subcommands) -> None:
         " (default cluster.local)",
     )
     envoy.add_argument("--admin-port", type=int, help="Envoy admin port (bootstrap; 15000)")
-    envoy.set_defaults(handler="meshguard.cli.serve:envoy_config")
+    envoy.set_defaults(handler="meshguard.cli.envoy_config:envoy_config")
 
     template = _command(
         commands,

@@ -9,7 +9,7 @@ import sys
 from meshguard import yaml_io
 from meshguard.cli import EXIT_OK, fail, worst_status
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
-from meshguard.inject.container import InitContainerSettings
+from meshguard.init_container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
 from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod

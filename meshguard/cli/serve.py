@@ -1,20 +1,16 @@
-"""``meshguard serve-webhook``, ``serve-authz`` and ``envoy-config``: the long-running servers
-and the configuration of the Envoy listener that calls the authz server."""
+"""``meshguard serve-webhook`` and ``serve-authz``: the long-running servers."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import ctypes
-import ipaddress
-import re
 import signal
 import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
-from meshguard.authz.envoy_config import IstioSettings, LocationError, envoy_config_text
 from meshguard.authz.identity import TlsFiles
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
@@ -26,7 +22,6 @@ from meshguard.webhook.server import WebhookSettings, run_webhook
 PR_SET_PDEATHSIG = 1
 #: How long serve-authz waits for the workload certificate files (Istio's agent writes them).
 TLS_WAIT_SECONDS = 120.0
-_HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 
 
 def webhook(args: argparse.Namespace) -> int:
@@ -114,96 +109,6 @@ def _die_with_parent() -> None:
     """A worker must not outlive the process that started it, even if that one is killed."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def envoy_config(args: argparse.Namespace) -> int:
-    """Print the loopback listener for the authz server's location; a location Istio could
-    not have named (or a flag the format does not use) is refused, exit 2."""
-    try:
-        text = _envoy_config_text(args)
-    except LocationError as exc:
-        flags = {
-            "service": "--service", "namespace": "--namespace", "port": "--port",
-            "root_namespace": "--istio-namespace", "cluster_domain": "--cluster-domain",
-            "host": "--authz-host", "admin_port": "--admin-port",
-        }  # fmt: skip
-        reasons = "; ".join(f"{flags.get(field, field)} {why}" for field, why in exc.problems)
-        return fail(f"meshguard envoy-config: {reasons}", EXIT_USAGE)
-    sys.stdout.write(text)
-    return EXIT_OK
-
-
-def _envoy_config_text(args: argparse.Namespace) -> str:
-    port = 9191 if args.port is None else args.port
-    if args.format == "bootstrap":
-        unused = [
-            flag
-            for flag, value in (
-                ("--namespace", args.namespace), ("--service", args.service),
-                ("--istio-namespace", args.istio_namespace),
-                ("--cluster-domain", args.cluster_domain),
-            )
-            if value is not None
-        ]  # fmt: skip
-        if unused:
-            raise LocationError(
-                [(flag, "applies to --format envoyfilter only (a bootstrap calls --authz-host)")
-                 for flag in unused]
-            )  # fmt: skip
-        IstioSettings(port=port)  # the port's range
-        admin = 15000 if args.admin_port is None else args.admin_port
-        if not 1 <= admin <= 65535:
-            raise LocationError([("admin_port", f"{admin} is out of range: expected 1-65535")])
-        host = args.authz_host or "127.0.0.1"
-        _check_bootstrap_host(host)
-        return envoy_config_text("bootstrap", authz_host=host, authz_port=port, admin_port=admin)
-    if args.admin_port is not None:
-        raise LocationError([("admin_port", "applies to --format bootstrap only")])
-    return envoy_config_text("envoyfilter", istio=_istio_location(args, port=port))
-
-
-def _istio_location(args: argparse.Namespace, *, port: int) -> IstioSettings:
-    """The authz Service's location from the flags; --authz-host must agree with the
-    separate flags given beside it."""
-    default = IstioSettings()
-    root = args.istio_namespace or default.root_namespace
-    if args.authz_host is None:
-        return IstioSettings(
-            service=args.service or default.service,
-            namespace=args.namespace or default.namespace,
-            port=port,
-            root_namespace=root,
-            cluster_domain=args.cluster_domain or default.cluster_domain,
-        )
-    located = IstioSettings.from_host(
-        args.authz_host,
-        port=port,
-        root_namespace=root,
-        cluster_domain=args.cluster_domain or default.cluster_domain,
-    )
-    conflicts = [
-        (field, f"{given!r} contradicts --authz-host {args.authz_host!r}")
-        for field, given, found in (
-            ("service", args.service, located.service),
-            ("namespace", args.namespace, located.namespace),
-            ("cluster_domain", args.cluster_domain, located.cluster_domain),
-        )
-        if given is not None and given != found
-    ]
-    if conflicts:
-        raise LocationError(conflicts)
-    return located
-
-
-def _check_bootstrap_host(host: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        labels = host.rstrip(".").split(".")
-        if not all(_HOST_LABEL.fullmatch(label) for label in labels) or len(host) > 253:
-            raise LocationError(
-                [("host", f"{host!r} is neither an IP address nor a DNS name")]
-            ) from None
 
 
 async def _until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from meshguard.inject.container import InitContainerSettings, init_container, ruleset_volume
+from meshguard.init_container import InitContainerSettings, init_container, ruleset_volume
 from meshguard.inject.transform import TEMPLATE_NAME
 
 

@@ -24,7 +24,7 @@ from typing import Any, Final
 from meshguard import __version__, annotation_keys
 from meshguard.admitted import Admitted
 from meshguard.errors import RefusedError
-from meshguard.inject.container import (
+from meshguard.init_container import (
     MESHGUARD_INIT,
     MESHGUARD_VALIDATION,
     RULESET_VOLUME,

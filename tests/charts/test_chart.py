@@ -28,7 +28,7 @@ from meshguard import __version__
 from meshguard.authz.envoy_config import IstioSettings
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
-from meshguard.inject.container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
+from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
 from meshguard.inject.posture import PostureAction
 from tests.support.kube import istio_crd_schema, selector_matches
 

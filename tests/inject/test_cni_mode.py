@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 
 from meshguard.errors import RefusedError
-from meshguard.inject.container import MESHGUARD_VALIDATION, validation_container
+from meshguard.init_container import MESHGUARD_VALIDATION, validation_container
 from meshguard.inject.transform import (
     InjectSettings,
     InstallMode,

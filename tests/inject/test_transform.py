@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from meshguard.errors import RefusedError
-from meshguard.inject.container import InitContainerSettings, init_container, ruleset_volume
+from meshguard.init_container import InitContainerSettings, init_container, ruleset_volume
 from meshguard.inject.istio import istio_template
 from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
