@@ -10,6 +10,7 @@ byte for byte.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -309,10 +310,14 @@ class Recorder:
 
 
 def iptables_state(ns: NetworkNamespace) -> dict[str, list[str]]:
-    """Both iptables variants, both families, without the save's timestamped comments."""
+    """Both iptables variants, both families: the rules, without the save's timestamped
+    comments and chain counters (a packet the kernel sends itself, e.g. IPv6 MLD on lo,
+    counts in a chain policy)."""
     return {
         backend.save(family): [
-            line for line in ns.run([backend.save(family)]).splitlines() if line[:1] != "#"
+            re.sub(r" \[\d+:\d+\]$", "", line)
+            for line in ns.run([backend.save(family)]).splitlines()
+            if line[:1] != "#"
         ]
         for backend in (Backend.IPTABLES_LEGACY, Backend.IPTABLES_NFT)
         for family in Family
