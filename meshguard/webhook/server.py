@@ -2,10 +2,18 @@
 
 ``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``), ``/healthz`` says
 the process lives, ``/readyz`` that it serves with a loaded certificate, ``/metrics`` exposes
-Prometheus counters and a latency histogram. The certificate and key are re-read when their
-files change (cert-manager rotates them in place); a half-written pair is ignored until it
-loads, and the previous certificate keeps being served meanwhile. On stop (SIGTERM) it
-drains: not ready, no new connections, requests in flight finish, then it exits.
+Prometheus counters and a latency histogram.
+
+:func:`create_app` returns the whole server but its socket: routes, metrics, the certificate
+pair (loaded, or an error) and, in aiohttp's ``cleanup_ctx``, what runs beside the requests —
+the watcher that re-reads the pair when its files change (cert-manager rotates them in
+place) and the readiness flag. Tests drive it in-process; :func:`run_webhook` puts it on a
+TLS socket. Each reload builds a fresh :class:`ssl.SSLContext` from the new pair and swaps
+it in for new handshakes (an SNI callback on the listening context), so a rotated key type
+(RSA to ECDSA) leaves nothing of the old pair behind. A pair that does not load — half
+written, unreadable, or a certificate and key that do not belong together — is refused and
+logged, and the previous pair keeps being served. On stop (SIGTERM) it drains: not ready, no
+new connections, requests in flight finish, then it exits.
 """
 
 from __future__ import annotations
@@ -17,18 +25,25 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings
 from meshguard.webhook.review import handle
 
 log = logging.getLogger(__name__)
+
+#: OpenSSL's reasons when a private key does not belong to the certificate: another key of
+#: the same type, or a key of another type (it finds no certificate of its type).
+_KEY_MISMATCH: Final = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,44 +59,92 @@ class WebhookSettings:
     inject: InjectSettings = field(default_factory=InjectSettings)
 
 
+class CertificateError(MeshguardFailure):
+    """The webhook's certificate pair cannot be served."""
+
+
+_Stamp = tuple[tuple[int, int, int], ...]
+
+
+def server_context(*, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A new server-side context holding exactly this pair (TLS 1.2 or later)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        if exc.reason in _KEY_MISMATCH:
+            raise CertificateError(
+                f"the key {key_file} does not belong to the certificate {cert_file}"
+            ) from exc
+        raise CertificateError(f"{cert_file} / {key_file} do not load: {exc}") from exc
+    except OSError as exc:
+        raise CertificateError(f"certificate pair unreadable: {exc}") from exc
+    return context
+
+
 class CertificateReloader:
-    """An SSL context whose certificate follows the files on disk."""
+    """The server's certificate pair, following its files on disk.
+
+    ``listener`` is the context the socket serves with; its SNI callback, which OpenSSL calls
+    on every ClientHello (with or without a server name), hands the handshake to the context
+    of the current pair. Each reload builds that context anew and swaps it in: handshakes
+    already done keep theirs, new ones get only the new pair.
+    """
 
     def __init__(self, *, cert_file: Path, key_file: Path) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._stamp = self._current_stamp()
-        self.context.load_cert_chain(cert_file, key_file)
+        self._current = server_context(cert_file=cert_file, key_file=key_file)
+        self._refused: _Stamp | None = None
         self.loaded_at = time.time()
+        self.listener = server_context(cert_file=cert_file, key_file=key_file)
+        self.listener.sni_callback = self._select
 
-    def _current_stamp(self) -> tuple[tuple[int, int, int], ...]:
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context of the pair new handshakes get."""
+        return self._current
+
+    def _select(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
+    ) -> None:
+        connection.context = self._current
+
+    def _current_stamp(self) -> _Stamp:
         stamps = []
         for path in (self.cert_file, self.key_file):
-            info = os.stat(path)
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                raise CertificateError(f"certificate pair unreadable: {exc}") from exc
             stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
         return tuple(stamps)
 
     def reload_if_changed(self) -> bool:
-        """Load the pair again if either file changed; True when a new pair was loaded."""
+        """Load the pair again if either file changed; True when a new pair was loaded.
+
+        A pair that does not load is logged once (until the files change again) and the
+        previous pair stays."""
         try:
             stamp = self._current_stamp()
-        except OSError as exc:
-            log.error("certificate files unreadable: %s", exc, extra={"fields": {"event": "tls"}})
+        except CertificateError as exc:
+            log.error("%s", exc, extra={"fields": {"event": "tls"}})
             return False
-        if stamp == self._stamp:
+        if stamp in (self._stamp, self._refused):
             return False
         try:
-            self.context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
+            context = server_context(cert_file=self.cert_file, key_file=self.key_file)
+        except CertificateError as exc:
+            self._refused = stamp
             log.warning(
-                "new certificate not loaded yet, serving the previous one: %s",
+                "new certificate pair refused, serving the previous one: %s",
                 exc,
                 extra={"fields": {"event": "tls-reload-failed"}},
             )
             return False
-        self._stamp = stamp
+        self._current, self._stamp, self._refused = context, stamp, None
         self.loaded_at = time.time()
         log.info("certificate reloaded", extra={"fields": {"event": "tls-reloaded"}})
         return True
@@ -120,16 +183,31 @@ class _Metrics:
         )  # fmt: skip
 
 
+@dataclass
+class ServingState:
+    """Whether /readyz says ready, and the requests being answered (for the drain)."""
+
+    ready: bool = False
+    in_flight: int = 0
+
+
 APP_SETTINGS = web.AppKey("settings", WebhookSettings)
 APP_METRICS = web.AppKey("metrics", _Metrics)
-APP_READY = web.AppKey("ready", dict)
+APP_STATE = web.AppKey("state", ServingState)
+APP_TLS = web.AppKey("tls", CertificateReloader)
 
 
 def create_app(settings: WebhookSettings) -> web.Application:
+    """The webhook: routes, metrics, its certificate pair (loaded here: a pair that does not
+    load is a :class:`CertificateError`) and, while the app runs, the certificate watcher and
+    readiness. Serve it with ``app[APP_TLS].listener`` as the SSL context."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_in_flight])
     app[APP_SETTINGS] = settings
     app[APP_METRICS] = _Metrics.create()
-    app[APP_READY] = {"ready": False, "in_flight": 0}
+    app[APP_STATE] = ServingState()
+    app[APP_TLS] = CertificateReloader(cert_file=settings.cert_file, key_file=settings.key_file)
+    app.cleanup_ctx.append(_watch_certificate)
+    app.cleanup_ctx.append(_readiness)
     app.router.add_post("/inject", _inject)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -137,14 +215,28 @@ def create_app(settings: WebhookSettings) -> web.Application:
     return app
 
 
+async def _watch_certificate(app: web.Application) -> AsyncIterator[None]:
+    watcher = asyncio.create_task(app[APP_TLS].watch(app[APP_SETTINGS].reload_interval))
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+
+
+async def _readiness(app: web.Application) -> AsyncIterator[None]:
+    app[APP_STATE].ready = True
+    yield
+    app[APP_STATE].ready = False
+
+
 @web.middleware
 async def _in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[APP_READY]
-    state["in_flight"] += 1
+    state = request.app[APP_STATE]
+    state.in_flight += 1
     try:
         return await handler(request)
     finally:
-        state["in_flight"] -= 1
+        state.in_flight -= 1
 
 
 async def _inject(request: web.Request) -> web.Response:
@@ -171,7 +263,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[APP_READY]["ready"]:
+    if request.app[APP_STATE].ready:
         return web.Response(text="ready\n")
     return web.Response(status=503, text="starting\n")
 
@@ -186,30 +278,29 @@ def _json(status: int, document: object) -> web.Response:
 
 
 async def run_webhook(settings: WebhookSettings, *, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set."""
-    reloader = CertificateReloader(cert_file=settings.cert_file, key_file=settings.key_file)
+    """Serve :func:`create_app` over TLS until ``stop`` is set, then drain."""
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=reloader.context)
-    await site.start()
-    watcher = asyncio.create_task(reloader.watch(settings.reload_interval))
-    app[APP_READY]["ready"] = True
-    log.info(
-        "webhook serving",
-        extra={"fields": {"event": "serving", "host": settings.host, "port": settings.port}},
-    )
     try:
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=app[APP_TLS].listener)
+        await site.start()
+        log.info(
+            "webhook serving",
+            extra={"fields": {"event": "serving", "host": settings.host, "port": settings.port}},
+        )
         await stop.wait()
+        await _drain(app, site, timeout=settings.drain_timeout)
     finally:
-        app[APP_READY]["ready"] = False
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        # Drain: no new connections, then let requests in flight finish (aiohttp's own
-        # shutdown drops the rest of a request body that is still arriving), then close.
-        await site.stop()
-        deadline = time.monotonic() + settings.drain_timeout
-        while app[APP_READY]["in_flight"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
         await runner.cleanup()
+
+
+async def _drain(app: web.Application, site: web.BaseSite, *, timeout: float) -> None:
+    """Not ready, no new connections, then let requests in flight finish (aiohttp's own
+    shutdown drops the rest of a request body that is still arriving)."""
+    state = app[APP_STATE]
+    state.ready = False
+    await site.stop()
+    deadline = time.monotonic() + timeout
+    while state.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

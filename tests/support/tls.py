@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
@@ -40,9 +40,16 @@ class CertificateAuthority:
         path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         return path
 
-    def issue(self, cert_file: Path, key_file: Path, *, host: str = "127.0.0.1") -> int:
-        """Write a server certificate for ``host``; returns its serial number."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(
+        self, cert_file: Path, key_file: Path, *, host: str = "127.0.0.1", key_type: str = "ec"
+    ) -> int:
+        """Write a server certificate for ``host`` with an ECDSA P-256 (``ec``) or RSA 2048
+        (``rsa``) key; returns its serial number."""
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if key_type == "rsa"
+            else ec.generate_private_key(ec.SECP256R1())
+        )
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
         cert = (
