@@ -12,6 +12,7 @@ extra, run the same way, must name the extra instead of failing with a traceback
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.metadata
 import json
@@ -19,21 +20,22 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import meshguard
-from meshguard.cli import EXTRA_OF_MODULE
+from meshguard.cli import EXTRA_OF_MODULE, EXTRAS, build_parser
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.cni.test_plugin_netns import api, injected_pod, netns, serve  # noqa: F401 - fixtures
 from tests.rules.test_backends import compiled, installed_backend, load_iptables, meshguard_in
 from tests.support.netfilter import NETFILTERS, Netfilter, nft_golden
 
-#: Runs a module as ``python -m`` would, after installing an import hook that lets through
-#: only the standard library and the top-level modules named in argv[1].
+#: Runs a module as ``python -m`` would (or a script, argv[2] ending in .py), after installing
+#: an import hook that lets through only the standard library and the top-level modules named
+#: in argv[1].
 CORE_ONLY = """
 import importlib.abc, runpy, sys
 allowed = set(sys.argv[1].split(","))
@@ -46,7 +48,10 @@ class CoreOnly(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, CoreOnly())
 module = sys.argv[2]
 sys.argv = [module, *sys.argv[3:]]
-runpy.run_module(module, run_name="__main__", alter_sys=True)
+if module.endswith(".py"):
+    runpy.run_path(module, run_name="__main__")
+else:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
@@ -212,8 +217,57 @@ def test_a_command_of_an_extra_names_the_extra(argv, stdin, extra):
         last,
     )
     assert found, last
-    assert EXTRA_OF_MODULE[found.group(1)] == found.group(2) == extra
+    module, named = found.groups()
+    assert named == extra  # the command's extra, whichever of its libraries was missed first
+    assert EXTRAS.index(EXTRA_OF_MODULE[module]) <= EXTRAS.index(extra)
     assert "Traceback" not in done.stderr
+
+
+#: Imports each handler module (argv: specs) with the core-only hook in place; prints
+#: {spec: missing top-level module or null}.
+HANDLERS_IMPORT = """
+import importlib, json, sys
+missing = {}
+for spec in sys.argv[1:]:
+    try:
+        importlib.import_module(spec.partition(":")[0])
+        missing[spec] = None
+    except ModuleNotFoundError as exc:
+        missing[spec] = (exc.name or "").partition(".")[0]
+print(json.dumps(missing))
+"""
+
+
+def test_every_command_runs_on_the_core_install_or_declares_its_extra(tmp_path: Path):
+    """What runs in pods and on nodes (init, cni ...) imports with the core install alone;
+    every other command declares the extra it needs (so its error names it)."""
+    commands = dict(subcommands(build_parser()))
+    script = tmp_path / "handlers.py"
+    script.write_text(HANDLERS_IMPORT)
+    specs = sorted({spec for spec, _ in commands.values()})
+    done = run(core_only(str(script), *specs))
+    assert done.returncode == 0, done.stderr
+    missing = json.loads(done.stdout.splitlines()[-1])
+    core = {name for name, (spec, _) in commands.items() if missing[spec] is None}
+    assert {"init", "cni validate", "cni install", "cni uninstall", "completion"} <= core
+    for name, (spec, extra) in commands.items():
+        if missing[spec] is None:
+            continue
+        assert extra is not None, f"meshguard {name} needs {missing[spec]!r}: it names no extra"
+        assert EXTRAS.index(EXTRA_OF_MODULE[missing[spec]]) <= EXTRAS.index(extra)
+
+
+def subcommands(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> Iterator[tuple[str, tuple[str, str | None]]]:
+    """(command line, (handler spec, declared extra)) of every subcommand, nested ones too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                spec = sub.get_default("handler")
+                if isinstance(spec, str):
+                    yield f"{prefix}{name}", (spec, sub.get_default("extra"))
+                yield from subcommands(sub, f"{prefix}{name} ")
 
 
 @pytest.mark.root

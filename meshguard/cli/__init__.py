@@ -50,8 +50,9 @@ EXIT_CLOSED_PIPE: Final = 141
 EXIT_INTERRUPTED: Final = 130
 DEFAULT_RULESET_FILE: Final = "/etc/meshguard/ruleset"
 RULESET_ENV: Final = "MESHGUARD_RULESET"
-#: Top-level modules of the optional dependencies, by the extra (pyproject.toml) that brings
-#: them; ``server`` includes ``cli``, ``demo`` includes ``server``.
+#: pyproject.toml's extras, each including the one before it.
+EXTRAS: Final = ("cli", "server", "demo")
+#: Top-level modules of the optional dependencies, by the extra that brings them.
 EXTRA_OF_MODULE: Final = {
     "yaml": "cli",
     "aiohttp": "server",
@@ -112,7 +113,9 @@ def _run(args: argparse.Namespace) -> int:
         module = (exc.name or "").partition(".")[0]
         if module not in EXTRA_OF_MODULE:
             raise
-        raise MissingExtraError(module=module, extra=EXTRA_OF_MODULE[module]) from exc
+        # The extra the command declares (set_defaults(extra=...)), or the module's if larger.
+        needed = (EXTRA_OF_MODULE[module], getattr(args, "extra", EXTRAS[0]))
+        raise MissingExtraError(module=module, extra=max(needed, key=EXTRAS.index)) from exc
 
 
 def handler(spec: str) -> Callable[[argparse.Namespace], int]:
@@ -321,7 +324,7 @@ def _add_demo(commands: Subcommands) -> None:
     demo.add_argument(
         "--keep", action="store_true", help="leave the sandbox up until Ctrl-C, for poking"
     )
-    demo.set_defaults(handler="meshguard.cli.demo:run")
+    demo.set_defaults(handler="meshguard.cli.demo:run", extra="demo")
 
 
 def _add_rules(commands: Subcommands) -> None:
@@ -351,7 +354,7 @@ def _add_rules(commands: Subcommands) -> None:
         " line per pod; yaml: the same documents as a YAML stream. With --family, json and"
         " yaml hold only that family (a document meshguard-init does not accept)",
     )
-    rules.set_defaults(handler="meshguard.cli.rules:run")
+    rules.set_defaults(handler="meshguard.cli.rules:run", extra="cli")
 
     describe = _command(
         commands,
@@ -390,7 +393,7 @@ def _add_rules(commands: Subcommands) -> None:
         " webhook.optOutLabel); Namespace objects in the input carrying it mark their pods"
         " as opted out (default: %(default)s)",
     )
-    describe.set_defaults(handler="meshguard.cli.describe:run")
+    describe.set_defaults(handler="meshguard.cli.describe:run", extra="cli")
 
     init = _command(
         commands,
@@ -459,7 +462,7 @@ def _add_injection(commands: Subcommands) -> None:
         help="yaml: the documents as a YAML stream; json: one JSON document per line",
     )
     add_injection_flags(inject)
-    inject.set_defaults(handler="meshguard.cli.inject:run")
+    inject.set_defaults(handler="meshguard.cli.inject:run", extra="cli")
 
 
 def _add_servers(commands: Subcommands) -> None:
@@ -492,7 +495,7 @@ def _add_servers(commands: Subcommands) -> None:
         ' refuses each pod: requested template "meshguard" not found',
     )
     add_injection_flags(webhook)
-    webhook.set_defaults(handler="meshguard.cli.serve:webhook")
+    webhook.set_defaults(handler="meshguard.cli.serve:webhook", extra="server")
 
     authz = _command(
         commands,
@@ -534,7 +537,7 @@ def _add_servers(commands: Subcommands) -> None:
         action="store_true",
         help="serve --kubernetes without TLS and without checking callers' identities",
     )
-    authz.set_defaults(handler="meshguard.cli.serve:authz")
+    authz.set_defaults(handler="meshguard.cli.serve:authz", extra="server")
 
 
 def _add_configs(commands: Subcommands) -> None:
@@ -580,7 +583,7 @@ def _add_configs(commands: Subcommands) -> None:
         " (default cluster.local)",
     )
     envoy.add_argument("--admin-port", type=int, help="Envoy admin port (bootstrap; 15000)")
-    envoy.set_defaults(handler="meshguard.cli.envoy_config:envoy_config")
+    envoy.set_defaults(handler="meshguard.cli.envoy_config:envoy_config", extra="cli")
 
     template = _command(
         commands,
@@ -595,7 +598,7 @@ def _add_configs(commands: Subcommands) -> None:
     template.add_argument(
         "--image", default=DEFAULT_INIT_IMAGE, help="image of meshguard-init (the slim init image)"
     )
-    template.set_defaults(handler="meshguard.cli.inject:istio_template")
+    template.set_defaults(handler="meshguard.cli.inject:istio_template", extra="cli")
 
 
 def _add_completion(commands: Subcommands) -> None:
