@@ -51,7 +51,7 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["kernel", "l7", "workers", "webhook", "admission", "install", "load"],
+        choices=["kernel", "l7", "workers", "webhook", "admission", "install", "image", "load"],
         help="re-measure only these parts; the others keep the figures of the last run",
     )
     return parser
@@ -692,6 +692,31 @@ def install_section(report: Report, result: dict[str, Any] | None, problem: str 
     report.section(lines)
 
 
+def image_section(report: Report, run: ScriptRun | None) -> None:
+    """benchmarks/init_image.py: its own renderer, so the script prints the same section."""
+    if run is None or not run.data:
+        lines = ["## The slim init image (benchmarks/init_image.py)", ""]
+        lines += not_measured("init_image.py", run.problem) if run else ["Not run.", ""]
+        report.add_summary(
+            "init image", "init image / servers' image, installed", "-", "<= 0.25", None
+        )
+        report.section(lines)
+        return
+    data = run.data
+    report.add_summary(
+        "init image",
+        "init image / servers' image, installed (virtualenv + apt)",
+        f"{data['size_ratio']:.3f} ({data['totals_kib']['init'] / 1024:.0f} MB /"
+        f" {data['totals_kib']['server'] / 1024:.0f} MB)",
+        f"<= {data['goal_ratio']}",
+        data["size_ratio"] <= data["goal_ratio"],
+    )
+    init_at = ", ".join(f"{r['containers']}: {r['init_ms']['init']:.0f} ms" for r in data["init"])
+    report.add_summary("init image", "meshguard init from the init image", init_at, "no goal", None)
+    report.summary[-1][-1] = "(informative)"
+    report.section(measure.load_script("init_image").markdown(data))
+
+
 def load_section(report: Report, run: ScriptRun | None) -> None:
     lines = ["## Load and fault (benchmarks/load.py)", ""]
     if run is None:
@@ -734,7 +759,7 @@ def main(argv: list[str]) -> int:
         print("python -m benchmarks needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
     quick = ["--quick"] if args.quick else []
-    parts = set(args.only or ["kernel", "l7", "workers", "webhook", "admission", "install", "load"])
+    parts = set(args.only or [*PART_KEYS])
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -777,6 +802,11 @@ def main(argv: list[str]) -> int:
     install = None
     if "install" in parts:
         install = step("install", lambda: measure.rule_install(quick=args.quick), problems)
+    init_image = None
+    if "image" in parts:
+        init_image = run_script(
+            "image", "init_image.py", quick, timeout=script_timeout, log_dir=log_dir
+        )
     load = None
     if "load" in parts:
         load = run_script("load", "load.py", quick, timeout=script_timeout, log_dir=log_dir)
@@ -792,6 +822,7 @@ def main(argv: list[str]) -> int:
             "kernel": {str(n): trimmed(r) for n, r in kernel_runs.items()},
             "l7": trimmed(l7),
             "webhook": trimmed(webhook),
+            "image": trimmed(init_image),
             "load": trimmed(load),
         },
         "authz_workers": worker_result,
@@ -814,6 +845,7 @@ PART_KEYS = {
     "workers": ("authz_workers",),
     "admission": ("admission_growth",),
     "install": ("rule_install",),
+    "image": ("runs", "image"),
 }
 
 
@@ -859,6 +891,7 @@ def render(state: dict[str, Any]) -> int:
     problems: dict[str, str] = dict(state["problems"])
     kernel_runs = {int(n): as_run(r) for n, r in state["runs"]["kernel"].items()}
     l7, webhook, load = (as_run(state["runs"][k]) for k in ("l7", "webhook", "load"))
+    init_image = as_run(state["runs"].get("image"))
     worker_result = state["authz_workers"]
     growth = state["admission_growth"]
     install = state["rule_install"]
@@ -896,6 +929,7 @@ def render(state: dict[str, Any]) -> int:
         l7_section(report, l7, worker_result, problems.get("workers") or problems.get("l7"))
     webhook_section(report, webhook, growth, problems.get("admission"))
     install_section(report, install, problems.get("install"))
+    image_section(report, init_image)
     load_section(report, load)
     header = [
         "# meshguard benchmarks",
@@ -910,7 +944,10 @@ def render(state: dict[str, Any]) -> int:
         "",
     ]
     notes = ["## Notes", ""]
-    runs = [*kernel_runs.values(), *(r for r in (l7, webhook, load) if r is not None)]
+    runs = [
+        *kernel_runs.values(),
+        *(r for r in (l7, webhook, init_image, load) if r is not None),
+    ]
     notes.append(
         f"- Load average (1/5/15 min) at start {load_before[0]:.2f}/{load_before[1]:.2f}/"
         f"{load_before[2]:.2f}, at end {load_after[0]:.2f}/{load_after[1]:.2f}/"

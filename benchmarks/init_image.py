@@ -1,0 +1,299 @@
+"""The slim init image against the servers' image: installed size and ``meshguard init`` time.
+
+Run as root: ``python benchmarks/init_image.py [--quick] [--json FILE] [--markdown]``.
+
+There is no container engine here, so each image's two layers of its own are measured the
+way the Dockerfile builds them:
+
+1. The virtualenv. ``python -m venv`` + ``pip install SRC`` (the core install; pip and
+   setuptools uninstalled after, as the ``init`` target does) and ``pip install
+   "SRC[server]"`` (the servers' image), SRC a copy of ``pyproject.toml``, ``README.md`` and
+   ``meshguard/`` as the Dockerfile copies them. Size: ``du -sk`` (disk usage, KiB) of the
+   virtualenv; the largest entries of its site-packages.
+2. What apt adds. The Debian packages each target installs (``iptables iproute2`` for the
+   servers' image; ``iptables nftables iproute2`` for init) and their ``Depends`` closure
+   (``apt-cache depends --recurse``), less the packages the ``python:3.11-slim-bookworm``
+   base already has (:data:`BASE_PACKAGES`: debian:bookworm-slim's packages and the Python
+   image's runtime libraries); ``Installed-Size`` from dpkg on this (bookworm) host.
+
+The base image both targets share (Debian slim and the Python interpreter) is not counted:
+the issue's 248 MB is the virtualenv of the servers' image.
+
+3. ``meshguard init --ruleset-file F`` wall time, the installed console script of each
+   virtualenv (``VENV/bin/meshguard``), in a fresh network namespace per run (``ip netns
+   exec``), for the synthetic pods of ``kernel_path.py`` at 2 and 64 containers; median of
+   N runs after one warm-up, the two virtualenvs alternating. The servers' virtualenv is the
+   baseline of the same run (init imports none of its extra libraries, so the ratio should
+   be about 1: the gain of the slim image is the pull, not the start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.suite.measure import load_script  # noqa: E402
+from meshguard.sandbox.netns import NetworkNamespace  # noqa: E402
+
+SIZES = (2, 64)
+#: The issue's goal: the init image at most a quarter of the servers' image.
+GOAL_RATIO = 0.25
+APT = {"server": ("iptables", "iproute2"), "init": ("iptables", "nftables", "iproute2")}
+#: Packages of python:3.11-slim-bookworm: debian:bookworm-slim's, and the runtime libraries
+#: and certificates the Python image installs. A package listed here is not counted as added.
+BASE_PACKAGES = frozenset(
+    {
+        "adduser", "apt", "base-files", "base-passwd", "bash", "bsdutils", "ca-certificates",
+        "coreutils", "dash", "debconf", "debian-archive-keyring", "debianutils", "diffutils",
+        "dpkg", "findutils", "gcc-12-base", "gpgv", "grep", "gzip", "hostname",
+        "init-system-helpers", "libacl1", "libapt-pkg6.0", "libattr1", "libaudit-common",
+        "libaudit1", "libblkid1", "libbz2-1.0", "libc-bin", "libc6", "libcap-ng0", "libcap2",
+        "libcom-err2", "libcrypt1", "libdb5.3", "libdebconfclient0", "libexpat1", "libffi8",
+        "libgcc-s1", "libgcrypt20", "libgdbm6", "libgmp10", "libgnutls30", "libgpg-error0",
+        "libgssapi-krb5-2", "libhogweed6", "libidn2-0", "libk5crypto3", "libkeyutils1",
+        "libkrb5-3", "libkrb5support0", "liblz4-1", "liblzma5", "libmd0", "libmount1",
+        "libncursesw6", "libnettle8", "libnsl2", "libp11-kit0", "libpam-modules",
+        "libpam-modules-bin", "libpam-runtime", "libpam0g", "libpcre2-8-0", "libreadline8",
+        "libseccomp2", "libselinux1", "libsemanage-common", "libsemanage2", "libsepol2",
+        "libsmartcols1", "libsqlite3-0", "libssl3", "libstdc++6", "libsystemd0", "libtasn1-6",
+        "libtinfo6", "libtirpc-common", "libtirpc3", "libudev1", "libunistring2", "libuuid1",
+        "libxxhash0", "libzstd1", "login", "mawk", "mount", "ncurses-base", "ncurses-bin",
+        "netbase", "openssl", "passwd", "perl-base", "readline-common", "sed", "sysvinit-utils",
+        "tar", "tzdata", "usr-is-merged", "util-linux", "util-linux-extra", "zlib1g",
+    }
+)  # fmt: skip
+
+
+def source_copy(directory: Path) -> Path:
+    """What the Dockerfile copies into /src."""
+    src = directory / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "meshguard", src / "meshguard", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return src
+
+
+def build_venv(directory: Path, src: Path, *, target: str) -> Path:
+    venv = directory / target
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    pip = [str(venv / "bin" / "pip"), "install", "-q"]
+    requirement = str(src) if target == "init" else f"{src}[server]"
+    subprocess.run([*pip, requirement], check=True, capture_output=True, cwd=directory)
+    if target == "init":
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "uninstall", "-y", "-q", "pip", "setuptools"],
+            check=True,
+            capture_output=True,
+        )
+    return venv
+
+
+def disk_kib(path: Path) -> int:
+    done = subprocess.run(["du", "-sk", str(path)], check=True, capture_output=True, text=True)
+    return int(done.stdout.split()[0])
+
+
+def largest(venv: Path, count: int = 6) -> list[tuple[str, int]]:
+    (site,) = venv.glob("lib/python3*/site-packages")
+    sizes = [(entry.name, disk_kib(entry)) for entry in site.iterdir()]
+    return sorted(sizes, key=lambda item: -item[1])[:count]
+
+
+def apt_added(packages: tuple[str, ...]) -> dict[str, int] | None:
+    """Installed-Size (KiB) of each package of the closure that the base image lacks."""
+    if shutil.which("apt-cache") is None or shutil.which("dpkg-query") is None:
+        return None
+    done = subprocess.run(
+        ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *packages],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    closure = {line.strip() for line in done.stdout.splitlines() if line and not line[0].isspace()}
+    added = {}
+    for name in sorted(closure - BASE_PACKAGES):
+        if name.startswith("<"):  # a virtual package: its provider is in the closure
+            continue
+        if name.endswith(":i386"):
+            continue
+        shown = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status} ${Installed-Size}", name],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        # Not installed: an alternative (``a | b``) apt did not pick; the packages are
+        # installed on this host, so what they pulled in is.
+        if shown.returncode == 0 and shown.stdout.startswith("install ok installed"):
+            added[name] = int(shown.stdout.split()[-1])
+    return added
+
+
+def time_init(meshguard: Path, ruleset_file: Path) -> float:
+    with NetworkNamespace() as ns:
+        started = time.perf_counter()
+        ns.run([str(meshguard), "init", "--ruleset-file", str(ruleset_file)])
+        return time.perf_counter() - started
+
+
+def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[dict[str, Any]]:
+    kernel_path = load_script("kernel_path")
+    rows = []
+    for n in SIZES:
+        ruleset_file = directory / f"ruleset-{n}.json"
+        ruleset_file.write_text(kernel_path.compile_synthetic(n).to_json(), encoding="utf-8")
+        samples: dict[str, list[float]] = {target: [] for target in venvs}
+        for venv in venvs.values():  # warm-up: page cache
+            time_init(venv / "bin" / "meshguard", ruleset_file)
+        for rep in range(reps):
+            order = list(venvs) if rep % 2 == 0 else list(reversed(venvs))
+            for target in order:
+                seconds = time_init(venvs[target] / "bin" / "meshguard", ruleset_file)
+                samples[target].append(seconds * 1000)
+        medians = {target: statistics.median(values) for target, values in samples.items()}
+        rows.append(
+            {
+                "containers": n,
+                "init_ms": medians,
+                "samples_ms": samples,
+                "ratio": medians["init"] / medians["server"],
+            }
+        )
+        print(
+            f"[init-image] {n} containers: init image {medians['init']:.1f} ms,"
+            f" servers' image {medians['server']:.1f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def measure(*, quick: bool) -> dict[str, Any]:
+    reps = 3 if quick else 9
+    with tempfile.TemporaryDirectory(prefix="meshguard-init-image-") as tmp:
+        directory = Path(tmp)
+        os.chmod(directory, 0o755)
+        src = source_copy(directory)
+        venvs = {target: build_venv(directory, src, target=target) for target in ("init", "server")}
+        images = {}
+        for target, venv in venvs.items():
+            added = apt_added(APT[target])
+            images[target] = {
+                "venv_kib": disk_kib(venv),
+                "largest_kib": largest(venv),
+                "apt_packages": APT[target],
+                "apt_added_kib": added,
+                "apt_total_kib": sum(added.values()) if added is not None else None,
+            }
+        rows = measure_init(venvs, directory, reps)
+    totals = {
+        target: image["venv_kib"] + (image["apt_total_kib"] or 0)
+        for target, image in images.items()
+    }
+    return {
+        "images": images,
+        "totals_kib": totals,
+        "size_ratio": totals["init"] / totals["server"],
+        "venv_ratio": images["init"]["venv_kib"] / images["server"]["venv_kib"],
+        "goal_ratio": GOAL_RATIO,
+        "init": rows,
+        "reps": reps,
+    }
+
+
+def mb(kib: float) -> str:
+    return f"{kib / 1024:.1f} MB"
+
+
+def markdown(data: dict[str, Any]) -> list[str]:
+    """The report's section (``python -m benchmarks`` and ``--markdown`` print the same)."""
+    init, server = data["images"]["init"], data["images"]["server"]
+    ok = data["size_ratio"] <= data["goal_ratio"]
+    lines = [
+        "## The slim init image (benchmarks/init_image.py)",
+        "",
+        "No container engine here: each image's own layers are measured as the Dockerfile"
+        " builds them. The virtualenv: `pip install /src` (the core install, pip and"
+        " setuptools removed after, as the `init` target does) against `pip install"
+        ' "/src[server]"` (the servers\' image), `du -sk`. What apt adds: the closure of each'
+        " target's `apt-get install` (`Depends` only, as `--no-install-recommends`) less the"
+        " packages python:3.11-slim-bookworm already has (the list in the script), by dpkg's"
+        " Installed-Size on this bookworm host. The shared base (Debian slim + the Python"
+        " interpreter) is not counted; the issue's 248 MB is the servers' virtualenv.",
+        "",
+        "| image | virtualenv | apt adds | total | largest in site-packages |",
+        "|---|---|---|---|---|",
+    ]
+    for name, image in (("init (`--target init`)", init), ("servers' (default)", server)):
+        apt = image["apt_total_kib"]
+        biggest = ", ".join(f"{entry} {mb(kib)}" for entry, kib in image["largest_kib"][:4])
+        total = image["venv_kib"] + (apt or 0)
+        lines.append(
+            f"| {name} | {mb(image['venv_kib'])} | {mb(apt) if apt is not None else '-'}"
+            f" ({' '.join(image['apt_packages'])}) | {mb(total)} | {biggest} |"
+        )
+    added = init["apt_added_kib"] or {}
+    lines += [
+        "",
+        f"init / servers': {data['size_ratio']:.3f} of the total,"
+        f" {data['venv_ratio']:.3f} of the virtualenv. Goal <= {data['goal_ratio']}:"
+        f" {'**met**' if ok else '**not met**'}.",
+        "",
+        "Packages apt adds to the init image: "
+        + ", ".join(f"{name} {kib} KiB" for name, kib in sorted(added.items(), key=lambda x: -x[1]))
+        + ".",
+        "",
+        f"`meshguard init --ruleset-file F` as installed (`VENV/bin/meshguard`, byte-compiled"
+        f" by pip) in a fresh network namespace, wall time, median of {data['reps']}"
+        " alternating runs after a warm-up; the servers' virtualenv is the baseline:",
+        "",
+        "| containers | init image ms | servers' image ms | init / servers' | samples (init) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in data["init"]:
+        lines.append(
+            f"| {row['containers']} | {row['init_ms']['init']:.1f} |"
+            f" {row['init_ms']['server']:.1f} | {row['ratio']:.2f} |"
+            f" {', '.join(f'{s:.0f}' for s in row['samples_ms']['init'])} |"
+        )
+    lines += [
+        "",
+        "meshguard init imports nothing of the servers' libraries (tests/test_core_install.py"
+        " runs it with them blocked), so the start is the same from either image; what the"
+        " slim image saves is the pull and the disk on every node.",
+        "",
+    ]
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 runs per figure instead of 9")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--markdown", action="store_true", help="print the report's section")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("init_image.py needs root (network namespaces, iptables)", file=sys.stderr)
+        return 2
+    data = measure(quick=args.quick)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    if args.markdown:
+        print("\n".join(markdown(data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
