@@ -1,6 +1,7 @@
 """The slim init image against the servers' image: installed size and ``meshguard init`` time.
 
-Run as root: ``python benchmarks/init_image.py [--quick] [--json FILE] [--markdown]``.
+Run as root from the checkout: ``python -m benchmarks.init_image [--quick] [--json FILE]
+[--markdown]``.
 
 There is no container engine here, so each image's two layers of its own are measured the
 way the Dockerfile builds them:
@@ -29,23 +30,27 @@ the issue's 248 MB is the virtualenv of the servers' image.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.suite.measure import load_script  # noqa: E402
-from meshguard.sandbox.netns import NetworkNamespace  # noqa: E402
+from benchmarks.common import (
+    ROOT,
+    Machine,
+    machine,
+    machine_line,
+    median_of,
+    script_parser,
+    write_json,
+)
+from benchmarks.kernel_path import compile_synthetic
+from meshguard.sandbox.netns import NetworkNamespace
 
 SIZES = (2, 64)
 #: The issue's goal: the init image at most a quarter of the servers' image.
@@ -74,6 +79,37 @@ BASE_PACKAGES = frozenset(
         "tar", "tzdata", "usr-is-merged", "util-linux", "util-linux-extra", "zlib1g",
     }
 )  # fmt: skip
+
+
+class Image(TypedDict):
+    """One image's own layers: its virtualenv and what apt adds to the base."""
+
+    venv_kib: int
+    largest_kib: list[tuple[str, int]]  # the largest site-packages entries
+    apt_packages: tuple[str, ...]
+    apt_added_kib: dict[str, int] | None  # None: no apt here
+    apt_total_kib: int | None
+
+
+class InitRow(TypedDict):
+    containers: int
+    init_ms: dict[str, float]  # image -> median
+    samples_ms: dict[str, list[float]]
+    ratio: float  # init image / servers' image
+
+
+class Document(TypedDict):
+    """What ``--json FILE`` writes."""
+
+    images: dict[str, Image]  # "init", "server"
+    totals_kib: dict[str, int]
+    size_ratio: float
+    venv_ratio: float
+    goal_ratio: float
+    init: list[InitRow]
+    reps: int
+    machine: Machine
+    seconds: float
 
 
 def source_copy(directory: Path) -> Path:
@@ -148,12 +184,11 @@ def time_init(meshguard: Path, ruleset_file: Path) -> float:
         return time.perf_counter() - started
 
 
-def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[dict[str, Any]]:
-    kernel_path = load_script("kernel_path")
-    rows = []
+def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[InitRow]:
+    rows: list[InitRow] = []
     for n in SIZES:
         ruleset_file = directory / f"ruleset-{n}.json"
-        ruleset_file.write_text(kernel_path.compile_synthetic(n).to_json(), encoding="utf-8")
+        ruleset_file.write_text(compile_synthetic(n).to_json(), encoding="utf-8")
         samples: dict[str, list[float]] = {target: [] for target in venvs}
         for venv in venvs.values():  # warm-up: page cache
             time_init(venv / "bin" / "meshguard", ruleset_file)
@@ -162,7 +197,7 @@ def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[dic
             for target in order:
                 seconds = time_init(venvs[target] / "bin" / "meshguard", ruleset_file)
                 samples[target].append(seconds * 1000)
-        medians = {target: statistics.median(values) for target, values in samples.items()}
+        medians = {target: median_of(values) for target, values in samples.items()}
         rows.append(
             {
                 "containers": n,
@@ -180,14 +215,15 @@ def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[dic
     return rows
 
 
-def measure(*, quick: bool) -> dict[str, Any]:
+def measure(*, quick: bool) -> Document:
+    began = time.perf_counter()
     reps = 3 if quick else 9
     with tempfile.TemporaryDirectory(prefix="meshguard-init-image-") as tmp:
         directory = Path(tmp)
         os.chmod(directory, 0o755)
         src = source_copy(directory)
         venvs = {target: build_venv(directory, src, target=target) for target in ("init", "server")}
-        images = {}
+        images: dict[str, Image] = {}
         for target, venv in venvs.items():
             added = apt_added(APT[target])
             images[target] = {
@@ -210,6 +246,8 @@ def measure(*, quick: bool) -> dict[str, Any]:
         "goal_ratio": GOAL_RATIO,
         "init": rows,
         "reps": reps,
+        "machine": machine(),
+        "seconds": time.perf_counter() - began,
     }
 
 
@@ -217,7 +255,7 @@ def mb(kib: float) -> str:
     return f"{kib / 1024:.1f} MB"
 
 
-def markdown(data: dict[str, Any]) -> list[str]:
+def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``python -m benchmarks`` and ``--markdown`` print the same)."""
     init, server = data["images"]["init"], data["images"]["server"]
     ok = data["size_ratio"] <= data["goal_ratio"]
@@ -278,10 +316,13 @@ def markdown(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 runs per figure instead of 9")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+def main(argv: Sequence[str]) -> int:
+    parser = script_parser(
+        "benchmarks.init_image",
+        description="Installed size of the slim init image against the servers' image, and"
+        " meshguard init's wall time from each.",
+        quick="3 runs per figure instead of 9, about 1 min",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the report's section")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -289,9 +330,10 @@ def main(argv: list[str]) -> int:
         return 2
     data = measure(quick=args.quick)
     if args.json:
-        args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, data)
     if args.markdown:
         print("\n".join(markdown(data)))
+    print(machine_line(data["machine"], data["seconds"]))
     return 0
 
 
