@@ -78,7 +78,6 @@ from typing import IO, Any, TypedDict
 
 import grpc
 import grpc.aio
-import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
@@ -94,6 +93,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
+from meshguard import yaml_io
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.envoy_config import (
     AuthzTls,
@@ -618,7 +618,7 @@ def envoy_configs(workdir: Path, certs: MeshCertificates) -> dict[str, Path]:
     paths = {}
     for name, document in documents.items():
         path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        path.write_text(yaml_io.dump(document))
         paths[name] = path
     return paths
 
@@ -804,7 +804,7 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
     ruleset_file = workdir / "ruleset.json"
     ruleset_file.write_text(pod["metadata"]["annotations"]["meshguard.io/ruleset"])
     pod_file = workdir / "pod.yaml"
-    pod_file.write_text(yaml.safe_dump(pod))
+    pod_file.write_text(yaml_io.dump(pod, sort_keys=True))
     (workdir / "post.lua").write_text(WRK_SCRIPT)
     capture_dir = workdir / "capture"
     capture_dir.mkdir()

@@ -64,11 +64,11 @@ from typing import Any, TypedDict
 import aiohttp
 import grpc
 import jsonpatch
-import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import Machine, json_lines, machine, machine_line, script_parser, write_json
+from meshguard import yaml_io
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.envoy import envoy_binary
@@ -331,7 +331,7 @@ def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, l
     pod = injected_example()
     kinds = check_kinds(pod)
     pod_file = workdir / "pod.yaml"
-    pod_file.write_text(yaml.safe_dump(pod))
+    pod_file.write_text(yaml_io.dump(pod, sort_keys=True))
     port = free_port()
     address = f"{HOST}:{port}"
     log_file = workdir / "authz.log"

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-import yaml
-
 from meshguard import annotation_keys, yaml_io
 from meshguard.errors import MalformedInputError
 
@@ -62,7 +60,7 @@ def read_documents(source: str | Path | TextIO) -> list[Any]:
         raise MalformedInputError(f"input is not UTF-8 text ({exc.reason})") from None
     try:
         return [doc for doc in yaml_io.load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
+    except yaml_io.YAMLError as exc:
         raise MalformedInputError(f"not valid YAML: {exc}") from None
 
 

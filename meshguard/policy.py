@@ -14,7 +14,6 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -207,7 +206,7 @@ def parse_policy(text: str | None) -> Policy:
         raise _error(Problem(path="", value=f"{len(text)} characters", expected="at most 64 KiB"))
     try:
         document = _load(text)
-    except yaml.YAMLError as exc:
+    except yaml_io.YAMLError as exc:
         raise _error(
             Problem(path="", value=text, expected=f"valid YAML or JSON ({_yaml_reason(exc)})")
         ) from None
@@ -338,7 +337,7 @@ def _load(text: str) -> object:
     return yaml_io.load(text)
 
 
-def _yaml_reason(exc: yaml.YAMLError) -> str:
+def _yaml_reason(exc: yaml_io.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or "syntax error"
     if mark is not None:

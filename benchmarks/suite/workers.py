@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
+from meshguard import yaml_io
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST, free_port, stop_process
 
@@ -230,7 +229,7 @@ def run(*, quick: bool, log_dir: Path) -> dict[str, Any]:
     rows: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="meshguard-workers-") as tmp:
         pod_file = Path(tmp) / "pod.yaml"
-        pod_file.write_text(yaml.safe_dump(pod), encoding="utf-8")
+        pod_file.write_text(yaml_io.dump(pod, sort_keys=True), encoding="utf-8")
         for index in range(rounds):
             for workers in (1, 2) if index % 2 == 0 else (2, 1):
                 row = measure(

@@ -24,9 +24,7 @@ from pathlib import Path
 from shutil import which
 from typing import Any
 
-import yaml
-
-from meshguard import annotation_keys
+from meshguard import annotation_keys, yaml_io
 from meshguard.authz.envoy_config import envoy_config_text
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
@@ -190,7 +188,7 @@ class PodDemo:
             "namespace": self.pod_namespace,
         }
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": self.template.spec}
-        (self.workdir / "pod.yaml").write_text(yaml.safe_dump(pod))
+        (self.workdir / "pod.yaml").write_text(yaml_io.dump(pod, sort_keys=True))
         self.ns.run(
             [
                 sys.executable,

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
+from meshguard import yaml_io
 from meshguard.authz.envoy_config import envoy_config_text
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
@@ -221,7 +221,7 @@ class FaultPod:
         self.ns = ns
         self.pod = injected_example()
         self.pod_file = workdir / "pod.yaml"
-        self.pod_file.write_text(yaml.safe_dump(self.pod))
+        self.pod_file.write_text(yaml_io.dump(self.pod, sort_keys=True))
         ruleset_file = workdir / "ruleset"
         ruleset_file.write_text(self.pod["metadata"]["annotations"]["meshguard.io/ruleset"])
         envoy_config = workdir / "envoy.yaml"

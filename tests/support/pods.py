@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import meshguard
-from meshguard import annotation_keys
+from meshguard import annotation_keys, yaml_io
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.status import PodStatus, read_status
 
@@ -18,7 +16,8 @@ EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
 def example_pod() -> dict[str, Any]:
     """``meshguard/examples/pod.yaml``, as a fresh dict each call."""
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    pod = yaml_io.load(EXAMPLE.read_text())
+    assert isinstance(pod, dict)
     return pod
 
 
