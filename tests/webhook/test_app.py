@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,9 +34,10 @@ from meshguard.webhook.server import (
     CertificateError,
     WebhookSettings,
     create_app,
+    run_webhook,
 )
 from tests.support.tls import CertificateAuthority
-from tests.webhook.test_server import injected_pod, review
+from tests.webhook.test_server import free_port, injected_pod, review
 
 HOST = "127.0.0.1"
 #: TLS 1.3 signature algorithms a client may offer (openssl s_client -sigalgs).
@@ -263,3 +265,69 @@ def test_an_app_without_a_servable_pair_is_not_created(pair: Pair, tmp_path: Pat
         expected = "do not load"
     with pytest.raises(CertificateError, match=expected):
         create_app(settings(pair))
+
+
+# --- serving and draining (run_webhook) ---------------------------------------------------
+
+
+def slow_admission(port: int, context: ssl.SSLContext, body: bytes, *, sent: threading.Event,
+                   proceed: threading.Event) -> tuple[int, bytes]:  # fmt: skip
+    """POST /inject whose body arrives in two parts, the second once ``proceed`` is set."""
+    head = (
+        f"POST /inject HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with (
+        socket.create_connection((HOST, port), timeout=20) as raw,
+        context.wrap_socket(raw, server_hostname=HOST) as tls,
+    ):
+        tls.sendall(head + body[:10])
+        sent.set()
+        assert proceed.wait(20)
+        tls.sendall(body[10:])
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_stop_lets_a_request_in_flight_finish_and_takes_no_new_connection(pair: Pair):
+    async def scenario() -> None:
+        port = free_port()
+        stop = asyncio.Event()
+        served = asyncio.create_task(
+            run_webhook(
+                WebhookSettings(
+                    cert_file=pair.cert_file, key_file=pair.key_file, host=HOST, port=port
+                ),
+                stop=stop,
+            )
+        )
+        for _ in range(200):
+            try:
+                await served_by_python(port, pair.client_context())
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        sent, proceed = threading.Event(), threading.Event()
+        body = review(injected_pod(), "in-flight")
+        admission = asyncio.create_task(
+            asyncio.to_thread(
+                slow_admission, port, pair.client_context(), body, sent=sent, proceed=proceed
+            )
+        )
+        assert await asyncio.to_thread(sent.wait, 20)
+        await asyncio.sleep(0.3)  # the handler is reading the body
+        stop.set()
+        await asyncio.sleep(0.3)
+        with pytest.raises(OSError):  # no longer listening
+            await served_by_python(port, pair.client_context())
+        assert not served.done()  # draining: the admission is still in flight
+        proceed.set()
+        status, answer = await asyncio.wait_for(admission, 20)
+        assert status == 200
+        assert json.loads(answer)["response"]["uid"] == "in-flight"
+        await asyncio.wait_for(served, 20)
+
+    run(scenario)
