@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Required, TypedDict
 
 from meshguard.errors import MalformedInputError
 
@@ -24,6 +24,43 @@ FORMAT_VERSION: Final = 1
 MAX_ARTIFACT_BYTES: Final = 1024 * 1024
 #: The document's key (present only when true) recording Istio's native nftables mode.
 NATIVE_NFTABLES_KEY: Final = "istioNativeNftables"
+
+
+class HookDocument(TypedDict):
+    chain: str
+    spec: str
+
+
+class TableDocument(TypedDict):
+    name: str
+    chains: list[str]
+    hooks: list[HookDocument]
+    rules: list[list[str]]  # [chain, rule spec]
+
+
+class FamilyDocument(TypedDict):
+    localRoutes: list[str]
+    tables: list[TableDocument]
+
+
+class SourceDocument(TypedDict):
+    container: str
+    uid: int
+    ipv4: str
+    ipv6: str
+
+
+class RulesetDocument(TypedDict, total=False):
+    """``meshguard.io/ruleset``, the document the webhook writes and meshguard-init reads
+    (:meth:`Ruleset.to_json`, :meth:`Ruleset.from_json`, which checks every field)."""
+
+    version: Required[int]
+    digest: Required[str]
+    listenerPort: Required[int]
+    sources: Required[list[SourceDocument]]
+    ipv4: Required[FamilyDocument]
+    ipv6: Required[FamilyDocument]
+    istioNativeNftables: bool  # present only when true (NATIVE_NFTABLES_KEY)
 
 
 class Family(enum.StrEnum):
@@ -116,7 +153,7 @@ class Ruleset:
 
     @functools.cached_property
     def _json(self) -> str:
-        document = {
+        document: RulesetDocument = {
             "version": FORMAT_VERSION,
             "digest": self.digest,
             "listenerPort": self.listener_port,
@@ -124,7 +161,8 @@ class Ruleset:
                 {"container": s.container, "uid": s.uid, "ipv4": s.address4, "ipv6": s.address6}
                 for s in self.sources
             ],
-            **{f.family.value: _family_document(f) for f in (self.ipv4, self.ipv6)},
+            "ipv4": _family_document(self.ipv4),
+            "ipv6": _family_document(self.ipv6),
         }
         if self.native_nftables:
             document[NATIVE_NFTABLES_KEY] = True
@@ -183,7 +221,7 @@ def _insert_lines(hooks: Iterable[Hook]) -> list[str]:
     return lines
 
 
-def _family_document(ruleset: FamilyRuleset) -> dict[str, Any]:
+def _family_document(ruleset: FamilyRuleset) -> FamilyDocument:
     return {
         "localRoutes": list(ruleset.local_routes),
         "tables": [

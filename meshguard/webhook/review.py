@@ -7,7 +7,8 @@ warning per fix, or ``allowed: false`` with a message that names the container, 
 the fix. Ephemeral containers added to a running pod (``kubectl debug``: an UPDATE of the
 ``ephemeralcontainers`` subresource) get the same posture checks; they are never patched,
 a finding refuses them. A failure inside meshguard is answered ``allowed: false`` too (fail
-closed), with a message that says it is meshguard's fault.
+closed), with a message that says it is meshguard's fault. The wire formats are typed at
+this boundary: :class:`AdmissionRequest` in, :class:`AdmissionReviewAnswer` out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Required, TypedDict, cast
 
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.inject.transform import (
@@ -42,6 +43,51 @@ class BadReviewError(MalformedInputError):
     """The body is not a usable AdmissionReview: answered with HTTP 400."""
 
 
+class AdmissionRequest(TypedDict, total=False):
+    """``request`` of an AdmissionReview v1, the fields meshguard reads. :func:`parse_review`
+    checks ``uid``; the others are JSON values as sent, checked where they are read."""
+
+    uid: Required[str]
+    kind: object  # {group, version, kind}: only Pods are handled
+    operation: object  # CREATE; UPDATE of the ephemeralcontainers subresource
+    subResource: object
+    namespace: object
+    object: object  # the pod
+    oldObject: object  # the pod before an UPDATE
+
+
+class Status(TypedDict):
+    """``response.status`` of a refusal."""
+
+    code: int
+    message: str
+
+
+class AdmissionResponse(TypedDict, total=False):
+    """``response`` of an AdmissionReview v1."""
+
+    uid: Required[str]
+    allowed: Required[bool]
+    patchType: str
+    patch: str  # base64 of the JSONPatch
+    warnings: list[str]
+    status: Status
+
+
+class AdmissionReviewAnswer(TypedDict):
+    """The AdmissionReview meshguard answers with."""
+
+    apiVersion: str
+    kind: str
+    response: AdmissionResponse
+
+
+class BadRequestAnswer(TypedDict):
+    """The body of an HTTP 400: the request was not a usable AdmissionReview."""
+
+    error: str
+
+
 @dataclass(frozen=True)
 class AdmissionVerdict:
     """What happened, for logs and metrics."""
@@ -56,7 +102,7 @@ class AdmissionVerdict:
     texts: tuple[str, ...] = ()
 
 
-def parse_review(body: bytes) -> dict[str, Any]:
+def parse_review(body: bytes) -> AdmissionRequest:
     """The request part of an AdmissionReview v1, or :class:`BadReviewError`."""
     try:
         document = json.loads(body)
@@ -75,7 +121,7 @@ def parse_review(body: bytes) -> dict[str, Any]:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         raise BadReviewError("AdmissionReview request has no uid")
-    return request
+    return cast(AdmissionRequest, request)
 
 
 class _Deny(Exception):
@@ -88,8 +134,8 @@ class _Deny(Exception):
 
 
 def respond(
-    request: Mapping[str, Any], *, settings: InjectSettings
-) -> tuple[dict[str, Any], AdmissionVerdict]:
+    request: AdmissionRequest, *, settings: InjectSettings
+) -> tuple[AdmissionReviewAnswer, AdmissionVerdict]:
     """The AdmissionReview answering a parsed request, and the decision behind it."""
     uid = str(request["uid"])
     label = _pod_label(request)
@@ -120,7 +166,7 @@ def respond(
     return response, decision
 
 
-def _pod_of(request: Mapping[str, Any]) -> dict[str, Any]:
+def _pod_of(request: AdmissionRequest) -> dict[str, Any]:
     kind = request.get("kind")
     kind_name = kind.get("kind") if isinstance(kind, dict) else None
     if kind_name != "Pod":
@@ -135,7 +181,7 @@ def _pod_of(request: Mapping[str, Any]) -> dict[str, Any]:
     return pod
 
 
-def _added_ephemeral(request: Mapping[str, Any], pod: Mapping[str, Any]) -> set[str]:
+def _added_ephemeral(request: AdmissionRequest, pod: Mapping[str, Any]) -> set[str]:
     """The ephemeral containers this UPDATE adds (those admitted before are not re-judged)."""
     old = request.get("oldObject")
     old_spec = old.get("spec") if isinstance(old, dict) else None
@@ -175,7 +221,7 @@ def _transform(
 
 def handle(
     body: bytes, *, settings: InjectSettings
-) -> tuple[int, dict[str, Any], AdmissionVerdict | None]:
+) -> tuple[int, AdmissionReviewAnswer | BadRequestAnswer, AdmissionVerdict | None]:
     """HTTP status, JSON answer and decision for a request body; never raises."""
     started = time.perf_counter()
     try:
@@ -208,14 +254,14 @@ def handle(
     return 200, answer, decision
 
 
-def _review(response: dict[str, Any]) -> dict[str, Any]:
+def _review(response: AdmissionResponse) -> AdmissionReviewAnswer:
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
 
 
 def _allowed(
     uid: str, *, patch: list[dict[str, Any]] | None = None, warnings: list[str] | None = None
-) -> dict[str, Any]:
-    response: dict[str, Any] = {"uid": uid, "allowed": True}
+) -> AdmissionReviewAnswer:
+    response: AdmissionResponse = {"uid": uid, "allowed": True}
     if patch:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
@@ -224,11 +270,11 @@ def _allowed(
     return _review(response)
 
 
-def _denied(uid: str, code: int, message: str) -> dict[str, Any]:
+def _denied(uid: str, code: int, message: str) -> AdmissionReviewAnswer:
     return _review({"uid": uid, "allowed": False, "status": {"code": code, "message": message}})
 
 
-def _pod_label(request: Mapping[str, Any]) -> str:
+def _pod_label(request: AdmissionRequest) -> str:
     pod = request.get("object")
     metadata = pod.get("metadata") if isinstance(pod, dict) else None
     name = ""
