@@ -12,9 +12,10 @@ Chained after istio-cni (whose capture rules are in place by then). Per command:
   fails — is an error object on stdout and exit 1: the runtime does not start the pod, and
   ``msg`` shows in its events.
 - CHECK: the same reading, then verify (no repair) that the namespace holds exactly the
-  admitted rules; what differs is the error's ``msg``.
-- DEL: remove meshguard's chains and hooks from the namespace (no API call: the pod may be
-  gone); a missing namespace, or one without meshguard's rules, is success.
+  admitted rules, in the backend ADD installed into; what differs is the error's ``msg``.
+- DEL: remove meshguard's chains and hooks from the namespace, in every backend (no API
+  call: the pod may be gone); a missing namespace, or one without meshguard's rules, is
+  success.
 - VERSION: the supported spec versions.
 """
 
@@ -43,11 +44,11 @@ from meshguard.cni.protocol import (
     read_netconf,
     version_document,
 )
+from meshguard.cni.rules import drift, remove_everywhere
 from meshguard.errors import MeshguardError
 from meshguard.rules.backend import detect_backend
-from meshguard.rules.install import install, install_lock, plan_payload, verify
-from meshguard.rules.iptables import parse_save
-from meshguard.rules.ruleset import Family, FamilyRuleset, Ruleset
+from meshguard.rules.install import install, install_lock
+from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.status import MalformedStatusError, read_status
 
 log = logging.getLogger(__name__)
@@ -166,14 +167,12 @@ def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
 
 def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
     _enter(invocation)
-    problems: list[str] = []
     try:
         with install_lock(timeout=conf.lock_timeout_seconds) as locked:
-            for family in _families():
-                current = parse_save(locked([family.save]))
-                problems += [
-                    f"{family.value}: {p}" for p in verify(ruleset.family(family), current)
-                ]
+            backend = detect_backend(
+                locked, environ=os.environ, native_nftables=ruleset.native_nftables
+            )
+            problems = drift(ruleset, run=locked, backend=backend, families=_families())
     except MeshguardError as exc:
         raise CniError(
             Code.IO_FAILURE, f"meshguard CHECK could not read the rules: {exc}"
@@ -181,12 +180,13 @@ def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
     if problems:
         raise CniError(
             Code.RULES_DRIFTED,
-            f"meshguard rules are not as admitted ({ruleset.digest}): {'; '.join(problems)}",
+            f"meshguard rules are not as admitted ({ruleset.digest}, {backend.value}):"
+            f" {'; '.join(problems)}",
         )
 
 
 def remove(invocation: Invocation) -> None:
-    """DEL: meshguard's chains and hooks out of the namespace; idempotent."""
+    """DEL: meshguard's chains and hooks out of the namespace, in every backend; idempotent."""
     if not invocation.netns:
         return
     try:
@@ -197,18 +197,12 @@ def remove(invocation: Invocation) -> None:
         raise CniError(Code.IO_FAILURE, str(exc)) from None
     try:
         with install_lock() as locked:
-            for family in _families():
-                current = parse_save(locked([family.save]))
-                empty = FamilyRuleset(family=family, tables=())
-                if not verify(empty, current):
-                    continue
-                locked([family.restore, "--noflush", "--wait"], stdin=plan_payload(empty, current))
-                left = verify(empty, parse_save(locked([family.save])))
-                if left:
-                    raise CniError(Code.IO_FAILURE, f"{family.value}: {'; '.join(left)}")
+            removed = remove_everywhere(run=locked, families=_families())
     except MeshguardError as exc:
         raise CniError(Code.IO_FAILURE, f"meshguard rules not removed: {exc}") from None
-    _log_event("meshguard rules removed", event="removed", container=invocation.container_id)
+    if removed:
+        _log_event("meshguard rules removed", event="removed",
+                   container=invocation.container_id, backends=", ".join(removed))  # fmt: skip
 
 
 def _enter(invocation: Invocation) -> None:

@@ -3,7 +3,8 @@
 Each container of the example pod runs an echo server under its own uid; probes under
 every uid try every port over 127.0.0.1, 127.0.0.2, the pod IP, ::1, the pod's IPv6 and
 ::ffff:127.0.0.1, TCP and UDP. The expected outcome of every flow is written out here by
-hand (not derived from the compiler), including where Istio's own capture sends a flow.
+hand (not derived from the compiler, ``tests/support/matrix.py``), including where Istio's own
+capture sends a flow.
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-import meshguard
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.matrix import (
+    APP,
+    CACHE,
+    DESTINATIONS,
+    LOGS,
+    OWNER,
+    PROXY,
+    PROXY_UID,
+    SERVERS,
+    SOURCE_ADDRESS,
+    STRANGERS,
+    check_matrix,
+    example_pod,
+)
 from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox, Server, compile_for, pod_sandbox
 from tests.support.samples import pod_of_uids
@@ -26,47 +39,7 @@ from tests.support.shared import golden_payloads
 
 pytestmark = pytest.mark.root
 
-EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
-PROXY_UID = 1337
 CLUSTER_DNS = "10.96.0.10"
-
-# Who runs as what, and what each serves (the proxy's ports stand in for Envoy/pilot-agent).
-APP = Server("app", 1000, 1000, tcp=(8080, 9090))
-LOGS = Server("log-shipper", 1001, 1001, udp=(5140,))
-CACHE = Server("cache", 1002, 1002, tcp=(6379,))
-PROXY = Server(
-    "proxy", PROXY_UID, PROXY_UID,
-    tcp=(15000, 15001, 15004, 15006, 15007, 15020, 15021, 15053, 15090), udp=(15053,),
-)  # fmt: skip
-SERVERS = (APP, LOGS, CACHE, PROXY)
-OWNER = {(proto, port): s.name for s in SERVERS for proto in ("tcp", "udp")
-         for port in getattr(s, proto)}  # fmt: skip
-
-# The policy of examples/pod.yaml, as the flows it must allow (besides own ports).
-ALLOWED = {
-    "app": {("tcp", 8080), ("tcp", 9090), ("tcp", 6379), ("udp", 5140)},
-    "log-shipper": {("udp", 5140), ("tcp", 9090)},
-    "cache": {("tcp", 6379)},
-}
-L7_REDIRECTED = {"app": {("tcp", 15020)}}
-SOURCE_ADDRESS = {"app": ("127.0.100.1", "fd6d:6775::1")}  # app sorts first of 3 containers
-
-# Non-container identities: none may reach anything over loopback.
-STRANGERS = {
-    "stranger-uid": (4242, 4242, ()),
-    "proxy-gid-only": (4243, PROXY_UID, ()),
-    "proxy-supplementary-group": (4244, 4244, (PROXY_UID,)),
-}
-
-DESTINATIONS = {
-    "127.0.0.1": True, "127.0.0.2": False, "10.1.2.3": False,
-    "::1": True, "fd00:10::3": False, "::ffff:127.0.0.1": True,
-}  # fmt: skip  # address -> is it Istio's "localhost" (exempt from the proxy's inbound capture)?
-
-
-def example_pod() -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    return pod
 
 
 @pytest.fixture(params=NETFILTERS, ids=str)
@@ -87,58 +60,21 @@ def sandbox(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PodSandb
         yield box
 
 
-def _targets() -> list[dict[str, Any]]:
-    return [
-        {"host": host, "port": port, "protocol": proto}
-        for host in DESTINATIONS
-        for (proto, port) in sorted(OWNER)
-    ]
-
-
-def _expected(source: str, target: dict[str, Any]) -> tuple[str, str | None, int | None]:
-    """(result, landing server, landing port) for a flow, by the policy and Istio's rules."""
-    proto, port, host = target["protocol"], target["port"], target["host"]
-    if source == "proxy":
-        if proto == "tcp" and not DESTINATIONS[host]:
-            # Istio sends the proxy dialing a pod address to its inbound listener: a hairpin,
-            # on behalf of some container; the example opens no port to every container.
-            return "deny", None, None
-        return "allow", OWNER[(proto, port)], port
-    if (proto, port) in L7_REDIRECTED.get(source, set()):
-        return "allow", "proxy", 15007
-    if (proto, port) in ALLOWED.get(source, set()):
-        return "allow", OWNER[(proto, port)], port
-    return "deny", None, None
-
-
-def _check(box: PodSandbox, source: str, uid: int, gid: int, groups: tuple[int, ...] = ()) -> int:
-    """Every port of every container over every address, as ``source``: all as expected."""
-    targets = _targets()
-    results = box.probe(uid=uid, gid=gid, groups=groups, targets=targets)
-    wrong = []
-    for target, got in zip(targets, results, strict=True):
-        result, server, port = _expected(source, target)
-        observed = (got["result"], got.get("server"), got.get("port"))
-        if observed != (result, server, port):
-            wrong.append(f"{source} -> {target}: expected {(result, server, port)}, got {got}")
-    assert not wrong, "\n".join(wrong)
-    print(f"{source}: {len(targets)} flows, all as expected")
-    return len(targets)
-
-
 @pytest.mark.parametrize("server", [APP, LOGS, CACHE], ids=lambda s: s.name)
 def test_container_reaches_exactly_what_the_policy_allows(sandbox: PodSandbox, server: Server):
-    assert _check(sandbox, server.name, server.uid, server.gid) == len(DESTINATIONS) * len(OWNER)
+    assert check_matrix(sandbox, server.name, server.uid, server.gid) == len(DESTINATIONS) * len(
+        OWNER
+    )
 
 
 def test_proxy_uid_reaches_everything_but_hairpins(sandbox: PodSandbox):
-    _check(sandbox, "proxy", PROXY_UID, PROXY_UID)
+    check_matrix(sandbox, "proxy", PROXY_UID, PROXY_UID)
 
 
 @pytest.mark.parametrize("name", sorted(STRANGERS))
 def test_identities_of_no_container_are_denied_everything(sandbox: PodSandbox, name: str):
     uid, gid, groups = STRANGERS[name]
-    _check(sandbox, name, uid, gid, groups)
+    check_matrix(sandbox, name, uid, gid, groups)
 
 
 def test_l7_flows_land_on_the_listener_with_the_source_containers_address(sandbox: PodSandbox):
