@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypedDict
 
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.pods import admission_review
@@ -21,13 +21,54 @@ INSTALL_GOAL_MS = 100.0
 ADMISSION_SIZES = (5, 10, 30, 64)
 
 
+class InstallRow(TypedDict):
+    """``meshguard init`` for one pod size (ms)."""
+
+    containers: int
+    rules: int
+    init_ms: float  # median, meshguard installed as in the image
+    init_ms_samples: list[float]
+    init_checkout_ms: float  # median, from this checkout
+    install_in_process_ms: float
+    compile_ms: float
+
+
+class RuleInstall(TypedDict):
+    """What :func:`rule_install` measures (``rule_install`` in results.json)."""
+
+    rows: list[InstallRow]
+    startup_ms: dict[str, float]
+    profile_ms: dict[str, float]
+    reps: int
+    goal_ms: float
+
+
+class AdmissionRow(TypedDict):
+    """``handle()`` for one pod size."""
+
+    containers: int
+    request_bytes: int
+    answer_bytes: int
+    allowed: bool
+    handle_ms: float  # the best of the repeats
+    handle_ms_median: float
+
+
+class AdmissionGrowth(TypedDict):
+    """What :func:`admission_growth` measures (``admission_growth`` in results.json)."""
+
+    rows: list[AdmissionRow]
+    iterations: int
+    repeats: int
+
+
 def load_script(name: str) -> ModuleType:
     """Import ``benchmarks/NAME.py`` (a script run as ``python -m benchmarks.NAME``) to reuse
     its pod builders and timers."""
     return importlib.import_module(f"benchmarks.{name}")
 
 
-def rule_install(*, quick: bool) -> dict[str, Any]:
+def rule_install(*, quick: bool) -> RuleInstall:
     """``python -m meshguard init --ruleset-file F`` in a fresh netns each time, with
     meshguard installed as in the image (byte-compiled, not editable) and, for comparison,
     from this checkout (sys.executable).
@@ -37,7 +78,7 @@ def rule_install(*, quick: bool) -> dict[str, Any]:
     """
     kp = load_script("kernel_path")
     reps = 3 if quick else 7
-    rows = []
+    rows: list[InstallRow] = []
     with tempfile.TemporaryDirectory(prefix="meshguard-install-") as tmp:
         python = kp.installed_python(Path(tmp))
         for n in INSTALL_SIZES:
@@ -104,7 +145,7 @@ def init_profile(ruleset_file: Path, *, python: str, directory: Path) -> dict[st
     return phases
 
 
-def admission_growth(*, quick: bool) -> dict[str, Any]:
+def admission_growth(*, quick: bool) -> AdmissionGrowth:
     """In-process ``meshguard.webhook.review.handle()`` per admission, by pod size (no HTTP)."""
     from meshguard.inject.transform import InjectSettings  # noqa: PLC0415
     from meshguard.webhook.review import handle  # noqa: PLC0415
@@ -113,7 +154,7 @@ def admission_growth(*, quick: bool) -> dict[str, Any]:
     settings = InjectSettings()
     iterations = 20 if quick else 100
     repeats = 3 if quick else 5
-    rows = []
+    rows: list[AdmissionRow] = []
     for n in ADMISSION_SIZES:
         body = admission_review(wh.synthetic_pod(n), wh.REVIEW_UID)
         status, answer, _ = handle(body, settings=settings)

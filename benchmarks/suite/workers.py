@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
 from meshguard import yaml_io
@@ -28,6 +28,33 @@ from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST, free_port, stop_process
 
 CHANNELS_PER_CLIENT = 4
+
+
+class WorkersRow(TypedDict):
+    """One measurement of ``serve-authz --workers N``."""
+
+    workers: int
+    clients: int
+    concurrency_per_client: int
+    channels_per_client: int
+    seconds: float
+    ok: int
+    denied: int
+    errors: int
+    checks_per_second: float
+    machine_busy_share: float
+    server_cores: float
+
+
+class Workers(TypedDict):
+    """What :func:`run` measures (``authz_workers`` in results.json); keys are worker counts."""
+
+    request: dict[str, Any]
+    rows: dict[str, list[WorkersRow]]
+    checks_per_second: dict[str, float]
+    speedup_2_over_1: float
+    best: dict[str, WorkersRow]
+    cpus: int | None
 
 
 def request_fields(pod: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +178,7 @@ def measure(
     concurrency: int,
     seconds: float,
     log: Path,
-) -> dict[str, Any]:
+) -> WorkersRow:
     port = free_port()
     argv = [
         sys.executable,
@@ -221,12 +248,12 @@ def measure(
     }
 
 
-def run(*, quick: bool, log_dir: Path) -> dict[str, Any]:
+def run(*, quick: bool, log_dir: Path) -> Workers:
     pod = injected_example(policy=L7_POLICY, mode="enforce")
     fields = request_fields(pod)
     seconds = 2.0 if quick else 5.0
     rounds = 1 if quick else 2
-    rows: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    rows: dict[int, list[WorkersRow]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="meshguard-workers-") as tmp:
         pod_file = Path(tmp) / "pod.yaml"
         pod_file.write_text(yaml_io.dump(pod, sort_keys=True), encoding="utf-8")
