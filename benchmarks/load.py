@@ -91,6 +91,7 @@ from tests.support.processes import (
     rss_kib,
     serve_authz_argv,
     serve_webhook_argv,
+    start_logged,
     stop_process,
     wait_grpc_serving,
     wait_https_ready,
@@ -267,11 +268,7 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
     inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings())
     port = free_port()
     log_file = workdir / "webhook.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            serve_webhook_argv(cert_file, key_file, port),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-        )  # fmt: skip
+    process = start_logged(serve_webhook_argv(cert_file, key_file, port), log_file)
     try:
         wait_https_ready(
             process, name="serve-webhook", port=port, ca_file=ca_file, log_file=log_file
@@ -335,11 +332,7 @@ def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, l
     port = free_port()
     address = f"{HOST}:{port}"
     log_file = workdir / "authz.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            serve_authz_argv(pod_file, port),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-        )  # fmt: skip
+    process = start_logged(serve_authz_argv(pod_file, port), log_file, stdout=False)
     rss: list[int] = []
 
     async def load() -> tuple[CheckRun, CheckRun]:

@@ -83,6 +83,7 @@ from tests.support.processes import (
     https_get,
     log_tail,
     serve_webhook_argv,
+    start_logged,
     stop_process,
     wait_https_ready,
 )
@@ -323,8 +324,7 @@ def started(
 ) -> Iterator[Server]:
     """A server subprocess, ready (``/readyz`` 200); always terminated on exit."""
     log_file = workdir / f"{name}.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    process = start_logged(argv, log_file)
     server = Server(name, port, process, log_file)
     try:
         wait_https_ready(process, name=name, port=port, ca_file=ca_file, log_file=log_file)

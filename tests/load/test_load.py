@@ -66,10 +66,12 @@ from tests.support.processes import (
     rss_kib,
     serve_authz_argv,
     serve_webhook_argv,
+    start_logged,
     stop_process,
     wait_grpc_serving,
+    wait_https_ready,
 )
-from tests.support.tls import CertificateAuthority
+from tests.support.tls import write_server_files
 
 CONCURRENCY = 64
 ADMISSIONS = 2000
@@ -107,32 +109,15 @@ class Webhook:
 
 @pytest.fixture
 def webhook(tmp_path: Path) -> Iterator[Webhook]:
-    ca = CertificateAuthority.create()
-    ca_file = ca.write_ca(tmp_path / "ca.pem")
-    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
-    ca.issue(cert_file, key_file)
+    ca_file, cert_file, key_file = write_server_files(tmp_path)
     port = free_port()
     log_file = tmp_path / "webhook.log"
-    # The log goes to a file: one line per admission would fill an unread pipe and stall it.
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            serve_webhook_argv(cert_file, key_file, port),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-        )  # fmt: skip
+    process = start_logged(serve_webhook_argv(cert_file, key_file, port), log_file)
     served = Webhook(port, ca_file, log_file, process)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"webhook exited: {log_file.read_text()[-2000:]}")
-            try:
-                if served.get("/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("webhook not ready within 20 s")
-            time.sleep(0.1)
+        wait_https_ready(
+            process, name="serve-webhook", port=port, ca_file=ca_file, log_file=log_file
+        )
         yield served
     finally:
         stop_process(process)
@@ -266,11 +251,7 @@ def authz_server(tmp_path: Path) -> Iterator[AuthzServer]:
     pod_file.write_text(yaml.safe_dump(pod))
     port = free_port()
     log_file = tmp_path / "authz.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            serve_authz_argv(pod_file, port),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-        )  # fmt: skip
+    process = start_logged(serve_authz_argv(pod_file, port), log_file, stdout=False)
     server = AuthzServer(f"{HOST}:{port}", process, log_file, pod)
     try:
         wait_grpc_serving(server.address, process, log_file)

@@ -58,6 +58,20 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def start_logged(
+    argv: list[str], log_file: Path, *, stdout: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start a server whose log (stderr, and stdout unless ``stdout`` is false) goes to
+    ``log_file``: one line per request would fill an unread pipe and stall it."""
+    with log_file.open("wb") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log if stdout else subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
 def serve_webhook_argv(cert_file: Path, key_file: Path, port: int) -> list[str]:
     """``meshguard serve-webhook`` on HOST:port with this certificate."""
     return [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert_file),
