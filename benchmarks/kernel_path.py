@@ -25,8 +25,8 @@ Run as root: ``python -m benchmarks.kernel_path [--quick] [--json FILE] [--cpu N
    baseline, istio+meshguard / istio (meshguard's own cost in an Istio pod, iptables) and
    istio-nft+meshguard / istio-nft (the same in native nftables) — both backends in the
    same run. Keep-alive is the request/response rate on one connection, connection per
-   request the connect rate. After each meshguard trial a connection from a uid the policy
-   does not allow must be refused, and (iptables) the packet counter of the client's source
+   request the connect rate. After each meshguard trial a connection from a uid of no
+   container must be refused, and (iptables) the packet counter of the client's source
    chain confirms every connection went through the uid dispatch, (nftables) the verdict
    map holds the client's uid. Client and server are pinned to one CPU by default:
    unpinned, cross-CPU wake-ups on a small VM make trials differ by 2-4x.
@@ -515,13 +515,16 @@ def run_trial(
     )
 
 
+#: A uid of no container: meshguard's default denies it everything.
+STRANGER_UID = BASE_UID - 1
+
+
 def check_enforced(ns: NetworkNamespace, *, port: int, pin: Sequence[str]) -> None:
-    """The rules are in force: a container the policy does not let reach ``port`` (c01,
-    allowed only to c02) is refused."""
-    output = ns.run(helper_argv("_refused", "--uid", str(BASE_UID + 1), "--port", str(port), *pin))
+    """The rules are in force: a uid of no container is refused at ``port``."""
+    output = ns.run(helper_argv("_refused", "--uid", str(STRANGER_UID), "--port", str(port), *pin))
     if not json.loads(output)["refused"]:
         raise RuntimeError(
-            f"uid {BASE_UID + 1} reached port {port}: meshguard's rules not in force"
+            f"uid {STRANGER_UID} reached port {port}: meshguard's rules not in force"
         )
 
 
@@ -730,8 +733,8 @@ def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -
         f" {check['connections']:,} connections opened in the meshguard trials"
     )
     lines.append(
-        "nftables trials: the verdict map held the client's uid, and a uid the policy does not"
-        " allow was refused after every meshguard trial (iptables trials too)"
+        "nftables trials: the verdict map held the client's uid, and a uid of no container"
+        " was refused after every meshguard trial (iptables trials too)"
     )
     lines.append(
         "note: 'baseline' has no netfilter rules at all, so meshguard / baseline includes"
