@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -60,7 +61,15 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import meshguard
-from benchmarks.common import Machine, machine, machine_line, module_argv, script_parser, write_json
+from benchmarks.common import (
+    Machine,
+    machine,
+    machine_line,
+    module_argv,
+    process_cpu,
+    script_parser,
+    write_json,
+)
 from meshguard.pod import read_pod
 from meshguard.process import run_command
 from meshguard.rules.backend import NATIVE_NFTABLES_FLAG
@@ -288,17 +297,37 @@ def measure_connect(port: int, *, count: int, seconds: float) -> tuple[int, floa
     return timed_loop(lambda: connect_once(port), count=count, seconds=seconds)
 
 
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_of(server_pid: int) -> float:
+    """CPU seconds client and server have used: the work of the loopback path (the output
+    hooks, meshguard's among them, run in the sender's context), whatever else the machine
+    runs meanwhile."""
+    return own_cpu() + (process_cpu(server_pid) if server_pid else 0.0)
+
+
 def client(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = cpu_of(args.server_pid)
     rr, rr_elapsed = measure_rr(args.port, count=args.rr_count, seconds=args.rr_seconds)
+    rr_cpu, cpu = cpu_of(args.server_pid) - cpu, cpu_of(args.server_pid)
     conn, conn_elapsed = measure_connect(
         args.port, count=args.connect_count, seconds=args.connect_seconds
     )
+    conn_cpu = cpu_of(args.server_pid) - cpu
     return {
         "rr_per_second": rr / rr_elapsed,
         "round_trips": rr,
         "connect_per_second": conn / conn_elapsed,
         "connections": conn,
         "connections_total": 1 + CONNECT_WARMUP + conn,
+        # Warm-up included in the CPU of each phase, and in its count.
+        "rr_per_cpu_second": (rr + RR_WARMUP) / rr_cpu if rr_cpu > 0 else float("nan"),
+        "connect_per_cpu_second": (
+            (conn + CONNECT_WARMUP) / conn_cpu if conn_cpu > 0 else float("nan")
+        ),
     }
 
 
@@ -312,6 +341,7 @@ def helper_main(argv: Sequence[str]) -> int:
     parser.add_argument("--connect-count", type=int, default=0)
     parser.add_argument("--connect-seconds", type=float, default=0.0)
     parser.add_argument("--cpu", type=int, help="run on this CPU only")
+    parser.add_argument("--server-pid", type=int, default=0, help="(client) the server's pid")
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -406,6 +436,9 @@ def parse_configs(text: str) -> tuple[Config, ...]:
 METRICS = (
     ("rr_per_second", "request/response (rt/s)"),
     ("connect_per_second", "connect+close (conn/s)"),
+    # Per CPU second of client + server: less sensitive to what else the machine runs.
+    ("rr_per_cpu_second", "request/response per CPU second"),
+    ("connect_per_cpu_second", "connect+close per CPU second"),
 )
 
 
@@ -415,6 +448,8 @@ class Trial:
     rr_per_second: float
     connect_per_second: float
     connections_total: int
+    rr_per_cpu_second: float
+    connect_per_cpu_second: float
     dispatched: int | None  # NEW packets RETURNed by the client's source chain (meshguard)
 
 
@@ -485,13 +520,14 @@ def run_trial(
             load_istio(ns, nftables=config.nftables)
         if config.meshguard:
             meshguard_init(ns, rulesets[(config.flat, config.nftables)])
-        ns.spawn(
+        server = ns.spawn(
             helper_argv("_server", "--uid", str(server_uid), "--port", str(port), *pin),
             ready_line="ready",
         )
         output = ns.run(
             helper_argv(
                 "_client", "--uid", str(client_uid), "--port", str(port), *pin,
+                "--server-pid", str(server.pid),
                 "--rr-count", str(profile.rr_count), "--rr-seconds", str(profile.rr_seconds),
                 "--connect-count", str(profile.connect_count),
                 "--connect-seconds", str(profile.connect_seconds),
@@ -511,6 +547,8 @@ def run_trial(
         rr_per_second=result["rr_per_second"],
         connect_per_second=result["connect_per_second"],
         connections_total=result["connections_total"],
+        rr_per_cpu_second=result["rr_per_cpu_second"],
+        connect_per_cpu_second=result["connect_per_cpu_second"],
         dispatched=dispatched,
     )
 
@@ -572,10 +610,27 @@ def traffic_summary(trials: Sequence[Trial], configs: Sequence[Config]) -> dict[
         }
         for without, with_ in pairs_of(configs)
     }
+    paired = {
+        f"{with_.name} / {without.name}": {
+            metric: statistics.median(
+                w / o
+                for w, o in zip(
+                    values_of(trials, with_, metric),
+                    values_of(trials, without, metric),
+                    strict=True,
+                )
+            )
+            for metric, _ in METRICS
+        }
+        for without, with_ in pairs_of(configs)
+    }
     guarded = [t for t in trials if t.dispatched is not None]
     return {
         "medians": medians,
         "ratios": ratios,
+        # The median of each round's ratio: the two trials of a round ran back to back, under
+        # about the same load from anything else on the machine.
+        "paired_ratios": paired,
         "goal": GOAL,
         "istio_goal": ISTIO_GOAL,
         "configs": [config.name for config in configs],
@@ -694,7 +749,8 @@ def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -
         f"median of {profile.trials} trials per configuration, alternating, fresh namespace"
         f" per trial, {pinning} ({profile.name} profile)",
         "",
-        f"{'configuration':<26}{'rr (rt/s)':>14}{'connect (conn/s)':>18}",
+        f"{'configuration':<26}{'rr (rt/s)':>14}{'connect (conn/s)':>18}"
+        f"{'rr /cpu-s':>12}{'connect /cpu-s':>16}",
     ]
     configs = [c for c in ALL_CONFIGS if c.name in summary["medians"]]
     for config in configs:
@@ -702,6 +758,7 @@ def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -
         lines.append(
             f"{config.name:<26}{medians['rr_per_second']:>14,.0f}"
             f"{medians['connect_per_second']:>18,.0f}"
+            f"{medians['rr_per_cpu_second']:>12,.0f}{medians['connect_per_cpu_second']:>16,.0f}"
         )
     lines += [
         "",
@@ -721,9 +778,22 @@ def format_traffic(summary: dict[str, Any], profile: Profile, cpu: int | None) -
             f"{pair:<40}{ratios['rr_per_second']:>10.3f}{ratios['connect_per_second']:>10.3f}"
             f"   {verdicts}"
         )
+    lines += [
+        "",
+        "median of the per-round ratios (rr, connect; per CPU second: rr, connect):",
+    ]
+    for pair, ratios in summary["paired_ratios"].items():
+        lines.append(
+            f"  {pair:<38}{ratios['rr_per_second']:>8.3f}{ratios['connect_per_second']:>8.3f}"
+            f"   {ratios['rr_per_cpu_second']:>8.3f}{ratios['connect_per_cpu_second']:>8.3f}"
+        )
     lines += ["", "per trial:"]
     for config in configs:
-        for metric, label in (("rr_per_second", "rr"), ("connect_per_second", "connect")):
+        for metric, label in (
+            ("rr_per_second", "rr"),
+            ("connect_per_second", "connect"),
+            ("connect_per_cpu_second", "conn/cpu"),
+        ):
             values = ", ".join(f"{v:,.0f}" for v in summary["trials"][config.name][metric])
             lines.append(f"  {config.name:<20} {label:<8} {values}")
     check = summary["dispatch_check"]
