@@ -1,4 +1,5 @@
-"""The keys of the pod annotations meshguard reads and writes, and of the Istio ones it honors."""
+"""The keys of the pod annotations (and the label) meshguard reads and writes, and of the
+Istio ones it honors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ MODE: Final = "meshguard.io/mode"
 INJECT: Final = "meshguard.io/inject"
 STATUS: Final = "meshguard.io/status"
 RULESET: Final = "meshguard.io/ruleset"
+
+#: The label meshguard sets on every pod it admitted: the authz server lists and watches only
+#: pods carrying it (a label selector, evaluated by the API server).
+ADMITTED_LABEL: Final = "meshguard.io/admitted"
+ADMITTED_LABEL_VALUE: Final = "true"
 
 ISTIO_INJECT: Final = "sidecar.istio.io/inject"
 ISTIO_STATUS: Final = "sidecar.istio.io/status"

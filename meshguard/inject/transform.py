@@ -4,7 +4,8 @@ Before Istio has injected the pod (no ``istio-proxy`` yet) the transform only as
 for the ``meshguard`` template next to its own (``inject.istio.io/templates``); the webhook
 is reinvoked after Istio (``reinvocationPolicy: IfNeeded``). Once the proxy is there: parse
 the policy, check the posture (refuse, or fix and warn), compile the ruleset, record it and
-the status on the pod, and put ``meshguard-init`` right after ``istio-init``, whether the
+the status on the pod, label it admitted (``meshguard.io/admitted: "true"``, the authz
+server's label selector), and put ``meshguard-init`` right after ``istio-init``, whether the
 template already added it or not. In Istio CNI mode (Istio's recognized init step is
 ``istio-validation``: no istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin
 installs the same ruleset from the node, and the pod gets the capability-free
@@ -150,6 +151,10 @@ def inject_pod(
     annotations[annotation_keys.STATUS] = status_annotation(
         pod, ruleset, mode=mode.value, admitted=admitted, changes=changes
     )
+    metadata["labels"] = {
+        **(metadata.get("labels") or {}),
+        annotation_keys.ADMITTED_LABEL: annotation_keys.ADMITTED_LABEL_VALUE,
+    }
     if install_mode(pod) is InstallMode.CNI:
         uid = validation_uid(pod)
         _place_init_container(

@@ -156,6 +156,34 @@ def test_other_updates_of_an_admitted_pod_pass():
     assert admits(pod, every_other) == (True, [])  # other annotations removed: not meshguard's
 
 
+LABEL = "meshguard.io/admitted"
+
+
+@pytest.mark.parametrize("value", [None, "false", ""])
+def test_the_admitted_label_of_an_admitted_pod_cannot_be_removed_or_changed(value):
+    pod = admitted_pod()
+    assert pod["metadata"]["labels"][LABEL] == "true"
+    new = copy.deepcopy(pod)
+    if value is None:
+        del new["metadata"]["labels"][LABEL]
+    else:
+        new["metadata"]["labels"][LABEL] = value
+    allowed, messages = admits(pod, new)
+    assert not allowed
+    assert any("meshguard.io/admitted label" in m for m in messages), messages
+
+
+def test_the_admitted_label_can_be_added_to_a_pod_admitted_without_it():
+    older = admitted_pod()
+    del older["metadata"]["labels"][LABEL]  # admitted by a meshguard that set no label
+    labelled = copy.deepcopy(older)
+    labelled["metadata"]["labels"][LABEL] = "true"
+    assert admits(older, labelled) == (True, [])
+    unlabelled = copy.deepcopy(older)
+    del unlabelled["metadata"]["labels"]
+    assert admits(unlabelled, labelled) == (True, [])
+
+
 def test_pods_meshguard_did_not_admit_are_not_checked():
     plain: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     assert STATUS not in plain["metadata"]["annotations"]

@@ -108,6 +108,7 @@ def test_meshguard_init_follows_istio_init_and_the_status_is_recorded(name: str)
             }
         )
         assert len(set(status["containers"].values())) == len(status["containers"])
+        assert template.metadata["labels"]["meshguard.io/admitted"] == "true"
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -129,10 +130,20 @@ def test_every_other_field_is_unchanged(name: str):
             path = op["path"]
             assert (
                 any(path.endswith("/annotations/" + a) for a in OWN_ANNOTATIONS)
+                or _is_admitted_label(op)
                 or "/initContainers" in path
                 or "/volumes" in path
                 or "/securityContext" in path  # posture fixes, each reported as a warning
             ), op
+
+
+def _is_admitted_label(op: dict[str, Any]) -> bool:
+    """The admitted label, added alone or with a labels map the pod did not have."""
+    if op["path"].endswith("/labels/meshguard.io~1admitted"):
+        return bool(op["value"] == "true")
+    return op["path"].endswith("/metadata/labels") and op["value"] == {
+        "meshguard.io/admitted": "true"
+    }
 
 
 @pytest.mark.parametrize("name", SAMPLES)

@@ -91,6 +91,9 @@ def test_patch_applied_equals_meshguard_inject(name: str):
         cli = InjectSettings(request_template=False)
         inject_pod(expected["metadata"], expected["spec"], settings=cli if has_proxy else SETTINGS)
         assert patched == expected
+        # the authz server's label selector: set on what meshguard admitted, and only there
+        admitted = (patched["metadata"].get("labels") or {}).get("meshguard.io/admitted")
+        assert admitted == ("true" if has_proxy else None)
         if has_proxy:
             again = post(review(patched))[1]["response"]
             assert again["allowed"] is True
