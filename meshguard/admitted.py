@@ -93,18 +93,26 @@ def read_admitted(status: PodStatus) -> Admitted | None:
     before records existed); :class:`TamperedError` when it does not verify."""
     if status.admitted is None:
         return None
-    return Admitted.from_document(status.admitted)
+    try:
+        canonical = json.dumps(status.admitted, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        raise TamperedError(f"{RECORD}: not JSON data") from None
+    return _verified(canonical)
+
+
+@functools.lru_cache(maxsize=1024)
+def _verified(canonical: str) -> Admitted:
+    """One verified record per distinct content: the pods of a Deployment share one policy
+    object, and a relist of thousands of pods verifies each distinct record once (a record
+    that does not verify raises, and is not cached)."""
+    return Admitted.from_document(json.loads(canonical))
 
 
 def drift(admitted: Admitted, annotations: Mapping[str, str]) -> tuple[str, ...]:
     """How the live ``policy`` and ``mode`` annotations differ from what was admitted."""
     found: list[str] = []
     live_policy = annotations.get(annotation_keys.POLICY)
-    try:
-        changed = parse_policy(live_policy) != admitted.policy
-    except MeshguardError:
-        changed = True
-    if changed:
+    if _live_policy(live_policy) != admitted.policy:
         found.append(f"{annotation_keys.POLICY} differs from the policy admitted")
     live_mode = annotations.get(annotation_keys.MODE)
     try:
@@ -118,3 +126,13 @@ def drift(admitted: Admitted, annotations: Mapping[str, str]) -> tuple[str, ...]
             else f"{annotation_keys.MODE} was removed, admitted {admitted.mode.value!r}"
         )
     return tuple(found)
+
+
+@functools.lru_cache(maxsize=1024)
+def _live_policy(text: str | None) -> Policy | None:
+    """A live ``policy`` annotation parsed (the models are frozen: shared safely); None if it
+    does not parse (which differs from any admitted policy)."""
+    try:
+        return parse_policy(text)
+    except MeshguardError:
+        return None

@@ -1,10 +1,11 @@
 """Where the authz server finds each pod's policy: pod files, or a Kubernetes watch cache.
 
 Both stores answer :meth:`PolicyStore.get` from memory, so a Check never waits on a file or
-on the API server. The Kubernetes store lists the pods meshguard injected (those carrying
-``meshguard.io/status``), then watches them; a broken watch keeps the last known policies in
-service while it reconnects with capped exponential backoff, and a periodic full relist
-repairs anything a missed event left behind.
+on the API server. The Kubernetes store lists the pods meshguard admitted (the label
+``meshguard.io/admitted=true``, selected by the API server, in pages), then watches them from
+the list's resourceVersion with bookmarks; a watch that ends or breaks resumes from the last
+resourceVersion seen, and only an expired one (410 Gone) lists again. While it reconnects
+(capped exponential backoff) the last known policies stay in service.
 
 Both serve only what the webhook admitted (:func:`policy_of`): a pod's live ``policy`` and
 ``mode`` annotations never widen it; an edit is logged once per pod (``admitted-drift``), and
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 from meshguard import annotation_keys
 from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.authz.decision import PodPolicy
+from meshguard.authz.kube import PodPage, ResourceExpired, WatchEvent
 from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
@@ -178,43 +180,69 @@ class StaticStore:
         return sorted(self._policies)
 
 
-@dataclass(frozen=True)
-class WatchEvent:
-    kind: str  # ADDED, MODIFIED, DELETED
-    pod: Mapping[str, Any]
-
-
 class PodSource(Protocol):
-    """The Kubernetes API as the store needs it (a fake one in unit tests)."""
+    """The Kubernetes API as the store needs it (:class:`~meshguard.authz.kube.HttpPodSource`)."""
 
-    def list(self) -> tuple[list[Mapping[str, Any]], str]: ...
+    def list(self) -> Iterable[PodPage]: ...
 
     def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]: ...
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete view (after a LIST), with the watch's figures."""
+
+    policies: Mapping[str, PodPolicy]
+    stats: StoreStats
+
+
+@dataclass(frozen=True)
+class Update:
+    """One pod's policy changed (None: the pod is gone), or only the figures (key "")."""
+
+    key: str
+    policy: PodPolicy | None
+    stats: StoreStats
+
+
+Change = Snapshot | Update
+
+
 class KubernetesStore:
-    """A watch cache of the injected pods' policies, kept current in a background thread."""
+    """A watch cache of the admitted pods' policies, kept current in a background thread.
+
+    LIST (paginated, labelSelector), then WATCH from the list's resourceVersion with
+    bookmarks; a watch the server ends or that breaks is resumed from the last
+    resourceVersion seen; only 410 Gone lists again. Subscribers (:meth:`subscribe`: the
+    ``--workers`` feed) get every change, starting with the current view.
+    """
 
     def __init__(
         self,
         source: PodSource,
         *,
-        resync_seconds: float = 300.0,
+        watch_seconds: int = 300,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
         self._source = source
         self._policies: dict[str, PodPolicy] = {}
-        self._resync = resync_seconds
+        #: key -> "uid/resourceVersion" of the pod each cached policy was built from.
+        self._built_from: dict[str, str] = {}
+        self._watch_seconds = watch_seconds
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # publishing and subscribing: no change missed
+        self._subscribers: list[Callable[[Change], None]] = []
+        self._version = ""
         self.synced = threading.Event()
         self.reconnects = 0
         self.relists = 0
+        self.expired = 0
         self._synced_at: float | None = None
         self.report = AdmissionReport()
 
@@ -224,6 +252,13 @@ class KubernetesStore:
     def is_synced(self) -> bool:
         return self.synced.is_set()
 
+    @property
+    def resource_version(self) -> str:
+        return self._version
+
+    def keys(self) -> list[str]:
+        return sorted(self._policies)
+
     def stats(self) -> StoreStats:
         return StoreStats(
             pods=len(self._policies),
@@ -231,6 +266,14 @@ class KubernetesStore:
             relists=self.relists,
             watch_restarts=self.reconnects,
         )
+
+    def subscribe(self, subscriber: Callable[[Change], None]) -> None:
+        """Call ``subscriber`` with every change (from the watch thread), the current view
+        first if the store has synced."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+            if self.is_synced():
+                subscriber(Snapshot(dict(self._policies), self.stats()))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="meshguard-pod-watch", daemon=True)
@@ -242,59 +285,101 @@ class KubernetesStore:
             self._thread.join(timeout=5)
 
     def run(self) -> None:
-        """List, then watch until the resync period ends or the watch breaks; repeat."""
+        """List, then watch (resuming from the last resourceVersion) until 410 Gone; repeat.
+        Failures back off (capped, doubling); the cached view stays in service."""
         delay = self._backoff_initial
+        listed = False
+        failures = 0  # in a row: the first 410 lists again at once, any further one waits
         while not self._stop.is_set():
             try:
-                version = self._relist()
-                self._follow(version)
-                delay = self._backoff_initial
+                if not listed:
+                    self._relist()
+                    listed, failures, delay = True, 0, self._backoff_initial
+                self._follow()
+                failures, delay = 0, self._backoff_initial
+                continue
+            except ResourceExpired as exc:
+                self.expired += 1
+                listed = False
+                log.info(
+                    "pod watch expired (410 Gone), listing again: %s",
+                    exc,
+                    extra={"fields": {"event": "watch-expired", "version": self._version}},
+                )
             except Exception as exc:  # any API failure: keep serving, retry later
-                self.reconnects += 1
                 log.warning(
                     "pod watch broken, serving cached policies, retrying in %.1fs: %s",
                     delay,
                     exc,
                     extra={"fields": {"event": "watch-broken", "retry_in": delay}},
                 )
-                if self._sleep(delay):
-                    return
+                failures += 1  # a broken connection always waits
+            self.reconnects += 1
+            if failures and self._sleep(delay):
+                return
+            if failures:
                 delay = min(delay * 2, self._backoff_max)
+            failures += 1
 
-    def _relist(self) -> str:
-        pods, version = self._source.list()
+    def _relist(self) -> None:
         fresh: dict[str, PodPolicy] = {}
-        for pod in pods:
-            policy = self._policy_or_none(pod)
-            if policy is not None:
-                fresh[policy.key] = policy
-                self.report.note(policy, uid=_uid(pod))
+        built_from: dict[str, str] = {}
+        version = ""
+        for page in self._source.list():
+            version = page.resource_version
+            for pod in page.pods:
+                key, origin = _key(pod), _origin(pod)
+                kept = self._policies.get(key)
+                if kept is not None and self._built_from.get(key) == origin:
+                    fresh[key], built_from[key] = kept, origin  # unchanged since: not rebuilt
+                    continue
+                policy = self._policy_or_none(pod)
+                if policy is not None:
+                    fresh[policy.key], built_from[policy.key] = policy, origin
+                    self.report.note(policy, uid=_uid(pod))
         self.report.keep_only(fresh)
-        self._policies = fresh  # one reference swap: readers never see a partial cache
-        self.relists += 1
-        self._synced_at = time.time()
-        self.synced.set()
-        log.info("pods listed", extra={"fields": {"event": "relisted", "pods": len(fresh)}})
-        return version
+        with self._lock:
+            self._policies = fresh  # one reference swap: readers never see a partial cache
+            self._built_from = built_from
+            self._version = version
+            self.relists += 1
+            self._synced_at = time.time()
+            self.synced.set()
+            self._publish(Snapshot(dict(fresh), self.stats()))
+        log.info(
+            "pods listed",
+            extra={"fields": {"event": "relisted", "pods": len(fresh), "version": version}},
+        )
 
-    def _follow(self, version: str) -> None:
-        for event in self._source.watch(version, int(self._resync)):
+    def _follow(self) -> None:
+        """Apply one watch's events; bookmarks only advance the resourceVersion."""
+        for event in self._source.watch(self._version, self._watch_seconds):
             if self._stop.is_set():
                 return
-            self._apply(event)
+            with self._lock:
+                if event.kind != "BOOKMARK":
+                    self._apply(event)
+                self._version = event.resource_version or self._version
+                self._synced_at = time.time()
+                if event.kind == "BOOKMARK":
+                    self._publish(Update("", None, self.stats()))
 
     def _apply(self, event: WatchEvent) -> None:
-        metadata = event.pod.get("metadata") or {}
-        key = pod_key(metadata.get("namespace"), str(metadata.get("name") or ""))
-        policies = dict(self._policies)
+        key = _key(event.pod)
         policy = None if event.kind == "DELETED" else self._policy_or_none(event.pod)
-        if policy is None:
-            policies.pop(key, None)
+        if policy is None:  # one dict operation each: atomic for readers
+            self._policies.pop(key, None)
+            self._built_from.pop(key, None)
             self.report.forget([key])
         else:
-            policies[key] = policy
+            self._policies[key] = policy
+            self._built_from[key] = _origin(event.pod)
             self.report.note(policy, uid=_uid(event.pod))
-        self._policies = policies
+        self._publish(Update(key, policy, self.stats()))
+
+    def _publish(self, change: Change) -> None:
+        for subscriber in self._subscribers:
+            subscriber(change)
 
     @staticmethod
     def _policy_or_none(pod: Mapping[str, Any]) -> PodPolicy | None:
@@ -312,37 +397,15 @@ class KubernetesStore:
             return None
 
 
+def _key(pod: Mapping[str, Any]) -> str:
+    metadata = pod.get("metadata") or {}
+    return pod_key(metadata.get("namespace"), str(metadata.get("name") or ""))
+
+
 def _uid(pod: Mapping[str, Any]) -> str:
     return str((pod.get("metadata") or {}).get("uid") or "")
 
 
-class KubernetesPodSource:
-    """:class:`PodSource` over the ``kubernetes`` client (in-cluster or kubeconfig)."""
-
-    def __init__(self) -> None:
-        from kubernetes import client, config  # noqa: PLC0415 - only in cluster mode
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        self._api = client.CoreV1Api()
-        self._serialize = client.ApiClient().sanitize_for_serialization
-
-    def list(self) -> tuple[list[Mapping[str, Any]], str]:
-        result = self._api.list_pod_for_all_namespaces(_request_timeout=30)
-        pods = [self._serialize(pod) for pod in result.items]
-        return pods, str(result.metadata.resource_version)
-
-    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
-        from kubernetes import watch  # noqa: PLC0415
-
-        stream = watch.Watch().stream(
-            self._api.list_pod_for_all_namespaces,
-            resource_version=resource_version,
-            timeout_seconds=timeout_seconds,
-        )
-        for event in stream:
-            if event["type"] == "ERROR":
-                raise MalformedInputError(f"watch error: {event.get('raw_object')}")
-            yield WatchEvent(kind=event["type"], pod=self._serialize(event["object"]))
+def _origin(pod: Mapping[str, Any]) -> str:
+    metadata = pod.get("metadata") or {}
+    return f"{metadata.get('uid') or ''}/{metadata.get('resourceVersion') or ''}"

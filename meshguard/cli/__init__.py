@@ -510,7 +510,15 @@ def _add_servers(commands: Subcommands) -> None:
     )
     policies = authz.add_mutually_exclusive_group(required=True)
     policies.add_argument("--pods", type=Path, nargs="+", metavar="FILE", help="pod manifests")
-    policies.add_argument("--kubernetes", action="store_true", help="watch pods in the cluster")
+    policies.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch the pods meshguard admitted (label meshguard.io/admitted=true) in the"
+        " cluster; with --workers, this process runs the only watch and feeds the workers",
+    )
+    policies.add_argument(  # a worker's: the pipe its parent's watch feeds (internal)
+        "--policy-feed", type=int, metavar="FD", help=argparse.SUPPRESS
+    )
     authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
     authz.add_argument("--port", type=int, default=9191, help="gRPC port")
     authz.add_argument(

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import os
 import signal
 import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
+from meshguard.authz.feed import FedStore, Feed
 from meshguard.authz.identity import TlsFiles
+from meshguard.authz.kube import HttpPodSource, api_server
 from meshguard.authz.server import AuthzSettings, serve_authz
-from meshguard.authz.store import KubernetesPodSource, KubernetesStore, PolicyStore, StaticStore
+from meshguard.authz.store import KubernetesStore, PolicyStore, StaticStore
 from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cli.inject import injection_settings
 from meshguard.errors import MeshguardError
@@ -61,25 +64,25 @@ def authz(args: argparse.Namespace) -> int:
         tls=tls,
         trust_domain=args.trust_domain,
     )
-    watcher: KubernetesStore | None = None
-    workers = [_start_worker(args, index) for index in range(1, args.workers)]
+    pipes = [os.pipe() for _ in range(1, args.workers)] if args.kubernetes else []
+    workers = [
+        _start_worker(args, index, feed_fd=pipes[index - 1][0] if pipes else None)
+        for index in range(1, args.workers)
+    ]
+    for read_end, _ in pipes:
+        os.close(read_end)
+    sources = _Sources()
     try:
         if tls is not None:
             tls.wait(timeout=TLS_WAIT_SECONDS)
-        if args.kubernetes:
-            watcher = KubernetesStore(KubernetesPodSource())
-            watcher.start()
-            store: PolicyStore = watcher
-        else:
-            store = StaticStore.from_files(args.pods)
+        store = sources.open(args, feed_fds=[write_end for _, write_end in pipes])
         asyncio.run(_until_signal(lambda stop: serve_authz(settings, store=store, stop=stop)))
     except MeshguardError as exc:
         return fail(f"meshguard serve-authz: {exc}", EXIT_USAGE)
     except OSError as exc:
         return fail(f"meshguard serve-authz: {exc}", EXIT_FAILED)
     finally:
-        if watcher is not None:
-            watcher.stop()
+        sources.close()
         for worker in workers:
             worker.terminate()
         for worker in workers:
@@ -87,10 +90,46 @@ def authz(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _start_worker(args: argparse.Namespace, index: int) -> subprocess.Popen[bytes]:
+class _Sources:
+    """Where serve-authz's policies come from, and what to stop at the end."""
+
+    def __init__(self) -> None:
+        self.watcher: KubernetesStore | None = None
+        self.feed: Feed | None = None
+
+    def open(self, args: argparse.Namespace, *, feed_fds: list[int]) -> PolicyStore:
+        """--kubernetes: the watch (feeding the workers, if any); --policy-feed: a worker's
+        store fed by its parent; --pods: the files."""
+        if args.kubernetes:
+            self.watcher = KubernetesStore(HttpPodSource(api_server()))
+            if feed_fds:  # one watch for every worker: the children get its changes
+                self.feed = Feed(feed_fds)
+                self.watcher.subscribe(self.feed)
+            self.watcher.start()
+            return self.watcher
+        if args.policy_feed is not None:
+            fed = FedStore(args.policy_feed)
+            fed.start()
+            return fed
+        return StaticStore.from_files(args.pods)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.feed is not None:
+            self.feed.close()
+
+
+def _start_worker(
+    args: argparse.Namespace, index: int, *, feed_fd: int | None
+) -> subprocess.Popen[bytes]:
     """Another server process on the same port (gRPC sets SO_REUSEPORT: the kernel spreads
-    connections); worker ``index`` serves its metrics on ``--metrics-port + index``."""
-    source = ["--kubernetes"] if args.kubernetes else ["--pods", *map(str, args.pods)]
+    connections); worker ``index`` serves its metrics on ``--metrics-port + index``. With
+    --kubernetes it watches nothing itself: the parent's watch feeds it (``feed_fd``)."""
+    if feed_fd is not None:
+        source = ["--policy-feed", str(feed_fd)]
+    else:
+        source = ["--pods", *map(str, args.pods)]
     metrics = args.metrics_port + index if args.metrics_port else 0
     argv = [
         sys.executable, "-m", "meshguard", "--log-level", args.log_level, "serve-authz", *source,
@@ -102,7 +141,13 @@ def _start_worker(args: argparse.Namespace, index: int) -> subprocess.Popen[byte
         argv += ["--tls-ca", str(args.tls_ca)]
     elif args.insecure_plaintext:
         argv.append("--insecure-plaintext")
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    fds = (feed_fd,) if feed_fd is not None else ()
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        pass_fds=fds,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - before the threads start
+    )
 
 
 def _die_with_parent() -> None:

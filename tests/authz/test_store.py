@@ -1,10 +1,11 @@
-"""Policy stores: pod files, and the Kubernetes watch cache against a fake API."""
+"""Policy stores: pod files, and the Kubernetes watch cache against a scripted source (the
+real HTTP API client against a scripted API server: test_watch_api.py)."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import pytest
 import yaml
 
 import meshguard
-from meshguard.authz.store import KubernetesStore, StaticStore, WatchEvent
+from meshguard.authz.kube import PodPage, ResourceExpired, WatchEvent
+from meshguard.authz.store import KubernetesStore, StaticStore
 from meshguard.errors import MalformedInputError
 from meshguard.inject.transform import InjectSettings, inject_pod
 
@@ -52,13 +54,13 @@ class FakeApi:
         self.calls: list[str] = []
         self.done = threading.Event()
 
-    def list(self) -> tuple[list[Mapping[str, Any]], str]:
+    def list(self) -> Iterator[PodPage]:
         self.calls.append("list")
         step = self._next()
         if isinstance(step, Exception):
             raise step
         pods, version = step
-        return pods, version
+        yield PodPage(pods, version)
 
     def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
         self.calls.append(f"watch@{resource_version}")
@@ -75,7 +77,17 @@ class FakeApi:
         return self.script.pop(0)
 
 
-def test_watch_cache_lists_follows_events_survives_breaks_and_relists():
+def versioned(pod: dict[str, Any], version: str) -> dict[str, Any]:
+    copy = json.loads(json.dumps(pod))
+    copy["metadata"]["resourceVersion"] = version
+    return copy
+
+
+def bookmark(version: str) -> WatchEvent:
+    return WatchEvent("BOOKMARK", {"kind": "Pod", "metadata": {"resourceVersion": version}})
+
+
+def test_watch_cache_resumes_from_the_last_version_and_lists_again_only_on_410():
     web, other = injected_example("web"), injected_example("other")
     plain = yaml.safe_load(EXAMPLE.read_text())  # not injected: not cached
     # Re-admitted in audit mode (an edit of the live annotation would not count: see below).
@@ -90,26 +102,42 @@ def test_watch_cache_lists_follows_events_survives_breaks_and_relists():
 
     api = FakeApi(
         [
-            ([web, plain], "10"),
+            ([versioned(web, "8"), plain], "10"),
             [
-                WatchEvent("ADDED", other),
-                WatchEvent("MODIFIED", changed),
+                WatchEvent("ADDED", versioned(other, "11")),
+                bookmark("15"),
+                WatchEvent("MODIFIED", versioned(changed, "16")),
                 ConnectionError("watch broke"),
             ],
-            ConnectionError("API down"),  # relist fails: cache must keep serving
-            ([changed], "20"),  # relist: 'other' vanished while we were away
-            [WatchEvent("DELETED", changed)],
+            ConnectionError("API down"),  # the watch cannot resume: the cache keeps serving
+            [bookmark("18")],  # resumed where it was; ended by the server: watch again
+            [ResourceExpired("410 Gone")],  # too old: list again (at once)
+            ([versioned(changed, "16")], "20"),  # 'other' vanished while we were away
+            [WatchEvent("DELETED", versioned(changed, "21"))],
         ]
     )
     store = KubernetesStore(api, sleep=snapshot, backoff_initial=0.01)
     store.run()
-    assert api.calls == ["list", "watch@10", "list", "list", "watch@20", "list"]
+    assert api.calls == [
+        "list", "watch@10", "watch@16", "watch@16", "watch@18", "list", "watch@20", "watch@21",
+    ]  # fmt: skip
     # After the broken watch and during the API outage, the cache kept its policies.
     assert seen[0] == {"demo/web": "audit", "demo/other": "enforce"}
     assert seen[1] == {"demo/web": "audit", "demo/other": "enforce"}
     assert store.get("demo/web") is None  # deleted by the last event
     assert store.get("demo/other") is None  # gone at the relist
-    assert store.reconnects == 3
+    assert (store.relists, store.expired, store.reconnects) == (2, 1, 4)
+
+
+def test_a_relist_keeps_the_policies_of_unchanged_pods():
+    web = versioned(injected_example("web"), "5")
+    api = FakeApi([([web], "10"), [ResourceExpired("410")], ([web], "30")])
+    first: list[object] = []
+    store = KubernetesStore(api, sleep=lambda _: api.done.is_set(), backoff_initial=0.01)
+    store.subscribe(lambda change: first.append(store.get("demo/web")))
+    store.run()
+    assert store.relists == 2
+    assert first[0] is store.get("demo/web")  # the same object: not parsed again
 
 
 def test_watch_cache_serves_what_was_admitted_whatever_the_live_annotations(caplog):
@@ -137,15 +165,16 @@ def test_watch_cache_serves_what_was_admitted_whatever_the_live_annotations(capl
         [
             ([web], "1"),
             [WatchEvent("MODIFIED", edited), ConnectionError("watch broke")],
+            [ResourceExpired("410")],  # resumed too late: list again
             ([edited], "2"),
             [WatchEvent("MODIFIED", forged), ConnectionError("watch broke")],
         ]
     )
     store = KubernetesStore(api, sleep=snapshot, backoff_initial=0.01)
     store.run()
-    assert seen[0] == ("enforce", "deny", "")
-    assert seen[1][:2] == ("enforce", "deny")
-    assert "digest mismatch" in seen[1][2]
+    assert seen[0] == seen[1] == ("enforce", "deny", "")  # the edit, then the 410's wait
+    assert seen[2][:2] == ("enforce", "deny")
+    assert "digest mismatch" in seen[2][2]
     events = [r.fields["event"] for r in caplog.records if hasattr(r, "fields")]
     assert events.count("admitted-drift") == 1
     assert events.count("admitted-refused") == 1

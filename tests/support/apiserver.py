@@ -1,0 +1,301 @@
+"""A scripted kube-apiserver for pods over real HTTPS: LIST with labelSelector, limit and
+continue; WATCH from a resourceVersion with bookmarks; 410 Gone for a compacted version
+(as the HTTP status, or as an ERROR event, as kube-apiserver does once the watch started).
+
+Pods live in memory with a global resourceVersion counter; every change is kept in an event
+log until :meth:`ScriptedApiServer.compact`. Each request is recorded (path and query), so a
+test can say what the client asked. Used by tests/authz/test_watch_api.py and by
+benchmarks/authz_store.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.tls import CertificateAuthority
+
+TOKEN = "scripted-token"
+
+
+@dataclass
+class Recorded:
+    path: str
+    query: dict[str, str]
+
+
+@dataclass
+class Script:
+    """What the server does besides answering: knobs a test turns."""
+
+    bookmark_seconds: float = 0.5
+    #: Hold LIST answers until set (to observe a client that has not synced yet).
+    list_gate: threading.Event = field(default_factory=threading.Event)
+    #: 410 on a compacted watch: "status" (HTTP 410) or "event" (200 then an ERROR event).
+    gone_as: str = "event"
+    #: Seconds to wait before each LIST page (a slow API server).
+    page_delay: float = 0.0
+    #: Answer every request 503 (the API server is down).
+    down: bool = False
+
+
+class ScriptedApiServer:
+    def __init__(self, tmp: Path) -> None:
+        self.script = Script()
+        self.script.list_gate.set()
+        self._lock = threading.Condition()
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._log: list[tuple[int, str, dict[str, Any]]] = []
+        self._version = 1000
+        self._oldest = 1000  # watches from an older resourceVersion get 410
+        self._snapshots: dict[str, list[dict[str, Any]]] = {}
+        self._closing = False
+        self._generation = 0
+        self.requests: list[Recorded] = []
+        ca = CertificateAuthority.create()
+        cert, key = tmp / "api.crt", tmp / "api.key"
+        ca.issue(cert, key)
+        self.ca_file = ca.write_ca(tmp / "api-ca.crt")
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedApiServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "scripted",
+                    "cluster": {
+                        "server": f"https://127.0.0.1:{self.port}",
+                        "certificate-authority": str(self.ca_file),
+                    },
+                }
+            ],
+            "users": [{"name": "authz", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "scripted", "context": {"cluster": "scripted", "user": "authz"}}],
+            "current-context": "scripted",
+        }
+        path.write_text(json.dumps(config))
+        return path
+
+    # --- the state, as a test changes it ---------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def keys(self, selector: str = "") -> set[str]:
+        with self._lock:
+            return {k for k, pod in self._pods.items() if _matches(pod, selector)}
+
+    def put(self, pod: dict[str, Any]) -> None:
+        """Create or modify a pod (ADDED or MODIFIED); the server keeps ``pod`` itself."""
+        with self._lock:
+            stored = pod
+            key = _key(stored)
+            kind = "MODIFIED" if key in self._pods else "ADDED"
+            self._version += 1
+            stored["metadata"]["resourceVersion"] = str(self._version)
+            self._pods[key] = stored
+            self._log.append((self._version, kind, stored))
+            self._lock.notify_all()
+
+    def put_many(self, pods: Iterator[dict[str, Any]]) -> None:
+        for pod in pods:
+            self.put(pod)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            pod = self._pods.pop(key)
+            self._version += 1
+            gone = copy.deepcopy(pod)
+            gone["metadata"]["resourceVersion"] = str(self._version)
+            self._log.append((self._version, "DELETED", gone))
+            self._lock.notify_all()
+
+    def compact(self) -> None:
+        """Forget the event log: a watch from any version seen so far gets 410 Gone."""
+        with self._lock:
+            self._oldest = self._version
+            self._log.clear()
+            self._snapshots.clear()  # continue tokens expire too
+
+    def end_watches(self) -> None:
+        """Close every open watch stream (as an API server restart would)."""
+        with self._lock:
+            self._generation += 1
+            self._lock.notify_all()
+
+    def watches(self) -> list[Recorded]:
+        return [r for r in self.requests if r.query.get("watch") == "1"]
+
+    def lists(self) -> list[Recorded]:
+        return [r for r in self.requests if r.query.get("watch") != "1"]
+
+    # --- answers ---------------------------------------------------------------------------
+
+    def list_page(self, query: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        self.script.list_gate.wait()
+        time.sleep(self.script.page_delay)
+        limit = int(query.get("limit") or 0)
+        token = query.get("continue")
+        with self._lock:
+            if token:
+                snapshot_id, _, offset_text = token.partition(":")
+                snapshot = self._snapshots.get(snapshot_id)
+                if snapshot is None:
+                    return 410, _status(410, "Expired", "the continue token has expired")
+                offset = int(offset_text)
+            else:
+                selector = query.get("labelSelector", "")
+                snapshot = [p for p in self._pods.values() if _matches(p, selector)]
+                snapshot_id = f"{self._version}-{len(self._snapshots)}"
+                self._snapshots[snapshot_id] = snapshot
+                offset = 0
+            version = snapshot_id.split("-")[0]
+            end = offset + limit if limit else len(snapshot)
+            items = snapshot[offset:end]
+            more = end < len(snapshot)
+        metadata: dict[str, Any] = {"resourceVersion": version}
+        if more:
+            metadata["continue"] = f"{snapshot_id}:{end}"
+        return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": items}
+
+    def watch_events(self, query: Mapping[str, str]) -> Iterator[dict[str, Any]] | int:
+        """The events of a watch, or 410 (the HTTP status) when it starts too old."""
+        since = int(query.get("resourceVersion") or 0)
+        selector = query.get("labelSelector", "")
+        bookmarks = query.get("allowWatchBookmarks") == "true"
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        if since < self._oldest and self.script.gone_as == "status":
+            return 410
+        return self._stream(since, selector, bookmarks=bookmarks, deadline=deadline)
+
+    def _stream(
+        self, since: int, selector: str, *, bookmarks: bool, deadline: float
+    ) -> Iterator[dict[str, Any]]:
+        if since < self._oldest:
+            yield {"type": "ERROR", "object": _status(410, "Expired", f"too old: {since}")}
+            return
+        last_bookmark = time.monotonic()
+        generation = self._generation
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._closing or generation != self._generation:
+                    return
+                if since < self._oldest and self.script.gone_as == "event":  # compacted
+                    yield {"type": "ERROR", "object": _status(410, "Expired", "too old")}
+                    return
+                pending = [e for e in self._log if e[0] > since]
+                if not pending:
+                    self._lock.wait(timeout=0.1)
+                    pending = [e for e in self._log if e[0] > since]
+            for version, kind, pod in pending:
+                since = version
+                if _matches(pod, selector):
+                    yield {"type": kind, "object": pod}
+            if bookmarks and time.monotonic() - last_bookmark > self.script.bookmark_seconds:
+                last_bookmark = time.monotonic()
+                with self._lock:  # only past what was delivered: nothing skipped
+                    if not any(version > since for version, _, _ in self._log):
+                        since = max(since, self._version)
+                yield {
+                    "type": "BOOKMARK",
+                    "object": {"kind": "Pod", "metadata": {"resourceVersion": str(since)}},
+                }
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    api: ScriptedApiServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        self.api.requests.append(Recorded(url.path, query))
+        if self.api.script.down:
+            self._json(503, _status(503, "ServiceUnavailable", "the API server is down"))
+            return
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self._json(401, _status(401, "Unauthorized", "Unauthorized"))
+            return
+        if url.path != "/api/v1/pods":
+            self._json(404, _status(404, "NotFound", url.path))
+            return
+        if query.get("watch") != "1":
+            self._json(*self.api.list_page(query))
+            return
+        events = self.api.watch_events(query)
+        if isinstance(events, int):
+            self._json(events, _status(events, "Expired", "too old resource version"))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in events:
+                data = json.dumps(event).encode() + b"\n"
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _json(self, status: int, document: dict[str, Any]) -> None:
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": reason, "message": message}  # fmt: skip
+
+
+def _key(pod: Mapping[str, Any]) -> str:
+    return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
+
+
+def _matches(pod: Mapping[str, Any], selector: str) -> bool:
+    """Equality-based label selectors (``k=v,k2=v2``)."""
+    labels = pod["metadata"].get("labels") or {}
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
