@@ -164,6 +164,20 @@ def test_bookmarks_advance_the_version_a_broken_watch_resumes_from(api):
         store.stop()
 
 
+def test_an_expired_continue_token_starts_the_list_again(api):
+    api.script.page_delay = 0.05
+    store = start_store(api)
+    try:
+        wait_for(lambda: len(api.lists()) >= 2, what="the second page")
+        api.compact()  # the list's snapshot is gone: the next continue token gets 410
+        wait_for(store.is_synced, what="the LIST started again")
+        assert store.stats().pods == PODS
+    finally:
+        store.stop()
+    starts = [r for r in api.lists() if "continue" not in r.query]
+    assert len(starts) == 2 and store.expired == 1 and store.relists == 1
+
+
 @pytest.mark.parametrize("gone_as", ["event", "status"])
 def test_a_watch_too_old_410_lists_again_and_serves_the_changes(api, gone_as):
     api.script.gone_as = gone_as
