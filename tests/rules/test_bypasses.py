@@ -1,6 +1,7 @@
 """The bypass classes an attack review found, each tried as an attacker in a pod would.
 
-Real kernel, Istio's real capture rules, meshguard's rules installed by the real
+Real kernel, Istio's real capture rules (where marked, in each backend: iptables-nft,
+iptables-legacy and Istio's native nftables), meshguard's rules installed by the real
 ``meshguard init``, one process per container under its uid. Every test here failed on the
 rules before the fix (the attacker's flow got through); each tries several variants of its
 class: addresses, families, ports, senders.
@@ -33,6 +34,7 @@ from meshguard.sandbox.netns import (
     record_command,
     serve_command,
 )
+from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox, Server, client_namespace, compile_for, pod_sandbox
 from tests.support.shared import golden_payloads
 
@@ -54,6 +56,26 @@ def example_pod(*, policy: dict[str, Any] | None = None, proxy: tuple[int, int] 
         istio_proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy")
         istio_proxy["securityContext"].update(runAsUser=proxy[0], runAsGroup=proxy[1])
     return pod
+
+
+@pytest.fixture(params=NETFILTERS, ids=str)
+def netfilter(request: pytest.FixtureRequest) -> Netfilter:
+    """Where Istio's capture is (and so meshguard's rules): each backend in turn."""
+    chosen: Netfilter = request.param
+    return chosen
+
+
+@contextlib.contextmanager
+def istio_sandbox(
+    pod: dict[str, Any], tmp_path: Path, netfilter: Netfilter
+) -> Iterator[PodSandbox]:
+    """The pod as Istio injects it for ``netfilter``, Istio's capture of the enforcement
+    matrix in that backend (:data:`ISTIO`, or its native nftables equivalent), meshguard's
+    rules by the real meshguard-init."""
+    nft = matrix_capture_nft() if netfilter is Netfilter.NFTABLES else None
+    ruleset = compile_for(pod_for(pod, netfilter))
+    with pod_sandbox(ruleset, tmp_path, istio=ISTIO, netfilter=netfilter, istio_nft=nft) as sandbox:
+        yield sandbox
 
 
 @contextlib.contextmanager
@@ -81,8 +103,8 @@ BROADCASTS = [
 
 
 @pytest.fixture
-def box(tmp_path: Path) -> Iterator[PodSandbox]:
-    with pod_sandbox(compile_for(example_pod()), tmp_path, istio=ISTIO) as sandbox:
+def box(tmp_path: Path, netfilter: Netfilter) -> Iterator[PodSandbox]:
+    with istio_sandbox(example_pod(), tmp_path, netfilter) as sandbox:
         yield sandbox
 
 
@@ -278,12 +300,12 @@ def test_tcp_to_a_pod_address_on_port_53_is_not_handed_to_the_proxy(tmp_path: Pa
      ("10.1.2.3", 6379, False), ("fd00:10::3", 6379, False), ("127.0.0.2", 5140, False)],
 )  # fmt: skip
 def test_the_proxy_dialing_the_pod_itself_passes_only_to_ports_open_to_every_container(
-    tmp_path: Path, host: str, port: int, opened: bool
+    tmp_path: Path, host: str, port: int, opened: bool, netfilter: Netfilter
 ):
     # A container calling its own pod's Service is captured to Envoy, which dials the pod
     # IP; Istio sends that to the inbound listener (15006), which delivers to any port.
     policy = {"rules": [{"from": "*", "to": "app", "ports": [8080, 9090]}]}
-    with pod_sandbox(compile_for(example_pod(policy=policy)), tmp_path, istio=ISTIO) as box:
+    with istio_sandbox(example_pod(policy=policy), tmp_path, netfilter) as box:
         box.serve(Server("proxy", 1337, 1337, tcp=(15006,)))
         (result,) = box.probe(uid=1337, gid=1337, targets=[{"host": host, "port": port}])
     if opened:
@@ -295,9 +317,9 @@ def test_the_proxy_dialing_the_pod_itself_passes_only_to_ports_open_to_every_con
 # --- 9. the proxy's ports under defaultAction: allow ----------------------------------------
 
 
-def test_default_allow_never_opens_the_proxys_ports(tmp_path: Path):
+def test_default_allow_never_opens_the_proxys_ports(tmp_path: Path, netfilter: Netfilter):
     pod = example_pod(policy={"defaultAction": "allow"})
-    with pod_sandbox(compile_for(pod), tmp_path, istio=ISTIO) as box:
+    with istio_sandbox(pod, tmp_path, netfilter) as box:
         ports = (15000, 15001, 15004, 15006, 15007, 15008, 15009, 15020, 15021, 15053, 15090)
         box.serve(Server("proxy", 1337, 1337, tcp=ports, udp=(15053,)))
         box.serve(CACHE)
