@@ -7,6 +7,8 @@ import asyncio
 import io
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -86,3 +88,13 @@ def test_an_unencodable_value_is_written_as_text(logged):
     logger, stream = logged
     logger.info("odd", extra={"fields": {"value": object}})
     assert lines(stream)[0]["value"] == str(object)
+
+
+@pytest.mark.parametrize("module", ["meshguard.cni.plugin", "meshguard.cli.init"])
+def test_the_per_pod_commands_do_not_import_asyncio(module):
+    """meshguard init and the CNI plugin run at every pod start: logging does not pull in
+    asyncio (a tenth of a second of imports) for them."""
+    code = f"import sys, {module}; print('asyncio' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "False"
