@@ -51,7 +51,17 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["kernel", "l7", "workers", "webhook", "admission", "install", "image", "load"],
+        choices=[
+            "kernel",
+            "l7",
+            "workers",
+            "webhook",
+            "admission",
+            "install",
+            "image",
+            "cni",
+            "load",
+        ],
         help="re-measure only these parts; the others keep the figures of the last run",
     )
     return parser
@@ -717,6 +727,24 @@ def image_section(report: Report, run: ScriptRun | None) -> None:
     report.section(measure.load_script("init_image").markdown(data))
 
 
+def cni_section(report: Report, run: ScriptRun | None) -> None:
+    """benchmarks/cni_install.py: its own renderer, so the script prints the same section."""
+    if run is None or not run.data:
+        lines = ["## Istio CNI mode: node-side install time (benchmarks/cni_install.py)", ""]
+        lines += not_measured("cni_install.py", run.problem) if run else ["Not run.", ""]
+        report.section(lines)
+        return
+    data = run.data
+    at = ", ".join(
+        f"{r['containers']}: {r['ms']['cni-add']:.0f} ms"
+        f" ({r['ms']['cni-add'] / r['ms']['init']:.2f} x init)"
+        for r in data["rows"]
+    )
+    report.add_summary("cni", "meshguard-cni ADD wall time (node side)", at, "no goal", None)
+    report.summary[-1][-1] = "(informative)"
+    report.section(measure.load_script("cni_install").markdown(data))
+
+
 def load_section(report: Report, run: ScriptRun | None) -> None:
     lines = ["## Load and fault (benchmarks/load.py)", ""]
     if run is None:
@@ -807,6 +835,11 @@ def main(argv: list[str]) -> int:
         init_image = run_script(
             "image", "init_image.py", quick, timeout=script_timeout, log_dir=log_dir
         )
+    cni_install = None
+    if "cni" in parts:
+        cni_install = run_script(
+            "cni", "cni_install.py", quick, timeout=script_timeout, log_dir=log_dir
+        )
     load = None
     if "load" in parts:
         load = run_script("load", "load.py", quick, timeout=script_timeout, log_dir=log_dir)
@@ -823,6 +856,7 @@ def main(argv: list[str]) -> int:
             "l7": trimmed(l7),
             "webhook": trimmed(webhook),
             "image": trimmed(init_image),
+            "cni": trimmed(cni_install),
             "load": trimmed(load),
         },
         "authz_workers": worker_result,
@@ -846,6 +880,7 @@ PART_KEYS = {
     "admission": ("admission_growth",),
     "install": ("rule_install",),
     "image": ("runs", "image"),
+    "cni": ("runs", "cni"),
 }
 
 
@@ -892,6 +927,7 @@ def render(state: dict[str, Any]) -> int:
     kernel_runs = {int(n): as_run(r) for n, r in state["runs"]["kernel"].items()}
     l7, webhook, load = (as_run(state["runs"][k]) for k in ("l7", "webhook", "load"))
     init_image = as_run(state["runs"].get("image"))
+    cni_install = as_run(state["runs"].get("cni"))
     worker_result = state["authz_workers"]
     growth = state["admission_growth"]
     install = state["rule_install"]
@@ -930,6 +966,7 @@ def render(state: dict[str, Any]) -> int:
     webhook_section(report, webhook, growth, problems.get("admission"))
     install_section(report, install, problems.get("install"))
     image_section(report, init_image)
+    cni_section(report, cni_install)
     load_section(report, load)
     header = [
         "# meshguard benchmarks",
@@ -946,7 +983,7 @@ def render(state: dict[str, Any]) -> int:
     notes = ["## Notes", ""]
     runs = [
         *kernel_runs.values(),
-        *(r for r in (l7, webhook, init_image, load) if r is not None),
+        *(r for r in (l7, webhook, init_image, cni_install, load) if r is not None),
     ]
     notes.append(
         f"- Load average (1/5/15 min) at start {load_before[0]:.2f}/{load_before[1]:.2f}/"

@@ -13,20 +13,13 @@ not answer in time fails the ADD.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import http.server
 import json
-import os
-import ssl
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -42,12 +35,13 @@ from tests.support.cni_runtime import (
     bridge_plugin,
     istio_cni_standin,
 )
+from tests.support.kube_api import ApiServer, scripted_api
 from tests.support.matrix import APP, CACHE, LOGS, PROXY, SERVERS, STRANGERS, check_matrix
 from tests.support.matrix import example_pod as matrix_pod
 from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
+from tests.support.samples import as_cni_mode
 from tests.support.shared import golden_payloads
-from tests.support.tls import CertificateAuthority
 
 pytestmark = [
     pytest.mark.root,
@@ -56,7 +50,6 @@ pytestmark = [
         reason="Debian's containernetworking-plugins (/usr/lib/cni) is not installed",
     ),
 ]
-CLONE_NEWNET = 0x40000000
 POD_UID = "6f1e0c1d-0000-4000-8000-000000000001"
 
 
@@ -72,71 +65,23 @@ class RuntimeNamespace(NetworkNamespace):
         return f"/var/run/netns/{self.name}"
 
 
-# --- the scripted API server, listening in the node's network namespace ------------------
-
-
-class _Api(http.server.BaseHTTPRequestHandler):
-    pods: ClassVar[dict[str, bytes]] = {}
-    delay: ClassVar[float] = 0.0
-
-    def do_GET(self) -> None:
-        time.sleep(self.delay)
-        body = self.pods.get(self.path)
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body or b'{"kind":"Status","message":"not found"}')
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def _bound_in(netns_path: str) -> http.server.ThreadingHTTPServer:
-    """A server whose socket is created in ``netns_path`` (a socket stays in the namespace
-    it was created in; only this short-lived thread enters it)."""
-    made: list[http.server.ThreadingHTTPServer] = []
-
-    def create() -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fd = os.open(netns_path, os.O_RDONLY)
-        try:
-            assert libc.setns(fd, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
-        finally:
-            os.close(fd)
-        made.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api))
-
-    thread = threading.Thread(target=create)
-    thread.start()
-    thread.join()
-    return made[0]
-
-
 @dataclass(frozen=True)
 class Node:
     ns: RuntimeNamespace
-    credentials: ApiCredentials
+    api: ApiServer
+
+    @property
+    def credentials(self) -> ApiCredentials:
+        return ApiCredentials(server=self.api.url, token="node-token", ca_pem=self.api.ca_pem)
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
+    """The node's network namespace, the API server reachable in it at 127.0.0.1."""
     with RuntimeNamespace(name=f"mgnode-{uuid.uuid4().hex[:8]}") as ns:
         ns.run(["ip", "link", "set", "lo", "up"])
-        ca = CertificateAuthority.create()
-        ca.issue(tmp_path / "tls.crt", tmp_path / "tls.key")
-        server = _bound_in(ns.path)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        ca_pem = ca.write_ca(tmp_path / "ca.crt").read_text()
-        server_url = f"https://127.0.0.1:{server.server_address[1]}"
-        _Api.delay = 0.0
-        try:
-            yield Node(ns=ns, credentials=ApiCredentials(server=server_url, token="node-token",
-                                                         ca_pem=ca_pem))  # fmt: skip
-        finally:
-            server.shutdown()
+        with scripted_api(tmp_path, netns_path=ns.path) as api:
+            yield Node(ns=ns, api=api)
 
 
 # --- the pod, the node's CNI configuration, the runtime ----------------------------------
@@ -145,17 +90,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 def cni_mode_pod(netfilter: Netfilter) -> dict[str, Any]:
     """The matrix's example pod as Istio injects it in CNI mode (istio-validation instead of
     istio-init), then admitted by meshguard (meshguard-validation, the ruleset annotations)."""
-    pod = pod_for(matrix_pod(), netfilter)
-    step = next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
-    step["name"] = "istio-validation"
-    step["args"] = [*step["args"], "--run-validation", "--skip-rule-apply"]
-    step["securityContext"] = {"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True,
-                               "allowPrivilegeEscalation": False,
-                               "capabilities": {"drop": ["ALL"]}}  # fmt: skip
-    annotations = pod["metadata"]["annotations"]
-    status = json.loads(annotations["sidecar.istio.io/status"])
-    status["initContainers"] = ["istio-validation"]
-    annotations["sidecar.istio.io/status"] = json.dumps(status)
+    pod = as_cni_mode(pod_for(matrix_pod(), netfilter))
     pod["metadata"].update(uid=POD_UID, namespace="demo", name="shop")
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     names = [c["name"] for c in pod["spec"]["initContainers"]]
@@ -213,7 +148,7 @@ def make_chain(node: Node, tmp_path: Path) -> Iterator[Any]:
 
     def make(netfilter: Netfilter, *, timeout: float = 5.0) -> Chain:
         pod = cni_mode_pod(netfilter)
-        _Api.pods = {"/api/v1/namespaces/demo/pods/shop": json.dumps(pod).encode()}
+        node.api.script.serve(pod)
         conf_dir = tmp_path / "net.d"  # the node's /etc/cni/net.d
         layout = NodeLayout(conf_dir=conf_dir, bin_dir=tmp_path / "bin", host_conf_dir=conf_dir)
         for directory in (layout.conf_dir, layout.bin_dir, tmp_path / "image"):
@@ -329,9 +264,9 @@ def test_del_cleans_up_meshguard_rules_in_each_backend(make_chain):
         chain.pod_ns.close()
 
 
-def test_an_api_server_that_does_not_answer_in_time_fails_the_add(make_chain):
+def test_an_api_server_that_does_not_answer_in_time_fails_the_add(make_chain, node):
     chain = make_chain(Netfilter.IPTABLES_NFT, timeout=1.0)
-    _Api.delay = 3.0
+    node.api.script.delay = 3.0
     with pytest.raises(CniFailure) as failed:
         chain.add()
     error = failed.value.error

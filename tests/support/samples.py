@@ -123,3 +123,24 @@ def istio_pod(*, cni: bool = False, native: bool = True) -> dict[str, Any]:
             ISTIO_STATUS: json.dumps(status, separators=(",", ":"))}},
         "spec": {"initContainers": init, "containers": containers},
     }  # fmt: skip
+
+
+def as_cni_mode(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod as Istio injects it in CNI mode: its istio-init becomes istio-validation
+    (``--run-validation --skip-rule-apply``, non-root, no capability), in the spec and in
+    ``sidecar.istio.io/status``."""
+    cni = copy.deepcopy(pod)
+    step = next(c for c in cni["spec"]["initContainers"] if c["name"] == "istio-init")
+    step["name"] = "istio-validation"
+    step["args"] = [*step.get("args", []), "--run-validation", "--skip-rule-apply"]
+    step["securityContext"] = {"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True,
+                               "allowPrivilegeEscalation": False,
+                               "capabilities": {"drop": ["ALL"]}}  # fmt: skip
+    annotations = cni["metadata"]["annotations"]
+    status = json.loads(annotations[ISTIO_STATUS])
+    status["initContainers"] = [
+        "istio-validation" if name == "istio-init" else name
+        for name in status.get("initContainers") or []
+    ]
+    annotations[ISTIO_STATUS] = json.dumps(status)
+    return cni
