@@ -17,6 +17,11 @@ outside it is refused, never guessed. Two things change shape, not meaning:
   (``dnat ip to ip daddr``): the NAT of the connection is then decided, Istio's chain is
   not consulted, and the destination is unchanged (conntrack records no DNAT for it).
 
+The rules of the default's chain (``MESHGUARD_DENY``) carry a ``counter``, as every
+iptables rule has one: ``nft list chain inet meshguard MESHGUARD_DENY`` shows how many
+packets were denied (in audit mode: would have been). No other rule counts: a counter on
+the per-packet path costs.
+
 IPv4 and IPv6 share the table: a rule the two families spell alike is written once, the
 others carry ``meta nfproto ipv4``/``ipv6``, so each family's packets walk exactly the
 rules its iptables payload has, in the same order. Base chains, one per hook the
@@ -187,7 +192,7 @@ def _chain_rules(table: Table, chain: str, *, family: Family, dispatch: set[str]
             yield f"meta skuid vmap {{ {entries} }}"
             index = end
             continue
-        yield translate(rules[index], family=family, table=table.name)
+        yield translate(rules[index], family=family, table=table.name, counted=chain == DENY_CHAIN)
         index += 1
 
 
@@ -328,8 +333,13 @@ class _Rule:
         return "!= " if self.negate else ""
 
 
-def translate(spec: str, *, family: Family, table: str) -> str:
-    """One compiled iptables rule as an nftables rule (same matches, same verdict)."""
+def translate(spec: str, *, family: Family, table: str, counted: bool = False) -> str:
+    """One compiled iptables rule as an nftables rule (same matches, same verdict).
+
+    ``counted``: with a ``counter`` before the verdict. iptables counts every rule; nftables
+    only where asked, and the default's chain is where an operator reads how many flows were
+    (or, in audit mode, would have been) denied.
+    """
     rule = _Rule(words=_Words(spec), family=family, table=table)
     while (word := rule.words.next()) is not None:
         if word == "!":
@@ -342,7 +352,8 @@ def translate(spec: str, *, family: Family, table: str) -> str:
         rule.negate = False
     if rule.verdict is None:
         raise UnsupportedRule(f"no verdict in {spec!r}")
-    return " ".join([*rule.matches, rule.verdict]) + rule.comment
+    counter = ["counter"] if counted else []
+    return " ".join([*rule.matches, *counter, rule.verdict]) + rule.comment
 
 
 _MODULES: Final = frozenset(

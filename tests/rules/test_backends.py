@@ -28,7 +28,7 @@ from meshguard.rules import nftables
 from meshguard.rules.backend import Backend, detect_backend
 from meshguard.rules.install import install
 from meshguard.rules.ruleset import Family, Ruleset, Table
-from meshguard.sandbox.netns import NetworkNamespace
+from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from tests.support.netfilter import native_nftables_pod, nft_golden
 from tests.support.podns import compile_for
 from tests.support.shared import golden_payloads
@@ -363,3 +363,23 @@ def test_install_verify_and_rollback_use_the_detected_backend_only(ns, backend):
     assert not any(others.values()), others
     assert ns.run(["nft", "-s", "list", "ruleset"]) == tables
     assert iptables_state(ns) == good
+
+
+def deny_counts(ns: NetworkNamespace) -> list[int]:
+    """The packets each rule of meshguard's default counted, in order."""
+    listing = ns.run(["nft", "list", "chain", "inet", "meshguard", "MESHGUARD_DENY"])
+    return [int(n) for n in re.findall(r"counter packets (\d+)", listing)]
+
+
+@pytest.mark.parametrize("mode", ["enforce", "audit"])
+def test_the_default_counts_what_it_denies_in_nftables(ns, tmp_path, mode):
+    """As iptables counts each rule, the default's chain counts in nftables: an operator
+    reads how many flows were (audit: would have been) denied."""
+    ns.run(["nft", "-f", "-"], stdin=nft_golden("ipv6-ipnets.golden"))
+    pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
+    assert init(ns, compile_for(native_nftables_pod(pod)), tmp_path).returncode == 0
+    assert deny_counts(ns) and sum(deny_counts(ns)) == 0
+    targets = [{"host": "127.0.0.1", "port": 6379, "protocol": "tcp", "timeout": 1.0}]
+    ns.run(probe_command(uid=4242, gid=4242), stdin=json.dumps(targets))  # a uid of no container
+    assert sum(deny_counts(ns)) >= 1
