@@ -33,6 +33,8 @@ _NAME: Final = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
 _SPIFFE: Final = re.compile(rf"spiffe://(?P<td>{_NAME})/ns/(?P<ns>{_NAME})/sa/(?P<sa>{_NAME})")
 #: gRPC core's authentication property listing the peer certificate's URI SANs.
 URI_PROPERTY: Final = "peer_uri"
+#: gRPC core's authentication property naming the channel's security ("ssl"; none: plaintext).
+SECURITY_PROPERTY: Final = "transport_security_type"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +65,7 @@ def peer_identity(auth_context: Mapping[str, Sequence[bytes]]) -> WorkloadIdenti
     when there is none (plaintext, no client certificate) or it is not exactly one SPIFFE ID."""
     uris = [value.decode("utf-8", "replace") for value in auth_context.get(URI_PROPERTY, ())]
     spiffe = [uri for uri in uris if uri.startswith("spiffe://")]
-    if not auth_context.get("transport_security_type"):
+    if not auth_context.get(SECURITY_PROPERTY):
         raise MalformedInputError("no TLS: the caller presented no workload certificate")
     if len(spiffe) != 1:
         raise MalformedInputError(

@@ -21,8 +21,9 @@ import functools
 import logging
 import platform
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -48,6 +49,8 @@ from meshguard.authz.cache import DecisionCache
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.decision import Decision, Reason, Request, decide
 from meshguard.authz.identity import (
+    SECURITY_PROPERTY,
+    URI_PROPERTY,
     TlsFiles,
     WorkloadIdentity,
     identity_problem,
@@ -66,8 +69,9 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 READY_POLL_SECONDS = 0.1
-#: Distinct answers (CheckResponse messages) kept for reuse.
-RESPONSES_KEPT = 1024
+#: Distinct answers (CheckResponse and log fields) and callers kept for reuse.
+ANSWERS_KEPT = 1024
+CALLERS_KEPT = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,10 +263,31 @@ def check(
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    return caller_from(context.auth_context())
+
+
+def caller_from(auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
     try:
-        return Caller(identity=peer_identity(context.auth_context()))
+        return Caller(identity=peer_identity(auth_context))
     except MeshguardError as exc:
         return Caller(problem=str(exc))
+
+
+def _caller_of_peer(security: tuple[bytes, ...], uris: tuple[bytes, ...]) -> Caller:
+    """:func:`caller_from` of exactly what it reads from an authentication context."""
+    return caller_from({SECURITY_PROPERTY: list(security), URI_PROPERTY: list(uris)})
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a decision gives: the CheckResponse and the decision's log fields."""
+
+    response: external_auth_pb2.CheckResponse
+    log_fields: Mapping[str, Any]
+
+
+def answer_of(decision: Decision) -> Answer:
+    return Answer(response_of(decision), decision.log_fields())
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -287,8 +312,10 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._identities = identities
         self._trust_domain = trust_domain
         self._cache = cache
-        # A pure function of the (frozen) decision: equal decisions, equal answers.
-        self._response_of = functools.lru_cache(maxsize=RESPONSES_KEPT)(response_of)
+        # Pure functions of frozen values, remembered: equal decisions give equal answers,
+        # equal peer properties the same caller (each Check still reads its own channel's).
+        self._answer_of = functools.lru_cache(maxsize=ANSWERS_KEPT)(answer_of)
+        self._caller_of_peer = functools.lru_cache(maxsize=CALLERS_KEPT)(_caller_of_peer)
         self._counted = {
             (result == "allow", reason): metrics.decisions.labels(
                 result=result, reason=reason.value
@@ -304,7 +331,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         request = Request(None, None, None, None, None, {})
         caller: Caller | None = None
         try:
-            caller = caller_of(context) if self._identities else None
+            caller = self._caller(context) if self._identities else None
             request = request_of(check_request)
             headers = request.headers
             header_bytes = len("".join(headers)) + len("".join(headers.values()))
@@ -319,11 +346,22 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 kind=Reason.INTERNAL_ERROR,
             )  # fmt: skip
         elapsed = time.perf_counter() - started
-        self._record(request, decision, elapsed, caller)
-        return self._response_of(decision)
+        answer = self._answer_of(decision)
+        self._record(request, decision, answer, elapsed, caller)
+        return answer.response
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        auth = context.auth_context()
+        security = tuple(auth.get(SECURITY_PROPERTY, ()))
+        return self._caller_of_peer(security, tuple(auth.get(URI_PROPERTY, ())))
 
     def _record(
-        self, request: Request, decision: Decision, elapsed: float, caller: Caller | None
+        self,
+        request: Request,
+        decision: Decision,
+        answer: Answer,
+        elapsed: float,
+        caller: Caller | None,
     ) -> None:
         counter = self._counted.get((decision.allowed, decision.kind))
         if counter is None:  # not a combination decide() gives; counted all the same
@@ -343,7 +381,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     "port": request.port,
                     "source_address": request.source_address,
                 },
-                **decision.log_fields(),
+                **answer.log_fields,
                 "us": round(elapsed * 1e6),
             }
             # Logger.info without its caller lookup (a stack walk per Check; the JSON line

@@ -56,9 +56,30 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Workload]:
 def ask(mesh: dict[str, Workload], client: str | None, *, pod: str = POD) -> Any:
     """One Check over mTLS as ``client`` (None: no client certificate); the response, or the
     gRPC status code when the channel could not be established."""
+    (answer,) = ask_in_turn(mesh, [client], pod=pod)
+    return answer
+
+
+def ask_in_turn(mesh: dict[str, Workload], clients: list[str | None], *, pod: str = POD) -> Any:
+    """The same Check asked of one server by each client in turn, each on its own channel."""
     server = mesh["server"]
 
-    async def main() -> Any:
+    async def one(port: int, client: str | None) -> Any:
+        identity = mesh[client] if client else None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server.ca.read_bytes(),
+            private_key=identity.key.read_bytes() if identity else None,
+            certificate_chain=identity.cert.read_bytes() if identity else None,
+        )
+        options = [("grpc.ssl_target_name_override", AUTHZ_DNS)]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options) as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            try:
+                return await stub.Check(check_request(pod=pod), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+    async def main() -> list[Any]:
         port = free_port()
         stop = asyncio.Event()
         settings = AuthzSettings(
@@ -66,21 +87,9 @@ def ask(mesh: dict[str, Workload], client: str | None, *, pod: str = POD) -> Any
             tls=TlsFiles(cert=server.cert, key=server.key, ca=server.ca),
         )  # fmt: skip
         task = asyncio.create_task(serve_authz(settings, store=shop_store(), stop=stop))
-        identity = mesh[client] if client else None
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=server.ca.read_bytes(),
-            private_key=identity.key.read_bytes() if identity else None,
-            certificate_chain=identity.cert.read_bytes() if identity else None,
-        )
         try:
             await asyncio.sleep(0.2)
-            options = [("grpc.ssl_target_name_override", AUTHZ_DNS)]
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options) as ch:
-                stub = external_auth_pb2_grpc.AuthorizationStub(ch)
-                try:
-                    return await stub.Check(check_request(pod=pod), timeout=5)
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code()
+            return [await one(port, client) for client in clients]
         finally:
             stop.set()
             await task
@@ -91,6 +100,19 @@ def ask(mesh: dict[str, Workload], client: str | None, *, pod: str = POD) -> Any
 def test_the_pods_own_identity_is_allowed(mesh: dict[str, Workload]):
     response = ask(mesh, "shop")
     assert response.status.code == 0
+
+
+def test_each_channel_is_judged_by_its_own_identity_on_one_server(
+    mesh: dict[str, Workload],
+):
+    """The server remembers decisions and callers: the pod's own identity, then another's,
+    then no certificate of the mesh, then the pod's again, on one server."""
+    answers = ask_in_turn(mesh, ["shop", "other-ns", "two-ids", "rogue-ca", "shop", "other-sa"])
+    codes = [a if isinstance(a, grpc.StatusCode) else a.status.code for a in answers]
+    assert codes == [0, 7, 7, grpc.StatusCode.UNAVAILABLE, 0, 7]
+    assert "attacker" in answers[1].status.message
+    assert "no caller identity" in answers[2].status.message
+    assert "ns/demo/sa/batch" in answers[5].status.message
 
 
 @pytest.mark.parametrize(
