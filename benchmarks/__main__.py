@@ -24,6 +24,7 @@ from typing import Any
 
 from benchmarks.common import ROOT
 from benchmarks.suite import measure, plots, workers
+from benchmarks.suite.l7_mtls import DECISION_GOAL, mtls_lines, worst_ratio
 from benchmarks.suite.report import Report, code, image, not_measured, summary_text, table
 from benchmarks.suite.runner import ScriptRun, run_script
 
@@ -33,6 +34,10 @@ KERNEL_GOAL = 0.95
 #: kernel_path.py's ratio of the uid-range dispatch over the flat one (one rule per uid).
 FLAT_PAIR = "istio+meshguard / istio+meshguard-flat"
 L7_GOAL = 0.6
+SHARED_NOTE = (
+    "The machine is shared: other work on its 2 CPUs during a run lowers and scatters the"
+    " figures; the per-round values and the 'used' column of the script's output show how much."
+)
 AUTHZ_GOAL = 0.7
 WEBHOOK_GOAL = 0.5
 
@@ -273,8 +278,9 @@ def l7_section(
         lines += [
             "`benchmarks/l7_path.py`: wrk (1 thread, keep-alive, POST /quitquitquit as the app"
             " uid) through (a) Envoy alone, (b) Envoy with RBAC holding the same rule, (c) Envoy"
-            " + meshguard ext_authz (real kernel REDIRECT, real `serve-authz`), (c0) the same"
-            " listener asking a bare grpc.aio echo. Medians over"
+            " + meshguard ext_authz (real kernel REDIRECT, real `serve-authz`, mTLS Check"
+            " channel), (c0) the same listener asking a bare grpc.aio echo over the same mTLS."
+            " Medians over"
             f" {d['profile']['rounds']} alternating rounds ({d['profile']['name']} profile).",
             "",
         ]
@@ -393,6 +399,16 @@ def l7_section(
                 "",
             ]
         lines += image(report_assets.get("l7"), "L7 throughput and latency ratios")
+        if "round_ratios_c_over_c0" in http:  # l7_path.py with the mTLS configurations
+            lines += mtls_lines([d], shared_note=SHARED_NOTE)
+            worst, value = worst_ratio(d)
+            report.add_summary(
+                "L7 path, mTLS",
+                "(c) meshguard / (c0) do-nothing ext_authz, both mTLS (worst concurrency)",
+                f"{value:.3f} at c={worst}",
+                f">= {DECISION_GOAL}",
+                value >= DECISION_GOAL,
+            )
     lines += ["### serve-authz --workers", ""]
     if worker_result is None:
         lines += [f"Not measured: {worker_problem or 'not run'}.", ""]

@@ -1,5 +1,5 @@
-"""JSON lines: one object per record, written at once outside an event loop, and at the end of
-the loop's pass (together, before it waits) inside one."""
+"""JSON lines: one object per record, on the stream (flushed) when logging returns, inside an
+event loop too: a decision's line is out before its answer leaves."""
 
 from __future__ import annotations
 
@@ -13,81 +13,78 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshguard.logs import JsonFormatter, JsonLinesHandler
+from meshguard.logs import configure
 
 
-class CountingStream(io.StringIO):
+class FlushCountingStream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
-        self.writes = 0
+        self.flushed = ""
 
-    def write(self, text: str) -> int:
-        self.writes += 1
-        return super().write(text)
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
 
 
 @pytest.fixture
-def logged() -> Iterator[tuple[logging.Logger, CountingStream]]:
-    stream = CountingStream()
-    handler = JsonLinesHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("meshguard.test-logs")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    yield logger, stream
-    logger.handlers.clear()
+def logged() -> Iterator[tuple[logging.Logger, FlushCountingStream]]:
+    stream = FlushCountingStream()
+    root = logging.getLogger("meshguard")
+    saved = (root.handlers[:], root.level, root.propagate)
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    configure(stream=stream)
+    yield logging.getLogger("meshguard.test-logs"), stream
+    root.handlers[:], root.level, root.propagate = saved
+    logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
 
 
-def lines(stream: io.StringIO) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines()]
+def lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines()]
 
 
-def test_outside_a_loop_every_line_is_written_at_once(logged):
+def test_one_json_object_per_line_with_the_fields(logged):
     logger, stream = logged
-    logger.info("one", extra={"fields": {"event": "a", "n": 1}})
-    assert lines(stream) == [
-        {"time": lines(stream)[0]["time"], "level": "info", "logger": "meshguard.test-logs",
-         "msg": "one", "event": "a", "n": 1}
-    ]  # fmt: skip
+    logger.info("one", extra={"fields": {"event": "a", "n": 1, "nested": {"x": None}}})
     logger.warning("two %s", "x")
-    assert [line["msg"] for line in lines(stream)] == ["one", "two x"]
-    assert str(lines(stream)[0]["time"]).endswith("Z")
+    first, second = lines(stream.getvalue())
+    assert first == {
+        "time": first["time"], "level": "info", "logger": "meshguard.test-logs",
+        "msg": "one", "event": "a", "n": 1, "nested": {"x": None},
+    }  # fmt: skip
+    assert (second["level"], second["msg"]) == ("warning", "two x")
+    stamp = str(first["time"])
+    assert len(stamp) == len("2026-01-01T00:00:00.000Z") and stamp.endswith("Z")
 
 
-def test_inside_a_loop_the_lines_of_one_pass_are_written_together_before_it_waits(logged):
+def test_every_line_is_flushed_before_logging_returns_also_in_a_loop(logged):
     logger, stream = logged
 
-    async def main() -> tuple[int, int]:
-        for n in range(5):
+    async def main() -> list[int]:
+        seen = []
+        for n in range(3):
             logger.info("decision", extra={"fields": {"n": n}})
-        held = len(lines(stream))  # not yet: the pass has not ended
-        await asyncio.sleep(0)  # the loop's next pass runs the flush
-        await asyncio.sleep(0)
-        return held, len(lines(stream))
+            seen.append(len(lines(stream.flushed)))  # before the loop runs anything else
+        return seen
 
-    held, written = asyncio.run(main())
-    assert (held, written) == (0, 5)
-    assert stream.writes == 1
-    assert [line["n"] for line in lines(stream)] == [0, 1, 2, 3, 4]
+    assert asyncio.run(main()) == [1, 2, 3]
 
 
-def test_a_line_logged_as_the_loop_ends_is_not_lost(logged):
-    """asyncio.run runs the loop once more (cancelling tasks, closing generators) after
-    the main coroutine: the scheduled write runs then; logging's shutdown flushes too."""
-    logger, stream = logged
-
-    async def main() -> None:
-        logger.info("last", extra={"fields": {"event": "bye"}})
-
-    asyncio.run(main())  # the loop runs the scheduled flush before it closes
-    assert [line["msg"] for line in lines(stream)] == ["last"]
-
-
-def test_an_unencodable_value_is_written_as_text(logged):
+def test_an_unencodable_value_is_written_as_text_and_an_error_is_logged(logged):
     logger, stream = logged
     logger.info("odd", extra={"fields": {"value": object}})
-    assert lines(stream)[0]["value"] == str(object)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("failed")
+    odd, failed = lines(stream.getvalue())
+    assert odd["value"] == str(object)
+    assert "ValueError: boom" in str(failed["exception"])
+
+
+def test_records_carry_no_thread_or_process_names(logged):
+    logger, _ = logged
+    record = logger.makeRecord(logger.name, logging.INFO, "", 0, "x", (), None)
+    assert (record.threadName, record.processName, record.process) == (None, None, None)
+    assert logging.logThreads is False
 
 
 @pytest.mark.parametrize("module", ["meshguard.cni.plugin", "meshguard.cli.init"])
