@@ -217,8 +217,9 @@ def attempt(target: dict[str, Any]) -> dict[str, Any]:
     - ``raw-socket``: open a raw IP socket (needs CAP_NET_RAW);
     - ``setuid``: switch to ``uid`` (e.g. the proxy's; needs CAP_SETUID), in a child process
       so the prober keeps its own identity;
-    - ``iptables``: run ``iptables`` with ``args`` (e.g. flush meshguard's chain; needs
-      CAP_NET_ADMIN).
+    - ``iptables``: run ``iptables`` (or ``tool``: ``iptables-legacy``, ...) with ``args``
+      (e.g. flush meshguard's chain; needs CAP_NET_ADMIN);
+    - ``nft``: run ``nft`` with ``args`` (e.g. delete meshguard's table; CAP_NET_ADMIN).
     """
     kind = target["attack"]
     if kind == "raw-socket":
@@ -230,12 +231,17 @@ def attempt(target: dict[str, Any]) -> dict[str, Any]:
     if kind == "setuid":
         return _in_child(lambda: os.setresuid(*(int(target["uid"]),) * 3))
     if kind == "iptables":
-        done = subprocess.run(
-            ["iptables", "-w", *target["args"]], capture_output=True, text=True, check=False
-        )
-        outcome = "allow" if done.returncode == 0 else "deny"
-        return {"result": outcome, "detail": done.stderr.strip()[:200]}
+        return _tool([str(target.get("tool", "iptables")), "-w", *target["args"]])
+    if kind == "nft":
+        return _tool(["nft", *target["args"]])
     return {"result": "error", "detail": f"unknown attack {kind!r}"}
+
+
+def _tool(argv: list[str]) -> dict[str, Any]:
+    """Run a netfilter tool: allow if it changed the rules (exit 0), deny if refused."""
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    outcome = "allow" if done.returncode == 0 else "deny"
+    return {"result": outcome, "detail": done.stderr.strip()[:200]}
 
 
 def _in_child(action: Callable[[], object]) -> dict[str, Any]:
