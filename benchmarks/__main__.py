@@ -251,6 +251,13 @@ def _envoy(cpu: dict[str, float]) -> str:
     return next(k for k in cpu if k.startswith("envoy"))
 
 
+def cpus_of(document: dict[str, Any]) -> object:
+    """The CPUs a script's JSON document says it ran on (``machine``; at the top level in
+    the results.json of earlier runs)."""
+    machine = document.get("machine")
+    return machine["cpus"] if isinstance(machine, dict) else document.get("cpus")
+
+
 def floor3(value: float) -> str:
     """Three decimals, rounded down, so 0.9498 does not show as a met 0.950."""
     return f"{math.floor(value * 1000) / 1000:.3f}"
@@ -558,7 +565,7 @@ def webhook_section(
                 f" work inside `handle()` (largest: {steps[0][0]}) has to shrink by"
                 f" {served - 2000 / base['throughput']:.2f} ms, or run on more processes. The"
                 " baseline endpoint does no work, so at this concurrency it mostly measures the"
-                f" client, which shares the {d['cpus']} CPUs with the server (the script's own"
+                f" client, which shares the {cpus_of(d)} CPUs with the server (the script's own"
                 " caveat): the ratio understates meshguard's capacity.",
                 "",
             ]

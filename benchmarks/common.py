@@ -20,8 +20,8 @@ from typing import Any, TypedDict
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-#: The L7 benchmarks' policy (``l7_path.py``, ``suite/workers.py``), as the e2e test's: only
-#: the rule for app -> proxy:15020 is exercised.
+#: The L7 benchmarks' policy (``l7_path.py``, ``suite/workers.py``): the e2e test's, without
+#: its h2c port; only the rule for app -> proxy:15020 is exercised.
 L7_POLICY = """
 rules:
   - from: log-shipper
