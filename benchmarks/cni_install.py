@@ -233,8 +233,9 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         " spent waiting for a CPU: the steadier figure on a shared machine. The pass-through"
         " ADD is the fixed cost every pod on the node pays (Python start, imports, the"
         " configuration, the TLS handshake and GET); the rest of an ADD is the install, as in"
-        " meshguard init. A shim forwarding to a running agent would save the interpreter"
-        " start per pod (docs/cni.md).",
+        " meshguard init. On a node the shim forwards to the agent, which runs this same"
+        " process per call (plus a unix-socket round trip); running the plugin inside the"
+        " agent would save the interpreter start per pod (docs/cni.md).",
         "",
         "The image size of what runs on the node is the init image's (see the init image"
         " section): the agent and the plugin are the same core install.",

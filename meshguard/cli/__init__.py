@@ -257,6 +257,12 @@ def _add_cni(commands: Subcommands) -> None:
         default=Path("/var/run/secrets/kubernetes.io/serviceaccount"),
         help="token and ca.crt the plugin uses (re-read every --interval: tokens rotate)",
     )
+    node.add_argument(
+        "--agent-socket",
+        type=Path,
+        help="serve the shim on this unix socket (the path compiled into cni-shim/: "
+        "/var/run/meshguard/cni.sock): run the plugin for it with this image's iptables",
+    )
     node.set_defaults(handler="meshguard.cli.cni:run_install")
     remove = sub.add_parser(
         "uninstall",

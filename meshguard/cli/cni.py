@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 from pathlib import PurePath
 
 from meshguard.cli import EXIT_FAILED, EXIT_OK, fail
+from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.node import (
     InstallSettings,
     NodeLayout,
@@ -51,8 +53,13 @@ def run_install(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    run_agent(layout, settings, credentials=credentials, stop=stop, interval=args.interval,
-              ready_file=args.ready_file, uninstall_on_stop=not args.keep_on_exit)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if args.agent_socket is not None:
+            stack.enter_context(serving(AgentSettings(
+                socket_path=args.agent_socket, conf_dir=layout.conf_dir,
+                host_conf_dir=layout.host_conf_dir)))  # fmt: skip
+        run_agent(layout, settings, credentials=credentials, stop=stop, interval=args.interval,
+                  ready_file=args.ready_file, uninstall_on_stop=not args.keep_on_exit)  # fmt: skip
     return EXIT_OK
 
 

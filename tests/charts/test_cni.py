@@ -39,6 +39,7 @@ from tests.cni import pss
 from tests.support.shared import shared_file
 
 CNI = {"cni": {"enabled": True}}
+SHIM_SOURCE = Path(__file__).resolve().parents[2] / "cni-shim" / "meshguard-cni.c"
 INIT_IMAGE = f"ghcr.io/meshguard/meshguard-init:{__version__}"
 
 
@@ -127,20 +128,31 @@ def test_the_command_line_is_the_real_cli_and_follows_values():
     assert volumes["cni-net-dir"]["hostPath"]["path"] == "/etc/cni/x"
 
 
-def test_the_pod_mounts_the_cni_directories_only_and_holds_no_capability():
+def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio_cnis_caps():
     spec = daemonset()["spec"]["template"]["spec"]
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
-    assert host_paths == {"/etc/cni/net.d", "/opt/cni/bin"}
-    # baseline's only objection: the two hostPaths (its namespace must allow them)
-    assert pss.baseline(spec, {}) == ["hostPath volume cni-bin-dir", "hostPath volume cni-net-dir"]
+    assert host_paths == {"/etc/cni/net.d", "/opt/cni/bin", "/var/run/meshguard"}
     main = container(daemonset())
     context = main["securityContext"]
-    assert context["capabilities"] == {"drop": ["ALL"]}
+    # to run the plugin: setns into a pod's namespace (SYS_ADMIN), iptables there (NET_*)
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN", "NET_ADMIN",
+                                                                "NET_RAW"]}  # fmt: skip
     assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
+    # baseline's objections: exactly the hostPaths and those capabilities (its namespace must
+    # be privileged, as istio-cni's)
+    assert pss.baseline(spec, {}) == [
+        "hostPath volume cni-bin-dir", "hostPath volume cni-net-dir",
+        "hostPath volume agent-socket",
+        "containers[0] install-cni: capabilities ['NET_ADMIN', 'NET_RAW', 'SYS_ADMIN']",
+    ]  # fmt: skip
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
     assert mounts == {"/host/opt/cni/bin": "cni-bin-dir", "/host/etc/cni/net.d": "cni-net-dir",
-                      "/tmp": "tmp"}  # fmt: skip
+                      "/var/run/meshguard": "agent-socket", "/tmp": "tmp"}  # fmt: skip
+    # the socket where the shim looks for it (compiled in), iptables' lock on the emptyDir
+    assert str(agent_args().agent_socket) == "/var/run/meshguard/cni.sock"
+    assert '#define DEFAULT_SOCKET "/var/run/meshguard/cni.sock"' in SHIM_SOURCE.read_text()
+    assert {"name": "XTABLES_LOCKFILE", "value": "/tmp/xtables.lock"} in main["env"]
     # the readiness probe looks for the agent's ready file
     assert main["readinessProbe"]["exec"]["command"] == ["test", "-e", "/tmp/ready"]
     assert str(agent_args().ready_file) == "/tmp/ready"
@@ -168,6 +180,7 @@ def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
         argv = [a.replace(mount, str(directory)) for a in argv]
     argv = [re.sub(r"^--plugin-binary=.*", f"--plugin-binary={shim}", a) for a in argv]
     argv = [a.replace("/tmp/ready", str(tmp_path / "ready")) for a in argv]
+    argv = [a for a in argv if not a.startswith("--agent-socket=")]  # --once serves nothing
     done = subprocess.run(
         [sys.executable, "-m", "meshguard", *argv, "--once", f"--service-account-dir={account}"],
         capture_output=True, text=True, timeout=120, check=False,
