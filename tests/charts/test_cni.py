@@ -116,6 +116,7 @@ def test_the_command_line_is_the_real_cli_and_follows_values():
     assert args.chain_after == "istio-cni"
     assert args.exclude == [NAMESPACE, "kube-system"]  # its own namespace always
     assert not args.once and not args.keep_on_exit
+    assert agent_args({"cni": {"enabled": True, "keepOnExit": True}}).keep_on_exit
     gke = {"cni": {"enabled": True, "binDir": "/home/kubernetes/bin", "confDir": "/etc/cni/x",
                    "excludeNamespaces": ["a", "b"], "timeoutSeconds": 3,
                    "chainAfter": "x"}}  # fmt: skip
