@@ -18,6 +18,15 @@ RUN python -m venv /opt/meshguard-init \
 RUN python -m venv /opt/meshguard \
  && /opt/meshguard/bin/pip install "/src[server]"
 
+# --- shim: the static CNI executable the node agent places in the node's CNI bin dir ---------
+# (it forwards each CNI call to the agent's socket; static, so it runs on any node's libc)
+FROM python:3.11.11-slim-bookworm AS shim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY cni-shim /src/cni-shim
+RUN gcc -static -Os -Wall -Wextra -Werror -o /meshguard-cni /src/cni-shim/meshguard-cni.c
+
 # --- init: meshguard-init, meshguard-validation, the CNI plugin -----------------------------
 FROM python:3.11.11-slim-bookworm AS init
 # iptables ships both variants (iptables-legacy, iptables-nft); nftables for native nftables
@@ -28,6 +37,8 @@ RUN apt-get update \
  && groupadd --gid 65532 meshguard \
  && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin meshguard
 COPY --from=build /opt/meshguard-init /opt/meshguard
+# the chart's cni.pluginBinary
+COPY --from=shim /meshguard-cni /opt/meshguard/cni/meshguard-cni
 ENV PATH=/opt/meshguard/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # meshguard-init runs as uid 0 with NET_ADMIN/NET_RAW, meshguard-validation as a uid of no
 # container (both set by their securityContext); the default user is not root.

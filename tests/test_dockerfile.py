@@ -8,6 +8,9 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +36,9 @@ def test_every_instruction_is_known_and_stages_are_named_or_final():
     found = instructions()
     assert {keyword for keyword, _ in found} <= KNOWN
     froms = [args for keyword, args in found if keyword == "FROM"]
-    # multi-stage: build, the init target, then the runtime (last: the default target)
-    assert [f.split(" AS ")[1] if " AS " in f else None for f in froms] == ["build", "init", None]
+    # multi-stage: build, the CNI shim, the init target, then the runtime (last: the default)
+    names = [f.split(" AS ")[1] if " AS " in f else None for f in froms]
+    assert names == ["build", "shim", "init", None]
     assert froms[0].endswith(" AS build")
 
 
@@ -61,12 +65,32 @@ def test_the_init_target_has_the_core_install_and_every_netfilter_tool():
     apt = next(args for keyword, args in init if keyword == "RUN" and "apt-get install" in args)
     assert {"iptables", "nftables", "iproute2"} <= set(shlex.split(apt.replace("&&", " ")))
     copies = [args for keyword, args in init if keyword == "COPY"]
-    assert copies == ["--from=build /opt/meshguard-init /opt/meshguard"]
+    assert copies == [
+        "--from=build /opt/meshguard-init /opt/meshguard",
+        f"--from=shim /meshguard-cni {chart_values()['cni']['pluginBinary']}",
+    ]
     assert ("ENTRYPOINT", '["meshguard"]') in init
     users = [args for keyword, args in init if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in {"0", "root"}
     runtime = stages()[None]
     assert [a for k, a in runtime if k == "COPY"] == ["--from=build /opt/meshguard /opt/meshguard"]
+
+
+def chart_values() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((PROJECT / "charts/meshguard/values.yaml").read_text())
+    return loaded
+
+
+def test_the_shim_stage_builds_the_static_cni_executable_from_the_source():
+    shim = stages()["shim"]
+    assert ("COPY", "cni-shim /src/cni-shim") in shim
+    runs = [args for keyword, args in shim if keyword == "RUN"]
+    build = next(run for run in runs if run.startswith("gcc "))
+    argv = shlex.split(build)
+    assert "-static" in argv
+    assert argv[argv.index("-o") + 1] == "/meshguard-cni"
+    assert (PROJECT / argv[-1].removeprefix("/src/")).is_file()
+    assert "cni-shim" not in (PROJECT / ".dockerignore").read_text()
 
 
 def test_base_images_are_pinned_to_a_full_version():
@@ -89,7 +113,7 @@ def test_runs_as_a_non_root_user_with_the_meshguard_entrypoint():
 def test_installs_the_project_with_pip_and_iptables_for_meshguard_init():
     runs = [args for keyword, args in instructions() if keyword == "RUN"]
     assert any(re.search(r"pip install /src\b", run) for run in runs)
-    apt = next(run for run in runs if "apt-get install" in run)
+    apt = next(args for keyword, args in stages()[None] if "apt-get install" in args)
     assert {"iptables", "iproute2"} <= set(shlex.split(apt.replace("&&", " ")))
     copies = [args for keyword, args in instructions() if keyword == "COPY"]
     assert "pyproject.toml README.md /src/" in copies
