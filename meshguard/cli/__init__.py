@@ -263,6 +263,29 @@ def _add_cni(commands: Subcommands) -> None:
         help="serve the shim on this unix socket (the path compiled into cni-shim/: "
         "/var/run/meshguard/cni.sock): run the plugin for it with this image's iptables",
     )
+    node.add_argument(
+        "--repair-pods",
+        action="store_true",
+        help="while the entry is chained, delete this node's pods meshguard admitted in CNI mode"
+        " whose meshguard-validation failed (their sandbox started without the node's rules,"
+        " e.g. while the agent was away), so their controllers recreate them; needs"
+        " delete on pods",
+    )
+    node.add_argument(
+        "--node-name",
+        default="",
+        help="this node's name, for --repair-pods (default: $NODE_NAME, the downward API's"
+        " spec.nodeName)",
+    )
+    node.add_argument(
+        "--repair-interval", type=_seconds, default=10.0, help="seconds between repair passes"
+    )
+    node.add_argument(
+        "--repair-per-minute",
+        type=_positive_int,
+        default=10,
+        help="at most this many pods deleted per minute",
+    )
     node.set_defaults(handler="meshguard.cli.cni:run_install")
     remove = sub.add_parser(
         "uninstall",
@@ -436,6 +459,16 @@ def _add_rules(commands: Subcommands) -> None:
         " (default: $MESHGUARD_LOCK_TIMEOUT, else 30)",
     )
     init.set_defaults(handler="meshguard.cli.init:run")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return number
 
 
 def _seconds(text: str) -> float:

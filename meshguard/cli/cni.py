@@ -21,6 +21,7 @@ from meshguard.cni.node import (
     run_agent,
     uninstall,
 )
+from meshguard.cni.repairer import Repairer, RepairSettings
 from meshguard.cni.validate import validate
 from meshguard.errors import MeshguardError
 
@@ -50,6 +51,14 @@ def run_install(args: argparse.Namespace) -> int:
     if args.once:
         install_once(layout, settings, credentials())
         return EXIT_OK
+    repairer = None
+    if args.repair_pods:
+        repair_settings = RepairSettings(
+            node_name=args.node_name or os.environ.get("NODE_NAME", ""),
+            interval=args.repair_interval,
+            per_minute=args.repair_per_minute,
+        )
+        repairer = Repairer(repair_settings, credentials=credentials)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -59,7 +68,8 @@ def run_install(args: argparse.Namespace) -> int:
                 socket_path=args.agent_socket, conf_dir=layout.conf_dir,
                 host_conf_dir=layout.host_conf_dir)))  # fmt: skip
         run_agent(layout, settings, credentials=credentials, stop=stop, interval=args.interval,
-                  ready_file=args.ready_file, uninstall_on_stop=not args.keep_on_exit)  # fmt: skip
+                  ready_file=args.ready_file, uninstall_on_stop=not args.keep_on_exit,
+                  while_chained=repairer.run_due if repairer else None)  # fmt: skip
     return EXIT_OK
 
 

@@ -132,12 +132,14 @@ def run_agent(
     interval: float = 2.0,
     ready_file: Path | None = None,
     uninstall_on_stop: bool = True,
+    while_chained: Callable[[], object] | None = None,
 ) -> None:
     """Install, keep it installed until ``stop`` is set, then uninstall (unless told not to).
 
     ``ready_file`` exists exactly while meshguard's entry is chained (the DaemonSet's
     readiness probe); failures are logged and retried, never fatal: the agent keeps the
-    node repaired as soon as it can be."""
+    node repaired as soon as it can be. ``while_chained`` (the pod repair) runs after each
+    pass that found or left the entry chained, never while it is missing."""
     last_problem = ""
     while not stop.is_set():
         try:
@@ -159,6 +161,8 @@ def run_agent(
                 )
             last_problem = ""
             _set_ready(ready_file, ready=True)
+            if while_chained is not None and not stop.is_set():
+                while_chained()
         stop.wait(interval)
     _set_ready(ready_file, ready=False)
     if uninstall_on_stop:

@@ -39,6 +39,8 @@ from tests.cni import pss
 from tests.support.shared import shared_file
 
 CNI = {"cni": {"enabled": True}}
+READ_PODS = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+NO_REPAIR = {"cni": {"enabled": True, "repair": {"enabled": False}}}
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "cni-shim" / "meshguard-cni.c"
 INIT_IMAGE = f"ghcr.io/meshguard/meshguard-init:{__version__}"
 
@@ -64,7 +66,9 @@ def test_off_by_default():
     assert "rollout status daemonset/meshguard-cni-node" in notes(CNI)
 
 
-@pytest.mark.parametrize("values", [CNI, {"cni": {"enabled": True, "excludeNamespaces": []}}])
+@pytest.mark.parametrize(
+    "values", [CNI, {"cni": {"enabled": True, "excludeNamespaces": []}}, NO_REPAIR]
+)
 def test_every_cni_object_is_valid(values):
     objects = cni_objects(render(values))
     assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == [
@@ -80,12 +84,30 @@ def test_every_cni_object_is_valid(values):
         assert (obj["metadata"].get("namespace") == NAMESPACE) != cluster_scoped
 
 
-def test_rbac_reads_pods_only_for_the_agents_account():
-    objects = render(CNI)
-    role = one(objects, "ClusterRole", "meshguard-cni")
+def test_rbac_reads_pods_and_deletes_them_only_for_repair():
+    role = one(render(CNI), "ClusterRole", "meshguard-cni")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
-    ]
+        READ_PODS, {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+    ]  # fmt: skip
+    assert one(render(NO_REPAIR), "ClusterRole", "meshguard-cni")["rules"] == [READ_PODS]
+
+
+def test_repair_is_on_by_default_and_follows_values():
+    args = agent_args()
+    assert args.repair_pods and (args.repair_interval, args.repair_per_minute) == (10.0, 10)
+    assert args.node_name == ""  # from NODE_NAME, the downward API's node name:
+    env = {e["name"]: e for e in container(daemonset())["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    tuned = {"cni": {"enabled": True, "repair": {"intervalSeconds": 30, "maxPerMinute": 3}}}
+    args = agent_args(tuned)
+    assert (args.repair_interval, args.repair_per_minute) == (30.0, 3)
+    args = agent_args(NO_REPAIR)
+    assert not args.repair_pods
+    assert "NODE_NAME" not in {e["name"] for e in container(daemonset(NO_REPAIR))["env"]}
+
+
+def test_rbac_for_the_agents_account():
+    objects = render(CNI)
     binding = one(objects, "ClusterRoleBinding", "meshguard-cni")
     assert binding["roleRef"]["name"] == "meshguard-cni"
     assert binding["subjects"] == [
@@ -202,7 +224,10 @@ def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
      ({"cni": {"timeoutSeconds": 0}}, "/cni/timeoutSeconds"),
      ({"cni": {"excludeNamespaces": ["Kube_System"]}}, "/cni/excludeNamespaces/0"),
      ({"cni": {"image": {"digest": "latest"}}}, "/cni/image/digest"),
-     ({"cni": {"hostNetwork": True}}, "hostNetwork")],
+     ({"cni": {"hostNetwork": True}}, "hostNetwork"),
+     ({"cni": {"repair": {"maxPerMinute": 0}}}, "/cni/repair/maxPerMinute"),
+     ({"cni": {"repair": {"intervalSeconds": 0}}}, "/cni/repair/intervalSeconds"),
+     ({"cni": {"repair": {"enabled": "yes"}}}, "/cni/repair/enabled")],
 )  # fmt: skip
 def test_bad_cni_values_are_rejected_by_the_schema(values, where):
     with (
