@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +188,44 @@ def test_the_agent_repairs_only_while_its_entry_is_chained(api: ApiServer, tmp_p
     agent_passes(3)
     assert "broken" not in remaining(api)
     assert remaining(api) == ["bare", "elsewhere", "healthy", "probing", "unadmitted"]
+
+
+def test_the_agent_process_repairs_with_the_daemonsets_flags(api: ApiServer, tmp_path: Path):
+    """``meshguard cni install --repair-pods`` as the chart runs it (NODE_NAME from the
+    environment, the API server and CA from its pod's service account): the broken pod is
+    deleted, the others stay; without a node name it refuses to start."""
+    serve_the_node(api)
+    conf, binaries, account = tmp_path / "net.d", tmp_path / "bin", tmp_path / "account"
+    for directory in (conf, binaries, account):
+        directory.mkdir()
+    plugins = [{"type": "calico"}, {"type": "istio-cni"}]
+    (conf / "10-calico.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s",
+                                                         "plugins": plugins}))  # fmt: skip
+    (account / "token").write_text(TOKEN)
+    (account / "ca.crt").write_text(api.ca_pem)
+    shim = tmp_path / "meshguard-cni"
+    shim.write_bytes(b"the executable")
+    port = api.url.rsplit(":", 1)[1]
+    environment = {**os.environ, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                   "KUBERNETES_SERVICE_PORT": port}  # fmt: skip
+    command = [sys.executable, "-m", "meshguard", "cni", "install", "--cni-conf-dir", str(conf),
+               "--cni-bin-dir", str(binaries), "--plugin-binary", str(shim),
+               "--service-account-dir", str(account), "--interval", "0.1", "--repair-pods",
+               "--repair-interval", "0.1"]  # fmt: skip
+    refused = subprocess.run(command, env=environment, capture_output=True, text=True,
+                             timeout=120, check=False)  # fmt: skip
+    assert refused.returncode == 1
+    assert "pod repair needs the node's name" in refused.stderr
+    agent = subprocess.Popen(command, env={**environment, "NODE_NAME": NODE},
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "broken" in remaining(api) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=60)
+    assert agent.returncode == 0, stderr
+    assert remaining(api) == ["bare", "elsewhere", "healthy", "probing", "unadmitted"]
+    repairs = [json.loads(line) for line in stderr.splitlines() if '"cni-repair"' in line]
+    assert [(r["namespace"], r["name"]) for r in repairs] == [("shop", "broken")]
