@@ -53,6 +53,7 @@ class ScriptedApiServer:
         self.script = Script()
         self.script.list_gate.set()
         self._lock = threading.Condition()
+        self.lock = threading.Lock()  # counters updated by the handler threads
         self._pods: dict[str, dict[str, Any]] = {}
         self._log: list[tuple[int, str, dict[str, Any]]] = []
         self._version = 1000
@@ -61,6 +62,7 @@ class ScriptedApiServer:
         self._closing = False
         self._generation = 0
         self.requests: list[Recorded] = []
+        self.list_bytes = 0  # the bytes of every LIST answer, for the benchmark
         ca = CertificateAuthority.create()
         cert, key = tmp / "api.crt", tmp / "api.key"
         ca.issue(cert, key)
@@ -250,7 +252,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._json(404, _status(404, "NotFound", url.path))
             return
         if query.get("watch") != "1":
-            self._json(*self.api.list_page(query))
+            sent = self._json(*self.api.list_page(query))
+            with self.api.lock:
+                self.api.list_bytes += sent
             return
         events = self.api.watch_events(query)
         if isinstance(events, int):
@@ -270,13 +274,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
-    def _json(self, status: int, document: dict[str, Any]) -> None:
+    def _json(self, status: int, document: dict[str, Any]) -> int:
         body = json.dumps(document).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+        return len(body)
 
     def log_message(self, *args: object) -> None:
         pass
