@@ -164,6 +164,16 @@ def test_bookmarks_advance_the_version_a_broken_watch_resumes_from(api):
         store.stop()
 
 
+def test_a_node_name_is_sent_as_a_field_selector(api):
+    server = ApiServer(
+        host="127.0.0.1", port=api.port, ca_file=str(api.ca_file), token=TOKEN, node_name="n1"
+    )
+    source = HttpPodSource(server)
+    page = next(iter(source.list()))
+    next(iter(source.watch(page.resource_version, 1)), None)
+    assert [r.query.get("fieldSelector") for r in api.requests] == ["spec.nodeName=n1"] * 2
+
+
 def test_an_expired_continue_token_starts_the_list_again(api):
     api.script.page_delay = 0.05
     store = start_store(api)
