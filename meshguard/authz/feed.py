@@ -69,7 +69,8 @@ class FeedWriter:
         self._thread.start()
 
     def send(self, frame: bytes) -> None:
-        self._queue.put(frame)
+        if self._thread.is_alive():  # a worker that is gone gets nothing queued for it
+            self._queue.put(frame)
 
     def close(self) -> None:
         self._queue.put(None)

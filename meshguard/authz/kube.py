@@ -162,22 +162,29 @@ class HttpPodSource:
         self._context = server.tls()
 
     def list(self) -> Iterator[PodPage]:
-        """The admitted pods, page by page (410 on a continue token: :class:`ResourceExpired`)."""
+        """The admitted pods, page by page, over one kept-alive connection (410 on a
+        continue token: :class:`ResourceExpired`)."""
         token = ""
-        while True:
-            query = {"labelSelector": self._server.labels, "limit": str(self._page_size)}
-            query.update(self._fields())
-            if token:
-                query["continue"] = token
-            document = self._get_json(query, timeout=REQUEST_TIMEOUT)
-            metadata = document.get("metadata") or {}
-            items = document.get("items")
-            if not isinstance(items, list) or document.get("kind") not in {"PodList", None}:
-                raise ApiError("the API server's answer to a pod LIST is not a PodList")
-            yield PodPage(pods=items, resource_version=str(metadata.get("resourceVersion") or ""))
-            token = str(metadata.get("continue") or "")
-            if not token:
-                return
+        connection: http.client.HTTPSConnection | None = None
+        try:
+            while True:
+                query = {"labelSelector": self._server.labels, "limit": str(self._page_size)}
+                query.update(self._fields())
+                if token:
+                    query["continue"] = token
+                connection, document = self._get_json(query, connection=connection)
+                metadata = document.get("metadata") or {}
+                items = document.get("items")
+                if not isinstance(items, list) or document.get("kind") not in {"PodList", None}:
+                    raise ApiError("the API server's answer to a pod LIST is not a PodList")
+                resource_version = str(metadata.get("resourceVersion") or "")
+                yield PodPage(pods=items, resource_version=resource_version)
+                token = str(metadata.get("continue") or "")
+                if not token:
+                    return
+        finally:
+            if connection is not None:
+                connection.close()
 
     def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
         """Events after ``resource_version`` until the server ends the watch."""
@@ -208,33 +215,43 @@ class HttpPodSource:
         node = self._server.node_name
         return {"fieldSelector": f"spec.nodeName={node}"} if node else {}
 
-    def _get_json(self, query: Mapping[str, str], *, timeout: float) -> dict[str, Any]:
-        connection, response = self._open(query, timeout=timeout)
+    def _get_json(
+        self, query: Mapping[str, str], *, connection: http.client.HTTPSConnection | None
+    ) -> tuple[http.client.HTTPSConnection | None, dict[str, Any]]:
+        """One LIST page; the connection to reuse for the next (None if the server closes)."""
+        connection, response = self._open(query, timeout=REQUEST_TIMEOUT, connection=connection)
         try:
             body = response.read()
         except (OSError, http.client.HTTPException) as exc:
+            connection.close()
             raise ApiError(f"the pod LIST broke: {exc}") from None
-        finally:
+        if response.will_close:
             connection.close()
         try:
             document = json.loads(body)
         except ValueError:
             document = None
         if not isinstance(document, dict):
+            connection.close()
             raise ApiError("the API server's answer to a pod LIST is not a JSON object")
-        return document
+        return (None if response.will_close else connection), document
 
     def _open(
-        self, query: Mapping[str, str], *, timeout: float
+        self,
+        query: Mapping[str, str],
+        *,
+        timeout: float,
+        connection: http.client.HTTPSConnection | None = None,
     ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
         path = "/api/v1/pods?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json", "User-Agent": "meshguard-authz"}
         token = self._server.bearer()
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        connection = http.client.HTTPSConnection(
-            self._server.host, self._server.port, timeout=timeout, context=self._context
-        )
+        if connection is None:
+            connection = http.client.HTTPSConnection(
+                self._server.host, self._server.port, timeout=timeout, context=self._context
+            )
         try:
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()

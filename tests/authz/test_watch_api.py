@@ -24,9 +24,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshguard.authz.decision import Reason
-from meshguard.authz.kube import ApiServer, HttpPodSource
+from meshguard.authz.feed import Feed
+from meshguard.authz.kube import ApiError, ApiServer, HttpPodSource, ResourceExpired
 from meshguard.authz.server import check
-from meshguard.authz.store import KubernetesStore
+from meshguard.authz.store import KubernetesStore, Snapshot
 from meshguard.inject.transform import InjectSettings, inject_pod
 from tests.authz.test_server import check_request, free_port
 from tests.authz.test_store import EXAMPLE
@@ -97,7 +98,7 @@ class Churn:
             time.sleep(0.02)
 
 
-def wait_for(condition: Callable[[], bool], *, timeout: float = 120, what: str) -> None:
+def wait_for(condition: Callable[[], bool], *, timeout: float = 300, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -140,6 +141,7 @@ def test_the_cache_lists_in_pages_with_the_selector_and_follows_churn(api):
     assert len(lists) == PODS // 500  # one LIST, in pages of 500
     assert all(r.query["labelSelector"] == SELECTOR and r.query["limit"] == "500" for r in lists)
     assert [r.query.get("continue") is None for r in lists].count(True) == 1
+    assert len({r.peer for r in lists}) == 1  # the pages over one kept-alive connection
     assert len(watches) == 1  # no relist, no new watch: one stream followed the churn
     assert watches[0].query == {
         "watch": "1", "labelSelector": SELECTOR, "resourceVersion": "11050",
@@ -295,3 +297,31 @@ def scrape(port: int, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not on :{port}"
     return float(match.group(1))
+
+
+def test_a_worker_that_is_gone_gets_nothing_queued():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    feed = Feed([write_end])
+    store = KubernetesStore(HttpPodSource(ApiServer(host="127.0.0.1", port=1, ca_file=None)))
+    feed(Snapshot({}, store.stats()))  # EPIPE: the writer stops
+    (writer,) = feed._writers
+    writer._thread.join(timeout=5)
+    feed(Snapshot({}, store.stats()))
+    assert writer._queue.empty()
+    feed.close()
+
+
+@pytest.mark.parametrize(
+    ("knob", "message"),
+    [("token", "pod LIST: HTTP 401 (Unauthorized)"),
+     ("down", "pod LIST: HTTP 503 (the API server is down)")],
+)  # fmt: skip
+def test_api_failures_are_errors_that_say_what_the_server_said(api, knob, message):
+    token = "wrong" if knob == "token" else TOKEN
+    api.script.down = knob == "down"
+    server = ApiServer(host="127.0.0.1", port=api.port, ca_file=str(api.ca_file), token=token)
+    with pytest.raises(ApiError) as caught:
+        next(iter(HttpPodSource(server).list()))
+    assert str(caught.value) == message
+    assert not isinstance(caught.value, ResourceExpired)

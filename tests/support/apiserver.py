@@ -31,6 +31,7 @@ TOKEN = "scripted-token"
 class Recorded:
     path: str
     query: dict[str, str]
+    peer: int = 0  # the client's port: one per connection
 
 
 @dataclass
@@ -241,7 +242,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
-        self.api.requests.append(Recorded(url.path, query))
+        self.api.requests.append(Recorded(url.path, query, self.client_address[1]))
         if self.api.script.down:
             self._json(503, _status(503, "ServiceUnavailable", "the API server is down"))
             return
