@@ -48,6 +48,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
+from meshguard.authz.kube import PAGE_SIZE
 from tests.support.apiserver import ScriptedApiServer
 from tests.support.latency import LatencyMs, latency_ms
 from tests.support.pods import injected_example
@@ -107,7 +108,9 @@ def template() -> str:
     return json.dumps(pod)
 
 
-def serve_argv(kubeconfig: Path, *, port: int, metrics: int, workers: int) -> list[str]:
+def serve_argv(
+    kubeconfig: Path, *, port: int, metrics: int, workers: int, page_size: int = PAGE_SIZE
+) -> list[str]:
     """serve-authz against the API server of ``kubeconfig`` (through the environment the
     servers inherit: in a cluster it would be the service account's)."""
     os.environ["KUBECONFIG"] = str(kubeconfig)
@@ -115,7 +118,8 @@ def serve_argv(kubeconfig: Path, *, port: int, metrics: int, workers: int) -> li
         os.environ.pop(name, None)
     return [sys.executable, "-m", "meshguard", "--log-level", "warning", "serve-authz",
             "--kubernetes", "--insecure-plaintext", "--host", HOST, "--port", str(port),
-            "--metrics-port", str(metrics), "--workers", str(workers)]  # fmt: skip
+            "--metrics-port", str(metrics), "--workers", str(workers),
+            "--list-page-size", str(page_size)]  # fmt: skip
 
 
 def tree(pid: int) -> list[int]:
@@ -235,19 +239,19 @@ class Churn:
 
 def measure_relists(
     api: ScriptedApiServer, kubeconfig: Path, *, pods: int, template: str, quick: bool,
-    workdir: Path,
+    workdir: Path, page_size: int,
 ) -> tuple[list[Window], dict[str, float]]:  # fmt: skip
     port, metrics = free_port(), free_port()
-    argv = serve_argv(kubeconfig, port=port, metrics=metrics, workers=1)
+    argv = serve_argv(kubeconfig, port=port, metrics=metrics, workers=1, page_size=page_size)
     server = start_logged(argv, workdir / "serve-relist.log")
     steady = 4.0 if quick else 8.0
     marks: dict[str, float] = {}
     try:
         wait_metric([metrics], "meshguard_authz_synced", 1, timeout=READY_TIMEOUT, servers=[server])
-        out = workdir / "client.json"
+        out = workdir / f"client-{page_size}-{time.monotonic_ns()}.json"
         client = start_logged(
             [sys.executable, "-m", MODULE, "_client", str(port), str(out)],
-            workdir / "client.log",
+            out.with_suffix(".log"),
         )
         with Churn(api, template, pods=pods, rate=60):
             time.sleep(steady)  # the client connects and runs steady
@@ -275,10 +279,10 @@ def measure_relists(
         samples = json.loads(out.read_text())
     finally:
         stop_process(server)
-    return windows(samples, marks), marks
+    return windows(samples, marks, page_size=page_size), marks
 
 
-def windows(samples: list[list[float]], marks: dict[str, float]) -> list[Window]:
+def windows(samples: list[list[float]], marks: dict[str, float], *, page_size: int) -> list[Window]:
     """Latencies by window: steady (churn only), the warm relist, the cold relist."""
     spans = {
         "steady (churn)": (samples[0][0] if samples else 0.0, marks["warm_start"]),
@@ -289,8 +293,8 @@ def windows(samples: list[list[float]], marks: dict[str, float]) -> list[Window]
     for name, (start, end) in spans.items():
         inside = [latency for at, latency in samples if start <= at <= end]
         found.append(
-            {"name": name, "seconds": end - start, "checks": len(inside),
-             "latency": latency_ms(inside)}
+            {"name": f"{name}, pages of {page_size}", "seconds": end - start,
+             "checks": len(inside), "latency": latency_ms(inside)}
         )  # fmt: skip
     return found
 
@@ -373,6 +377,10 @@ def main(argv: Sequence[str]) -> int:
         return client_main(argv[1:])
     parser = script_parser(MODULE, description=__doc__ or "", quick="about 2 minutes")
     parser.add_argument("--pods", type=int, default=10_000, help="admitted pods (10,000)")
+    parser.add_argument(
+        "--page-sizes", default="500,100", help="LIST page sizes of the relist phases (500,100)"
+    )
+    parser.add_argument("--relist-only", action="store_true", help="skip the start measurements")
     args = parser.parse_args(argv)
     begun = time.monotonic()
     rounds = 1 if args.quick else 2
@@ -385,7 +393,7 @@ def main(argv: Sequence[str]) -> int:
             api.put_many(admitted_pods(args.pods, shape))
             kubeconfig = api.kubeconfig(workdir / "kubeconfig")
             floor_config = empty.kubeconfig(workdir / "kubeconfig-empty")
-            for _ in range(rounds):
+            for _ in range(0 if args.relist_only else rounds):
                 rows.append(
                     measure_start(empty, floor_config, config="1 process", pods=0, workdir=workdir)
                 )
@@ -395,10 +403,15 @@ def main(argv: Sequence[str]) -> int:
                             api, kubeconfig, config=config, pods=args.pods, workdir=workdir
                         )
                     )
-            relists, marks = measure_relists(
-                api, kubeconfig, pods=args.pods, template=shape, quick=args.quick,
-                workdir=workdir,
-            )  # fmt: skip
+            relists: list[Window] = []
+            marks: dict[str, float] = {}
+            for size in (int(size) for size in args.page_sizes.split(",")):
+                found, when = measure_relists(
+                    api, kubeconfig, pods=args.pods, template=shape, quick=args.quick,
+                    workdir=workdir, page_size=size,
+                )  # fmt: skip
+                relists += found
+                marks.update({f"{key}@{size}": value for key, value in when.items()})
     starts = median_rows(rows)
     where = machine()
     seconds = time.monotonic() - begun

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
+from meshguard.authz.kube import PAGE_SIZE
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.init_container import DEFAULT_INIT_IMAGE
 from meshguard.rules.ruleset import Family
@@ -569,6 +570,14 @@ def _add_servers(commands: Subcommands) -> None:
         default=1,
         help="server processes sharing the port (SO_REUSEPORT), e.g. one per core; worker i"
         " serves its metrics on --metrics-port + i",
+    )
+    authz.add_argument(
+        "--list-page-size",
+        type=int,
+        default=PAGE_SIZE,
+        metavar="N",
+        help="--kubernetes: pods per LIST page (each page is parsed at once, holding the"
+        " interpreter: smaller pages, shorter pauses of the Checks while the cache lists)",
     )
     tls = authz.add_argument_group(
         "mutual TLS (the Check channel; required with --kubernetes unless --insecure-plaintext)"

@@ -49,6 +49,11 @@ def authz(args: argparse.Namespace) -> int:
         return fail(
             "meshguard serve-authz: give --tls-cert, --tls-key and --tls-ca together", EXIT_USAGE
         )
+    if args.list_page_size < 1:
+        return fail(
+            f"meshguard serve-authz: --list-page-size {args.list_page_size}: expected at least 1",
+            EXIT_USAGE,
+        )
     if args.kubernetes and not any(given) and not args.insecure_plaintext:
         return fail(
             "meshguard serve-authz: --kubernetes serves the Check channel over mutual TLS:"
@@ -101,7 +106,8 @@ class _Sources:
         """--kubernetes: the watch (feeding the workers, if any); --policy-feed: a worker's
         store fed by its parent; --pods: the files."""
         if args.kubernetes:
-            self.watcher = KubernetesStore(HttpPodSource(api_server()))
+            source = HttpPodSource(api_server(), page_size=args.list_page_size)
+            self.watcher = KubernetesStore(source)
             if feed_fds:  # one watch for every worker: the children get its changes
                 self.feed = Feed(feed_fds)
                 self.watcher.subscribe(self.feed)
