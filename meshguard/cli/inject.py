@@ -8,7 +8,8 @@ import sys
 
 from meshguard import yaml_io
 from meshguard.cli import EXIT_OK, fail, worst_status
-from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
+from meshguard.cli.templates import each_template
+from meshguard.errors import MeshguardError
 from meshguard.init_container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
 from meshguard.inject.posture import PostureAction, PostureSettings
@@ -29,17 +30,11 @@ def run(args: argparse.Namespace) -> int:
     templates = list(pod_templates(documents))
     settings = injection_settings(args, request_template=False)
     errors: list[MeshguardError] = []
-    for template in templates:
-        try:
-            result = inject_pod(template.metadata, template.spec, settings=settings)
-        except RefusedError as exc:
-            print(f"error: {template.label}: {exc}", file=sys.stderr)
-            errors.append(exc)
-            continue
-        except MalformedInputError as exc:
-            print(f"error: {template.label}: malformed pod spec: {exc}", file=sys.stderr)
-            errors.append(exc)
-            continue
+    for template, result in each_template(
+        templates,
+        lambda t: inject_pod(t.metadata, t.spec, settings=settings),
+        errors=errors,
+    ):
         if result.outcome is Outcome.SKIPPED:
             print(f"note: {template.label}: unchanged, {result.reason}", file=sys.stderr)
         for warning in result.warnings:

@@ -16,7 +16,8 @@ from typing import Any
 
 from meshguard import yaml_io
 from meshguard.cli import EXIT_FAILED, EXIT_OK, worst_status
-from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
+from meshguard.cli.templates import each_template
+from meshguard.errors import MeshguardError
 from meshguard.inject.transform import InjectSettings, inject_pod, skip_reason
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
@@ -31,17 +32,9 @@ def run(args: argparse.Namespace) -> int:
     settings = CompilerSettings()
     errors: list[MeshguardError] = []
     compiled = 0
-    for template in templates:
-        try:
-            ruleset = _compile_template(template, settings=settings)
-        except RefusedError as exc:
-            print(f"error: {template.label}: {exc}", file=sys.stderr)
-            errors.append(exc)
-            continue
-        except MalformedInputError as exc:
-            print(f"error: {template.label}: malformed pod spec: {exc}", file=sys.stderr)
-            errors.append(exc)
-            continue
+    for template, ruleset in each_template(
+        templates, lambda t: _compile_template(t, settings=settings), errors=errors
+    ):
         if ruleset is None:
             continue
         compiled += 1
