@@ -52,7 +52,7 @@ def admission_review(pod: dict[str, Any], uid: str) -> bytes:
                 "kind": {"group": "", "version": "v1", "kind": "Pod"},
                 "resource": {"group": "", "version": "v1", "resource": "pods"},
                 "operation": "CREATE",
-                "namespace": pod["metadata"]["namespace"],
+                "namespace": pod["metadata"].get("namespace", "default"),
                 "object": pod,
             },
         }

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates
+from tests.support.pods import admission_review
 from tests.support.shared import shared_file
 from tests.support.tls import CertificateAuthority
 
@@ -104,22 +105,6 @@ def _wait_ready(server: Served) -> None:
     raise AssertionError("webhook not ready within 20s")
 
 
-def review(pod: dict[str, Any], uid: str) -> bytes:
-    return json.dumps(
-        {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "operation": "CREATE",
-                "namespace": "default",
-                "object": pod,
-            },
-        }
-    ).encode()
-
-
 def injected_pod() -> dict[str, Any]:
     documents = list(
         yaml.safe_load_all(shared_file("istio-injector-samples", "hello.yaml.injected").read_text())
@@ -138,7 +123,7 @@ def test_health_readiness_and_metrics(served: Served):
 
 def test_a_real_admission_over_https_patches_like_meshguard_inject(served: Served):
     pod = injected_pod()
-    status, body = served.request("POST", "/inject", review(pod, "abc-123"))
+    status, body = served.request("POST", "/inject", admission_review(pod, "abc-123"))
     assert status == 200
     response = json.loads(body)["response"]
     assert response["uid"] == "abc-123"
