@@ -50,6 +50,7 @@ from meshguard.sandbox.netns import (
     serve_command,
     serve_http_command,
 )
+from meshguard.sandbox.probe import ProbeOutcome, ProbeTarget
 from meshguard.status import read_status
 
 #: Inside the proxy's reserved range: only the proxy's uid can answer from it, so no container
@@ -304,12 +305,12 @@ class PodDemo:
             ]
         return Outcomes(tuple(results))
 
-    def _probe(self, identity: Identity, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _probe(self, identity: Identity, targets: list[ProbeTarget]) -> list[ProbeOutcome]:
         out = self.ns.run(
             probe_command(uid=identity.uid, gid=identity.gid, groups=identity.groups),
             stdin=json.dumps(targets),
         )
-        answers: list[dict[str, Any]] = json.loads(out)
+        answers: list[ProbeOutcome] = json.loads(out)
         return answers
 
     def switch_to_audit(self) -> None:
@@ -326,7 +327,7 @@ class PodDemo:
         self.start_authz(uid=proxy.uid, gid=proxy.gid)
 
 
-def _observed(flow: Flow, answer: dict[str, Any]) -> str:
+def _observed(flow: Flow, answer: ProbeOutcome) -> str:
     result = str(answer.get("result"))
     if result == "sent":  # a broadcast left the socket: the kernel did not refuse it
         return "allow"

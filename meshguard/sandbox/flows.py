@@ -14,6 +14,7 @@ from typing import Any, Final
 from meshguard.pod import Container, PodView
 from meshguard.policy import ANY_CONTAINER, PROXY, Action, Policy, Protocol, Rule
 from meshguard.rules.ruleset import Family
+from meshguard.sandbox.probe import FlowProtocol, ProbeTarget
 
 PROXY_CONTROL_PORTS: Final = (15000, 15004, 15020, 15021, 15090)
 ENVOY_ADMIN_PORT: Final = 15000
@@ -44,7 +45,7 @@ class Flow:
     source: str
     to: str
     port: int
-    protocol: str  # tcp, udp, http
+    protocol: FlowProtocol
     family: Family
     expected: str  # allow, deny
     host: str
@@ -54,11 +55,17 @@ class Flow:
     lands_on: int | None = None  # where an allowed flow must arrive, when not ``port``
     http_server: bool = False  # the destination speaks HTTP: send a request to get an answer
 
-    def target(self) -> dict[str, Any]:
+    def target(self) -> ProbeTarget:
         """What the probe process needs to try this flow."""
-        target: dict[str, Any] = {"host": self.host, "port": self.port, "protocol": self.protocol}
+        target: ProbeTarget = {"host": self.host, "port": self.port, "protocol": self.protocol}
         if self.protocol == "http":
-            target.update(method=self.method, path=self.path, headers=dict(self.headers))
+            target.update(
+                {
+                    "method": self.method or "GET",
+                    "path": self.path or "/",
+                    "headers": dict(self.headers),
+                }
+            )
         elif self.kind == "broadcast":
             target["send_only"] = True  # looped back to every socket on the port: no answer
         elif self.http_server:
@@ -141,14 +148,14 @@ def _http_ports(containers: Sequence[Container], policy: Policy) -> dict[str, tu
 
 
 def _declared(
-    container: Container, protocol: str, *, exclude: Sequence[int] = ()
+    container: Container, protocol: FlowProtocol, *, exclude: Sequence[int] = ()
 ) -> tuple[int, ...]:
     return tuple(sorted({p.port for p in container.ports if p.protocol == protocol} - set(exclude)))
 
 
 def _destinations(
     containers: Sequence[Container], http_ports: dict[str, tuple[int, ...]]
-) -> Iterator[tuple[str, int, str, bool]]:
+) -> Iterator[tuple[str, int, FlowProtocol, bool]]:
     """(container, port, protocol, speaks HTTP) for every port a flow can be tried on."""
     for container in containers:
         served = set(http_ports.get(container.name, ()))
@@ -209,7 +216,7 @@ def _l4_expected(
     *,
     to: str,
     port: int,
-    protocol: str,
+    protocol: FlowProtocol,
     policy: Policy,
     own: dict[str, set[tuple[str, int]]],
 ) -> str:

@@ -38,9 +38,76 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Literal, TypedDict
 
 PROBE_TIMEOUT_SECONDS = 2.0
+
+
+FlowProtocol = Literal["tcp", "udp", "http"]
+
+
+class ProbeTarget(TypedDict, total=False):
+    """One flow or escape attempt, as ``probe`` reads them (a JSON list on stdin)."""
+
+    host: str
+    port: int
+    protocol: FlowProtocol
+    timeout: float
+    #: http: the request
+    method: str
+    path: str
+    headers: dict[str, str]
+    #: tcp: bytes to send first (e.g. a request to an HTTP server)
+    send: str
+    #: udp: send one datagram carrying ``mark`` without waiting (broadcast, multicast)
+    send_only: bool
+    mark: str
+    device: str
+    #: bind the source first (a port another container's closed socket just used)
+    source: str
+    source_port: int
+    #: an escape attempt instead of a flow (see :func:`attempt`)
+    attack: Literal["raw-socket", "setuid", "iptables", "nft"]
+    uid: int
+    tool: str
+    args: list[str]
+
+
+Result = Literal["allow", "deny", "timeout", "error", "sent"]
+
+
+class ProbeOutcome(TypedDict, total=False):
+    """What ``probe`` prints for a target: the result, and where an allowed flow landed
+    (the echo server's reply) or why it did not."""
+
+    result: Result
+    #: the echo server's reply: its name, the port the flow landed on, the peer it saw
+    server: str
+    port: int
+    peer: str
+    #: http: what the upstream received, the status, the seconds it took
+    method: str
+    path: str
+    meshguard_headers: list[str]
+    status: int
+    body: str
+    elapsed: float
+    #: deny: ECONNREFUSED, ECONNRESET, EPERM or EOF; error: the reason
+    errno: str
+    detail: str
+    #: an answer that is not one of the echo servers'
+    raw_bytes: int
+
+
+class Received(TypedDict):
+    """What ``record`` saw arrive: a connection (empty data) or a datagram."""
+
+    protocol: Literal["tcp", "udp"]
+    port: int
+    peer: str
+    data: str
+
+
 #: How a rejected flow shows: refused/reset (TCP, ICMP port unreachable), or EPERM when
 #: netfilter drops a datagram in OUTPUT before it leaves the sending socket.
 _REFUSED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPERM}
@@ -177,7 +244,7 @@ def serve_http(*, name: str, ports: Sequence[int]) -> None:
     threading.Event().wait()
 
 
-def probe_http(target: dict[str, Any]) -> dict[str, Any]:
+def probe_http(target: ProbeTarget) -> ProbeOutcome:
     """One HTTP request: allow (the upstream answered), deny (403 from meshguard), or else;
     with the seconds it took."""
     started = time.monotonic()
@@ -185,7 +252,7 @@ def probe_http(target: dict[str, Any]) -> dict[str, Any]:
     return {**result, "elapsed": round(time.monotonic() - started, 4)}
 
 
-def _http_request(target: dict[str, Any]) -> dict[str, Any]:
+def _http_request(target: ProbeTarget) -> ProbeOutcome:
     host, port = str(target["host"]), int(target["port"])
     connection = http.client.HTTPConnection(
         host, port, timeout=target.get("timeout", PROBE_TIMEOUT_SECONDS)
@@ -203,15 +270,15 @@ def _http_request(target: dict[str, Any]) -> dict[str, Any]:
     finally:
         connection.close()
     if response.status == 200:
-        try:
-            return {"result": "allow", "status": 200, **json.loads(body)}
-        except ValueError:
+        landed = _echo_reply(body)
+        if landed is None:
             return {"result": "allow", "status": 200, "body": body[:300]}
-    result = "deny" if response.status == 403 else "error"
+        return {**landed, "status": 200}
+    result: Result = "deny" if response.status == 403 else "error"
     return {"result": result, "status": response.status, "body": body[:300]}
 
 
-def attempt(target: dict[str, Any]) -> dict[str, Any]:
+def attempt(target: ProbeTarget) -> ProbeOutcome:
     """An escape attempt other than a connection: ``deny`` when the kernel refuses it.
 
     - ``raw-socket``: open a raw IP socket (needs CAP_NET_RAW);
@@ -237,14 +304,14 @@ def attempt(target: dict[str, Any]) -> dict[str, Any]:
     return {"result": "error", "detail": f"unknown attack {kind!r}"}
 
 
-def _tool(argv: list[str]) -> dict[str, Any]:
+def _tool(argv: list[str]) -> ProbeOutcome:
     """Run a netfilter tool: allow if it changed the rules (exit 0), deny if refused."""
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    outcome = "allow" if done.returncode == 0 else "deny"
+    outcome: Result = "allow" if done.returncode == 0 else "deny"
     return {"result": outcome, "detail": done.stderr.strip()[:200]}
 
 
-def _in_child(action: Callable[[], object]) -> dict[str, Any]:
+def _in_child(action: Callable[[], object]) -> ProbeOutcome:
     """Run ``action`` in a forked child: allow if it succeeded, deny if refused (EPERM)."""
     pid = os.fork()
     if pid == 0:
@@ -256,12 +323,11 @@ def _in_child(action: Callable[[], object]) -> dict[str, Any]:
             os._exit(2)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
-    return {0: {"result": "allow"}, 1: {"result": "deny"}}.get(
-        os.waitstatus_to_exitcode(status), {"result": "error"}
-    )
+    results: dict[int, Result] = {0: "allow", 1: "deny"}
+    return {"result": results.get(os.waitstatus_to_exitcode(status), "error")}
 
 
-def probe(target: dict[str, Any]) -> dict[str, Any]:
+def probe(target: ProbeTarget) -> ProbeOutcome:
     """Try one flow; the outcome and, when it got through, where it landed."""
     if "attack" in target:
         return attempt(target)
@@ -288,7 +354,7 @@ def probe(target: dict[str, Any]) -> dict[str, Any]:
     return _landing(data)
 
 
-def send_datagram(target: dict[str, Any]) -> dict[str, Any]:
+def send_datagram(target: ProbeTarget) -> ProbeOutcome:
     """One UDP datagram carrying ``target["mark"]``, sent without waiting for an answer (to a
     broadcast or multicast address, or where the answer cannot come back): ``sent`` or
     ``deny`` (netfilter dropped it in OUTPUT: EPERM)."""
@@ -308,7 +374,7 @@ def send_datagram(target: dict[str, Any]) -> dict[str, Any]:
     return {"result": "sent"}
 
 
-def _bind_source(sock: socket.socket, target: dict[str, Any], family: int) -> None:
+def _bind_source(sock: socket.socket, target: ProbeTarget, family: int) -> None:
     """Bind the source address and/or port a target asks for (e.g. a port another
     container's closed socket just used)."""
     source, source_port = target.get("source"), int(target.get("source_port") or 0)
@@ -318,7 +384,7 @@ def _bind_source(sock: socket.socket, target: dict[str, Any], family: int) -> No
         sock.bind((str(source or wildcard), source_port))
 
 
-def record(*, tcp: Sequence[int], udp: Sequence[int], seconds: float) -> list[dict[str, Any]]:
+def record(*, tcp: Sequence[int], udp: Sequence[int], seconds: float) -> list[Received]:
     """Everything received on the ports within ``seconds``: connections accepted (TCP) and
     datagrams (UDP), on separate IPv4 and IPv6 wildcard sockets."""
     selector = selectors.DefaultSelector()
@@ -332,7 +398,7 @@ def record(*, tcp: Sequence[int], udp: Sequence[int], seconds: float) -> list[di
             sock = _wildcard_socket(family, socket.SOCK_DGRAM, wildcard, port)
             selector.register(sock, selectors.EVENT_READ, ("udp", port))
     print("ready", flush=True)
-    received: list[dict[str, Any]] = []
+    received: list[Received] = []
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         for key, _ in selector.select(timeout=left):
@@ -362,7 +428,7 @@ def _wildcard_socket(family: int, kind: int, wildcard: str, port: int) -> socket
     return sock
 
 
-def _failure(exc: OSError) -> dict[str, Any]:
+def _failure(exc: OSError) -> ProbeOutcome:
     """deny when the kernel (or a REJECT rule) refused the flow; timeout; or error."""
     if isinstance(exc, TimeoutError):
         return {"result": "timeout"}
@@ -371,14 +437,33 @@ def _failure(exc: OSError) -> dict[str, Any]:
     return {"result": "error", "detail": str(exc)}
 
 
-def _landing(data: bytes) -> dict[str, Any]:
+def _landing(data: bytes) -> ProbeOutcome:
     """What an accepted flow's first reply says about where it landed."""
     if not data:
         return {"result": "deny", "errno": "EOF"}
-    try:
-        return {"result": "allow", **json.loads(data.decode().splitlines()[0])}
-    except (ValueError, IndexError):
+    landed = _echo_reply(data.decode(errors="replace").partition("\n")[0])
+    if landed is None:
         return {"result": "allow", "raw_bytes": len(data)}  # not one of our echo servers
+    return landed
+
+
+def _echo_reply(line: str) -> ProbeOutcome | None:
+    """An allowed flow's outcome from the echo server's JSON line; None if it is not one."""
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(reply, dict) or not isinstance(reply.get("server"), str):
+        return None
+    outcome: ProbeOutcome = {"result": "allow", "server": reply["server"]}
+    if isinstance(reply.get("port"), int):
+        outcome["port"] = reply["port"]
+    for key in ("peer", "method", "path"):
+        if isinstance(reply.get(key), str):
+            outcome[key] = reply[key]
+    if isinstance(reply.get("meshguard_headers"), list):
+        outcome["meshguard_headers"] = [str(h) for h in reply["meshguard_headers"]]
+    return outcome
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(received, sys.stdout)
         return 0
     targets = json.load(sys.stdin)
+    if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
+        print("probe: stdin must be a JSON list of target objects", file=sys.stderr)
+        return 2
     json.dump([probe(target) for target in targets], sys.stdout)
     return 0
 

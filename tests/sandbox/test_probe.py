@@ -1,0 +1,58 @@
+"""The prober's wire format: what an echo server's reply becomes, and bad targets refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from meshguard.sandbox.probe import _echo_reply, _landing
+
+
+def test_an_echo_reply_says_where_the_flow_landed() -> None:
+    line = json.dumps({"server": "app", "port": 8080, "peer": "127.0.0.6", "extra": [1]})
+    assert _landing(line.encode() + b"\nmore") == {
+        "result": "allow",
+        "server": "app",
+        "port": 8080,
+        "peer": "127.0.0.6",
+    }
+
+
+def test_an_http_echo_reply_keeps_method_path_and_meshguard_headers() -> None:
+    line = json.dumps(
+        {"server": "app", "port": 9090, "method": "GET", "path": "/api/x",
+         "peer": "127.0.0.1", "meshguard_headers": ["x-meshguard-source"]}
+    )  # fmt: skip
+    assert _echo_reply(line) == {
+        "result": "allow", "server": "app", "port": 9090, "peer": "127.0.0.1",
+        "method": "GET", "path": "/api/x", "meshguard_headers": ["x-meshguard-source"],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"HTTP/1.1 200 OK\r\n", b'{"port": 1}', b'["server"]', b'{"server": 5}', b"\xff\xfe"],
+)
+def test_an_answer_that_is_not_an_echo_servers_is_raw_bytes(reply: bytes) -> None:
+    assert _landing(reply) == {"result": "allow", "raw_bytes": len(reply)}
+
+
+def test_no_answer_is_a_deny() -> None:
+    assert _landing(b"") == {"result": "deny", "errno": "EOF"}
+
+
+@pytest.mark.parametrize("stdin", ['{"host": "127.0.0.1"}', "[1, 2]", '["x"]'])
+def test_targets_that_are_not_a_list_of_objects_are_refused(stdin: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "meshguard.sandbox.probe", "probe",
+         "--uid", str(os.getuid()), "--gid", str(os.getgid()),
+         "--groups", ",".join(map(str, os.getgroups()))],
+        input=stdin, capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "stdin must be a JSON list of target objects" in done.stderr
+    assert done.stdout == ""
