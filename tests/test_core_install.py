@@ -29,7 +29,13 @@ import pytest
 import meshguard
 from meshguard.cli import EXTRA_OF_MODULE, EXTRAS, build_parser
 from meshguard.sandbox.netns import NetworkNamespace
-from tests.cni.test_plugin_netns import api, injected_pod, netns, serve  # noqa: F401 - fixtures
+from tests.cni.test_plugin_netns import (  # noqa: F401 - fixtures
+    VALIDATE_AS,
+    api,
+    injected_pod,
+    netns,
+    serve,
+)
 from tests.rules.test_backends import compiled, installed_backend, load_iptables, meshguard_in
 from tests.support.netfilter import NETFILTERS, Netfilter, nft_golden
 
@@ -310,7 +316,6 @@ def test_the_cni_plugin_installs_checks_and_removes_with_the_core_install(
                    env={**env, "CNI_COMMAND": command})  # fmt: skip
         assert done.returncode == 0, (command, done.stdout, done.stderr)
         if command == "ADD":
-            as_validation = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-            check = core_only("meshguard", "cni", "validate")
-            validate = run(["ip", "netns", "exec", netns, *as_validation, *check])
+            check = core_only(str(VALIDATE_AS), str(uid))
+            validate = run(["ip", "netns", "exec", netns, *check])
             assert validate.returncode == 0, validate.stderr

@@ -89,11 +89,13 @@ def plugin(command: str, netns: str, api: dict[str, Any]) -> tuple[int, dict[str
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else None
 
 
+#: meshguard cni validate as a given uid (imports first, then drops: any checkout location).
+VALIDATE_AS = Path(__file__).resolve().parents[1] / "support" / "validate_as.py"
+
+
 def validation(netns: str, uid: int) -> int:
-    code = "from meshguard.cli import main; raise SystemExit(main(['cni', 'validate']))"
     return subprocess.run(
-        ["ip", "netns", "exec", netns, "setpriv", f"--reuid={uid}", f"--regid={uid}",
-         "--clear-groups", sys.executable, "-c", code],
+        ["ip", "netns", "exec", netns, sys.executable, str(VALIDATE_AS), str(uid)],
         capture_output=True, timeout=60, check=False, cwd="/",
     ).returncode  # fmt: skip
 
