@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, cast
 
 PROBE_TIMEOUT_SECONDS = 2.0
 
@@ -95,7 +95,7 @@ class ProbeOutcome(TypedDict, total=False):
     #: deny: ECONNREFUSED, ECONNRESET, EPERM or EOF; error: the reason
     errno: str
     detail: str
-    #: an answer that is not one of the echo servers'
+    #: an answer that is not a JSON object
     raw_bytes: int
 
 
@@ -448,22 +448,16 @@ def _landing(data: bytes) -> ProbeOutcome:
 
 
 def _echo_reply(line: str) -> ProbeOutcome | None:
-    """An allowed flow's outcome from the echo server's JSON line; None if it is not one."""
+    """An allowed flow's outcome from the JSON object it was answered with (an echo server's
+    line, or e.g. Envoy's admin API's document: its fields pass through); None if the answer
+    is not a JSON object."""
     try:
         reply = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(reply, dict) or not isinstance(reply.get("server"), str):
+    if not isinstance(reply, dict):
         return None
-    outcome: ProbeOutcome = {"result": "allow", "server": reply["server"]}
-    if isinstance(reply.get("port"), int):
-        outcome["port"] = reply["port"]
-    for key in ("peer", "method", "path"):
-        if isinstance(reply.get(key), str):
-            outcome[key] = reply[key]
-    if isinstance(reply.get("meshguard_headers"), list):
-        outcome["meshguard_headers"] = [str(h) for h in reply["meshguard_headers"]]
-    return outcome
+    return cast(ProbeOutcome, {**reply, "result": "allow"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

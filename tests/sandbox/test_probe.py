@@ -13,7 +13,7 @@ from meshguard.sandbox.probe import _echo_reply, _landing
 
 
 def test_an_echo_reply_says_where_the_flow_landed() -> None:
-    line = json.dumps({"server": "app", "port": 8080, "peer": "127.0.0.6", "extra": [1]})
+    line = json.dumps({"server": "app", "port": 8080, "peer": "127.0.0.6"})
     assert _landing(line.encode() + b"\nmore") == {
         "result": "allow",
         "server": "app",
@@ -35,10 +35,15 @@ def test_an_http_echo_reply_keeps_method_path_and_meshguard_headers() -> None:
 
 @pytest.mark.parametrize(
     "reply",
-    [b"HTTP/1.1 200 OK\r\n", b'{"port": 1}', b'["server"]', b'{"server": 5}', b"\xff\xfe"],
+    [b"HTTP/1.1 200 OK\r\n", b'["server"]', b"5", b"\xff\xfe"],
 )
-def test_an_answer_that_is_not_an_echo_servers_is_raw_bytes(reply: bytes) -> None:
+def test_an_answer_that_is_not_a_json_object_is_raw_bytes(reply: bytes) -> None:
     assert _landing(reply) == {"result": "allow", "raw_bytes": len(reply)}
+
+
+def test_another_json_document_passes_through_and_cannot_change_the_result() -> None:
+    reply = _echo_reply(json.dumps({"stats": [{"name": "x", "value": 1}], "result": "deny"}))
+    assert reply == {"result": "allow", "stats": [{"name": "x", "value": 1}]}
 
 
 def test_no_answer_is_a_deny() -> None:
