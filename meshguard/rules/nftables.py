@@ -137,7 +137,42 @@ def build(ruleset: Ruleset, *, families: Iterable[Family] = tuple(Family)) -> Nf
         rules = _merge({family: chains.get(name, []) for family, chains in per_family.items()})
         built.append(Chain(name=name, base=base, rules=tuple(rules)))
     dispatch = dict(next(iter(maps))) if maps else {}
-    return NftTable(chains=tuple(built), dispatch=dispatch)
+    return NftTable(chains=_hoist_early_returns(tuple(built)), dispatch=dispatch)
+
+
+def _hoist_early_returns(chains: tuple[Chain, ...]) -> tuple[Chain, ...]:
+    """Move the leading ``return`` rules of a chain that only a base chain's last rule jumps
+    to into that base chain, before the jump: every packet of the pod passes the filter
+    output hook, and most leave at the first rule (an established TCP segment), so this
+    saves each of them a jump. The same verdicts: a ``return`` at the end of that jump ends
+    the base chain (its policy, accept) exactly as a ``return`` in the base chain does."""
+    by_name = {chain.name: chain for chain in chains}
+    moved: dict[str, Chain] = {}
+    for base in chains:
+        if base.base is None or not base.rules:
+            continue
+        jump, _, target = base.rules[-1].partition(" ")
+        callee = by_name.get(target)
+        if jump != "jump" or callee is None or _references(chains, target) != 1:
+            continue
+        leading = 0
+        while leading < len(callee.rules) and callee.rules[leading].endswith(" return"):
+            leading += 1
+        if leading == 0:
+            continue
+        moved[base.name] = Chain(
+            name=base.name,
+            base=base.base,
+            rules=(*base.rules[:-1], *callee.rules[:leading], base.rules[-1]),
+        )
+        moved[callee.name] = Chain(name=callee.name, base=None, rules=callee.rules[leading:])
+    return tuple(moved.get(chain.name, chain) for chain in chains)
+
+
+def _references(chains: Iterable[Chain], name: str) -> int:
+    """How many rules jump or go to ``name`` (verdict maps included)."""
+    pattern = re.compile(rf"\b(?:jump|goto) {re.escape(name)}\b")
+    return sum(len(pattern.findall(rule)) for chain in chains for rule in chain.rules)
 
 
 def render(ruleset: Ruleset, *, families: Iterable[Family] = tuple(Family)) -> str:

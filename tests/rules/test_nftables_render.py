@@ -1,0 +1,42 @@
+"""The nftables table as rendered (pure, no kernel): the base chains hold the early returns
+that most packets leave by, so they pay no jump; nothing else moves."""
+
+from __future__ import annotations
+
+from meshguard.rules.nftables import Chain, _hoist_early_returns, build
+from tests.rules.test_backends import compiled
+
+
+def chains_of(table_chains: tuple[Chain, ...]) -> dict[str, tuple[str, ...]]:
+    return {chain.name: chain.rules for chain in table_chains}
+
+
+def test_an_established_tcp_segment_leaves_at_the_hooks_first_rule() -> None:
+    chains = chains_of(build(compiled(native=True)).chains)
+    first, *_, last = chains["filter_output"]
+    assert first.startswith("meta l4proto tcp tcp flags & syn != syn ct state established")
+    assert first.endswith(" return")
+    assert last == "jump MESHGUARD_OUTPUT"
+    assert not any(rule.endswith("established return") for rule in chains["MESHGUARD_OUTPUT"])
+
+
+def test_only_leading_returns_of_a_chain_jumped_to_once_move() -> None:
+    base = next(c for c in build(compiled(native=True)).chains if c.base is not None).base
+    hook = Chain("hook", base, ("jump A",))
+    a = Chain("A", None, ("x return", "y return", "jump B", "z return", "accept"))
+    b = Chain("B", None, ("w return",))
+    other = Chain("other", base, ("jump B",))
+    hoisted = chains_of(_hoist_early_returns((hook, a, b, other)))
+    assert hoisted["hook"] == ("x return", "y return", "jump A")
+    assert hoisted["A"] == ("jump B", "z return", "accept")
+    # B is the target of two rules (A's and other's): moving its return would change A's path
+    assert hoisted["B"] == ("w return",)
+    assert hoisted["other"] == ("jump B",)
+
+
+def test_a_chain_also_reached_by_a_verdict_map_keeps_its_rules() -> None:
+    base = next(c for c in build(compiled(native=True)).chains if c.base is not None).base
+    hook = Chain("hook", base, ("jump S",))
+    vmap = Chain("L", None, ("meta skuid vmap { 1000 : goto S }",))
+    s = Chain("S", None, ("x return", "accept"))
+    assert _hoist_early_returns((hook, vmap, s)) == (hook, vmap, s)
