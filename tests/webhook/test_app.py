@@ -36,8 +36,9 @@ from meshguard.webhook.server import (
     create_app,
     run_webhook,
 )
+from tests.support.pods import admission_review
 from tests.support.tls import CertificateAuthority
-from tests.webhook.test_server import free_port, injected_pod, review
+from tests.webhook.test_server import free_port, injected_pod
 
 HOST = "127.0.0.1"
 #: TLS 1.3 signature algorithms a client may offer (openssl s_client -sigalgs).
@@ -143,7 +144,9 @@ def test_create_app_is_the_whole_webhook_served_in_process(pair: Pair):
             for path, body in (("/healthz", "ok\n"), ("/readyz", "ready\n")):
                 response = await client.get(path, ssl=tls)
                 assert (response.status, await response.text()) == (200, body)
-            response = await client.post("/inject", data=review(injected_pod(), "u-1"), ssl=tls)
+            response = await client.post(
+                "/inject", data=admission_review(injected_pod(), "u-1"), ssl=tls
+            )
             assert response.status == 200
             answer = (await response.json())["response"]
             assert answer["uid"] == "u-1" and answer["allowed"] is True
@@ -311,7 +314,7 @@ def test_stop_lets_a_request_in_flight_finish_and_takes_no_new_connection(pair: 
             except OSError:
                 await asyncio.sleep(0.05)
         sent, proceed = threading.Event(), threading.Event()
-        body = review(injected_pod(), "in-flight")
+        body = admission_review(injected_pod(), "in-flight")
         admission = asyncio.create_task(
             asyncio.to_thread(
                 slow_admission, port, pair.client_context(), body, sent=sent, proceed=proceed
