@@ -44,6 +44,7 @@ from benchmarks.common import (
     Machine,
     machine,
     machine_line,
+    markdown_table,
     process_cpu,
     script_parser,
     write_json,
@@ -346,29 +347,42 @@ def median_rows(rows: list[StartRow]) -> list[StartRow]:
 
 
 def report(starts: list[StartRow], relists: list[Window], pods: int) -> str:
+    start_rows = [
+        [row["config"], f"{row['pods']:,}", f"{row['ready_s']:.2f}", f"{row['cpu_s']:.2f}",
+         f"{row['rss_mib']:.0f}", f"{row['hwm_mib']:.0f}", row["list_requests"],
+         f"{row['list_mib']:.0f}", row["watches"]]
+        for row in starts
+    ]  # fmt: skip
+    window_rows = [
+        [window["name"], f"{window['seconds']:.2f}", window["checks"],
+         f"{window['latency']['p50']:.2f}", f"{window['latency']['p99']:.2f}",
+         f"{window['latency']['p999']:.1f}", f"{window['latency']['max']:.1f}"]
+        for window in relists
+    ]  # fmt: skip
     lines = [
         f"Start at {pods:,} admitted pods (median of the rounds):",
         "",
-        "| configuration | pods | time to ready (s) | CPU to ready (s) | RSS (MiB) |"
-        " peak RSS (MiB) | LIST requests | LIST MiB | watches |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "configuration",
+                "pods",
+                "time to ready (s)",
+                "CPU to ready (s)",
+                "RSS (MiB)",
+                "peak RSS (MiB)",
+                "LIST requests",
+                "LIST MiB",
+                "watches",
+            ],
+            start_rows,
+        ),
+        "",
+        "Check latency at c=1 (one channel), steady churn throughout:",
+        "",
+        *markdown_table(
+            ["window", "seconds", "checks", "p50 ms", "p99 ms", "p99.9 ms", "max ms"], window_rows
+        ),
     ]
-    for row in starts:
-        lines.append(
-            f"| {row['config']} | {row['pods']:,} | {row['ready_s']:.2f} | {row['cpu_s']:.2f} |"
-            f" {row['rss_mib']:.0f} | {row['hwm_mib']:.0f} | {row['list_requests']} |"
-            f" {row['list_mib']:.0f} | {row['watches']} |"
-        )
-    lines += ["", "Check latency at c=1 (one channel), steady churn throughout:", "",
-              "| window | seconds | checks | p50 ms | p99 ms | p99.9 ms | max ms |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for window in relists:
-        latency = window["latency"]
-        lines.append(
-            f"| {window['name']} | {window['seconds']:.2f} | {window['checks']} |"
-            f" {latency['p50']:.2f} | {latency['p99']:.2f} | {latency['p999']:.1f} |"
-            f" {latency['max']:.1f} |"
-        )
     return "\n".join(lines)
 
 

@@ -44,7 +44,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-from benchmarks.common import Machine, machine, machine_line, median_of, script_parser, write_json
+from benchmarks.common import (
+    Machine,
+    machine,
+    machine_line,
+    markdown_table,
+    median_of,
+    script_parser,
+    write_json,
+)
 from benchmarks.kernel_path import synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.install import kubeconfig, plugin_entry, render
@@ -250,18 +258,35 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         " machine (2 CPUs) was shared with other sessions' builds and tests during the run:"
         " expect scatter.",
         "",
-        "| containers | rules | | cni ADD | shim -> agent ADD | meshguard init |"
-        " pass-through ADD | cni ADD / init | ADD - pass-through |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "containers",
+                "rules",
+                "",
+                "cni ADD",
+                "shim -> agent ADD",
+                "meshguard init",
+                "pass-through ADD",
+                "cni ADD / init",
+                "ADD - pass-through",
+            ],
+            [
+                [
+                    row["containers"],
+                    row["rules"],
+                    label,
+                    f"{ms['cni-add']:.0f}",
+                    f"{ms['shim-add']:.0f}",
+                    f"{ms['init']:.0f}",
+                    f"{ms['pass-through']:.0f}",
+                    f"{ms['cni-add'] / ms['init']:.2f}",
+                    f"{ms['cni-add'] - ms['pass-through']:.0f}",
+                ]
+                for row in data["rows"]
+                for label, ms in (("wall ms", row["ms"]), ("CPU ms", row["cpu_ms"]))
+            ],
+        ),
     ]
-    for row in data["rows"]:
-        for label, key in (("wall ms", "ms"), ("CPU ms", "cpu_ms")):
-            ms = row[key]
-            lines.append(
-                f"| {row['containers']} | {row['rules']} | {label} | {ms['cni-add']:.0f} |"
-                f" {ms['shim-add']:.0f} | {ms['init']:.0f} | {ms['pass-through']:.0f} |"
-                f" {ms['cni-add'] / ms['init']:.2f} | {ms['cni-add'] - ms['pass-through']:.0f} |"
-            )
     lines += [
         "",
         "Per-run wall times (ms): "

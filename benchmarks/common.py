@@ -1,5 +1,6 @@
 """What the benchmark scripts share: running themselves as helpers, the machine they ran on,
-CPU accounting from /proc, lenient log reading, medians and their JSON documents.
+CPU accounting from /proc, lenient log reading, medians, their JSON documents and the one
+Markdown table renderer of the report's sections.
 
 What tests share with the benchmarks (ports, processes, certificates, the example pod,
 percentiles, the authz load) lives in ``tests/support``; the scripts import it from there.
@@ -14,7 +15,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -114,3 +115,10 @@ def json_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
         except ValueError:
             bad += 1
     return found, bad
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines (the report's one renderer for tables)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines.extend("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
+    return lines

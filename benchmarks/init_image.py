@@ -45,6 +45,7 @@ from benchmarks.common import (
     Machine,
     machine,
     machine_line,
+    markdown_table,
     median_of,
     script_parser,
     write_json,
@@ -255,6 +256,14 @@ def mb(kib: float) -> str:
     return f"{kib / 1024:.1f} MB"
 
 
+def _size_row(name: str, image: Any) -> list[str]:
+    apt = image["apt_total_kib"]
+    biggest = ", ".join(f"{entry} {mb(kib)}" for entry, kib in image["largest_kib"][:4])
+    total = image["venv_kib"] + (apt or 0)
+    apt_cell = f"{mb(apt) if apt is not None else '-'} ({' '.join(image['apt_packages'])})"
+    return [name, mb(image["venv_kib"]), apt_cell, mb(total), biggest]
+
+
 def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``python -m benchmarks`` and ``--markdown`` print the same)."""
     init, server = data["images"]["init"], data["images"]["server"]
@@ -271,17 +280,17 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         " Installed-Size on this bookworm host. The shared base (Debian slim + the Python"
         " interpreter) is not counted; the issue's 248 MB is the servers' virtualenv.",
         "",
-        "| image | virtualenv | apt adds | total | largest in site-packages |",
-        "|---|---|---|---|---|",
+        *markdown_table(
+            ["image", "virtualenv", "apt adds", "total", "largest in site-packages"],
+            [
+                _size_row(name, image)
+                for name, image in (
+                    ("init (`--target init`)", init),
+                    ("servers' (default)", server),
+                )
+            ],
+        ),
     ]
-    for name, image in (("init (`--target init`)", init), ("servers' (default)", server)):
-        apt = image["apt_total_kib"]
-        biggest = ", ".join(f"{entry} {mb(kib)}" for entry, kib in image["largest_kib"][:4])
-        total = image["venv_kib"] + (apt or 0)
-        lines.append(
-            f"| {name} | {mb(image['venv_kib'])} | {mb(apt) if apt is not None else '-'}"
-            f" ({' '.join(image['apt_packages'])}) | {mb(total)} | {biggest} |"
-        )
     added = init["apt_added_kib"] or {}
     lines += [
         "",
@@ -297,15 +306,26 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         f" by pip) in a fresh network namespace, wall time, median of {data['reps']}"
         " alternating runs after a warm-up; the servers' virtualenv is the baseline:",
         "",
-        "| containers | init image ms | servers' image ms | init / servers' | samples (init) |",
-        "|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "containers",
+                "init image ms",
+                "servers' image ms",
+                "init / servers'",
+                "samples (init)",
+            ],
+            [
+                [
+                    row["containers"],
+                    f"{row['init_ms']['init']:.1f}",
+                    f"{row['init_ms']['server']:.1f}",
+                    f"{row['ratio']:.2f}",
+                    ", ".join(f"{s:.0f}" for s in row["samples_ms"]["init"]),
+                ]
+                for row in data["init"]
+            ],
+        ),
     ]
-    for row in data["init"]:
-        lines.append(
-            f"| {row['containers']} | {row['init_ms']['init']:.1f} |"
-            f" {row['init_ms']['server']:.1f} | {row['ratio']:.2f} |"
-            f" {', '.join(f'{s:.0f}' for s in row['samples_ms']['init'])} |"
-        )
     lines += [
         "",
         "meshguard init imports nothing of the servers' libraries (tests/test_core_install.py"

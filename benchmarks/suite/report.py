@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import markdown_table
+
 
 def verdict(ok: bool | None) -> str:
     if ok is None:
@@ -13,9 +15,8 @@ def verdict(ok: bool | None) -> str:
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
-    return [*lines, ""]
+    """A table and the blank line after it."""
+    return [*markdown_table(header, rows), ""]
 
 
 def code(text: str) -> list[str]:
