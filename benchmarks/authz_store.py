@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -50,6 +49,7 @@ from benchmarks.common import (
     write_json,
 )
 from meshguard.authz.kube import PAGE_SIZE
+from tests.support.apiserver import Churn as ApiChurn
 from tests.support.apiserver import ScriptedApiServer
 from tests.support.latency import LatencyMs, latency_ms
 from tests.support.pods import injected_example
@@ -207,35 +207,23 @@ def measure_start(
     }
 
 
-class Churn:
+class Churn(ApiChurn):
     """About ``rate`` changes a second: a pod deleted, one created, one modified."""
 
     def __init__(self, api: ScriptedApiServer, template: str, *, pods: int, rate: float) -> None:
-        self._api, self._template, self._pods, self._rate = api, template, pods, rate
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(api, interval=3 / rate)
+        self._template, self._pods = template, pods
 
-    def __enter__(self) -> Churn:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        index = 0
-        while not self._stop.wait(3 / self._rate):
-            pod: dict[str, Any] = json.loads(self._template)
-            pod["metadata"]["name"] = f"new{index}"
-            self._api.put(pod)
-            with contextlib.suppress(KeyError):  # deleted before (the cold relist puts it back)
-                self._api.delete(f"demo/p{index}")
-            modified: dict[str, Any] = json.loads(self._template)
-            modified["metadata"]["name"] = f"p{self._pods - 1 - index}"
-            modified["status"] = {"phase": "Running", "round": index}
-            self._api.put(modified)
-            index += 1
+    def round(self, index: int) -> None:
+        pod: dict[str, Any] = json.loads(self._template)
+        pod["metadata"]["name"] = f"new{index}"
+        self.api.put(pod)
+        with contextlib.suppress(KeyError):  # deleted before (the cold relist puts it back)
+            self.api.delete(f"demo/p{index}")
+        modified: dict[str, Any] = json.loads(self._template)
+        modified["metadata"]["name"] = f"p{self._pods - 1 - index}"
+        modified["status"] = {"phase": "Running", "round": index}
+        self.api.put(modified)
 
 
 def measure_relists(

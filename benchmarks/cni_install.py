@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from benchmarks.common import (
+    ROOT,
     Machine,
     machine,
     machine_line,
@@ -65,7 +66,6 @@ from tests.support.shared import golden_payloads
 
 SIZES = (2, 64)
 CONFIGS = ("cni-add", "shim-add", "init", "pass-through")
-ROOT = Path(__file__).resolve().parents[1]
 SHIM_SOURCE = ROOT / "cni-shim" / "meshguard-cni.c"
 
 

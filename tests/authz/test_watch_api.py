@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from tests.authz.test_server import check_request, free_port
 from tests.authz.test_store import EXAMPLE
 from tests.support.apiserver import TOKEN, ScriptedApiServer
+from tests.support.apiserver import Churn as ApiChurn
 
 PODS = 10_000
 SELECTOR = "meshguard.io/admitted=true"
@@ -64,38 +64,24 @@ def api(tmp_path: Path) -> Iterator[ScriptedApiServer]:
         yield server
 
 
-class Churn:
+class Churn(ApiChurn):
     """Steady churn in a thread: each round deletes a pod, creates one, modifies one (a
     status update) and changes an unlabelled pod, about 200 changes a second."""
 
     def __init__(self, api: ScriptedApiServer) -> None:
-        self._api = api
-        self._stop = threading.Event()
+        super().__init__(api, interval=0.02)
         self.created: list[str] = []
         self.deleted: list[str] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Churn:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        index = 0
-        while not self._stop.is_set():
-            self._api.delete(f"demo/p{index}")
-            self.deleted.append(f"demo/p{index}")
-            self._api.put(admitted(f"new{index}"))
-            self.created.append(f"demo/new{index}")
-            modified = admitted(f"p{PODS - 1 - index}")
-            modified["status"] = {"phase": "Running", "round": index}
-            self._api.put(modified)
-            self._api.put(admitted(f"unlabelled{index % 50}", labelled=False))
-            index += 1
-            time.sleep(0.02)
+    def round(self, index: int) -> None:
+        self.api.delete(f"demo/p{index}")
+        self.deleted.append(f"demo/p{index}")
+        self.api.put(admitted(f"new{index}"))
+        self.created.append(f"demo/new{index}")
+        modified = admitted(f"p{PODS - 1 - index}")
+        modified["status"] = {"phase": "Running", "round": index}
+        self.api.put(modified)
+        self.api.put(admitted(f"unlabelled{index % 50}", labelled=False))
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 300, what: str) -> None:

@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.support.tls import CertificateAuthority
 
@@ -305,3 +305,32 @@ def _matches(pod: Mapping[str, Any], selector: str) -> bool:
         if labels.get(key) != value:
             return False
     return True
+
+
+class Churn:
+    """Changes to a scripted API server's pods from a thread: one round every ``interval``
+    seconds from entering the ``with`` block until leaving it. Subclasses say what a round
+    changes (:meth:`round`, called with 0, 1, 2, ...)."""
+
+    def __init__(self, api: ScriptedApiServer, *, interval: float) -> None:
+        self.api = api
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def round(self, index: int) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        index = 0
+        while not self._stop.wait(self._interval):
+            self.round(index)
+            index += 1
