@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 
@@ -20,17 +21,37 @@ class JsonFormatter(logging.Formatter):
         self._encode = json.JSONEncoder(default=str).encode
 
     def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "time": f"{self._time(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            document.update(fields)
+        document = self.document(
+            created=record.created, level=record.levelname, logger=record.name,
+            msg=record.getMessage(), fields=fields if isinstance(fields, dict) else None,
+        )  # fmt: skip
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
+        return self._encode(document)
+
+    def document(
+        self,
+        *,
+        created: float,
+        level: str,
+        logger: str,
+        msg: str,
+        fields: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The JSON object of one line, before encoding."""
+        msecs = int((created - int(created)) * 1000)
+        document: dict[str, Any] = {
+            "time": f"{self._time(created)}.{msecs:03d}Z",
+            "level": level.lower(),
+            "logger": logger,
+            "msg": msg,
+        }
+        if fields:
+            document.update(fields)
+        return document
+
+    def encode(self, document: Mapping[str, Any]) -> str:
         return self._encode(document)
 
     def _time(self, created: float) -> str:
@@ -63,3 +84,66 @@ def configure(*, stream: TextIO, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+class InfoLines:
+    """One logger's INFO lines with fields, for a line per request (the authz decisions).
+
+    When meshguard's own handler (:func:`configure`) is the only one the logger's records
+    reach, a line is the document :class:`JsonFormatter` makes, written and flushed on that
+    handler's stream under its lock, without a :class:`logging.LogRecord` per line (the record,
+    its handler chain and its formatting were two thirds of a Check's logging cost). Any other
+    configuration (another handler, a filter, a test's capture) gets the line through
+    :mod:`logging` as any record. Read at construction: build it after logging is configured.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._direct = _sole_json_handler(logger)
+
+    @property
+    def enabled(self) -> bool:
+        return self._logger.isEnabledFor(logging.INFO)
+
+    def write(self, msg: str, fields: Mapping[str, Any]) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        handler = self._direct
+        if handler is None:
+            # Logger.info without its caller lookup (a stack walk per line; the JSON line
+            # shows no file and line).
+            self._logger.handle(
+                self._logger.makeRecord(
+                    self._logger.name, logging.INFO, "", 0, msg, (), None,
+                    extra={"fields": dict(fields)},
+                )
+            )  # fmt: skip
+            return
+        formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
+        document = formatter.document(
+            created=time.time(), level="info", logger=self._logger.name, msg=msg, fields=fields
+        )
+        line = formatter.encode(document) + "\n"
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write(line)
+            handler.stream.flush()
+
+
+def _sole_json_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | None:
+    """The handler of :func:`configure` if it alone sees the logger's INFO records, unfiltered."""
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        handlers.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    if len(handlers) != 1:
+        return None
+    (handler,) = handlers
+    plain = type(handler) is logging.StreamHandler and not handler.filters
+    if not plain or not isinstance(handler.formatter, JsonFormatter):
+        return None
+    if handler.level > logging.INFO:
+        return None
+    return handler  # type: ignore[return-value]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshguard.logs import configure
+from meshguard.logs import InfoLines, configure
 
 
 class FlushCountingStream(io.StringIO):
@@ -78,6 +78,37 @@ def test_an_unencodable_value_is_written_as_text_and_an_error_is_logged(logged):
     odd, failed = lines(stream.getvalue())
     assert odd["value"] == str(object)
     assert "ValueError: boom" in str(failed["exception"])
+
+
+def test_info_lines_write_the_formatters_document_directly_and_flushed(logged):
+    logger, stream = logged
+    lines_of = InfoLines(logger)
+    logger.info("decision", extra={"fields": {"event": "decision", "n": 1}})
+    lines_of.write("decision", {"event": "decision", "n": 1})
+    assert stream.flushed == stream.getvalue()
+    through_logging, direct = lines(stream.getvalue())
+    assert direct == through_logging | {"time": direct["time"]}
+    assert through_logging["time"][:16] == direct["time"][:16]
+
+
+def test_info_lines_go_through_logging_when_another_handler_listens(logged, caplog):
+    logger, stream = logged
+    root = logging.getLogger("meshguard")
+    root.propagate = True  # caplog's handler sits on the root logger
+    caplog.set_level(logging.INFO)
+    InfoLines(logger).write("decision", {"event": "decision", "n": 2})
+    captured = [r.fields for r in caplog.records if r.name == logger.name]  # type: ignore[attr-defined]
+    assert captured and all(fields == {"event": "decision", "n": 2} for fields in captured)
+    assert lines(stream.getvalue())[0]["n"] == 2  # meshguard's handler wrote it too
+
+
+def test_info_lines_write_nothing_below_their_level(logged):
+    logger, stream = logged
+    logging.getLogger("meshguard").setLevel(logging.WARNING)
+    lines_of = InfoLines(logger)
+    assert not lines_of.enabled
+    lines_of.write("decision", {"event": "decision"})
+    assert stream.getvalue() == ""
 
 
 def test_records_carry_no_thread_or_process_names(logged):

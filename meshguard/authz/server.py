@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
-import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +31,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import (
-    GC_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    start_http_server,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import start_http_server
 
-import meshguard
 from meshguard.authz.cache import DecisionCache
 from meshguard.authz.contract import POD_HEADER, SERVICE_NAME
 from meshguard.authz.decision import Decision, Reason, Request, decide
@@ -57,17 +45,15 @@ from meshguard.authz.identity import (
     peer_identity,
     server_credentials,
 )
+from meshguard.authz.metrics import AuthzMetrics
 from meshguard.authz.store import PolicyStore
 from meshguard.errors import MeshguardError
+from meshguard.logs import InfoLines
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("meshguard.authz.decisions")
 
 MAX_HEADER_BYTES = 64 * 1024
-#: Check latency buckets, up to Envoy's ext_authz timeout (0.5 s) and beyond it.
-LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-)  # fmt: skip
 READY_POLL_SECONDS = 0.1
 #: Distinct answers (CheckResponse and log fields) and callers kept for reuse.
 ANSWERS_KEPT = 1024
@@ -86,104 +72,16 @@ class AuthzSettings:
     trust_domain: str = "cluster.local"
 
 
-class StoreCollector(Collector):
-    """The policy store's size, sync age, relists and watch restarts, read at scrape time."""
-
-    def __init__(self, store: PolicyStore) -> None:
-        self._store = store
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self._store.stats()
-        yield GaugeMetricFamily(
-            "meshguard_authz_cache_pods", "Pods whose admitted policy is cached", value=stats.pods
-        )
-        yield GaugeMetricFamily(
-            "meshguard_authz_synced", "1 once the pod cache has synced",
-            value=1.0 if self._store.is_synced() else 0.0,
-        )  # fmt: skip
-        age = -1.0 if stats.synced_at is None else max(0.0, time.time() - stats.synced_at)
-        yield GaugeMetricFamily(
-            "meshguard_authz_sync_age_seconds",
-            "Seconds since the cache last heard from its source (a list or a watch event or"
-            " bookmark); -1 before the first sync",
-            value=age,
-        )
-        yield CounterMetricFamily(
-            "meshguard_authz_relists", "Complete lists of the admitted pods", value=stats.relists
-        )
-        yield CounterMetricFamily(
-            "meshguard_authz_watch_restarts",
-            "Times the pod watch broke or expired (410 Gone) and was restarted",
-            value=stats.watch_restarts,
-        )
-
-
-class DecisionCacheCollector(Collector):
-    """The decision cache's size, hits and misses, read at scrape time."""
-
-    def __init__(self, cache: DecisionCache[Decision]) -> None:
-        self._cache = cache
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self._cache.stats()
-        yield GaugeMetricFamily(
-            "meshguard_authz_decision_cache_entries", "Decisions cached", value=stats.entries
-        )
-        yield CounterMetricFamily(
-            "meshguard_authz_decision_cache_hits",
-            "Checks answered from the decision cache (same request, same pod object)",
-            value=stats.hits,
-        )
-        yield CounterMetricFamily(
-            "meshguard_authz_decision_cache_misses",
-            "Checks decided and cached (new request, or the pod changed)",
-            value=stats.misses,
-        )
-
-
-class AuthzMetrics:
-    def __init__(
-        self, store: PolicyStore | None = None, cache: DecisionCache[Decision] | None = None
-    ) -> None:
-        self.registry = CollectorRegistry()
-        self.decisions = Counter(
-            "meshguard_authz_decisions",
-            "Check decisions, by result and reason (a fixed set: meshguard.authz.decision.Reason)",
-            ["result", "reason"], registry=self.registry,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "meshguard_authz_check_seconds", "Time to decide a Check",
-            registry=self.registry, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
-        build = Gauge(
-            "meshguard_authz_build_info", "The running meshguard (always 1)",
-            ["version", "python"], registry=self.registry,
-        )  # fmt: skip
-        build.labels(version=meshguard.__version__, python=platform.python_version()).set(1)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.registry.register(GC_COLLECTOR)
-        if store is not None:
-            self.registry.register(StoreCollector(store))
-        if cache is not None:
-            self.registry.register(DecisionCacheCollector(cache))
-        for result, reasons in _REASONS_BY_RESULT.items():
-            for reason in reasons:  # every series exists from the start (rate() needs it)
-                self.decisions.labels(result=result, reason=reason.value)
-
-
-_ALLOWING = (Reason.ALLOWED_BY_RULE, Reason.ALLOWED_BY_DEFAULT, Reason.AUDIT)
-_REASONS_BY_RESULT = {
-    "allow": _ALLOWING,
-    "deny": tuple(reason for reason in Reason if reason not in _ALLOWING),
-}
+#: The request of a Check that failed before its translation (for the log line).
+NO_REQUEST = Request(None, None, None, None, None, {})
 
 
 def request_of(check: external_auth_pb2.CheckRequest) -> Request:
-    """The decision input; absent fields stay None (and are denied by the decision)."""
+    """The decision input; absent fields stay None (and are denied by the decision). The
+    headers are the CheckRequest's own map (read in place, not copied)."""
     attributes = check.attributes
     http = attributes.request.http
-    headers: Mapping[str, str] = dict(http.headers)
+    headers: Mapping[str, str] = http.headers
     source = attributes.source.address.socket_address
     destination = attributes.destination.address.socket_address
     return Request(
@@ -194,6 +92,13 @@ def request_of(check: external_auth_pb2.CheckRequest) -> Request:
         path=http.path or None,
         headers=headers,
     )
+
+
+def header_bytes_of(check: external_auth_pb2.CheckRequest) -> int:
+    """The size of the request's HTTP attributes as Envoy sent them (headers, and the path,
+    host and method beside them): what :data:`MAX_HEADER_BYTES` bounds."""
+    size: int = check.attributes.request.http.ByteSize()
+    return size
 
 
 def response_of(decision: Decision) -> external_auth_pb2.CheckResponse:
@@ -243,7 +148,7 @@ def check(
         return Decision(False, f"no caller identity: {caller.problem}", kind=Reason.NO_IDENTITY)
     if header_bytes > MAX_HEADER_BYTES:
         return Decision(
-            False, f"request headers larger than {MAX_HEADER_BYTES} bytes",
+            False, f"request headers and attributes larger than {MAX_HEADER_BYTES} bytes",
             kind=Reason.HEADERS_TOO_LARGE,
         )  # fmt: skip
     pod = store.get(request.pod) if request.pod else None
@@ -308,35 +213,27 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         cache: DecisionCache[Decision] | None = None,
     ) -> None:
         self._store = store
-        self._metrics = metrics
+        self._checks = metrics.checks
         self._identities = identities
         self._trust_domain = trust_domain
         self._cache = cache
+        self._decisions = InfoLines(decisions_log)
         # Pure functions of frozen values, remembered: equal decisions give equal answers,
         # equal peer properties the same caller (each Check still reads its own channel's).
         self._answer_of = functools.lru_cache(maxsize=ANSWERS_KEPT)(answer_of)
         self._caller_of_peer = functools.lru_cache(maxsize=CALLERS_KEPT)(_caller_of_peer)
-        self._counted = {
-            (result == "allow", reason): metrics.decisions.labels(
-                result=result, reason=reason.value
-            )
-            for result, reasons in _REASONS_BY_RESULT.items()
-            for reason in reasons
-        }
 
     async def Check(
         self, check_request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
-        request = Request(None, None, None, None, None, {})
+        request = NO_REQUEST
         caller: Caller | None = None
         try:
             caller = self._caller(context) if self._identities else None
             request = request_of(check_request)
-            headers = request.headers
-            header_bytes = len("".join(headers)) + len("".join(headers.values()))
             decision = check(
-                request, self._store, header_bytes=header_bytes, caller=caller,
+                request, self._store, header_bytes=header_bytes_of(check_request), caller=caller,
                 trust_domain=self._trust_domain, cache=self._cache,
             )  # fmt: skip
         except Exception as exc:  # deny, never let an error escape or a request through
@@ -363,14 +260,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         elapsed: float,
         caller: Caller | None,
     ) -> None:
-        counter = self._counted.get((decision.allowed, decision.kind))
-        if counter is None:  # not a combination decide() gives; counted all the same
-            result = "allow" if decision.allowed else "deny"
-            counter = self._metrics.decisions.labels(result=result, reason=decision.kind.value)
-        counter.inc()
-        self._metrics.latency.observe(elapsed)
+        self._checks.record(decision, elapsed)
         identity = caller.identity.spiffe_id if caller and caller.identity else None
-        if decisions_log.isEnabledFor(logging.INFO):
+        if self._decisions.enabled:
             fields = {
                 "event": "decision",
                 "pod": request.pod,
@@ -384,14 +276,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 **answer.log_fields,
                 "us": round(elapsed * 1e6),
             }
-            # Logger.info without its caller lookup (a stack walk per Check; the JSON line
-            # does not show the caller's file and line).
-            decisions_log.handle(
-                decisions_log.makeRecord(
-                    decisions_log.name, logging.INFO, "", 0, "decision", (), None,
-                    extra={"fields": fields},
-                )
-            )  # fmt: skip
+            self._decisions.write("decision", fields)
         if decision.kind in (Reason.NO_IDENTITY, Reason.IDENTITY_MISMATCH):
             log.warning(
                 "Check denied on the caller's identity: %s",
@@ -450,6 +335,11 @@ async def serve_authz(settings: AuthzSettings, *, store: PolicyStore, stop: asyn
         raise OSError(f"cannot listen on {address}")
     if settings.metrics_port is not None:
         start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    # What startup made (modules, the policies, the certificates) lives as long as the
+    # server: out of the collector's generations, it is not traversed again and again by the
+    # collections that a Check's short-lived objects trigger.
+    gc.collect()
+    gc.freeze()
     await server.start()
     log.info(
         "authz listening",

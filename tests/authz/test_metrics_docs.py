@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from meshguard.authz.decision import Reason
-from meshguard.authz.server import AuthzMetrics
+from meshguard.authz.metrics import AuthzMetrics
 from meshguard.authz.store import StaticStore
 
 OPERATOR_GUIDE = Path(__file__).resolve().parents[2] / "docs" / "operator.md"

@@ -133,7 +133,7 @@ def test_partial_and_hostile_requests_are_denied_with_a_reason():
     assert reasons[1].startswith("unknown pod None")
     assert reasons[2].startswith("unknown pod 'other/pod'")
     assert reasons[3] == "unknown source address '127.0.0.1'"
-    assert reasons[4] == "request headers larger than 65536 bytes"
+    assert reasons[4] == "request headers and attributes larger than 65536 bytes"
 
 
 def test_audit_mode_allows_would_be_denials():
