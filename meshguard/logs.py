@@ -110,15 +110,16 @@ class InfoLines:
             return
         handler = self._direct
         if handler is None:
-            # Logger.info without its caller lookup (a stack walk per line; the JSON line
-            # shows no file and line).
-            self._logger.handle(
-                self._logger.makeRecord(
-                    self._logger.name, logging.INFO, "", 0, msg, (), None,
-                    extra={"fields": dict(fields)},
-                )
-            )  # fmt: skip
+            self._through_logging(msg, fields)
             return
+        try:
+            self._write_direct(handler, msg, fields)
+        except Exception:  # a failing stream: logging's own handling reports it, never raises
+            self._through_logging(msg, fields)
+
+    def _write_direct(
+        self, handler: logging.StreamHandler[TextIO], msg: str, fields: Mapping[str, Any]
+    ) -> None:
         formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
         document = formatter.document(
             created=time.time(), level="info", logger=self._logger.name, msg=msg, fields=fields
@@ -127,6 +128,16 @@ class InfoLines:
         with handler.lock:  # type: ignore[union-attr]
             handler.stream.write(line)
             handler.stream.flush()
+
+    def _through_logging(self, msg: str, fields: Mapping[str, Any]) -> None:
+        # Logger.info without its caller lookup (a stack walk per line; the JSON line shows
+        # no file and line).
+        self._logger.handle(
+            self._logger.makeRecord(
+                self._logger.name, logging.INFO, "", 0, msg, (), None,
+                extra={"fields": dict(fields)},
+            )
+        )  # fmt: skip
 
 
 def _sole_json_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | None:

@@ -126,3 +126,19 @@ def test_the_per_pod_commands_do_not_import_asyncio(module):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)  # fmt: skip
     assert done.stdout.strip() == "False"
+
+
+class FailingStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_info_lines_on_a_failing_stream_report_it_and_never_raise(capsys):
+    root = logging.getLogger("meshguard")
+    saved = (root.handlers[:], root.level, root.propagate)
+    try:
+        configure(stream=FailingStream())
+        InfoLines(logging.getLogger("meshguard.test-logs")).write("decision", {"n": 3})
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    assert "No space left on device" in capsys.readouterr().err  # logging's handleError
