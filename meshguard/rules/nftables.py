@@ -27,7 +27,8 @@ others carry ``meta nfproto ipv4``/``ipv6``, so each family's packets walk exact
 rules its iptables payload has, in the same order. Base chains, one per hook the
 compiler uses: ``filter_output`` (filter, priority 0, as iptables' filter), ``nat_output``
 (nat, priority -110: before Istio's nat output at -100, so the L7 redirect wins) and
-``nat_postrouting`` (nat, srcnat).
+``nat_postrouting`` (nat, srcnat) — only when the pod has L7 rules, whose redirected flows
+it source-NATs: a hook is called for every packet of the pod, so none is registered idle.
 
 Installing is one ``nft -f`` transaction — ``add table``, ``delete table``, the new table —
 so the table is replaced whole or not at all, and Istio's tables are never named. It is then
@@ -137,7 +138,27 @@ def build(ruleset: Ruleset, *, families: Iterable[Family] = tuple(Family)) -> Nf
         rules = _merge({family: chains.get(name, []) for family, chains in per_family.items()})
         built.append(Chain(name=name, base=base, rules=tuple(rules)))
     dispatch = dict(next(iter(maps))) if maps else {}
-    return NftTable(chains=_hoist_early_returns(tuple(built)), dispatch=dispatch)
+    table_chains = _without_idle_hooks(_hoist_early_returns(tuple(built)))
+    return NftTable(chains=table_chains, dispatch=dispatch)
+
+
+def _without_idle_hooks(chains: tuple[Chain, ...]) -> tuple[Chain, ...]:
+    """Leave out a base chain whose every rule jumps to an empty chain (the SNAT chain of a
+    pod without L7 rules): it decides nothing, and a hook registered for it would still be
+    called for every packet of the pod. The empty chain stays (it is the compiler's)."""
+    empty = {chain.name for chain in chains if chain.base is None and not chain.rules}
+    return tuple(
+        chain
+        for chain in chains
+        if chain.base is None
+        or not chain.rules
+        or not all(_jump_target(rule) in empty for rule in chain.rules)
+    )
+
+
+def _jump_target(rule: str) -> str | None:
+    match = re.fullmatch(r"(?:.* )?jump (\S+)", rule)
+    return match.group(1) if match else None
 
 
 def _hoist_early_returns(chains: tuple[Chain, ...]) -> tuple[Chain, ...]:

@@ -40,3 +40,22 @@ def test_a_chain_also_reached_by_a_verdict_map_keeps_its_rules() -> None:
     vmap = Chain("L", None, ("meta skuid vmap { 1000 : goto S }",))
     s = Chain("S", None, ("x return", "accept"))
     assert _hoist_early_returns((hook, vmap, s)) == (hook, vmap, s)
+
+
+L4_ONLY_POLICY = """
+defaultAction: deny
+rules:
+  - {from: app, to: cache, ports: [6379]}
+"""
+
+
+def test_a_hook_with_nothing_to_do_is_not_registered() -> None:
+    """Without an L7 rule nothing is source-NATed: no postrouting hook, which every packet
+    of the pod would otherwise call; with one, the hook holds the jump to the SNAT rules."""
+    l4_only = build(compiled(native=True, policy=L4_ONLY_POLICY))
+    hooks = {chain.base.hook for chain in l4_only.chains if chain.base is not None}
+    assert hooks == {"output"}
+    assert chains_of(l4_only.chains)["MESHGUARD_SNAT"] == ()
+    with_l7 = chains_of(build(compiled(native=True)).chains)
+    assert with_l7["nat_postrouting"] == ('oifname "lo" jump MESHGUARD_SNAT',)
+    assert len(with_l7["MESHGUARD_SNAT"]) == 2
