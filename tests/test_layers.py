@@ -77,6 +77,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: module prefix -> the only meshguard modules it may import (directly).
+ONLY: dict[str, tuple[str, ...]] = {
+    # The API server client, below both the CNI plugin and the authz server (which may not
+    # import each other).
+    "meshguard.kube_api": ("meshguard.errors",),
+}
+
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -115,6 +122,13 @@ def _violations() -> list[str]:
                         for prefix in forbidden
                         if imported.startswith(prefix) and not imported.startswith(owner)
                     )
+            for owner, allowed in ONLY.items():
+                if (module == owner or module.startswith(owner + ".")) and not (
+                    imported.startswith((owner, *allowed))
+                ):
+                    found.append(
+                        f"{module} imports {imported} (it may import {', '.join(allowed)})"
+                    )
     return found
 
 
@@ -139,23 +153,43 @@ def test_the_checker_sees_a_forbidden_import(
     ]
 
 
-def test_the_pod_view_may_not_import_injection(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("name", "source", "violations"),
+    [
+        (  # the pod view sits below injection
+            "pod.py",
+            "from meshguard.inject.container import init_container\n",
+            ["meshguard.pod imports meshguard.inject.container",
+             "meshguard.pod imports meshguard.inject.container.init_container"],
+        ),
+        (  # the API client sits below both the CNI plugin and the authz server
+            "kube_api.py",
+            "from meshguard.errors import E\nimport meshguard.cni.kube\n",
+            ["meshguard.kube_api imports meshguard.cni.kube (it may import meshguard.errors)"],
+        ),
+    ],
+)  # fmt: skip
+def test_a_module_below_the_layers_may_not_import_them(
+    name: str,
+    source: str,
+    violations: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake = tmp_path / "meshguard"
     fake.mkdir()
-    (fake / "pod.py").write_text("from meshguard.inject.container import init_container\n")
+    (fake / name).write_text(source)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    assert _violations() == [
-        "meshguard.pod imports meshguard.inject.container",
-        "meshguard.pod imports meshguard.inject.container.init_container",
-    ]
+    assert _violations() == violations
 
 
 @pytest.mark.parametrize(
     ("module", "heavy"),
     [
         ("meshguard.authz.envoy_config", "grpc"),
+        ("meshguard.kube_api", "asyncio"),
+        ("meshguard.kube_api", "kubernetes"),
+        ("meshguard.cni.kube", "urllib.request"),
         ("meshguard.cli.envoy_config", "grpc"),
         ("meshguard.rules.install", "kubernetes"),
         ("meshguard.cli.init", "kubernetes"),

@@ -11,30 +11,28 @@ hundreds of MB). What it asks the API server, as client-go's reflector does:
 - ``GET /api/v1/pods?watch=1&labelSelector=...&resourceVersion=RV&allowWatchBookmarks=true
   &timeoutSeconds=N``: events after RV, bookmarks that advance RV on a quiet cluster.
 - 410 Gone (as the HTTP status, or as an ERROR event): :class:`ResourceExpired`, the caller
-  lists again. Any other failure is an :class:`ApiError` naming what the server said.
+  lists again. Any other failure is a :class:`~meshguard.kube_api.ApiError` naming what the
+  server said.
 
-The bearer token is read from its file for every request (Kubernetes rotates bound service
-account tokens in place). Outside a cluster the kubeconfig is read with the ``kubernetes``
+The requests, TLS and the Status messages are :mod:`meshguard.kube_api`'s; the bearer token
+is read from its file for every request (Kubernetes rotates bound service account tokens in
+place). Outside a cluster the kubeconfig is read with the ``kubernetes``
 package's loader (server, CA, token or client certificate).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import os
-import ssl
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Final
 
-from meshguard import annotation_keys
-from meshguard.errors import MeshguardFailure
+from meshguard import annotation_keys, kube_api
+from meshguard.kube_api import SERVICE_ACCOUNT_DIR, ApiAccess, ApiError
 
-SERVICE_ACCOUNT_DIR: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 ADMITTED_SELECTOR: Final = (
     f"{annotation_keys.ADMITTED_LABEL}={annotation_keys.ADMITTED_LABEL_VALUE}"
 )
@@ -45,10 +43,7 @@ PAGE_SIZE: Final = 100
 #: Seconds to wait for an answer to a LIST page (a WATCH waits its timeoutSeconds more).
 REQUEST_TIMEOUT: Final = 30.0
 MAX_LINE_BYTES: Final = 16 * 1024 * 1024
-
-
-class ApiError(MeshguardFailure):
-    """The API server could not be reached, refused the request, or answered garbage."""
+MAX_PAGE_BYTES: Final = 256 * 1024 * 1024
 
 
 class ResourceExpired(ApiError):
@@ -74,59 +69,20 @@ class PodPage:
     resource_version: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class ApiServer:
-    """Where the API server is and how to authenticate to it."""
-
-    host: str
-    port: int
-    ca_file: str | None
-    token_file: Path | None = None
-    token: str | None = None  # a kubeconfig's static token
-    cert_file: str | None = None  # a kubeconfig's client certificate
-    key_file: str | None = None
-    #: Only the pods of this node (``spec.nodeName=NODE``), or all nodes' when None.
-    node_name: str | None = None
-    labels: str = ADMITTED_SELECTOR
-    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
-
-    def tls(self) -> ssl.SSLContext:
-        if self.context is not None:
-            return self.context
-        try:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ApiError(f"cannot load the API server's TLS files: {exc}") from None
-        return context
-
-    def bearer(self) -> str | None:
-        if self.token_file is None:
-            return self.token
-        try:
-            token = self.token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ApiError(f"cannot read the API token {self.token_file}: {exc}") from None
-        if not token:
-            raise ApiError(f"the API token {self.token_file} is empty")
-        return token
-
-
-def in_cluster(environ: Mapping[str, str]) -> ApiServer | None:
+def in_cluster(environ: Mapping[str, str]) -> ApiAccess | None:
     """The API server of the pod's cluster (its service account), or None outside one."""
-    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
-    if not host or not port:
+    server = kube_api.in_cluster_server(environ)
+    if server is None:
         return None
-    return ApiServer(
-        host=host,
-        port=int(port),
+    return ApiAccess(
+        server=server,
         ca_file=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
         token_file=SERVICE_ACCOUNT_DIR / "token",
+        timeout=REQUEST_TIMEOUT,
     )
 
 
-def from_kubeconfig() -> ApiServer:
+def from_kubeconfig() -> ApiAccess:
     """The current context of the kubeconfig (``KUBECONFIG`` or ~/.kube/config)."""
     from kubernetes import client, config  # noqa: PLC0415 - only outside a cluster
 
@@ -140,42 +96,58 @@ def from_kubeconfig() -> ApiServer:
         raise ApiError(f"the kubeconfig's server {configuration.host!r}: expected https://")
     keys = configuration.api_key or {}  # "BearerToken" (kubernetes >= 30) or "authorization"
     authorization = str(keys.get("BearerToken") or keys.get("authorization") or "")
-    return ApiServer(
-        host=url.hostname,
-        port=url.port or 443,
+    return ApiAccess(
+        server=configuration.host,
         ca_file=configuration.ssl_ca_cert,
         token=authorization.removeprefix("Bearer ") or None,
         cert_file=configuration.cert_file,
         key_file=configuration.key_file,
+        timeout=REQUEST_TIMEOUT,
     )
 
 
-def api_server(*, node_name: str | None = None) -> ApiServer:
+def api_access() -> ApiAccess:
     """In-cluster when run in a pod, else the kubeconfig."""
-    found = in_cluster(os.environ) or from_kubeconfig()
-    return dataclasses.replace(found, node_name=node_name)
+    return in_cluster(os.environ) or from_kubeconfig()
 
 
 class HttpPodSource:
-    """:class:`~meshguard.authz.store.PodSource` over the API server's HTTP interface."""
+    """:class:`~meshguard.authz.store.PodSource` over the API server's HTTP interface: the
+    pods with ``labels`` (meshguard's admitted ones), of ``node_name`` only (the field
+    selector ``spec.nodeName``) or of every node when None."""
 
-    def __init__(self, server: ApiServer, *, page_size: int = PAGE_SIZE) -> None:
-        self._server = server
+    def __init__(
+        self,
+        access: ApiAccess,
+        *,
+        node_name: str | None = None,
+        labels: str = ADMITTED_SELECTOR,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self._access = access
         self._page_size = page_size
-        self._context = server.tls()
+        self._selectors = {"labelSelector": labels}
+        if node_name:
+            self._selectors["fieldSelector"] = f"spec.nodeName={node_name}"
+        self._context = access.tls()
 
     def list(self) -> Iterator[PodPage]:
         """The admitted pods, page by page, over one kept-alive connection (410 on a
         continue token: :class:`ResourceExpired`)."""
         token = ""
-        connection: http.client.HTTPSConnection | None = None
+        # Reopened by http.client if the server closed it after a page.
+        connection = kube_api.connect(self._access, context=self._context, timeout=REQUEST_TIMEOUT)
         try:
             while True:
-                query = {"labelSelector": self._server.labels, "limit": str(self._page_size)}
-                query.update(self._fields())
+                query = {**self._selectors, "limit": str(self._page_size)}
                 if token:
                     query["continue"] = token
-                connection, document = self._get_json(query, connection=connection)
+                response = self._send(connection, query, what="pod LIST")
+                body = kube_api.read_body(connection, response, what="pod LIST",
+                                          limit=MAX_PAGE_BYTES)  # fmt: skip
+                document = kube_api.json_object(body)
+                if document is None:
+                    raise ApiError("the API server's answer to a pod LIST is not a JSON object")
                 metadata = document.get("metadata") or {}
                 items = document.get("items")
                 if not isinstance(items, list) or document.get("kind") not in {"PodList", None}:
@@ -186,21 +158,22 @@ class HttpPodSource:
                 if not token:
                     return
         finally:
-            if connection is not None:
-                connection.close()
+            connection.close()
 
     def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
         """Events after ``resource_version`` until the server ends the watch."""
         query = {
             "watch": "1",
-            "labelSelector": self._server.labels,
+            **self._selectors,
             "resourceVersion": resource_version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_seconds),
-            **self._fields(),
         }
-        connection, response = self._open(query, timeout=timeout_seconds + REQUEST_TIMEOUT)
+        connection = kube_api.connect(
+            self._access, context=self._context, timeout=timeout_seconds + REQUEST_TIMEOUT
+        )
         try:
+            response = self._send(connection, query, what="pod WATCH")
             while True:
                 line = response.readline(MAX_LINE_BYTES + 1)
                 if not line:
@@ -214,61 +187,16 @@ class HttpPodSource:
         finally:
             connection.close()
 
-    def _fields(self) -> dict[str, str]:
-        node = self._server.node_name
-        return {"fieldSelector": f"spec.nodeName={node}"} if node else {}
-
-    def _get_json(
-        self, query: Mapping[str, str], *, connection: http.client.HTTPSConnection | None
-    ) -> tuple[http.client.HTTPSConnection | None, dict[str, Any]]:
-        """One LIST page; the connection to reuse for the next (None if the server closes)."""
-        connection, response = self._open(query, timeout=REQUEST_TIMEOUT, connection=connection)
-        try:
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            raise ApiError(f"the pod LIST broke: {exc}") from None
-        if response.will_close:
-            connection.close()
-        try:
-            document = json.loads(body)
-        except ValueError:
-            document = None
-        if not isinstance(document, dict):
-            connection.close()
-            raise ApiError("the API server's answer to a pod LIST is not a JSON object")
-        return (None if response.will_close else connection), document
-
-    def _open(
-        self,
-        query: Mapping[str, str],
-        *,
-        timeout: float,
-        connection: http.client.HTTPSConnection | None = None,
-    ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+    def _send(
+        self, connection: http.client.HTTPSConnection, query: Mapping[str, str], *, what: str
+    ) -> http.client.HTTPResponse:
         path = "/api/v1/pods?" + urllib.parse.urlencode(query)
-        headers = {"Accept": "application/json", "User-Agent": "meshguard-authz"}
-        token = self._server.bearer()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if connection is None:
-            connection = http.client.HTTPSConnection(
-                self._server.host, self._server.port, timeout=timeout, context=self._context
-            )
         try:
-            connection.request("GET", path, headers=headers)
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            where = f"{self._server.host}:{self._server.port}"
-            raise ApiError(f"cannot reach the API server {where}: {exc}") from None
-        if response.status != http.HTTPStatus.OK:
-            message = _status_message(response)
-            connection.close()
-            error = ResourceExpired if response.status == http.HTTPStatus.GONE else ApiError
-            raise error(f"pod {'WATCH' if 'watch' in query else 'LIST'}: HTTP {response.status}"
-                        f" {message}".rstrip())  # fmt: skip
-        return connection, response
+            return kube_api.send(connection, self._access, "GET", path, what=what)
+        except ApiError as exc:
+            if exc.status == http.HTTPStatus.GONE:
+                raise ResourceExpired(str(exc), cause=exc.cause, status=exc.status) from None
+            raise
 
 
 def _event(line: bytes) -> WatchEvent:
@@ -287,13 +215,3 @@ def _event(line: bytes) -> WatchEvent:
     if kind not in {"ADDED", "MODIFIED", "DELETED", "BOOKMARK"}:
         raise ApiError(f"a watch event of unknown type {kind!r}")
     return WatchEvent(kind, obj)
-
-
-def _status_message(response: http.client.HTTPResponse) -> str:
-    """The ``message`` of a Kubernetes Status body, if the answer carries one."""
-    try:
-        document = json.loads(response.read(64 * 1024) or b"null")
-    except (ValueError, OSError, http.client.HTTPException):
-        return str(response.reason or "")
-    message = document.get("message") if isinstance(document, dict) else None
-    return f"({message})" if isinstance(message, str) else str(response.reason or "")

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from meshguard.authz.feed import FedStore, Feed
 from meshguard.authz.identity import TlsFiles
-from meshguard.authz.kube import HttpPodSource, api_server
+from meshguard.authz.kube import HttpPodSource, api_access
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesStore, PolicyStore, StaticStore
 from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
@@ -106,7 +106,7 @@ class _Sources:
         """--kubernetes: the watch (feeding the workers, if any); --policy-feed: a worker's
         store fed by its parent; --pods: the files."""
         if args.kubernetes:
-            source = HttpPodSource(api_server(), page_size=args.list_page_size)
+            source = HttpPodSource(api_access(), page_size=args.list_page_size)
             self.watcher = KubernetesStore(source)
             if feed_fds:  # one watch for every worker: the children get its changes
                 self.feed = Feed(feed_fds)

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Final
 
+from meshguard import kube_api
 from meshguard.cni import install
 from meshguard.cni.protocol import PLUGIN_TYPE
 from meshguard.errors import MeshguardError, MeshguardFailure
+from meshguard.kube_api import SERVICE_ACCOUNT_DIR
 
 log = logging.getLogger(__name__)
 
-SERVICE_ACCOUNT_DIR: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 HOST_CONF_DIR: Final = PurePath("/etc/cni/net.d")
 
 
@@ -69,19 +70,16 @@ def api_credentials(
     environ: Mapping[str, str], *, account_dir: Path = SERVICE_ACCOUNT_DIR
 ) -> ApiCredentials:
     """The agent pod's own API access (in-cluster): what the plugin on the node will use."""
-    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
-    if not host or not port:
+    server = kube_api.in_cluster_server(environ)
+    if server is None:
         raise MeshguardFailure(
             "KUBERNETES_SERVICE_HOST/PORT not set: meshguard cni install runs in a pod"
         )
+    token = kube_api.read_token(account_dir / "token")
     try:
-        token = (account_dir / "token").read_text(encoding="utf-8").strip()
         ca_pem = (account_dir / "ca.crt").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise MeshguardFailure(f"cannot read the service account in {account_dir}: {exc}") from None
-    if not token:
-        raise MeshguardFailure(f"the service-account token in {account_dir} is empty")
-    server = f"https://{f'[{host}]' if ':' in host else host}:{port}"
     return ApiCredentials(server=server, token=token, ca_pem=ca_pem)
 
 

@@ -13,21 +13,19 @@ reason). Failures are logged and retried on the next pass, never fatal.
 
 from __future__ import annotations
 
-import json
 import logging
-import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meshguard import kube_api
 from meshguard.cni import repair
 from meshguard.cni.node import ApiCredentials
 from meshguard.errors import MeshguardError, MeshguardFailure
+from meshguard.kube_api import ApiAccess
 
 log = logging.getLogger(__name__)
 
@@ -192,36 +190,17 @@ def _call(
     timeout: float,
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    if not credentials.server.startswith("https://"):
-        raise MeshguardFailure(f"API server {credentials.server!r}: expected https://")
-    headers = {"Authorization": f"Bearer {credentials.token}", "Accept": "application/json"}
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(  # noqa: S310 - https only, checked above
-        credentials.server + path, data=data, headers=headers, method=method
-    )
+    """One API call; its answer as a JSON object (None when it is not one)."""
+    access = ApiAccess(
+        server=credentials.server, token=credentials.token, ca_pem=credentials.ca_pem,
+        timeout=timeout,
+    )  # fmt: skip
     try:
-        context = ssl.create_default_context(cadata=credentials.ca_pem)
-    except (ssl.SSLError, ValueError) as exc:
-        raise MeshguardFailure(f"cannot load the service account's CA: {exc}") from None
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
-            answer = response.read(MAX_LIST_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        if method == "DELETE" and exc.code in (404, 409):
-            raise _Gone(f"{method} {path}: HTTP {exc.code}") from None
-        raise MeshguardFailure(
-            f"{method} {path}: the API server answered HTTP {exc.code}"
-        ) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise MeshguardFailure(f"{method} {path} at {credentials.server}: {reason}") from None
-    if len(answer) > MAX_LIST_BYTES:
-        raise MeshguardFailure(f"{method} {path}: the API answer exceeds 64 MiB")
-    try:
-        document = json.loads(answer or b"null")
-    except ValueError:
-        raise MeshguardFailure(f"{method} {path}: the API answer is not JSON") from None
-    return document if isinstance(document, dict) else None
+        answer = kube_api.request(
+            access, method, path, what=f"{method} {path}", limit=MAX_LIST_BYTES, body=body
+        )
+    except kube_api.ApiError as exc:
+        if method == "DELETE" and exc.status in (404, 409):
+            raise _Gone(str(exc)) from None
+        raise
+    return kube_api.json_object(answer)

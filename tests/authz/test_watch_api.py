@@ -24,10 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshguard.authz.decision import Reason
 from meshguard.authz.feed import Feed
-from meshguard.authz.kube import ApiError, ApiServer, HttpPodSource, ResourceExpired
+from meshguard.authz.kube import HttpPodSource, ResourceExpired
 from meshguard.authz.server import check
 from meshguard.authz.store import KubernetesStore, Snapshot
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.kube_api import ApiAccess, ApiError
 from tests.authz.test_server import check_request, free_port
 from tests.authz.test_store import EXAMPLE
 from tests.support.apiserver import TOKEN, ScriptedApiServer
@@ -92,9 +93,12 @@ def wait_for(condition: Callable[[], bool], *, timeout: float = 300, what: str) 
         time.sleep(0.05)
 
 
+def access(api: ScriptedApiServer, *, token: str = TOKEN) -> ApiAccess:
+    return ApiAccess(server=f"https://127.0.0.1:{api.port}", ca_file=str(api.ca_file), token=token)
+
+
 def start_store(api: ScriptedApiServer, **knobs: Any) -> KubernetesStore:
-    server = ApiServer(host="127.0.0.1", port=api.port, ca_file=str(api.ca_file), token=TOKEN)
-    store = KubernetesStore(HttpPodSource(server), backoff_initial=0.05, **knobs)
+    store = KubernetesStore(HttpPodSource(access(api)), backoff_initial=0.05, **knobs)
     store.start()
     return store
 
@@ -153,10 +157,7 @@ def test_bookmarks_advance_the_version_a_broken_watch_resumes_from(api):
 
 
 def test_a_node_name_is_sent_as_a_field_selector(api):
-    server = ApiServer(
-        host="127.0.0.1", port=api.port, ca_file=str(api.ca_file), token=TOKEN, node_name="n1"
-    )
-    source = HttpPodSource(server)
+    source = HttpPodSource(access(api), node_name="n1")
     page = next(iter(source.list()))
     next(iter(source.watch(page.resource_version, 1)), None)
     assert [r.query.get("fieldSelector") for r in api.requests] == ["spec.nodeName=n1"] * 2
@@ -289,7 +290,7 @@ def test_a_worker_that_is_gone_gets_nothing_queued():
     read_end, write_end = os.pipe()
     os.close(read_end)
     feed = Feed([write_end])
-    store = KubernetesStore(HttpPodSource(ApiServer(host="127.0.0.1", port=1, ca_file=None)))
+    store = KubernetesStore(HttpPodSource(ApiAccess(server="https://127.0.0.1:1")))
     feed(Snapshot({}, store.stats()))  # EPIPE: the writer stops
     (writer,) = feed._writers
     writer._thread.join(timeout=5)
@@ -306,9 +307,8 @@ def test_a_worker_that_is_gone_gets_nothing_queued():
 def test_api_failures_are_errors_that_say_what_the_server_said(api, knob, message):
     token = "wrong" if knob == "token" else TOKEN
     api.script.down = knob == "down"
-    server = ApiServer(host="127.0.0.1", port=api.port, ca_file=str(api.ca_file), token=token)
     with pytest.raises(ApiError) as caught:
-        next(iter(HttpPodSource(server).list()))
+        next(iter(HttpPodSource(access(api, token=token)).list()))
     assert str(caught.value) == message
     assert not isinstance(caught.value, ResourceExpired)
 
