@@ -43,6 +43,7 @@ PAGE_SIZE: Final = 100
 #: Seconds to wait for an answer to a LIST page (a WATCH waits its timeoutSeconds more).
 REQUEST_TIMEOUT: Final = 30.0
 MAX_LINE_BYTES: Final = 16 * 1024 * 1024
+#: A LIST page larger than this is refused (100 injected pods are about 1.2 MB).
 MAX_PAGE_BYTES: Final = 256 * 1024 * 1024
 
 
