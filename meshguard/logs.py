@@ -6,11 +6,16 @@ Library code logs through :mod:`logging` with ``extra={"fields": {...}}``; the C
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
+
+#: JSON for a line: anything the encoder does not know is written as its str().
+_encode = json.JSONEncoder(default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +23,6 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._second = -1
         self._stamp = ""
-        self._encode = json.JSONEncoder(default=str).encode
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
@@ -28,7 +32,7 @@ class JsonFormatter(logging.Formatter):
         )  # fmt: skip
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
-        return self._encode(document)
+        return _encode(document)
 
     def document(
         self,
@@ -40,9 +44,8 @@ class JsonFormatter(logging.Formatter):
         fields: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
         """The JSON object of one line, before encoding."""
-        msecs = int((created - int(created)) * 1000)
         document: dict[str, Any] = {
-            "time": f"{self._time(created)}.{msecs:03d}Z",
+            "time": self.stamp(created),
             "level": level.lower(),
             "logger": logger,
             "msg": msg,
@@ -52,7 +55,12 @@ class JsonFormatter(logging.Formatter):
         return document
 
     def encode(self, document: Mapping[str, Any]) -> str:
-        return self._encode(document)
+        return _encode(document)
+
+    def stamp(self, created: float) -> str:
+        """The ``time`` of a line: UTC to the millisecond, ISO 8601."""
+        msecs = int((created - int(created)) * 1000)
+        return f"{self._time(created)}.{msecs:03d}Z"
 
     def _time(self, created: float) -> str:
         """UTC to the second, formatted once per second (a server logs thousands a second)."""
@@ -86,6 +94,18 @@ def configure(*, stream: TextIO, level: int = logging.INFO) -> None:
     root.propagate = False
 
 
+@dataclass(frozen=True)
+class Members:
+    """Fields that many lines repeat, JSON-encoded once (``text``: the members, no braces)."""
+
+    fields: Mapping[str, Any]
+    text: str
+
+
+def members(fields: Mapping[str, Any]) -> Members:
+    return Members(fields=dict(fields), text=_encode(fields)[1:-1])
+
+
 class InfoLines:
     """One logger's INFO lines with fields, for a line per request (the authz decisions).
 
@@ -100,44 +120,61 @@ class InfoLines:
     def __init__(self, logger: logging.Logger) -> None:
         self._logger = logger
         self._direct = _sole_json_handler(logger)
+        self._head = functools.lru_cache(maxsize=64)(self._head_of)
 
     @property
     def enabled(self) -> bool:
         return self._logger.isEnabledFor(logging.INFO)
 
-    def write(self, msg: str, fields: Mapping[str, Any]) -> None:
+    def write(
+        self, msg: str, fields: Mapping[str, Any], *, repeated: Members | None = None
+    ) -> None:
+        """One line: ``msg``, the ``repeated`` fields (encoded once, see :func:`members`),
+        then ``fields``."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
         handler = self._direct
         if handler is None:
-            self._through_logging(msg, fields)
+            self._through_logging(msg, fields, repeated)
             return
         try:
-            self._write_direct(handler, msg, fields)
+            self._write_direct(handler, msg, fields, repeated)
         except Exception:  # a failing stream: logging's own handling reports it, never raises
-            self._through_logging(msg, fields)
+            self._through_logging(msg, fields, repeated)
 
     def _write_direct(
-        self, handler: logging.StreamHandler[TextIO], msg: str, fields: Mapping[str, Any]
+        self,
+        handler: logging.StreamHandler[TextIO],
+        msg: str,
+        fields: Mapping[str, Any],
+        repeated: Members | None,
     ) -> None:
         formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
-        document = formatter.document(
-            created=time.time(), level="info", logger=self._logger.name, msg=msg, fields=fields
-        )
-        line = formatter.encode(document) + "\n"
+        parts = [f'{{"time": "{formatter.stamp(time.time())}", {self._head(msg)}']
+        if repeated is not None and repeated.text:
+            parts.append(repeated.text)
+        if fields:
+            parts.append(_encode(fields)[1:-1])
+        line = ", ".join(parts) + "}\n"
         with handler.lock:  # type: ignore[union-attr]
             handler.stream.write(line)
             handler.stream.flush()
 
-    def _through_logging(self, msg: str, fields: Mapping[str, Any]) -> None:
+    def _head_of(self, msg: str) -> str:
+        """The members after ``time``, as :meth:`JsonFormatter.document` orders them."""
+        return _encode({"level": "info", "logger": self._logger.name, "msg": msg})[1:-1]
+
+    def _through_logging(
+        self, msg: str, fields: Mapping[str, Any], repeated: Members | None
+    ) -> None:
         # Logger.info without its caller lookup (a stack walk per line; the JSON line shows
         # no file and line).
+        every = {**repeated.fields, **fields} if repeated is not None else dict(fields)
         self._logger.handle(
             self._logger.makeRecord(
-                self._logger.name, logging.INFO, "", 0, msg, (), None,
-                extra={"fields": dict(fields)},
+                self._logger.name, logging.INFO, "", 0, msg, (), None, extra={"fields": every}
             )
-        )  # fmt: skip
+        )
 
 
 def _sole_json_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | None:

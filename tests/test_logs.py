@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshguard.logs import InfoLines, configure
+from meshguard.logs import InfoLines, configure, members
 
 
 class FlushCountingStream(io.StringIO):
@@ -91,12 +91,22 @@ def test_info_lines_write_the_formatters_document_directly_and_flushed(logged):
     assert through_logging["time"][:16] == direct["time"][:16]
 
 
+def test_repeated_fields_encoded_once_make_the_same_line(logged):
+    logger, stream = logged
+    repeated = members({"event": "decision", "request": {"path": '/a"b', "port": 1}, "x": None})
+    logger.info("decision", extra={"fields": {**repeated.fields, "us": 7}})
+    InfoLines(logger).write("decision", {"us": 7}, repeated=repeated)
+    through_logging, direct = stream.getvalue().splitlines()
+    assert direct.split('"level"', 1)[1] == through_logging.split('"level"', 1)[1]
+    assert json.loads(direct)["request"] == {"path": '/a"b', "port": 1}
+
+
 def test_info_lines_go_through_logging_when_another_handler_listens(logged, caplog):
     logger, stream = logged
     root = logging.getLogger("meshguard")
     root.propagate = True  # caplog's handler sits on the root logger
     caplog.set_level(logging.INFO)
-    InfoLines(logger).write("decision", {"event": "decision", "n": 2})
+    InfoLines(logger).write("decision", {"n": 2}, repeated=members({"event": "decision"}))
     captured = [r.fields for r in caplog.records if r.name == logger.name]  # type: ignore[attr-defined]
     assert captured and all(fields == {"event": "decision", "n": 2} for fields in captured)
     assert lines(stream.getvalue())[0]["n"] == 2  # meshguard's handler wrote it too

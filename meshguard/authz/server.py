@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -48,16 +48,18 @@ from meshguard.authz.identity import (
 from meshguard.authz.metrics import AuthzMetrics
 from meshguard.authz.store import PolicyStore
 from meshguard.errors import MeshguardError
-from meshguard.logs import InfoLines
+from meshguard.logs import InfoLines, Members, members
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("meshguard.authz.decisions")
 
 MAX_HEADER_BYTES = 64 * 1024
 READY_POLL_SECONDS = 0.1
-#: Distinct answers (CheckResponse and log fields) and callers kept for reuse.
+#: Distinct answers (CheckResponses, decision lines) and callers kept for reuse.
 ANSWERS_KEPT = 1024
 CALLERS_KEPT = 256
+#: Decision lines of requests with longer paths are encoded each time, not remembered.
+MAX_REMEMBERED_PATH = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,16 +185,28 @@ def _caller_of_peer(security: tuple[bytes, ...], uris: tuple[bytes, ...]) -> Cal
     return caller_from({SECURITY_PROPERTY: list(security), URI_PROPERTY: list(uris)})
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What a decision gives: the CheckResponse and the decision's log fields."""
+class Described(NamedTuple):
+    """What a decision line says but its time and duration: the same for every Check of the
+    same request by the same caller decided alike, so its JSON is made once for them."""
 
-    response: external_auth_pb2.CheckResponse
-    log_fields: Mapping[str, Any]
+    pod: str | None
+    caller: str | None
+    method: str | None
+    path: str | None
+    port: int | None
+    source_address: str | None
+    decision: Decision
 
 
-def answer_of(decision: Decision) -> Answer:
-    return Answer(response_of(decision), decision.log_fields())
+def decision_members(described: Described) -> Members:
+    request = {
+        "method": described.method,
+        "path": described.path,
+        "port": described.port,
+        "source_address": described.source_address,
+    }
+    fields = {"event": "decision", "pod": described.pod, "caller": described.caller}
+    return members(fields | {"request": request} | described.decision.log_fields())
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -220,8 +234,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._decisions = InfoLines(decisions_log)
         # Pure functions of frozen values, remembered: equal decisions give equal answers,
         # equal peer properties the same caller (each Check still reads its own channel's).
-        self._answer_of = functools.lru_cache(maxsize=ANSWERS_KEPT)(answer_of)
+        self._response_of = functools.lru_cache(maxsize=ANSWERS_KEPT)(response_of)
         self._caller_of_peer = functools.lru_cache(maxsize=CALLERS_KEPT)(_caller_of_peer)
+        self._decision_members = functools.lru_cache(maxsize=ANSWERS_KEPT)(decision_members)
 
     async def Check(
         self, check_request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -243,9 +258,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 kind=Reason.INTERNAL_ERROR,
             )  # fmt: skip
         elapsed = time.perf_counter() - started
-        answer = self._answer_of(decision)
-        self._record(request, decision, answer, elapsed, caller)
-        return answer.response
+        self._record(request, decision, elapsed, caller)
+        return self._response_of(decision)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         auth = context.auth_context()
@@ -256,27 +270,20 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self,
         request: Request,
         decision: Decision,
-        answer: Answer,
         elapsed: float,
         caller: Caller | None,
     ) -> None:
         self._checks.record(decision, elapsed)
         identity = caller.identity.spiffe_id if caller and caller.identity else None
         if self._decisions.enabled:
-            fields = {
-                "event": "decision",
-                "pod": request.pod,
-                "caller": identity,
-                "request": {
-                    "method": request.method,
-                    "path": request.path,
-                    "port": request.port,
-                    "source_address": request.source_address,
-                },
-                **answer.log_fields,
-                "us": round(elapsed * 1e6),
-            }
-            self._decisions.write("decision", fields)
+            described = Described(
+                request.pod, identity, request.method, request.path, request.port,
+                request.source_address, decision,
+            )  # fmt: skip
+            remembered = len(request.path or "") <= MAX_REMEMBERED_PATH
+            members_of = self._decision_members if remembered else decision_members
+            repeated = members_of(described)
+            self._decisions.write("decision", {"us": round(elapsed * 1e6)}, repeated=repeated)
         if decision.kind in (Reason.NO_IDENTITY, Reason.IDENTITY_MISMATCH):
             log.warning(
                 "Check denied on the caller's identity: %s",

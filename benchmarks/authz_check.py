@@ -1,0 +1,182 @@
+"""Benchmark what one Check costs inside the authz process, against a do-nothing servicer.
+
+Run: ``python -m benchmarks.authz_check [--quick] [--json FILE]`` (no root, no network).
+
+The L7 benchmark (``l7_path.py``) measures Checks through gRPC, Envoy and the kernel, where
+two shared CPUs scatter the figures by tens of percent between rounds. This one isolates
+meshguard's own per-Check Python: ``AuthorizationService.Check`` driven directly (the
+coroutine stepped to completion, no event loop, no gRPC), on the thread's CPU clock, beside
+the echo servicer of ``l7_path`` (a fixed OK: grpc.aio's floor) in the same run:
+
+- ``echo``: the do-nothing servicer;
+- ``meshguard``: serve-authz's servicer (metrics, decision cache) on the injected example
+  pod, its decision line written through meshguard's JSON log handler to a real file;
+- ``meshguard, mTLS``: the same with callers' identities checked (the caller's SPIFFE ID read
+  from an authentication context as gRPC hands it over: the pod's own);
+- ``meshguard, no decision log``: the same at ``--log-level warning``.
+
+The requests cycle through the load test's kinds of Check (four allowed, six denied, each
+with its known answer, checked before timing). Each configuration runs in rounds of
+alternating order; a figure is the minimum over rounds of CPU µs per Check (the least
+disturbed round: the work is the same each round).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2
+
+from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
+from benchmarks.l7_path import _EchoAuthorization
+from meshguard import logs
+from meshguard.authz.cache import DecisionCache
+from meshguard.authz.decision import Decision
+from meshguard.authz.identity import SECURITY_PROPERTY, URI_PROPERTY
+from meshguard.authz.metrics import AuthzMetrics
+from meshguard.authz.server import AuthorizationService
+from meshguard.authz.store import StaticStore, policy_of
+from tests.support.load import Kind, check_kinds
+from tests.support.pods import injected_example
+
+CONFIGS = ("echo", "meshguard", "meshguard, mTLS", "meshguard, no decision log")
+#: The example pod's workload identity (namespace demo, ServiceAccount default).
+POD_SPIFFE_ID = b"spiffe://cluster.local/ns/demo/sa/default"
+
+
+class Document(TypedDict):
+    machine: Machine
+    seconds: float
+    checks_per_round: int
+    rounds: int
+    #: configuration -> CPU µs per Check, each round.
+    us_per_check: dict[str, list[float]]
+
+
+class _Context:
+    """What Check reads of a grpc.aio ServicerContext: the authentication context."""
+
+    def __init__(self, auth: Mapping[str, Sequence[bytes]]) -> None:
+        self._auth = auth
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
+        return self._auth
+
+
+Servicer = Callable[
+    [external_auth_pb2.CheckRequest, Any], Coroutine[Any, Any, external_auth_pb2.CheckResponse]
+]
+
+
+def run_check(check: Servicer, request: external_auth_pb2.CheckRequest, context: Any) -> Any:
+    """One Check to completion: it never awaits, so one step of its coroutine finishes it."""
+    coroutine = check(request, context)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("Check awaited something")
+
+
+def meshguard_service(pod: dict[str, Any], *, identities: bool) -> AuthorizationService:
+    store = StaticStore([policy_of(pod)])
+    cache: DecisionCache[Decision] = DecisionCache()
+    return AuthorizationService(
+        store=store, metrics=AuthzMetrics(store, cache), identities=identities, cache=cache
+    )
+
+
+def check_answers(check: Servicer, kinds: Sequence[Kind], context: Any) -> None:
+    for kind in kinds:
+        problem = kind.problem(run_check(check, kind.request, context))
+        if problem:
+            raise RuntimeError(f"wrong answer before timing: {problem}")
+
+
+def time_round(check: Servicer, kinds: Sequence[Kind], context: Any, count: int) -> float:
+    """CPU µs per Check over ``count`` Checks cycling through ``kinds``."""
+    requests = [kind.request for kind in kinds]
+    started = time.thread_time()
+    for index in range(count):
+        run_check(check, requests[index % len(requests)], context)
+    return (time.thread_time() - started) / count * 1e6
+
+
+def measure(*, quick: bool) -> Document:
+    began = time.monotonic()
+    count, rounds = (2_000, 3) if quick else (10_000, 7)
+    pod = injected_example()
+    kinds = check_kinds(pod)
+    plain = _Context({})
+    mtls = _Context({SECURITY_PROPERTY: [b"ssl"], URI_PROPERTY: [POD_SPIFFE_ID]})
+    decisions_logger = logging.getLogger("meshguard.authz.decisions")
+    results: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        open(Path(directory) / "decisions.log", "w", encoding="utf-8") as stream,
+    ):
+        logs.configure(stream=stream)
+        servicers: dict[str, tuple[Servicer, Any, bool]] = {
+            "echo": (_EchoAuthorization(None).Check, plain, False),
+            "meshguard": (meshguard_service(pod, identities=False).Check, plain, True),
+            "meshguard, mTLS": (meshguard_service(pod, identities=True).Check, mtls, True),
+            "meshguard, no decision log": (
+                meshguard_service(pod, identities=False).Check, plain, False,
+            ),
+        }  # fmt: skip
+        for name, (check, context, _) in servicers.items():
+            if name != "echo":
+                check_answers(check, kinds, context)
+        for index in range(rounds):
+            order = list(CONFIGS) if index % 2 == 0 else list(reversed(CONFIGS))
+            for name in order:
+                check, context, logged = servicers[name]
+                decisions_logger.setLevel(logging.INFO if logged else logging.WARNING)
+                results[name].append(time_round(check, kinds, context, count))
+        decisions_logger.setLevel(logging.NOTSET)
+    return {
+        "machine": machine(grpcio=grpc.__version__),
+        "seconds": time.monotonic() - began,
+        "checks_per_round": count,
+        "rounds": rounds,
+        "us_per_check": results,
+    }
+
+
+def report_lines(document: Document) -> list[str]:
+    best = {name: min(values) for name, values in document["us_per_check"].items()}
+    echo = best["echo"]
+    lines = [
+        f"CPU µs per Check, in-process (min of {document['rounds']} rounds of"
+        f" {document['checks_per_round']:,} Checks, the load test's 10 kinds):"
+    ]
+    for name in CONFIGS:
+        lines.append(f"  {name:<28} {best[name]:7.2f}   (+{best[name] - echo:.2f} over echo)")
+    return lines
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = script_parser(
+        "benchmarks.authz_check",
+        description="CPU per Check inside the authz process against a do-nothing servicer",
+        quick="about 3 s",
+    )
+    args = parser.parse_args(argv)
+    document = measure(quick=args.quick)
+    if args.json:
+        write_json(args.json, document)
+    print("\n".join(report_lines(document)))
+    print(machine_line(document["machine"], document["seconds"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
