@@ -275,6 +275,11 @@ class KubernetesStore:
             if self.is_synced():
                 subscriber(Snapshot(dict(self._policies), self.stats()))
 
+    def unsubscribe(self, subscriber: Callable[[Change], None]) -> None:
+        """No more changes for ``subscriber`` (a worker that is gone)."""
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if s is not subscriber]
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="meshguard-pod-watch", daemon=True)
         self._thread.start()

@@ -559,6 +559,9 @@ def _add_servers(commands: Subcommands) -> None:
     policies.add_argument(  # a worker's: the pipe its parent's watch feeds (internal)
         "--policy-feed", type=int, metavar="FD", help=argparse.SUPPRESS
     )
+    authz.add_argument(  # a worker's: the process that started it (internal)
+        "--parent-pid", type=int, metavar="PID", help=argparse.SUPPRESS
+    )
     authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
     authz.add_argument("--port", type=int, default=9191, help="gRPC port")
     authz.add_argument(

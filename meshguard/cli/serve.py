@@ -19,6 +19,7 @@ from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesStore, PolicyStore, StaticStore
 from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cli.inject import injection_settings
+from meshguard.cli.workers import Worker, WorkerPool
 from meshguard.errors import MeshguardError
 from meshguard.webhook.server import WebhookSettings, run_webhook
 
@@ -44,23 +45,12 @@ def webhook(args: argparse.Namespace) -> int:
 
 
 def authz(args: argparse.Namespace) -> int:
+    problem = _authz_usage_problem(args)
+    if problem is not None:
+        return fail(f"meshguard serve-authz: {problem}", EXIT_USAGE)
+    if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
+        return fail("meshguard serve-authz: the parent process is gone", EXIT_FAILED)
     given = [args.tls_cert, args.tls_key, args.tls_ca]
-    if any(given) and not all(given):
-        return fail(
-            "meshguard serve-authz: give --tls-cert, --tls-key and --tls-ca together", EXIT_USAGE
-        )
-    if args.list_page_size < 1:
-        return fail(
-            f"meshguard serve-authz: --list-page-size {args.list_page_size}: expected at least 1",
-            EXIT_USAGE,
-        )
-    if args.kubernetes and not any(given) and not args.insecure_plaintext:
-        return fail(
-            "meshguard serve-authz: --kubernetes serves the Check channel over mutual TLS:"
-            " give --tls-cert, --tls-key and --tls-ca (Istio's workload certificate files),"
-            " or --insecure-plaintext to serve without callers' identities",
-            EXIT_USAGE,
-        )
     tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca) if all(given) else None
     settings = AuthzSettings(
         host=args.host,
@@ -69,30 +59,39 @@ def authz(args: argparse.Namespace) -> int:
         tls=tls,
         trust_domain=args.trust_domain,
     )
-    pipes = [os.pipe() for _ in range(1, args.workers)] if args.kubernetes else []
-    workers = [
-        _start_worker(args, index, feed_fd=pipes[index - 1][0] if pipes else None)
-        for index in range(1, args.workers)
-    ]
-    for read_end, _ in pipes:
-        os.close(read_end)
     sources = _Sources()
+    pool = WorkerPool(count=args.workers, start=lambda index: sources.worker(args, index))
     try:
         if tls is not None:
             tls.wait(timeout=TLS_WAIT_SECONDS)
-        store = sources.open(args, feed_fds=[write_end for _, write_end in pipes])
+        store = sources.open(args)
+        pool.start()
         asyncio.run(_until_signal(lambda stop: serve_authz(settings, store=store, stop=stop)))
     except MeshguardError as exc:
         return fail(f"meshguard serve-authz: {exc}", EXIT_USAGE)
     except OSError as exc:
         return fail(f"meshguard serve-authz: {exc}", EXIT_FAILED)
     finally:
+        pool.stop()
         sources.close()
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=10)
     return EXIT_OK
+
+
+def _authz_usage_problem(args: argparse.Namespace) -> str | None:
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(given) and not all(given):
+        return "give --tls-cert, --tls-key and --tls-ca together"
+    if args.list_page_size < 1:
+        return f"--list-page-size {args.list_page_size}: expected at least 1"
+    if args.workers < 1:
+        return f"--workers {args.workers}: expected at least 1"
+    if args.kubernetes and not any(given) and not args.insecure_plaintext:
+        return (
+            "--kubernetes serves the Check channel over mutual TLS: give --tls-cert, --tls-key"
+            " and --tls-ca (Istio's workload certificate files), or --insecure-plaintext to"
+            " serve without callers' identities"
+        )
+    return None
 
 
 class _Sources:
@@ -100,17 +99,13 @@ class _Sources:
 
     def __init__(self) -> None:
         self.watcher: KubernetesStore | None = None
-        self.feed: Feed | None = None
 
-    def open(self, args: argparse.Namespace, *, feed_fds: list[int]) -> PolicyStore:
+    def open(self, args: argparse.Namespace) -> PolicyStore:
         """--kubernetes: the watch (feeding the workers, if any); --policy-feed: a worker's
         store fed by its parent; --pods: the files."""
         if args.kubernetes:
             source = HttpPodSource(api_access(), page_size=args.list_page_size)
             self.watcher = KubernetesStore(source)
-            if feed_fds:  # one watch for every worker: the children get its changes
-                self.feed = Feed(feed_fds)
-                self.watcher.subscribe(self.feed)
             self.watcher.start()
             return self.watcher
         if args.policy_feed is not None:
@@ -119,11 +114,32 @@ class _Sources:
             return fed
         return StaticStore.from_files(args.pods)
 
+    def worker(self, args: argparse.Namespace, index: int) -> Worker:
+        """Start worker ``index``; with --kubernetes, fed by this process's watch over a pipe
+        of its own (the current view first, then every change), released when it is gone."""
+        watcher = self.watcher
+        if watcher is None:
+            return Worker(_start_worker(args, index, feed_fd=None))
+        read_end, write_end = os.pipe()
+        try:
+            process = _start_worker(args, index, feed_fd=read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        feed = Feed([write_end])
+        watcher.subscribe(feed)
+
+        def release() -> None:
+            watcher.unsubscribe(feed)
+            feed.close()
+
+        return Worker(process, release)
+
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        if self.feed is not None:
-            self.feed.close()
 
 
 def _start_worker(
@@ -147,19 +163,21 @@ def _start_worker(
         argv += ["--tls-ca", str(args.tls_ca)]
     elif args.insecure_plaintext:
         argv.append("--insecure-plaintext")
+    argv += ["--parent-pid", str(os.getpid())]
     fds = (feed_fd,) if feed_fd is not None else ()
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        pass_fds=fds,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - before the threads start
-    )
+    # No preexec_fn: workers are also started again while the server's threads run, where
+    # Python code between fork and exec is unsafe; the worker arranges its own end.
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=fds)
 
 
-def _die_with_parent() -> None:
-    """A worker must not outlive the process that started it, even if that one is killed."""
+def _die_with_parent(parent_pid: int) -> bool:
+    """A worker must not outlive the process that started it, even if that one is killed:
+    SIGTERM when the parent's starting thread ends (the parent's main thread, or the thread
+    that starts workers again, which runs as long as the parent serves). False if the parent
+    is already gone."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent_pid
 
 
 async def _until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +28,7 @@ from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import StaticStore, StoreStats
 from meshguard.inject.transform import InjectSettings, inject_pod
 from tests.authz.test_store import EXAMPLE
+from tests.support.processes import children, listeners, wait_for
 
 STATUS = json.dumps({"listener": {"sources": {"app": ["127.0.100.1", "fd6d:6775::1"]}}})
 POLICY = "rules: [{from: app, to: proxy, ports: [15020], http: {methods: [POST], paths: [/quit]}}]"
@@ -256,17 +260,11 @@ def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
-    def listeners() -> int:
-        out = subprocess.run(
-            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
-        ).stdout
-        return len(out.splitlines())
-
     try:
         deadline = time.monotonic() + 30
-        while listeners() < 2 and time.monotonic() < deadline:
+        while listeners(port) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert listeners() == 2
+        assert listeners(port) == 2
         answers = asyncio.run(
             checks(f"127.0.0.1:{port}", [check_request(pod="demo/shop", path="/quitquitquit")] * 20)
         )
@@ -275,6 +273,40 @@ def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
         parent.terminate()
         parent.wait(timeout=20)
     deadline = time.monotonic() + 10
-    while listeners() and time.monotonic() < deadline:
+    while listeners(port) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert listeners() == 0
+    assert listeners(port) == 0
+
+
+def test_a_killed_worker_is_started_again_and_every_worker_dies_with_a_killed_parent(tmp_path):
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    pod_file = tmp_path / "pod.yaml"
+    pod_file.write_text(yaml.safe_dump(pod))
+    port = free_port()
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
+         "--port", str(port), "--metrics-port", "0", "--workers", "3"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: listeners(port) == 3, what="three processes to listen", timeout=30)
+        first = children(parent.pid)
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: len(set(children(parent.pid)) - set(first)) == 1,
+                 what="the worker to be started again", timeout=30)  # fmt: skip
+        wait_for(lambda: listeners(port) == 3, what="it to listen", timeout=30)
+        workers = children(parent.pid)
+        answers = asyncio.run(
+            checks(f"127.0.0.1:{port}", [check_request(pod="demo/shop", path="/quitquitquit")] * 20)
+        )
+        assert {a.status.code for a in answers} == {0}
+    finally:
+        parent.kill()  # no chance to stop them: each worker ends on its own
+        _, stderr = parent.communicate(timeout=20)
+    assert '"event": "worker-exited"' in stderr
+    wait_for(lambda: listeners(port) == 0, what="every worker to end", timeout=15)
+    for pid in workers:
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists()
+                 or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+                 what=f"worker {pid} to end", timeout=15)  # fmt: skip

@@ -9,11 +9,12 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from tests.authz.test_server import check_request, free_port
 from tests.authz.test_store import EXAMPLE
 from tests.support.apiserver import TOKEN, ScriptedApiServer
 from tests.support.apiserver import Churn as ApiChurn
+from tests.support.processes import children, listeners, wait_for
 
 PODS = 10_000
 SELECTOR = "meshguard.io/admitted=true"
@@ -83,14 +85,6 @@ class Churn(ApiChurn):
         modified["status"] = {"phase": "Running", "round": index}
         self.api.put(modified)
         self.api.put(admitted(f"unlabelled{index % 50}", labelled=False))
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 300, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def access(api: ScriptedApiServer, *, token: str = TOKEN) -> ApiAccess:
@@ -233,17 +227,22 @@ def test_serve_authz_workers_share_one_watch_and_serve_only_once_synced(api, tmp
         sizes = [scrape(metrics + i, "meshguard_authz_cache_pods") for i in range(2)]
         assert sizes[0] == sizes[1] == len(api.keys(SELECTOR))
         assert [scrape(metrics + i, "meshguard_authz_relists_total") for i in range(2)] == [1, 1]
+        # A worker killed is started again and fed by the same watch: no new LIST or WATCH.
+        (worker,) = children(server.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: len(children(server.pid)) == 1 and children(server.pid) != [worker],
+                 what="the worker to be started again", timeout=30)  # fmt: skip
+        wait_for(lambda: listeners(port) == 2, what="the new worker to listen")
+        wait_for(
+            lambda: scraped(metrics + 1, "meshguard_authz_cache_pods") == len(api.keys(SELECTOR)),
+            what="the new worker to get the parent's view",
+        )
+        assert {c for _, c in checks(port, [created] * 8)} == {0}
+        assert {c for _, c in checks(port, [deleted] * 8)} == {7}
     finally:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
     assert len(api.lists()) == PODS // 100 and len(api.watches()) == 1, stderr.decode()[-2000:]
-
-
-def listeners(port: int) -> int:
-    out = subprocess.run(
-        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
-    ).stdout
-    return len(out.splitlines())
 
 
 def health(port: int, *, channels: int) -> list[int]:
@@ -284,6 +283,14 @@ def scrape(port: int, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not on :{port}"
     return float(match.group(1))
+
+
+def scraped(port: int, name: str) -> float | None:
+    """The metric, or None while nothing serves the port yet."""
+    try:
+        return scrape(port, name)
+    except OSError:
+        return None
 
 
 def test_a_worker_that_is_gone_gets_nothing_queued():

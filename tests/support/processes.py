@@ -7,12 +7,14 @@ log's tail, never a bare timeout).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,27 @@ def wait_grpc_serving(address: str, process: subprocess.Popen[Any], log_file: Pa
                 pass
             time.sleep(0.1)
     raise RuntimeError(f"serve-authz not serving:\n{log_tail(log_file)}")
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float = 300, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    """The process's children, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return sorted(found)
+
+
+def listeners(port: int) -> int:
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return len(out.splitlines())
