@@ -248,7 +248,8 @@ def test_not_serving_and_no_decision_until_the_store_has_synced():
     assert late == 0
 
 
-def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
+def serve_workers(tmp_path: Path, *, workers: int) -> tuple[subprocess.Popen[str], int]:
+    """serve-authz --workers on the injected example pod's file: the parent and its port."""
     pod = yaml.safe_load(EXAMPLE.read_text())
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     pod_file = tmp_path / "pod.yaml"
@@ -256,10 +257,14 @@ def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
     port = free_port()
     parent = subprocess.Popen(
         [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
-         "--port", str(port), "--metrics-port", "0", "--workers", "2"],
+         "--port", str(port), "--metrics-port", "0", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    return parent, port
 
+
+def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
+    parent, port = serve_workers(tmp_path, workers=2)
     try:
         deadline = time.monotonic() + 30
         while listeners(port) < 2 and time.monotonic() < deadline:
@@ -279,16 +284,7 @@ def test_workers_share_the_port_and_stop_with_their_parent(tmp_path):
 
 
 def test_a_killed_worker_is_started_again_and_every_worker_dies_with_a_killed_parent(tmp_path):
-    pod = yaml.safe_load(EXAMPLE.read_text())
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
-    pod_file = tmp_path / "pod.yaml"
-    pod_file.write_text(yaml.safe_dump(pod))
-    port = free_port()
-    parent = subprocess.Popen(
-        [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
-         "--port", str(port), "--metrics-port", "0", "--workers", "3"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    parent, port = serve_workers(tmp_path, workers=3)
     try:
         wait_for(lambda: listeners(port) == 3, what="three processes to listen", timeout=30)
         first = children(parent.pid)
