@@ -13,7 +13,9 @@ the echo servicer of ``l7_path`` (a fixed OK: grpc.aio's floor) in the same run:
   pod, its decision line written through meshguard's JSON log handler to a real file;
 - ``meshguard, mTLS``: the same with callers' identities checked (the caller's SPIFFE ID read
   from an authentication context as gRPC hands it over: the pod's own);
-- ``meshguard, no decision log``: the same at ``--log-level warning``.
+- ``meshguard, no decision log``: the same at ``--log-level warning``;
+
+and, cold only, the first parts of meshguard's Check on their own (:data:`STAGES`).
 
 The requests cycle through the load test's kinds of Check (four allowed, six denied, each
 with its known answer, checked before timing). Each configuration runs in rounds of
@@ -49,7 +51,7 @@ from meshguard.authz.cache import DecisionCache
 from meshguard.authz.decision import Decision
 from meshguard.authz.identity import SECURITY_PROPERTY, URI_PROPERTY
 from meshguard.authz.metrics import AuthzMetrics
-from meshguard.authz.server import AuthorizationService
+from meshguard.authz.server import AuthorizationService, check, header_bytes_of, request_of
 from meshguard.authz.store import StaticStore, policy_of
 from tests.support.load import Kind, check_kinds
 from tests.support.pods import injected_example
@@ -123,6 +125,26 @@ def time_round(check: Servicer, kinds: Sequence[Kind], context: Any, count: int)
     return (time.thread_time() - started) / count * 1e6
 
 
+#: Parts of meshguard's Check, timed cold on their own (the report's "of which" lines).
+STAGES = ("translate (request_of)", "translate + decide (check, decision cache)")
+
+
+def stages(pod: dict[str, Any]) -> dict[str, Servicer]:
+    """The first parts of a Check as servicers of their own: the translation of the
+    CheckRequest, then that and the decision (what the `us` of a decision line measures)."""
+    store = StaticStore([policy_of(pod)])
+    cache: DecisionCache[Decision] = DecisionCache()
+
+    async def translate(request: external_auth_pb2.CheckRequest, _: Any) -> Any:
+        return request_of(request)
+
+    async def decide(request: external_auth_pb2.CheckRequest, _: Any) -> Any:
+        size = header_bytes_of(request)
+        return check(request_of(request), store, header_bytes=size, cache=cache)
+
+    return dict(zip(STAGES, (translate, decide), strict=True))
+
+
 def time_cold(check: Servicer, kinds: Sequence[Kind], context: Any, count: int) -> float:
     """Median CPU µs of one Check right after :data:`EVICT_BYTES` of other memory was written."""
     evict = bytearray(EVICT_BYTES)
@@ -167,11 +189,14 @@ def measure(*, quick: bool) -> Document:
                 decisions_logger.setLevel(logging.INFO if logged else logging.WARNING)
                 results[name].append(time_round(check, kinds, context, count))
         cold = {}
+        cold_count = COLD_CHECKS // (4 if quick else 1)
         for name in CONFIGS:
             check, context, logged = servicers[name]
             decisions_logger.setLevel(logging.INFO if logged else logging.WARNING)
-            cold[name] = time_cold(check, kinds, context, COLD_CHECKS // (4 if quick else 1))
+            cold[name] = time_cold(check, kinds, context, cold_count)
         decisions_logger.setLevel(logging.NOTSET)
+        for name, step in stages(pod).items():
+            cold[name] = time_cold(step, kinds, plain, cold_count)
     return {
         "machine": machine(grpcio=grpc.__version__),
         "seconds": time.monotonic() - began,
@@ -197,6 +222,8 @@ def report_lines(document: Document) -> list[str]:
     for name in CONFIGS:
         extra = cold[name] - cold["echo"]
         lines.append(f"  {name:<28} {cold[name]:7.1f}   (+{extra:.1f} over echo)")
+    lines.append("  of meshguard's, on their own:")
+    lines += [f"    {name:<44} {cold[name]:7.1f}" for name in STAGES]
     return lines
 
 
