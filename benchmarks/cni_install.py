@@ -60,7 +60,7 @@ from meshguard.cni.install import kubeconfig, plugin_entry, render
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
-from tests.support.kube_api import ApiServer, scripted_api
+from tests.support.apiserver import ApiServer, scripted_api
 from tests.support.samples import as_cni_mode
 from tests.support.shared import golden_payloads
 

@@ -12,7 +12,7 @@ import pytest
 from meshguard import kube_api
 from meshguard.errors import MeshguardFailure
 from meshguard.kube_api import ApiAccess, ApiError
-from tests.support.kube_api import ApiServer, scripted_api
+from tests.support.apiserver import ApiServer, scripted_api
 
 POD = {"kind": "Pod", "apiVersion": "v1", "metadata": {"namespace": "demo", "name": "shop"}}
 POD_PATH = "/api/v1/namespaces/demo/pods/shop"

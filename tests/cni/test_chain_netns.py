@@ -27,6 +27,7 @@ from meshguard.cni.node import ApiCredentials, InstallSettings, NodeLayout, inst
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.apiserver import ApiServer, scripted_api
 from tests.support.cni_runtime import (
     SYSTEM_PLUGINS,
     CniFailure,
@@ -35,7 +36,6 @@ from tests.support.cni_runtime import (
     bridge_plugin,
     istio_cni_standin,
 )
-from tests.support.kube_api import ApiServer, scripted_api
 from tests.support.matrix import APP, CACHE, LOGS, PROXY, SERVERS, STRANGERS, check_matrix
 from tests.support.matrix import example_pod as matrix_pod
 from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for

@@ -23,7 +23,7 @@ from meshguard.cni.repairer import Repairer, RepairSettings
 from meshguard.errors import MeshguardFailure
 from meshguard.logs import JsonFormatter
 from tests.cni.test_repair import NODE, changed, pod
-from tests.support.kube_api import ApiServer, scripted_api
+from tests.support.apiserver import ApiServer, scripted_api
 
 TOKEN = "agent-token"
 

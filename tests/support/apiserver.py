@@ -6,13 +6,23 @@ Pods live in memory with a global resourceVersion counter; every change is kept 
 log until :meth:`ScriptedApiServer.compact`. Each request is recorded (path and query), so a
 test can say what the client asked. Used by tests/authz/test_watch_api.py and by
 benchmarks/authz_store.py.
+
+Beside it, :func:`scripted_api`: a smaller server of pod objects for the CNI side — GET of
+one pod (the Pod, or a 404 Status), a PodList with equality label and field selectors, DELETE
+with a UID precondition (200, 404, or 409 when the UID differs) — optionally after a delay
+and listening inside a network namespace (a node's); it records method, path and token.
+Both share the HTTPS plumbing (a test CA's certificate), label selectors and Status objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import ctypes.util
 import http.server
 import json
+import os
 import ssl
 import threading
 import time
@@ -25,6 +35,7 @@ from typing import Any, Self
 from tests.support.tls import CertificateAuthority
 
 TOKEN = "scripted-token"
+CLONE_NEWNET = 0x40000000
 
 
 @dataclass
@@ -64,16 +75,9 @@ class ScriptedApiServer:
         self._generation = 0
         self.requests: list[Recorded] = []
         self.list_bytes = 0  # the bytes of every LIST answer, for the benchmark
-        ca = CertificateAuthority.create()
-        cert, key = tmp / "api.crt", tmp / "api.key"
-        ca.issue(cert, key)
-        self.ca_file = ca.write_ca(tmp / "api-ca.crt")
         handler = type("Handler", (_Handler,), {"api": self})
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server, self.ca_file = _https_server(tmp, handler)
         self._server.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -293,6 +297,10 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
             "reason": reason, "message": message}  # fmt: skip
 
 
+def _status_bytes(code: int, reason: str, message: str) -> bytes:
+    return json.dumps(_status(code, reason, message)).encode()
+
+
 def _key(pod: Mapping[str, Any]) -> str:
     return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
 
@@ -334,3 +342,155 @@ class Churn:
         while not self._stop.wait(self._interval):
             self.round(index)
             index += 1
+
+
+# --- pod objects for the CNI side ----------------------------------------------------------
+
+
+@dataclass
+class ApiScript:
+    """What the server answers: pods by (namespace, name), and a delay before each answer."""
+
+    pods: dict[str, bytes] = field(default_factory=dict)
+    delay: float = 0.0
+    requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, token
+
+    def serve(self, pod: Mapping[str, Any]) -> None:
+        metadata = pod["metadata"]
+        path = f"/api/v1/namespaces/{metadata['namespace']}/pods/{metadata['name']}"
+        self.pods[path] = json.dumps(pod).encode()
+
+    def served(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for body in list(self.pods.values())]
+
+    def answer(self, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+        """The status and body kube-apiserver would answer."""
+        path, _, query = target.partition("?")
+        if method == "GET" and path == "/api/v1/pods":
+            return _list(self.served(), urllib.parse.parse_qs(query))
+        if method == "GET" and path in self.pods:
+            return 200, self.pods[path]
+        if method == "DELETE" and path in self.pods:
+            pod = json.loads(self.pods[path])
+            wanted = (json.loads(body or b"{}").get("preconditions") or {}).get("uid")
+            if wanted is not None and wanted != pod["metadata"].get("uid"):
+                return 409, _status_bytes(
+                    409, "Conflict", "Precondition failed: UID in precondition"
+                )
+            del self.pods[path]
+            return 200, json.dumps(pod).encode()
+        return 404, _status_bytes(404, "NotFound", "not found")
+
+
+def _field(pod: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = pod
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
+def _list(pods: list[dict[str, Any]], query: Mapping[str, list[str]]) -> tuple[int, bytes]:
+    """A PodList of the pods matching ``k=v`` label and field selectors (comma-separated)."""
+    selected = pods
+    for selector in query.get("labelSelector", []):
+        selected = [p for p in selected if _matches(p, selector)]
+    for selector in query.get("fieldSelector", []):
+        for term in filter(None, selector.split(",")):
+            key, _, value = term.partition("=")
+            selected = [p for p in selected if _field(p, key) == value]
+    document = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": selected}
+    return 200, json.dumps(document).encode()
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    url: str
+    ca_pem: str
+    ca_file: Path
+    script: ApiScript
+
+
+def _handler(script: ApiScript) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._answer("GET")
+
+        def do_DELETE(self) -> None:
+            self._answer("DELETE")
+
+        def _answer(self, method: str) -> None:
+            time.sleep(script.delay)
+            length = int(self.headers.get("Content-Length") or 0)
+            request_body = self.rfile.read(length) if length else b""
+            token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            script.requests.append((method, self.path, token))
+            code, body = script.answer(method, self.path, request_body)
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+def _created_in(
+    netns_path: str | None, handler: type[http.server.BaseHTTPRequestHandler]
+) -> http.server.ThreadingHTTPServer:
+    """The server, its socket created in ``netns_path`` (a socket stays in the namespace it
+    was created in; only a short-lived thread enters the namespace)."""
+    if netns_path is None:
+        return http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    made: list[http.server.ThreadingHTTPServer] = []
+
+    def create() -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = os.open(netns_path, os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {netns_path}")
+        finally:
+            os.close(fd)
+        made.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler))
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    thread.join()
+    if not made:
+        raise RuntimeError(f"could not listen in {netns_path}")
+    return made[0]
+
+
+@contextlib.contextmanager
+def scripted_api(directory: Path, *, netns_path: str | None = None) -> Iterator[ApiServer]:
+    script = ApiScript()
+    server, ca_file = _https_server(directory, _handler(script), netns_path=netns_path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ApiServer(url=f"https://127.0.0.1:{server.server_address[1]}",
+                        ca_pem=ca_file.read_text(), ca_file=ca_file, script=script)  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _https_server(
+    directory: Path,
+    handler: type[http.server.BaseHTTPRequestHandler],
+    *,
+    netns_path: str | None = None,
+) -> tuple[http.server.ThreadingHTTPServer, Path]:
+    """A server on 127.0.0.1 (in ``netns_path``, if given) with a certificate of a new test
+    CA, and the CA's file for clients."""
+    ca = CertificateAuthority.create()
+    cert, key = directory / "api.crt", directory / "api.key"
+    ca.issue(cert, key)
+    server = _created_in(netns_path, handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server, ca.write_ca(directory / "api-ca.crt")
