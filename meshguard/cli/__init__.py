@@ -30,6 +30,7 @@ from meshguard import __version__, annotation_keys, logs
 from meshguard.authz.kube import PAGE_SIZE
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.init_container import DEFAULT_INIT_IMAGE
+from meshguard.kube_api import SERVICE_ACCOUNT_DIR
 from meshguard.rules.ruleset import Family
 
 __all__ = [
@@ -255,7 +256,7 @@ def _add_cni(commands: Subcommands) -> None:
     node.add_argument(
         "--service-account-dir",
         type=Path,
-        default=Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        default=SERVICE_ACCOUNT_DIR,
         help="token and ca.crt the plugin uses (re-read every --interval: tokens rotate)",
     )
     node.add_argument(
