@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.netfilter import NETFILTERS, Netfilter
+
 ROOT_TOOLS = (
     "ip",
     "iptables-restore",
@@ -46,3 +48,11 @@ def shared_dir() -> Iterator[Path]:
     directory.chmod(0o755)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=NETFILTERS, ids=str)
+def netfilter(request: pytest.FixtureRequest) -> Netfilter:
+    """Where Istio's capture is (and so meshguard's rules): each backend in turn, for every
+    test that asks for it."""
+    chosen: Netfilter = request.param
+    return chosen

@@ -26,7 +26,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
-from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
+from tests.support.netfilter import Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
 
 pytestmark = pytest.mark.root
@@ -117,13 +117,6 @@ def injected_pod(
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     return pod
-
-
-@pytest.fixture(params=NETFILTERS, ids=str)
-def netfilter(request: pytest.FixtureRequest) -> Netfilter:
-    """Where Istio's capture is: every L7 test runs on each backend."""
-    chosen: Netfilter = request.param
-    return chosen
 
 
 @pytest.fixture(params=["enforce"])

@@ -34,7 +34,7 @@ from meshguard.sandbox.netns import (
     record_command,
     serve_command,
 )
-from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
+from tests.support.netfilter import Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox, Server, client_namespace, compile_for, pod_sandbox
 from tests.support.shared import golden_payloads
 
@@ -56,13 +56,6 @@ def example_pod(*, policy: dict[str, Any] | None = None, proxy: tuple[int, int] 
         istio_proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy")
         istio_proxy["securityContext"].update(runAsUser=proxy[0], runAsGroup=proxy[1])
     return pod
-
-
-@pytest.fixture(params=NETFILTERS, ids=str)
-def netfilter(request: pytest.FixtureRequest) -> Netfilter:
-    """Where Istio's capture is (and so meshguard's rules): each backend in turn."""
-    chosen: Netfilter = request.param
-    return chosen
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from meshguard.errors import MeshguardFailure
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import envoy_command
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
-from tests.support.netfilter import NETFILTERS, Netfilter, nft_golden, pod_for
+from tests.support.netfilter import Netfilter, nft_golden, pod_for
 from tests.support.podns import PodSandbox, Server, client_namespace, compile_for
 from tests.support.shared import golden_payloads
 
@@ -222,13 +222,6 @@ def envoy_counters(box: PodSandbox) -> dict[str, int]:
     (stats,) = box.probe(uid=PROXY[0], gid=PROXY[1], targets=[_admin("/stats?format=json")])
     assert stats["result"] == "allow", stats
     return {s["name"]: s["value"] for s in stats["stats"] if "value" in s}
-
-
-@pytest.fixture(params=NETFILTERS, ids=str)
-def netfilter(request: pytest.FixtureRequest) -> Netfilter:
-    """Where Istio's capture is (and so meshguard's rules): each backend in turn."""
-    chosen: Netfilter = request.param
-    return chosen
 
 
 @contextlib.contextmanager
