@@ -15,6 +15,7 @@ the two processes (same program, same uid, created by the parent, inherited by t
 alone); the feed is never read from a socket or a file.
 
 A slow worker never stalls the watch: each worker has its own queue and writer thread.
+A worker started again gets a pipe and a feed of its own, the current view first.
 """
 
 from __future__ import annotations
@@ -42,21 +43,34 @@ def encode(change: Change) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-class Feed:
-    """The parent's side: a store subscriber that encodes each change once and queues it to
-    every worker's writer."""
+class FrameEncoder:
+    """Each change encoded once for every worker's feed: the store hands the same change
+    object to its subscribers one after the other (under its lock), so the last frame is
+    reused while the change is the same object."""
 
-    def __init__(self, fds: list[int]) -> None:
-        self._writers = [FeedWriter(fd, name=str(index)) for index, fd in enumerate(fds, 1)]
+    def __init__(self) -> None:
+        self._change: Change | None = None
+        self._frame = b""
+
+    def __call__(self, change: Change) -> bytes:
+        if change is not self._change:
+            self._frame, self._change = encode(change), change
+        return self._frame
+
+
+class Feed:
+    """The parent's side of one worker's pipe: a store subscriber that queues each change's
+    frame (from the ``encoder`` all the workers' feeds share) to the pipe's writer."""
+
+    def __init__(self, fd: int, *, name: str, encoder: FrameEncoder) -> None:
+        self._writer = FeedWriter(fd, name=name)
+        self._encode = encoder
 
     def __call__(self, change: Change) -> None:
-        frame = encode(change)
-        for writer in self._writers:
-            writer.send(frame)
+        self._writer.send(self._encode(change))
 
     def close(self) -> None:
-        for writer in self._writers:
-            writer.close()
+        self._writer.close()
 
 
 class FeedWriter:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
-from meshguard.authz.feed import FedStore, Feed
+from meshguard.authz.feed import FedStore, Feed, FrameEncoder
 from meshguard.authz.identity import TlsFiles
 from meshguard.authz.kube import HttpPodSource, api_access
 from meshguard.authz.server import AuthzSettings, serve_authz
@@ -99,6 +99,7 @@ class _Sources:
 
     def __init__(self) -> None:
         self.watcher: KubernetesStore | None = None
+        self.frames = FrameEncoder()  # the workers' feeds encode each change once
 
     def open(self, args: argparse.Namespace) -> PolicyStore:
         """--kubernetes: the watch (feeding the workers, if any); --policy-feed: a worker's
@@ -128,7 +129,7 @@ class _Sources:
             raise
         finally:
             os.close(read_end)
-        feed = Feed([write_end])
+        feed = Feed(write_end, name=str(index), encoder=self.frames)
         watcher.subscribe(feed)
 
         def release() -> None:

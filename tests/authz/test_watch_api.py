@@ -24,7 +24,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshguard.authz.decision import Reason
-from meshguard.authz.feed import Feed
+from meshguard.authz.feed import Feed, FrameEncoder
 from meshguard.authz.kube import HttpPodSource, ResourceExpired
 from meshguard.authz.server import check
 from meshguard.authz.store import KubernetesStore, Snapshot
@@ -296,10 +296,10 @@ def scraped(port: int, name: str) -> float | None:
 def test_a_worker_that_is_gone_gets_nothing_queued():
     read_end, write_end = os.pipe()
     os.close(read_end)
-    feed = Feed([write_end])
+    feed = Feed(write_end, name="1", encoder=FrameEncoder())
     store = KubernetesStore(HttpPodSource(ApiAccess(server="https://127.0.0.1:1")))
     feed(Snapshot({}, store.stats()))  # EPIPE: the writer stops
-    (writer,) = feed._writers
+    writer = feed._writer
     writer._thread.join(timeout=5)
     feed(Snapshot({}, store.stats()))
     assert writer._queue.empty()
@@ -329,3 +329,12 @@ def test_a_list_page_size_below_one_is_refused(size):
     )  # fmt: skip
     assert done.returncode == 2
     assert f"--list-page-size {size}: expected at least 1" in done.stderr
+
+
+def test_the_workers_feeds_encode_a_change_once():
+    store = KubernetesStore(HttpPodSource(ApiAccess(server="https://127.0.0.1:1")))
+    encoder = FrameEncoder()
+    first, second = Snapshot({}, store.stats()), Snapshot({}, store.stats())
+    frame = encoder(first)
+    assert encoder(first) is frame  # the same change object: the same frame, not encoded again
+    assert encoder(second) == frame and encoder(second) is not frame  # an equal new change
