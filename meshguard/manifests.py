@@ -9,7 +9,7 @@ them edits the documents, which keeps every other field and the document order.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -29,7 +29,13 @@ TEMPLATE_PATHS: Final[Mapping[str, tuple[str, ...]]] = {
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
     "PodTemplate": ("template",),
 }
+#: The cap of :func:`read_documents`, which holds a whole manifest (the commands that write
+#: the manifest back, and the pod files of ``serve-authz --pods``). :func:`stream_objects`
+#: (``describe``) has none: it holds one object at a time.
 MAX_MANIFEST_BYTES: Final = 8 * 1024 * 1024
+#: The files ``-f DIRECTORY`` reads, as ``kubectl apply -f`` does.
+MANIFEST_SUFFIXES: Final = (".json", ".yaml", ".yml")
+STDIN: Final = "-"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,117 @@ def pod_templates(documents: list[Any]) -> Iterator[PodTemplate]:
     """Every pod template in the documents, in document order (List items expanded)."""
     for index, document in enumerate(documents):
         yield from _templates_of(document, f"document {index + 1}")
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One Kubernetes object of a manifest, and where it is (for messages)."""
+
+    where: str
+    obj: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        kind = self.obj.get("kind")
+        return kind if isinstance(kind, str) else ""
+
+    def pod_templates(self) -> Iterator[PodTemplate]:
+        return _templates_of(self.obj, self.where)
+
+    def flattened(self) -> Iterator[SourceObject]:
+        """This object, or the items of this List (nested Lists too)."""
+        items = self.obj.get("items")
+        if not (self.kind.endswith("List") and isinstance(items, list)):
+            yield self
+            return
+        for index, item in enumerate(items):
+            where = f"{self.where}, items[{index}]"
+            yield from SourceObject(where, _object(item, where)).flattened()
+
+
+def manifest_files(filenames: Sequence[str], *, recursive: bool = False) -> list[str]:
+    """The files named by ``-f`` flags, in their order, as ``kubectl apply -f`` takes them: a
+    file as named (``-`` is standard input, once), a directory as its ``.json``, ``.yaml``
+    and ``.yml`` files in name order (its subdirectories' too with ``recursive``)."""
+    files: list[str] = []
+    for name in filenames:
+        if name == STDIN:
+            if STDIN in files:
+                raise MalformedInputError("stdin (-) can be read only once")
+            files.append(name)
+            continue
+        path = Path(name)
+        if not path.is_dir():
+            files.append(name)  # a missing file is said when it is read
+            continue
+        found = sorted(
+            p
+            for p in (path.rglob("*") if recursive else path.iterdir())
+            if p.suffix in MANIFEST_SUFFIXES and p.is_file()
+        )
+        if not found:
+            raise MalformedInputError(
+                f"{name}: no {', '.join(MANIFEST_SUFFIXES)} file in this directory"
+                + ("" if recursive else " (-R reads its subdirectories)")
+            )
+        files.extend(map(str, found))
+    return files
+
+
+def stream_objects(filenames: Sequence[str], *, recursive: bool = False) -> Iterator[SourceObject]:
+    """Every Kubernetes object of the files, in order, read as a stream: a ``kind: List``'s
+    items one at a time as they are parsed (``kubectl get pods -A -o yaml`` of any size, in
+    memory for one pod). Nested Lists are given out whole; ``None`` documents are skipped.
+
+    Errors name the file (``stdin`` for ``-``) and the document."""
+    for name in manifest_files(filenames, recursive=recursive):
+        yield from _stream_file(name)
+
+
+def _stream_file(name: str) -> Iterator[SourceObject]:
+    label = "stdin" if name == STDIN else name
+    try:
+        handle = sys.stdin.buffer if name == STDIN else Path(name).open("rb")  # noqa: SIM115
+    except OSError as exc:
+        raise MalformedInputError(f"cannot read {name}: {exc.strerror or exc}") from None
+    try:
+        for part in yaml_io.stream(handle):
+            where = f"{label}: document {part.document + 1}"
+            if part.item is not None:
+                yield SourceObject(f"{where}, items[{part.item}]", _object(part.value, where))
+            elif part.value is not None:
+                document = _object(part.value, where)
+                if part.streamed_items:
+                    _check_list(document, where)
+                else:
+                    yield SourceObject(where, document)
+    except yaml_io.NotUtf8Error as exc:
+        prefix = label if name == STDIN else f"cannot read {label}"
+        raise MalformedInputError(f"{prefix}: {exc}") from None
+    except yaml_io.YAMLError as exc:
+        raise MalformedInputError(f"{label}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise MalformedInputError(f"cannot read {label}: {exc.strerror or exc}") from None
+    finally:
+        if name != STDIN:
+            handle.close()
+
+
+def _object(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedInputError(
+            f"{where}: expected a Kubernetes object, got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_list(document: dict[str, Any], where: str) -> None:
+    """A document whose ``items`` were given out one by one must be a List."""
+    kind = document.get("kind")
+    if not isinstance(kind, str):
+        raise MalformedInputError(f"{where}: has no 'kind'")
+    if not kind.endswith("List"):
+        raise MalformedInputError(f"{where}: a {kind} with 'items': expected a List")
 
 
 def _templates_of(obj: object, where: str) -> Iterator[PodTemplate]:

@@ -297,10 +297,10 @@ def test_describe_output_json_and_yaml():
     as_json = meshguard_cli("describe", "-f", str(EXAMPLE), "-o", "json")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
-    assert data["pod"] == "Pod demo/shop"
+    assert data["kind"] == "PodDescription"
+    assert data["pod"] == {"kind": "Pod", "namespace": "demo", "name": "shop"}
     assert data["protection"] == "unprotected"
-    text = meshguard_cli("describe", "-f", str(EXAMPLE))
-    assert [f"  {line}" for line in data["lines"]] == text.stdout.splitlines()[2:-1]
+    assert [c["name"] for c in data["containers"]] == ["app", "log-shipper", "cache"]
     as_yaml = meshguard_cli("describe", "-f", str(EXAMPLE), "-o", "yaml")
     assert yaml.safe_load(as_yaml.stdout) == data
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,14 +41,58 @@ def test_describe_an_injected_pod():
 
 
 def test_describe_says_when_the_recorded_ruleset_is_stale():
+    """A pod admitted before the admitted record existed: its live policy is all there is."""
     pod = injected_example()
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: []"
+    annotations = pod["metadata"]["annotations"]
+    status = json.loads(annotations["meshguard.io/status"])
+    del status["admitted"]
+    annotations["meshguard.io/status"] = json.dumps(status)
+    annotations["meshguard.io/policy"] = "rules: []"
     done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
     assert "STALE: the policy changed since" in done.stdout
     assert (
         "may connect over loopback (besides each container to its own ports):\n    nothing"
         in done.stdout
     )
+
+
+def test_a_tampered_pod_is_described_as_admitted_and_exits_4():
+    """The live annotations edited after admission: the header says the ADMITTED mode (what
+    is enforced), the rules are the admitted ones, the edit is flagged, the exit status 4."""
+    pod = injected_example()
+    annotations = pod["metadata"]["annotations"]
+    annotations["meshguard.io/mode"] = "audit"
+    annotations["meshguard.io/policy"] = "rules: []\ndefaultAction: allow"
+    done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
+    assert done.returncode == 4, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("  mode: enforce  (as admitted; the live annotations were changed")
+    assert "TAMPERED" in lines[1]
+    assert "[1] app -> cache port 6379/tcp" in done.stdout  # the admitted rules
+    assert "default: deny every other loopback flow" in done.stdout
+    assert "— matches the policy" in done.stdout
+    assert "admitted: TAMPERED — changed after admission: meshguard.io/policy differs" in (
+        done.stdout
+    )
+    data = json.loads(meshguard_cli("describe", "-f", "-", "-o", "json",
+                                    stdin=yaml.safe_dump(pod)).stdout)  # fmt: skip
+    assert data["mode"] == "enforce"
+    assert data["admitted"]["state"] == "changed"
+    assert data["admitted"]["mode"] == "enforce"
+    assert data["defaultAction"] == "deny"
+
+
+def test_a_forged_admitted_record_is_tampered_and_exits_4():
+    pod = injected_example()
+    annotations = pod["metadata"]["annotations"]
+    status = json.loads(annotations["meshguard.io/status"])
+    status["admitted"]["mode"] = "audit"
+    annotations["meshguard.io/status"] = json.dumps(status)
+    annotations["meshguard.io/mode"] = "audit"
+    done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
+    assert done.returncode == 4, done.stderr
+    assert "the admitted record does not verify: TAMPERED" in done.stdout.splitlines()[1]
+    assert "digest mismatch" in done.stdout
 
 
 def test_describe_explains_what_cannot_be_enforced_and_bad_policies():

@@ -5,7 +5,8 @@ logic, print. A subcommand's module is imported only when it runs, so ``meshguar
 (the init container, on every pod start) does not pay for the servers' libraries.
 
 Exit status: 0 success, 1 refused or failed (the message says why), 2 bad usage or
-unreadable input, 3 ``describe --fail-on-unprotected`` found unprotected pods. A handler
+unreadable input, 3 ``describe --fail-on-unprotected`` found unprotected pods, 4 ``describe``
+found a pod whose meshguard annotations were changed after admission. A handler
 raises :class:`~meshguard.errors.MeshguardError` and :func:`main` maps it here, in one place
 (:func:`exit_status`, from the error class's ``exit_code``). A closed standard output (``|
 head``) ends the command quietly.
@@ -28,6 +29,7 @@ from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
 from meshguard.authz.kube import PAGE_SIZE
+from meshguard.cli.describe_args import add_commands as add_describe_commands
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.init_container import DEFAULT_INIT_IMAGE
 from meshguard.kube_api import SERVICE_ACCOUNT_DIR
@@ -63,14 +65,20 @@ EXTRA_OF_MODULE: Final = {
     "grpc": "server",
     "grpc_health": "server",
     "jsonpatch": "server",
-    "kubernetes": "server",
+    "kubernetes": "cli",
+    "urllib3": "cli",
     "prometheus_client": "server",
     "rich": "demo",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, run the subcommand's handler, map its error to the exit status (``meshguard``
+    and ``kubectl-meshguard`` alike)."""
     args = parser.parse_args(argv)
     logs.configure(stream=sys.stderr, level=getattr(logging, args.log_level.upper()))
     if not hasattr(args, "handler"):
@@ -80,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not at exit
     except MeshguardError as exc:
-        return fail(f"meshguard {args.command}: {exc}", exit_status(exc))
+        return fail(f"{parser.prog} {args.command}: {exc}", exit_status(exc))
     except BrokenPipeError:
         return _closed_pipe()
     except KeyboardInterrupt:
@@ -387,44 +395,7 @@ def _add_rules(commands: Subcommands) -> None:
     )
     rules.set_defaults(handler="meshguard.cli.rules:run", extra="cli")
 
-    describe = _command(
-        commands,
-        "describe",
-        help="summarize who may talk to whom in each pod of a manifest",
-        description="For every pod template in a manifest (or `kubectl get pod -o yaml`"
-        " output): the proxy, each container's uid and ports, the rules in words, the default,"
-        " and whether the recorded ruleset (meshguard.io/status) still matches the policy."
-        " Pods (kind Pod) that have Istio's sidecar (sidecar.istio.io/status, istio-proxy) but"
-        " no meshguard.io/status are flagged UNPROTECTED: run it over `kubectl get"
-        " namespaces,pods -A -o yaml` to find the pods Istio injected without meshguard.",
-    )
-    describe.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
-    describe.add_argument(
-        "-o",
-        "--output",
-        choices=["text", "json", "yaml"],
-        default="text",
-        help="text: in words; json (one line per pod) or yaml: the same, as data",
-    )
-    describe.add_argument(
-        "--fail-on-unprotected",
-        action="store_true",
-        help="exit 3 if a pod has Istio's sidecar and no meshguard (opted-out pods excepted)",
-    )
-    describe.add_argument(
-        "--only-unprotected",
-        action="store_true",
-        help="print only the unprotected pods, one line each, and a summary",
-    )
-    describe.add_argument(
-        "--opt-out-label",
-        default="meshguard.io/inject=disabled",
-        metavar="KEY=VALUE",
-        help="the namespace label that opts out of meshguard (the chart's"
-        " webhook.optOutLabel); Namespace objects in the input carrying it mark their pods"
-        " as opted out (default: %(default)s)",
-    )
-    describe.set_defaults(handler="meshguard.cli.describe:run", extra="cli")
+    add_describe_commands(commands, _command)
 
     init = _command(
         commands,

@@ -1,5 +1,18 @@
-"""``meshguard describe``: who may talk to whom in each pod of a manifest, for a person; and,
-over ``kubectl get pods -A -o yaml``, which pods Istio injected without meshguard."""
+"""``meshguard describe`` and ``meshguard unprotected`` (also ``kubectl meshguard ...``): who
+may talk to whom in each pod, and which pods Istio injected without meshguard — over
+manifests (``-f``, any number, directories; ``kubectl get pods -A -o yaml`` of any size) or
+over the live cluster that kubeconfig points at.
+
+Everything is streamed: a pod is read, judged, printed and dropped; memory holds one pod (one
+LIST page from a cluster), the names of the unprotected pods for the summary, and — reading
+files only — the unprotected pods whose namespace has not been seen yet (a Namespace later in
+the input may opt them out; they are printed at the end).
+
+Exit status (docs/describe-schema.md): 0 nothing found; 1 a pod's policy cannot be read, or
+the cluster cannot be read (as kubectl); 2 bad usage or unreadable input; 3 with
+``--fail-on-unprotected``, a pod has Istio's sidecar and no meshguard; 4 a pod's meshguard
+annotations were changed after admission (tampered). When several apply, the highest.
+"""
 
 from __future__ import annotations
 
@@ -7,151 +20,232 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Final
 
-from meshguard import annotation_keys, yaml_io
+from meshguard import yaml_io
 from meshguard.cli import EXIT_FAILED, EXIT_OK
-from meshguard.describe import Protection, Verdict, describe, protection
-from meshguard.errors import MalformedInputError, RefusedError, UsageError
-from meshguard.manifests import PodTemplate, pod_templates, read_source
-from meshguard.pod import read_pod
-from meshguard.policy import parse_mode, parse_policy
-from meshguard.rules.backend import uses_native_nftables
-from meshguard.rules.compiler import CompilerSettings, compile_ruleset
+from meshguard.describe import (
+    PodDescription,
+    PodRef,
+    Protection,
+    Verdict,
+    describe_pod,
+    namespace_opted_out,
+    protection,
+    text_lines,
+)
+from meshguard.errors import UsageError
+from meshguard.manifests import PodTemplate, stream_objects
+from meshguard.rules.compiler import CompilerSettings
 
 #: Exit status of ``--fail-on-unprotected`` when a pod has Istio's sidecar and no meshguard
 #: (distinct from 1, a pod whose policy cannot be read).
 EXIT_UNPROTECTED: Final = 3
+#: Exit status when a pod's meshguard annotations were edited after admission.
+EXIT_TAMPERED: Final = 4
+#: The resource names ``describe`` takes, as kubectl spells pods.
+POD_TYPES: Final = ("pod", "pods", "po")
+#: Flags that read the cluster (meaningless with -f).
+CLUSTER_FLAGS: Final = ("namespace", "all_namespaces", "selector", "kubeconfig", "context")
 
 
 def run(args: argparse.Namespace) -> int:
-    documents = read_source(args.filename)
-    templates = list(pod_templates(documents))
+    """``describe``: every pod in full (or only the unprotected, ``--only-unprotected``)."""
+    return _audit(args, only_unprotected=args.only_unprotected)
+
+
+def run_unprotected(args: argparse.Namespace) -> int:
+    """``unprotected``: the pods with Istio's sidecar and no meshguard, one line each."""
+    return _audit(args, only_unprotected=True)
+
+
+@dataclass(frozen=True)
+class NamespaceSeen:
+    """A Namespace object, and whether it carries meshguard's opt-out label."""
+
+    name: str
+    opted_out: bool
+
+
+#: What a source gives out, in order: Namespaces, and the pods (or templates) to judge.
+Found = NamespaceSeen | PodTemplate
+
+
+def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
     opt_out = _label(args.opt_out_label)
-    opted_out_namespaces = _opted_out_namespaces(documents, opt_out)
-    settings = CompilerSettings()
-    reports = [
-        _report(template, _verdict(template, opted_out_namespaces, opt_out), settings)
-        for template in templates
-    ]
-    unprotected = [r.pod for r in reports if r.verdict.protection is Protection.UNPROTECTED]
-    summary = _summary(reports, unprotected)
-    if args.output == "text":
-        _print_text(reports, only_unprotected=args.only_unprotected)
-        if summary and (unprotected or args.only_unprotected or args.fail_on_unprotected):
-            print(summary)
+    if args.filename:
+        _refuse_cluster_flags(args)
+        found: Iterator[Found] = _from_files(args.filename, args.recursive, opt_out)
+        complete = False
     else:
-        _print_data(reports, output=args.output, only_unprotected=args.only_unprotected)
-        if summary and (unprotected or args.fail_on_unprotected):
-            print(summary, file=sys.stderr)
-    if unprotected and args.fail_on_unprotected:
-        return EXIT_UNPROTECTED
-    return EXIT_FAILED if any(r.error for r in reports) else EXIT_OK
+        from meshguard.cli.cluster import pods_of_cluster  # noqa: PLC0415 - the client is heavy
 
-
-@dataclass(frozen=True, kw_only=True)
-class PodReport:
-    """What ``describe`` says about one pod template."""
-
-    pod: str
-    verdict: Verdict
-    #: The policy in words (empty when it cannot be read).
-    lines: tuple[str, ...]
-    #: Why the policy cannot be read ("" when it can).
-    error: str = ""
-
-    def as_data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "pod": self.pod,
-            "protection": self.verdict.protection.value,
-            "lines": list(self.lines),
-        }
-        if self.verdict.line:
-            data["verdict"] = self.verdict.line
-        if self.error:
-            data["error"] = self.error
-        return data
-
-
-def _print_text(reports: list[PodReport], *, only_unprotected: bool) -> None:
-    for report in reports:
-        if only_unprotected:
-            if report.verdict.protection is Protection.UNPROTECTED:
-                print(f"{report.pod}: {report.verdict.line}")
-            continue
-        print(f"{report.pod}:")
-        if report.verdict.line:
-            print(f"  {report.verdict.line}")
-        if report.error:
-            print(f"  error: {report.error}")
-        for line in report.lines:
-            print(f"  {line}")
-
-
-def _print_data(reports: list[PodReport], *, output: str, only_unprotected: bool) -> None:
-    chosen = [
-        r.as_data()
-        for r in reports
-        if not only_unprotected or r.verdict.protection is Protection.UNPROTECTED
-    ]
-    if output == "json":
-        for data in chosen:
-            print(json.dumps(data, separators=(",", ":")))
-    else:
-        yaml_io.dump_all(chosen, sys.stdout)
-
-
-def _report(template: PodTemplate, verdict: Verdict, settings: CompilerSettings) -> PodReport:
-    """The policy of one pod template in words, or why it cannot be read."""
-    try:
-        pod = read_pod(metadata=template.metadata, spec=template.spec)
-        policy = parse_policy(pod.annotations.get(annotation_keys.POLICY))
-        mode = parse_mode(pod.annotations.get(annotation_keys.MODE))
-    except (RefusedError, MalformedInputError) as exc:
-        return PodReport(pod=template.label, verdict=verdict, lines=(), error=str(exc))
-    lines: list[str] = []
-    native = uses_native_nftables(pod, template.spec)
-    try:
-        compiled = compile_ruleset(
-            pod, policy, mode=mode, settings=settings, native_nftables=native
-        )
-    except RefusedError as exc:
-        compiled = None
-        lines.append(f"cannot be enforced as written: {exc}")
-    lines.extend(
-        describe(
-            pod, policy, mode=mode, compiled=compiled, settings=settings, native_nftables=native
-        )
+        found, complete = pods_of_cluster(args, opt_out), True
+    audit = _Audit(
+        opt_out=opt_out,
+        printer=_Printer(output=args.output, only_unprotected=only_unprotected),
+        namespaces_complete=complete,
     )
-    return PodReport(pod=template.label, verdict=verdict, lines=tuple(lines))
+    for item in found:
+        audit.take(item)
+    audit.finish()
+    summary = audit.summary()
+    show = audit.unprotected or only_unprotected or args.fail_on_unprotected
+    if summary and show:
+        print(summary, file=sys.stdout if args.output == "text" else sys.stderr)
+    return audit.status(fail_on_unprotected=args.fail_on_unprotected)
 
 
-def _verdict(
-    template: PodTemplate, opted_out_namespaces: set[str], opt_out: tuple[str, str]
-) -> Verdict:
-    """Only admitted pods are judged: a workload's template says nothing about its pods (the
-    webhook injects them at admission)."""
-    if template.kind != "Pod":
-        return Verdict(Protection.NO_SIDECAR, "")
-    reason = ""
-    if template.namespace in opted_out_namespaces:
-        reason = f"namespace {template.namespace} is labeled {opt_out[0]}={opt_out[1]}"
-    return protection(template.metadata, template.spec, namespace_opt_out=reason)
+def _refuse_cluster_flags(args: argparse.Namespace) -> None:
+    given = [name for name in CLUSTER_FLAGS if getattr(args, name, None)]
+    if given or getattr(args, "resources", None):
+        what = ", ".join("--" + name.replace("_", "-") for name in given) or "a pod's name"
+        raise UsageError(f"-f reads manifests, not the cluster: {what} cannot be combined with it")
 
 
-def _summary(reports: list[PodReport], unprotected: list[str]) -> str:
-    in_mesh = [r.verdict for r in reports if r.verdict.protection is not Protection.NO_SIDECAR]
-    opted = sum(v.protection is Protection.OPTED_OUT for v in in_mesh)
-    note = f", {opted} opted out" if opted else ""
-    if unprotected:
-        return (
-            f"UNPROTECTED: {len(unprotected)} of {len(in_mesh)} pod(s) with Istio's sidecar"
-            f" have no meshguard{note}: {', '.join(unprotected)}"
+def _from_files(filenames: list[str], recursive: bool, opt_out: tuple[str, str]) -> Iterator[Found]:
+    key, value = opt_out
+    for source in stream_objects(filenames, recursive=recursive):
+        for obj in source.flattened():
+            if obj.kind == "Namespace":
+                metadata = obj.obj.get("metadata")
+                metadata = metadata if isinstance(metadata, Mapping) else {}
+                labels = metadata.get("labels")
+                labeled = isinstance(labels, Mapping) and labels.get(key) == value
+                yield NamespaceSeen(str(metadata.get("name")), opted_out=labeled)
+            else:
+                yield from obj.pod_templates()
+
+
+@dataclass
+class _Held:
+    """An unprotected pod whose namespace was not seen yet (reading files)."""
+
+    template: PodTemplate
+    verdict: Verdict
+
+
+@dataclass
+class _Audit:
+    """The verdicts so far, printed as they come; the counts for the summary and status."""
+
+    opt_out: tuple[str, str]
+    printer: _Printer
+    #: Every opted-out namespace is known before the first pod (read from the cluster).
+    namespaces_complete: bool
+    settings: CompilerSettings = field(default_factory=CompilerSettings)
+    opted_out_namespaces: set[str] = field(default_factory=set)
+    seen_namespaces: set[str] = field(default_factory=set)
+    held: list[_Held] = field(default_factory=list)
+    unprotected: list[str] = field(default_factory=list)
+    in_mesh: int = 0
+    opted_out: int = 0
+    errors: int = 0
+    tampered: int = 0
+
+    def take(self, item: Found) -> None:
+        if isinstance(item, NamespaceSeen):
+            self.seen_namespaces.add(item.name)
+            if item.opted_out:
+                self.opted_out_namespaces.add(item.name)
+            return
+        verdict = self._verdict(item)
+        if (
+            verdict.protection is Protection.UNPROTECTED
+            and not self.namespaces_complete
+            and item.namespace not in self.seen_namespaces
+        ):
+            self.held.append(_Held(item, verdict))
+            return
+        self._report(item, verdict)
+
+    def finish(self) -> None:
+        """The held pods, with the Namespaces the whole input brought."""
+        key, value = self.opt_out
+        for held in self.held:
+            verdict = held.verdict
+            if held.template.namespace in self.opted_out_namespaces:
+                reason = f"namespace {held.template.namespace} is labeled {key}={value}"
+                verdict = namespace_opted_out(reason)
+            self._report(held.template, verdict)
+        self.held.clear()
+
+    def _verdict(self, template: PodTemplate) -> Verdict:
+        """Only admitted pods are judged: a workload's template says nothing about its pods
+        (the webhook injects them at admission)."""
+        if template.kind != "Pod":
+            return Verdict(Protection.NO_SIDECAR, "")
+        key, value = self.opt_out
+        reason = ""
+        if template.namespace in self.opted_out_namespaces:
+            reason = f"namespace {template.namespace} is labeled {key}={value}"
+        return protection(template.metadata, template.spec, namespace_opt_out=reason)
+
+    def _report(self, template: PodTemplate, verdict: Verdict) -> None:
+        if verdict.protection is not Protection.NO_SIDECAR:
+            self.in_mesh += 1
+        if verdict.protection is Protection.OPTED_OUT:
+            self.opted_out += 1
+        if verdict.protection is Protection.UNPROTECTED:
+            self.unprotected.append(template.label)
+        if self.printer.only_unprotected and verdict.protection is not Protection.UNPROTECTED:
+            return
+        ref = PodRef(kind=template.kind, namespace=template.namespace, name=template.name)
+        description = describe_pod(
+            ref=ref,
+            metadata=template.metadata,
+            spec=template.spec,
+            verdict=verdict,
+            settings=self.settings,
         )
-    if in_mesh:
-        return f"every pod with Istio's sidecar has meshguard ({len(in_mesh)} pod(s){note})"
-    return "no pod with Istio's sidecar in the input"
+        self.errors += description.error is not None
+        self.tampered += description.tampered
+        self.printer.print(template.label, description)
+
+    def summary(self) -> str:
+        note = f", {self.opted_out} opted out" if self.opted_out else ""
+        if self.unprotected:
+            return (
+                f"UNPROTECTED: {len(self.unprotected)} of {self.in_mesh} pod(s) with Istio's"
+                f" sidecar have no meshguard{note}: {', '.join(self.unprotected)}"
+            )
+        if self.in_mesh:
+            return f"every pod with Istio's sidecar has meshguard ({self.in_mesh} pod(s){note})"
+        return "no pod with Istio's sidecar in the input"
+
+    def status(self, *, fail_on_unprotected: bool) -> int:
+        if self.tampered:
+            return EXIT_TAMPERED
+        if self.unprotected and fail_on_unprotected:
+            return EXIT_UNPROTECTED
+        return EXIT_FAILED if self.errors else EXIT_OK
+
+
+@dataclass
+class _Printer:
+    """One pod at a time: text, JSON Lines (one document per line), or a YAML stream."""
+
+    output: str
+    only_unprotected: bool
+    documents: int = 0
+
+    def print(self, label: str, description: PodDescription) -> None:
+        if self.output == "json":
+            print(json.dumps(description.as_data(), separators=(",", ":")))
+        elif self.output == "yaml":
+            if self.documents:
+                print("---")
+            yaml_io.dump_all([description.as_data()], sys.stdout, allow_unicode=True)
+        elif self.only_unprotected:
+            print(f"{label}: {description.verdict or ''}")
+        else:
+            print(f"{label}:")
+            if description.verdict:
+                print(f"  {description.verdict}")
+            for line in text_lines(description):
+                print(f"  {line}")
+        self.documents += 1
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -159,31 +253,3 @@ def _label(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise UsageError(f"--opt-out-label: expected KEY=VALUE, got {text!r}")
     return key, value
-
-
-def _opted_out_namespaces(documents: list[Any], label: tuple[str, str]) -> set[str]:
-    """Names of the Namespace objects in the input that carry meshguard's opt-out label
-    (``kubectl get namespaces,pods -A -o yaml`` brings both)."""
-    key, value = label
-    found = set()
-    for obj in _objects(documents):
-        if obj.get("kind") != "Namespace":
-            continue
-        metadata = obj.get("metadata")
-        if not isinstance(metadata, Mapping):
-            continue
-        labels = metadata.get("labels")
-        if isinstance(labels, Mapping) and labels.get(key) == value:
-            found.add(str(metadata.get("name")))
-    return found
-
-
-def _objects(documents: list[Any]) -> Iterator[Mapping[str, Any]]:
-    for document in documents:
-        if not isinstance(document, Mapping):
-            continue
-        items = document.get("items")
-        if isinstance(items, list):
-            yield from _objects(items)
-        else:
-            yield document
