@@ -71,12 +71,18 @@ class ScriptedApiServer:
         self._version = 1000
         self._oldest = 1000  # watches from an older resourceVersion get 410
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
+        #: Namespace objects by name (GET and LIST /api/v1/namespaces).
+        self.namespaces: dict[str, dict[str, Any]] = {}
+        #: Bearer tokens accepted (a verified client certificate is accepted too).
+        self.tokens = {TOKEN}
+        self.client_ca = CertificateAuthority.create()
         self._closing = False
         self._generation = 0
         self.requests: list[Recorded] = []
         self.list_bytes = 0  # the bytes of every LIST answer, for the benchmark
         handler = type("Handler", (_Handler,), {"api": self})
-        self._server, self.ca_file = _https_server(tmp, handler)
+        client_ca = self.client_ca.write_ca(tmp / "client-ca.crt")
+        self._server, self.ca_file = _https_server(tmp, handler, client_ca=client_ca)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -111,6 +117,10 @@ class ScriptedApiServer:
         }
         path.write_text(json.dumps(config))
         return path
+
+    def issue_client_certificate(self, cert: Path, key: Path) -> None:
+        """A client certificate the server accepts (kubeconfig's client-certificate)."""
+        self.client_ca.issue(cert, key)
 
     # --- the state, as a test changes it ---------------------------------------------------
 
@@ -168,7 +178,36 @@ class ScriptedApiServer:
 
     # --- answers ---------------------------------------------------------------------------
 
-    def list_page(self, query: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+    def add_namespace(self, name: str, **labels: str) -> None:
+        self.namespaces[name] = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name, **labels}},
+        }
+
+    def get_object(self, path: str, query: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        """GET of one pod or namespace, a namespace's pods, or the namespaces."""
+        parts = path.removeprefix("/api/v1/").split("/")
+        if parts == ["namespaces"]:
+            selector = query.get("labelSelector", "")
+            items = [n for n in self.namespaces.values() if _matches(n, selector)]
+            return 200, {"kind": "NamespaceList", "apiVersion": "v1", "metadata": {},
+                         "items": items}  # fmt: skip
+        if len(parts) == 2 and parts[0] == "namespaces" and parts[1] in self.namespaces:
+            return 200, self.namespaces[parts[1]]
+        if len(parts) == 3 and parts[0] == "namespaces" and parts[2] == "pods":
+            return self.list_page(query, namespace=parts[1])
+        if len(parts) == 4 and parts[0] == "namespaces" and parts[2] == "pods":
+            with self._lock:
+                pod = self._pods.get(f"{parts[1]}/{parts[3]}")
+            if pod is not None:
+                return 200, pod
+            return 404, _status(404, "NotFound", f'pods "{parts[3]}" not found')
+        return 404, _status(404, "NotFound", "the server could not find the requested resource")
+
+    def list_page(
+        self, query: Mapping[str, str], *, namespace: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
         self.script.list_gate.wait()
         time.sleep(self.script.page_delay)
         limit = int(query.get("limit") or 0)
@@ -182,7 +221,12 @@ class ScriptedApiServer:
                 offset = int(offset_text)
             else:
                 selector = query.get("labelSelector", "")
-                snapshot = [p for p in self._pods.values() if _matches(p, selector)]
+                snapshot = [
+                    p
+                    for p in self._pods.values()
+                    if _matches(p, selector)
+                    and namespace in (None, p["metadata"].get("namespace", "default"))
+                ]
                 snapshot_id = f"{self._version}-{len(self._snapshots)}"
                 self._snapshots[snapshot_id] = snapshot
                 offset = 0
@@ -250,11 +294,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.api.script.down:
             self._json(503, _status(503, "ServiceUnavailable", "the API server is down"))
             return
-        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+        # The scheme is case-insensitive, as kube-apiserver reads it (the official Python
+        # client's in-cluster loader sends "bearer").
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        certified = bool(self.connection.getpeercert())  # type: ignore[attr-defined]
+        if not (scheme.lower() == "bearer" and token in self.api.tokens) and not certified:
             self._json(401, _status(401, "Unauthorized", "Unauthorized"))
             return
         if url.path != "/api/v1/pods":
-            self._json(404, _status(404, "NotFound", url.path))
+            self._json(*self.api.get_object(url.path, query))
             return
         if query.get("watch") != "1":
             sent = self._json(*self.api.list_page(query))
@@ -305,9 +353,9 @@ def _key(pod: Mapping[str, Any]) -> str:
     return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
 
 
-def _matches(pod: Mapping[str, Any], selector: str) -> bool:
+def _matches(obj: Mapping[str, Any], selector: str) -> bool:
     """Equality-based label selectors (``k=v,k2=v2``)."""
-    labels = pod["metadata"].get("labels") or {}
+    labels = obj["metadata"].get("labels") or {}
     for term in filter(None, selector.split(",")):
         key, _, value = term.partition("=")
         if labels.get(key) != value:
@@ -483,14 +531,19 @@ def _https_server(
     handler: type[http.server.BaseHTTPRequestHandler],
     *,
     netns_path: str | None = None,
+    client_ca: Path | None = None,
 ) -> tuple[http.server.ThreadingHTTPServer, Path]:
     """A server on 127.0.0.1 (in ``netns_path``, if given) with a certificate of a new test
-    CA, and the CA's file for clients."""
+    CA, and the CA's file for clients; ``client_ca``: client certificates it issued are
+    verified (and optional)."""
     ca = CertificateAuthority.create()
     cert, key = directory / "api.crt", directory / "api.key"
     ca.issue(cert, key)
     server = _created_in(netns_path, handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(client_ca)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     return server, ca.write_ca(directory / "api-ca.crt")
