@@ -209,9 +209,10 @@ def test_init_refuses_a_malformed_ruleset_with_its_own_message(tmp_path: Path):
         (["serve-authz", "--pods", "p.yaml"], "", "server"),
         (["rules", "-f", "-"], "kind: Pod\n", "cli"),
         (["describe", "-f", "-"], "kind: Pod\n", "cli"),
+        (["unprotected", "-A"], "", "cli"),
         (["demo"], "", "demo"),
     ],
-    ids=["serve-webhook", "serve-authz", "rules", "describe", "demo"],
+    ids=["serve-webhook", "serve-authz", "rules", "describe", "unprotected", "demo"],
 )
 def test_a_command_of_an_extra_names_the_extra(argv, stdin, extra):
     done = run(core_only("meshguard", *argv), stdin=stdin)

@@ -118,12 +118,14 @@ def _from_files(filenames: list[str], recursive: bool, opt_out: tuple[str, str])
                 yield from obj.pod_templates()
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Held:
-    """An unprotected pod whose namespace was not seen yet (reading files)."""
+    """An unprotected pod whose namespace was not seen yet (reading files): its
+    description, not the pod."""
 
-    template: PodTemplate
-    verdict: Verdict
+    label: str
+    namespace: str | None
+    description: PodDescription
 
 
 @dataclass
@@ -151,24 +153,35 @@ class _Audit:
                 self.opted_out_namespaces.add(item.name)
             return
         verdict = self._verdict(item)
+        if self.printer.only_unprotected and verdict.protection is not Protection.UNPROTECTED:
+            self._count(item.label, verdict.protection)  # not printed: not described
+            return
+        description = self._describe(item, verdict)
         if (
             verdict.protection is Protection.UNPROTECTED
             and not self.namespaces_complete
             and item.namespace not in self.seen_namespaces
         ):
-            self.held.append(_Held(item, verdict))
+            self.held.append(_Held(item.label, item.namespace, description))
             return
-        self._report(item, verdict)
+        self._emit(item.label, description)
 
     def finish(self) -> None:
         """The held pods, with the Namespaces the whole input brought."""
         key, value = self.opt_out
         for held in self.held:
-            verdict = held.verdict
-            if held.template.namespace in self.opted_out_namespaces:
-                reason = f"namespace {held.template.namespace} is labeled {key}={value}"
-                verdict = namespace_opted_out(reason)
-            self._report(held.template, verdict)
+            description = held.description
+            if held.namespace in self.opted_out_namespaces:
+                verdict = namespace_opted_out(
+                    f"namespace {held.namespace} is labeled {key}={value}"
+                )
+                description = description.model_copy(
+                    update={"protection": verdict.protection, "verdict": verdict.line}
+                )
+            if self.printer.only_unprotected and description.protection is Protection.OPTED_OUT:
+                self._count(held.label, description.protection)
+            else:
+                self._emit(held.label, description)
         self.held.clear()
 
     def _verdict(self, template: PodTemplate) -> Verdict:
@@ -182,26 +195,29 @@ class _Audit:
             reason = f"namespace {template.namespace} is labeled {key}={value}"
         return protection(template.metadata, template.spec, namespace_opt_out=reason)
 
-    def _report(self, template: PodTemplate, verdict: Verdict) -> None:
-        if verdict.protection is not Protection.NO_SIDECAR:
-            self.in_mesh += 1
-        if verdict.protection is Protection.OPTED_OUT:
-            self.opted_out += 1
-        if verdict.protection is Protection.UNPROTECTED:
-            self.unprotected.append(template.label)
-        if self.printer.only_unprotected and verdict.protection is not Protection.UNPROTECTED:
-            return
+    def _describe(self, template: PodTemplate, verdict: Verdict) -> PodDescription:
         ref = PodRef(kind=template.kind, namespace=template.namespace, name=template.name)
-        description = describe_pod(
+        return describe_pod(
             ref=ref,
             metadata=template.metadata,
             spec=template.spec,
             verdict=verdict,
             settings=self.settings,
         )
+
+    def _count(self, label: str, protection: Protection) -> None:
+        if protection is not Protection.NO_SIDECAR:
+            self.in_mesh += 1
+        if protection is Protection.OPTED_OUT:
+            self.opted_out += 1
+        if protection is Protection.UNPROTECTED:
+            self.unprotected.append(label)
+
+    def _emit(self, label: str, description: PodDescription) -> None:
+        self._count(label, description.protection)
         self.errors += description.error is not None
         self.tampered += description.tampered
-        self.printer.print(template.label, description)
+        self.printer.print(label, description)
 
     def summary(self) -> str:
         note = f", {self.opted_out} opted out" if self.opted_out else ""
