@@ -82,6 +82,15 @@ def read_source(filename: str) -> list[Any]:
         raise MalformedInputError(f"{'stdin' if filename == '-' else filename}: {exc}") from None
 
 
+def read_sources(filenames: Sequence[str], *, recursive: bool = False) -> list[Any]:
+    """The documents of every file named by ``-f`` flags (:func:`manifest_files`), in order:
+    for the commands that write the manifest back, so each file is held whole
+    (:data:`MAX_MANIFEST_BYTES` each)."""
+    return [
+        doc for name in manifest_files(filenames, recursive=recursive) for doc in read_source(name)
+    ]
+
+
 def pod_templates(documents: list[Any]) -> Iterator[PodTemplate]:
     """Every pod template in the documents, in document order (List items expanded)."""
     for index, document in enumerate(documents):

@@ -238,3 +238,15 @@ def test_f_cannot_be_combined_with_the_cluster_flags():
     done = meshguard_cli("describe", "-f", str(EXAMPLE), "-n", "shop")
     assert done.returncode == 2
     assert "-f reads manifests, not the cluster: --namespace cannot be combined" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["rules", "inject"])
+def test_the_other_manifest_commands_read_every_f_too(command: str, tmp_path: Path):
+    first, directory = tmp_path / "first.yaml", tmp_path / "more"
+    directory.mkdir()
+    first.write_text(yaml.safe_dump(injected_pod("one")))
+    (directory / "two.yaml").write_text(yaml.safe_dump(injected_pod("two")))
+    done = meshguard_cli(command, "-f", str(first), "-f", str(directory))
+    assert done.returncode == 0, done.stderr
+    assert "shop/one" in done.stdout or "name: one" in done.stdout
+    assert "shop/two" in done.stdout or "name: two" in done.stdout

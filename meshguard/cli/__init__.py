@@ -30,6 +30,7 @@ from typing import Final, TextIO, TypeAlias
 from meshguard import __version__, annotation_keys, logs
 from meshguard.authz.kube import PAGE_SIZE
 from meshguard.cli.describe_args import add_commands as add_describe_commands
+from meshguard.cli.describe_args import add_manifest_flags
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.init_container import DEFAULT_INIT_IMAGE
 from meshguard.kube_api import SERVICE_ACCOUNT_DIR
@@ -375,7 +376,7 @@ def _add_rules(commands: Subcommands) -> None:
         " manifest (Pod, Deployment, StatefulSet, DaemonSet, Job, CronJob, List, ...) and print"
         " the exact iptables-restore payload(s) or nft transaction meshguard-init applies.",
     )
-    rules.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    add_manifest_flags(rules)
     rules.add_argument("--family", choices=[f.value for f in Family], help="only this family")
     rules.add_argument(
         "--backend",
@@ -465,7 +466,7 @@ def _add_injection(commands: Subcommands) -> None:
         " the documents in their order with every other field kept. Pod templates without"
         " istio-proxy, opted-out and ambient pods pass through unchanged (a note on stderr).",
     )
-    inject.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    add_manifest_flags(inject)
     inject.add_argument(
         "-o",
         "--output",

@@ -138,3 +138,19 @@ def _positive_int(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return number
+
+
+def add_manifest_flags(parser: argparse.ArgumentParser) -> None:
+    """``-f`` (required, repeatable, directories) and ``-R``, as kubectl takes them, for the
+    commands that read manifests only (``rules``, ``inject``)."""
+    parser.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="a manifest file, a directory of .json/.yaml/.yml files, or - for stdin;"
+        " repeatable, read in order",
+    )
+    parser.add_argument(
+        "-R", "--recursive", action="store_true", help="-f DIRECTORY: its subdirectories too"
+    )

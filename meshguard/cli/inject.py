@@ -14,7 +14,7 @@ from meshguard.init_container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
 from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
-from meshguard.manifests import pod_templates, read_source
+from meshguard.manifests import pod_templates, read_sources
 
 
 def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
@@ -26,7 +26,7 @@ def injection_settings(args: argparse.Namespace, *, request_template: bool) -> I
 
 
 def run(args: argparse.Namespace) -> int:
-    documents = read_source(args.filename)
+    documents = read_sources(args.filename, recursive=args.recursive)
     templates = list(pod_templates(documents))
     settings = injection_settings(args, request_template=False)
     errors: list[MeshguardError] = []

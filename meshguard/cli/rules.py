@@ -19,7 +19,7 @@ from meshguard.cli import EXIT_FAILED, EXIT_OK, worst_status
 from meshguard.cli.templates import each_template
 from meshguard.errors import MeshguardError
 from meshguard.inject.transform import InjectSettings, inject_pod, skip_reason
-from meshguard.manifests import PodTemplate, pod_templates, read_source
+from meshguard.manifests import PodTemplate, pod_templates, read_sources
 from meshguard.pod import read_pod
 from meshguard.rules import nftables
 from meshguard.rules.backend import uses_native_nftables
@@ -28,7 +28,7 @@ from meshguard.rules.ruleset import Family, Ruleset
 
 
 def run(args: argparse.Namespace) -> int:
-    templates = list(pod_templates(read_source(args.filename)))
+    templates = list(pod_templates(read_sources(args.filename, recursive=args.recursive)))
     settings = CompilerSettings()
     errors: list[MeshguardError] = []
     compiled = 0
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         return worst_status(errors)
     if not compiled:
         print(
-            f"{args.filename}: no Istio-injected pod template found (run it through"
+            f"{', '.join(args.filename)}: no Istio-injected pod template found (run it through"
             " `istioctl kube-inject -f` first)",
             file=sys.stderr,
         )
