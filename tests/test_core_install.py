@@ -153,6 +153,25 @@ def test_every_library_outside_the_core_names_the_extra_that_brings_it():
         assert module in modules_of(direct[extra]), f"{module}: no requirement of [{extra}]"
 
 
+#: The extras of the test suite and the benchmarks, whose libraries the product never imports.
+DEVELOPMENT_EXTRAS = ("test", "bench")
+
+
+def test_every_declared_dependency_is_imported_by_the_product():
+    """The converse: a requirement of the core install or of a product extra that no module
+    of meshguard imports is dead weight in every image (issue 29.3)."""
+    imported = imported_by_meshguard() | {"pydantic"}
+    unused = []
+    for requirement in importlib.metadata.requires("meshguard") or []:
+        extra = _extra(requirement)
+        name = _requirement_name(requirement)
+        if extra in DEVELOPMENT_EXTRAS or name == "meshguard":
+            continue
+        if not modules_of({name}) & imported:
+            unused.append(f"{name} ({extra or 'core'})")
+    assert unused == []
+
+
 # --- what runs on nodes and in pods, with the core install only ----------------------------
 
 
