@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="warning",
-        choices=[name.lower() for name in ("DEBUG", "INFO", "WARNING", "ERROR")],
+        choices=["debug", "info", "warning", "error"],
         help="least severe log record written to stderr",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
