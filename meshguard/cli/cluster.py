@@ -31,9 +31,7 @@ def pods_of_cluster(args: argparse.Namespace, opt_out: tuple[str, str]) -> Itera
     yield from _opted_out(cluster, namespace, opt_out)
     if names:
         assert namespace is not None  # refused above with -A
-        for name in names:
-            pod = get_object(cluster, resource="pods", namespace=namespace, name=name)
-            yield from SourceObject(f"pod {namespace}/{name}", pod).pod_templates()
+        yield from _named(cluster, namespace, names)
         return
     pods = list_objects(
         cluster,
@@ -44,6 +42,21 @@ def pods_of_cluster(args: argparse.Namespace, opt_out: tuple[str, str]) -> Itera
     )
     for pod in pods:
         yield from SourceObject("a pod of the list", pod).pod_templates()
+
+
+def _named(cluster: Cluster, namespace: str, names: Sequence[str]) -> Iterator[Found]:
+    """Each pod named, as kubectl describes them: the ones found, then the error of each
+    one that was not (exit 1)."""
+    failures: list[str] = []
+    for name in names:
+        try:
+            pod = get_object(cluster, resource="pods", namespace=namespace, name=name)
+        except ClusterError as exc:
+            failures.append(str(exc))
+            continue
+        yield from SourceObject(f"pod {namespace}/{name}", pod).pod_templates()
+    if failures:
+        raise ClusterError("; ".join(failures))
 
 
 def pod_names(resources: Sequence[str]) -> list[str]:

@@ -235,6 +235,25 @@ def test_failures_exit_as_kubectl_does(kubeconfig: Path, argv: list[str], code: 
     assert "Traceback" not in done.stderr
 
 
+def test_the_pods_found_are_described_before_the_one_not_found(kubeconfig: Path):
+    done = plugin("describe", "pod", "protected", "missing", "unprotected", kubeconfig=kubeconfig)
+    assert done.returncode == 1
+    described = [line for line in done.stdout.splitlines() if line.startswith("Pod ")]
+    assert described == ["Pod shop/protected:", "Pod shop/unprotected:"]
+    assert 'Error from server (NotFound): pods "missing" not found' in done.stderr
+
+
+def test_a_namespace_that_cannot_be_read_leaves_its_pods_unprotected_with_a_warning(
+    api: ScriptedApiServer, kubeconfig: Path
+):
+    """Without ``get`` on the namespace, its opt-out label is unknown: fail closed."""
+    api.put(example_pod("hidden", "ghost"))
+    done = plugin("unprotected", "-n", "ghost", "--fail-on-unprotected", kubeconfig=kubeconfig)
+    assert done.returncode == 3, done.stderr
+    assert flagged(done.stdout) == ["Pod ghost/hidden"]
+    assert "cannot read namespace ghost, so its opt-out label is not known" in done.stderr
+
+
 def test_no_configuration_at_all_is_a_clear_error(tmp_path: Path):
     done = plugin("unprotected", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert done.returncode == 1
