@@ -250,3 +250,18 @@ def test_the_other_manifest_commands_read_every_f_too(command: str, tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert "shop/one" in done.stdout or "name: one" in done.stdout
     assert "shop/two" in done.stdout or "name: two" in done.stdout
+
+
+def test_kubectl_get_o_json_is_read_as_well():
+    """``kubectl get pods -A -o json`` (one JSON object, its items streamed the same way)."""
+    listing = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+        "items": [injected_pod("a"), admitted(injected_pod("b"))],
+    }
+    done = meshguard_cli("unprotected", "-f", "-", stdin=json.dumps(listing, indent=4))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "UNPROTECTED: 1 of 2 pod(s) with Istio's sidecar have no meshguard: Pod shop/a"
+    )
