@@ -195,6 +195,9 @@ def test_a_module_below_the_layers_may_not_import_them(
         ("meshguard.cli.init", "kubernetes"),
         ("meshguard.cli.init", "grpc"),
         ("meshguard.cli.init", "aiohttp"),
+        ("meshguard.cli", "kubernetes"),  # the parser of every command, meshguard-init's too
+        ("meshguard.cli.describe", "kubernetes"),  # -f: files only, no cluster client
+        ("meshguard.cli.kubectl", "kubernetes"),
     ],
 )
 def test_a_light_module_does_not_load_a_heavy_library(module: str, heavy: str) -> None:
