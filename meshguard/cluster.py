@@ -44,6 +44,11 @@ class ClusterError(MeshguardFailure):
     """The cluster cannot be reached, refused the request, or no configuration reaches it.
     The message is kubectl's for the same failure."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: The HTTP status the API server answered; None when it did not answer.
+        self.status = status
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -201,7 +206,8 @@ def _called(call: Any, *, resource: str, name: str | None) -> bytes:  # noqa: AN
     try:
         data: bytes = call().data
     except ApiException as exc:
-        raise ClusterError(_server_error(exc, resource=resource, name=name)) from None
+        message = _server_error(exc, resource=resource, name=name)
+        raise ClusterError(message, status=exc.status) from None
     except (HTTPError, OSError) as exc:
         raise ClusterError(f"Unable to connect to the server: {_cause(exc)}") from None
     return data

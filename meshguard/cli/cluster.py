@@ -98,7 +98,10 @@ def _opted_out(
         return
     try:
         obj = get_object(cluster, resource="namespaces", namespace="", name=namespace)
-    except ClusterError as exc:  # forbidden to namespace-scoped users: judge without it
+    except ClusterError as exc:
+        if exc.status not in (403, 404):  # unreachable: the pods cannot be listed either
+            raise
+        # Forbidden to namespace-scoped users: judge without it (fail closed: unprotected).
         log.warning(
             "cannot read namespace %s, so its opt-out label is not known: %s",
             namespace,

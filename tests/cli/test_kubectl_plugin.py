@@ -254,6 +254,23 @@ def test_a_namespace_that_cannot_be_read_leaves_its_pods_unprotected_with_a_warn
     assert "cannot read namespace ghost, so its opt-out label is not known" in done.stderr
 
 
+def test_an_unreachable_server_fails_as_kubectl_does(tmp_path: Path):
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(json.dumps(config))
+    done = plugin("unprotected", "--kubeconfig", str(tmp_path / "kubeconfig"))
+    assert done.returncode == 1
+    assert done.stderr.startswith("kubectl meshguard unprotected: Unable to connect to the server")
+    assert "Connection refused" in done.stderr
+    assert "namespace" not in done.stderr  # no warning first: the failure, once
+
+
 def test_no_configuration_at_all_is_a_clear_error(tmp_path: Path):
     done = plugin("unprotected", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert done.returncode == 1
