@@ -51,7 +51,7 @@ from typing import Any, Final
 
 from meshguard.errors import MeshguardFailure
 from meshguard.process import CommandRunner
-from meshguard.rules.install import InstallResult
+from meshguard.rules.install_result import InstallResult
 from meshguard.rules.ruleset import CHAIN_PREFIX, Family, Ruleset, Table
 
 TABLE_FAMILY: Final = "inet"
