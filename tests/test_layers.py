@@ -174,9 +174,7 @@ def test_no_import_circles() -> None:
     assert _circles() == []
 
 
-def test_the_checker_sees_an_import_circle(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_checker_sees_an_import_circle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "meshguard"
     (fake / "rules").mkdir(parents=True)
     (fake / "rules" / "install.py").write_text(

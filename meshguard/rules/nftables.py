@@ -413,7 +413,7 @@ def translate(spec: str, *, family: Family, table: str, counted: bool = False) -
 
 
 _MODULES: Final = frozenset(
-    {"tcp", "udp", "multiport", "conntrack", "owner", "addrtype", "comment", "limit"}
+    {"tcp", "udp", "multiport", "conntrack", "connlabel", "owner", "addrtype", "comment", "limit"}
 )
 
 
@@ -468,6 +468,21 @@ def _ctorigdstport(rule: _Rule, word: str) -> None:
     rule.matches.append(f"{l4} ct original proto-dst {rule.words.value(word)}")
 
 
+def _label(rule: _Rule, word: str) -> None:
+    """``--label N`` matches a conntrack label; ``--label N --set`` sets it (and, as a match,
+    always holds): the rule's statement, in place of a verdict."""
+    label = rule.words.value(word)
+    if not label.isdigit() or rule.negate:
+        raise UnsupportedRule(f"--label {label} in {rule.spec!r}")
+    if rule.words.peek() == "--set":
+        rule.words.next()
+        if rule.words.peek() is not None:
+            raise UnsupportedRule(f"a verdict after --set in {rule.spec!r}")
+        rule.verdict = f"ct label set {label}"
+    else:
+        rule.matches.append(f"ct label {label}")
+
+
 def _owner(rule: _Rule, word: str) -> None:
     key = "skuid" if word == "--uid-owner" else "skgid"
     rule.matches.append(f"meta {key} {rule.op}{rule.words.value(word)}")
@@ -517,6 +532,7 @@ _HANDLERS: Final[Mapping[str, Callable[[_Rule, str], None]]] = {
     "--ctstate": _ctstate,
     "--ctdir": _ctdir,
     "--ctorigdstport": _ctorigdstport,
+    "--label": _label,
     "--uid-owner": _owner,
     "--gid-owner": _owner,
     "-o": _oif,
