@@ -164,9 +164,10 @@ def _jump_target(rule: str) -> str | None:
 def _hoist_early_returns(chains: tuple[Chain, ...]) -> tuple[Chain, ...]:
     """Move the leading ``return`` rules of a chain that only a base chain's last rule jumps
     to into that base chain, before the jump: every packet of the pod passes the filter
-    output hook, and most leave at the first rule (an established TCP segment), so this
-    saves each of them a jump. The same verdicts: a ``return`` at the end of that jump ends
-    the base chain (its policy, accept) exactly as a ``return`` in the base chain does."""
+    output hook, and most leave at the first rule (a TCP segment of an accepted connection),
+    so this saves each of them a jump. The same verdicts: a ``return`` at the end of that
+    jump ends the base chain (its policy, accept) exactly as a ``return`` in the base chain
+    does."""
     by_name = {chain.name: chain for chain in chains}
     moved: dict[str, Chain] = {}
     for base in chains:
