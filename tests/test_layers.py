@@ -136,6 +136,60 @@ def test_no_module_imports_across_its_layer() -> None:
     assert _violations() == []
 
 
+def _graph() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports (at any depth of its
+    code: an import inside a function closes a circle as surely as one at the top)."""
+    modules = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        graph[module] = set()
+        for imported in _imports(path):
+            # ``from a.b import c`` names module a.b.c when there is one, else a name in a.b.
+            target = imported if imported in modules else imported.rpartition(".")[0]
+            if target in modules and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def _circles() -> list[str]:
+    """Every import circle, each once, written from its smallest module: ``a -> b -> a``."""
+    graph = _graph()
+    found: set[tuple[str, ...]] = set()
+
+    def walk(path: list[str]) -> None:
+        for following in sorted(graph[path[-1]]):
+            if following == path[0]:
+                found.add(tuple(path))
+            elif following > path[0] and following not in path:
+                walk([*path, following])
+
+    for start in sorted(graph):
+        walk([start])
+    return sorted(" -> ".join((*circle, circle[0])) for circle in found)
+
+
+def test_no_import_circles() -> None:
+    """A module never imports, directly or through others, a module that imports it: what
+    two modules both need sits below both."""
+    assert _circles() == []
+
+
+def test_the_checker_sees_an_import_circle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "meshguard"
+    (fake / "rules").mkdir(parents=True)
+    (fake / "rules" / "install.py").write_text(
+        "def install():\n    from meshguard.rules import nftables\n"
+    )
+    (fake / "rules" / "nftables.py").write_text("from meshguard.rules.result import R\n")
+    (fake / "rules" / "result.py").write_text("from meshguard.rules.install import install\n")
+    (fake / "rules" / "ruleset.py").write_text("import meshguard.rules.install\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert _circles() == [
+        "meshguard.rules.install -> meshguard.rules.nftables -> meshguard.rules.result"
+        " -> meshguard.rules.install"
+    ]
+
+
 def test_the_checker_sees_a_forbidden_import(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

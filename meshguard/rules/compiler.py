@@ -3,25 +3,35 @@
 Pure and deterministic: the same pod and policy give the same bytes. The layout, per family:
 
 ``filter`` — ``OUTPUT`` jumps first, for every packet, to ``MESHGUARD_OUTPUT``, which
-  1. returns TCP packets of established connections past the handshake (a TCP 4-tuple
-     belongs to one socket: another uid cannot reuse it);
-  2. checks hairpin flows — the proxy dialing the pod's own address, which Istio redirects
+  returns TCP segments past the handshake of a connection meshguard accepted (a TCP 4-tuple
+  belongs to one socket: another uid cannot reuse it), has every other packet decided by
+  ``MESHGUARD_CHECK`` and, when that lets it pass in the flow's original direction, labels
+  the flow's conntrack entry as accepted (conntrack label :data:`ACCEPTED_LABEL`). A flow
+  from before the rules (a connection a user init container or a native sidecar opened, a
+  UDP entry it seeded) carries no label, so neither its established segments nor its
+  "replies" are exempt: each packet is checked as a new flow would be. ``MESHGUARD_CHECK``
+  1. checks hairpin flows — the proxy dialing the pod's own address, which Istio redirects
      to its inbound listener — in ``MESHGUARD_HAIRPIN``: only ports every container may
      reach pass, since the kernel no longer knows which container started the flow;
-  3. returns everything else of the proxy (its uid and gid: Envoy, pilot-agent);
-  4. rejects any other uid sending *from* the proxy's ports (15000-15090, the loopback
+  2. returns everything else of the proxy (its uid and gid: Envoy, pilot-agent);
+  3. rejects any other uid sending *from* the proxy's ports (15000-15090, the loopback
      listener), on any interface: a process that binds them before Envoy does can receive
      a SYN but never answer it;
-  5. sends (goto) every locally delivered flow to ``MESHGUARD_LOCAL``: whatever leaves
-     through ``lo``, and TCP/UDP that leaves through another interface to a local,
-     broadcast or multicast address (the kernel loops those back);
-  6. lets every other packet (the pod's egress) go on to Istio's rules untouched.
+  4. sends (goto) every locally delivered flow to ``MESHGUARD_LOCAL``, whatever its protocol
+     (TCP, UDP, UDP-Lite, SCTP, DCCP, ICMP, raw): whatever leaves through ``lo``, and what a
+     process's socket sends through another interface to a local, broadcast or multicast
+     address (the kernel loops those back). The kernel's own control traffic to multicast
+     groups (neighbour discovery, MLD, IGMP: no process's socket) is not a flow of the pod;
+  5. lets every other packet (the pod's egress) go on to Istio's rules untouched.
 ``MESHGUARD_LOCAL``
-  1. returns replies (conntrack REPLY direction: they travel under the server's uid);
+  1. returns replies of accepted flows (conntrack REPLY direction and meshguard's label:
+     they travel under the server's uid), and the ICMP errors and resets the kernel (or a
+     REJECT) sends back about a flow (RELATED, REPLY direction);
   2. returns flows that Istio or meshguard REDIRECTed to the proxy (outbound capture,
      DNS capture, the loopback listener) — only when conntrack saw the redirect;
   3. sends (goto) each known uid to its own chain ``MESHGUARD_SRC_<uid>``, which returns
-     the container's own ports and the ports the policy allows, then applies the default;
+     the container's own ports and the ports the policy allows (per protocol: TCP, UDP),
+     then applies the default to everything else, every protocol alike;
      past four uids through a tree of uid-range chains ``MESHGUARD_UIDS<depth>_<uid>``, so
      the rules a NEW packet walks grow with the log of the number of containers;
   4. sends any other uid (one no container runs as, or no socket) to ``MESHGUARD_DENY``.
@@ -84,12 +94,21 @@ from meshguard.rules.ruleset import (
 )
 
 OUTPUT_CHAIN: Final = "MESHGUARD_OUTPUT"
+CHECK_CHAIN: Final = "MESHGUARD_CHECK"
 LOCAL_CHAIN: Final = "MESHGUARD_LOCAL"
 HAIRPIN_CHAIN: Final = "MESHGUARD_HAIRPIN"
 DENY_CHAIN: Final = "MESHGUARD_DENY"
 REDIRECT_CHAIN: Final = "MESHGUARD_REDIRECT"
 SNAT_CHAIN: Final = "MESHGUARD_SNAT"
 MULTIPORT_MAX: Final = 15
+#: The conntrack label (bit) of a flow meshguard's rules accepted in its original direction.
+#: A label, not a ``ct mark``: Istio's TPROXY mode overwrites the whole mark of its flows
+#: (``CONNMARK --save-mark``), and an entry made before the rules were loaded cannot carry a
+#: label at all (the kernel gives entries label space only while a rule uses labels).
+ACCEPTED_LABEL: Final = 100
+#: Every uid a socket can have: a packet matches only when a process's socket sent it, never
+#: for the kernel's own packets (neighbour discovery, MLD, IGMP, resets of closed ports).
+ANY_SOCKET_OWNER: Final = "-m owner --uid-owner 0-4294967294"
 
 
 def source_chain(uid: int) -> str:
@@ -415,6 +434,7 @@ def _filter_table(
         [p.uid for p in plans], chain=LOCAL_CHAIN, fanout=settings.dispatch_fanout
     )
     rules = [
+        *_output_rules(),
         *_entry_rules(family, pod=pod, settings=settings),
         *_hairpin_rules(policy),
         *_local_rules(plans, settings),
@@ -425,6 +445,7 @@ def _filter_table(
     rules.extend((DENY_CHAIN, spec) for spec in _deny_rules(family, mode, settings))
     chains = (
         OUTPUT_CHAIN,
+        CHECK_CHAIN,
         LOCAL_CHAIN,
         HAIRPIN_CHAIN,
         DENY_CHAIN,
@@ -439,41 +460,54 @@ def _filter_table(
     )
 
 
+def _output_rules() -> list[tuple[str, str]]:
+    """``MESHGUARD_OUTPUT``: the hook's chain. Accepted TCP connections past the handshake
+    leave at once; every other packet is decided by ``MESHGUARD_CHECK``, and a flow it lets
+    pass in the original direction is labeled accepted (a rejected packet never comes back
+    here, so only what the rules accepted is ever labeled)."""
+    label = f"-m connlabel --label {ACCEPTED_LABEL}"
+    return [
+        (OUTPUT_CHAIN, f"-p tcp -m tcp ! --tcp-flags SYN SYN {label} -j RETURN"),
+        (OUTPUT_CHAIN, f"-j {CHECK_CHAIN}"),
+        (OUTPUT_CHAIN, f"-m conntrack --ctdir ORIGINAL {label} --set"),
+    ]
+
+
 def _entry_rules(
     family: Family, *, pod: PodView, settings: CompilerSettings
 ) -> list[tuple[str, str]]:
-    """``MESHGUARD_OUTPUT``: every packet the pod sends passes here first."""
+    """``MESHGUARD_CHECK``: every packet the pod sends but accepted TCP passes here."""
     proxy_ports = settings.proxy_port_spec
+    # Every protocol: what the policy does not open is denied, whether TCP, UDP, UDP-Lite,
+    # SCTP, DCCP, ICMP or a raw protocol. Only packets a process's socket sent: the kernel's
+    # own multicast (neighbour discovery, MLD, IGMP) must go out, and carries nobody's data.
     if family is Family.IPV4:
-        looped = [f"-p udp -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -g {LOCAL_CHAIN}"]
+        looped = [
+            f"{ANY_SOCKET_OWNER} -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -g {LOCAL_CHAIN}"
+        ]
     else:
         # ip6tables' addrtype ANDs multicast with the other types: one rule each.
         looped = [
-            f"-d ff00::/8 -p udp -g {LOCAL_CHAIN}",
-            f"-p udp -m addrtype --dst-type LOCAL -g {LOCAL_CHAIN}",
+            f"-d ff00::/8 {ANY_SOCKET_OWNER} -g {LOCAL_CHAIN}",
+            f"{ANY_SOCKET_OWNER} -m addrtype --dst-type LOCAL -g {LOCAL_CHAIN}",
         ]
-    looped.append(f"-p tcp -m addrtype --dst-type LOCAL -g {LOCAL_CHAIN}")
     return [
         (
-            OUTPUT_CHAIN,
-            "-p tcp -m tcp ! --tcp-flags SYN SYN -m conntrack --ctstate ESTABLISHED -j RETURN",
-        ),
-        (
-            OUTPUT_CHAIN,
+            CHECK_CHAIN,
             f"-p tcp -m tcp --dport {settings.inbound_capture_port}"
             f" -m conntrack --ctstate DNAT -j {HAIRPIN_CHAIN}",
         ),
-        (OUTPUT_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
+        (CHECK_CHAIN, f"{pod.proxy_identity.owner_match} -j RETURN"),
         # A reset is what the kernel itself answers for a closed port (from a socket of its
         # own): harmless, and refusing it would turn "connection refused" into a timeout.
         (
-            OUTPUT_CHAIN,
+            CHECK_CHAIN,
             f"-p tcp -m tcp ! --tcp-flags RST RST -m multiport --sports {proxy_ports}"
             f" -j {DENY_CHAIN}",
         ),
-        (OUTPUT_CHAIN, f"-p udp -m multiport --sports {proxy_ports} -j {DENY_CHAIN}"),
-        (OUTPUT_CHAIN, f"-o lo -g {LOCAL_CHAIN}"),
-        *((OUTPUT_CHAIN, spec) for spec in looped),
+        (CHECK_CHAIN, f"-p udp -m multiport --sports {proxy_ports} -j {DENY_CHAIN}"),
+        (CHECK_CHAIN, f"-o lo -g {LOCAL_CHAIN}"),
+        *((CHECK_CHAIN, spec) for spec in looped),
     ]
 
 
@@ -514,7 +548,17 @@ def _local_rules(plans: Sequence[_SourcePlan], settings: CompilerSettings) -> li
     if any(plan.redirected for plan in plans):
         captured_tcp.append(settings.listener_port)
     return [
-        (LOCAL_CHAIN, "-m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN"),
+        # A reply passes only for a flow the rules accepted: an entry made before them (or
+        # seeded by another process) is no permission for the "reply" direction.
+        (
+            LOCAL_CHAIN,
+            f"-m conntrack --ctstate ESTABLISHED --ctdir REPLY"
+            f" -m connlabel --label {ACCEPTED_LABEL} -j RETURN",
+        ),
+        # Errors and resets about a flow, in its reply direction: the kernel's ICMP errors and
+        # the resets of meshguard's own REJECT (whose flow is never accepted, so never
+        # labeled). Only the kernel and CAP_NET_RAW (no container has it) send them.
+        (LOCAL_CHAIN, "-m conntrack --ctstate RELATED --ctdir REPLY -j RETURN"),
         *(
             (LOCAL_CHAIN, f"{spec} -m conntrack --ctstate DNAT -j RETURN")
             for spec in _port_matches(Protocol.TCP, captured_tcp)

@@ -35,6 +35,7 @@ from typing import Final
 from meshguard.errors import MeshguardFailure
 from meshguard.process import CommandRunner
 from meshguard.rules.backend import Backend
+from meshguard.rules.install_result import InstallResult
 from meshguard.rules.iptables import (
     Deadline,
     EnvRunner,
@@ -107,14 +108,6 @@ def install_lock(
                     }
                 },
             )
-
-
-@dataclass(frozen=True)
-class InstallResult:
-    family: Family
-    installed: bool  # False when the family is unavailable in this namespace
-    payload: str
-    seconds: float
 
 
 def plan_payload(desired: FamilyRuleset, current: SavedState) -> str:

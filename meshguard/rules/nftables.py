@@ -51,7 +51,7 @@ from typing import Any, Final
 
 from meshguard.errors import MeshguardFailure
 from meshguard.process import CommandRunner
-from meshguard.rules.install import InstallResult
+from meshguard.rules.install_result import InstallResult
 from meshguard.rules.ruleset import CHAIN_PREFIX, Family, Ruleset, Table
 
 TABLE_FAMILY: Final = "inet"
@@ -164,9 +164,10 @@ def _jump_target(rule: str) -> str | None:
 def _hoist_early_returns(chains: tuple[Chain, ...]) -> tuple[Chain, ...]:
     """Move the leading ``return`` rules of a chain that only a base chain's last rule jumps
     to into that base chain, before the jump: every packet of the pod passes the filter
-    output hook, and most leave at the first rule (an established TCP segment), so this
-    saves each of them a jump. The same verdicts: a ``return`` at the end of that jump ends
-    the base chain (its policy, accept) exactly as a ``return`` in the base chain does."""
+    output hook, and most leave at the first rule (a TCP segment of an accepted connection),
+    so this saves each of them a jump. The same verdicts: a ``return`` at the end of that
+    jump ends the base chain (its policy, accept) exactly as a ``return`` in the base chain
+    does."""
     by_name = {chain.name: chain for chain in chains}
     moved: dict[str, Chain] = {}
     for base in chains:
@@ -413,7 +414,7 @@ def translate(spec: str, *, family: Family, table: str, counted: bool = False) -
 
 
 _MODULES: Final = frozenset(
-    {"tcp", "udp", "multiport", "conntrack", "owner", "addrtype", "comment", "limit"}
+    {"tcp", "udp", "multiport", "conntrack", "connlabel", "owner", "addrtype", "comment", "limit"}
 )
 
 
@@ -468,6 +469,21 @@ def _ctorigdstport(rule: _Rule, word: str) -> None:
     rule.matches.append(f"{l4} ct original proto-dst {rule.words.value(word)}")
 
 
+def _label(rule: _Rule, word: str) -> None:
+    """``--label N`` matches a conntrack label; ``--label N --set`` sets it (and, as a match,
+    always holds): the rule's statement, in place of a verdict."""
+    label = rule.words.value(word)
+    if not label.isdigit() or rule.negate:
+        raise UnsupportedRule(f"--label {label} in {rule.spec!r}")
+    if rule.words.peek() == "--set":
+        rule.words.next()
+        if rule.words.peek() is not None:
+            raise UnsupportedRule(f"a verdict after --set in {rule.spec!r}")
+        rule.verdict = f"ct label set {label}"
+    else:
+        rule.matches.append(f"ct label {label}")
+
+
 def _owner(rule: _Rule, word: str) -> None:
     key = "skuid" if word == "--uid-owner" else "skgid"
     rule.matches.append(f"meta {key} {rule.op}{rule.words.value(word)}")
@@ -517,6 +533,7 @@ _HANDLERS: Final[Mapping[str, Callable[[_Rule, str], None]]] = {
     "--ctstate": _ctstate,
     "--ctdir": _ctdir,
     "--ctorigdstport": _ctorigdstport,
+    "--label": _label,
     "--uid-owner": _owner,
     "--gid-owner": _owner,
     "-o": _oif,

@@ -50,22 +50,29 @@ def test_layout_of_the_example_pod():
     payload = lines(example())
     output = [line for line in payload if line.startswith("-A MESHGUARD_OUTPUT")]
     assert output == [
-        "-A MESHGUARD_OUTPUT -p tcp -m tcp ! --tcp-flags SYN SYN -m conntrack --ctstate"
-        " ESTABLISHED -j RETURN",
-        "-A MESHGUARD_OUTPUT -p tcp -m tcp --dport 15006 -m conntrack --ctstate DNAT"
+        "-A MESHGUARD_OUTPUT -p tcp -m tcp ! --tcp-flags SYN SYN -m connlabel --label 100"
+        " -j RETURN",
+        "-A MESHGUARD_OUTPUT -j MESHGUARD_CHECK",
+        "-A MESHGUARD_OUTPUT -m conntrack --ctdir ORIGINAL -m connlabel --label 100 --set",
+    ]
+    check = [line for line in payload if line.startswith("-A MESHGUARD_CHECK")]
+    assert check == [
+        "-A MESHGUARD_CHECK -p tcp -m tcp --dport 15006 -m conntrack --ctstate DNAT"
         " -j MESHGUARD_HAIRPIN",
-        "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
-        "-A MESHGUARD_OUTPUT -p tcp -m tcp ! --tcp-flags RST RST -m multiport"
+        "-A MESHGUARD_CHECK -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
+        "-A MESHGUARD_CHECK -p tcp -m tcp ! --tcp-flags RST RST -m multiport"
         " --sports 15000:15090 -j MESHGUARD_DENY",
-        "-A MESHGUARD_OUTPUT -p udp -m multiport --sports 15000:15090 -j MESHGUARD_DENY",
-        "-A MESHGUARD_OUTPUT -o lo -g MESHGUARD_LOCAL",
-        "-A MESHGUARD_OUTPUT -p udp -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST"
-        " -g MESHGUARD_LOCAL",
-        "-A MESHGUARD_OUTPUT -p tcp -m addrtype --dst-type LOCAL -g MESHGUARD_LOCAL",
+        "-A MESHGUARD_CHECK -p udp -m multiport --sports 15000:15090 -j MESHGUARD_DENY",
+        "-A MESHGUARD_CHECK -o lo -g MESHGUARD_LOCAL",
+        # every protocol a process sends to a locally delivered address, not TCP and UDP
+        "-A MESHGUARD_CHECK -m owner --uid-owner 0-4294967294 -m addrtype"
+        " --dst-type LOCAL,BROADCAST,MULTICAST -g MESHGUARD_LOCAL",
     ]
     local = [line for line in payload if line.startswith("-A MESHGUARD_LOCAL")]
     assert local == [
-        "-A MESHGUARD_LOCAL -m conntrack --ctstate RELATED,ESTABLISHED --ctdir REPLY -j RETURN",
+        "-A MESHGUARD_LOCAL -m conntrack --ctstate ESTABLISHED --ctdir REPLY"
+        " -m connlabel --label 100 -j RETURN",
+        "-A MESHGUARD_LOCAL -m conntrack --ctstate RELATED --ctdir REPLY -j RETURN",
         "-A MESHGUARD_LOCAL -p tcp -m multiport --dports 15001,15007,15053"
         " -m conntrack --ctstate DNAT -j RETURN",
         "-A MESHGUARD_LOCAL -p udp -m udp --dport 15053 -m conntrack --ctstate DNAT -j RETURN",
@@ -73,6 +80,18 @@ def test_layout_of_the_example_pod():
         "-A MESHGUARD_LOCAL -m owner --uid-owner 1001 -g MESHGUARD_SRC_1001",
         "-A MESHGUARD_LOCAL -m owner --uid-owner 1002 -g MESHGUARD_SRC_1002",
         "-A MESHGUARD_LOCAL -j MESHGUARD_DENY",
+    ]
+    # IPv6: multicast (ff00::/8) and local addresses, every protocol alike.
+    check6 = [
+        line
+        for line in lines(example(), Family.IPV6)
+        if line.startswith("-A MESHGUARD_CHECK") and "-g MESHGUARD_LOCAL" in line
+    ]
+    assert check6 == [
+        "-A MESHGUARD_CHECK -o lo -g MESHGUARD_LOCAL",
+        "-A MESHGUARD_CHECK -d ff00::/8 -m owner --uid-owner 0-4294967294 -g MESHGUARD_LOCAL",
+        "-A MESHGUARD_CHECK -m owner --uid-owner 0-4294967294 -m addrtype --dst-type LOCAL"
+        " -g MESHGUARD_LOCAL",
     ]
     # No rule opens a port to every container: no hairpin through the proxy passes.
     assert [line for line in payload if line.startswith("-A MESHGUARD_HAIRPIN")] == [
@@ -244,7 +263,7 @@ def test_proxy_uid_comes_from_the_istio_proxy_container():
     pod = example()
     container(pod, "istio-proxy")["securityContext"].update(runAsUser=1234, runAsGroup=4321)
     payload = lines(pod)
-    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 1234 --gid-owner 4321 -j RETURN" in payload
+    assert "-A MESHGUARD_CHECK -m owner --uid-owner 1234 --gid-owner 4321 -j RETURN" in payload
     assert not any("1337" in line for line in payload)
 
 
@@ -255,14 +274,14 @@ def test_tproxy_mode_proxy_is_root_with_the_proxy_gid_and_both_are_matched():
     pod = example()
     container(pod, "istio-proxy")["securityContext"].update(runAsUser=0, runAsGroup=1337)
     payload = lines(pod)
-    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 0 --gid-owner 1337 -j RETURN" in payload
-    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 0 -j RETURN" not in payload
+    assert "-A MESHGUARD_CHECK -m owner --uid-owner 0 --gid-owner 1337 -j RETURN" in payload
+    assert "-A MESHGUARD_CHECK -m owner --uid-owner 0 -j RETURN" not in payload
 
 
 def test_proxy_without_a_stated_gid_is_matched_by_uid():
     pod = example()
     del container(pod, "istio-proxy")["securityContext"]["runAsGroup"]
-    assert "-A MESHGUARD_OUTPUT -m owner --uid-owner 1337 -j RETURN" in lines(pod)
+    assert "-A MESHGUARD_CHECK -m owner --uid-owner 1337 -j RETURN" in lines(pod)
 
 
 def test_containers_sharing_a_uid_are_refused_not_merged():
@@ -366,7 +385,7 @@ def test_every_istio_injected_sample_compiles_once_uids_are_distinct(name: str):
         ruleset = compile_pod(view, settings=SETTINGS)
         compiled_any = True
         proxy = view.proxy_identity
-        expected = f"-A MESHGUARD_OUTPUT -m owner --uid-owner {proxy.uid} --gid-owner {proxy.gid}"
+        expected = f"-A MESHGUARD_CHECK -m owner --uid-owner {proxy.uid} --gid-owner {proxy.gid}"
         assert f"{expected} -j RETURN" in ruleset.ipv4.payload()
         assert {s.container for s in ruleset.sources} == {
             c.name for c in view.workload if c.runs_alongside

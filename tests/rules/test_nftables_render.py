@@ -11,13 +11,15 @@ def chains_of(table_chains: tuple[Chain, ...]) -> dict[str, tuple[str, ...]]:
     return {chain.name: chain.rules for chain in table_chains}
 
 
-def test_an_established_tcp_segment_leaves_at_the_hooks_first_rule() -> None:
+def test_an_accepted_tcp_segment_leaves_at_the_hooks_first_rule() -> None:
     chains = chains_of(build(compiled(native=True)).chains)
     first, *_, last = chains["filter_output"]
-    assert first.startswith("meta l4proto tcp tcp flags & syn != syn ct state established")
-    assert first.endswith(" return")
+    assert first == "meta l4proto tcp tcp flags & syn != syn ct label 100 return"
     assert last == "jump MESHGUARD_OUTPUT"
-    assert not any(rule.endswith("established return") for rule in chains["MESHGUARD_OUTPUT"])
+    assert chains["MESHGUARD_OUTPUT"] == (
+        "jump MESHGUARD_CHECK",
+        "ct direction original ct label set 100",
+    )
 
 
 def test_only_leading_returns_of_a_chain_jumped_to_once_move() -> None:
