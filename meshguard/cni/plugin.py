@@ -21,16 +21,17 @@ Chained after istio-cni (whose capture rules are in place by then). Per command:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from meshguard import annotation_keys, logs
-from meshguard.cni.kube import api_access, get_pod
-from meshguard.cni.netns import NamespaceGone, enter_netns
+from meshguard.cni.kube import Connections, api_access, get_pod
+from meshguard.cni.netns import NamespaceGone, entered, thread_has_ipv6
 from meshguard.cni.protocol import (
     SPEC_VERSION,
     SUPPORTED_VERSIONS,
@@ -54,8 +55,17 @@ from meshguard.status import MalformedStatusError, read_status
 log = logging.getLogger(__name__)
 
 
-def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
-    """Run one CNI command; the exit status (0, or 1 with the error object on stdout)."""
+def main(
+    *,
+    environ: Mapping[str, str],
+    stdin: TextIO,
+    stdout: TextIO,
+    connections: Connections | None = None,
+) -> int:
+    """Run one CNI command; the exit status (0, or 1 with the error object on stdout).
+
+    The one code path of both hosts: ``python -m meshguard.cni`` (a process per call, a
+    connection per GET) and the node agent (a thread per call, its ``connections`` kept)."""
     cni_version = SPEC_VERSION
     try:
         command = read_command(environ)
@@ -67,7 +77,7 @@ def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
         conf = read_netconf(text)
         cni_version = conf.cni_version
         invocation = read_invocation(command, environ)
-        result = _run(command, conf, invocation, environ)
+        result = _run(command, conf, invocation, environ, connections)
     except CniError as exc:
         log.error(
             "meshguard-cni failed",
@@ -81,7 +91,11 @@ def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
 
 
 def _run(
-    command: Command, conf: NetConf, invocation: Invocation, environ: Mapping[str, str]
+    command: Command,
+    conf: NetConf,
+    invocation: Invocation,
+    environ: Mapping[str, str],
+    connections: Connections | None = None,
 ) -> dict[str, Any] | None:
     if command is Command.DEL:
         remove(invocation)
@@ -91,7 +105,7 @@ def _run(
             Code.INVALID_CONFIG,
             "meshguard-cni must be chained after the pod's network plugin (no prevResult)",
         )
-    ruleset = admitted_ruleset(conf, invocation, environ)
+    ruleset = admitted_ruleset(conf, invocation, environ, connections=connections)
     if ruleset is not None:
         if command is Command.ADD:
             add(ruleset, conf=conf, invocation=invocation)
@@ -103,7 +117,11 @@ def _run(
 
 
 def admitted_ruleset(
-    conf: NetConf, invocation: Invocation, environ: Mapping[str, str]
+    conf: NetConf,
+    invocation: Invocation,
+    environ: Mapping[str, str],
+    *,
+    connections: Connections | None = None,
 ) -> Ruleset | None:
     """The pod's ruleset; None when meshguard did not inject the pod (nothing to do)."""
     pod_ref = invocation.pod
@@ -114,7 +132,8 @@ def admitted_ruleset(
     namespace, name = pod_ref
     if namespace in conf.kubernetes.exclude_namespaces:
         return None
-    pod = get_pod(api_access(conf.kubernetes, environ), namespace=namespace, name=name)
+    access = api_access(conf.kubernetes, environ)
+    pod = get_pod(access, namespace=namespace, name=name, connections=connections)
     metadata = pod["metadata"]
     where = f"pod {namespace}/{name}"
     if invocation.pod_uid and metadata.get("uid") != invocation.pod_uid:
@@ -153,22 +172,20 @@ def admitted_ruleset(
 
 
 def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
-    _enter(invocation)
     try:
-        with install_lock(timeout=conf.lock_timeout_seconds) as locked:
+        with _entered(invocation), install_lock(timeout=conf.lock_timeout_seconds) as locked:
             # The backend Istio's capture is in, detected as meshguard-init detects it.
             backend = detect_backend(
                 locked, environ=os.environ, native_nftables=ruleset.native_nftables
             )
-            install(ruleset, run=locked, backend=backend)
+            install(ruleset, run=locked, backend=backend, ipv6_available=thread_has_ipv6())
     except MeshguardError as exc:
         raise CniError(Code.INSTALL_FAILED, f"meshguard rules not installed: {exc}") from None
 
 
 def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
-    _enter(invocation)
     try:
-        with install_lock(timeout=conf.lock_timeout_seconds) as locked:
+        with _entered(invocation), install_lock(timeout=conf.lock_timeout_seconds) as locked:
             backend = detect_backend(
                 locked, environ=os.environ, native_nftables=ruleset.native_nftables
             )
@@ -190,14 +207,10 @@ def remove(invocation: Invocation) -> None:
     if not invocation.netns:
         return
     try:
-        enter_netns(invocation.netns)
+        with entered(invocation.netns), install_lock() as locked:
+            removed = remove_everywhere(run=locked, families=_families())
     except NamespaceGone:
         return  # the namespace, and its rules, are gone already
-    except MeshguardError as exc:
-        raise CniError(Code.IO_FAILURE, str(exc)) from None
-    try:
-        with install_lock() as locked:
-            removed = remove_everywhere(run=locked, families=_families())
     except MeshguardError as exc:
         raise CniError(Code.IO_FAILURE, f"meshguard rules not removed: {exc}") from None
     if removed:
@@ -205,18 +218,22 @@ def remove(invocation: Invocation) -> None:
                    container=invocation.container_id, backends=", ".join(removed))  # fmt: skip
 
 
-def _enter(invocation: Invocation) -> None:
-    try:
-        enter_netns(invocation.netns)
-    except NamespaceGone as exc:
-        raise CniError(Code.UNKNOWN_CONTAINER, str(exc)) from None
-    except MeshguardError as exc:
-        raise CniError(Code.IO_FAILURE, str(exc)) from None
+@contextlib.contextmanager
+def _entered(invocation: Invocation) -> Iterator[None]:
+    """The calling thread in the pod's namespace for the block."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(entered(invocation.netns))
+        except NamespaceGone as exc:
+            raise CniError(Code.UNKNOWN_CONTAINER, str(exc)) from None
+        except MeshguardError as exc:
+            raise CniError(Code.IO_FAILURE, str(exc)) from None
+        yield
 
 
 def _families() -> list[Family]:
     """IPv6 only where the namespace has it (as the installer decides)."""
-    ipv6 = os.path.exists("/proc/net/if_inet6")
+    ipv6 = thread_has_ipv6()
     return [f for f in Family if f is Family.IPV4 or ipv6]
 
 
