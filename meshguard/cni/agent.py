@@ -215,7 +215,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             if netns_fd is not None:
                 os.close(netns_fd)
             return 1, _error(
-                f"meshguard node agent: {self.settings.max_calls} calls in progress for"
+                f"meshguard node agent: all {self.settings.max_calls} call slots were busy for"
                 f" {timeout:g} s, try again later",
                 code=Code.TRY_AGAIN_LATER,
             )
