@@ -154,8 +154,9 @@ def run_plugin(
         request.stdin, host_conf_dir=settings.host_conf_dir, conf_dir=settings.conf_dir
     )
     stdout = io.StringIO()
+    host = plugin.Host(connections=connections, xtables_lock_per_namespace=True)
     status = plugin.main(environ=env, stdin=io.StringIO(stdin.decode("utf-8", "replace")),
-                         stdout=stdout, connections=connections)  # fmt: skip
+                         stdout=stdout, host=host)  # fmt: skip
     return status, stdout.getvalue().encode()
 
 
