@@ -4,7 +4,8 @@
  * A node has no Python, so the runtime does not run meshguard's plugin itself: it runs this
  * small static program, which forwards the CNI call to meshguard's node agent (the chart's
  * DaemonSet, `meshguard cni install --agent-socket ...`) over a unix socket and relays the
- * answer. The agent runs `python -m meshguard.cni` with the image's own iptables.
+ * answer. The agent answers it in-process (meshguard/cni/agent.py) with the image's own
+ * iptables.
  *
  * Request (one stream):  "MGCNI1\n", then the CNI_* variables as "KEY=VALUE\0" ... "\0",
  * then the 4-byte big-endian length of stdin and stdin itself. The opened CNI_NETNS travels

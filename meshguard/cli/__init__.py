@@ -263,7 +263,7 @@ def _add_cni(commands: Subcommands) -> None:
         "--agent-socket",
         type=Path,
         help="serve the shim on this unix socket (the path compiled into cni-shim/: "
-        "/var/run/meshguard/cni.sock): run the plugin for it with this image's iptables",
+        "/var/run/meshguard/cni.sock): answer its calls in-process with this image's iptables",
     )
     node.add_argument(
         "--repair-pods",
