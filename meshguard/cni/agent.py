@@ -17,12 +17,18 @@ What the long-lived agent adds to the one-process plugin, and nothing else:
   only, :mod:`meshguard.cni.netns`; the tools it starts are in that namespace), under the
   namespace's install lock like every installer;
 - calls for different pods run in parallel, at most ``max_calls`` at once (a call waits for
-  a slot within its timeout, then fails with "try again later");
+  a slot within its timeout, then fails with "try again later"); shims connected at once are
+  bounded too (``CONNECTIONS_PER_CALL`` per slot; beyond, "try again later" at once), and a
+  shim that sends no end of request is dropped after the call timeout;
 - a call is bounded: after ``call_timeout`` seconds the shim gets a CNI error (the runtime
   fails the sandbox and retries); the call's thread runs on to its own bounds (the GET's
   timeout, the lock's, the tools') but installs nothing once the GET returns late, and the
   slot it holds is freed only when it ends. The received descriptor belongs to the call's
   thread until it ends, so its number cannot be reused under it.
+
+On stop the socket goes first (a shim then fails ADD closed and lets DEL pass), then the
+calls in progress are answered and their threads end (each within the call timeout) before
+:func:`serving` returns.
 
 Only the received descriptor is ever entered: a call without one (a DEL whose namespace is
 gone) has no ``CNI_NETNS``.
@@ -67,6 +73,8 @@ MAX_REQUEST: Final = 4 * 1024 * 1024 + 64 * 1024
 CALL_TIMEOUT_SECONDS: Final = 60.0
 #: Calls run at once (pods whose sandboxes the node creates together); more wait for a slot.
 MAX_CALLS: Final = 16
+#: Shims connected at once, per call slot: beyond, a call is refused at once ("try again").
+CONNECTIONS_PER_CALL: Final = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +179,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         connection: socket.socket = self.request
         started = time.perf_counter()
+        connection.settimeout(self.server.settings.call_timeout)  # a shim that sends no EOF
         try:
             netns_fd, body = _receive(connection)
         except (MalformedInputError, OSError) as exc:
@@ -199,6 +208,9 @@ class _Handler(socketserver.BaseRequestHandler):
         return 1, _error(f"meshguard node agent: {reason}")
 
 
+_Request = socket.socket | tuple[bytes, socket.socket]  # what socketserver hands over
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
@@ -206,7 +218,39 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.settings = settings
         self.connections = KeptAlive()
         self.slots = threading.BoundedSemaphore(settings.max_calls)
+        # Shims connected (each has a thread, receiving or waiting for a slot): bounded too.
+        self.max_open = CONNECTIONS_PER_CALL * settings.max_calls
+        self.open = threading.BoundedSemaphore(self.max_open)
         super().__init__(str(settings.socket_path), _Handler)
+
+    def process_request(self, request: _Request, client_address: object) -> None:
+        if self.open.acquire(blocking=False):
+            super().process_request(request, client_address)
+            return
+        fields = {"event": "cni-agent-busy", "connections": self.max_open}
+        log.warning("%d shims connected: call refused", self.max_open, extra={"fields": fields})
+        if isinstance(request, socket.socket):
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                message = f"meshguard node agent: {self.max_open} calls waiting, try again later"
+                request.send(struct.pack(">I", 1) + _error(message, code=Code.TRY_AGAIN_LATER))
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: _Request, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.open.release()
+
+    def drain(self) -> int:
+        """Wait for the shims connected to be answered (each within the call timeout) and for
+        the calls' threads to end (a call given up on too); how many were left."""
+        deadline = time.monotonic() + self.settings.call_timeout + 1
+        return sum(
+            _wait_free(semaphore, size, deadline=deadline)
+            for semaphore, size in ((self.open, self.max_open),
+                                    (self.slots, self.settings.max_calls))
+        )  # fmt: skip
 
     def answer(self, request: Request, netns_fd: int | None) -> tuple[int, bytes]:
         """Run the call in a thread of its own, within the call timeout; closes ``netns_fd``."""
@@ -266,6 +310,16 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.connections.close()
 
 
+def _wait_free(semaphore: threading.BoundedSemaphore, size: int, *, deadline: float) -> int:
+    """Wait until all ``size`` units of ``semaphore`` are free; how many were not."""
+    taken = 0
+    while taken < size and semaphore.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        taken += 1
+    for _ in range(taken):
+        semaphore.release()
+    return size - taken
+
+
 def _receive(connection: socket.socket) -> tuple[int | None, bytes]:
     """The descriptor that comes with the first bytes, then everything until the shim's EOF."""
     fds = array.array("i")
@@ -317,7 +371,12 @@ def serving(settings: AgentSettings) -> Iterator[None]:
     try:
         yield
     finally:
+        # No new call (a shim finds no socket: ADD fails closed, DEL passes), then the calls
+        # in progress are answered and end before the process may.
         server.shutdown()
-        server.server_close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        if left := server.drain():
+            fields = {"event": "cni-agent-stopped", "in_progress": left}
+            log.warning("%d calls still in progress at exit", left, extra={"fields": fields})
+        server.server_close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -243,3 +244,59 @@ def test_a_del_whose_namespace_is_gone_succeeds_without_entering_anything(start_
     assert own_netns() == before
     status, answer = agent.call("ADD", plain_pod("gone"), "/var/run/netns/mg-no-such-ns")
     assert status == 1 and "cannot open /var/run/netns/mg-no-such-ns" in answer["msg"]
+
+
+def test_a_stopping_agent_answers_the_calls_in_progress_first(shim: Path, tmp_path: Path):  # noqa: F811
+    directory = Path(tempfile.mkdtemp(prefix="mgag-"))
+    try:
+        with scripted_api(tmp_path) as api, PodNamespace() as ns:
+            ns.load_istio()
+            pod = admitted_pod("shop", workloads=1)
+            api.script.serve(pod)
+            api.script.delay = 1.0
+            config = directory / "kubeconfig"
+            config.write_bytes(render(kubeconfig(server=api.url, token="t", ca_pem=api.ca_pem)))
+            conf = {**plugin_entry(kubeconfig=str(config)), "name": "k8s", "cniVersion": "1.0.0",
+                    "prevResult": {"cniVersion": "1.0.0"}}  # fmt: skip
+            agent = Agent(shim=shim, socket=directory / "cni.sock", conf=conf, api=api)
+            settings = AgentSettings(socket_path=agent.socket, conf_dir=directory,
+                                     host_conf_dir=directory)  # fmt: skip
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                with serving(settings):
+                    in_progress = pool.submit(agent.call, "ADD", pod, ns.path)
+                    deadline = time.monotonic() + 60
+                    while not api.script.clients and time.monotonic() < deadline:
+                        time.sleep(0.01)  # until the call's GET reached the API server
+                # stopped: the call in progress had finished before serving() returned (its
+                # GET was still held then), and its answer went out
+                assert ns.own_rules() != ""
+                assert in_progress.result(timeout=60)[0] == 0
+                status, answer = agent.call("ADD", pod, ns.path)  # no agent now: fail closed
+                assert status == 1 and "cannot reach the node agent" in answer["msg"]
+                assert agent.call("DEL", pod, ns.path) == (0, {})
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_shims_beyond_the_bound_are_told_to_try_again_at_once(start_agent):
+    agent: Agent = start_agent(max_calls=1, call_timeout=30)  # 4 connections at most
+    pod = plain_pod("plain")
+    agent.api.script.serve(pod)
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+    try:
+        for connection in idle:
+            connection.connect(str(agent.socket))  # connected, sending nothing
+        with PodNamespace() as ns:
+            status, answer = agent.call("ADD", pod, ns.path)
+            assert (status, answer["code"]) == (1, 11), answer
+            assert "4 calls waiting" in answer["msg"]
+            assert agent.api.script.requests == []
+            for connection in idle:
+                connection.close()
+            deadline = time.monotonic() + 60
+            while (status := agent.call("ADD", pod, ns.path)[0]) and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the agent has seen the idle connections close
+            assert status == 0
+    finally:
+        for connection in idle:
+            connection.close()
