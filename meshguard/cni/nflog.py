@@ -99,8 +99,21 @@ def _packet(body: bytes) -> Logged:
         prefix=prefix.decode("utf-8", "replace"),
         uid=struct.unpack("!I", uid)[0] if uid is not None and len(uid) == 4 else None,
         gid=struct.unpack("!I", gid)[0] if gid is not None and len(gid) == 4 else None,
-        **header,
+        family=header.family,
+        protocol=header.protocol,
+        source=header.source,
+        destination=header.destination,
+        dport=header.dport,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Header:
+    family: str
+    protocol: str
+    source: str
+    destination: str
+    dport: int | None
 
 
 def _attributes(data: bytes) -> dict[int, bytes]:
@@ -115,7 +128,7 @@ def _attributes(data: bytes) -> dict[int, bytes]:
     return attributes
 
 
-def _network_header(payload: bytes, *, family: int) -> dict[str, str | int | None]:
+def _network_header(payload: bytes, *, family: int) -> _Header:
     """Family, protocol, addresses and destination port of the copied packet's start."""
     if family == socket.AF_INET and len(payload) >= 20:
         header_length = (payload[0] & 0x0F) * 4
@@ -131,13 +144,13 @@ def _network_header(payload: bytes, *, family: int) -> dict[str, str | int | Non
             f"NFLOG: a packet of family {family} with {len(payload)} bytes copied"
         )
     has_ports = number in (6, 17, 132) and len(transport) >= 4
-    return {
-        "family": "ipv4" if family == socket.AF_INET else "ipv6",
-        "protocol": _PROTOCOLS.get(number, str(number)),
-        "source": str(ipaddress.ip_address(source)),
-        "destination": str(ipaddress.ip_address(destination)),
-        "dport": struct.unpack_from("!H", transport, 2)[0] if has_ports else None,
-    }
+    return _Header(
+        family="ipv4" if family == socket.AF_INET else "ipv6",
+        protocol=_PROTOCOLS.get(number, str(number)),
+        source=str(ipaddress.ip_address(source)),
+        destination=str(ipaddress.ip_address(destination)),
+        dport=struct.unpack_from("!H", transport, 2)[0] if has_ports else None,
+    )
 
 
 def _align(length: int) -> int:
