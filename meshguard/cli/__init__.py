@@ -266,6 +266,18 @@ def _add_cni(commands: Subcommands) -> None:
         "/var/run/meshguard/cni.sock): answer its calls in-process with this image's iptables",
     )
     node.add_argument(
+        "--agent-max-calls",
+        type=_positive_int,
+        default=16,
+        help="calls answered at once (different pods in parallel); more wait for a slot",
+    )
+    node.add_argument(
+        "--agent-call-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        help="seconds after which a call is answered with a CNI error (the runtime retries)",
+    )
+    node.add_argument(
         "--repair-pods",
         action="store_true",
         help="while the entry is chained, delete this node's pods meshguard admitted in CNI mode"
@@ -480,6 +492,13 @@ def _seconds(text: str) -> float:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected seconds (e.g. 30), got {text!r}")
+    return seconds
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
     return seconds
 
 

@@ -151,6 +151,14 @@ def test_the_command_line_is_the_real_cli_and_follows_values():
     assert volumes["cni-net-dir"]["hostPath"]["path"] == "/etc/cni/x"
 
 
+def test_the_agents_call_bounds_follow_values():
+    args = agent_args()
+    assert (args.agent_max_calls, args.agent_call_timeout) == (16, 60.0)
+    tuned = {"cni": {"enabled": True, "agent": {"maxCalls": 4, "callTimeoutSeconds": 20}}}
+    args = agent_args(tuned)
+    assert (args.agent_max_calls, args.agent_call_timeout) == (4, 20.0)
+
+
 def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio_cnis_caps():
     spec = daemonset()["spec"]["template"]["spec"]
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
@@ -227,7 +235,9 @@ def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
      ({"cni": {"hostNetwork": True}}, "hostNetwork"),
      ({"cni": {"repair": {"maxPerMinute": 0}}}, "/cni/repair/maxPerMinute"),
      ({"cni": {"repair": {"intervalSeconds": 0}}}, "/cni/repair/intervalSeconds"),
-     ({"cni": {"repair": {"enabled": "yes"}}}, "/cni/repair/enabled")],
+     ({"cni": {"repair": {"enabled": "yes"}}}, "/cni/repair/enabled"),
+     ({"cni": {"agent": {"maxCalls": 0}}}, "/cni/agent/maxCalls"),
+     ({"cni": {"agent": {"callTimeoutSeconds": 0}}}, "/cni/agent/callTimeoutSeconds")],
 )  # fmt: skip
 def test_bad_cni_values_are_rejected_by_the_schema(values, where):
     with (
