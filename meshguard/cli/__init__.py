@@ -278,6 +278,13 @@ def _add_cni(commands: Subcommands) -> None:
         help="seconds after which a call is answered with a CNI error (the runtime retries)",
     )
     node.add_argument(
+        "--agent-denials",
+        action="store_true",
+        help="log (one JSON line each) and count the loopback denials of the pods it installs"
+        " into, read from NFLOG in their namespaces (docs/cni.md; meshguard's rules do not"
+        " log to NFLOG yet)",
+    )
+    node.add_argument(
         "--repair-pods",
         action="store_true",
         help="while the entry is chained, delete this node's pods meshguard admitted in CNI mode"

@@ -59,6 +59,7 @@ from typing import Final
 from meshguard.cni import plugin
 from meshguard.cni.kube import Connections, KeptAlive
 from meshguard.cni.protocol import CniError, Code
+from meshguard.cni.watch import DenialWatch
 from meshguard.errors import MalformedInputError, MeshguardFailure
 from meshguard.kube_api import ApiAccess, ApiError
 
@@ -128,6 +129,8 @@ class AgentSettings:
     host_conf_dir: PurePath
     call_timeout: float = CALL_TIMEOUT_SECONDS
     max_calls: int = MAX_CALLS
+    #: Watch the denials of the pods it installs into (:mod:`meshguard.cni.watch`).
+    watch_denials: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,6 +220,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.connections = KeptAlive()
+        self.watch = DenialWatch(connections=self.connections) if settings.watch_denials else None
         self.slots = threading.BoundedSemaphore(settings.max_calls)
         # Shims connected (each has a thread, receiving or waiting for a slot): bounded too.
         self.max_open = CONNECTIONS_PER_CALL * settings.max_calls
@@ -292,7 +296,11 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         call: _Call,
         future: Future[tuple[int, bytes]],
     ) -> None:
+        command = request.variables.get("CNI_COMMAND")
+        kept: int | None = None  # the namespace, for the denial watch after the answer
         try:
+            if self.watch is not None and command == "ADD" and netns_fd is not None:
+                kept = os.dup(netns_fd)
             answer = run_plugin(request, netns_fd, settings=self.settings,
                                 environ=os.environ, connections=call)  # fmt: skip
         except Exception as exc:  # a bug must fail the call, not the agent
@@ -304,9 +312,33 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 os.close(netns_fd)
             self.slots.release()
         future.set_result(answer)
+        if self.watch is not None:
+            try:
+                self._watch(request, answer[0], kept)
+            except Exception:  # the call is answered: a bug here must not end the agent
+                log.exception("denial watch failed", extra={"fields": {"event": "watch-crashed"}})
+
+    def _watch(self, request: Request, status: int, kept: int | None) -> None:
+        """After the answer: start (ADD) or end (DEL) the sandbox's denial watch."""
+        assert self.watch is not None
+        command = request.variables.get("CNI_COMMAND")
+        if command == "DEL":
+            self.watch.deleted(variables=request.variables)
+        if kept is None:
+            return
+        if status != 0:
+            os.close(kept)
+            return
+        stdin = agent_view(
+            request.stdin, host_conf_dir=self.settings.host_conf_dir,
+            conf_dir=self.settings.conf_dir,
+        )  # fmt: skip
+        self.watch.added(variables=request.variables, stdin=stdin, netns_fd=kept)
 
     def server_close(self) -> None:
         super().server_close()
+        if self.watch is not None:
+            self.watch.close()
         self.connections.close()
 
 

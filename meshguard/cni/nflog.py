@@ -197,10 +197,9 @@ class Group:
         self._sock.close()
 
 
-@contextlib.contextmanager
-def open_group(netns: str, *, group: int) -> Iterator[Group]:
-    """Bind NFLOG ``group`` in the network namespace at ``netns`` (one listener per group and
-    namespace: the kernel refuses a second with EBUSY)."""
+def bind_group(netns: str, *, group: int) -> Group:
+    """A listener of NFLOG ``group`` in the network namespace at ``netns`` (one listener per
+    group and namespace: the kernel refuses a second with EPERM); the caller closes it."""
     made: list[socket.socket | BaseException] = []
 
     def create() -> None:
@@ -217,7 +216,13 @@ def open_group(netns: str, *, group: int) -> Iterator[Group]:
     result = made[0]
     if isinstance(result, BaseException):
         raise MeshguardFailure(f"cannot listen to NFLOG group {group} in {netns}: {result}")
-    listener = Group(result, group=group)
+    return Group(result, group=group)
+
+
+@contextlib.contextmanager
+def open_group(netns: str, *, group: int) -> Iterator[Group]:
+    """:func:`bind_group` for the block."""
+    listener = bind_group(netns, group=group)
     try:
         yield listener
     finally:

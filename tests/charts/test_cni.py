@@ -153,10 +153,11 @@ def test_the_command_line_is_the_real_cli_and_follows_values():
 
 def test_the_agents_call_bounds_follow_values():
     args = agent_args()
-    assert (args.agent_max_calls, args.agent_call_timeout) == (16, 60.0)
-    tuned = {"cni": {"enabled": True, "agent": {"maxCalls": 4, "callTimeoutSeconds": 20}}}
+    assert (args.agent_max_calls, args.agent_call_timeout, args.agent_denials) == (16, 60.0, False)
+    tuned = {"cni": {"enabled": True, "agent": {"maxCalls": 4, "callTimeoutSeconds": 20,
+                                                "watchDenials": True}}}  # fmt: skip
     args = agent_args(tuned)
-    assert (args.agent_max_calls, args.agent_call_timeout) == (4, 20.0)
+    assert (args.agent_max_calls, args.agent_call_timeout, args.agent_denials) == (4, 20.0, True)
 
 
 def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio_cnis_caps():

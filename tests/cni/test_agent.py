@@ -9,6 +9,7 @@ capture (iptables-nft). The full chain with Debian's CNI plugins and the agent p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,7 +17,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +26,11 @@ from typing import Any
 import pytest
 
 from meshguard.cni.agent import AgentSettings, serving
+from meshguard.cni.denials import DENY_PREFIX
 from meshguard.cni.install import kubeconfig, plugin_entry, render
+from meshguard.cni.nflog import bind_group
+from meshguard.cni.watch import NFLOG_GROUP
+from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
@@ -91,8 +95,9 @@ class Agent:
         metadata = pod["metadata"]
         cni_args = (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={metadata['namespace']};"
                     f"K8S_POD_NAME={metadata['name']};K8S_POD_UID={metadata['uid']}")  # fmt: skip
+        sandbox = f"sandbox-{netns.rsplit('/', 1)[-1]}"  # one per namespace, as a runtime's
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
-               "CNI_CONTAINERID": uuid.uuid4().hex, "CNI_IFNAME": "eth0", "CNI_NETNS": netns,
+               "CNI_CONTAINERID": sandbox, "CNI_IFNAME": "eth0", "CNI_NETNS": netns,
                "CNI_ARGS": cni_args, "MESHGUARD_CNI_SOCKET": str(self.socket)}  # fmt: skip
         done = subprocess.run([str(self.shim)], input=json.dumps(self.conf), env=env,
                               capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -300,3 +305,56 @@ def test_shims_beyond_the_bound_are_told_to_try_again_at_once(start_agent):
     finally:
         for connection in idle:
             connection.close()
+
+
+def test_the_agent_watches_an_injected_pods_denials_until_its_del(start_agent, caplog):
+    agent: Agent = start_agent(watch_denials=True)
+    pod, plain = admitted_pod("shop", workloads=2), plain_pod("plain")  # c00: uid 3000, c01: 7001
+    agent.api.script.serve(pod)
+    agent.api.script.serve(plain)
+    caplog.set_level(logging.INFO, logger="meshguard.cni.watch")
+    with PodNamespace() as ns, PodNamespace() as other:
+        ns.load_istio()
+        assert agent.call("ADD", pod, ns.path)[0] == 0
+        assert agent.call("ADD", plain, other.path)[0] == 0
+        wait_for_calls_to_end()
+        # the agent holds the pod's group (a second listener is refused), not the plain one's
+        with pytest.raises(MeshguardFailure, match="Operation not permitted"):
+            bind_group(ns.path, group=NFLOG_GROUP).close()
+        bind_group(other.path, group=NFLOG_GROUP).close()
+        # meshguard's rules do not log yet: the rule they are to have, written here
+        ns.run(["iptables-nft", "-I", "OUTPUT", "1", "-p", "tcp", "--dport", "7001", "-m",
+                "owner", "--uid-owner", "3000", "-j", "NFLOG", "--nflog-group",
+                str(NFLOG_GROUP), "--nflog-prefix", DENY_PREFIX])  # fmt: skip
+        subprocess.run(ns.argv(["setpriv", "--reuid=3000", "--regid=3000", "--clear-groups",
+                                "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/7001"]),
+                       check=False, capture_output=True, timeout=30)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not denials(caplog) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (denial, *_) = denials(caplog)
+        assert {k: denial[k] for k in ("namespace", "pod", "source", "destination", "port",
+                                       "protocol", "verdict", "uid")} == {
+            "namespace": "demo", "pod": "shop", "source": "c00", "destination": "c01",
+            "port": 7001, "protocol": "tcp", "verdict": "denied", "uid": 3000,
+        }  # fmt: skip
+        assert agent.call("DEL", pod, ns.path) == (0, {})
+        wait_for_calls_to_end()
+        released = False
+        for _ in range(100):  # bounded: the watch's reader closes the socket within 0.5 s
+            try:
+                bind_group(ns.path, group=NFLOG_GROUP).close()
+            except MeshguardFailure:
+                time.sleep(0.05)
+            else:
+                released = True
+                break
+        assert released  # the DEL ended the watch
+
+
+def denials(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [
+        record.fields  # type: ignore[attr-defined]
+        for record in caplog.records
+        if getattr(record, "fields", {}).get("event") == "loopback-denial"
+    ]
