@@ -285,6 +285,12 @@ def _add_cni(commands: Subcommands) -> None:
         " log to NFLOG yet)",
     )
     node.add_argument(
+        "--agent-metrics-port",
+        type=_port,
+        help="with --agent-denials: serve their counters as Prometheus metrics on this port's"
+        " /metrics",
+    )
+    node.add_argument(
         "--repair-pods",
         action="store_true",
         help="while the entry is chained, delete this node's pods meshguard admitted in CNI mode"
@@ -500,6 +506,12 @@ def _seconds(text: str) -> float:
     if not 0 <= seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected seconds (e.g. 30), got {text!r}")
     return seconds
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port (1-65535), got {text!r}")
+    return int(text)
 
 
 def _positive_seconds(text: str) -> float:

@@ -59,7 +59,7 @@ from typing import Final
 from meshguard.cni import plugin
 from meshguard.cni.kube import Connections, KeptAlive
 from meshguard.cni.protocol import CniError, Code
-from meshguard.cni.watch import DenialWatch
+from meshguard.cni.watch import DenialWatch, serving_metrics
 from meshguard.errors import MalformedInputError, MeshguardFailure
 from meshguard.kube_api import ApiAccess, ApiError
 
@@ -131,6 +131,8 @@ class AgentSettings:
     max_calls: int = MAX_CALLS
     #: Watch the denials of the pods it installs into (:mod:`meshguard.cni.watch`).
     watch_denials: bool = False
+    #: Serve their counters on this port's /metrics (with ``watch_denials``; None: not).
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -401,7 +403,12 @@ def serving(settings: AgentSettings) -> Iterator[None]:
     log.info("listening for the shim on %s", path,
              extra={"fields": {"event": "cni-agent-listening", "socket": str(path)}})  # fmt: skip
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            if server.watch is not None and settings.metrics_port is not None:
+                stack.enter_context(
+                    serving_metrics(server.watch.counters, port=settings.metrics_port)
+                )
+            yield
     finally:
         # No new call (a shim finds no socket: ADD fails closed, DEL passes), then the calls
         # in progress are answered and end before the process may.

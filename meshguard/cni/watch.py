@@ -17,6 +17,7 @@ are to use); the counters are not served over HTTP; init-container pods are not 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from meshguard.cni.denials import Denial, DenialCounters, PodView, attribute
 from meshguard.cni.kube import Connections, api_access, get_pod
 from meshguard.cni.nflog import Group, bind_group
 from meshguard.cni.protocol import CniError, parse_args, read_netconf
-from meshguard.errors import MeshguardError
+from meshguard.errors import MeshguardError, MeshguardFailure
 from meshguard.status import MalformedStatusError, read_status
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,34 @@ def _ports(pod: Mapping[str, Any]) -> dict[int, str]:
 
 
 @contextlib.contextmanager
-def watching(connections: Connections) -> Iterator[DenialWatch]:
-    watch = DenialWatch(connections=connections)
+def serving_metrics(counters: DenialCounters, *, port: int) -> Iterator[int]:
+    """``GET /metrics`` (the Prometheus text format of ``counters``) on ``port`` of every
+    address while the block runs; yields the port (0: one the kernel chose)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = counters.exposition().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass  # a scrape is not an event
+
     try:
-        yield watch
+        server = http.server.ThreadingHTTPServer(("", port), Handler)
+    except OSError as exc:
+        raise MeshguardFailure(f"cannot serve metrics on port {port}: {exc}") from None
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
     finally:
-        watch.close()
+        server.shutdown()
+        server.server_close()

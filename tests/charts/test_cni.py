@@ -67,8 +67,10 @@ def test_off_by_default():
 
 
 @pytest.mark.parametrize(
-    "values", [CNI, {"cni": {"enabled": True, "excludeNamespaces": []}}, NO_REPAIR]
-)
+    "values",
+    [CNI, {"cni": {"enabled": True, "excludeNamespaces": []}}, NO_REPAIR,
+     {"cni": {"enabled": True, "agent": {"watchDenials": True}}}],
+)  # fmt: skip
 def test_every_cni_object_is_valid(values):
     objects = cni_objects(render(values))
     assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == [
@@ -158,6 +160,11 @@ def test_the_agents_call_bounds_follow_values():
                                                 "watchDenials": True}}}  # fmt: skip
     args = agent_args(tuned)
     assert (args.agent_max_calls, args.agent_call_timeout, args.agent_denials) == (4, 20.0, True)
+    assert args.agent_metrics_port == 9102
+    pod = daemonset(tuned)["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9102"
+    assert pod["spec"]["containers"][0]["ports"] == [{"name": "metrics", "containerPort": 9102}]
+    assert "ports" not in daemonset()["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio_cnis_caps():

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -308,7 +309,8 @@ def test_shims_beyond_the_bound_are_told_to_try_again_at_once(start_agent):
 
 
 def test_the_agent_watches_an_injected_pods_denials_until_its_del(start_agent, caplog):
-    agent: Agent = start_agent(watch_denials=True)
+    port = free_port()
+    agent: Agent = start_agent(watch_denials=True, metrics_port=port)
     pod, plain = admitted_pod("shop", workloads=2), plain_pod("plain")  # c00: uid 3000, c01: 7001
     agent.api.script.serve(pod)
     agent.api.script.serve(plain)
@@ -338,8 +340,12 @@ def test_the_agent_watches_an_injected_pods_denials_until_its_del(start_agent, c
             "namespace": "demo", "pod": "shop", "source": "c00", "destination": "c01",
             "port": 7001, "protocol": "tcp", "verdict": "denied", "uid": 3000,
         }  # fmt: skip
+        metrics = scrape(port)
+        assert ('meshguard_loopback_denials_total{namespace="demo",pod="shop",source="c00",'
+                'destination="c01",verdict="denied"} 1') in metrics  # fmt: skip
         assert agent.call("DEL", pod, ns.path) == (0, {})
         wait_for_calls_to_end()
+        assert 'pod="shop"' not in scrape(port)
         released = False
         for _ in range(100):  # bounded: the watch's reader closes the socket within 0.5 s
             try:
@@ -358,3 +364,14 @@ def denials(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
         for record in caplog.records
         if getattr(record, "fields", {}).get("event") == "loopback-denial"
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
