@@ -4,27 +4,36 @@ Run as root from the checkout: ``python -m benchmarks.cni_install [--quick] [--j
 [--markdown]``.
 
 What a node does when an injected pod starts: the runtime executes ``meshguard-cni`` ADD
-(here ``python -m meshguard.cni``, as the shim would run it) with the conflist entry the
-installer writes (``kubernetes.kubeconfig``) and a ``prevResult``. The plugin GETs the pod
-from a scripted API server over real TLS (the pod is ``kernel_path.py``'s synthetic pod of
-N containers, in Istio CNI mode, admitted by meshguard's real ``inject_pod``), checks its
-ruleset, enters the pod's network namespace, detects the backend and installs and verifies
-the rules. Each run gets a fresh network namespace holding Istio's capture (the
-``ipnets`` golden, iptables-nft), loaded before the clock starts; the wall time is the
-plugin process's, from exec to exit, and its CPU time (with the iptables tools it runs).
+with the conflist entry the installer writes (``kubernetes.kubeconfig``) and a
+``prevResult``. The plugin GETs the pod from a scripted API server over real TLS (the pod is
+``kernel_path.py``'s synthetic pod of N containers, in Istio CNI mode, admitted by
+meshguard's real ``inject_pod``), checks its ruleset, enters the pod's network namespace,
+detects the backend and installs and verifies the rules. Each run gets a fresh network
+namespace holding Istio's capture (the ``ipnets`` golden, iptables-nft), loaded before the
+clock starts.
 
-``shim -> agent``: the same ADD through the node's real path — the static shim
-(``cni-shim/meshguard-cni.c``, built with ``gcc -static``) sends it with the namespace's
-descriptor to the agent's socket (served in this process), which runs the same plugin.
+Two ways to run the same plugin, the configurations alternating:
 
-Baselines in the same run, the configurations alternating:
+- ``shim -> agent`` (the node's path): the runtime execs the static shim
+  (``cni-shim/meshguard-cni.c``, built with ``gcc -static``), which sends the call with the
+  namespace's descriptor to the node agent; the agent (:mod:`meshguard.cni.agent`, a process
+  of its own here, started once, its first call a warm-up) answers it in-process: a thread
+  per call, the pod read on a kept-alive connection. Wall time: the shim's, exec to exit;
+  CPU: the shim's plus what the agent process used meanwhile (its ``getrusage``, itself and
+  the iptables tools it ran);
+- ``process`` (a runtime without the agent, and what the agent did per call before it ran
+  the plugin in-process): ``python -m meshguard.cni``, a process per call, a TLS handshake
+  per GET. Wall time and CPU of the process and its tools.
 
-- ``meshguard init --ruleset-file F`` with the same ruleset (the init-container path: the
-  same install code, no API call, no CNI protocol): ``cni add / init`` is what the node
-  path adds;
-- a pass-through ADD: the same plugin for the same pod without meshguard's annotations
-  (process start, configuration, the API GET; nothing installed): what every pod on the node
-  pays, injected or not.
+Each for an injected pod (ADD) and for the same pod without meshguard's annotations
+(pass-through: the configuration, the API GET, nothing installed — what every pod on the
+node pays, injected or not). Baselines in the same run:
+
+- ``netfilter``: the install's own netfilter time — the same backend detection and install
+  code run in the namespace from a thread of this process (no process start, no API call,
+  no CNI protocol), counting only the time inside the iptables tools on the critical path
+  (the detection's tools, then the slower family's save, restore and save); CPU: the tools';
+- ``meshguard init --ruleset-file F`` with the same ruleset (the init-container path).
 
 Median of N runs per configuration after one warm-up. The machine is small and shared:
 figures vary between runs.
@@ -32,6 +41,7 @@ figures vary between runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -39,10 +49,11 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import IO, Any, TypedDict
 
 from benchmarks.common import (
     ROOT,
@@ -57,7 +68,12 @@ from benchmarks.common import (
 from benchmarks.kernel_path import synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.install import kubeconfig, plugin_entry, render
+from meshguard.cni.netns import entered, thread_has_ipv6
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.process import run_command
+from meshguard.rules.backend import detect_backend
+from meshguard.rules.install import install, install_lock
+from meshguard.rules.iptables import EnvRunner
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.apiserver import ApiServer, scripted_api
@@ -65,7 +81,12 @@ from tests.support.samples import as_cni_mode
 from tests.support.shared import golden_payloads
 
 SIZES = (2, 64)
-CONFIGS = ("cni-add", "shim-add", "init", "pass-through")
+CONFIGS = ("shim-add", "cni-add", "shim-pass", "pass-through", "netfilter", "init")
+#: The goals (issue 26): a pass-through ADD through shim -> agent at most 10 ms wall and 5 ms
+#: CPU; a real ADD through shim -> agent within 1.5 x the install's own netfilter time.
+PASS_WALL_GOAL_MS = 10.0
+PASS_CPU_GOAL_MS = 5.0
+ADD_NETFILTER_GOAL = 1.5
 SHIM_SOURCE = ROOT / "cni-shim" / "meshguard-cni.c"
 
 
@@ -135,6 +156,7 @@ class PodNamespace(NetworkNamespace):
 
 
 def plugin_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace) -> Timed:
+    """A runtime without the agent: a process per call."""
     metadata = pod["metadata"]
     cni_args = (
         f"IgnoreUnknown=1;K8S_POD_NAMESPACE={metadata['namespace']};"
@@ -146,7 +168,9 @@ def plugin_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace) -> Ti
         return timed([sys.executable, "-m", "meshguard.cni"], stdin=stdin, env=env)
 
 
-def shim_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace, shim: Path) -> Timed:
+def shim_add(
+    conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace, shim: Path, agent: AgentProcess
+) -> Timed:
     """The node's path: the runtime execs the shim, which hands the call to the agent."""
     metadata = pod["metadata"]
     cni_args = (
@@ -157,8 +181,105 @@ def shim_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace, shim: P
            "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
            "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args,
            "MESHGUARD_CNI_SOCKET": str(shim.parent / "cni.sock")}  # fmt: skip
+    before = agent.cpu()
     with conf_file.open() as stdin:
-        return timed([str(shim)], stdin=stdin, env=env)
+        took = timed([str(shim)], stdin=stdin, env=env)
+    return {"wall": took["wall"], "cpu": took["cpu"] + agent.cpu() - before}
+
+
+class AgentProcess:
+    """The node agent's socket served by a process of its own (so its CPU is its own):
+    each line written to it is answered with its CPU seconds so far."""
+
+    def __init__(self, directory: Path) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import benchmarks.cni_install as b; b.serve_agent()",
+             str(directory)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.socket = directory / "cni.sock"
+        self.cpu()  # listening once it answers
+
+    def cpu(self) -> float:
+        stdin, stdout = self._streams()
+        stdin.write("\n")
+        stdin.flush()
+        return float(stdout.readline())
+
+    def close(self) -> None:
+        stdin, _ = self._streams()
+        stdin.close()
+        self._process.wait(timeout=60)
+
+    def _streams(self) -> tuple[IO[str], IO[str]]:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        return self._process.stdin, self._process.stdout
+
+
+def serve_agent() -> None:
+    """The agent process: serve the socket in ``argv[1]``, answer each line with the CPU
+    seconds (user + system) of this process and of the tools it ran, until stdin ends."""
+    directory = Path(sys.argv[1])
+    settings = AgentSettings(socket_path=directory / "cni.sock", conf_dir=directory,
+                             host_conf_dir=directory)  # fmt: skip
+    with serving(settings):
+        for _ in sys.stdin:
+            used = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+            print(sum(u.ru_utime + u.ru_stime for u in used), flush=True)
+
+
+@contextlib.contextmanager
+def agent_process(directory: Path) -> Iterator[AgentProcess]:
+    agent = AgentProcess(directory)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+class ToolClock:
+    """A runner that times each tool it starts, per thread (the families run side by side)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self._lock = threading.Lock()
+        self.seconds: dict[int, float] = {}
+
+    def __call__(self, argv: Sequence[str], *, stdin: str | None = None) -> str:
+        started = time.perf_counter()
+        try:
+            return run_command(argv, stdin=stdin, env=self._env)
+        finally:
+            took = time.perf_counter() - started
+            with self._lock:
+                ident = threading.get_ident()
+                self.seconds[ident] = self.seconds.get(ident, 0.0) + took
+
+
+def netfilter(ruleset: Ruleset, ns: NetworkNamespace) -> Timed:
+    """The install's own netfilter time: the tools on the critical path of the same code."""
+    measured: list[Timed] = []
+
+    def run() -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with entered(f"/var/run/netns/{ns.name}"), install_lock() as locked:
+            clock = ToolClock(dict(locked.env) if isinstance(locked, EnvRunner) else {})
+            backend = detect_backend(
+                clock, environ=os.environ, native_nftables=ruleset.native_nftables
+            )
+            install(ruleset, run=clock, backend=backend, ipv6_available=thread_has_ipv6())
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = clock.seconds.pop(threading.get_ident(), 0.0)
+        wall = own + max(clock.seconds.values(), default=0.0)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        measured.append({"wall": wall, "cpu": cpu})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if not measured:
+        raise RuntimeError("the netfilter baseline failed (see the traceback above)")
+    return measured[0]
 
 
 def build_shim(directory: Path) -> Path:
@@ -188,8 +309,9 @@ def network_conf(directory: Path, api: ApiServer) -> Path:
 
 
 def measure_size(
-    n: int, *, reps: int, directory: Path, api: ApiServer, conf: Path, shim: Path
-) -> Row:
+    n: int, *, reps: int, directory: Path, api: ApiServer, conf: Path, shim: Path,
+    agent: AgentProcess,
+) -> Row:  # fmt: skip
     pod = admitted_pod(n)
     plain = uninjected(pod)
     api.script.serve(pod)
@@ -206,11 +328,13 @@ def measure_size(
                 ns.load_istio()
                 if config == "init":
                     took = init(ruleset_file, ns)
-                elif config == "shim-add":
-                    took = shim_add(conf, pod, ns, shim)
+                elif config == "netfilter":
+                    took = netfilter(ruleset, ns)
+                elif config in ("shim-add", "shim-pass"):
+                    took = shim_add(conf, pod if config == "shim-add" else plain, ns, shim, agent)
                 else:
                     took = plugin_add(conf, pod if config == "cni-add" else plain, ns)
-                installs = config in ("cni-add", "shim-add")
+                installs = config in ("cni-add", "shim-add", "netfilter")
                 if installs and "MESHGUARD" not in ns.run(["iptables-nft-save"]):
                     raise RuntimeError("meshguard-cni ADD exited 0 without installing the rules")
             if rep:
@@ -229,80 +353,99 @@ def measure(*, quick: bool) -> Document:
     with tempfile.TemporaryDirectory(prefix="mgcni") as tmp:  # short: a unix socket lives here
         directory = Path(tmp)
         shim = build_shim(directory)
-        agent = AgentSettings(socket_path=directory / "cni.sock", conf_dir=directory,
-                              host_conf_dir=directory)  # fmt: skip
-        with scripted_api(directory) as api, serving(agent):
+        with scripted_api(directory) as api, agent_process(directory) as agent:
             conf = network_conf(directory, api)
             for n in SIZES:
                 rows.append(measure_size(n, reps=reps, directory=directory, api=api, conf=conf,
-                                         shim=shim))  # fmt: skip
+                                         shim=shim, agent=agent))  # fmt: skip
         shim_bytes = shim.stat().st_size
     return {"machine": machine(), "seconds": time.perf_counter() - started, "reps": reps,
             "shim_bytes": shim_bytes, "rows": rows}  # fmt: skip
 
 
+def goals(data: Document | dict[str, Any]) -> dict[str, bool]:
+    """The issue's goals, per row: pass-through through shim -> agent (wall, CPU), and the
+    real ADD through shim -> agent against the install's netfilter time."""
+    rows = data["rows"]
+    return {
+        "pass-through wall": all(r["ms"]["shim-pass"] <= PASS_WALL_GOAL_MS for r in rows),
+        "pass-through CPU": all(r["cpu_ms"]["shim-pass"] <= PASS_CPU_GOAL_MS for r in rows),
+        "ADD / netfilter": all(
+            r["ms"]["shim-add"] <= ADD_NETFILTER_GOAL * r["ms"]["netfilter"] for r in rows
+        ),
+    }
+
+
 def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``--markdown`` prints it)."""
+    columns = ("shim-add", "cni-add", "shim-pass", "pass-through", "netfilter", "init")
     lines = [
         "## Istio CNI mode: node-side install time (benchmarks/cni_install.py)",
         "",
-        "Wall time of one `meshguard-cni` ADD as the runtime runs it (`python -m meshguard.cni`,"
-        " the installer's conflist entry and kubeconfig, the pod read over TLS from a scripted"
-        " API server, then setns + backend detection + install + verify), in a fresh network"
-        " namespace holding Istio's capture (iptables-nft); `shim -> agent`: the same ADD"
-        " through the node's path (the static shim sends it, with the namespace's descriptor,"
-        " to the agent's socket; the agent runs the same plugin). Baselines in the same run:"
-        " `meshguard init --ruleset-file` with the same ruleset (the init-container path) and"
-        " a pass-through ADD (same plugin, pod without meshguard's annotations: process start"
-        f" + API GET). Medians of {data['reps']} runs each, configurations alternating. The"
+        "One `meshguard-cni` ADD as the runtime runs it (the installer's conflist entry and"
+        " kubeconfig, the pod read over TLS from a scripted API server, then setns + backend"
+        " detection + install + verify), in a fresh network namespace holding Istio's capture"
+        " (iptables-nft). `shim -> agent`: the node's path — the static shim sends the call,"
+        " with the namespace's descriptor, to the node agent, which answers it in-process (a"
+        " thread per call, the pod read on a kept-alive connection); CPU is the shim's plus"
+        " the agent process's meanwhile. `process`: `python -m meshguard.cni`, a process per"
+        " call (a runtime without the agent; before the agent ran the plugin in-process, it"
+        " started this process per call). Pass-through: the same pod without meshguard's"
+        " annotations (the GET, nothing installed). `netfilter`: the install's own time inside"
+        " the iptables tools on the critical path (the same detection and install code run"
+        " from a thread in the namespace). Baseline: `meshguard init --ruleset-file` with the"
+        f" same ruleset. Medians of {data['reps']} runs each, configurations alternating. The"
         " machine (2 CPUs) was shared with other sessions' builds and tests during the run:"
-        " expect scatter.",
+        " expect scatter in the wall times.",
         "",
         *markdown_table(
             [
                 "containers",
                 "rules",
                 "",
-                "cni ADD",
-                "shim -> agent ADD",
+                "ADD shim -> agent",
+                "ADD process",
+                "pass-through shim -> agent",
+                "pass-through process",
+                "netfilter",
                 "meshguard init",
-                "pass-through ADD",
-                "cni ADD / init",
-                "ADD - pass-through",
+                "ADD shim -> agent / netfilter",
             ],
             [
                 [
                     row["containers"],
                     row["rules"],
                     label,
-                    f"{ms['cni-add']:.0f}",
-                    f"{ms['shim-add']:.0f}",
-                    f"{ms['init']:.0f}",
-                    f"{ms['pass-through']:.0f}",
-                    f"{ms['cni-add'] / ms['init']:.2f}",
-                    f"{ms['cni-add'] - ms['pass-through']:.0f}",
+                    *(f"{ms[c]:.1f}" for c in columns),
+                    f"{ms['shim-add'] / ms['netfilter']:.2f}",
                 ]
                 for row in data["rows"]
                 for label, ms in (("wall ms", row["ms"]), ("CPU ms", row["cpu_ms"]))
             ],
         ),
     ]
+    met = goals(data)
     lines += [
+        "",
+        f"Goals: pass-through ADD through shim -> agent <= {PASS_WALL_GOAL_MS:g} ms wall"
+        f" ({'met' if met['pass-through wall'] else 'NOT met'}) and <= {PASS_CPU_GOAL_MS:g} ms"
+        f" CPU ({'met' if met['pass-through CPU'] else 'NOT met'}); ADD through shim -> agent"
+        f" <= {ADD_NETFILTER_GOAL:g} x the install's netfilter time, wall"
+        f" ({'met' if met['ADD / netfilter'] else 'NOT met'}).",
         "",
         "Per-run wall times (ms): "
         + "; ".join(
-            f"{row['containers']} containers {c}: " + ", ".join(f"{v:.0f}" for v in row["runs"][c])
+            f"{row['containers']} containers {c}: " + ", ".join(f"{v:.1f}" for v in row["runs"][c])
             for row in data["rows"]
             for c in CONFIGS
         ),
         "",
-        "CPU time (user + system of the process and of the tools it runs) leaves out the time"
-        " spent waiting for a CPU: the steadier figure on a shared machine. The pass-through"
-        " ADD is the fixed cost every pod on the node pays (Python start, imports, the"
-        " configuration, the TLS handshake and GET); the rest of an ADD is the install, as in"
-        " meshguard init. On a node the shim forwards to the agent, which runs this same"
-        " process per call (plus a unix-socket round trip); running the plugin inside the"
-        " agent would save the interpreter start per pod (docs/cni.md).",
+        "CPU time (user + system, with the iptables tools run) leaves out the time spent"
+        " waiting for a CPU: the steadier figure on a shared machine. The pass-through ADD is"
+        " the fixed cost every pod on the node pays; through the agent it is the shim's exec,"
+        " a unix-socket round trip and a GET on a kept-alive connection, where a process per"
+        " call pays the interpreter start, the imports and a TLS handshake. What an ADD adds"
+        " to its netfilter time is the GET, the plan and the verification in Python.",
         "",
         f"On the node's disk: the static shim, {data['shim_bytes'] / 1024:.0f} KiB (`gcc -static"
         " -Os`, glibc). The agent and the plugin run from the init image (see the init image"
@@ -330,10 +473,11 @@ def main(argv: Sequence[str]) -> int:
         for row in data["rows"]:
             ms = row["ms"]
             cpu = row["cpu_ms"]
-            print(f"{row['containers']:>3} containers ({row['rules']} rules): wall/CPU ms"
-                  f" cni ADD {ms['cni-add']:.0f}/{cpu['cni-add']:.0f}, init"
-                  f" {ms['init']:.0f}/{cpu['init']:.0f}, pass-through"
-                  f" {ms['pass-through']:.0f}/{cpu['pass-through']:.0f}")  # fmt: skip
+            print(f"{row['containers']:>3} containers ({row['rules']} rules): wall/CPU ms "
+                  + ", ".join(f"{c} {ms[c]:.1f}/{cpu[c]:.1f}" for c in CONFIGS))  # fmt: skip
+        print(
+            ", ".join(f"{goal}: {'met' if ok else 'NOT met'}" for goal, ok in goals(data).items())
+        )
     print(machine_line(data["machine"], data["seconds"]))
     return 0
 

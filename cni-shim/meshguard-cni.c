@@ -4,7 +4,8 @@
  * A node has no Python, so the runtime does not run meshguard's plugin itself: it runs this
  * small static program, which forwards the CNI call to meshguard's node agent (the chart's
  * DaemonSet, `meshguard cni install --agent-socket ...`) over a unix socket and relays the
- * answer. The agent runs `python -m meshguard.cni` with the image's own iptables.
+ * answer. The agent answers it in-process (meshguard/cni/agent.py) with the image's own
+ * iptables.
  *
  * Request (one stream):  "MGCNI1\n", then the CNI_* variables as "KEY=VALUE\0" ... "\0",
  * then the 4-byte big-endian length of stdin and stdin itself. The opened CNI_NETNS travels
@@ -21,6 +22,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,7 +114,25 @@ static int send_header(int sock, int netns_fd) {
     return sendmsg(sock, &message, 0) == (ssize_t)iov.iov_len ? 0 : -1;
 }
 
+/* The request; 0, or the errno of the send that failed. */
+static int send_request(int sock, int netns_fd, const char *input, uint32_t length) {
+    if (send_header(sock, netns_fd) != 0) return errno;
+    for (size_t i = 0; i < sizeof(VARIABLES) / sizeof(VARIABLES[0]); i++) {
+        const char *value = getenv(VARIABLES[i]);
+        if (value == NULL) continue;
+        if (write_all(sock, VARIABLES[i], strlen(VARIABLES[i])) != 0 ||
+            write_all(sock, "=", 1) != 0 || write_all(sock, value, strlen(value) + 1) != 0)
+            return errno;
+    }
+    unsigned char size[4] = {length >> 24, length >> 16, length >> 8, length};
+    if (write_all(sock, "", 1) != 0 || write_all(sock, size, 4) != 0 ||
+        write_all(sock, input, length) != 0)
+        return errno;
+    return 0;
+}
+
 int main(void) {
+    signal(SIGPIPE, SIG_IGN); /* a closed socket is an error to report, not a silent death */
     const char *command = getenv("CNI_COMMAND");
     const char *path = getenv("MESHGUARD_CNI_SOCKET");
     if (path == NULL || *path == '\0') path = DEFAULT_SOCKET;
@@ -138,22 +158,16 @@ int main(void) {
         netns_fd = open(netns, O_RDONLY | O_CLOEXEC);
         if (netns_fd < 0 && !(is_del && errno == ENOENT)) fail("cannot open", netns, errno);
     }
-    if (send_header(sock, netns_fd) != 0) fail("cannot send to the node agent at", path, errno);
-    for (size_t i = 0; i < sizeof(VARIABLES) / sizeof(VARIABLES[0]); i++) {
-        const char *value = getenv(VARIABLES[i]);
-        if (value == NULL) continue;
-        if (write_all(sock, VARIABLES[i], strlen(VARIABLES[i])) != 0 ||
-            write_all(sock, "=", 1) != 0 || write_all(sock, value, strlen(value) + 1) != 0)
-            fail("cannot send to the node agent at", path, errno);
-    }
-    unsigned char size[4] = {length >> 24, length >> 16, length >> 8, length};
-    if (write_all(sock, "", 1) != 0 || write_all(sock, size, 4) != 0 ||
-        write_all(sock, input, length) != 0)
-        fail("cannot send to the node agent at", path, errno);
+    /* The agent may answer before it has read everything (busy: "try again later"): a send
+     * that fails is reported only when no answer follows. */
+    int send_error = send_request(sock, netns_fd, input, length);
     shutdown(sock, SHUT_WR);
 
     unsigned char status[4];
-    if (read_all(sock, status, 4) != 0) fail("no answer from the node agent at", path, EPIPE);
+    if (read_all(sock, status, 4) != 0) {
+        if (send_error != 0) fail("cannot send to the node agent at", path, send_error);
+        fail("no answer from the node agent at", path, EPIPE);
+    }
     char buffer[65536];
     for (;;) {
         ssize_t done = read(sock, buffer, sizeof(buffer));

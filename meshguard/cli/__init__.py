@@ -272,7 +272,32 @@ def _add_cni(commands: Subcommands) -> None:
         "--agent-socket",
         type=Path,
         help="serve the shim on this unix socket (the path compiled into cni-shim/: "
-        "/var/run/meshguard/cni.sock): run the plugin for it with this image's iptables",
+        "/var/run/meshguard/cni.sock): answer its calls in-process with this image's iptables",
+    )
+    node.add_argument(
+        "--agent-max-calls",
+        type=_positive_int,
+        default=16,
+        help="calls answered at once (different pods in parallel); more wait for a slot",
+    )
+    node.add_argument(
+        "--agent-call-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        help="seconds after which a call is answered with a CNI error (the runtime retries)",
+    )
+    node.add_argument(
+        "--agent-denials",
+        action="store_true",
+        help="log (one JSON line each) and count the loopback denials of the pods it installs"
+        " into, read from NFLOG in their namespaces (docs/cni.md; meshguard's rules do not"
+        " log to NFLOG yet)",
+    )
+    node.add_argument(
+        "--agent-metrics-port",
+        type=_port,
+        help="with --agent-denials: serve their counters as Prometheus metrics on this port's"
+        " /metrics",
     )
     node.add_argument(
         "--repair-pods",
@@ -452,6 +477,19 @@ def _seconds(text: str) -> float:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):
         raise argparse.ArgumentTypeError(f"expected seconds (e.g. 30), got {text!r}")
+    return seconds
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port (1-65535), got {text!r}")
+    return int(text)
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
     return seconds
 
 

@@ -66,7 +66,9 @@ def run_install(args: argparse.Namespace) -> int:
         if args.agent_socket is not None:
             stack.enter_context(serving(AgentSettings(
                 socket_path=args.agent_socket, conf_dir=layout.conf_dir,
-                host_conf_dir=layout.host_conf_dir)))  # fmt: skip
+                host_conf_dir=layout.host_conf_dir, call_timeout=args.agent_call_timeout,
+                max_calls=args.agent_max_calls, watch_denials=args.agent_denials,
+                metrics_port=args.agent_metrics_port)))  # fmt: skip
         run_agent(layout, settings, credentials=credentials, stop=stop, interval=args.interval,
                   ready_file=args.ready_file, uninstall_on_stop=not args.keep_on_exit,
                   while_chained=repairer.run_due if repairer else None)  # fmt: skip

@@ -21,16 +21,19 @@ Chained after istio-cni (whose capture rules are in place by then). Per command:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any, TextIO
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TextIO
 
 from meshguard import annotation_keys, logs
-from meshguard.cni.kube import api_access, get_pod
-from meshguard.cni.netns import NamespaceGone, enter_netns
+from meshguard.cni.kube import Connections, api_access, get_pod
+from meshguard.cni.netns import NamespaceGone, entered, thread_has_ipv6
 from meshguard.cni.protocol import (
     SPEC_VERSION,
     SUPPORTED_VERSIONS,
@@ -46,16 +49,35 @@ from meshguard.cni.protocol import (
 )
 from meshguard.cni.rules import drift, remove_everywhere
 from meshguard.errors import MeshguardError
+from meshguard.process import CommandRunner
 from meshguard.rules.backend import detect_backend
-from meshguard.rules.install import install, install_lock
+from meshguard.rules.install import DEFAULT_LOCK_TIMEOUT_SECONDS, install, install_lock
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.status import MalformedStatusError, read_status
 
 log = logging.getLogger(__name__)
 
 
-def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
-    """Run one CNI command; the exit status (0, or 1 with the error object on stdout)."""
+@dataclass(frozen=True, kw_only=True)
+class Host:
+    """Where the plugin runs: ``python -m meshguard.cni`` (the defaults: a process per call,
+    a connection per GET, iptables' own lock file) or the node agent (a thread per call, its
+    connections kept, iptables' lock held per namespace: the agent's lock file is its own,
+    shared with no other program, so across namespaces it would only queue the installs of
+    different pods behind each other; the namespace's install lock still serializes
+    meshguard's installers of one namespace, and the tools run get a private lock file)."""
+
+    connections: Connections | None = None
+    xtables_lock_per_namespace: bool = False
+
+
+PROCESS: Final = Host()
+
+
+def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO, host: Host = PROCESS) -> int:
+    """Run one CNI command; the exit status (0, or 1 with the error object on stdout).
+
+    The one code path of both hosts (:class:`Host`)."""
     cni_version = SPEC_VERSION
     try:
         command = read_command(environ)
@@ -67,7 +89,7 @@ def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
         conf = read_netconf(text)
         cni_version = conf.cni_version
         invocation = read_invocation(command, environ)
-        result = _run(command, conf, invocation, environ)
+        result = _run(command, conf, invocation, environ, host)
     except CniError as exc:
         log.error(
             "meshguard-cni failed",
@@ -81,29 +103,37 @@ def main(*, environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
 
 
 def _run(
-    command: Command, conf: NetConf, invocation: Invocation, environ: Mapping[str, str]
+    command: Command,
+    conf: NetConf,
+    invocation: Invocation,
+    environ: Mapping[str, str],
+    host: Host = PROCESS,
 ) -> dict[str, Any] | None:
     if command is Command.DEL:
-        remove(invocation)
+        remove(invocation, host=host)
         return None
     if conf.prev_result is None and command is Command.ADD:
         raise CniError(
             Code.INVALID_CONFIG,
             "meshguard-cni must be chained after the pod's network plugin (no prevResult)",
         )
-    ruleset = admitted_ruleset(conf, invocation, environ)
+    ruleset = admitted_ruleset(conf, invocation, environ, connections=host.connections)
     if ruleset is not None:
         if command is Command.ADD:
-            add(ruleset, conf=conf, invocation=invocation)
+            add(ruleset, conf=conf, invocation=invocation, host=host)
         else:
-            check(ruleset, conf=conf, invocation=invocation)
+            check(ruleset, conf=conf, invocation=invocation, host=host)
     if command is Command.CHECK:
         return None
     return {**(conf.prev_result or {}), "cniVersion": conf.cni_version}
 
 
 def admitted_ruleset(
-    conf: NetConf, invocation: Invocation, environ: Mapping[str, str]
+    conf: NetConf,
+    invocation: Invocation,
+    environ: Mapping[str, str],
+    *,
+    connections: Connections | None = None,
 ) -> Ruleset | None:
     """The pod's ruleset; None when meshguard did not inject the pod (nothing to do)."""
     pod_ref = invocation.pod
@@ -114,7 +144,8 @@ def admitted_ruleset(
     namespace, name = pod_ref
     if namespace in conf.kubernetes.exclude_namespaces:
         return None
-    pod = get_pod(api_access(conf.kubernetes, environ), namespace=namespace, name=name)
+    access = api_access(conf.kubernetes, environ)
+    pod = get_pod(access, namespace=namespace, name=name, connections=connections)
     metadata = pod["metadata"]
     where = f"pod {namespace}/{name}"
     if invocation.pod_uid and metadata.get("uid") != invocation.pod_uid:
@@ -152,23 +183,21 @@ def admitted_ruleset(
     return ruleset
 
 
-def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
-    _enter(invocation)
+def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation, host: Host = PROCESS) -> None:
     try:
-        with install_lock(timeout=conf.lock_timeout_seconds) as locked:
+        with _entered(invocation), _lock(conf.lock_timeout_seconds, host) as locked:
             # The backend Istio's capture is in, detected as meshguard-init detects it.
             backend = detect_backend(
                 locked, environ=os.environ, native_nftables=ruleset.native_nftables
             )
-            install(ruleset, run=locked, backend=backend)
+            install(ruleset, run=locked, backend=backend, ipv6_available=thread_has_ipv6())
     except MeshguardError as exc:
         raise CniError(Code.INSTALL_FAILED, f"meshguard rules not installed: {exc}") from None
 
 
-def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
-    _enter(invocation)
+def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation, host: Host = PROCESS) -> None:
     try:
-        with install_lock(timeout=conf.lock_timeout_seconds) as locked:
+        with _entered(invocation), _lock(conf.lock_timeout_seconds, host) as locked:
             backend = detect_backend(
                 locked, environ=os.environ, native_nftables=ruleset.native_nftables
             )
@@ -185,19 +214,15 @@ def check(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation) -> None:
         )
 
 
-def remove(invocation: Invocation) -> None:
+def remove(invocation: Invocation, *, host: Host = PROCESS) -> None:
     """DEL: meshguard's chains and hooks out of the namespace, in every backend; idempotent."""
     if not invocation.netns:
         return
     try:
-        enter_netns(invocation.netns)
+        with entered(invocation.netns), _lock(DEFAULT_LOCK_TIMEOUT_SECONDS, host) as locked:
+            removed = remove_everywhere(run=locked, families=_families())
     except NamespaceGone:
         return  # the namespace, and its rules, are gone already
-    except MeshguardError as exc:
-        raise CniError(Code.IO_FAILURE, str(exc)) from None
-    try:
-        with install_lock() as locked:
-            removed = remove_everywhere(run=locked, families=_families())
     except MeshguardError as exc:
         raise CniError(Code.IO_FAILURE, f"meshguard rules not removed: {exc}") from None
     if removed:
@@ -205,18 +230,37 @@ def remove(invocation: Invocation) -> None:
                    container=invocation.container_id, backends=", ".join(removed))  # fmt: skip
 
 
-def _enter(invocation: Invocation) -> None:
+@contextlib.contextmanager
+def _entered(invocation: Invocation) -> Iterator[None]:
+    """The calling thread in the pod's namespace for the block."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(entered(invocation.netns))
+        except NamespaceGone as exc:
+            raise CniError(Code.UNKNOWN_CONTAINER, str(exc)) from None
+        except MeshguardError as exc:
+            raise CniError(Code.IO_FAILURE, str(exc)) from None
+        yield
+
+
+@contextlib.contextmanager
+def _lock(timeout: float, host: Host) -> Iterator[CommandRunner]:
+    """The install lock of the thread's namespace (see :class:`Host` for iptables' lock)."""
+    if not host.xtables_lock_per_namespace:
+        with install_lock(timeout=timeout) as locked:
+            yield locked
+        return
+    private = os.memfd_create("meshguard-xtables-lock", os.MFD_CLOEXEC)
     try:
-        enter_netns(invocation.netns)
-    except NamespaceGone as exc:
-        raise CniError(Code.UNKNOWN_CONTAINER, str(exc)) from None
-    except MeshguardError as exc:
-        raise CniError(Code.IO_FAILURE, str(exc)) from None
+        with install_lock(timeout=timeout, xtables=Path(f"/proc/self/fd/{private}")) as locked:
+            yield locked
+    finally:
+        os.close(private)
 
 
 def _families() -> list[Family]:
     """IPv6 only where the namespace has it (as the installer decides)."""
-    ipv6 = os.path.exists("/proc/net/if_inet6")
+    ipv6 = thread_has_ipv6()
     return [f for f in Family if f is Family.IPV4 or ipv6]
 
 

@@ -67,8 +67,10 @@ def test_off_by_default():
 
 
 @pytest.mark.parametrize(
-    "values", [CNI, {"cni": {"enabled": True, "excludeNamespaces": []}}, NO_REPAIR]
-)
+    "values",
+    [CNI, {"cni": {"enabled": True, "excludeNamespaces": []}}, NO_REPAIR,
+     {"cni": {"enabled": True, "agent": {"watchDenials": True}}}],
+)  # fmt: skip
 def test_every_cni_object_is_valid(values):
     objects = cni_objects(render(values))
     assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == [
@@ -151,6 +153,20 @@ def test_the_command_line_is_the_real_cli_and_follows_values():
     assert volumes["cni-net-dir"]["hostPath"]["path"] == "/etc/cni/x"
 
 
+def test_the_agents_call_bounds_follow_values():
+    args = agent_args()
+    assert (args.agent_max_calls, args.agent_call_timeout, args.agent_denials) == (16, 60.0, False)
+    tuned = {"cni": {"enabled": True, "agent": {"maxCalls": 4, "callTimeoutSeconds": 20,
+                                                "watchDenials": True}}}  # fmt: skip
+    args = agent_args(tuned)
+    assert (args.agent_max_calls, args.agent_call_timeout, args.agent_denials) == (4, 20.0, True)
+    assert args.agent_metrics_port == 9102
+    pod = daemonset(tuned)["spec"]["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9102"
+    assert pod["spec"]["containers"][0]["ports"] == [{"name": "metrics", "containerPort": 9102}]
+    assert "ports" not in daemonset()["spec"]["template"]["spec"]["containers"][0]
+
+
 def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio_cnis_caps():
     spec = daemonset()["spec"]["template"]["spec"]
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
@@ -227,7 +243,9 @@ def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
      ({"cni": {"hostNetwork": True}}, "hostNetwork"),
      ({"cni": {"repair": {"maxPerMinute": 0}}}, "/cni/repair/maxPerMinute"),
      ({"cni": {"repair": {"intervalSeconds": 0}}}, "/cni/repair/intervalSeconds"),
-     ({"cni": {"repair": {"enabled": "yes"}}}, "/cni/repair/enabled")],
+     ({"cni": {"repair": {"enabled": "yes"}}}, "/cni/repair/enabled"),
+     ({"cni": {"agent": {"maxCalls": 0}}}, "/cni/agent/maxCalls"),
+     ({"cni": {"agent": {"callTimeoutSeconds": 0}}}, "/cni/agent/callTimeoutSeconds")],
 )  # fmt: skip
 def test_bad_cni_values_are_rejected_by_the_schema(values, where):
     with (

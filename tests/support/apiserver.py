@@ -402,6 +402,16 @@ class ApiScript:
     pods: dict[str, bytes] = field(default_factory=dict)
     delay: float = 0.0
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, token
+    #: The client (address, port) of each request: requests on one kept-alive connection
+    #: share it.
+    clients: list[tuple[str, int]] = field(default_factory=list)
+    #: When set, each request waits here first (a barrier of N: the requests of N clients
+    #: in flight at once pass together; fewer break it after its timeout, and are answered
+    #: 503).
+    gate: threading.Barrier | None = None
+    #: Close each connection after its answer, without saying so (a server restarting, an
+    #: idle timeout): the client finds out when it uses the connection again.
+    drop_connections: bool = False
 
     def serve(self, pod: Mapping[str, Any]) -> None:
         metadata = pod["metadata"]
@@ -460,6 +470,12 @@ class ApiServer:
 
 def _handler(script: ApiScript) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
+        # Kept-alive connections, as kube-apiserver keeps them (every answer has a length),
+        # with TCP_NODELAY as Go sets it: the body, written after the headers, is not held
+        # back until the client's delayed ACK of the headers (40 ms).
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
         def do_GET(self) -> None:
             self._answer("GET")
 
@@ -467,17 +483,34 @@ def _handler(script: ApiScript) -> type[http.server.BaseHTTPRequestHandler]:
             self._answer("DELETE")
 
         def _answer(self, method: str) -> None:
+            script.clients.append(self.client_address)
+            gate_open = True
+            if script.gate is not None:
+                try:
+                    script.gate.wait()
+                except threading.BrokenBarrierError:
+                    gate_open = False
             time.sleep(script.delay)
             length = int(self.headers.get("Content-Length") or 0)
             request_body = self.rfile.read(length) if length else b""
             token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
             script.requests.append((method, self.path, token))
             code, body = script.answer(method, self.path, request_body)
+            if not gate_open:
+                code, body = (
+                    503,
+                    _status_bytes(
+                        503,
+                        "ServiceUnavailable",
+                        "fewer requests in flight than the gate waits for",
+                    ),
+                )
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+            self.close_connection = script.drop_connections
 
         def log_message(self, *args: object) -> None:
             pass
