@@ -354,6 +354,7 @@ class ApiScript:
     pods: dict[str, bytes] = field(default_factory=dict)
     delay: float = 0.0
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, token
+    events: list[dict[str, Any]] = field(default_factory=list)  # core/v1 Events created
 
     def serve(self, pod: Mapping[str, Any]) -> None:
         metadata = pod["metadata"]
@@ -370,6 +371,10 @@ class ApiScript:
             return _list(self.served(), urllib.parse.parse_qs(query))
         if method == "GET" and path in self.pods:
             return 200, self.pods[path]
+        if method == "POST" and path.startswith("/api/v1/namespaces/") and path.endswith("/events"):
+            event = json.loads(body)
+            self.events.append(event)
+            return 201, json.dumps(event).encode()
         if method == "DELETE" and path in self.pods:
             pod = json.loads(self.pods[path])
             wanted = (json.loads(body or b"{}").get("preconditions") or {}).get("uid")
@@ -417,6 +422,9 @@ def _handler(script: ApiScript) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_DELETE(self) -> None:
             self._answer("DELETE")
+
+        def do_POST(self) -> None:
+            self._answer("POST")
 
         def _answer(self, method: str) -> None:
             time.sleep(script.delay)
