@@ -68,7 +68,7 @@ class WebhookSettings:
     admission_workers: int = 2
     #: Admissions being judged or waiting for a worker; past it a request is answered 429
     #: before its body is read (the API server then applies the webhook's failurePolicy).
-    max_pending_admissions: int = 32
+    max_pending_admissions: int = 16
 
     def __post_init__(self) -> None:
         if self.admission_workers < 1 or self.max_pending_admissions < self.admission_workers:
