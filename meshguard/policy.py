@@ -46,7 +46,7 @@ MAX_PORTS_PER_RULE: Final = 256
 MAX_PORTS: Final = 1024
 #: Containers named in one rule's ``from``.
 MAX_SOURCES_PER_RULE: Final = 64
-#: Entries of one rule's ``http.paths`` and ``http.headers``.
+#: Entries of one rule's ``http.methods``, ``http.paths`` and ``http.headers``.
 MAX_HTTP_ENTRIES: Final = 64
 #: Characters of one name, path, header name or value.
 MAX_STRING_CHARS: Final = 1024
@@ -274,7 +274,7 @@ def _rule_limit_problems(index: int, rule: Mapping[str, Any]) -> list[Problem]:
 
 
 def _strings_of(rule: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """The rule's names and texts (bounded already by the counts checked beside)."""
+    """The rule's names and texts (one pass over what the parser already built)."""
     for field in ("from", "to"):
         value = rule.get(field)
         for item in value if isinstance(value, list | tuple) else (value,):
@@ -292,7 +292,7 @@ def _strings_of(rule: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
             if isinstance(value, list | tuple)
             else ()
         )
-        for item in items[: MAX_HTTP_ENTRIES + 1]:
+        for item in items:
             if isinstance(item, str):
                 yield f"http.{field}", item
 

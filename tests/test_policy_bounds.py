@@ -15,6 +15,7 @@ policy of a pod that holds no admitted record. Time and memory are measured in
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -225,3 +226,22 @@ def test_the_authz_store_never_parses_the_policy_of_a_pod_without_an_admitted_re
     monkeypatch.setattr(decision, "parse_policy", parse)
     got = policy_of(pod)
     assert got.refused and "no admitted policy record" in got.refused
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ({"from": "a" * 2000, "to": "b", "ports": [1]}, "rules[0].from"),
+        ({"from": "a", "to": "b", "ports": [1], "http": {"paths": ["/" + "p" * 2000]}},
+         "rules[0].http.paths"),
+        ({"from": "a", "to": "b", "ports": [1],
+          "http": {"headers": {**{f"h{i}": "v" for i in range(40)}, "last": "v" * 2000}}},
+         "rules[0].http.headers"),
+    ],
+    ids=["name", "path", "header-value"],
+)  # fmt: skip
+def test_long_strings_are_refused_naming_the_field(rule: dict[str, Any], field: str):
+    with pytest.raises(
+        LimitError, match=rf"{re.escape(field)}: got '200[01] characters'.*at most 1024 characters"
+    ):
+        parse_policy(json.dumps({"rules": [rule]}))
