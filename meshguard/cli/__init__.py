@@ -535,6 +535,19 @@ def _add_servers(commands: Subcommands) -> None:
         help="seconds between checks of the certificate files for a rotation",
     )
     webhook.add_argument(
+        "--admission-workers",
+        type=_positive_int,
+        default=2,
+        help="admissions judged at once, in threads beside the event loop",
+    )
+    webhook.add_argument(
+        "--max-pending-admissions",
+        type=_positive_int,
+        default=16,
+        help="admissions judged or waiting; past it a request is answered 429 before its body"
+        " is read (at least --admission-workers)",
+    )
+    webhook.add_argument(
         "--no-template",
         action="store_true",
         help="do not ask Istio for the meshguard template (the chart's default): the webhook"
