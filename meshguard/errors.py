@@ -77,6 +77,12 @@ class PolicyError(RefusedError):
         super().__init__(f"{annotation}: " + "; ".join(str(p) for p in self.problems))
 
 
+class LimitError(PolicyError):
+    """An annotation is refused for the work it would cost, not for its meaning: it exceeds
+    one of meshguard's limits (rules, ports, expansions, the compiled ruleset's size). The
+    message names the limit, its value and the field; its author splits or narrows it."""
+
+
 class CompileError(RefusedError):
     """The pod cannot be isolated as written (e.g. two containers share a uid)."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from meshguard import annotation_keys, yaml_io
-from meshguard.errors import MISSING, PolicyError, Problem
+from meshguard.errors import MISSING, LimitError, PolicyError, Problem
 
 PROXY: Literal["proxy"] = "proxy"
 ANY_CONTAINER = "*"
@@ -32,6 +32,24 @@ HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 MAX_POLICY_BYTES = 64 * 1024
+
+# The work a policy costs is bounded, not only its text: the text is parsed without YAML
+# anchors or aliases (a small text would otherwise stand for a huge document), and these
+# limits bound what the parsed document may hold. The webhook also bounds what the policy
+# expands to in a given pod (rules x ports x source containers, see
+# meshguard.rules.compiler.MAX_EXPANSION) and the compiled ruleset's size.
+#: Rules in one policy.
+MAX_RULES: Final = 128
+#: Ports listed by one rule.
+MAX_PORTS_PER_RULE: Final = 256
+#: Ports listed by all the rules together.
+MAX_PORTS: Final = 1024
+#: Containers named in one rule's ``from``.
+MAX_SOURCES_PER_RULE: Final = 64
+#: Entries of one rule's ``http.methods``, ``http.paths`` and ``http.headers``.
+MAX_HTTP_ENTRIES: Final = 64
+#: Characters of one name, path, header name or value.
+MAX_STRING_CHARS: Final = 1024
 
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
@@ -158,6 +176,16 @@ class Policy(_Frozen):
     default_action: Action = Field(default=Action.DENY, alias="defaultAction")
     rules: tuple[Rule, ...] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, value: object) -> object:
+        # Every way in (the annotation, the admitted record the authz server reads back)
+        # meets the same limits before any rule is built.
+        problems = limit_problems(value)
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
+        return value
+
     @field_validator("default_action", mode="before")
     @classmethod
     def _action_any_case(cls, value: object) -> object:
@@ -198,22 +226,122 @@ _FIELDS_OF = {
 }
 
 
+def limit_problems(document: object) -> list[Problem]:
+    """What in a parsed policy document exceeds meshguard's limits (:data:`MAX_RULES`,
+    :data:`MAX_PORTS_PER_RULE`, :data:`MAX_PORTS`, :data:`MAX_SOURCES_PER_RULE`,
+    :data:`MAX_HTTP_ENTRIES`, :data:`MAX_STRING_CHARS`); cheap: it counts, builds nothing.
+    Shapes it does not expect are left to the models' own errors."""
+    if not isinstance(document, Mapping):
+        return []
+    rules = document.get("rules")
+    if not isinstance(rules, list | tuple):
+        return []
+    if len(rules) > MAX_RULES:
+        return [_over("rules", f"{len(rules)} rules", MAX_RULES, "rules per policy")]
+    problems: list[Problem] = []
+    total = 0
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, Mapping):
+            continue
+        problems.extend(_rule_limit_problems(index, rule))
+        ports = rule.get("ports")
+        total += len(ports) if isinstance(ports, list | tuple) else 0
+    if total > MAX_PORTS:
+        problems.append(_over("rules[*].ports", f"{total} ports", MAX_PORTS, "ports per policy"))
+    return problems
+
+
+def _rule_limit_problems(index: int, rule: Mapping[str, Any]) -> list[Problem]:
+    where = f"rules[{index}]"
+    counted: list[tuple[str, object, int, str]] = [
+        ("ports", rule.get("ports"), MAX_PORTS_PER_RULE, "ports per rule"),
+        ("from", rule.get("from"), MAX_SOURCES_PER_RULE, "containers per rule's from"),
+    ]
+    http = rule.get("http")
+    if isinstance(http, Mapping):
+        for name in ("methods", "paths", "headers"):
+            counted.append((f"http.{name}", http.get(name), MAX_HTTP_ENTRIES, f"http {name}"))
+    problems = [
+        _over(f"{where}.{field}", f"{len(value)} entries", limit, what)
+        for field, value, limit, what in counted
+        if isinstance(value, list | tuple | Mapping) and len(value) > limit
+    ]
+    for field, text in _strings_of(rule):
+        if len(text) > MAX_STRING_CHARS:
+            value = f"{len(text)} characters"
+            problems.append(_over(f"{where}.{field}", value, MAX_STRING_CHARS, "characters"))
+    return problems
+
+
+def _strings_of(rule: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """The rule's names and texts (one pass over what the parser already built)."""
+    for field in ("from", "to"):
+        value = rule.get(field)
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, str):
+                yield field, item
+    http = rule.get("http")
+    if not isinstance(http, Mapping):
+        return
+    for field in ("methods", "paths", "headers"):
+        value = http.get(field)
+        items = (
+            [*value.keys(), *value.values()]
+            if isinstance(value, Mapping)
+            else value
+            if isinstance(value, list | tuple)
+            else ()
+        )
+        for item in items:
+            if isinstance(item, str):
+                yield f"http.{field}", item
+
+
+def _over(path: str, value: str, limit: int, what: str) -> Problem:
+    return Problem(path=path, value=value, expected=f"at most {limit} {what} (meshguard's limit)")
+
+
 def parse_policy(text: str | None) -> Policy:
-    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything."""
+    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything.
+
+    :class:`~meshguard.errors.LimitError` when it exceeds a limit (its text's size, a YAML
+    anchor or alias, the counts of :func:`limit_problems`), :class:`PolicyError` when it is
+    wrong otherwise."""
     if text is None:
         return Policy()
-    if len(text.encode()) > MAX_POLICY_BYTES:
-        raise _error(Problem(path="", value=f"{len(text)} characters", expected="at most 64 KiB"))
+    size = len(text.encode())
+    if size > MAX_POLICY_BYTES:
+        raise _limit(
+            Problem(path="", value=f"{size} bytes", expected="at most 64 KiB (meshguard's limit)")
+        )
     try:
         document = _load(text)
+    except yaml_io.AliasError as exc:
+        raise _limit(
+            Problem(
+                path="",
+                value=f"an anchor or alias at line {exc.line}, column {exc.column}",
+                expected="YAML without anchors (&name) and aliases (*name, <<: *name),"
+                " refused by meshguard's limit (a few bytes could stand for an unbounded"
+                " policy): write each value out",
+            )
+        ) from None
     except yaml_io.YAMLError as exc:
         raise _error(
             Problem(path="", value=text, expected=f"valid YAML or JSON ({_yaml_reason(exc)})")
+        ) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _error(
+            Problem(path="", value=text, expected=f"valid YAML or JSON ({reason})")
         ) from None
     if document is None:
         return Policy()
     if not isinstance(document, dict):
         raise _error(Problem(path="", value=document, expected="a mapping (defaultAction, rules)"))
+    problems = limit_problems(document)
+    if problems:
+        raise _limit(*problems)
     try:
         return Policy.model_validate(document)
     except ValidationError as exc:
@@ -298,6 +426,10 @@ def _error(*problems: Problem) -> PolicyError:
     return PolicyError(annotation=annotation_keys.POLICY, problems=problems)
 
 
+def _limit(*problems: Problem) -> LimitError:
+    return LimitError(annotation=annotation_keys.POLICY, problems=problems)
+
+
 def _problem(err: Mapping[str, Any]) -> Problem:
     loc: Sequence[str | int] = err["loc"]
     path = _format_path(loc)
@@ -334,7 +466,7 @@ def _load(text: str) -> object:
             return json.loads(text)
         except ValueError:
             pass  # not JSON after all (e.g. a YAML flow mapping): let YAML say what is wrong
-    return yaml_io.load(text)
+    return yaml_io.load_without_aliases(text)
 
 
 def _yaml_reason(exc: yaml_io.YAMLError) -> str:

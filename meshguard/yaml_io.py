@@ -16,6 +16,7 @@ import yaml
 from yaml import YAMLError  # what load() raises, for callers to catch
 
 __all__ = [
+    "AliasError",
     "NotUtf8Error",
     "Part",
     "SafeDumper",
@@ -26,6 +27,7 @@ __all__ = [
     "dump_literal",
     "load",
     "load_all",
+    "load_without_aliases",
     "stream",
 ]
 
@@ -38,6 +40,31 @@ SafeDumper: Final[type[yaml.SafeDumper]] = getattr(yaml, "CSafeDumper", yaml.Saf
 def load(text: str) -> object:
     """One YAML document (safe types only)."""
     return yaml.load(text, Loader=SafeLoader)  # noqa: S506 - a safe loader
+
+
+class AliasError(YAMLError):
+    """The text uses a YAML anchor or alias (``&name``, ``*name``, ``<<: *name``)."""
+
+    def __init__(self, *, line: int, column: int) -> None:
+        self.line = line
+        self.column = column
+        super().__init__(f"YAML anchor or alias at line {line}, column {column}")
+
+
+def load_without_aliases(text: str) -> object:
+    """One YAML document (safe types only) that uses no anchor nor alias, else
+    :class:`AliasError`.
+
+    An alias makes a small text stand for a large document (every ``*x`` is ``&x`` again):
+    the size of the text no longer bounds the work of whoever reads the document. The
+    events are scanned first (linear in the text, nothing built), then the document loaded.
+    """
+    for event in yaml.parse(text, Loader=SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+            raise AliasError(line=line, column=column)
+    return load(text)
 
 
 def load_all(text: str) -> Iterator[Any]:

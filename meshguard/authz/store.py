@@ -30,6 +30,7 @@ from meshguard.authz.kube import PodPage, ResourceExpired, WatchEvent
 from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
+from meshguard.status import MalformedStatusError, PodStatus, read_status
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,31 @@ def policy_of(pod: Mapping[str, Any]) -> PodPolicy:
     view = read_pod(metadata=metadata, spec=pod.get("spec") or {})
     ports = {p.port: c.name for c in view.containers for p in c.ports}
     key = pod_key(view.namespace, view.name)
-    policy = PodPolicy.from_pod(key=key, annotations=view.annotations, ports=ports)
     account = str((pod.get("spec") or {}).get("serviceAccountName") or "default")
-    if policy.admitted or policy.refused:
-        return dataclasses.replace(policy, service_account=account)
-    return PodPolicy.refusing(
-        key=key,
-        reason=f"no admitted policy record ({ADMITTED_RECORD}): the pod was admitted by an"
-        " older meshguard, or its status was edited; delete the pod so that the webhook"
-        " admits it again",
-        sources=policy.sources,
-        ports=ports,
-        service_account=account,
-    )
+    status = _status_or_none(view.annotations.get(annotation_keys.STATUS))
+    if status is None or status.admitted is None:
+        # Not admitted: its live policy is never parsed (whoever wrote the pod chose its
+        # text, and the pod is refused whatever it says). An admitted record is bounded
+        # like the annotation (meshguard.policy's limits, checked before a rule is built).
+        return PodPolicy.refusing(
+            key=key,
+            reason=f"no admitted policy record ({ADMITTED_RECORD}): the pod was admitted by"
+            " an older meshguard, or its status was edited; delete the pod so that the"
+            " webhook admits it again",
+            sources=status.source_containers() if status is not None else {},
+            ports=ports,
+            service_account=account,
+        )
+    policy = PodPolicy.from_pod(key=key, annotations=view.annotations, ports=ports)
+    return dataclasses.replace(policy, service_account=account)
+
+
+def _status_or_none(text: str | None) -> PodStatus | None:
+    """The pod's status; None when it has none or it does not read (the pod is refused)."""
+    try:
+        return read_status(text)
+    except MalformedStatusError:
+        return None
 
 
 class AdmissionReport:

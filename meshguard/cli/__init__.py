@@ -302,10 +302,17 @@ def _add_cni(commands: Subcommands) -> None:
     node.add_argument(
         "--repair-pods",
         action="store_true",
-        help="while the entry is chained, delete this node's pods meshguard admitted in CNI mode"
-        " whose meshguard-validation failed (their sandbox started without the node's rules,"
-        " e.g. while the agent was away), so their controllers recreate them; needs"
-        " delete on pods",
+        help="while the entry is chained, repair this node's pods meshguard admitted in CNI"
+        " mode whose meshguard-validation failed (their sandbox started without the node's"
+        " rules, e.g. while the agent was away), as --repair-mode says",
+    )
+    node.add_argument(
+        "--repair-mode",
+        choices=["event", "delete"],
+        default="event",
+        help="event: record a Warning Event (MeshguardRulesMissing) on each such pod, needs"
+        " create on events only; delete: delete it so that its controller recreates it, needs"
+        " delete on pods (the chart scopes it to the node's own pods)",
     )
     node.add_argument(
         "--node-name",
@@ -320,7 +327,7 @@ def _add_cni(commands: Subcommands) -> None:
         "--repair-per-minute",
         type=_positive_int,
         default=10,
-        help="at most this many pods deleted per minute",
+        help="at most this many pods deleted (or events recorded) per minute",
     )
     node.set_defaults(handler="meshguard.cli.cni:run_install")
     remove = sub.add_parser(
@@ -536,6 +543,19 @@ def _add_servers(commands: Subcommands) -> None:
         type=float,
         default=5.0,
         help="seconds between checks of the certificate files for a rotation",
+    )
+    webhook.add_argument(
+        "--admission-workers",
+        type=_positive_int,
+        default=2,
+        help="admissions judged at once, in threads beside the event loop",
+    )
+    webhook.add_argument(
+        "--max-pending-admissions",
+        type=_positive_int,
+        default=16,
+        help="admissions judged or waiting; past it a request is answered 429 before its body"
+        " is read (at least --admission-workers)",
     )
     webhook.add_argument(
         "--no-template",

@@ -21,6 +21,7 @@ from meshguard.cni.node import (
     run_agent,
     uninstall,
 )
+from meshguard.cni.repair import RepairMode
 from meshguard.cni.repairer import Repairer, RepairSettings
 from meshguard.cni.validate import validate
 from meshguard.errors import MeshguardError
@@ -57,6 +58,7 @@ def run_install(args: argparse.Namespace) -> int:
             node_name=args.node_name or os.environ.get("NODE_NAME", ""),
             interval=args.repair_interval,
             per_minute=args.repair_per_minute,
+            mode=RepairMode(args.repair_mode),
         )
         repairer = Repairer(repair_settings, credentials=credentials)
     stop = threading.Event()

@@ -36,6 +36,8 @@ def webhook(args: argparse.Namespace) -> int:
         port=args.port,
         reload_interval=args.reload_interval,
         inject=injection_settings(args, request_template=not args.no_template),
+        admission_workers=args.admission_workers,
+        max_pending_admissions=max(args.max_pending_admissions, args.admission_workers),
     )
     try:
         asyncio.run(_until_signal(lambda stop: run_webhook(settings, stop=stop)))

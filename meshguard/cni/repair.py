@@ -15,6 +15,15 @@ creates a new one, which the node's plugin then sets up. A pod is broken exactly
   (an OOM kill, a signal) is not the node's to repair.
 
 A broken pod that no controller owns is reported, never deleted: nothing would recreate it.
+
+How a broken pod is repaired is the operator's choice (:class:`RepairMode`). The default,
+``event``, needs no write on pods: the agent records a Warning Event on the pod
+(:func:`event_document`, reason ``MeshguardRulesMissing``, seen in ``kubectl describe pod``
+and by alerting on events) and logs it; someone, or a controller with the right, deletes
+it. ``delete`` deletes it; it needs ``delete`` on pods, which RBAC cannot scope to a node, so
+the chart pairs it with a ValidatingAdmissionPolicy that lets the agent's service account
+delete only pods of the node its token is bound to. A ``label`` mode (Istio's) is not
+offered: it needs ``patch`` on pods, which would let every node rewrite any pod.
 """
 
 from __future__ import annotations
@@ -34,6 +43,19 @@ VALIDATION_FAILED: Final = EXIT_FAILED
 ADMITTED_SELECTOR: Final = (
     f"{annotation_keys.ADMITTED_LABEL}={annotation_keys.ADMITTED_LABEL_VALUE}"
 )
+
+
+class RepairMode(enum.StrEnum):
+    """What the agent does with a broken pod."""
+
+    EVENT = "event"  # a Warning Event on the pod; no write on pods needed
+    DELETE = "delete"  # delete it (needs delete on pods: scoped to the node by the chart)
+
+
+#: The Event's reason (``kubectl get events --field-selector reason=MeshguardRulesMissing``).
+EVENT_REASON: Final = "MeshguardRulesMissing"
+#: The Event's reporting component.
+EVENT_COMPONENT: Final = "meshguard-cni"
 
 
 class Action(enum.StrEnum):
@@ -73,6 +95,36 @@ def assess(pod: Mapping[str, Any], *, node_name: str) -> Broken | None:
     return Broken(
         namespace=str(namespace), name=str(name), uid=str(uid), reason=reason, action=action
     )
+
+
+def event_document(broken: Broken, *, node_name: str, now: str) -> dict[str, Any]:
+    """The core/v1 Event that reports ``broken`` on its pod (``now``: RFC 3339, UTC)."""
+    remedy = (
+        "delete the pod so that its controller recreates it with the node's rules"
+        if broken.action is Action.DELETE
+        else "no controller owns it: delete it and create it anew"
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{broken.name}.meshguard-", "namespace": broken.namespace},
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": broken.namespace,
+            "name": broken.name,
+            "uid": broken.uid,
+        },
+        "reason": EVENT_REASON,
+        "message": f"{broken.reason}: {remedy}",
+        "type": "Warning",
+        "source": {"component": EVENT_COMPONENT, "host": node_name},
+        "reportingComponent": EVENT_COMPONENT,
+        "reportingInstance": node_name,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 def deletion_budget(recent: Sequence[float], *, now: float, per_minute: int) -> int:

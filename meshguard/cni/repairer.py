@@ -9,10 +9,16 @@ selector ``spec.nodeName=<node>``: the API server filters), decides with
 precondition, so a pod recreated under the same name is never hit — at most ``per_minute``
 per minute. Each repair is one JSON log line (``event: cni-repair``, namespace, name,
 reason). Failures are logged and retried on the next pass, never fatal.
+
+In the default mode (``event``, :class:`~meshguard.cni.repair.RepairMode`) it deletes
+nothing: it records one Warning Event per broken pod (``POST
+/api/v1/namespaces/<ns>/events``, once per pod UID, within the same rate) and logs it
+(``event: cni-repair-event``); ``delete`` is the opt-in described above.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 import urllib.parse
@@ -39,6 +45,8 @@ class RepairSettings:
     interval: float = 10.0
     per_minute: int = 10
     timeout: float = 10.0
+    #: event (default: no write on pods) or delete.
+    mode: repair.RepairMode = repair.RepairMode.EVENT
 
 
 class Repairer:
@@ -61,6 +69,7 @@ class Repairer:
         self._last_pass: float | None = None
         self._deleted_at: deque[float] = deque(maxlen=max(settings.per_minute, 1))
         self._reported: set[str] = set()
+        self._signalled: set[str] = set()
 
     def run_due(self) -> list[repair.Broken]:
         """One pass if ``interval`` has passed since the last; the pods deleted."""
@@ -83,6 +92,8 @@ class Repairer:
         credentials = self._credentials()
         node = self._settings.node_name
         broken = [b for pod in self._list(credentials) if (b := repair.assess(pod, node_name=node))]
+        if self._settings.mode is repair.RepairMode.EVENT:
+            return self._signal(credentials, broken)
         deleted: list[repair.Broken] = []
         for pod in broken:
             if pod.action is repair.Action.REPORT:
@@ -105,6 +116,53 @@ class Repairer:
                 self._deleted_at.append(self._clock())
                 deleted.append(pod)
         return deleted
+
+    def _signal(
+        self, credentials: ApiCredentials, broken: list[repair.Broken]
+    ) -> list[repair.Broken]:
+        """Event mode: one Warning Event per broken pod (once per UID), within the rate."""
+        self._signalled &= {pod.uid for pod in broken}  # forget the pods that are gone
+        signalled: list[repair.Broken] = []
+        for pod in broken:
+            if pod.uid in self._signalled:
+                continue
+            budget = repair.deletion_budget(
+                self._deleted_at, now=self._clock(), per_minute=self._settings.per_minute
+            )
+            if budget == 0:
+                break
+            if self._record_event(credentials, pod):
+                self._deleted_at.append(self._clock())
+                self._signalled.add(pod.uid)
+                signalled.append(pod)
+        return signalled
+
+    def _record_event(self, credentials: ApiCredentials, pod: repair.Broken) -> bool:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        document = repair.event_document(pod, node_name=self._settings.node_name, now=now)
+        path = f"/api/v1/namespaces/{urllib.parse.quote(pod.namespace, safe='')}/events"
+        try:
+            _call(credentials, "POST", path, body=document, timeout=self._settings.timeout)
+        except MeshguardError as exc:
+            log.warning(
+                "cannot record an event on pod %s/%s: %s",
+                pod.namespace,
+                pod.name,
+                exc,
+                extra={"fields": {"event": "cni-repair-failed", "namespace": pod.namespace,
+                                  "name": pod.name, "reason": str(exc)}},
+            )  # fmt: skip
+            return False
+        log.warning(
+            "pod %s/%s is stuck (%s): recorded event %s on it; delete it to repair it",
+            pod.namespace,
+            pod.name,
+            pod.reason,
+            repair.EVENT_REASON,
+            extra={"fields": {"event": "cni-repair-event", "namespace": pod.namespace,
+                              "name": pod.name, "uid": pod.uid, "reason": pod.reason}},
+        )  # fmt: skip
+        return True
 
     def _report(self, pod: repair.Broken) -> None:
         if pod.uid in self._reported:

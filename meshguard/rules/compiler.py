@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from meshguard import annotation_keys
-from meshguard.errors import CompileError, PolicyError, Problem
+from meshguard.errors import CompileError, LimitError, PolicyError, Problem
 from meshguard.mesh import (
     CONTROL_PORTS,
     DNS_CAPTURE_PORT,
@@ -109,6 +109,15 @@ ACCEPTED_LABEL: Final = 100
 #: Every uid a socket can have: a packet matches only when a process's socket sent it, never
 #: for the kernel's own packets (neighbour discovery, MLD, IGMP, resets of closed ports).
 ANY_SOCKET_OWNER: Final = "-m owner --uid-owner 0-4294967294"
+#: Most (source container, port, protocol) grants one pod's ruleset may hold: the policy's
+#: rules expanded over their source containers (``from: '*'`` is every container) and
+#: protocols, plus each container's own declared ports. Bounds the compiler's work, which
+#: the policy's text alone does not (one rule of 256 ports from '*' in a pod of 200
+#: containers is 51,200 grants).
+MAX_EXPANSION: Final = 4096
+#: Largest compiled ruleset (its JSON, recorded in ``meshguard.io/ruleset``): Kubernetes
+#: refuses a pod whose annotations together exceed 256 KiB, the policy among them.
+MAX_RULESET_BYTES: Final = 160 * 1024
 
 
 def source_chain(uid: int) -> str:
@@ -181,6 +190,7 @@ def compile_ruleset(
     """
     workload = pod.workload
     check_names(policy, containers=[c.name for c in workload])
+    check_expansion(pod, policy)
     warnings: list[str] = []
     _check_declared_ports(workload, settings)
     plans = _plan_sources(pod, warnings)
@@ -203,7 +213,7 @@ def compile_ruleset(
         )
         for family in Family
     }
-    return Ruleset(
+    ruleset = Ruleset(
         ipv4=families[Family.IPV4],
         ipv6=families[Family.IPV6],
         sources=tuple(identities),
@@ -211,6 +221,52 @@ def compile_ruleset(
         native_nftables=native_nftables,
         warnings=tuple(warnings),
     )
+    size = len(ruleset.to_json())
+    if size > MAX_RULESET_BYTES:
+        raise LimitError(
+            annotation=annotation_keys.POLICY,
+            problems=[
+                Problem(
+                    path="(compiled ruleset)",
+                    value=f"{size} bytes",
+                    expected=f"at most {MAX_RULESET_BYTES} bytes (meshguard's limit: the"
+                    f" ruleset is recorded in {annotation_keys.RULESET}, and Kubernetes caps"
+                    " a pod's annotations at 256 KiB); allow fewer ports or sources",
+                )
+            ],
+        )
+    return ruleset
+
+
+def expansion(pod: PodView, policy: Policy) -> int:
+    """How many (source container, port, protocol) grants the policy and the containers'
+    own ports make in this pod (see :data:`MAX_EXPANSION`); counted, nothing built."""
+    workload = pod.workload
+    alongside = sum(1 for c in workload if c.runs_alongside)
+    grants = sum(len(c.ports) for c in workload)
+    for rule in policy.rules:
+        sources = alongside if ANY_CONTAINER in rule.sources else len(rule.sources)
+        grants += sources * len(rule.ports) * len(rule.protocols)
+    return grants
+
+
+def check_expansion(pod: PodView, policy: Policy) -> None:
+    """:class:`LimitError` when the policy expands beyond :data:`MAX_EXPANSION` in this pod."""
+    grants = expansion(pod, policy)
+    if grants > MAX_EXPANSION:
+        raise LimitError(
+            annotation=annotation_keys.POLICY,
+            problems=[
+                Problem(
+                    path="rules",
+                    value=f"{grants} grants",
+                    expected=f"at most {MAX_EXPANSION} grants (meshguard's limit on source"
+                    " container x port x protocol over the rules, plus each container's own"
+                    f" ports, in this pod of {len(pod.workload)} containers): name fewer"
+                    " sources than '*', or fewer ports",
+                )
+            ],
+        )
 
 
 # --- who is who ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Required, TypedDict, cast
 
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
+from meshguard.inject.fixed import is_admitted, refused_changes
 from meshguard.inject.transform import (
     InjectSettings,
     Outcome,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 API_VERSION: Final = "admission.k8s.io/v1"
 MAX_WARNING_CHARS: Final = 256
 EPHEMERAL_SUBRESOURCE: Final = "ephemeralcontainers"
+#: UPDATEs checked against what must stay as admitted: the pod itself and its status (a
+#: status update can carry metadata); ``resize`` changes resources only.
+GUARDED_SUBRESOURCES: Final = frozenset({"", "status"})
 
 
 class BadReviewError(MalformedInputError):
@@ -140,7 +144,10 @@ def respond(
     uid = str(request["uid"])
     label = _pod_label(request)
     operation = request.get("operation", "CREATE")
-    ephemeral = operation == "UPDATE" and request.get("subResource") == EPHEMERAL_SUBRESOURCE
+    subresource = request.get("subResource") or ""
+    ephemeral = operation == "UPDATE" and subresource == EPHEMERAL_SUBRESOURCE
+    if operation == "UPDATE" and subresource in GUARDED_SUBRESOURCES:
+        return _guard_update(request, uid=uid, label=label)
     if operation != "CREATE" and not ephemeral:
         return _allowed(uid), AdmissionVerdict(uid, "skipped", label, "not a CREATE", 0)
     try:
@@ -164,6 +171,30 @@ def respond(
         uid, result.outcome.value, label, result.reason, len(warnings), tuple(result.warnings)
     )
     return response, decision
+
+
+def _guard_update(
+    request: AdmissionRequest, *, uid: str, label: str
+) -> tuple[AdmissionReviewAnswer, AdmissionVerdict]:
+    """An UPDATE of a pod (or its status): refused when it changes what must stay as
+    admitted (:mod:`meshguard.inject.fixed`), allowed otherwise."""
+    old, new = request.get("oldObject"), request.get("object")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        metadata = new.get("metadata") if isinstance(new, dict) else None
+        if isinstance(metadata, dict) and not is_admitted(metadata):
+            return _allowed(uid), AdmissionVerdict(uid, "skipped", label, "not a CREATE", 0)
+        message = "an UPDATE review needs the pod before and after (oldObject, object)"
+        return _denied(uid, 400, message), AdmissionVerdict(uid, "refused", label, message, 0)
+    changed = refused_changes(old, new)
+    if not changed:
+        return _allowed(uid), AdmissionVerdict(uid, "skipped", label, "update: nothing fixed", 0)
+    message = (
+        f"meshguard refuses this update of pod {label or '(unnamed)'}: it changes "
+        + ", ".join(changed)
+        + ", which stay as meshguard admitted them (what was admitted is what runs, and the"
+        " pod stays in meshguard's reviews); to change them, delete the pod and create it anew"
+    )
+    return _denied(uid, 403, message), AdmissionVerdict(uid, "refused", label, message, 0)
 
 
 def _pod_of(request: AdmissionRequest) -> dict[str, Any]:

@@ -7,7 +7,12 @@ Prometheus counters and a latency histogram.
 :func:`create_app` returns the whole server but its socket: routes, metrics, the certificate
 pair (loaded, or an error) and, in aiohttp's ``cleanup_ctx``, what runs beside the requests —
 the watcher that re-reads the pair when its files change (cert-manager rotates them in
-place) and the readiness flag. Tests drive it in-process; :func:`run_webhook` puts it on a
+place), the readiness flag and the admission workers. An admission is answered in a
+worker thread (at most ``admission_workers`` at once, at most ``max_pending_admissions``
+admitted or waiting, the rest answered 429), never on the event loop: ``/healthz``,
+``/readyz`` and the reading of other requests go on while a pod is judged; the policy's
+limits (:mod:`meshguard.policy`, :data:`meshguard.rules.compiler.MAX_EXPANSION`) bound
+what one admission costs. Tests drive it in-process; :func:`run_webhook` puts it on a
 TLS socket. Each reload builds a fresh :class:`ssl.SSLContext` from the new pair and swaps
 it in for new handshakes (an SNI callback on the listening context), so a rotated key type
 (RSA to ECDSA) leaves nothing of the old pair behind. A pair that does not load — half
@@ -20,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import ssl
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -57,6 +64,19 @@ class WebhookSettings:
     #: On stop: at most this long for requests in flight (an admission lasts at most 30 s).
     drain_timeout: float = 30.0
     inject: InjectSettings = field(default_factory=InjectSettings)
+    #: Admissions judged at once (threads beside the event loop).
+    admission_workers: int = 2
+    #: Admissions being judged or waiting for a worker; past it a request is answered 429
+    #: before its body is read (the API server then applies the webhook's failurePolicy).
+    max_pending_admissions: int = 16
+
+    def __post_init__(self) -> None:
+        if self.admission_workers < 1 or self.max_pending_admissions < self.admission_workers:
+            raise ValueError(
+                "admission_workers must be at least 1 and max_pending_admissions at least"
+                f" admission_workers, got {self.admission_workers} and"
+                f" {self.max_pending_admissions}"
+            )
 
 
 class CertificateError(MeshguardFailure):
@@ -189,12 +209,15 @@ class ServingState:
 
     ready: bool = False
     in_flight: int = 0
+    #: Admissions being judged or waiting for a worker.
+    pending_admissions: int = 0
 
 
 APP_SETTINGS = web.AppKey("settings", WebhookSettings)
 APP_METRICS = web.AppKey("metrics", _Metrics)
 APP_STATE = web.AppKey("state", ServingState)
 APP_TLS = web.AppKey("tls", CertificateReloader)
+APP_WORKERS = web.AppKey("workers", ThreadPoolExecutor)
 
 
 def create_app(settings: WebhookSettings) -> web.Application:
@@ -207,6 +230,7 @@ def create_app(settings: WebhookSettings) -> web.Application:
     app[APP_STATE] = ServingState()
     app[APP_TLS] = CertificateReloader(cert_file=settings.cert_file, key_file=settings.key_file)
     app.cleanup_ctx.append(_watch_certificate)
+    app.cleanup_ctx.append(_admission_workers)
     app.cleanup_ctx.append(_readiness)
     app.router.add_post("/inject", _inject)
     app.router.add_get("/healthz", _healthz)
@@ -221,6 +245,13 @@ async def _watch_certificate(app: web.Application) -> AsyncIterator[None]:
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
+
+
+async def _admission_workers(app: web.Application) -> AsyncIterator[None]:
+    workers = app[APP_SETTINGS].admission_workers
+    app[APP_WORKERS] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="admission")
+    yield
+    app[APP_WORKERS].shutdown(wait=True, cancel_futures=False)
 
 
 async def _readiness(app: web.Application) -> AsyncIterator[None]:
@@ -242,14 +273,33 @@ async def _in_flight(request: web.Request, handler: Handler) -> web.StreamRespon
 async def _inject(request: web.Request) -> web.Response:
     metrics = request.app[APP_METRICS]
     settings = request.app[APP_SETTINGS]
+    state = request.app[APP_STATE]
     started = time.perf_counter()
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
+    if state.pending_admissions >= settings.max_pending_admissions:
         metrics.bad_requests.inc()
-        limit = settings.max_body_bytes
-        return _json(413, {"error": f"AdmissionReview larger than {limit} bytes"})
-    status, answer, decision = handle(body, settings=settings.inject)
+        log.warning(
+            "admission refused: too many pending",
+            extra={"fields": {"event": "admission-overload", "pending": state.pending_admissions}},
+        )
+        return _json(
+            429,
+            {"error": f"{state.pending_admissions} admissions pending, the limit is"
+             f" {settings.max_pending_admissions}: retry"},
+        )  # fmt: skip
+    state.pending_admissions += 1
+    try:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            metrics.bad_requests.inc()
+            limit = settings.max_body_bytes
+            return _json(413, {"error": f"AdmissionReview larger than {limit} bytes"})
+        loop = asyncio.get_running_loop()
+        status, answer, decision = await loop.run_in_executor(
+            request.app[APP_WORKERS], functools.partial(handle, body, settings=settings.inject)
+        )
+    finally:
+        state.pending_admissions -= 1
     if decision is None:
         metrics.bad_requests.inc()
     else:

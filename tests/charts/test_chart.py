@@ -659,7 +659,8 @@ def test_authz_terminates_mtls_with_istios_workload_certificate() -> None:
     )
     assert any(v["name"] == "istio-certs" for v in pod["spec"]["volumes"])
 
-    plain = render({"authz": {"mtls": {"enabled": False}}, **DESTINATION_RULE})
+    plain = render({"authz": {"mtls": {"enabled": False, "insecureAnyCaller": True}},
+                    **DESTINATION_RULE})  # fmt: skip
     rule = one(plain, "DestinationRule", "meshguard-authz")
     assert rule["spec"]["trafficPolicy"] == {"tls": {"mode": "DISABLE"}}
     pod = one(plain, "Deployment", "meshguard-authz")["spec"]["template"]

@@ -88,7 +88,11 @@ def test_every_cni_object_is_valid(values):
 
 def test_rbac_reads_pods_and_deletes_them_only_for_repair():
     role = one(render(CNI), "ClusterRole", "meshguard-cni")
-    assert role["rules"] == [
+    assert role["rules"] == [  # the default repair mode records events: no write on pods
+        READ_PODS, {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]  # fmt: skip
+    deleting = {"cni": {"enabled": True, "repair": {"mode": "delete"}}}
+    assert one(render(deleting), "ClusterRole", "meshguard-cni")["rules"] == [
         READ_PODS, {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
     ]  # fmt: skip
     assert one(render(NO_REPAIR), "ClusterRole", "meshguard-cni")["rules"] == [READ_PODS]

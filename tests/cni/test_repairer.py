@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from meshguard.cni.node import ApiCredentials, InstallSettings, NodeLayout, run_agent
+from meshguard.cni.repair import RepairMode
 from meshguard.cni.repairer import Repairer, RepairSettings
 from meshguard.errors import MeshguardFailure
 from meshguard.logs import JsonFormatter
@@ -26,6 +27,7 @@ from tests.cni.test_repair import NODE, changed, pod
 from tests.support.apiserver import ApiServer, scripted_api
 
 TOKEN = "agent-token"
+DELETE = RepairMode.DELETE
 
 
 @pytest.fixture
@@ -67,7 +69,9 @@ def remaining(api: ApiServer) -> list[str]:
 
 def test_exactly_the_broken_pod_is_deleted(api: ApiServer, caplog: pytest.LogCaptureFixture):
     serve_the_node(api)
-    repairer = Repairer(RepairSettings(node_name=NODE), credentials=lambda: credentials(api))
+    repairer = Repairer(
+        RepairSettings(node_name=NODE, mode=DELETE), credentials=lambda: credentials(api)
+    )
     with caplog.at_level(logging.INFO, logger="meshguard.cni.repairer"):
         deleted = repairer.run_once()
     assert [(p.namespace, p.name) for p in deleted] == [("shop", "broken")]
@@ -95,6 +99,37 @@ def test_exactly_the_broken_pod_is_deleted(api: ApiServer, caplog: pytest.LogCap
     assert caplog.records == []
 
 
+def test_by_default_the_broken_pods_get_an_event_and_nothing_is_deleted(
+    api: ApiServer, caplog: pytest.LogCaptureFixture
+):
+    """The default mode needs no write on pods: one Warning Event per broken pod of this
+    node (the bare one too, with its own remedy), once per pod, and no DELETE."""
+    serve_the_node(api)
+    repairer = Repairer(RepairSettings(node_name=NODE), credentials=lambda: credentials(api))
+    with caplog.at_level(logging.WARNING, logger="meshguard.cni.repairer"):
+        signalled = repairer.run_once()
+    assert sorted(p.name for p in signalled) == ["bare", "broken"]
+    assert sorted(remaining(api)) == ["bare", "broken", "elsewhere", "healthy", "probing",
+                                      "unadmitted"]  # fmt: skip
+    methods = [(method, path.partition("?")[0]) for method, path, _ in api.script.requests]
+    assert [m for m, _ in methods].count("DELETE") == 0
+    assert sorted(methods[1:]) == [("POST", "/api/v1/namespaces/shop/events")] * 2
+    by_pod = {e["involvedObject"]["name"]: e for e in api.script.events}
+    event = by_pod["broken"]
+    assert event["type"] == "Warning" and event["reason"] == "MeshguardRulesMissing"
+    assert event["involvedObject"] == {"apiVersion": "v1", "kind": "Pod", "namespace": "shop",
+                                       "name": "broken", "uid": "uid-broken"}  # fmt: skip
+    assert event["metadata"]["namespace"] == "shop" and event["source"]["host"] == NODE
+    assert "meshguard's node rules missing: delete the pod" in event["message"]
+    assert "no controller owns it" in by_pod["bare"]["message"]
+    logged = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert logged == ["cni-repair-event"] * 2
+    # a second pass records nothing more for the same pods
+    api.script.requests.clear()
+    assert repairer.run_once() == []
+    assert [m for m, _, _ in api.script.requests] == ["GET"]
+
+
 def test_a_recreated_pod_of_the_same_name_is_not_deleted(api: ApiServer):
     """The DELETE carries the broken pod's UID: a pod recreated under its name (a
     StatefulSet's) between the list and the delete answers 409 and stays."""
@@ -107,7 +142,9 @@ def test_a_recreated_pod_of_the_same_name_is_not_deleted(api: ApiServer):
                                    metadata__uid="uid-recreated"))  # fmt: skip
             return listed
 
-    repairer = Racing(RepairSettings(node_name=NODE), credentials=lambda: credentials(api))
+    repairer = Racing(
+        RepairSettings(node_name=NODE, mode=DELETE), credentials=lambda: credentials(api)
+    )
     assert repairer.run_once() == []
     assert [p["metadata"]["uid"] for p in api.script.served()] == ["uid-recreated"]
 
@@ -116,7 +153,7 @@ def test_deletions_are_rate_limited_per_minute(api: ApiServer):
     for index in range(5):
         api.script.serve(named(pod(), f"broken-{index}"))
     now = [1000.0]
-    repairer = Repairer(RepairSettings(node_name=NODE, per_minute=2),
+    repairer = Repairer(RepairSettings(node_name=NODE, per_minute=2, mode=DELETE),
                         credentials=lambda: credentials(api), clock=lambda: now[0])  # fmt: skip
     assert len(repairer.run_once()) == 2
     now[0] += 30
@@ -133,7 +170,7 @@ def test_passes_follow_the_interval_and_api_failures_are_not_fatal(
     now = [0.0]
     wrong = ApiCredentials(server=api.url, token=TOKEN, ca_pem="not a CA")
     use = [wrong]
-    repairer = Repairer(RepairSettings(node_name=NODE, interval=10),
+    repairer = Repairer(RepairSettings(node_name=NODE, interval=10, mode=DELETE),
                         credentials=lambda: use[0], clock=lambda: now[0])  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="meshguard.cni.repairer"):
         assert repairer.run_due() == []
@@ -163,7 +200,7 @@ def test_the_agent_repairs_only_while_its_entry_is_chained(api: ApiServer, tmp_p
     conflist = layout.conf_dir / "10-calico.conflist"
     conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s",
                                     "plugins": [{"type": "calico"}]}))  # fmt: skip
-    repairer = Repairer(RepairSettings(node_name=NODE, interval=0),
+    repairer = Repairer(RepairSettings(node_name=NODE, interval=0, mode=DELETE),
                         credentials=lambda: credentials(api))  # fmt: skip
 
     def agent_passes(passes: int) -> None:
@@ -211,7 +248,7 @@ def test_the_agent_process_repairs_with_the_daemonsets_flags(api: ApiServer, tmp
     command = [sys.executable, "-m", "meshguard", "cni", "install", "--cni-conf-dir", str(conf),
                "--cni-bin-dir", str(binaries), "--plugin-binary", str(shim),
                "--service-account-dir", str(account), "--interval", "0.1", "--repair-pods",
-               "--repair-interval", "0.1"]  # fmt: skip
+               "--repair-mode", "delete", "--repair-interval", "0.1"]  # fmt: skip
     refused = subprocess.run(command, env=environment, capture_output=True, text=True,
                              timeout=120, check=False)  # fmt: skip
     assert refused.returncode == 1

@@ -412,6 +412,7 @@ class ApiScript:
     #: Close each connection after its answer, without saying so (a server restarting, an
     #: idle timeout): the client finds out when it uses the connection again.
     drop_connections: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)  # core/v1 Events created
 
     def serve(self, pod: Mapping[str, Any]) -> None:
         metadata = pod["metadata"]
@@ -428,6 +429,10 @@ class ApiScript:
             return _list(self.served(), urllib.parse.parse_qs(query))
         if method == "GET" and path in self.pods:
             return 200, self.pods[path]
+        if method == "POST" and path.startswith("/api/v1/namespaces/") and path.endswith("/events"):
+            event = json.loads(body)
+            self.events.append(event)
+            return 201, json.dumps(event).encode()
         if method == "DELETE" and path in self.pods:
             pod = json.loads(self.pods[path])
             wanted = (json.loads(body or b"{}").get("preconditions") or {}).get("uid")
@@ -481,6 +486,9 @@ def _handler(script: ApiScript) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_DELETE(self) -> None:
             self._answer("DELETE")
+
+        def do_POST(self) -> None:
+            self._answer("POST")
 
         def _answer(self, method: str) -> None:
             script.clients.append(self.client_address)

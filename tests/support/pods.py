@@ -57,3 +57,49 @@ def admission_review(pod: dict[str, Any], uid: str) -> bytes:
             },
         }
     ).encode()
+
+
+def wide_example(containers: int, *, policy: str | None = None) -> dict[str, Any]:
+    """The example pod (not injected) with ``containers`` more workloads ``c0``, ``c1``...,
+    each hardened, as uid/gid 3000+i, declaring port 20000+i; ``policy`` replaces its
+    ``meshguard.io/policy`` when given."""
+    pod = example_pod()
+    if policy is not None:
+        pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
+    extra = [
+        {
+            "name": f"c{i}",
+            "image": f"example.com/shop/c{i}:1.0",
+            "ports": [{"containerPort": 20000 + i, "name": f"p{i}"}],
+            "securityContext": {
+                "runAsUser": 3000 + i,
+                "runAsGroup": 3000 + i,
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            },
+        }
+        for i in range(containers)
+    ]
+    pod["spec"]["containers"][:0] = extra
+    return pod
+
+
+def admission_update(
+    old: dict[str, Any], new: dict[str, Any], uid: str, *, subresource: str | None = None
+) -> bytes:
+    """The body of an AdmissionReview (admission.k8s.io/v1) asking to UPDATE ``old`` into
+    ``new`` (through ``subresource``, e.g. ``ephemeralcontainers`` or ``resize``)."""
+    request: dict[str, Any] = {
+        "uid": uid,
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "operation": "UPDATE",
+        "namespace": new["metadata"].get("namespace", "default"),
+        "object": new,
+        "oldObject": old,
+    }
+    if subresource is not None:
+        request["subResource"] = subresource
+    return json.dumps(
+        {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+    ).encode()
