@@ -44,7 +44,7 @@ K8S_VERSION = kubernetes_validate.latest_version()
 #: Kinds of CRDs kubernetes-validate has no schema for: checked by hand below (and the
 #: DestinationRule against Istio's CRD schema in ../shared).
 NO_SCHEMA_KINDS = {"Certificate", "Issuer", "ServiceMonitor", "DestinationRule"}
-#: Istio's own MutatingWebhookConfigurations: meshguard's must sort before them.
+#: Istio's own MutatingWebhookConfigurations: meshguard's must sort after them.
 ISTIO_WEBHOOK_CONFIGURATIONS = ("istio-sidecar-injector", "istio-revision-tag-default")
 
 CERT_MANAGER = {"tls": {"mode": "certManager"}}
@@ -150,7 +150,7 @@ def test_default_objects() -> None:
             ("ClusterRoleBinding", "meshguard-authz"),
             ("Deployment", "meshguard-authz"),
             ("Deployment", "meshguard-webhook"),
-            ("MutatingWebhookConfiguration", "00-meshguard"),
+            ("MutatingWebhookConfiguration", "zz-meshguard"),
             ("PodDisruptionBudget", "meshguard-authz"),
             ("PodDisruptionBudget", "meshguard-webhook"),
             ("Secret", "meshguard-webhook-tls"),
@@ -366,14 +366,14 @@ def configuration(values: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def test_webhook_configuration() -> None:
     config = configuration()
-    assert all(config["metadata"]["name"] < istio for istio in ISTIO_WEBHOOK_CONFIGURATIONS)
+    assert all(config["metadata"]["name"] > istio for istio in ISTIO_WEBHOOK_CONFIGURATIONS)
     hooks = config["webhooks"]
-    # Istio's four selections of the default revision (tests/charts/test_selection.py)
+    # what Istio's injection left on the pod; the admitted pods' debug containers
+    # (tests/charts/test_selection.py)
     assert [h["name"] for h in hooks] == [
-        "namespace.inject.meshguard.io",
-        "object.inject.meshguard.io",
-        "rev.namespace.inject.meshguard.io",
-        "rev.object.inject.meshguard.io",
+        "sidecar.injected.meshguard.io",
+        "template.injected.meshguard.io",
+        "admitted.meshguard.io",
     ]
     for hook in hooks:
         assert hook["admissionReviewVersions"] == ["v1"]
@@ -387,22 +387,15 @@ def test_webhook_configuration() -> None:
             "path": "/inject",
             "port": 443,
         }
-        assert hook["rules"] == [
-            {
-                "operations": ["CREATE"],
-                "apiGroups": [""],
-                "apiVersions": ["v1"],
-                "resources": ["pods"],
-                "scope": "Namespaced",
-            },
-            {
-                "operations": ["UPDATE"],
-                "apiGroups": [""],
-                "apiVersions": ["v1"],
-                "resources": ["pods/ephemeralcontainers"],
-                "scope": "Namespaced",
-            },
-        ]
+    create = {
+        "operations": ["CREATE"],
+        "apiGroups": [""],
+        "apiVersions": ["v1"],
+        "resources": ["pods"],
+        "scope": "Namespaced",
+    }
+    debug = create | {"operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]}
+    assert [h["rules"] for h in hooks] == [[create], [create], [debug]]
 
 
 def test_failure_policy_and_timeout_are_configurable() -> None:
@@ -411,48 +404,32 @@ def test_failure_policy_and_timeout_are_configurable() -> None:
     assert "WITHOUT meshguard" in notes(IGNORE)
 
 
+INJECTED = {"app": "shop", "security.istio.io/tlsMode": "istio"}
+
+
 @pytest.mark.parametrize(
     ("namespace", "selected"),
     [
+        # any namespace Istio injects in, whatever its labels: the pod's labels decide
         (namespace_labels("shop", **{"istio-injection": "enabled"}), True),
-        # only the revisions declared in istio.revisions / istio.revisionTags (default)
-        (namespace_labels("shop", **{"istio.io/rev": "canary"}), False),
-        (namespace_labels("shop", **{"istio.io/rev": "default"}), True),
-        # Istio honours istio-injection first: with both labels, still exactly one call
-        (namespace_labels("shop", **{"istio-injection": "enabled", "istio.io/rev": "x"}), True),
-        (namespace_labels("shop", **{"istio-injection": "disabled", "istio.io/rev": "x"}), False),
-        (namespace_labels("shop", **{"istio-injection": "disabled"}), False),
-        (namespace_labels("shop"), False),
+        (namespace_labels("shop", **{"istio.io/rev": "canary"}), True),
+        (namespace_labels("shop"), True),
         # the opt-out label
-        (
-            namespace_labels(
-                "shop", **{"istio-injection": "enabled", "meshguard.io/inject": "disabled"}
-            ),
-            False,
-        ),
-        (
-            namespace_labels("shop", **{"istio.io/rev": "x", "meshguard.io/inject": "disabled"}),
-            False,
-        ),
-        (
-            namespace_labels(
-                "shop", **{"istio-injection": "enabled", "meshguard.io/inject": "enabled"}
-            ),
-            True,
-        ),
+        (namespace_labels("shop", **{"istio.io/rev": "x", "meshguard.io/inject": "disabled"}),
+         False),
+        (namespace_labels("shop", **{"meshguard.io/inject": "enabled"}), True),
         # meshguard's own namespace and kube-system, even if labeled
         (namespace_labels(NAMESPACE, **{"istio-injection": "enabled"}), False),
         (namespace_labels("kube-system", **{"istio.io/rev": "x"}), False),
     ],
-)
+)  # fmt: skip
 def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
-    hooks = configuration()["webhooks"]
-    pod = {"app": "shop"}
     matching = [
         h["name"]
-        for h in hooks
-        if selector_matches(h["namespaceSelector"], namespace)
-        and selector_matches(h["objectSelector"], pod)
+        for h in configuration()["webhooks"]
+        if "CREATE" in h["rules"][0]["operations"]
+        and selector_matches(h["namespaceSelector"], namespace)
+        and selector_matches(h["objectSelector"], INJECTED)
     ]
     assert len(matching) == (1 if selected else 0), matching
 
@@ -460,9 +437,10 @@ def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
 @pytest.mark.parametrize(
     ("pod_labels", "selected"),
     [
-        ({}, True),
-        ({"app": "shop", "sidecar.istio.io/inject": "true"}, True),
-        ({"app": "shop", "sidecar.istio.io/inject": "false"}, False),
+        ({"app": "shop"}, False),  # not injected (yet)
+        (INJECTED, True),
+        ({**INJECTED, "security.istio.io/tlsMode": "disabled"}, True),  # the pod's own value
+        ({"app": "gw", "service.istio.io/canonical-name": "gw"}, True),  # gateway template
     ],
 )
 def test_object_selector(pod_labels: dict[str, str], selected: bool) -> None:
@@ -470,7 +448,8 @@ def test_object_selector(pod_labels: dict[str, str], selected: bool) -> None:
     matching = [
         h["name"]
         for h in configuration()["webhooks"]
-        if selector_matches(h["namespaceSelector"], namespace)
+        if "CREATE" in h["rules"][0]["operations"]
+        and selector_matches(h["namespaceSelector"], namespace)
         and selector_matches(h["objectSelector"], pod_labels)
     ]
     assert len(matching) == (1 if selected else 0), matching
@@ -499,7 +478,7 @@ def test_generated_tls() -> None:
     assert san.get_values_for_type(x509.DNSName) == DNS_NAMES
     assert key.public_key() == leaf.public_key()
     # the API server trusts that CA, in both webhook entries
-    for hook in one(objects, "MutatingWebhookConfiguration", "00-meshguard")["webhooks"]:
+    for hook in one(objects, "MutatingWebhookConfiguration", "zz-meshguard")["webhooks"]:
         assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
     assert kinds(objects, "Certificate") == kinds(objects, "Issuer") == []
 
@@ -526,7 +505,7 @@ def test_cert_manager_tls() -> None:
     pod = one(objects, "Deployment", "meshguard-webhook")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == spec["secretName"]
-    config = one(objects, "MutatingWebhookConfiguration", "00-meshguard")
+    config = one(objects, "MutatingWebhookConfiguration", "zz-meshguard")
     annotation = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
     assert annotation == f"{certificate['metadata']['namespace']}/meshguard-webhook"
     for hook in config["webhooks"]:
