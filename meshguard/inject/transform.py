@@ -118,6 +118,9 @@ def inject_pod(
     if skip:
         return Result(Outcome.SKIPPED, reason=skip)
     before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    gateway = gateway_reason(before)
+    if gateway:
+        return Result(Outcome.SKIPPED, reason=gateway)
     if before.proxy is None:
         _refuse_unrecognized_proxy(before)
         if not settings.request_template:
@@ -311,6 +314,24 @@ def skip_reason(metadata: dict[str, Any]) -> str:
     if annotations.get(AMBIENT_ANNOTATION) == "enabled" or labels.get(AMBIENT_LABEL) == "ambient":
         return "ambient-mode pod (no sidecar): meshguard does not apply"
     return ""
+
+
+def gateway_reason(pod: PodView) -> str:
+    """Why an Istio gateway pod is left alone, or "".
+
+    A pod of Istio's ``gateway`` injection template: the proxy is its only container and
+    Istio gave it no init step (no istio-init, no istio-validation), so it runs without
+    NET_ADMIN or root. There is no container to isolate the proxy from, and meshguard's
+    init step would be the pod's only privileged container: nothing is added.
+    """
+    if pod.proxy is None or pod.workload or pod.istio_init_step is not None:
+        return ""
+    template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
+    return (
+        f"Istio gateway pod (injection template {template}): the proxy is the only container"
+        " and Istio added no init step, so there is nothing to isolate it from and meshguard"
+        " adds no privileged init container to it"
+    )
 
 
 def _text(value: object) -> str | None:
