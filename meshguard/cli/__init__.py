@@ -593,6 +593,14 @@ def _add_servers(commands: Subcommands) -> None:
         "--trust-domain", default="cluster.local", help="the mesh's trust domain (SPIFFE)"
     )
     tls.add_argument(
+        "--tls-wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for the three files (Istio's agent writes them after the start;"
+        " the wait logs which files and why, then fails with the cause)",
+    )
+    tls.add_argument(
         "--insecure-plaintext",
         action="store_true",
         help="serve --kubernetes without TLS and without checking callers' identities",

@@ -369,3 +369,44 @@ def test_the_review_keys_on_the_admitted_label_only() -> None:
         new=plain,
         resource="pods",
     )
+
+
+# --- the authz server's own injection (issue 24 item 4) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scenario", "values"),
+    [
+        ("default", {}),
+        ("canary+tag-default", {}),
+        ("canary", {"authz": {"istioRevision": "canary"}}),
+        ("canary+tag-prod", {"authz": {"istioRevision": "prod"}}),
+        ("default+canary", {"authz": {"istioRevision": "canary"}}),
+    ],
+)
+def test_istio_injects_the_authz_server_for_its_certificate(
+    scenario: str, values: dict[str, Any]
+) -> None:
+    """Exactly one of Istio's injectors takes the authz pod (in meshguard's unlabeled
+    namespace), on revision-only installs too once authz.istioRevision names one."""
+    (deployment,) = [
+        d for d in kinds(render(values), "Deployment") if d["metadata"]["name"] == "meshguard-authz"
+    ]
+    pod = deployment["spec"]["template"]["metadata"]["labels"]
+    hooks = {n: c["webhooks"] for n, c in istio_install(scenario).configurations.items()}
+    mutators = {name: injection("sidecar") for name in hooks}
+    namespace = {"kubernetes.io/metadata.name": NAMESPACE}
+    called, _ = admit_create(hooks, namespace=namespace, pod=pod, mutators=mutators)
+    assert len(called) == 1, called
+
+
+def test_a_revision_only_istio_needs_the_authz_revision() -> None:
+    """What the chart refuses where it can read Istio's webhooks (lookup): the default
+    labels reach no injector of a revision-only Istio, so no certificate would come."""
+    (deployment,) = [
+        d for d in kinds(render(), "Deployment") if d["metadata"]["name"] == "meshguard-authz"
+    ]
+    pod = deployment["spec"]["template"]["metadata"]["labels"]
+    hooks = {n: c["webhooks"] for n, c in istio_install("canary").configurations.items()}
+    namespace = {"kubernetes.io/metadata.name": NAMESPACE}
+    assert admit_create(hooks, namespace=namespace, pod=pod, mutators={})[0] == []
