@@ -21,6 +21,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -325,6 +326,24 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_INIT_IMAGE,
         help="image of meshguard-init and meshguard-validation (the slim init image)",
     )
+    parser.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        type=_secret_name,
+        metavar="NAME",
+        help="a Secret (in each pod's namespace) to pull --image with: added to the pod's"
+        " imagePullSecrets; repeat for several",
+    )
+
+
+def _secret_name(text: str) -> str:
+    """A Secret's name (a DNS subdomain), for argparse."""
+    if len(text) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Secret name (lowercase letters, digits, '-' and '.')"
+        )
+    return text
 
 
 def _add_demo(commands: Subcommands) -> None:

@@ -167,6 +167,7 @@ def inject_pod(
     else:
         _place_init_container(spec, init_container(settings.init), pod)
         _set_volume(spec, ruleset_volume())
+    _add_pull_secrets(spec, settings.init.pull_secrets)
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
 
@@ -361,6 +362,16 @@ def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: 
     position = names_.index(step.name) + 1 if step is not None else 0
     init.insert(position, container)
     spec["initContainers"] = init
+
+
+def _add_pull_secrets(spec: dict[str, Any], names: Sequence[str]) -> None:
+    """The init image's pull secrets, after the pod's own (none twice)."""
+    if not names:
+        return
+    secrets = list(spec.get("imagePullSecrets") or [])
+    present = {s.get("name") for s in secrets if isinstance(s, dict)}
+    secrets += [{"name": name} for name in names if name not in present]
+    spec["imagePullSecrets"] = secrets
 
 
 def _set_volume(spec: dict[str, Any], volume: dict[str, Any] | None) -> None:

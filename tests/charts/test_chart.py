@@ -30,7 +30,9 @@ from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
 from meshguard.inject.posture import PostureAction
+from meshguard.inject.transform import inject_pod
 from tests.support.kube import istio_crd_schema, selector_matches
+from tests.support.samples import istio_pod
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')"
@@ -769,3 +771,39 @@ def test_servers_run_as_the_images_user() -> None:
         security = container(deployment)["securityContext"]
         assert (str(security["runAsUser"]), str(security["runAsGroup"])) == user
         assert container(deployment)["command"] == ["meshguard"]
+
+
+# --- the init image's pull secrets reach application pods (issue 24 item 7) -------------
+
+
+@pytest.mark.parametrize(
+    ("values", "names"),
+    [
+        ({}, ()),
+        ({"imagePullSecrets": [{"name": "regcred"}]}, ("regcred",)),
+        (
+            {"imagePullSecrets": [{"name": "regcred"}],
+             "init": {"imagePullSecrets": [{"name": "init-a"}, {"name": "init-b"}]}},
+            ("init-a", "init-b"),
+        ),
+    ],
+)  # fmt: skip
+def test_the_init_image_pull_secrets_reach_the_injected_pods(
+    values: dict[str, Any], names: tuple[str, ...]
+) -> None:
+    main = container(one(render(values), "Deployment", "meshguard-webhook"))
+    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    assert settings.init.pull_secrets == names
+    pod = istio_pod()
+    pod["spec"]["imagePullSecrets"] = [{"name": "app-own"}]
+    inject_pod(pod["metadata"], pod["spec"], settings=settings)
+    assert pod["spec"]["imagePullSecrets"] == [{"name": n} for n in ("app-own", *names)]
+    inject_pod(pod["metadata"], pod["spec"], settings=settings)  # reinvoked: no duplicate
+    assert pod["spec"]["imagePullSecrets"] == [{"name": n} for n in ("app-own", *names)]
+
+
+def test_kube_version_is_the_one_the_annotation_guard_needs() -> None:
+    """ValidatingAdmissionPolicy (the annotation guard) is GA in Kubernetes 1.30."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.30.0-0"
+    assert kinds(render(), "ValidatingAdmissionPolicy")
