@@ -20,7 +20,8 @@ from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MeshguardError
 from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
-from meshguard.pod import PROXY_CONTAINER, PodView
+from meshguard.inject.transform import gateway_reason
+from meshguard.pod import PROXY_CONTAINER, PodView, read_pod
 from meshguard.policy import (
     ANY_CONTAINER,
     PROXY,
@@ -240,6 +241,9 @@ def protection(
             f"opted out of meshguard ({namespace_opt_out}): Istio's sidecar, no loopback"
             " isolation, by choice",
         )
+    gateway = _gateway_reason(metadata, spec)
+    if gateway:
+        return Verdict(Protection.OPTED_OUT, f"left alone by meshguard: {gateway}")
     return Verdict(
         Protection.UNPROTECTED,
         f"UNPROTECTED: Istio injected its sidecar ({annotation_keys.ISTIO_STATUS}) but meshguard"
@@ -247,6 +251,16 @@ def protection(
         " webhook did not see it (a selection or revision it does not cover, failurePolicy"
         " Ignore while it was down, or a pod created before meshguard)",
     )
+
+
+def _gateway_reason(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    """Why the webhook deliberately skips this pod as an Istio gateway, or "" (also for a
+    pod that does not read: then it is not known to be one)."""
+    try:
+        pod = read_pod(metadata=dict(metadata), spec=dict(spec))
+    except MeshguardError:
+        return ""
+    return gateway_reason(pod)
 
 
 def _has_istio_sidecar(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:

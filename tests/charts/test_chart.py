@@ -807,3 +807,20 @@ def test_kube_version_is_the_one_the_annotation_guard_needs() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["kubeVersion"] == ">=1.30.0-0"
     assert kinds(render(), "ValidatingAdmissionPolicy")
+
+
+def test_notes_audit_leaves_out_what_meshguard_is_told_to_stay_away_from() -> None:
+    text = notes()
+    (selector,) = re.findall(r"kubectl get namespaces -o name -l '([^']+)'", text)
+    assert selector == (
+        f"meshguard.io/inject!=disabled,kubernetes.io/metadata.name notin ({NAMESPACE},kube-system)"
+    )
+    assert "| meshguard describe -f - --only-unprotected --fail-on-unprotected" in text
+    assert "no longer" not in text  # istio.revisions at its default: nothing to say
+    assert "no longer" in notes({"istio": {"revisions": ["canary"]}})
+
+
+def test_notes_explain_istio_cni_mode_without_the_node_agent() -> None:
+    text = notes()
+    assert "cni.enabled is false" in text and "never start" in text
+    assert "cni.enabled is false" not in notes({"cni": {"enabled": True}})
