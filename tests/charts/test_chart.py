@@ -66,6 +66,10 @@ VALUE_SETS = {
     "failure-ignore": IGNORE,
     "no-template+digest": NO_TEMPLATE,
     "cni": {"cni": {"enabled": True}},
+    "authz-revision+pull-secrets": {
+        "authz": {"istioRevision": "canary"},
+        "imagePullSecrets": [{"name": "regcred"}],
+    },
 }
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, Final
 
 import kubernetes_validate
@@ -410,3 +412,67 @@ def test_a_revision_only_istio_needs_the_authz_revision() -> None:
     hooks = {n: c["webhooks"] for n, c in istio_install("canary").configurations.items()}
     namespace = {"kubernetes.io/metadata.name": NAMESPACE}
     assert admit_create(hooks, namespace=namespace, pod=pod, mutators={})[0] == []
+
+
+# --- what the chart refuses where it can read the cluster (lookup) --------------------------
+
+
+def probe(tmp_path: Path, **objects: list[dict[str, Any]]) -> dict[str, str]:
+    """The chart's refusal helpers on given cluster objects: ``lookup`` answers nothing
+    offline, so a copy of the chart renders the helpers on the objects passed as values."""
+    chart = tmp_path / "meshguard"
+    shutil.copytree(CHART, chart)
+    (chart / "values.schema.json").unlink()
+    (chart / "templates" / "zz-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: probe\ndata:\n"
+        '  authz: {{ include "meshguard.authz.noDefaultRevision" (dict "webhooks"'
+        " .Values.probe.webhooks) | quote }}\n"
+        '  cni: {{ include "meshguard.cni.istioCniWithoutAgent" (dict "daemonSets"'
+        " .Values.probe.daemonSets) | quote }}\n"
+    )
+    values = {"probe": {"webhooks": objects.get("webhooks", []),
+                        "daemonSets": objects.get("daemonSets", [])}}  # fmt: skip
+    with helm.Chart.load(chart) as loaded:
+        rendered = loaded.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    data: dict[str, str] = yaml.safe_load(rendered["meshguard/templates/zz-probe.yaml"])["data"]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("scenario", "refused"),
+    [
+        ("default", False),
+        ("canary+tag-default", False),
+        ("default+canary", False),
+        ("canary", True),
+        ("canary+tag-prod", True),
+    ],
+)
+def test_a_revision_only_istio_is_refused_without_authz_revision(
+    tmp_path: Path, scenario: str, refused: bool
+) -> None:
+    webhooks = list(istio_install(scenario).configurations.values())
+    problem = probe(tmp_path, webhooks=webhooks)["authz"]
+    assert bool(problem) is refused, problem
+    if refused:
+        assert "set authz.istioRevision to one of them" in problem
+        assert "canary" in problem
+    assert probe(tmp_path / "none")["authz"] == ""  # nothing readable: nothing refused
+
+
+def test_istio_cni_without_the_node_agent_is_refused(tmp_path: Path) -> None:
+    with helm.Chart.load(shared_file("istio-charts", "istio-cni")) as chart:
+        rendered = chart.render({}, name="istio-cni", namespace="istio-system", is_install=True)
+    daemon_sets = [
+        obj
+        for name, text in rendered.items()
+        if not name.endswith(".txt")
+        for obj in yaml.safe_load_all(text)
+        if obj and obj.get("kind") == "DaemonSet"
+    ]
+    assert daemon_sets, "Istio's CNI chart rendered no DaemonSet"
+    problem = probe(tmp_path, daemonSets=daemon_sets)["cni"]
+    assert "Istio runs in CNI mode here (DaemonSet istio-system/istio-cni-node)" in problem
+    assert "set cni.enabled=true" in problem
+    other = [{"metadata": {"name": "kube-proxy", "namespace": "kube-system"}}]
+    assert probe(tmp_path / "other", daemonSets=other)["cni"] == ""
