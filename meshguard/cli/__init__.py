@@ -550,7 +550,7 @@ def _add_servers(commands: Subcommands) -> None:
         "--no-template",
         action="store_true",
         help="do not ask Istio for the meshguard template (the chart's default): the webhook"
-        " inserts meshguard-init itself when it is reinvoked after Istio, and istiod needs no"
+        " inserts meshguard-init itself into the pod Istio injected, and istiod needs no"
         " template. Without this flag every istiod revision must have the template, or Istio"
         ' refuses each pod: requested template "meshguard" not found',
     )

@@ -1,8 +1,11 @@
 """The injection transform: one pod (metadata + spec) in, the meshguard pod out.
 
-Before Istio has injected the pod (no ``istio-proxy`` yet) the transform only asks Istio
-for the ``meshguard`` template next to its own (``inject.istio.io/templates``); the webhook
-is reinvoked after Istio (``reinvocationPolicy: IfNeeded``). Once the proxy is there: parse
+A pod without ``istio-proxy`` is not Istio's yet: the transform asks Istio for the
+``meshguard`` template next to its own (``inject.istio.io/templates``) when
+``request_template`` is set, else leaves it (the chart's webhook runs after Istio's
+injectors and sees such a pod only if it carries Istio's labels itself). Istio's gateway
+pods (the proxy alone, no init step) are left alone: :func:`gateway_reason`. Once the
+proxy is there: parse
 the policy, check the posture (refuse, or fix and warn), compile the ruleset, record it and
 the status on the pod, label it admitted (``meshguard.io/admitted: "true"``, the authz
 server's label selector), and put ``meshguard-init`` right after ``istio-init``, whether the
