@@ -5,16 +5,26 @@
 #       meshguard-init and meshguard-validation in every pod, the CNI plugin on the nodes:
 #       the core install only (no servers' libraries), both iptables variants and nftables
 
-# --- build: the project in two virtualenvs (core only; with the server extra) ---------------
-FROM python:3.11.11-slim-bookworm AS build
+# --- build-init, build: the project in two virtualenvs (core only; with the server extra) ---
+# Each virtualenv is built at the path its image runs it from (/opt/meshguard): pip writes
+# that path into every console script's shebang (#!/opt/meshguard/bin/python), so a
+# virtualenv that a COPY moves elsewhere cannot start its entrypoint. One stage each, as
+# both use the same path. tests/test_image.py replays these steps and runs each image's
+# entrypoint the way the chart does.
+FROM python:3.11.11-slim-bookworm AS build-init
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md /src/
 COPY meshguard /src/meshguard
 # The README way (pip install of the project), without the editable flag or test extra.
 # The init venv keeps no pip or setuptools: nothing installs into it at run time.
-RUN python -m venv /opt/meshguard-init \
- && /opt/meshguard-init/bin/pip install /src \
- && /opt/meshguard-init/bin/pip uninstall -y -q pip setuptools
+RUN python -m venv /opt/meshguard \
+ && /opt/meshguard/bin/pip install /src \
+ && /opt/meshguard/bin/pip uninstall -y -q pip setuptools
+
+FROM python:3.11.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY pyproject.toml README.md /src/
+COPY meshguard /src/meshguard
 RUN python -m venv /opt/meshguard \
  && /opt/meshguard/bin/pip install "/src[server]"
 
@@ -36,7 +46,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 65532 meshguard \
  && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin meshguard
-COPY --from=build /opt/meshguard-init /opt/meshguard
+COPY --from=build-init /opt/meshguard /opt/meshguard
 # the chart's cni.pluginBinary
 COPY --from=shim /meshguard-cni /opt/meshguard/cni/meshguard-cni
 ENV PATH=/opt/meshguard/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

@@ -3,14 +3,15 @@
 Run as root from the checkout: ``python -m benchmarks.init_image [--quick] [--json FILE]
 [--markdown]``.
 
-There is no container engine here, so each image's two layers of its own are measured the
-way the Dockerfile builds them:
+There is no container engine here, so each image is built by replaying the Dockerfile's
+own steps (tests/support/dockerfile.py, the replay tests/test_image.py runs: a root per
+stage over this Debian host, ``RUN`` in a chroot, ``COPY --from`` between stages), and its
+two layers of its own are measured:
 
-1. The virtualenv. ``python -m venv`` + ``pip install SRC`` (the core install; pip and
-   setuptools uninstalled after, as the ``init`` target does) and ``pip install
-   "SRC[server]"`` (the servers' image), SRC a copy of ``pyproject.toml``, ``README.md`` and
-   ``meshguard/`` as the Dockerfile copies them. Size: ``du -sk`` (disk usage, KiB) of the
-   virtualenv; the largest entries of its site-packages.
+1. The virtualenv, ``/opt/meshguard`` of each image as the Dockerfile builds and copies it
+   (``build-init``: ``pip install /src``, pip and setuptools uninstalled after;
+   ``build``: ``pip install "/src[server]"``). Size: ``du -sk`` (disk usage, KiB); the
+   largest entries of its site-packages.
 2. What apt adds. The Debian packages each target installs (``iptables iproute2`` for the
    servers' image; ``iptables nftables iproute2`` for init) and their ``Depends`` closure
    (``apt-cache depends --recurse``), less the packages the ``python:3.11-slim-bookworm``
@@ -20,12 +21,12 @@ way the Dockerfile builds them:
 The base image both targets share (Debian slim and the Python interpreter) is not counted:
 the issue's 248 MB is the virtualenv of the servers' image.
 
-3. ``meshguard init --ruleset-file F`` wall time, the installed console script of each
-   virtualenv (``VENV/bin/meshguard``), in a fresh network namespace per run (``ip netns
-   exec``), for the synthetic pods of ``kernel_path.py`` at 2 and 64 containers; median of
-   N runs after one warm-up, the two virtualenvs alternating. The servers' virtualenv is the
-   baseline of the same run (init imports none of its extra libraries, so the ratio should
-   be about 1: the gain of the slim image is the pull, not the start).
+3. ``meshguard init --ruleset-file F`` wall time, each image's entrypoint in its replayed
+   root (``chroot``, uid 0), in a fresh network namespace per run (``ip netns exec``),
+   for the synthetic pods of ``kernel_path.py`` at 2 and 64 containers; median of N runs
+   after one warm-up, the two images alternating. The servers' image is the baseline of
+   the same run (init imports none of its extra libraries, so the ratio should be about
+   1: the gain of the slim image is the pull, not the start).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +52,7 @@ from benchmarks.common import (
 )
 from benchmarks.kernel_path import compile_synthetic
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.dockerfile import BuiltStage, Replay
 
 SIZES = (2, 64)
 #: The issue's goal: the init image at most a quarter of the servers' image.
@@ -113,33 +114,6 @@ class Document(TypedDict):
     seconds: float
 
 
-def source_copy(directory: Path) -> Path:
-    """What the Dockerfile copies into /src."""
-    src = directory / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(
-        ROOT / "meshguard", src / "meshguard", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    return src
-
-
-def build_venv(directory: Path, src: Path, *, target: str) -> Path:
-    venv = directory / target
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-    pip = [str(venv / "bin" / "pip"), "install", "-q"]
-    requirement = str(src) if target == "init" else f"{src}[server]"
-    subprocess.run([*pip, requirement], check=True, capture_output=True, cwd=directory)
-    if target == "init":
-        subprocess.run(
-            [str(venv / "bin" / "pip"), "uninstall", "-y", "-q", "pip", "setuptools"],
-            check=True,
-            capture_output=True,
-        )
-    return venv
-
-
 def disk_kib(path: Path) -> int:
     done = subprocess.run(["du", "-sk", str(path)], check=True, capture_output=True, text=True)
     return int(done.stdout.split()[0])
@@ -178,25 +152,30 @@ def apt_added(packages: tuple[str, ...]) -> dict[str, int] | None:
     return added
 
 
-def time_init(meshguard: Path, ruleset_file: Path) -> float:
+def time_init(replay: Replay, image: BuiltStage, ruleset: str) -> float:
     with NetworkNamespace() as ns:
+        argv = ["meshguard", "init", "--ruleset-file", f"/tmp/{ruleset}"]
         started = time.perf_counter()
-        ns.run([str(meshguard), "init", "--ruleset-file", str(ruleset_file)])
-        return time.perf_counter() - started
+        done = replay.run(image, argv, user="0:0", wrap=ns.argv([]))
+        seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"meshguard init failed in the replayed image: {done.stderr}")
+    return seconds
 
 
-def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[InitRow]:
+def measure_init(replay: Replay, images: dict[str, BuiltStage], reps: int) -> list[InitRow]:
     rows: list[InitRow] = []
     for n in SIZES:
-        ruleset_file = directory / f"ruleset-{n}.json"
-        ruleset_file.write_text(compile_synthetic(n).to_json(), encoding="utf-8")
-        samples: dict[str, list[float]] = {target: [] for target in venvs}
-        for venv in venvs.values():  # warm-up: page cache
-            time_init(venv / "bin" / "meshguard", ruleset_file)
+        ruleset = f"ruleset-{n}.json"
+        for image in images.values():
+            (image.root / "tmp" / ruleset).write_text(compile_synthetic(n).to_json())
+        samples: dict[str, list[float]] = {target: [] for target in images}
+        for image in images.values():  # warm-up: page cache
+            time_init(replay, image, ruleset)
         for rep in range(reps):
-            order = list(venvs) if rep % 2 == 0 else list(reversed(venvs))
+            order = list(images) if rep % 2 == 0 else list(reversed(images))
             for target in order:
-                seconds = time_init(venvs[target] / "bin" / "meshguard", ruleset_file)
+                seconds = time_init(replay, images[target], ruleset)
                 samples[target].append(seconds * 1000)
         medians = {target: median_of(values) for target, values in samples.items()}
         rows.append(
@@ -219,31 +198,30 @@ def measure_init(venvs: dict[str, Path], directory: Path, reps: int) -> list[Ini
 def measure(*, quick: bool) -> Document:
     began = time.perf_counter()
     reps = 3 if quick else 9
-    with tempfile.TemporaryDirectory(prefix="meshguard-init-image-") as tmp:
-        directory = Path(tmp)
-        os.chmod(directory, 0o755)
-        src = source_copy(directory)
-        venvs = {target: build_venv(directory, src, target=target) for target in ("init", "server")}
-        images: dict[str, Image] = {}
-        for target, venv in venvs.items():
+    with Replay(ROOT / "Dockerfile", ROOT) as replay:
+        images = {"init": replay.build(target="init"), "server": replay.build()}
+        measured: dict[str, Image] = {}
+        for target, image in images.items():
+            venv = image.root / "opt" / "meshguard"
             added = apt_added(APT[target])
-            images[target] = {
+            measured[target] = {
                 "venv_kib": disk_kib(venv),
                 "largest_kib": largest(venv),
                 "apt_packages": APT[target],
                 "apt_added_kib": added,
                 "apt_total_kib": sum(added.values()) if added is not None else None,
             }
-        rows = measure_init(venvs, directory, reps)
+        rows = measure_init(replay, images, reps)
+    images_ = measured
     totals = {
         target: image["venv_kib"] + (image["apt_total_kib"] or 0)
-        for target, image in images.items()
+        for target, image in images_.items()
     }
     return {
-        "images": images,
+        "images": images_,
         "totals_kib": totals,
         "size_ratio": totals["init"] / totals["server"],
-        "venv_ratio": images["init"]["venv_kib"] / images["server"]["venv_kib"],
+        "venv_ratio": images_["init"]["venv_kib"] / images_["server"]["venv_kib"],
         "goal_ratio": GOAL_RATIO,
         "init": rows,
         "reps": reps,
@@ -271,8 +249,9 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
     lines = [
         "## The slim init image (benchmarks/init_image.py)",
         "",
-        "No container engine here: each image's own layers are measured as the Dockerfile"
-        " builds them. The virtualenv: `pip install /src` (the core install, pip and"
+        "No container engine here: each image is built by replaying the Dockerfile's steps"
+        " (tests/support/dockerfile.py) and its own layers are measured. The virtualenv:"
+        " `pip install /src` (the core install, pip and"
         " setuptools removed after, as the `init` target does) against `pip install"
         ' "/src[server]"` (the servers\' image), `du -sk`. What apt adds: the closure of each'
         " target's `apt-get install` (`Depends` only, as `--no-install-recommends`) less the"
@@ -302,8 +281,9 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         + ", ".join(f"{name} {kib} KiB" for name, kib in sorted(added.items(), key=lambda x: -x[1]))
         + ".",
         "",
-        f"`meshguard init --ruleset-file F` as installed (`VENV/bin/meshguard`, byte-compiled"
-        f" by pip) in a fresh network namespace, wall time, median of {data['reps']}"
+        "`meshguard init --ruleset-file F`, each image's entrypoint in the image's root as"
+        " the Dockerfile's steps build it (byte-compiled by pip) in a fresh network"
+        f" namespace, wall time, median of {data['reps']}"
         " alternating runs after a warm-up; the servers' virtualenv is the baseline:",
         "",
         *markdown_table(

@@ -29,6 +29,7 @@ from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.admitted import Admitted, TamperedError, drift, read_admitted
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
+from meshguard.inject.transform import gateway_reason
 from meshguard.pod import PROXY_CONTAINER, PodView, read_pod
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -599,6 +600,9 @@ def protection(
         )
     if namespace_opt_out:
         return namespace_opted_out(namespace_opt_out)
+    gateway = _gateway_reason(metadata, spec)
+    if gateway:
+        return Verdict(Protection.OPTED_OUT, f"left alone by meshguard: {gateway}")
     return Verdict(
         Protection.UNPROTECTED,
         f"UNPROTECTED: Istio injected its sidecar ({annotation_keys.ISTIO_STATUS}) but meshguard"
@@ -615,6 +619,16 @@ def namespace_opted_out(reason: str) -> Verdict:
         Protection.OPTED_OUT,
         f"opted out of meshguard ({reason}): Istio's sidecar, no loopback isolation, by choice",
     )
+
+
+def _gateway_reason(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    """Why the webhook deliberately skips this pod as an Istio gateway, or "" (also for a
+    pod that does not read: then it is not known to be one)."""
+    try:
+        pod = read_pod(metadata=dict(metadata), spec=dict(spec))
+    except MeshguardError:
+        return ""
+    return gateway_reason(pod)
 
 
 def _has_istio_sidecar(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:

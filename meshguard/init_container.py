@@ -42,6 +42,9 @@ class InitContainerSettings:
     memory_request: str = "32Mi"
     cpu_limit: str = "200m"
     memory_limit: str = "64Mi"
+    #: Secrets (in the pod's namespace) the kubelet pulls :attr:`image` with: added to the
+    #: pod's imagePullSecrets with the init step.
+    pull_secrets: tuple[str, ...] = ()
 
 
 def init_container(settings: InitContainerSettings) -> dict[str, Any]:

@@ -36,10 +36,10 @@ def test_every_instruction_is_known_and_stages_are_named_or_final():
     found = instructions()
     assert {keyword for keyword, _ in found} <= KNOWN
     froms = [args for keyword, args in found if keyword == "FROM"]
-    # multi-stage: build, the CNI shim, the init target, then the runtime (last: the default)
+    # multi-stage: the two virtualenvs, the CNI shim, the init target, then the runtime (last:
+    # the default)
     names = [f.split(" AS ")[1] if " AS " in f else None for f in froms]
-    assert names == ["build", "shim", "init", None]
-    assert froms[0].endswith(" AS build")
+    assert names == ["build-init", "build", "shim", "init", None]
 
 
 def stages() -> dict[str | None, list[tuple[str, str]]]:
@@ -54,19 +54,21 @@ def stages() -> dict[str | None, list[tuple[str, str]]]:
 
 
 def test_the_init_target_has_the_core_install_and_every_netfilter_tool():
-    build = stages()["build"]
-    runs = [args for keyword, args in build if keyword == "RUN"]
-    core = next(run for run in runs if "/opt/meshguard-init" in run)
-    assert re.search(r"/opt/meshguard-init/bin/pip install /src(\s|$)", core), "no extra"
+    # each virtualenv is built at the path its image runs it from (pip bakes it into the
+    # console scripts' shebangs; tests/test_image.py runs them)
+    (core,) = [args for keyword, args in stages()["build-init"] if keyword == "RUN"]
+    assert re.search(r"python -m venv /opt/meshguard(\s|$)", core)
+    assert re.search(r"/opt/meshguard/bin/pip install /src(\s|$)", core), "no extra"
     assert "pip uninstall -y -q pip setuptools" in core
-    server = next(run for run in runs if "/opt/meshguard/bin/pip" in run)
+    (server,) = [args for keyword, args in stages()["build"] if keyword == "RUN"]
+    assert re.search(r"python -m venv /opt/meshguard(\s|$)", server)
     assert 'pip install "/src[server]"' in server
     init = stages()["init"]
     apt = next(args for keyword, args in init if keyword == "RUN" and "apt-get install" in args)
     assert {"iptables", "nftables", "iproute2"} <= set(shlex.split(apt.replace("&&", " ")))
     copies = [args for keyword, args in init if keyword == "COPY"]
     assert copies == [
-        "--from=build /opt/meshguard-init /opt/meshguard",
+        "--from=build-init /opt/meshguard /opt/meshguard",
         f"--from=shim /meshguard-cni {chart_values()['cni']['pluginBinary']}",
     ]
     assert ("ENTRYPOINT", '["meshguard"]') in init

@@ -24,7 +24,7 @@ from typing import Final
 
 import grpc
 
-from meshguard.errors import MalformedInputError
+from meshguard.errors import MalformedInputError, MeshguardFailure
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +103,42 @@ class TlsFiles:
         except OSError as exc:
             raise MalformedInputError(f"cannot read the authz TLS files: {exc}") from None
 
-    def wait(self, *, timeout: float, poll: float = 0.5) -> None:
+    def missing(self) -> list[Path]:
+        return [path for path in (self.cert, self.key, self.ca) if not path.exists()]
+
+    def wait(
+        self,
+        *,
+        timeout: float,
+        poll: float = 0.5,
+        injected: bool | None = None,
+        log_every: float = 15.0,
+    ) -> None:
         """Until the three files exist (Istio's agent writes them once the pod's certificate
-        is issued, after the server started); :class:`MalformedInputError` after timeout."""
+        is issued, after the server started). Logs which files it waits for and why, at
+        once and every ``log_every`` seconds; :class:`WorkloadCertificateMissingError`
+        after ``timeout``. ``injected``: whether Istio injected this pod (its
+        ``sidecar.istio.io/status`` annotation), None if not known."""
+        cause = certificate_cause(injected)
         deadline = time.monotonic() + timeout
-        while not all(path.exists() for path in (self.cert, self.key, self.ca)):
-            if time.monotonic() > deadline:
-                missing = [str(p) for p in (self.cert, self.key, self.ca) if not p.exists()]
-                raise MalformedInputError(
-                    f"the authz TLS files are missing after {timeout:.0f}s: {', '.join(missing)}"
+        next_log = time.monotonic()
+        while missing := self.missing():
+            now = time.monotonic()
+            paths = [str(p) for p in missing]
+            if now > deadline:
+                raise WorkloadCertificateMissingError(
+                    f"the workload certificate files are missing after {timeout:.0f}s:"
+                    f" {', '.join(paths)}. {cause}"
                 )
-            log.info(
-                "waiting for the workload certificate files",
-                extra={"fields": {"event": "tls-wait"}},
-            )
+            if now >= next_log:
+                log.warning(
+                    "waiting for the workload certificate files %s: %s",
+                    ", ".join(paths),
+                    cause,
+                    extra={"fields": {"event": "tls-wait", "missing": paths, "cause": cause,
+                                      "injected": injected, "timeout_s": timeout}},
+                )  # fmt: skip
+                next_log = now + log_every
             time.sleep(poll)
 
     def stamp(self) -> tuple[float, ...]:
@@ -127,6 +149,47 @@ class TlsFiles:
             except OSError:
                 stamps.append(-1.0)
         return tuple(stamps)
+
+
+class WorkloadCertificateMissingError(MeshguardFailure):
+    """The authz server's workload certificate never arrived: the install is at fault (the
+    pod was not injected by Istio, or istiod issued no certificate)."""
+
+
+#: Where the chart tells serve-authz whether Istio injected its pod: the pod's
+#: ``sidecar.istio.io/status`` annotation through the downward API (empty: not injected).
+ISTIO_STATUS_ENV: Final = "MESHGUARD_ISTIO_STATUS"
+
+
+def injected_from_env(environ: Mapping[str, str]) -> bool | None:
+    """Whether Istio injected this pod, from :data:`ISTIO_STATUS_ENV` (None: not set)."""
+    if ISTIO_STATUS_ENV not in environ:
+        return None
+    return bool(environ[ISTIO_STATUS_ENV].strip())
+
+
+def certificate_cause(injected: bool | None) -> str:
+    """Why the files may be missing, and what to do, as far as this pod can tell."""
+    writer = (
+        "Istio's agent in this pod's istio-proxy container writes them (proxy.istio.io/config"
+        " OUTPUT_CERTS) once istiod has signed the pod's certificate"
+    )
+    not_injected = (
+        "no Istio webhook selected it (with revisions only, no default revision, the pod"
+        " label sidecar.istio.io/inject=true selects nothing): set the chart's"
+        " authz.istioRevision to a revision or tag Istio serves (pod label istio.io/rev)"
+    )
+    if injected is False:
+        return (
+            "this pod was not injected by Istio (no sidecar.istio.io/status annotation), so no"
+            f" istio-proxy writes them: {not_injected}"
+        )
+    if injected is True:
+        return (
+            f"{writer}: the pod was injected, so check `kubectl logs <this pod> -c istio-proxy`"
+            " for the certificate request"
+        )
+    return f"{writer}; if the pod has no istio-proxy container, {not_injected}"
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:

@@ -22,6 +22,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -366,6 +367,24 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_INIT_IMAGE,
         help="image of meshguard-init and meshguard-validation (the slim init image)",
     )
+    parser.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        type=_secret_name,
+        metavar="NAME",
+        help="a Secret (in each pod's namespace) to pull --image with: added to the pod's"
+        " imagePullSecrets; repeat for several",
+    )
+
+
+def _secret_name(text: str) -> str:
+    """A Secret's name (a DNS subdomain), for argparse."""
+    if len(text) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Secret name (lowercase letters, digits, '-' and '.')"
+        )
+    return text
 
 
 def _add_demo(commands: Subcommands) -> None:
@@ -561,7 +580,7 @@ def _add_servers(commands: Subcommands) -> None:
         "--no-template",
         action="store_true",
         help="do not ask Istio for the meshguard template (the chart's default): the webhook"
-        " inserts meshguard-init itself when it is reinvoked after Istio, and istiod needs no"
+        " inserts meshguard-init itself into the pod Istio injected, and istiod needs no"
         " template. Without this flag every istiod revision must have the template, or Istio"
         ' refuses each pod: requested template "meshguard" not found',
     )
@@ -621,6 +640,14 @@ def _add_servers(commands: Subcommands) -> None:
     tls.add_argument("--tls-ca", type=Path, help="CA of client certificates (root-cert.pem)")
     tls.add_argument(
         "--trust-domain", default="cluster.local", help="the mesh's trust domain (SPIFFE)"
+    )
+    tls.add_argument(
+        "--tls-wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for the three files (Istio's agent writes them after the start;"
+        " the wait logs which files and why, then fails with the cause)",
     )
     tls.add_argument(
         "--insecure-plaintext",

@@ -12,7 +12,7 @@ import argparse
 import logging
 from collections.abc import Iterator, Sequence
 
-from meshguard.cli.describe import POD_TYPES, Found, NamespaceSeen
+from meshguard.cli.found import POD_TYPES, Found, NamespaceSeen
 from meshguard.cluster import Cluster, ClusterError, connect, get_object, list_objects
 from meshguard.errors import UsageError
 from meshguard.manifests import SourceObject

@@ -25,6 +25,7 @@ from typing import Final
 
 from meshguard import yaml_io
 from meshguard.cli import EXIT_FAILED, EXIT_OK
+from meshguard.cli.found import Found, NamespaceSeen
 from meshguard.describe import (
     PodDescription,
     PodRef,
@@ -44,8 +45,6 @@ from meshguard.rules.compiler import CompilerSettings
 EXIT_UNPROTECTED: Final = 3
 #: Exit status when a pod's meshguard annotations were edited after admission.
 EXIT_TAMPERED: Final = 4
-#: The resource names ``describe`` takes, as kubectl spells pods.
-POD_TYPES: Final = ("pod", "pods", "po")
 #: Flags that read the cluster (meaningless with -f).
 CLUSTER_FLAGS: Final = ("namespace", "all_namespaces", "selector", "kubeconfig", "context")
 
@@ -58,18 +57,6 @@ def run(args: argparse.Namespace) -> int:
 def run_unprotected(args: argparse.Namespace) -> int:
     """``unprotected``: the pods with Istio's sidecar and no meshguard, one line each."""
     return _audit(args, only_unprotected=True)
-
-
-@dataclass(frozen=True)
-class NamespaceSeen:
-    """A Namespace object, and whether it carries meshguard's opt-out label."""
-
-    name: str
-    opted_out: bool
-
-
-#: What a source gives out, in order: Namespaces, and the pods (or templates) to judge.
-Found = NamespaceSeen | PodTemplate
 
 
 def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:

@@ -20,7 +20,9 @@ from meshguard.manifests import pod_templates, read_sources
 def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
     return InjectSettings(
         posture=PostureSettings(default_action=PostureAction(args.posture_action)),
-        init=InitContainerSettings(image=args.image),
+        init=InitContainerSettings(
+            image=args.image, pull_secrets=tuple(dict.fromkeys(args.image_pull_secret))
+        ),
         request_template=request_template,
     )
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from meshguard.authz.feed import FedStore, Feed, FrameEncoder
-from meshguard.authz.identity import TlsFiles
+from meshguard.authz.identity import TlsFiles, injected_from_env
 from meshguard.authz.kube import HttpPodSource, api_access
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import KubernetesStore, PolicyStore, StaticStore
@@ -24,8 +24,6 @@ from meshguard.errors import MeshguardError
 from meshguard.webhook.server import WebhookSettings, run_webhook
 
 PR_SET_PDEATHSIG = 1
-#: How long serve-authz waits for the workload certificate files (Istio's agent writes them).
-TLS_WAIT_SECONDS = 120.0
 
 
 def webhook(args: argparse.Namespace) -> int:
@@ -65,7 +63,7 @@ def authz(args: argparse.Namespace) -> int:
     pool = WorkerPool(count=args.workers, start=lambda index: sources.worker(args, index))
     try:
         if tls is not None:
-            tls.wait(timeout=TLS_WAIT_SECONDS)
+            tls.wait(timeout=args.tls_wait, injected=injected_from_env(os.environ))
         store = sources.open(args)
         pool.start()
         asyncio.run(_until_signal(lambda stop: serve_authz(settings, store=store, stop=stop)))
@@ -87,6 +85,8 @@ def _authz_usage_problem(args: argparse.Namespace) -> str | None:
         return f"--list-page-size {args.list_page_size}: expected at least 1"
     if args.workers < 1:
         return f"--workers {args.workers}: expected at least 1"
+    if not args.tls_wait > 0:  # also NaN
+        return f"--tls-wait {args.tls_wait}: expected a number of seconds above 0"
     if args.kubernetes and not any(given) and not args.insecure_plaintext:
         return (
             "--kubernetes serves the Check channel over mutual TLS: give --tls-cert, --tls-key"

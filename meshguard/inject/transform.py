@@ -1,8 +1,11 @@
 """The injection transform: one pod (metadata + spec) in, the meshguard pod out.
 
-Before Istio has injected the pod (no ``istio-proxy`` yet) the transform only asks Istio
-for the ``meshguard`` template next to its own (``inject.istio.io/templates``); the webhook
-is reinvoked after Istio (``reinvocationPolicy: IfNeeded``). Once the proxy is there: parse
+A pod without ``istio-proxy`` is not Istio's yet: the transform asks Istio for the
+``meshguard`` template next to its own (``inject.istio.io/templates``) when
+``request_template`` is set, else leaves it (the chart's webhook runs after Istio's
+injectors and sees such a pod only if it carries Istio's labels itself). Istio's gateway
+pods (the proxy alone, no init step) are left alone: :func:`gateway_reason`. Once the
+proxy is there: parse
 the policy, check the posture (refuse, or fix and warn), compile the ruleset, record it and
 the status on the pod, label it admitted (``meshguard.io/admitted: "true"``, the authz
 server's label selector), and put ``meshguard-init`` right after ``istio-init``, whether the
@@ -118,6 +121,9 @@ def inject_pod(
     if skip:
         return Result(Outcome.SKIPPED, reason=skip)
     before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    gateway = gateway_reason(before)
+    if gateway:
+        return Result(Outcome.SKIPPED, reason=gateway)
     if before.proxy is None:
         _refuse_unrecognized_proxy(before)
         if not settings.request_template:
@@ -164,6 +170,7 @@ def inject_pod(
     else:
         _place_init_container(spec, init_container(settings.init), pod)
         _set_volume(spec, ruleset_volume())
+    _add_pull_secrets(spec, settings.init.pull_secrets)
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
 
@@ -313,6 +320,24 @@ def skip_reason(metadata: dict[str, Any]) -> str:
     return ""
 
 
+def gateway_reason(pod: PodView) -> str:
+    """Why an Istio gateway pod is left alone, or "".
+
+    A pod of Istio's ``gateway`` injection template: the proxy is its only container and
+    Istio gave it no init step (no istio-init, no istio-validation), so it runs without
+    NET_ADMIN or root. There is no container to isolate the proxy from, and meshguard's
+    init step would be the pod's only privileged container: nothing is added.
+    """
+    if pod.proxy is None or pod.workload or pod.istio_init_step is not None:
+        return ""
+    template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
+    return (
+        f"Istio gateway pod (injection template {template}): the proxy is the only container"
+        " and Istio added no init step, so there is nothing to isolate it from and meshguard"
+        " adds no privileged init container to it"
+    )
+
+
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -340,6 +365,16 @@ def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: 
     position = names_.index(step.name) + 1 if step is not None else 0
     init.insert(position, container)
     spec["initContainers"] = init
+
+
+def _add_pull_secrets(spec: dict[str, Any], names: Sequence[str]) -> None:
+    """The init image's pull secrets, after the pod's own (none twice)."""
+    if not names:
+        return
+    secrets = list(spec.get("imagePullSecrets") or [])
+    present = {s.get("name") for s in secrets if isinstance(s, dict)}
+    secrets += [{"name": name} for name in names if name not in present]
+    spec["imagePullSecrets"] = secrets
 
 
 def _set_volume(spec: dict[str, Any], volume: dict[str, Any] | None) -> None:

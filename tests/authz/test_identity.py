@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,16 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from meshguard.authz.decision import PodPolicy
-from meshguard.authz.identity import TlsFiles, WorkloadIdentity, parse_spiffe_id, peer_identity
+from meshguard.authz.identity import (
+    ISTIO_STATUS_ENV,
+    TlsFiles,
+    WorkloadCertificateMissingError,
+    WorkloadIdentity,
+    certificate_cause,
+    injected_from_env,
+    parse_spiffe_id,
+    peer_identity,
+)
 from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import StaticStore
 from meshguard.errors import MalformedInputError
@@ -190,3 +202,54 @@ def test_serve_authz_refuses_kubernetes_mode_without_tls(tmp_path: Path):
 
     assert main(["serve-authz", "--kubernetes", "--port", "0"]) == 2
     assert main(["serve-authz", "--pods", str(tmp_path / "x"), "--tls-cert", "a"]) == 2
+
+
+# --- waiting for the workload certificate (issue 24: revision-only Istio) -----------------
+
+
+def test_the_wait_names_each_missing_file_and_the_cause_then_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = TlsFiles(cert=tmp_path / "cert-chain.pem", key=tmp_path / "key.pem",
+                     ca=tmp_path / "root-cert.pem")  # fmt: skip
+    with (
+        caplog.at_level(logging.WARNING, logger="meshguard.authz.identity"),
+        pytest.raises(WorkloadCertificateMissingError) as raised,
+    ):
+        files.wait(timeout=0.3, poll=0.05, injected=False)
+    message = str(raised.value)
+    for path in (files.cert, files.key, files.ca):
+        assert str(path) in message
+    assert "not injected by Istio" in message and "authz.istioRevision" in message
+    (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "tls-wait"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["missing"] == [str(files.cert), str(files.key), str(files.ca)]
+    assert "authz.istioRevision" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("environ", "injected", "said"),
+    [
+        ({}, None, "if the pod has no istio-proxy container"),
+        ({ISTIO_STATUS_ENV: ""}, False, "not injected by Istio"),
+        ({ISTIO_STATUS_ENV: '{"revision":"canary"}'}, True, "-c istio-proxy"),
+    ],
+)
+def test_the_cause_follows_what_the_pod_knows(
+    environ: dict[str, str], injected: bool | None, said: str
+) -> None:
+    assert injected_from_env(environ) is injected
+    assert said in certificate_cause(injected)
+
+
+def test_serve_authz_exits_with_the_files_and_the_cause(tmp_path: Path) -> None:
+    """As the chart runs it in a pod Istio did not inject (the downward API's empty
+    annotation): a clear error after the bound, not a wait forever."""
+    argv = [sys.executable, "-m", "meshguard", "serve-authz", "--kubernetes", "--tls-wait=0.5",
+            f"--tls-cert={tmp_path}/cert-chain.pem", f"--tls-key={tmp_path}/key.pem",
+            f"--tls-ca={tmp_path}/root-cert.pem"]  # fmt: skip
+    env = {**os.environ, ISTIO_STATUS_ENV: ""}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode != 0
+    assert f"{tmp_path}/cert-chain.pem" in done.stderr
+    assert "not injected by Istio" in done.stderr

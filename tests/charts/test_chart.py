@@ -30,7 +30,9 @@ from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
 from meshguard.inject.posture import PostureAction
+from meshguard.inject.transform import inject_pod
 from tests.support.kube import istio_crd_schema, selector_matches
+from tests.support.samples import istio_pod
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[test]')"
@@ -44,7 +46,7 @@ K8S_VERSION = kubernetes_validate.latest_version()
 #: Kinds of CRDs kubernetes-validate has no schema for: checked by hand below (and the
 #: DestinationRule against Istio's CRD schema in ../shared).
 NO_SCHEMA_KINDS = {"Certificate", "Issuer", "ServiceMonitor", "DestinationRule"}
-#: Istio's own MutatingWebhookConfigurations: meshguard's must sort before them.
+#: Istio's own MutatingWebhookConfigurations: meshguard's must sort after them.
 ISTIO_WEBHOOK_CONFIGURATIONS = ("istio-sidecar-injector", "istio-revision-tag-default")
 
 CERT_MANAGER = {"tls": {"mode": "certManager"}}
@@ -64,6 +66,10 @@ VALUE_SETS = {
     "failure-ignore": IGNORE,
     "no-template+digest": NO_TEMPLATE,
     "cni": {"cni": {"enabled": True}},
+    "authz-revision+pull-secrets": {
+        "authz": {"istioRevision": "canary"},
+        "imagePullSecrets": [{"name": "regcred"}],
+    },
 }
 
 
@@ -150,7 +156,7 @@ def test_default_objects() -> None:
             ("ClusterRoleBinding", "meshguard-authz"),
             ("Deployment", "meshguard-authz"),
             ("Deployment", "meshguard-webhook"),
-            ("MutatingWebhookConfiguration", "00-meshguard"),
+            ("MutatingWebhookConfiguration", "zz-meshguard"),
             ("PodDisruptionBudget", "meshguard-authz"),
             ("PodDisruptionBudget", "meshguard-webhook"),
             ("Secret", "meshguard-webhook-tls"),
@@ -366,14 +372,14 @@ def configuration(values: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def test_webhook_configuration() -> None:
     config = configuration()
-    assert all(config["metadata"]["name"] < istio for istio in ISTIO_WEBHOOK_CONFIGURATIONS)
+    assert all(config["metadata"]["name"] > istio for istio in ISTIO_WEBHOOK_CONFIGURATIONS)
     hooks = config["webhooks"]
-    # Istio's four selections of the default revision (tests/charts/test_selection.py)
+    # what Istio's injection left on the pod; the admitted pods' debug containers
+    # (tests/charts/test_selection.py)
     assert [h["name"] for h in hooks] == [
-        "namespace.inject.meshguard.io",
-        "object.inject.meshguard.io",
-        "rev.namespace.inject.meshguard.io",
-        "rev.object.inject.meshguard.io",
+        "sidecar.injected.meshguard.io",
+        "template.injected.meshguard.io",
+        "admitted.meshguard.io",
     ]
     for hook in hooks:
         assert hook["admissionReviewVersions"] == ["v1"]
@@ -387,22 +393,15 @@ def test_webhook_configuration() -> None:
             "path": "/inject",
             "port": 443,
         }
-        assert hook["rules"] == [
-            {
-                "operations": ["CREATE"],
-                "apiGroups": [""],
-                "apiVersions": ["v1"],
-                "resources": ["pods"],
-                "scope": "Namespaced",
-            },
-            {
-                "operations": ["UPDATE"],
-                "apiGroups": [""],
-                "apiVersions": ["v1"],
-                "resources": ["pods/ephemeralcontainers"],
-                "scope": "Namespaced",
-            },
-        ]
+    create = {
+        "operations": ["CREATE"],
+        "apiGroups": [""],
+        "apiVersions": ["v1"],
+        "resources": ["pods"],
+        "scope": "Namespaced",
+    }
+    debug = create | {"operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]}
+    assert [h["rules"] for h in hooks] == [[create], [create], [debug]]
 
 
 def test_failure_policy_and_timeout_are_configurable() -> None:
@@ -411,48 +410,32 @@ def test_failure_policy_and_timeout_are_configurable() -> None:
     assert "WITHOUT meshguard" in notes(IGNORE)
 
 
+INJECTED = {"app": "shop", "security.istio.io/tlsMode": "istio"}
+
+
 @pytest.mark.parametrize(
     ("namespace", "selected"),
     [
+        # any namespace Istio injects in, whatever its labels: the pod's labels decide
         (namespace_labels("shop", **{"istio-injection": "enabled"}), True),
-        # only the revisions declared in istio.revisions / istio.revisionTags (default)
-        (namespace_labels("shop", **{"istio.io/rev": "canary"}), False),
-        (namespace_labels("shop", **{"istio.io/rev": "default"}), True),
-        # Istio honours istio-injection first: with both labels, still exactly one call
-        (namespace_labels("shop", **{"istio-injection": "enabled", "istio.io/rev": "x"}), True),
-        (namespace_labels("shop", **{"istio-injection": "disabled", "istio.io/rev": "x"}), False),
-        (namespace_labels("shop", **{"istio-injection": "disabled"}), False),
-        (namespace_labels("shop"), False),
+        (namespace_labels("shop", **{"istio.io/rev": "canary"}), True),
+        (namespace_labels("shop"), True),
         # the opt-out label
-        (
-            namespace_labels(
-                "shop", **{"istio-injection": "enabled", "meshguard.io/inject": "disabled"}
-            ),
-            False,
-        ),
-        (
-            namespace_labels("shop", **{"istio.io/rev": "x", "meshguard.io/inject": "disabled"}),
-            False,
-        ),
-        (
-            namespace_labels(
-                "shop", **{"istio-injection": "enabled", "meshguard.io/inject": "enabled"}
-            ),
-            True,
-        ),
+        (namespace_labels("shop", **{"istio.io/rev": "x", "meshguard.io/inject": "disabled"}),
+         False),
+        (namespace_labels("shop", **{"meshguard.io/inject": "enabled"}), True),
         # meshguard's own namespace and kube-system, even if labeled
         (namespace_labels(NAMESPACE, **{"istio-injection": "enabled"}), False),
         (namespace_labels("kube-system", **{"istio.io/rev": "x"}), False),
     ],
-)
+)  # fmt: skip
 def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
-    hooks = configuration()["webhooks"]
-    pod = {"app": "shop"}
     matching = [
         h["name"]
-        for h in hooks
-        if selector_matches(h["namespaceSelector"], namespace)
-        and selector_matches(h["objectSelector"], pod)
+        for h in configuration()["webhooks"]
+        if "CREATE" in h["rules"][0]["operations"]
+        and selector_matches(h["namespaceSelector"], namespace)
+        and selector_matches(h["objectSelector"], INJECTED)
     ]
     assert len(matching) == (1 if selected else 0), matching
 
@@ -460,9 +443,10 @@ def test_namespace_selector(namespace: dict[str, str], selected: bool) -> None:
 @pytest.mark.parametrize(
     ("pod_labels", "selected"),
     [
-        ({}, True),
-        ({"app": "shop", "sidecar.istio.io/inject": "true"}, True),
-        ({"app": "shop", "sidecar.istio.io/inject": "false"}, False),
+        ({"app": "shop"}, False),  # not injected (yet)
+        (INJECTED, True),
+        ({**INJECTED, "security.istio.io/tlsMode": "disabled"}, True),  # the pod's own value
+        ({"app": "gw", "service.istio.io/canonical-name": "gw"}, True),  # gateway template
     ],
 )
 def test_object_selector(pod_labels: dict[str, str], selected: bool) -> None:
@@ -470,7 +454,8 @@ def test_object_selector(pod_labels: dict[str, str], selected: bool) -> None:
     matching = [
         h["name"]
         for h in configuration()["webhooks"]
-        if selector_matches(h["namespaceSelector"], namespace)
+        if "CREATE" in h["rules"][0]["operations"]
+        and selector_matches(h["namespaceSelector"], namespace)
         and selector_matches(h["objectSelector"], pod_labels)
     ]
     assert len(matching) == (1 if selected else 0), matching
@@ -499,7 +484,7 @@ def test_generated_tls() -> None:
     assert san.get_values_for_type(x509.DNSName) == DNS_NAMES
     assert key.public_key() == leaf.public_key()
     # the API server trusts that CA, in both webhook entries
-    for hook in one(objects, "MutatingWebhookConfiguration", "00-meshguard")["webhooks"]:
+    for hook in one(objects, "MutatingWebhookConfiguration", "zz-meshguard")["webhooks"]:
         assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
     assert kinds(objects, "Certificate") == kinds(objects, "Issuer") == []
 
@@ -526,7 +511,7 @@ def test_cert_manager_tls() -> None:
     pod = one(objects, "Deployment", "meshguard-webhook")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == spec["secretName"]
-    config = one(objects, "MutatingWebhookConfiguration", "00-meshguard")
+    config = one(objects, "MutatingWebhookConfiguration", "zz-meshguard")
     annotation = config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
     assert annotation == f"{certificate['metadata']['namespace']}/meshguard-webhook"
     for hook in config["webhooks"]:
@@ -791,3 +776,56 @@ def test_servers_run_as_the_images_user() -> None:
         security = container(deployment)["securityContext"]
         assert (str(security["runAsUser"]), str(security["runAsGroup"])) == user
         assert container(deployment)["command"] == ["meshguard"]
+
+
+# --- the init image's pull secrets reach application pods (issue 24 item 7) -------------
+
+
+@pytest.mark.parametrize(
+    ("values", "names"),
+    [
+        ({}, ()),
+        ({"imagePullSecrets": [{"name": "regcred"}]}, ("regcred",)),
+        (
+            {"imagePullSecrets": [{"name": "regcred"}],
+             "init": {"imagePullSecrets": [{"name": "init-a"}, {"name": "init-b"}]}},
+            ("init-a", "init-b"),
+        ),
+    ],
+)  # fmt: skip
+def test_the_init_image_pull_secrets_reach_the_injected_pods(
+    values: dict[str, Any], names: tuple[str, ...]
+) -> None:
+    main = container(one(render(values), "Deployment", "meshguard-webhook"))
+    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    assert settings.init.pull_secrets == names
+    pod = istio_pod()
+    pod["spec"]["imagePullSecrets"] = [{"name": "app-own"}]
+    inject_pod(pod["metadata"], pod["spec"], settings=settings)
+    assert pod["spec"]["imagePullSecrets"] == [{"name": n} for n in ("app-own", *names)]
+    inject_pod(pod["metadata"], pod["spec"], settings=settings)  # reinvoked: no duplicate
+    assert pod["spec"]["imagePullSecrets"] == [{"name": n} for n in ("app-own", *names)]
+
+
+def test_kube_version_is_the_one_the_annotation_guard_needs() -> None:
+    """ValidatingAdmissionPolicy (the annotation guard) is GA in Kubernetes 1.30."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.30.0-0"
+    assert kinds(render(), "ValidatingAdmissionPolicy")
+
+
+def test_notes_audit_leaves_out_what_meshguard_is_told_to_stay_away_from() -> None:
+    text = notes()
+    (selector,) = re.findall(r"kubectl get namespaces -o name -l '([^']+)'", text)
+    assert selector == (
+        f"meshguard.io/inject!=disabled,kubernetes.io/metadata.name notin ({NAMESPACE},kube-system)"
+    )
+    assert "| meshguard describe -f - --only-unprotected --fail-on-unprotected" in text
+    assert "no longer" not in text  # istio.revisions at its default: nothing to say
+    assert "no longer" in notes({"istio": {"revisions": ["canary"]}})
+
+
+def test_notes_explain_istio_cni_mode_without_the_node_agent() -> None:
+    text = notes()
+    assert "cni.enabled is false" in text and "never start" in text
+    assert "cni.enabled is false" not in notes({"cni": {"enabled": True}})

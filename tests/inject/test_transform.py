@@ -29,6 +29,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 SETTINGS = InjectSettings(request_template=False)
 K8S_VERSION = kubernetes_validate.latest_version()
 NOT_INJECTED_BY_ISTIO = {"custom-template.yaml.injected", "hello-host-network.yaml.injected"}
+#: Istio's gateway template: the proxy alone, no init step (left alone, see below).
+GATEWAYS = {"gateway.yaml.injected"}
 SAMPLES = injected_sample_names() or ["(../shared absent)"]
 
 #: JSON pointers (prefixes) meshguard may touch; anything else must stay as Istio left it.
@@ -74,7 +76,7 @@ def test_meshguard_init_follows_istio_init_and_the_status_is_recorded(name: str)
     documents = with_policy(load(name))
     outcomes = inject_all(documents)
     for template, outcome in zip(pod_templates(documents), outcomes, strict=True):
-        if name in NOT_INJECTED_BY_ISTIO:
+        if name in NOT_INJECTED_BY_ISTIO | GATEWAYS:
             assert outcome is Outcome.SKIPPED
             continue
         assert outcome is Outcome.INJECTED
@@ -302,7 +304,7 @@ def test_istio_s_own_containers_in_every_sample_pass_deny_mode_untouched(name: s
         }
         result = inject_pod(template.metadata, template.spec, settings=DENY)
         assert not any(n in w for w in result.warnings for n in ISTIO_OWN), result.warnings
-        if name in NOT_INJECTED_BY_ISTIO:
+        if name in NOT_INJECTED_BY_ISTIO | GATEWAYS:
             continue
         assert result.outcome is Outcome.INJECTED
         view = read_pod(metadata=template.metadata, spec=template.spec)
@@ -481,3 +483,21 @@ def test_the_cli_refuses_a_disguised_container_in_deny_mode():
     )  # fmt: skip
     assert done.returncode == 1
     assert "container 'istio-validation' (spec.containers[0], not Istio's" in done.stderr
+
+
+def test_an_istio_gateway_gets_nothing_privileged_and_the_reason_is_given():
+    """Istio's gateway template keeps the pod capability-free (no istio-init): meshguard
+    adds no root init container with NET_ADMIN/NET_RAW to it, and says why."""
+    documents = load("gateway.yaml.injected")
+    before = copy.deepcopy(documents)
+    (template,) = pod_templates(documents)
+    result = inject_pod(template.metadata, template.spec, settings=SETTINGS)
+    assert result.outcome is Outcome.SKIPPED
+    assert "Istio gateway pod (injection template gateway)" in result.reason
+    assert "no privileged init container" in result.reason
+    assert documents == before
+    # the sidecar template's proxy-only pod has istio-init (NET_ADMIN already): protected
+    (sidecar,) = pod_templates(load("only-proxy-container.yaml.injected"))
+    assert inject_pod(sidecar.metadata, sidecar.spec, settings=SETTINGS).outcome is (
+        Outcome.INJECTED
+    )

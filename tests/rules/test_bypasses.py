@@ -6,11 +6,11 @@ iptables-legacy and Istio's native nftables), meshguard's rules installed by the
 rules before the fix (the attacker's flow got through); each tries several variants of its
 class: addresses, families, ports, senders.
 
-- locally delivered datagrams that never pass ``lo``: broadcast and multicast (DESIGN 5);
-- a UDP conntrack entry of an allowed container reused by another uid (DESIGN 6);
-- squatting the proxy's ports before Envoy binds them, over lo and eth0 (DESIGN 7);
+- locally delivered datagrams that never pass ``lo``: broadcast and multicast (README threat 5);
+- a UDP conntrack entry of an allowed container reused by another uid (README threat 6);
+- squatting the proxy's ports before Envoy binds them, over lo and eth0 (README threat 7);
 - Istio's capture turning a flow between containers into one of the proxy (a relay), and
-  the proxy dialing the pod itself (a hairpin) on behalf of an unknown container (DESIGN 7);
+  the proxy dialing the pod itself (a hairpin) on behalf of an unknown container (README threat 7);
 - the proxy's ports under ``defaultAction: allow`` (README: never reached directly).
 """
 

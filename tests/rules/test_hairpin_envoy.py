@@ -1,6 +1,6 @@
 """The real Envoy as a relay through the pod's own Service VIP, with and without meshguard.
 
-The threat (DESIGN, threat model 7): a container connects to a Service whose endpoint is
+The threat (README, Security, threat 7): a container connects to a Service whose endpoint is
 its own pod. Istio captures the flow to Envoy's outbound listener (15001); Envoy's load
 balancer picks the pod's own IP and dials ``<pod IP>:<port>`` as uid 1337; Istio's rules
 send that to the inbound listener (15006), which delivers it to the container's port from

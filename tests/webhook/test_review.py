@@ -93,8 +93,11 @@ def test_patch_applied_equals_meshguard_inject(name: str):
         assert patched == expected
         # the authz server's label selector: set on what meshguard admitted, and only there
         admitted = (patched["metadata"].get("labels") or {}).get("meshguard.io/admitted")
-        assert admitted == ("true" if has_proxy else None)
-        if has_proxy:
+        gateway = name == "gateway.yaml.injected"  # left alone: the reason is a warning
+        assert admitted == ("true" if has_proxy and not gateway else None)
+        if gateway:
+            assert any("Istio gateway pod" in w for w in response["warnings"]), response
+        if has_proxy and not gateway:
             again = post(review(patched))[1]["response"]
             assert again["allowed"] is True
             assert "patch" not in again  # idempotent: nothing left to change
@@ -501,3 +504,32 @@ def test_an_http_rule_on_a_control_port_needs_no_warning():
     )
     _, answer = post(review(pod))
     assert not any("opens the proxy's port" in w for w in answer["response"].get("warnings", []))
+
+
+@pytest.mark.parametrize(
+    "relabel",
+    [
+        {"sidecar.istio.io/inject": "false"},
+        {"istio.io/rev": "other"},
+        {"security.istio.io/tlsMode": None, "service.istio.io/canonical-name": None},
+    ],
+    ids=["inject-false", "rev-changed", "istio-labels-removed"],
+)
+def test_a_relabelled_admitted_pod_still_has_its_debug_containers_reviewed(relabel):
+    """Issue 30: after ``kubectl label pod P sidecar.istio.io/inject=false`` (allowed), the
+    chart's admitted.meshguard.io entry still sends kubectl debug here (tests/charts/
+    test_selection.py), and the review still refuses a container running as the proxy."""
+    pod = injected_pod()
+    labels = pod["metadata"].setdefault("labels", {})
+    for key, value in relabel.items():
+        if value is None:
+            labels.pop(key, None)
+        else:
+            labels[key] = value
+    annotations = pod["metadata"].setdefault("annotations", {})
+    annotations.update({k: v for k, v in relabel.items() if k == "sidecar.istio.io/inject"})
+    debug = {"name": "debugger", "image": "busybox", "securityContext": {**SAFE_DEBUG,
+             "runAsUser": 1337}}  # fmt: skip
+    _, answer = post(debug_review(pod, debug))
+    assert answer["response"]["allowed"] is False
+    assert "is the proxy's uid 1337" in answer["response"]["status"]["message"]

@@ -188,3 +188,41 @@ def test_missing_certificate_exits_with_a_clear_line(tmp_path: Path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("meshguard serve-webhook: ")
     assert "Traceback" not in done.stderr
+
+
+def test_over_https_a_relabelled_admitted_pod_gets_no_proxy_uid_debug_container(
+    served: Served,
+):
+    """Issue 30: the pod was admitted, then relabelled sidecar.istio.io/inject=false; the
+    chart still sends kubectl debug's UPDATE (admitted.meshguard.io keys on
+    meshguard.io/admitted) and the server refuses a container running as the proxy."""
+    pod = injected_pod()
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    pod["metadata"]["labels"]["sidecar.istio.io/inject"] = "false"
+    new = copy.deepcopy(pod)
+    new["spec"]["ephemeralContainers"] = [
+        {"name": "debugger", "image": "busybox",
+         "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True}}
+    ]  # fmt: skip
+    document = json.loads(admission_review(new, "dbg-1"))
+    document["request"] |= {"operation": "UPDATE", "subResource": "ephemeralcontainers",
+                            "oldObject": pod}  # fmt: skip
+    status, body = served.request("POST", "/inject", json.dumps(document).encode())
+    assert status == 200
+    response = json.loads(body)["response"]
+    assert response["allowed"] is False
+    assert "proxy's uid 1337" in response["status"]["message"]
+
+
+def test_over_https_an_istio_gateway_is_left_alone_with_the_reason(served: Served):
+    documents = yaml.safe_load_all(
+        shared_file("istio-injector-samples", "gateway.yaml.injected").read_text()
+    )
+    (template,) = pod_templates([d for d in documents if d])
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template.metadata, "spec": template.spec}
+    status, body = served.request("POST", "/inject", admission_review(pod, "gw-1"))
+    assert status == 200
+    response = json.loads(body)["response"]
+    assert response["allowed"] is True
+    assert "patch" not in response  # nothing added: no root NET_ADMIN init container
+    assert any("Istio gateway pod (injection template gateway)" in w for w in response["warnings"])

@@ -235,3 +235,42 @@ lifecycle:
 {{ include "meshguard.initImage" . }}
 {{- end -}}
 {{- end }}
+
+
+{{/*
+Why the authz server would get no workload certificate from Istio, or "": given Istio's
+MutatingWebhookConfigurations (.webhooks), Istio injects with revisions only (no default
+revision, no tag named default), so sidecar.istio.io/inject=true selects nothing.
+*/}}
+{{- define "meshguard.authz.noDefaultRevision" -}}
+{{- $revisions := list }}
+{{- $default := false }}
+{{- range .webhooks }}
+{{- $labels := .metadata.labels | default dict }}
+{{- $rev := get $labels "istio.io/rev" }}
+{{- $tag := get $labels "istio.io/tag" }}
+{{- if $rev }}
+{{- $revisions = append $revisions (default $rev $tag) }}
+{{- if or (eq $tag "default") (and (eq $rev "default") (not $tag)) }}
+{{- $default = true }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $revisions (not $default) -}}
+Istio has no default revision here (its injectors serve {{ uniq $revisions | sortAlpha | join ", " }}): the authz server's workload certificate comes from Istio's injection and sidecar.istio.io/inject=true selects nothing; set authz.istioRevision to one of them
+{{- end }}
+{{- end }}
+
+{{/*
+Why Istio CNI mode without meshguard's node agent is refused, or "": given the cluster's
+DaemonSets (.daemonSets), one is Istio's CNI node agent.
+*/}}
+{{- define "meshguard.cni.istioCniWithoutAgent" -}}
+{{- range .daemonSets }}
+{{- $labels := .metadata.labels | default dict }}
+{{- if or (eq .metadata.name "istio-cni-node") (eq (get $labels "k8s-app") "istio-cni-node") -}}
+Istio runs in CNI mode here (DaemonSet {{ .metadata.namespace }}/{{ .metadata.name }}) but cni.enabled is false: pods would get meshguard-validation and no node would install their rules, so they would never start; set cni.enabled=true
+{{- break }}
+{{- end }}
+{{- end }}
+{{- end }}
