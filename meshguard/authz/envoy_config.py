@@ -34,6 +34,7 @@ from typing import Any, Final
 from meshguard import yaml_io
 from meshguard.authz.contract import POD_HEADER
 from meshguard.errors import MalformedInputError
+from meshguard.l7 import METHOD_OVERRIDE_HEADERS
 
 HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ORIGINAL_DST_HEADER: Final = "x-envoy-original-dst-host"
@@ -221,6 +222,9 @@ def _http_connection_manager(
             "merge_slashes": True,
             "path_with_escaped_slashes_action": "REJECT_REQUEST",
             "http_protocol_options": {"accept_http_10": True},
+            # CGI/WSGI backends read x_token as x-token: such a name is refused (400) before
+            # any authorization, in HTTP/1 and HTTP/2 alike
+            "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
             "access_log": [_authz_error_log(settings)],
             "http_filters": [
                 _stamp_pod_identity(),
@@ -350,8 +354,17 @@ def _ext_authz(settings: ListenerSettings) -> dict[str, Any]:
     }
 
 
+#: Headers every CheckRequest carries (when the request has them) besides the policy's own:
+#: those that tell the decision the backend might act on another method (an override
+#: header, a form body where ``_method`` hides), so it can refuse them.
+DECISION_HEADERS: Final = (
+    *METHOD_OVERRIDE_HEADERS, "content-type", "content-length", "transfer-encoding",
+)  # fmt: skip
+
+
 def forwarded_header_patterns(names: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"exact": name.lower(), "ignore_case": True} for name in (POD_HEADER, *names)]
+    wanted = dict.fromkeys(name.lower() for name in (POD_HEADER, *DECISION_HEADERS, *names))
+    return [{"exact": name, "ignore_case": True} for name in wanted]
 
 
 def _type(name: str) -> str:
