@@ -104,6 +104,7 @@ from meshguard.authz.envoy_config import (
     upstream_cluster,
 )
 from meshguard.authz.identity import TlsFiles, server_credentials
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from meshguard.sandbox.probe import drop_privileges
@@ -119,7 +120,8 @@ UPSTREAM_PORT = 15020  # pilot-agent's port: covered by the L7 rule, REDIRECTed 
 LISTENER_PORT = ListenerSettings().port  # 15007
 ROUTER_PORT, RBAC_PORT, ECHO_LISTENER_PORT = 15100, 15101, 15102
 ECHO_PLAIN_LISTENER_PORT = 15103
-AUTHZ_PORT, ECHO_PORT, AUTHZ_PLAIN_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9194, 9195
+AUTHZ_PORT, ECHO_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9195
+AUTHZ_PLAIN_PORT = LOCAL_AUTHZ_PORT  # plaintext on loopback: in the proxy's protected range
 ADMIN_PORTS = {"a": 15110, "b": 15111, "c": 15000, "c0": 15112, "c0p": 15113}
 #: The mesh's identities: the pod (demo/shop, ServiceAccount default) and the authz server.
 POD_SPIFFE_ID = spiffe_id("demo", "default")

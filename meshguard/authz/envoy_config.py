@@ -35,6 +35,7 @@ from meshguard import yaml_io
 from meshguard.authz.contract import POD_HEADER
 from meshguard.errors import MalformedInputError
 from meshguard.l7 import METHOD_OVERRIDE_HEADERS
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 
 HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ORIGINAL_DST_HEADER: Final = "x-envoy-original-dst-host"
@@ -592,20 +593,24 @@ def envoy_config_text(
     fmt: str,
     *,
     authz_host: str = "127.0.0.1",
-    authz_port: int = 9191,
+    authz_port: int | None = None,
     admin_port: int = 15000,
     istio: IstioSettings | None = None,
 ) -> str:
     """The YAML ``meshguard envoy-config`` prints (and ``envoy/``, ``istio/`` hold):
-    ``bootstrap`` (standalone Envoy calling the authz server at authz_host:authz_port) or
+    ``bootstrap`` (standalone Envoy calling the authz server at authz_host:authz_port, by
+    default 127.0.0.1:15030, in the proxy's protected range) or
     ``envoyfilter`` (for the authz service at ``istio``, default: the chart's defaults)."""
     if fmt == "bootstrap":
         command = "meshguard envoy-config --format bootstrap"
         document = bootstrap(
-            ListenerSettings(), authz_host=authz_host, authz_port=authz_port, admin_port=admin_port
+            ListenerSettings(),
+            authz_host=authz_host,
+            authz_port=LOCAL_AUTHZ_PORT if authz_port is None else authz_port,
+            admin_port=admin_port,
         )
     elif fmt == "envoyfilter":
-        location = istio or IstioSettings(port=authz_port)
+        location = istio or IstioSettings(port=authz_port or IstioSettings().port)
         command = " ".join(["meshguard envoy-config --format envoyfilter", *_flags(location)])
         document = envoy_filter(location)
     else:

@@ -49,6 +49,7 @@ from meshguard.authz.metrics import AuthzMetrics
 from meshguard.authz.store import PolicyStore
 from meshguard.errors import MeshguardError
 from meshguard.logs import InfoLines, Members, members
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("meshguard.authz.decisions")
@@ -65,7 +66,7 @@ MAX_REMEMBERED_PATH = 1024
 @dataclass(frozen=True, kw_only=True)
 class AuthzSettings:
     host: str = "127.0.0.1"
-    port: int = 9191
+    port: int = LOCAL_AUTHZ_PORT  # beside the proxy, in its protected range
     metrics_port: int | None = 9192
     grace_seconds: float = 2.0
     #: mTLS files; None serves plaintext without caller identities (standalone, sandbox).

@@ -31,6 +31,7 @@ from meshguard.authz.kube import PAGE_SIZE
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.init_container import DEFAULT_INIT_IMAGE
 from meshguard.kube_api import SERVICE_ACCOUNT_DIR
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family
 
 __all__ = [
@@ -564,7 +565,13 @@ def _add_servers(commands: Subcommands) -> None:
         "--parent-pid", type=int, metavar="PID", help=argparse.SUPPRESS
     )
     authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    authz.add_argument("--port", type=int, default=9191, help="gRPC port")
+    authz.add_argument(
+        "--port",
+        type=int,
+        default=LOCAL_AUTHZ_PORT,
+        help=f"gRPC port (default {LOCAL_AUTHZ_PORT}: in the proxy's protected range, as it must"
+        " be on a loopback address without --tls-*; the chart's Service uses 9191)",
+    )
     authz.add_argument(
         "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
     )
@@ -627,7 +634,11 @@ def _add_configs(commands: Subcommands) -> None:
         " SERVICE.NAMESPACE[.svc[.DOMAIN]]",
     )
     location.add_argument(
-        "--port", "--authz-port", dest="port", type=int, help="authz gRPC port (default 9191)"
+        "--port",
+        "--authz-port",
+        dest="port",
+        type=int,
+        help=f"authz gRPC port (default: bootstrap {LOCAL_AUTHZ_PORT}, envoyfilter 9191)",
     )
     location.add_argument(
         "--namespace", help="namespace of the meshguard release (default meshguard-system)"

@@ -26,6 +26,7 @@ from meshguard.authz.envoy_config import (
     envoy_filter,
 )
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.shared import shared_file
@@ -40,7 +41,7 @@ GENERATED = {
 
 @pytest.mark.parametrize(("path", "fmt"), sorted(GENERATED.items()))
 def test_committed_configs_are_the_generated_ones(path: str, fmt: str):
-    expected = envoy_config_text(fmt, authz_host="127.0.0.1", authz_port=9191, admin_port=15000)
+    expected = envoy_config_text(fmt, authz_host="127.0.0.1", admin_port=15000)
     assert (PROJECT / path).read_text() == expected, (
         f"{path} is stale: regenerate with meshguard envoy-config --format {fmt} > {path}"
     )
@@ -180,7 +181,7 @@ def test_the_cli_prints_the_committed_configs(path: str, fmt: str):
 
 SIDECAR_HAS = IstioSettings()  # the authz Service's cluster Istio gives every sidecar
 ADMIN_PORT = 15000
-AUTHZ_PORT = 9191
+AUTHZ_PORT = LOCAL_AUTHZ_PORT  # plaintext beside the proxy: in its protected range
 
 
 def sidecar_bootstrap(envoy_filter_calls: IstioSettings) -> dict[str, Any]:
