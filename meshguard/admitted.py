@@ -46,6 +46,11 @@ class Admitted:
 
     policy: Policy
     mode: Mode
+    #: The L7 engine chosen at admission and, for the native one, the digest of the pod's
+    #: RBAC document (``meshguard.io/l7-rbac``): covered by the record's digest (and
+    #: whatever signs the record), so the document cannot be swapped unnoticed.
+    l7_engine: str | None = None
+    rbac_digest: str | None = None
 
     @functools.cached_property
     def digest(self) -> str:
@@ -58,11 +63,14 @@ class Admitted:
         return {**self._content(), "digest": self.digest}
 
     def _content(self) -> dict[str, Any]:
-        return {
+        content: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "mode": self.mode.value,
             "policy": self.policy.model_dump(mode="json", by_alias=True),
         }
+        if self.l7_engine is not None:  # absent from records of before the engines
+            content["l7"] = {"engine": self.l7_engine, "rbac": self.rbac_digest}
+        return content
 
     @classmethod
     def from_document(cls, document: object) -> Admitted:
@@ -75,8 +83,12 @@ class Admitted:
                 f" this meshguard reads {FORMAT_VERSION}"
             )
         try:
+            l7 = document.get("l7") or {}
             admitted = cls(
-                policy=Policy.model_validate(document["policy"]), mode=Mode(document["mode"])
+                policy=Policy.model_validate(document["policy"]),
+                mode=Mode(document["mode"]),
+                l7_engine=l7.get("engine"),
+                rbac_digest=l7.get("rbac"),
             )
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise TamperedError(f"{RECORD}: unexpected content ({exc})") from None

@@ -4,7 +4,21 @@ refuse alike, so that a rule's method is the method the backend acts on. No impo
 
 from __future__ import annotations
 
+import enum
 from typing import Final
+
+
+class L7Engine(enum.StrEnum):
+    """Who makes a pod's L7 decisions (``meshguard.io/l7-engine``)."""
+
+    NATIVE = "native"  # Envoy RBAC compiled from the pod's admitted policy (meshguard.rbac)
+    EXT_AUTHZ = "ext-authz"  # meshguard serve-authz, asked per request over gRPC
+
+
+#: Where istio-proxy finds the pod's RBAC document (a downward API volume of the
+#: ``meshguard.io/l7-rbac`` annotation).
+RBAC_DIR: Final = "/etc/meshguard/l7"
+RBAC_FILE: Final = "rbac.json"
 
 #: Headers by which Rails, Laravel/Symfony, Express's method-override, ASP.NET and Google's
 #: APIs let a client replace the request's method (any value: present is refused).

@@ -34,8 +34,16 @@ from typing import Any, Final
 from meshguard import yaml_io
 from meshguard.authz.contract import POD_HEADER
 from meshguard.errors import MalformedInputError
-from meshguard.l7 import METHOD_OVERRIDE_HEADERS
+from meshguard.l7 import METHOD_OVERRIDE_HEADERS, RBAC_DIR, RBAC_FILE, L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
+from meshguard.rbac import (
+    POD_FILTER_NAME,
+    RBAC_TYPE,
+    RE2_PROGRAM_SIZE,
+    RE2_RUNTIME_KEY,
+    ambiguity_rbac,
+    default_config,
+)
 
 HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ORIGINAL_DST_HEADER: Final = "x-envoy-original-dst-host"
@@ -49,9 +57,18 @@ AUTHZ_ERROR_STATUS: Final = 503
 AUTHZ_ERROR_EVENT: Final = "ext_authz_error"
 
 
+Engine = L7Engine
+#: Every L7 decision of the native engine is one JSON line on the proxy's stdout with this
+#: "meshguard" field.
+DECISION_EVENT: Final = "l7_decision"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ListenerSettings:
     port: int = 15007
+    engine: Engine = Engine.EXT_AUTHZ
+    #: The native engine's pod RBAC document (read once, at startup).
+    rbac_path: str = f"{RBAC_DIR}/{RBAC_FILE}"
     #: The ext_authz gRPC cluster: a static one in standalone Envoy, Istio's service cluster
     #: (outbound|9191||meshguard-authz.meshguard-system.svc.cluster.local) in a sidecar.
     authz_cluster: str = AUTHZ_CLUSTER
@@ -181,16 +198,18 @@ def bootstrap(
     authz_tls: AuthzTls | None = None,
 ) -> dict[str, Any]:
     """A standalone Envoy bootstrap: the loopback listeners and their two clusters."""
+    clusters = [upstream_cluster()]
+    if settings.engine is Engine.EXT_AUTHZ:
+        clusters.append(authz_cluster(host=authz_host, port=authz_port, tls=authz_tls))
     return {
         "node": {"id": "meshguard-loopback", "cluster": "meshguard"},
         "admin": {"address": _socket("127.0.0.1", admin_port)},
-        "static_resources": {
-            "listeners": loopback_listeners(settings),
-            "clusters": [
-                upstream_cluster(),
-                authz_cluster(host=authz_host, port=authz_port, tls=authz_tls),
-            ],
+        # The ambiguity regexes need a larger RE2 program than Envoy's default (100) allows;
+        # Istio's own bootstrap sets the same.
+        "layered_runtime": {
+            "layers": [{"name": "static", "static_layer": {RE2_RUNTIME_KEY: RE2_PROGRAM_SIZE}}]
         },
+        "static_resources": {"listeners": loopback_listeners(settings), "clusters": clusters},
     }
 
 
@@ -226,10 +245,10 @@ def _http_connection_manager(
             # CGI/WSGI backends read x_token as x-token: such a name is refused (400) before
             # any authorization, in HTTP/1 and HTTP/2 alike
             "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
-            "access_log": [_authz_error_log(settings)],
+            "access_log": _access_logs(settings),
+            **_local_reply(settings),
             "http_filters": [
-                _stamp_pod_identity(),
-                _ext_authz(settings),
+                *_decision_filters(settings),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": {
@@ -266,6 +285,96 @@ def _http_connection_manager(
                 ],
             },
         },
+    }
+
+
+def _decision_filters(settings: ListenerSettings) -> list[dict[str, Any]]:
+    if settings.engine is Engine.EXT_AUTHZ:
+        return [_stamp_pod_identity(), _ext_authz(settings)]
+    return [
+        {
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {**ambiguity_rbac(), "rules_stat_prefix": "meshguard_ambiguity_"},
+        },
+        {
+            "name": POD_FILTER_NAME,
+            "config_discovery": {
+                "config_source": {
+                    "path_config_source": {"path": settings.rbac_path},
+                    "resource_api_version": "V3",
+                },
+                "default_config": default_config(),
+                "type_urls": [RBAC_TYPE],
+            },
+        },
+    ]
+
+
+def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
+    if settings.engine is Engine.EXT_AUTHZ:
+        return [_authz_error_log(settings)]
+    return [_decision_log()]
+
+
+def _decision_log() -> dict[str, Any]:
+    """One JSON line on stdout per request of the native engine: its decision. ``source``
+    is the source container (the shadow rules name it), ``rule`` the policy that allowed it
+    (``rules[007]/cache``) — in audit mode, the one that would have; empty: none would —,
+    ``details`` why Envoy answered (``rbac_access_denied_matched_policy[...]`` for a
+    denial)."""
+    rbac = "envoy.filters.http.rbac"
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3"
+            ".StdoutAccessLog",
+            "log_format": {
+                "json_format": {
+                    "meshguard": DECISION_EVENT,
+                    "engine": Engine.NATIVE.value,
+                    "pod": "%ENVIRONMENT(POD_NAMESPACE)%/%ENVIRONMENT(POD_NAME)%",
+                    "source": f"%DYNAMIC_METADATA({rbac}:shadow_effective_policy_id)%",
+                    "source_address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    "port": "%DOWNSTREAM_LOCAL_PORT%",
+                    "method": "%REQ(:METHOD)%",
+                    "path": "%REQ(:PATH)%",
+                    "code": "%RESPONSE_CODE%",
+                    "details": "%RESPONSE_CODE_DETAILS%",
+                    "rule": f"%DYNAMIC_METADATA({rbac}:enforced_effective_policy_id)%",
+                    "rbac": f"%DYNAMIC_METADATA({rbac})%",
+                    "time": "%START_TIME%",
+                }
+            },
+        },
+    }
+
+
+def _local_reply(settings: ListenerSettings) -> dict[str, Any]:
+    """The native engine's 403 names its reason, as the authz server's does."""
+    if settings.engine is Engine.EXT_AUTHZ:
+        return {}
+    return {
+        "local_reply_config": {
+            "mappers": [
+                {
+                    # local replies only: an upstream's own 403 is never rewritten
+                    "filter": {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 403, "runtime_key": "meshguard.deny"},
+                            }
+                        }
+                    },
+                    "body_format_override": {
+                        "text_format_source": {
+                            "inline_string": "meshguard: denied: %RESPONSE_CODE_DETAILS%\n"
+                        },
+                        "content_type": "text/plain",
+                    },
+                }
+            ]
+        }
     }
 
 
