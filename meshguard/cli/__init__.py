@@ -322,6 +322,13 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         help="fix: patch what can be patched and warn (default); deny: refuse instead",
     )
     parser.add_argument(
+        "--l7-engine",
+        choices=["native", "ext-authz"],
+        default="native",
+        help="the L7 engine of pods that do not ask for one (meshguard.io/l7-engine): native"
+        " (Envoy RBAC compiled from the pod's policy, default) or ext-authz (serve-authz)",
+    )
+    parser.add_argument(
         "--image",
         default=DEFAULT_INIT_IMAGE,
         help="image of meshguard-init and meshguard-validation (the slim init image)",
@@ -621,6 +628,14 @@ def _add_configs(commands: Subcommands) -> None:
         " istio.envoyFilter.enabled=true.",
     )
     envoy.add_argument("--format", choices=["bootstrap", "envoyfilter"], default="bootstrap")
+    envoy.add_argument(
+        "--engine",
+        choices=["ext-authz", "native"],
+        default="ext-authz",
+        help="the L7 engine of the listener: ext-authz (asks serve-authz) or native (the pod's"
+        " Envoy RBAC document from /etc/meshguard/l7/rbac.json); an envoyfilter selects the"
+        " pods labelled meshguard.io/l7-engine with that engine",
+    )
     location = envoy.add_argument_group(
         "authz server location",
         "bootstrap: --authz-host (an IP address or DNS name, default 127.0.0.1) and --port;"

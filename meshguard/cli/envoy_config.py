@@ -11,6 +11,7 @@ import sys
 
 from meshguard.authz.envoy_config import IstioSettings, LocationError, envoy_config_text
 from meshguard.cli import EXIT_OK, EXIT_USAGE, fail
+from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT, is_loopback, is_protected_port, unprotected_authz_port
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
@@ -58,11 +59,19 @@ def _envoy_config_text(args: argparse.Namespace) -> str:
         _check_bootstrap_host(host)
         if is_loopback(host) and not is_protected_port(port):
             raise LocationError([("port", unprotected_authz_port(port))])
-        return envoy_config_text("bootstrap", authz_host=host, authz_port=port, admin_port=admin)
+        return envoy_config_text(
+            "bootstrap", authz_host=host, authz_port=port, admin_port=admin, engine=_engine(args)
+        )
     if args.admin_port is not None:
         raise LocationError([("admin_port", "applies to --format bootstrap only")])
     port = IstioSettings().port if args.port is None else args.port
-    return envoy_config_text("envoyfilter", istio=_istio_location(args, port=port))
+    return envoy_config_text(
+        "envoyfilter", istio=_istio_location(args, port=port), engine=_engine(args)
+    )
+
+
+def _engine(args: argparse.Namespace) -> L7Engine:
+    return L7Engine(getattr(args, "engine", None) or L7Engine.EXT_AUTHZ.value)
 
 
 def _istio_location(args: argparse.Namespace, *, port: int) -> IstioSettings:
