@@ -42,5 +42,5 @@ def unprotected_authz_port(port: int) -> str:
         f"port {port} on a loopback address is outside the proxy's protected range"
         f" ({low}-{high}): any container that binds it first would answer every Check and"
         f" bypass every L7 rule; use a port in that range (default {LOCAL_AUTHZ_PORT}) served"
-        " by the proxy's uid, or mutual TLS (--tls-*)"
+        " by the proxy's uid, or mutual TLS"
     )

@@ -55,6 +55,8 @@ AMBIGUOUS_METHOD: Final = "ambiguous-method"
 #: The RE2 program size Envoy must accept (Istio's bootstrap sets this runtime key).
 RE2_PROGRAM_SIZE: Final = 32768
 RE2_RUNTIME_KEY: Final = "re2.max_program_size.error_level"
+#: The shadow rules' stat prefix (and so of their metadata keys, as Envoy names them).
+SOURCE_PREFIX: Final = "meshguard_source_"
 
 
 def policy_id(index: int, container: str) -> str:
@@ -78,7 +80,7 @@ def compile_rbac(
             "policies": _policies(policy, sources),
         },
         "shadow_rules": {"action": "ALLOW", "policies": _identities(sources)},
-        "shadow_rules_stat_prefix": "meshguard_source_",
+        "shadow_rules_stat_prefix": SOURCE_PREFIX,
     }
     resource = {"@type": EXTENSION_CONFIG_TYPE, "name": POD_FILTER_NAME, "typed_config": config}
     return {"version_info": "1", "type_url": EXTENSION_CONFIG_TYPE, "resources": [resource]}

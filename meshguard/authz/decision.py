@@ -79,10 +79,12 @@ class PodPolicy:
 
     @functools.cached_property
     def header_names(self) -> tuple[str, ...]:
-        """The request headers this pod's rules read: with the request's pod, source, port,
-        method and path, all that a decision about this pod depends on."""
+        """The request headers this pod's rules read, and those that make a request
+        ambiguous (method overrides, a form body: :data:`DECISION_HEADERS`): with the
+        request's pod, source, port, method and path (and whether a header name has ``_``),
+        all that a decision about this pod depends on."""
         names = {name for rule in self.policy.rules if rule.http for name in rule.http.headers}
-        return tuple(sorted(names))
+        return tuple(sorted(names | set(DECISION_HEADERS)))
 
     @classmethod
     def from_pod(
@@ -143,6 +145,13 @@ class PodPolicy:
             ports=dict(ports or {}),
             refused=reason,
         )
+
+
+#: The headers every decision reads besides a policy's own (the listener forwards them):
+#: those that tell that the backend might act on another method than the request's.
+DECISION_HEADERS: Final = (
+    *METHOD_OVERRIDE_HEADERS, "content-type", "content-length", "transfer-encoding",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -33,14 +33,16 @@ from typing import Any, Final
 
 from meshguard import annotation_keys, yaml_io
 from meshguard.authz.contract import POD_HEADER
+from meshguard.authz.decision import DECISION_HEADERS
 from meshguard.errors import MalformedInputError
-from meshguard.l7 import METHOD_OVERRIDE_HEADERS, RBAC_DIR, RBAC_FILE, L7Engine
+from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rbac import (
     POD_FILTER_NAME,
     RBAC_TYPE,
     RE2_PROGRAM_SIZE,
     RE2_RUNTIME_KEY,
+    SOURCE_PREFIX,
     ambiguity_rbac,
     default_config,
 )
@@ -323,6 +325,7 @@ def _decision_log() -> dict[str, Any]:
     ``details`` why Envoy answered (``rbac_access_denied_matched_policy[...]`` for a
     denial)."""
     rbac = "envoy.filters.http.rbac"
+    source_id = f"{SOURCE_PREFIX}shadow_effective_policy_id"  # keys carry the stat prefix
     return {
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
@@ -333,7 +336,7 @@ def _decision_log() -> dict[str, Any]:
                     "meshguard": DECISION_EVENT,
                     "engine": Engine.NATIVE.value,
                     "pod": "%ENVIRONMENT(POD_NAMESPACE)%/%ENVIRONMENT(POD_NAME)%",
-                    "source": f"%DYNAMIC_METADATA({rbac}:shadow_effective_policy_id)%",
+                    "source": f"%DYNAMIC_METADATA({rbac}:{source_id})%",
                     "source_address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
                     "port": "%DOWNSTREAM_LOCAL_PORT%",
                     "method": "%REQ(:METHOD)%",
@@ -462,14 +465,6 @@ def _ext_authz(settings: ListenerSettings) -> dict[str, Any]:
             "allowed_headers": {"patterns": forwarded_header_patterns(settings.forward_headers)},
         },
     }
-
-
-#: Headers every CheckRequest carries (when the request has them) besides the policy's own:
-#: those that tell the decision the backend might act on another method (an override
-#: header, a form body where ``_method`` hides), so it can refuse them.
-DECISION_HEADERS: Final = (
-    *METHOD_OVERRIDE_HEADERS, "content-type", "content-length", "transfer-encoding",
-)  # fmt: skip
 
 
 def forwarded_header_patterns(names: Sequence[str]) -> list[dict[str, Any]]:

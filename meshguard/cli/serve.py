@@ -21,7 +21,6 @@ from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cli.inject import injection_settings
 from meshguard.cli.workers import Worker, WorkerPool
 from meshguard.errors import MeshguardError
-from meshguard.mesh import is_loopback, is_protected_port, unprotected_authz_port
 from meshguard.webhook.server import WebhookSettings, run_webhook
 
 PR_SET_PDEATHSIG = 1
@@ -86,8 +85,6 @@ def _authz_usage_problem(args: argparse.Namespace) -> str | None:
         return f"--list-page-size {args.list_page_size}: expected at least 1"
     if args.workers < 1:
         return f"--workers {args.workers}: expected at least 1"
-    if not any(given) and is_loopback(args.host) and not is_protected_port(args.port):
-        return unprotected_authz_port(args.port)
     if args.kubernetes and not any(given) and not args.insecure_plaintext:
         return (
             "--kubernetes serves the Check channel over mutual TLS: give --tls-cert, --tls-key"

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from meshguard.authz.cache import DecisionCache
 from meshguard.authz.decision import PodPolicy, Reason, Request, decide, form_body
 
 POLICY = """
@@ -151,3 +152,20 @@ def test_ambiguous_paths_are_denied_in_audit_mode(path: str):
 def test_audit_mode_still_allows_and_flags_a_plain_denial():
     decision = decide(get_api("/admin"), pod("audit"))
     assert (decision.allowed, decision.audited, decision.kind) == (True, True, Reason.AUDIT)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"x-http-method-override": "DELETE"}, {"x_token": "zzz"},
+     {"content-type": "application/x-www-form-urlencoded", "content-length": "9"}],
+)  # fmt: skip
+def test_the_decision_cache_tells_an_ambiguous_request_from_a_plain_one(extra: dict[str, str]):
+    """The authz server's cache keyed only the policy's headers: a request with an override
+    header (or a form body, or an underscore name) got the cached answer of the same request
+    without it."""
+    the_pod = pod()
+    cache: DecisionCache[bool] = DecisionCache()
+    plain = Request("shop/web-1", APP, 15020, "POST", "/quitquitquit", {})
+    assert cache.get(plain, the_pod, lambda: decide(plain, the_pod).allowed)
+    ambiguous = Request("shop/web-1", APP, 15020, "POST", "/quitquitquit", extra)
+    assert not cache.get(ambiguous, the_pod, lambda: decide(ambiguous, the_pod).allowed)

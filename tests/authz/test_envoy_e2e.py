@@ -24,6 +24,7 @@ import yaml
 
 import meshguard
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
@@ -86,6 +87,11 @@ class L7Pod:
         lines = [json.loads(line) for line in self.decisions.read_text().splitlines() if line]
         return [line for line in lines if line.get("event") == "decision"]
 
+    def native_lines(self) -> list[dict[str, Any]]:
+        """The native engine's decision lines (the proxy's stdout)."""
+        lines = [json.loads(line) for line in self.decisions.read_text().splitlines() if line]
+        return [line for line in lines if line.get("meshguard") == "l7_decision"]
+
 
 def rules_in(box: PodSandbox) -> set[str]:
     """The backends holding meshguard's rules, read from the namespace."""
@@ -109,7 +115,11 @@ def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
 
 
 def injected_pod(
-    mode: str, *, policy: str = POLICY, netfilter: Netfilter = Netfilter.IPTABLES_NFT
+    mode: str,
+    *,
+    policy: str = POLICY,
+    netfilter: Netfilter = Netfilter.IPTABLES_NFT,
+    engine: L7Engine = L7Engine.EXT_AUTHZ,
 ) -> dict[str, Any]:
     """The example pod as Istio injects it for ``netfilter``, then meshguard."""
     pod = pod_for(yaml.safe_load(EXAMPLE.read_text()), netfilter)
@@ -117,18 +127,28 @@ def injected_pod(
     app["ports"].append({"containerPort": H2C_PORT, "name": "grpc"})
     pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
+    pod["metadata"]["annotations"]["meshguard.io/l7-engine"] = engine.value
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     return pod
 
 
 @contextlib.contextmanager
 def l7_sandbox(
-    *, mode: str, netfilter: Netfilter, shared: Path, tmp_path: Path, authz: bool = True
+    *,
+    mode: str,
+    netfilter: Netfilter,
+    shared: Path,
+    tmp_path: Path,
+    authz: bool = True,
+    engine: L7Engine = L7Engine.EXT_AUTHZ,
+    policy: str = POLICY,
+    rbac_text: str | None = None,
 ) -> Iterator[L7Pod]:
     """The injected example pod in a fresh namespace: Istio's capture and meshguard's rules
-    in ``netfilter``, the apps, pilot-agent, the authz server (unless ``authz`` is false)
-    and the Envoy of ``envoy/``."""
-    pod = injected_pod(mode, netfilter=netfilter)
+    in ``netfilter``, the apps, pilot-agent, and the Envoy of ``envoy/`` for ``engine``:
+    ext-authz with the authz server (unless ``authz`` is false), or native with the pod's
+    RBAC document (its ``meshguard.io/l7-rbac``, as the downward API mounts it)."""
+    pod = injected_pod(mode, netfilter=netfilter, policy=policy, engine=engine)
     pod_file = shared / "pod.yaml"  # read by processes running as the proxy's uid
     pod_file.write_text(yaml.safe_dump(pod))
     ruleset_file = tmp_path / "ruleset"
@@ -154,13 +174,27 @@ def l7_sandbox(
         ns.spawn(h2c, ready_line="ready")
         agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[15020])
         ns.spawn(agent, ready_line="ready")
-        server = start_authz(ns, pod_file, decisions) if authz else None
+        native = engine is L7Engine.NATIVE
+        server = start_authz(ns, pod_file, decisions) if authz and not native else None
         # A copy the proxy's uid can read wherever the checkout is (a clone under /root or in
         # mktemp -d is not traversable by other uids).
         config = shared / "loopback-listener.yaml"
-        config.write_text((PROJECT / "envoy" / "loopback-listener.yaml").read_text())
+        committed = "loopback-listener.native.yaml" if native else "loopback-listener.yaml"
+        text = (PROJECT / "envoy" / committed).read_text()
+        if native:
+            rbac = shared / "rbac.json"
+            document = pod["metadata"]["annotations"]["meshguard.io/l7-rbac"]
+            rbac.write_text(document if rbac_text is None else rbac_text)
+            text = text.replace("/etc/meshguard/l7/rbac.json", str(rbac))
+        config.write_text(text)
         ns.spawn(
-            envoy_command(config, uid=PROXY, gid=PROXY),
+            [
+                "sh",
+                "-c",
+                'exec "$@" >>"$0"',
+                str(decisions),
+                *envoy_command(config, uid=PROXY, gid=PROXY),
+            ],
             env={"POD_NAME": "shop", "POD_NAMESPACE": "demo"},
         )
         wait_listening(ns, port=15007, uid=PROXY, gid=PROXY)
