@@ -20,6 +20,7 @@ from meshguard.admitted import RECORD as ADMITTED_RECORD
 from meshguard.admitted import TamperedError, drift, read_admitted
 from meshguard.errors import MeshguardError
 from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
+from meshguard.l7 import L7Engine
 from meshguard.pod import PROXY_CONTAINER, PodView
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -30,6 +31,7 @@ from meshguard.policy import (
     Rule,
     parse_opt_out,
 )
+from meshguard.rbac import rbac_digest
 from meshguard.rules.compiler import CompilerSettings, hairpin_ports
 from meshguard.rules.ruleset import Ruleset
 from meshguard.status import MalformedStatusError, read_status
@@ -79,7 +81,39 @@ def describe(
     ]
     lines += _status_lines(pod.annotations, compiled)
     lines += _admitted_lines(pod.annotations)
+    lines += _l7_engine_lines(pod.annotations)
     return lines
+
+
+def _l7_engine_lines(annotations: Mapping[str, str]) -> list[str]:
+    """Which engine makes the pod's L7 decisions, and for the native one whether the RBAC
+    document the pod carries is the one admitted, and its compiled rules."""
+    try:
+        status = read_status(annotations.get(annotation_keys.STATUS))
+        record = read_admitted(status) if status is not None else None
+    except (MalformedStatusError, TamperedError):
+        return []  # said by the lines above
+    if record is None or record.l7_engine is None:
+        return []
+    if record.l7_engine != L7Engine.NATIVE.value:
+        return [f"L7 engine: {record.l7_engine} (meshguard serve-authz decides each request)"]
+    text = annotations.get(annotation_keys.L7_RBAC)
+    if text is None or rbac_digest(text) != record.rbac_digest:
+        return [
+            f"L7 engine: native — {annotation_keys.L7_RBAC} is missing or not the document"
+            " admitted: the sidecar denies every L7 request (or runs what was edited in): delete"
+            " the pod so that meshguard admits it again"
+        ]
+    try:
+        (resource,) = json.loads(text)["resources"]
+        ids = sorted(resource["typed_config"]["rules"]["policies"])
+    except (ValueError, KeyError, TypeError):
+        ids = []
+    return [
+        f"L7 engine: native (Envoy RBAC in the sidecar, document {record.rbac_digest[:19]}…,"
+        " as admitted)",
+        f"  compiled rules: {', '.join(ids) or 'none (every L7 request denied)'}",
+    ]
 
 
 def _installer_text(pod: PodView) -> str:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import meshguard
 from meshguard.admitted import read_admitted
 from meshguard.authz.decision import method_ambiguity, path_ambiguity
+from meshguard.describe import _l7_engine_lines
 from meshguard.errors import PolicyError
 from meshguard.inject.l7 import L7_VOLUME
 from meshguard.inject.transform import InjectSettings, inject_pod
@@ -214,3 +215,16 @@ def test_a_forged_document_is_replaced_and_a_bad_engine_refused():
     assert pod["metadata"]["annotations"]["meshguard.io/l7-rbac"] != '{"resources": []}'
     with pytest.raises(PolicyError, match=r"meshguard\.io/l7-engine"):
         injected({"meshguard.io/l7-engine": "wasm"})
+
+
+def test_describe_shows_the_engine_and_the_compiled_rules():
+    pod = injected()
+    lines = _l7_engine_lines(pod["metadata"]["annotations"])
+    assert lines[0].startswith("L7 engine: native (Envoy RBAC in the sidecar, document sha256:")
+    assert "rules[000]/app" in lines[1]
+    edited = {**pod["metadata"]["annotations"], "meshguard.io/l7-rbac": '{"resources": []}'}
+    assert "not the document admitted" in _l7_engine_lines(edited)[0]
+    ext = injected({"meshguard.io/l7-engine": "ext-authz"})
+    assert _l7_engine_lines(ext["metadata"]["annotations"]) == [
+        "L7 engine: ext-authz (meshguard serve-authz decides each request)"
+    ]
