@@ -181,17 +181,15 @@ def test_native_decisions_are_json_lines_naming_container_rule_and_reason(native
 def test_a_broken_rbac_document_fails_closed_with_a_named_reason(
     content: str, tmp_path: Path, shared_dir: Path
 ):
-    """The file read at startup is empty, malformed or of the wrong shape: Envoy either
-    refuses to start (no listener: the kernel's REDIRECT finds nothing, the request fails)
-    or serves its default config, which denies every request naming why; never allows."""
-    try:
-        with l7_sandbox(
-            mode="enforce", netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir,
-            tmp_path=tmp_path, engine=L7Engine.NATIVE, policy=POLICY, rbac_text=content,
-        ) as pod:  # fmt: skip
-            got = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/x")
-    except Exception as exc:
-        assert "15007" in str(exc), exc
-        return
+    """The file read at startup is empty, malformed or of the wrong shape: Envoy keeps the
+    listener and serves the filter's default config, which denies every request naming why
+    (never allows)."""
+    with l7_sandbox(
+        mode="enforce", netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir,
+        tmp_path=tmp_path, engine=L7Engine.NATIVE, policy=POLICY, rbac_text=content,
+    ) as pod:  # fmt: skip
+        got = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/x")
+        (line,) = lines_after(pod, 1)
     assert got["status"] == 403, got
     assert got["body"] == f"meshguard: denied: rbac_access_denied_matched_policy[{NO_POLICY}]\n"
+    assert line["details"] == f"rbac_access_denied_matched_policy[{NO_POLICY}]"
