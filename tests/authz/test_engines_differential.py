@@ -25,7 +25,15 @@ import pytest
 
 from meshguard.l7 import L7Engine
 from meshguard.rbac import NO_POLICY
-from tests.authz.test_envoy_e2e import APP, CACHE, LOGS, RAW_TARGETS, L7Pod, l7_sandbox
+from tests.authz.test_envoy_e2e import (
+    APP,
+    CACHE,
+    H2C_PORT,
+    LOGS,
+    RAW_TARGETS,
+    L7Pod,
+    l7_sandbox,
+)
 from tests.support.netfilter import Netfilter
 
 pytestmark = pytest.mark.root
@@ -193,3 +201,27 @@ def test_a_broken_rbac_document_fails_closed_with_a_named_reason(
     assert got["status"] == 403, got
     assert got["body"] == f"meshguard: denied: rbac_access_denied_matched_policy[{NO_POLICY}]\n"
     assert line["details"] == f"rbac_access_denied_matched_policy[{NO_POLICY}]"
+
+
+@pytest.mark.parametrize("engine", [L7Engine.NATIVE, L7Engine.EXT_AUTHZ], ids=str)
+def test_over_h2c_method_case_overrides_and_underscore_names_do_not_pass(
+    engine: L7Engine, tmp_path: Path, shared_dir: Path
+):
+    """Issue 23.5 over HTTP/2, where no HTTP/1 parser refuses them first: ``:method: gEt``
+    against a GET rule (the backend sees gEt), an override header, ``x_token`` beside a
+    header rule's name."""
+    with l7_sandbox(
+        mode="enforce", netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir, tmp_path=tmp_path,
+        engine=engine,
+    ) as pod:  # fmt: skip
+
+        def ask(method: str, **headers: str) -> int:
+            got = pod.h2c(CACHE, host="127.0.0.1", port=H2C_PORT, method=method,
+                          path="/api/items", headers=headers)  # fmt: skip
+            return int(got.get("status") or 0)
+
+        assert ask("GET") == 200
+        assert ask("gEt") == 403
+        assert ask("get") == 403
+        assert ask("GET", **{"x-http-method-override": "DELETE"}) == 403
+        assert ask("GET", x_token="zzz") in {400, 403, 0}  # refused (0: stream reset)
