@@ -260,7 +260,17 @@ def _evaluate(request: Request, pod: PodPolicy) -> Decision:
 
 
 def _unattributable(request: Request, source: str | None) -> tuple[Reason, str] | None:
-    """Why the request cannot be judged at all, if it cannot (kind and message)."""
+    """Why the request cannot be judged at all, if it cannot (kind and message). Ambiguity
+    comes first: it is denied in every mode, whoever sent it (as the native engine's static
+    filter denies it before any rule)."""
+    if request.method and request.path and len(request.path) <= MAX_PATH_CHARS:
+        ambiguous = _ambiguity(request.path, request.headers)
+        if ambiguous:
+            return ambiguous
+    return _missing(request, source)
+
+
+def _missing(request: Request, source: str | None) -> tuple[Reason, str] | None:
     if source is None:
         return Reason.UNKNOWN_SOURCE, f"unknown source address {request.source_address!r}"
     if request.port is None:
@@ -269,7 +279,7 @@ def _unattributable(request: Request, source: str | None) -> tuple[Reason, str] 
         return Reason.NO_HTTP, "no HTTP method or path"
     if len(request.path) > MAX_PATH_CHARS:
         return Reason.PATH_TOO_LONG, "path too long"
-    return _ambiguity(request.path, request.headers)
+    return None
 
 
 def _ambiguity(path: str, headers: Mapping[str, str]) -> tuple[Reason, str] | None:

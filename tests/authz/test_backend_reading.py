@@ -169,3 +169,14 @@ def test_the_decision_cache_tells_an_ambiguous_request_from_a_plain_one(extra: d
     assert cache.get(plain, the_pod, lambda: decide(plain, the_pod).allowed)
     ambiguous = Request("shop/web-1", APP, 15020, "POST", "/quitquitquit", extra)
     assert not cache.get(ambiguous, the_pod, lambda: decide(ambiguous, the_pod).allowed)
+
+
+def test_ambiguity_is_denied_in_audit_mode_whoever_sends_it():
+    """Ambiguity comes before attribution: a request from an unknown source (allowed,
+    flagged, in audit mode) with an ambiguous path is denied, as the native engine's static
+    filter denies it before any rule."""
+    unknown = Request("shop/web-1", "127.0.100.9", 8080, "GET", "/api/..;/admin", {})
+    decision = decide(unknown, pod("audit"))
+    assert (decision.allowed, decision.kind) == (False, Reason.AMBIGUOUS_PATH)
+    plain = Request("shop/web-1", "127.0.100.9", 8080, "GET", "/api/x", {})
+    assert decide(plain, pod("audit")).kind is Reason.AUDIT
