@@ -181,6 +181,12 @@ def test_native_decisions_are_json_lines_naming_container_rule_and_reason(native
     assert second["details"] == "rbac_access_denied_matched_policy[none]"
     assert third["details"] == "rbac_access_denied_matched_policy[ambiguous-path]"
     assert first["source_address"].startswith("127.0.100.")
+    # IPv6 and the pod's own addresses take the same path (fd6d:6775::N sources)
+    for host in ("::1", "10.1.2.3", "fd00:10::3"):
+        got = native_pod.http(CACHE, host=host, port=8080, method="GET", path="/api/x")
+        assert (got["status"], got.get("server")) == (200, "app"), (host, got)
+        denied = native_pod.http(CACHE, host=host, port=8080, method="PUT", path="/api/x")
+        assert denied["status"] == 403, (host, denied)
 
 
 @pytest.mark.parametrize(
