@@ -83,7 +83,7 @@ class Admitted:
                 f" this meshguard reads {FORMAT_VERSION}"
             )
         try:
-            l7 = document.get("l7") or {}
+            l7 = _l7_fields(document.get("l7"))
             admitted = cls(
                 policy=Policy.model_validate(document["policy"]),
                 mode=Mode(document["mode"]),
@@ -98,6 +98,18 @@ class Admitted:
                 f" its content hashes to {admitted.digest}): it was edited after admission"
             )
         return admitted
+
+
+def _l7_fields(value: object) -> dict[str, str | None]:
+    """The record's ``l7`` entry (engine, RBAC document digest), absent in records of before
+    the engines; anything but a mapping of strings (or null) is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(v, str | None) for v in (value.get("engine"), value.get("rbac"))
+    ):
+        raise TamperedError(f"{RECORD}: l7 is not an engine and a digest")
+    return {"engine": value.get("engine"), "rbac": value.get("rbac")}
 
 
 def read_admitted(status: PodStatus) -> Admitted | None:

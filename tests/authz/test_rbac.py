@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import meshguard
-from meshguard.admitted import read_admitted
+from meshguard.admitted import TamperedError, read_admitted
 from meshguard.authz.decision import method_ambiguity, path_ambiguity
 from meshguard.describe import _l7_engine_lines
 from meshguard.errors import PolicyError
@@ -228,3 +228,24 @@ def test_describe_shows_the_engine_and_the_compiled_rules():
     assert _l7_engine_lines(ext["metadata"]["annotations"]) == [
         "L7 engine: ext-authz (meshguard serve-authz decides each request)"
     ]
+
+
+@pytest.mark.parametrize("l7", ["native", ["native"], {"engine": 1}, {"rbac": {"x": 1}}])
+def test_a_malformed_l7_entry_in_the_record_is_tampering_not_a_crash(l7: object):
+    pod = injected()
+    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
+    status["admitted"]["l7"] = l7
+    parsed = read_status(json.dumps(status))
+    assert parsed is not None
+    with pytest.raises(TamperedError, match="l7"):
+        read_admitted(parsed)
+
+
+def test_an_edited_rbac_digest_does_not_verify():
+    pod = injected()
+    status = json.loads(pod["metadata"]["annotations"]["meshguard.io/status"])
+    status["admitted"]["l7"]["rbac"] = "sha256:" + "0" * 64
+    parsed = read_status(json.dumps(status))
+    assert parsed is not None
+    with pytest.raises(TamperedError, match="digest mismatch"):
+        read_admitted(parsed)
