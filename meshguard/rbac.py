@@ -13,8 +13,9 @@ the sidecar decides without a round trip:
   ``destination_port`` (the original port, restored by ``original_dst``), exact ``:method``
   (case-sensitive), ``:path`` regexes that hold the parameter rule, exact headers. Enforce
   mode is action ALLOW; audit mode is action LOG (every request passes; the matched rule,
-  if any, is in the metadata). The shadow rules name the source container of every
-  request (``shadow_effective_policy_id``) for the access log.
+  if any, is in the metadata, under the ``meshguard_audit_`` prefix). The shadow rules
+  name the source container of every request (``shadow_effective_policy_id``) for the
+  access log.
 - :func:`ambiguity_rbac` is the static DENY filter in front of it, in every mode: the paths,
   method overrides and form bodies the decision refuses as ambiguous, as merged RE2
   regexes (see :func:`path_ambiguity_regexes`).
@@ -57,6 +58,9 @@ RE2_PROGRAM_SIZE: Final = 32768
 RE2_RUNTIME_KEY: Final = "re2.max_program_size.error_level"
 #: The shadow rules' stat prefix (and so of their metadata keys, as Envoy names them).
 SOURCE_PREFIX: Final = "meshguard_source_"
+#: The audit-mode rules' stat prefix (so ``http.*.rbac.meshguard_audit_allowed`` counts
+#: would-be allowed requests, and the metadata keys tell audit from enforce).
+AUDIT_PREFIX: Final = "meshguard_audit_"
 
 
 def policy_id(index: int, container: str) -> str:
@@ -82,6 +86,8 @@ def compile_rbac(
         "shadow_rules": {"action": "ALLOW", "policies": _identities(sources)},
         "shadow_rules_stat_prefix": SOURCE_PREFIX,
     }
+    if mode is Mode.AUDIT:  # its stats and metadata keys say so: the log line's audit fields
+        config["rules_stat_prefix"] = AUDIT_PREFIX
     resource = {"@type": EXTENSION_CONFIG_TYPE, "name": POD_FILTER_NAME, "typed_config": config}
     return {"version_info": "1", "type_url": EXTENSION_CONFIG_TYPE, "resources": [resource]}
 

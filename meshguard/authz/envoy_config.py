@@ -38,6 +38,7 @@ from meshguard.errors import MalformedInputError
 from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rbac import (
+    AUDIT_PREFIX,
     POD_FILTER_NAME,
     RBAC_TYPE,
     RE2_PROGRAM_SIZE,
@@ -321,11 +322,13 @@ def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
 def _decision_log() -> dict[str, Any]:
     """One JSON line on stdout per request of the native engine: its decision. ``source``
     is the source container (the shadow rules name it), ``rule`` the policy that allowed it
-    (``rules[007]/cache``) — in audit mode, the one that would have; empty: none would —,
-    ``details`` why Envoy answered (``rbac_access_denied_matched_policy[...]`` for a
-    denial)."""
+    (``rules[007]/cache``), ``details`` why Envoy answered
+    (``rbac_access_denied_matched_policy[...]`` for a denial); in audit mode ``audit`` is
+    set and ``audit_rule`` is the rule that would have allowed it (null: it would be
+    denied)."""
     rbac = "envoy.filters.http.rbac"
     source_id = f"{SOURCE_PREFIX}shadow_effective_policy_id"  # keys carry the stat prefix
+    audit_id = f"{AUDIT_PREFIX}enforced_effective_policy_id"
     return {
         "name": "envoy.access_loggers.stdout",
         "typed_config": {
@@ -344,6 +347,10 @@ def _decision_log() -> dict[str, Any]:
                     "code": "%RESPONSE_CODE%",
                     "details": "%RESPONSE_CODE_DETAILS%",
                     "rule": f"%DYNAMIC_METADATA({rbac}:enforced_effective_policy_id)%",
+                    # audit mode only: "allowed" (LOG always is), and the rule that would
+                    # have allowed the request (null: none would, it would be denied)
+                    "audit": f"%DYNAMIC_METADATA({rbac}:{AUDIT_PREFIX}enforced_engine_result)%",
+                    "audit_rule": f"%DYNAMIC_METADATA({rbac}:{audit_id})%",
                     "rbac": f"%DYNAMIC_METADATA({rbac})%",
                     "time": "%START_TIME%",
                 }

@@ -189,6 +189,24 @@ def test_native_decisions_are_json_lines_naming_container_rule_and_reason(native
         assert denied["status"] == 403, (host, denied)
 
 
+def test_native_audit_lines_flag_would_be_denials(tmp_path: Path, shared_dir: Path):
+    with l7_sandbox(
+        mode="audit", netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir, tmp_path=tmp_path,
+        engine=L7Engine.NATIVE, policy=POLICY,
+    ) as pod:  # fmt: skip
+        allowed = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/x")
+        would_deny = pod.http(CACHE, host="127.0.0.1", port=8080, method="PUT", path="/api/x")
+        ambiguous = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET",
+                             path="/api/x?_method=DELETE")  # fmt: skip
+        first, second, third = lines_after(pod, 3)
+    assert (allowed["status"], would_deny["status"], ambiguous["status"]) == (200, 200, 403)
+    assert (first["audit"], first["audit_rule"], first["source"]) == (
+        "allowed", "rules[001]/cache", "cache",
+    )  # fmt: skip
+    assert (second["audit"], second["audit_rule"], second["code"]) == ("allowed", None, 200)
+    assert third["details"] == "rbac_access_denied_matched_policy[ambiguous-method]"
+
+
 @pytest.mark.parametrize(
     "content", ["", "not json", '{"resources": []}', json.dumps({"resources": [{"x": 1}]})]
 )
