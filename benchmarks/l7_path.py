@@ -26,6 +26,11 @@ server's; the Check channels of (c) and (c0) are mTLS with them, as in a mesh:
   authz. ``(c)/(c0) >= 0.95`` is the goal: meshguard's decision adds at most 5%;
 - ``(c0p)``: as (c0) on 15103, its Check channel plaintext: (c0) - (c0p) at concurrency 1 is
   the latency mTLS adds per request.
+- ``(n) envoy+native rbac``: meshguard's native L7 engine on 127.0.0.1:15104 — the static
+  ambiguity DENY regexes and the pod's policy compiled by :mod:`meshguard.rbac`, read by
+  ECDS from a file — with the original-destination header pinned to the upstream as in
+  (c0); ``(n)/(a)`` is the native engine against the same Envoy with no authorization,
+  ``(c0)/(a)`` the do-nothing ext_authz against it, ``(c)/(a)`` serve-authz against it.
 
 ``wrk`` (one thread, keep-alive, POST /quitquitquit, allowed by every configuration) runs as
 the app container's uid 1000 at concurrency 1, 8 and 64. The app's uid may not dial
@@ -104,6 +109,15 @@ from meshguard.authz.envoy_config import (
     upstream_cluster,
 )
 from meshguard.authz.identity import TlsFiles, server_credentials
+from meshguard.l7 import L7Engine
+from meshguard.mesh import LOCAL_AUTHZ_PORT
+from meshguard.policy import Mode, parse_policy
+from meshguard.rbac import (
+    RE2_PROGRAM_SIZE,
+    RE2_RUNTIME_KEY,
+    compile_rbac,
+    rbac_document_text,
+)
 from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from meshguard.sandbox.probe import drop_privileges
@@ -119,8 +133,10 @@ UPSTREAM_PORT = 15020  # pilot-agent's port: covered by the L7 rule, REDIRECTed 
 LISTENER_PORT = ListenerSettings().port  # 15007
 ROUTER_PORT, RBAC_PORT, ECHO_LISTENER_PORT = 15100, 15101, 15102
 ECHO_PLAIN_LISTENER_PORT = 15103
-AUTHZ_PORT, ECHO_PORT, AUTHZ_PLAIN_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9194, 9195
-ADMIN_PORTS = {"a": 15110, "b": 15111, "c": 15000, "c0": 15112, "c0p": 15113}
+NATIVE_LISTENER_PORT = 15104
+AUTHZ_PORT, ECHO_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9195
+AUTHZ_PLAIN_PORT = LOCAL_AUTHZ_PORT  # plaintext on loopback: in the proxy's protected range
+ADMIN_PORTS = {"a": 15110, "b": 15111, "c": 15000, "c0": 15112, "c0p": 15113, "n": 15114}
 #: The mesh's identities: the pod (demo/shop, ServiceAccount default) and the authz server.
 POD_SPIFFE_ID = spiffe_id("demo", "default")
 AUTHZ_SPIFFE_ID = spiffe_id("meshguard-system", "meshguard-authz")
@@ -199,6 +215,7 @@ CONFIGS = (
     HttpConfig("c", "(c) envoy+meshguard", UPSTREAM_PORT, "envoy_c", "authz"),
     HttpConfig("c0", "(c0) envoy+authz-echo", ECHO_LISTENER_PORT, "envoy_c0", "echo"),
     HttpConfig("c0p", "(c0p) echo, plaintext", ECHO_PLAIN_LISTENER_PORT, "envoy_c0p", "echo_plain"),
+    HttpConfig("n", "(n) envoy+native rbac", NATIVE_LISTENER_PORT, "envoy_n", None),
 )
 CONFIG_BY_KEY = {c.key: c for c in CONFIGS}
 
@@ -580,6 +597,35 @@ def echo_authz_bootstrap(
     return _bootstrap(name, admin_port, [listener], clusters)
 
 
+def native_bootstrap(name: str, *, port: int, admin_port: int, rbac_path: Path) -> dict[str, Any]:
+    """meshguard's native IPv4 listener on ``port`` (the ambiguity DENY regexes, the pod's
+    RBAC by ECDS from ``rbac_path``, the router): the original-destination header pinned to
+    the upstream, as nothing redirects there."""
+    settings = ListenerSettings(port=port, engine=L7Engine.NATIVE, rbac_path=str(rbac_path))
+    listener = copy.deepcopy(loopback_listeners(settings)[0])
+    listener["name"] = name
+    hcm = _http_connection_manager(listener)
+    hcm["stat_prefix"] = name
+    hcm["access_log"] = []  # as (c): no line per request on the benchmark's stdout
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    (header,) = route["request_headers_to_add"]
+    header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
+    listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
+    document = _bootstrap(name, admin_port, [listener], [upstream_cluster()])
+    document["layered_runtime"] = {
+        "layers": [{"name": "static", "static_layer": {RE2_RUNTIME_KEY: RE2_PROGRAM_SIZE}}]
+    }
+    return document
+
+
+def native_rbac_document() -> str:
+    """The example pod's policy as the native engine compiles it, with the app dialing the
+    native listener directly: its rule's port is the listener's, its address the host's."""
+    policy = parse_policy(L7_POLICY.replace(str(UPSTREAM_PORT), str(NATIVE_LISTENER_PORT)))
+    document = compile_rbac(policy=policy, mode=Mode.ENFORCE, sources={"app": (HOST,)})
+    return rbac_document_text(document)
+
+
 def _bootstrap(
     name: str, admin_port: int, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -614,7 +660,12 @@ def envoy_configs(workdir: Path, certs: MeshCertificates) -> dict[str, Path]:
             "echo_plain_ipv4", port=ECHO_PLAIN_LISTENER_PORT, echo_port=ECHO_PLAIN_PORT,
             admin_port=ADMIN_PORTS["c0p"], tls=None,
         ),
+        "envoy_n": native_bootstrap(
+            "native_ipv4", port=NATIVE_LISTENER_PORT, admin_port=ADMIN_PORTS["n"],
+            rbac_path=workdir / "rbac.json",
+        ),
     }  # fmt: skip
+    (workdir / "rbac.json").write_text(native_rbac_document())
     paths = {}
     for name, document in documents.items():
         path = workdir / f"{name}.yaml"
@@ -814,7 +865,8 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
     # The benchmark's own exemption: the app may dial (a), (b), (c0) directly.
     ns.run(["iptables", "-w", "-I", "OUTPUT", "1", "-o", "lo", "-p", "tcp", "-m", "owner",
             "--uid-owner", str(APP_UID), "-m", "multiport", "--dports",
-            f"{ROUTER_PORT},{RBAC_PORT},{ECHO_LISTENER_PORT},{ECHO_PLAIN_LISTENER_PORT}",
+            f"{ROUTER_PORT},{RBAC_PORT},{ECHO_LISTENER_PORT},{ECHO_PLAIN_LISTENER_PORT},"
+            f"{NATIVE_LISTENER_PORT}",
             "-j", "ACCEPT"])  # fmt: skip
     names = ("upstream", "echo", "echo_plain", "authz", "authz_plain")
     logs = {name: (workdir / f"{name}.log").open("w") for name in names}
@@ -850,7 +902,7 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
             envoy_command(config, uid=PROXY_UID, gid=PROXY_UID), env=identity, stderr=log
         )
     ports = (AUTHZ_PORT, AUTHZ_PLAIN_PORT, ROUTER_PORT, RBAC_PORT, LISTENER_PORT,
-             ECHO_LISTENER_PORT, ECHO_PLAIN_LISTENER_PORT)  # fmt: skip
+             ECHO_LISTENER_PORT, ECHO_PLAIN_LISTENER_PORT, NATIVE_LISTENER_PORT)  # fmt: skip
     for port in ports:
         wait_listening(ns, port=port, uid=PROXY_UID, gid=PROXY_UID)
     for name, process in processes.items():
@@ -882,7 +934,7 @@ def smoke_check(bench: Bench) -> list[str]:
         for method in ("POST", "GET")
     ]
     results = http_probe(bench, APP_UID, targets)
-    expected = {"a": 200, "b": 403, "c": 403, "c0": 200, "c0p": 200}  # the GET's status
+    expected = {"a": 200, "b": 403, "c": 403, "c0": 200, "c0p": 200, "n": 403}  # the GET status
     lines, problems = [], []
     for config, (post, get) in zip(CONFIGS, zip(results[::2], results[1::2], strict=True),
                                    strict=True):  # fmt: skip
@@ -1235,7 +1287,8 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
                 "mean_us": median_of(t.mean_us for t in these),
                 "cpu_us_per_request": cpu,
             }
-    pairs = (("c", "b"), ("c", "a"), ("b", "a"), ("c0", "b"), ("c", "c0"), ("c0", "c0p"))
+    pairs = (("c", "b"), ("c", "a"), ("b", "a"), ("c0", "b"), ("c", "c0"), ("c0", "c0p"),
+             ("n", "a"), ("c0", "a"))  # fmt: skip
     ratios = {
         f"{num}/{den}": {
             c: rows[num][c]["per_second"] / rows[den][c]["per_second"] for c in CONCURRENCY
@@ -1363,6 +1416,8 @@ def format_report(
         "c0/b": "(c0) authz-echo / (b) rbac",
         "c/c0": f"(c) meshguard / (c0) echo, mTLS [>= {DECISION_GOAL}]",
         "c0/c0p": "(c0) echo mTLS / (c0p) echo plaintext",
+        "n/a": "(n) native engine / (a) no authorization",
+        "c0/a": "(c0) do-nothing ext_authz / (a) no authz",
     }
     for key, label in names.items():
         values = http["ratios"][key]

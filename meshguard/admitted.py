@@ -46,6 +46,11 @@ class Admitted:
 
     policy: Policy
     mode: Mode
+    #: The L7 engine chosen at admission and, for the native one, the digest of the pod's
+    #: RBAC document (``meshguard.io/l7-rbac``): covered by the record's digest (and
+    #: whatever signs the record), so the document cannot be swapped unnoticed.
+    l7_engine: str | None = None
+    rbac_digest: str | None = None
 
     @functools.cached_property
     def digest(self) -> str:
@@ -58,11 +63,14 @@ class Admitted:
         return {**self._content(), "digest": self.digest}
 
     def _content(self) -> dict[str, Any]:
-        return {
+        content: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "mode": self.mode.value,
             "policy": self.policy.model_dump(mode="json", by_alias=True),
         }
+        if self.l7_engine is not None:  # absent from records of before the engines
+            content["l7"] = {"engine": self.l7_engine, "rbac": self.rbac_digest}
+        return content
 
     @classmethod
     def from_document(cls, document: object) -> Admitted:
@@ -75,8 +83,12 @@ class Admitted:
                 f" this meshguard reads {FORMAT_VERSION}"
             )
         try:
+            l7 = _l7_fields(document.get("l7"))
             admitted = cls(
-                policy=Policy.model_validate(document["policy"]), mode=Mode(document["mode"])
+                policy=Policy.model_validate(document["policy"]),
+                mode=Mode(document["mode"]),
+                l7_engine=l7.get("engine"),
+                rbac_digest=l7.get("rbac"),
             )
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise TamperedError(f"{RECORD}: unexpected content ({exc})") from None
@@ -86,6 +98,18 @@ class Admitted:
                 f" its content hashes to {admitted.digest}): it was edited after admission"
             )
         return admitted
+
+
+def _l7_fields(value: object) -> dict[str, str | None]:
+    """The record's ``l7`` entry (engine, RBAC document digest), absent in records of before
+    the engines; anything but a mapping of strings (or null) is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(v, str | None) for v in (value.get("engine"), value.get("rbac"))
+    ):
+        raise TamperedError(f"{RECORD}: l7 is not an engine and a digest")
+    return {"engine": value.get("engine"), "rbac": value.get("rbac")}
 
 
 def read_admitted(status: PodStatus) -> Admitted | None:

@@ -10,6 +10,12 @@ MODE: Final = "meshguard.io/mode"
 INJECT: Final = "meshguard.io/inject"
 STATUS: Final = "meshguard.io/status"
 RULESET: Final = "meshguard.io/ruleset"
+#: The L7 engine a pod asks for (``native`` or ``ext-authz``; the chart's default when
+#: absent); meshguard sets the label of the same key to the engine it chose, and Istio's
+#: EnvoyFilters select the pods of each engine by it.
+L7_ENGINE: Final = "meshguard.io/l7-engine"
+#: The pod's Envoy RBAC document (native engine), mounted into istio-proxy by the downward API.
+L7_RBAC: Final = "meshguard.io/l7-rbac"
 
 #: The label meshguard sets on every pod it admitted: the authz server lists and watches only
 #: pods carrying it (a label selector, evaluated by the API server).

@@ -30,6 +30,7 @@ from meshguard.admitted import Admitted, TamperedError, drift, read_admitted
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
 from meshguard.inject.transform import gateway_reason
+from meshguard.l7 import L7Engine
 from meshguard.pod import PROXY_CONTAINER, PodView, read_pod
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -42,6 +43,7 @@ from meshguard.policy import (
     parse_opt_out,
     parse_policy,
 )
+from meshguard.rbac import rbac_digest
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_ruleset, hairpin_ports
 from meshguard.rules.ruleset import Ruleset
@@ -146,6 +148,26 @@ class AdmittedData(_Data):
     error: str | None = None
 
 
+class EngineDocument(enum.StrEnum):
+    """Whether the native engine's RBAC document on the pod is the one admitted."""
+
+    ADMITTED = "admitted"
+    #: Missing, or not the admitted document: the sidecar denies every L7 request.
+    CHANGED = "changed"
+
+
+class EngineData(_Data):
+    """The L7 engine deciding the pod's HTTP rules, from the admitted record."""
+
+    #: ``native`` (Envoy RBAC in the sidecar) or ``ext-authz`` (meshguard serve-authz).
+    name: str
+    #: The native engine's document: as admitted, or changed/missing.
+    document: EngineDocument | None = None
+    digest: str | None = None
+    #: The compiled RBAC policies' ids (``rules[NNN]/container``).
+    rules: tuple[str, ...] = ()
+
+
 class PodDescription(_Data):
     """What ``describe`` says about one pod (or pod template). Only ``pod`` and
     ``protection`` are always there."""
@@ -180,7 +202,7 @@ class PodDescription(_Data):
     #: What meshguard changed in the pod at admission (posture fixes).
     posture_changes: tuple[str, ...] = ()
     #: The L7 engine that decides the pod's HTTP rules, where known.
-    engine: str | None = None
+    engine: EngineData | None = None
 
     @property
     def tampered(self) -> bool:
@@ -307,6 +329,30 @@ def _details(
         status=status,
         admitted=admitted.data,
         posture_changes=_posture_changes(pod.annotations),
+        engine=_engine(pod.annotations, admitted.record),
+    )
+
+
+def _engine(annotations: Mapping[str, str], record: Admitted | None) -> EngineData | None:
+    """The L7 engine the admitted record names, and for the native one whether the pod
+    carries the admitted RBAC document and which rules it compiles."""
+    if record is None or record.l7_engine is None:
+        return None
+    if record.l7_engine != L7Engine.NATIVE.value:
+        return EngineData(name=record.l7_engine)
+    text = annotations.get(annotation_keys.L7_RBAC)
+    if text is None or rbac_digest(text) != record.rbac_digest:
+        return EngineData(name=record.l7_engine, document=EngineDocument.CHANGED)
+    try:
+        (resource,) = json.loads(text)["resources"]
+        ids = tuple(sorted(resource["typed_config"]["rules"]["policies"]))
+    except (ValueError, KeyError, TypeError):
+        ids = ()
+    return EngineData(
+        name=record.l7_engine,
+        document=EngineDocument.ADMITTED,
+        digest=record.rbac_digest,
+        rules=ids,
     )
 
 
@@ -423,11 +469,30 @@ def text_lines(d: PodDescription) -> list[str]:
         f"rules installed by: {_installer_text(d.installer)}",
         f"netfilter: {_backend_text(native_nftables=d.netfilter == 'nftables')}",
     ]
-    if d.engine:
-        lines.append(f"L7 engine: {d.engine}")
     lines += _status_lines(d)
     lines += _admitted_lines(d)
+    lines += _engine_lines(d.engine)
     return lines
+
+
+def _engine_lines(engine: EngineData | None) -> list[str]:
+    """Which engine makes the pod's L7 decisions and, for the native one, whether the
+    sidecar reads the admitted document, and its compiled rules."""
+    if engine is None:
+        return []
+    if engine.name != L7Engine.NATIVE.value:
+        return [f"L7 engine: {engine.name} (meshguard serve-authz decides each request)"]
+    if engine.document is not EngineDocument.ADMITTED:
+        return [
+            f"L7 engine: native — {annotation_keys.L7_RBAC} is missing or not the document"
+            " admitted: the sidecar denies every L7 request (or runs what was edited in): delete"
+            " the pod so that meshguard admits it again"
+        ]
+    return [
+        f"L7 engine: native (Envoy RBAC in the sidecar, document {(engine.digest or '')[:19]}…,"
+        " as admitted)",
+        f"  compiled rules: {', '.join(engine.rules) or 'none (every L7 request denied)'}",
+    ]
 
 
 def _mode_line(d: PodDescription) -> str:

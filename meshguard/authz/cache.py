@@ -87,6 +87,8 @@ class DecisionCache(Generic[T]):
     def _key(self, request: Request, pod: PodPolicy | None) -> _Key | None:
         if pod is None or request.pod is None or request.path is None:
             return None
+        if any("_" in name for name in request.headers):
+            return None  # ambiguous (decided every time): the key holds only named headers
         values = tuple(request.headers.get(name) for name in pod.header_names)
         size = len(request.path) + sum(len(v) for v in values if v is not None)
         if size > self._max_key_chars:

@@ -7,8 +7,15 @@ denied. Default deny: a request no rule allows is denied, and so is anything tha
 attributed (unknown pod, unknown source, no HTTP attributes), and so is a path that some
 common backend could resolve differently from the path the rules matched (dot segments
 hidden in path parameters or encodings, backslashes, Windows' trailing dots: see
-``path_ambiguity``). In audit mode a would-be denial is allowed and flagged, so it can be
-logged.
+``path_ambiguity``), and so is a request whose method or headers the backend could read
+differently from the decision: a method-override signal (``X-HTTP-Method-Override``,
+``X-Method-Override``, ``X-HTTP-Method``, a ``_method`` query parameter: see
+``method_ambiguity``) or a header name with ``_`` (CGI and WSGI fold ``_`` and ``-``
+together). Methods are case-sensitive (RFC 9110 section 9.1): ``gEt`` is not ``GET``. A body
+may carry ``_method`` too and the decision does not see it, so a request whose body a
+framework reads as a form (see ``form_body``) matches only rules that name no methods.
+In audit mode a would-be denial is allowed and flagged, so it can be logged; ambiguity is
+denied in every mode.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from typing import Any, Final
 
 from meshguard import annotation_keys
 from meshguard.admitted import TamperedError, drift, read_admitted
+from meshguard.l7 import (
+    FORM_MEDIA_TYPES,
+    METHOD_OVERRIDE_HEADERS,
+    METHOD_PARAMETER,
+    OVERRIDABLE_METHOD,
+)
 from meshguard.mesh import ISTIO_RESERVED_PORTS
 from meshguard.policy import (
     ANY_CONTAINER,
@@ -66,10 +79,12 @@ class PodPolicy:
 
     @functools.cached_property
     def header_names(self) -> tuple[str, ...]:
-        """The request headers this pod's rules read: with the request's pod, source, port,
-        method and path, all that a decision about this pod depends on."""
+        """The request headers this pod's rules read, and those that make a request
+        ambiguous (method overrides, a form body: :data:`DECISION_HEADERS`): with the
+        request's pod, source, port, method and path (and whether a header name has ``_``),
+        all that a decision about this pod depends on."""
         names = {name for rule in self.policy.rules if rule.http for name in rule.http.headers}
-        return tuple(sorted(names))
+        return tuple(sorted(names | set(DECISION_HEADERS)))
 
     @classmethod
     def from_pod(
@@ -132,6 +147,13 @@ class PodPolicy:
         )
 
 
+#: The headers every decision reads besides a policy's own (the listener forwards them):
+#: those that tell that the backend might act on another method than the request's.
+DECISION_HEADERS: Final = (
+    *METHOD_OVERRIDE_HEADERS, "content-type", "content-length", "transfer-encoding",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Request:
     pod: str | None
@@ -157,6 +179,8 @@ class Reason(StrEnum):
     NO_HTTP = "no_http"
     PATH_TOO_LONG = "path_too_long"
     AMBIGUOUS_PATH = "ambiguous_path"
+    AMBIGUOUS_METHOD = "ambiguous_method"  # a method-override signal
+    AMBIGUOUS_HEADER = "ambiguous_header"  # a header name with "_"
     HEADERS_TOO_LARGE = "headers_too_large"
     NO_IDENTITY = "no_identity"  # the caller presented no (usable) workload identity
     IDENTITY_MISMATCH = "identity_mismatch"  # the caller's identity is not the pod's
@@ -197,12 +221,19 @@ def decide(request: Request, pod: PodPolicy | None) -> Decision:
     if pod.refused:
         return Decision(False, f"pod {pod.key!r} refused: {pod.refused}", kind=Reason.POD_REFUSED)
     verdict = _evaluate(request, pod)
-    if not verdict.allowed and pod.mode is Mode.AUDIT:
+    if not verdict.allowed and pod.mode is Mode.AUDIT and verdict.kind not in AMBIGUITY:
         return Decision(
             True, f"audit: would deny: {verdict.reason}", verdict.rule, verdict.source,
             verdict.destination, audited=True, kind=Reason.AUDIT,
         )  # fmt: skip
     return verdict
+
+
+#: The kinds of denial that hold in every mode: the backend could act on another request than
+#: the one judged, so neither audit mode nor ``defaultAction: allow`` lets them pass.
+AMBIGUITY: Final = frozenset(
+    {Reason.AMBIGUOUS_PATH, Reason.AMBIGUOUS_METHOD, Reason.AMBIGUOUS_HEADER}
+)
 
 
 def _evaluate(request: Request, pod: PodPolicy) -> Decision:
@@ -229,7 +260,17 @@ def _evaluate(request: Request, pod: PodPolicy) -> Decision:
 
 
 def _unattributable(request: Request, source: str | None) -> tuple[Reason, str] | None:
-    """Why the request cannot be judged at all, if it cannot (kind and message)."""
+    """Why the request cannot be judged at all, if it cannot (kind and message). Ambiguity
+    comes first: it is denied in every mode, whoever sent it (as the native engine's static
+    filter denies it before any rule)."""
+    if request.method and request.path and len(request.path) <= MAX_PATH_CHARS:
+        ambiguous = _ambiguity(request.path, request.headers)
+        if ambiguous:
+            return ambiguous
+    return _missing(request, source)
+
+
+def _missing(request: Request, source: str | None) -> tuple[Reason, str] | None:
     if source is None:
         return Reason.UNKNOWN_SOURCE, f"unknown source address {request.source_address!r}"
     if request.port is None:
@@ -238,11 +279,64 @@ def _unattributable(request: Request, source: str | None) -> tuple[Reason, str] 
         return Reason.NO_HTTP, "no HTTP method or path"
     if len(request.path) > MAX_PATH_CHARS:
         return Reason.PATH_TOO_LONG, "path too long"
-    ambiguity = path_ambiguity(request.path)
-    if ambiguity:
-        message = f"path {request.path[:100]!r} is not normalized (ambiguous path: {ambiguity})"
-        return Reason.AMBIGUOUS_PATH, message
     return None
+
+
+def _ambiguity(path: str, headers: Mapping[str, str]) -> tuple[Reason, str] | None:
+    """Why the backend could act on another request than the one judged, if it could."""
+    ambiguity = path_ambiguity(path)
+    if ambiguity:
+        message = f"path {path[:100]!r} is not normalized (ambiguous path: {ambiguity})"
+        return Reason.AMBIGUOUS_PATH, message
+    method = method_ambiguity(path, headers)
+    if method:
+        return Reason.AMBIGUOUS_METHOD, f"ambiguous method: {method}"
+    header = next((name for name in headers if "_" in name), None)
+    if header is not None:
+        return Reason.AMBIGUOUS_HEADER, (
+            f"ambiguous header: name {header[:100]!r} has '_', which CGI and WSGI backends"
+            " read as '-'"
+        )
+    return None
+
+
+def method_ambiguity(target: str, headers: Mapping[str, str]) -> str | None:
+    """Why the backend could act on another method than the request's, if it could: a
+    method-override header, or a ``_method`` parameter in the query (its name compared
+    case-insensitively once percent-decoded, as PHP and Rack decode it)."""
+    for name in METHOD_OVERRIDE_HEADERS:
+        if name in headers:
+            return f"method-override header {name!r}"
+    _, question, query = target.partition("?")
+    if question:
+        for item in re.split("[&;]", query.split("#", 1)[0]):
+            name = urllib.parse.unquote_plus(item.split("=", 1)[0], errors="replace")
+            if name.lower() == METHOD_PARAMETER:
+                return f"method-override query parameter {METHOD_PARAMETER!r}"
+    return None
+
+
+def form_body(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether a framework could read the body as form parameters, where ``_method`` turns
+    a POST into another method and which no engine sees: a form media type in any
+    Content-Type (compared case-insensitively), or a POST with a body and no Content-Type
+    (Rack parses it as a form)."""
+    content_type = headers.get("content-type")
+    if content_type is None:
+        return method == OVERRIDABLE_METHOD and has_body(headers)
+    return _FORM_CONTENT_TYPE.search(content_type) is not None
+
+
+def has_body(headers: Mapping[str, str]) -> bool:
+    """A declared body: a Content-Length other than 0, or a Transfer-Encoding."""
+    length = headers.get("content-length")
+    return (length is not None and length.strip() != "0") or "transfer-encoding" in headers
+
+
+_FORM_CONTENT_TYPE: Final = re.compile(
+    r"(?:^|,)\s*(?:" + "|".join(re.escape(t) for t in FORM_MEDIA_TYPES) + r")\s*(?:[;,]|$)",
+    re.IGNORECASE,
+)
 
 
 #: Percent-encoded characters refused anywhere in the path: decoded after the rules matched
@@ -362,8 +456,8 @@ def _covers(rule: Rule, source: str, port: int) -> bool:
 def _matches(http: HttpMatch | None, request: Request) -> bool:
     if http is None:
         return True  # a plain port rule allows every request on that port
-    method = (request.method or "").upper()
-    if http.methods and method not in http.methods:
+    method = request.method or ""  # case-sensitive, as the backend receives it
+    if http.methods and (method not in http.methods or form_body(method, request.headers)):
         return False
     views = _views(_path_only(request.path or ""))
     if http.paths and not any(

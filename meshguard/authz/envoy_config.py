@@ -31,9 +31,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from meshguard import yaml_io
+from meshguard import annotation_keys, yaml_io
 from meshguard.authz.contract import POD_HEADER
+from meshguard.authz.decision import DECISION_HEADERS
 from meshguard.errors import MalformedInputError
+from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
+from meshguard.mesh import LOCAL_AUTHZ_PORT
+from meshguard.rbac import (
+    AUDIT_PREFIX,
+    POD_FILTER_NAME,
+    RBAC_TYPE,
+    RE2_PROGRAM_SIZE,
+    RE2_RUNTIME_KEY,
+    SOURCE_PREFIX,
+    ambiguity_rbac,
+    default_config,
+)
 
 HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ORIGINAL_DST_HEADER: Final = "x-envoy-original-dst-host"
@@ -47,9 +60,18 @@ AUTHZ_ERROR_STATUS: Final = 503
 AUTHZ_ERROR_EVENT: Final = "ext_authz_error"
 
 
+Engine = L7Engine
+#: Every L7 decision of the native engine is one JSON line on the proxy's stdout with this
+#: "meshguard" field.
+DECISION_EVENT: Final = "l7_decision"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ListenerSettings:
     port: int = 15007
+    engine: Engine = Engine.EXT_AUTHZ
+    #: The native engine's pod RBAC document (read once, at startup).
+    rbac_path: str = f"{RBAC_DIR}/{RBAC_FILE}"
     #: The ext_authz gRPC cluster: a static one in standalone Envoy, Istio's service cluster
     #: (outbound|9191||meshguard-authz.meshguard-system.svc.cluster.local) in a sidecar.
     authz_cluster: str = AUTHZ_CLUSTER
@@ -179,16 +201,18 @@ def bootstrap(
     authz_tls: AuthzTls | None = None,
 ) -> dict[str, Any]:
     """A standalone Envoy bootstrap: the loopback listeners and their two clusters."""
+    clusters = [upstream_cluster()]
+    if settings.engine is Engine.EXT_AUTHZ:
+        clusters.append(authz_cluster(host=authz_host, port=authz_port, tls=authz_tls))
     return {
         "node": {"id": "meshguard-loopback", "cluster": "meshguard"},
         "admin": {"address": _socket("127.0.0.1", admin_port)},
-        "static_resources": {
-            "listeners": loopback_listeners(settings),
-            "clusters": [
-                upstream_cluster(),
-                authz_cluster(host=authz_host, port=authz_port, tls=authz_tls),
-            ],
+        # The ambiguity regexes need a larger RE2 program than Envoy's default (100) allows;
+        # Istio's own bootstrap sets the same.
+        "layered_runtime": {
+            "layers": [{"name": "static", "static_layer": {RE2_RUNTIME_KEY: RE2_PROGRAM_SIZE}}]
         },
+        "static_resources": {"listeners": loopback_listeners(settings), "clusters": clusters},
     }
 
 
@@ -221,10 +245,13 @@ def _http_connection_manager(
             "merge_slashes": True,
             "path_with_escaped_slashes_action": "REJECT_REQUEST",
             "http_protocol_options": {"accept_http_10": True},
-            "access_log": [_authz_error_log(settings)],
+            # CGI/WSGI backends read x_token as x-token: such a name is refused (400) before
+            # any authorization, in HTTP/1 and HTTP/2 alike
+            "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+            "access_log": _access_logs(settings),
+            **_local_reply(settings),
             "http_filters": [
-                _stamp_pod_identity(),
-                _ext_authz(settings),
+                *_decision_filters(settings),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": {
@@ -261,6 +288,103 @@ def _http_connection_manager(
                 ],
             },
         },
+    }
+
+
+def _decision_filters(settings: ListenerSettings) -> list[dict[str, Any]]:
+    if settings.engine is Engine.EXT_AUTHZ:
+        return [_stamp_pod_identity(), _ext_authz(settings)]
+    return [
+        {
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {**ambiguity_rbac(), "rules_stat_prefix": "meshguard_ambiguity_"},
+        },
+        {
+            "name": POD_FILTER_NAME,
+            "config_discovery": {
+                "config_source": {
+                    "path_config_source": {"path": settings.rbac_path},
+                    "resource_api_version": "V3",
+                },
+                "default_config": default_config(),
+                "type_urls": [RBAC_TYPE],
+            },
+        },
+    ]
+
+
+def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
+    if settings.engine is Engine.EXT_AUTHZ:
+        return [_authz_error_log(settings)]
+    return [_decision_log()]
+
+
+def _decision_log() -> dict[str, Any]:
+    """One JSON line on stdout per request of the native engine: its decision. ``source``
+    is the source container (the shadow rules name it), ``rule`` the policy that allowed it
+    (``rules[007]/cache``), ``details`` why Envoy answered
+    (``rbac_access_denied_matched_policy[...]`` for a denial); in audit mode ``audit`` is
+    set and ``audit_rule`` is the rule that would have allowed it (null: it would be
+    denied)."""
+    rbac = "envoy.filters.http.rbac"
+    source_id = f"{SOURCE_PREFIX}shadow_effective_policy_id"  # keys carry the stat prefix
+    audit_id = f"{AUDIT_PREFIX}enforced_effective_policy_id"
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3"
+            ".StdoutAccessLog",
+            "log_format": {
+                "json_format": {
+                    "meshguard": DECISION_EVENT,
+                    "engine": Engine.NATIVE.value,
+                    "pod": "%ENVIRONMENT(POD_NAMESPACE)%/%ENVIRONMENT(POD_NAME)%",
+                    "source": f"%DYNAMIC_METADATA({rbac}:{source_id})%",
+                    "source_address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    "port": "%DOWNSTREAM_LOCAL_PORT%",
+                    "method": "%REQ(:METHOD)%",
+                    "path": "%REQ(:PATH)%",
+                    "code": "%RESPONSE_CODE%",
+                    "details": "%RESPONSE_CODE_DETAILS%",
+                    "rule": f"%DYNAMIC_METADATA({rbac}:enforced_effective_policy_id)%",
+                    # audit mode only: "allowed" (LOG always is), and the rule that would
+                    # have allowed the request (null: none would, it would be denied)
+                    "audit": f"%DYNAMIC_METADATA({rbac}:{AUDIT_PREFIX}enforced_engine_result)%",
+                    "audit_rule": f"%DYNAMIC_METADATA({rbac}:{audit_id})%",
+                    "rbac": f"%DYNAMIC_METADATA({rbac})%",
+                    "time": "%START_TIME%",
+                }
+            },
+        },
+    }
+
+
+def _local_reply(settings: ListenerSettings) -> dict[str, Any]:
+    """The native engine's 403 names its reason, as the authz server's does."""
+    if settings.engine is Engine.EXT_AUTHZ:
+        return {}
+    return {
+        "local_reply_config": {
+            "mappers": [
+                {
+                    # local replies only: an upstream's own 403 is never rewritten
+                    "filter": {
+                        "status_code_filter": {
+                            "comparison": {
+                                "op": "EQ",
+                                "value": {"default_value": 403, "runtime_key": "meshguard.deny"},
+                            }
+                        }
+                    },
+                    "body_format_override": {
+                        "text_format_source": {
+                            "inline_string": "meshguard: denied: %RESPONSE_CODE_DETAILS%\n"
+                        },
+                        "content_type": "text/plain",
+                    },
+                }
+            ]
+        }
     }
 
 
@@ -351,7 +475,8 @@ def _ext_authz(settings: ListenerSettings) -> dict[str, Any]:
 
 
 def forwarded_header_patterns(names: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"exact": name.lower(), "ignore_case": True} for name in (POD_HEADER, *names)]
+    wanted = dict.fromkeys(name.lower() for name in (POD_HEADER, *DECISION_HEADERS, *names))
+    return [{"exact": name, "ignore_case": True} for name in wanted]
 
 
 def _type(name: str) -> str:
@@ -491,10 +616,17 @@ def _domain_problems(value: str) -> list[tuple[str, str]]:
     ]
 
 
-def envoy_filter(istio: IstioSettings, settings: ListenerSettings | None = None) -> dict[str, Any]:
-    """The EnvoyFilter adding the loopback listeners and their upstream cluster to every
-    sidecar (it lives in Istio's root namespace, so one object serves all pods)."""
-    listener_settings = settings or ListenerSettings(authz_cluster=istio.cluster)
+def envoy_filter(
+    istio: IstioSettings,
+    settings: ListenerSettings | None = None,
+    *,
+    engine: L7Engine = L7Engine.EXT_AUTHZ,
+) -> dict[str, Any]:
+    """The EnvoyFilter adding the loopback listeners and their upstream cluster to the
+    sidecars of the pods meshguard gave ``engine`` (label ``meshguard.io/l7-engine``; it
+    lives in Istio's root namespace, so one object serves all of them). The native listener
+    must never reach a pod without its RBAC file: Envoy would refuse the listener."""
+    listener_settings = settings or ListenerSettings(authz_cluster=istio.cluster, engine=engine)
     patches = [
         {
             "applyTo": "LISTENER",
@@ -513,9 +645,16 @@ def envoy_filter(istio: IstioSettings, settings: ListenerSettings | None = None)
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
-        "metadata": {"name": ENVOY_FILTER_NAME, "namespace": istio.root_namespace},
-        "spec": {"configPatches": patches},
+        "metadata": {"name": envoy_filter_name(engine), "namespace": istio.root_namespace},
+        "spec": {
+            "workloadSelector": {"labels": {annotation_keys.L7_ENGINE: engine.value}},
+            "configPatches": patches,
+        },
     }
+
+
+def envoy_filter_name(engine: L7Engine) -> str:
+    return ENVOY_FILTER_NAME if engine is L7Engine.EXT_AUTHZ else f"{ENVOY_FILTER_NAME}-native"
 
 
 #: Stand-ins the Helm template replaces with expressions of the chart's values.
@@ -529,19 +668,42 @@ _HELM_FORWARD_LINES: Final = re.compile(
 
 
 def envoy_filter_helm_template() -> str:
-    """``charts/meshguard/templates/istio-envoyfilter.yaml``: :func:`envoy_filter` with the
-    root namespace and the ext_authz cluster taken from the chart's values (one definition
-    for the CLI, ``istio/`` and the chart; a test keeps the committed template equal)."""
-    document = envoy_filter(
-        IstioSettings(),
-        ListenerSettings(authz_cluster=_HELM_CLUSTER, forward_headers=(_HELM_FORWARD,)),
+    """``charts/meshguard/templates/istio-envoyfilter.yaml``: :func:`envoy_filter` for each
+    engine, with the root namespace and the ext_authz cluster taken from the chart's values
+    (one definition for the CLI, ``istio/`` and the chart; a test keeps the committed
+    template equal)."""
+    bodies = []
+    for engine in (L7Engine.EXT_AUTHZ, L7Engine.NATIVE):
+        document = envoy_filter(
+            IstioSettings(),
+            ListenerSettings(
+                authz_cluster=_HELM_CLUSTER, forward_headers=(_HELM_FORWARD,), engine=engine
+            ),
+            engine=engine,
+        )
+        document["metadata"] = {
+            "name": envoy_filter_name(engine),
+            "namespace": _HELM_NAMESPACE,
+            "labels": _HELM_LABELS,
+        }
+        bodies.append(_helm_body(yaml_io.dump(document)))
+    return (
+        "{{- /* Generated by meshguard.authz.envoy_config.envoy_filter_helm_template(): do not"
+        " edit.\n"
+        "The loopback listener for the sidecars of meshguard's pods, in Istio's root namespace:"
+        " one\nEnvoyFilter per L7 engine, each selecting the pods labelled"
+        " meshguard.io/l7-engine with it\n(the same objects as `meshguard envoy-config --format"
+        " envoyfilter [--engine native]`). */}}\n"
+        "{{- if .Values.istio.envoyFilter.enabled }}\n"
+        '{{- $host := printf "%s.%s.svc.%s" .Values.authz.service.name .Release.Namespace'
+        " .Values.istio.clusterDomain }}\n"
+        '{{- $cluster := printf "outbound|%d||%s" (int .Values.authz.service.port) $host }}\n'
+        + "---\n".join(bodies)
+        + "{{- end }}\n"
     )
-    document["metadata"] = {
-        "name": ENVOY_FILTER_NAME,
-        "namespace": _HELM_NAMESPACE,
-        "labels": _HELM_LABELS,
-    }
-    body = yaml_io.dump(document)
+
+
+def _helm_body(body: str) -> str:
     body = body.replace(
         f"namespace: {_HELM_NAMESPACE}", "namespace: {{ .Values.istio.rootNamespace }}"
     )
@@ -551,7 +713,7 @@ def envoy_filter_helm_template() -> str:
         " | nindent 4 }}",
     )
     body = body.replace(_HELM_CLUSTER, "{{ $cluster | quote }}")
-    body = _HELM_FORWARD_LINES.sub(
+    return _HELM_FORWARD_LINES.sub(
         lambda m: (
             "{{- range .Values.authz.forwardHeaders }}\n"
             f"{m['indent']}- exact: {{{{ lower . | quote }}}}\n"
@@ -560,45 +722,42 @@ def envoy_filter_helm_template() -> str:
         ),
         body,
     )
-    return (
-        "{{- /* Generated by meshguard.authz.envoy_config.envoy_filter_helm_template(): do not"
-        " edit.\n"
-        "The loopback listener for every sidecar, in Istio's root namespace, calling the authz"
-        " Service\nof this release (the same object as `meshguard envoy-config --format"
-        " envoyfilter`). */}}\n"
-        "{{- if .Values.istio.envoyFilter.enabled }}\n"
-        '{{- $host := printf "%s.%s.svc.%s" .Values.authz.service.name .Release.Namespace'
-        " .Values.istio.clusterDomain }}\n"
-        '{{- $cluster := printf "outbound|%d||%s" (int .Values.authz.service.port) $host }}\n'
-        f"{body}"
-        "{{- end }}\n"
-    )
 
 
 def envoy_config_text(
     fmt: str,
     *,
     authz_host: str = "127.0.0.1",
-    authz_port: int = 9191,
+    authz_port: int | None = None,
     admin_port: int = 15000,
     istio: IstioSettings | None = None,
+    engine: L7Engine = L7Engine.EXT_AUTHZ,
 ) -> str:
     """The YAML ``meshguard envoy-config`` prints (and ``envoy/``, ``istio/`` hold):
-    ``bootstrap`` (standalone Envoy calling the authz server at authz_host:authz_port) or
+    ``bootstrap`` (standalone Envoy calling the authz server at authz_host:authz_port, by
+    default 127.0.0.1:15030, in the proxy's protected range) or
     ``envoyfilter`` (for the authz service at ``istio``, default: the chart's defaults)."""
     if fmt == "bootstrap":
-        command = "meshguard envoy-config --format bootstrap"
+        command = "meshguard envoy-config --format bootstrap" + _engine_flag(engine)
         document = bootstrap(
-            ListenerSettings(), authz_host=authz_host, authz_port=authz_port, admin_port=admin_port
+            ListenerSettings(engine=engine),
+            authz_host=authz_host,
+            authz_port=LOCAL_AUTHZ_PORT if authz_port is None else authz_port,
+            admin_port=admin_port,
         )
     elif fmt == "envoyfilter":
-        location = istio or IstioSettings(port=authz_port)
+        location = istio or IstioSettings(port=authz_port or IstioSettings().port)
         command = " ".join(["meshguard envoy-config --format envoyfilter", *_flags(location)])
-        document = envoy_filter(location)
+        command += _engine_flag(engine)
+        document = envoy_filter(location, engine=engine)
     else:
         raise ValueError(f"unknown envoy-config format {fmt!r}")
     header = f"# Generated by `{command}`; see envoy/README.md.\n"
     return header + yaml_io.dump(document)
+
+
+def _engine_flag(engine: L7Engine) -> str:
+    return "" if engine is L7Engine.EXT_AUTHZ else f" --engine {engine.value}"
 
 
 def _flags(istio: IstioSettings) -> list[str]:

@@ -49,6 +49,12 @@ from meshguard.authz.metrics import AuthzMetrics
 from meshguard.authz.store import PolicyStore
 from meshguard.errors import MeshguardError
 from meshguard.logs import InfoLines, Members, members
+from meshguard.mesh import (
+    LOCAL_AUTHZ_PORT,
+    is_loopback,
+    is_protected_port,
+    unprotected_authz_port,
+)
 
 log = logging.getLogger(__name__)
 decisions_log = logging.getLogger("meshguard.authz.decisions")
@@ -65,7 +71,7 @@ MAX_REMEMBERED_PATH = 1024
 @dataclass(frozen=True, kw_only=True)
 class AuthzSettings:
     host: str = "127.0.0.1"
-    port: int = 9191
+    port: int = LOCAL_AUTHZ_PORT  # beside the proxy, in its protected range
     metrics_port: int | None = 9192
     grace_seconds: float = 2.0
     #: mTLS files; None serves plaintext without caller identities (standalone, sandbox).
@@ -336,6 +342,11 @@ async def serve_authz(settings: AuthzSettings, *, store: PolicyStore, stop: asyn
             "authz serving plaintext: callers' identities are not checked",
             extra={"fields": {"event": "plaintext"}},
         )
+        if is_loopback(settings.host) and not is_protected_port(settings.port):
+            log.warning(  # a test's random port is fine; a pod's is not (issue 23.6)
+                unprotected_authz_port(settings.port),
+                extra={"fields": {"event": "unprotected_port", "port": settings.port}},
+            )
     else:
         bound = server.add_secure_port(address, server_credentials(settings.tls))
     if bound == 0:

@@ -35,6 +35,7 @@ from meshguard.cli.describe_args import add_manifest_flags
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
 from meshguard.init_container import DEFAULT_INIT_IMAGE
 from meshguard.kube_api import SERVICE_ACCOUNT_DIR
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family
 
 __all__ = [
@@ -363,6 +364,13 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         help="fix: patch what can be patched and warn (default); deny: refuse instead",
     )
     parser.add_argument(
+        "--l7-engine",
+        choices=["native", "ext-authz"],
+        default="native",
+        help="the L7 engine of pods that do not ask for one (meshguard.io/l7-engine): native"
+        " (Envoy RBAC compiled from the pod's policy, default) or ext-authz (serve-authz)",
+    )
+    parser.add_argument(
         "--image",
         default=DEFAULT_INIT_IMAGE,
         help="image of meshguard-init and meshguard-validation (the slim init image)",
@@ -613,7 +621,13 @@ def _add_servers(commands: Subcommands) -> None:
         "--parent-pid", type=int, metavar="PID", help=argparse.SUPPRESS
     )
     authz.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    authz.add_argument("--port", type=int, default=9191, help="gRPC port")
+    authz.add_argument(
+        "--port",
+        type=int,
+        default=LOCAL_AUTHZ_PORT,
+        help=f"gRPC port (default {LOCAL_AUTHZ_PORT}: in the proxy's protected range, as it must"
+        " be on a loopback address without --tls-*; the chart's Service uses 9191)",
+    )
     authz.add_argument(
         "--metrics-port", type=int, default=9192, help="Prometheus metrics port (0: none)"
     )
@@ -671,6 +685,14 @@ def _add_configs(commands: Subcommands) -> None:
         " istio.envoyFilter.enabled=true.",
     )
     envoy.add_argument("--format", choices=["bootstrap", "envoyfilter"], default="bootstrap")
+    envoy.add_argument(
+        "--engine",
+        choices=["ext-authz", "native"],
+        default="ext-authz",
+        help="the L7 engine of the listener: ext-authz (asks serve-authz) or native (the pod's"
+        " Envoy RBAC document from /etc/meshguard/l7/rbac.json); an envoyfilter selects the"
+        " pods labelled meshguard.io/l7-engine with that engine",
+    )
     location = envoy.add_argument_group(
         "authz server location",
         "bootstrap: --authz-host (an IP address or DNS name, default 127.0.0.1) and --port;"
@@ -684,7 +706,11 @@ def _add_configs(commands: Subcommands) -> None:
         " SERVICE.NAMESPACE[.svc[.DOMAIN]]",
     )
     location.add_argument(
-        "--port", "--authz-port", dest="port", type=int, help="authz gRPC port (default 9191)"
+        "--port",
+        "--authz-port",
+        dest="port",
+        type=int,
+        help=f"authz gRPC port (default: bootstrap {LOCAL_AUTHZ_PORT}, envoyfilter 9191)",
     )
     location.add_argument(
         "--namespace", help="namespace of the meshguard release (default meshguard-system)"

@@ -11,6 +11,8 @@ import sys
 
 from meshguard.authz.envoy_config import IstioSettings, LocationError, envoy_config_text
 from meshguard.cli import EXIT_OK, EXIT_USAGE, fail
+from meshguard.l7 import L7Engine
+from meshguard.mesh import LOCAL_AUTHZ_PORT, is_loopback, is_protected_port, unprotected_authz_port
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 
@@ -33,8 +35,8 @@ def envoy_config(args: argparse.Namespace) -> int:
 
 
 def _envoy_config_text(args: argparse.Namespace) -> str:
-    port = 9191 if args.port is None else args.port
     if args.format == "bootstrap":
+        port = LOCAL_AUTHZ_PORT if args.port is None else args.port
         unused = [
             flag
             for flag, value in (
@@ -55,10 +57,21 @@ def _envoy_config_text(args: argparse.Namespace) -> str:
             raise LocationError([("admin_port", f"{admin} is out of range: expected 1-65535")])
         host = args.authz_host or "127.0.0.1"
         _check_bootstrap_host(host)
-        return envoy_config_text("bootstrap", authz_host=host, authz_port=port, admin_port=admin)
+        if is_loopback(host) and not is_protected_port(port):
+            raise LocationError([("port", unprotected_authz_port(port))])
+        return envoy_config_text(
+            "bootstrap", authz_host=host, authz_port=port, admin_port=admin, engine=_engine(args)
+        )
     if args.admin_port is not None:
         raise LocationError([("admin_port", "applies to --format bootstrap only")])
-    return envoy_config_text("envoyfilter", istio=_istio_location(args, port=port))
+    port = IstioSettings().port if args.port is None else args.port
+    return envoy_config_text(
+        "envoyfilter", istio=_istio_location(args, port=port), engine=_engine(args)
+    )
+
+
+def _engine(args: argparse.Namespace) -> L7Engine:
+    return L7Engine(getattr(args, "engine", None) or L7Engine.EXT_AUTHZ.value)
 
 
 def _istio_location(args: argparse.Namespace, *, port: int) -> IstioSettings:

@@ -14,6 +14,7 @@ from meshguard.init_container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
 from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
+from meshguard.l7 import L7Engine
 from meshguard.manifests import pod_templates, read_sources
 
 
@@ -24,6 +25,7 @@ def injection_settings(args: argparse.Namespace, *, request_template: bool) -> I
             image=args.image, pull_secrets=tuple(dict.fromkeys(args.image_pull_secret))
         ),
         request_template=request_template,
+        l7_engine=L7Engine(getattr(args, "l7_engine", None) or L7Engine.NATIVE.value),
     )
 
 

@@ -39,6 +39,7 @@ from meshguard.init_container import (
     ruleset_volume,
     validation_container,
 )
+from meshguard.inject.l7 import apply_engine, parse_engine
 from meshguard.inject.posture import (
     Finding,
     PostureSettings,
@@ -46,6 +47,7 @@ from meshguard.inject.posture import (
     review_ephemeral,
     review_posture,
 )
+from meshguard.l7 import L7Engine
 from meshguard.pod import (
     ISTIO_VALIDATION,
     PROXY_CONTAINER,
@@ -101,6 +103,8 @@ class InjectSettings:
     init: InitContainerSettings = field(default_factory=InitContainerSettings)
     #: Before Istio injected: ask for the ``meshguard`` template (istiod must have it).
     request_template: bool = True
+    #: The L7 engine of pods that do not ask for one (``meshguard.io/l7-engine``).
+    l7_engine: L7Engine = L7Engine.NATIVE
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,13 @@ def inject_pod(
         native_nftables=uses_native_nftables(pod, spec),
     )
     annotations = metadata.setdefault("annotations", {})
-    admitted = Admitted(policy=policy, mode=mode)  # what the authz server will enforce
+    engine = parse_engine(annotations.get(annotation_keys.L7_ENGINE), default=settings.l7_engine)
+    rbac = apply_engine(
+        metadata, spec, engine=engine, policy=policy, mode=mode,
+        sources={s.container: (s.address4, s.address6) for s in ruleset.sources},
+    )  # fmt: skip
+    # what the authz server (or the pod's Envoy, natively) will enforce
+    admitted = Admitted(policy=policy, mode=mode, l7_engine=engine.value, rbac_digest=rbac)
     annotations[annotation_keys.RULESET] = ruleset.to_json()
     # Injected again (a webhook reinvocation, meshguard inject twice): what the first pass
     # changed is still what meshguard changed.

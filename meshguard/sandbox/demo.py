@@ -29,6 +29,7 @@ from meshguard.authz.envoy_config import envoy_config_text
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.pod import read_pod
 from meshguard.policy import parse_policy
 from meshguard.rules.backend import NATIVE_NFTABLES_FLAG, Backend
@@ -55,7 +56,7 @@ from meshguard.status import read_status
 
 #: Inside the proxy's reserved range: only the proxy's uid can answer from it, so no container
 #: can squat it before the authz server binds it.
-AUTHZ_PORT = 15030
+AUTHZ_PORT = LOCAL_AUTHZ_PORT
 LISTENER_PORT = 15007
 #: The proxy's listeners that Istio's capture and meshguard's redirect deliver to.
 PROXY_TCP = (15001, 15006, 15053)

@@ -78,7 +78,7 @@ def as_user(argv: Sequence[str], *, uid: int, gid: int) -> list[str]:
 def envoy_command(config: Path, *, uid: int, gid: int) -> list[str]:
     return as_user(
         [str(reachable_envoy_binary()), "--config-path", str(config), "--disable-hot-restart",
-         "--concurrency", "1", "--log-level", "warning"],
+         "--concurrency", "1", "--log-level", "warning", "--file-flush-interval-msec", "100"],
         uid=uid, gid=gid,
     )  # fmt: skip
 

@@ -26,6 +26,8 @@ from meshguard.authz.envoy_config import (
     envoy_filter,
 )
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.l7 import L7Engine
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.shared import shared_file
@@ -33,17 +35,48 @@ from tests.support.shared import shared_file
 PROJECT = Path(__file__).resolve().parents[2]
 EXAMPLE_POD = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 GENERATED = {
-    "envoy/loopback-listener.yaml": "bootstrap",
-    "istio/loopback-listener.envoyfilter.yaml": "envoyfilter",
+    "envoy/loopback-listener.yaml": ("bootstrap", L7Engine.EXT_AUTHZ),
+    "istio/loopback-listener.envoyfilter.yaml": ("envoyfilter", L7Engine.EXT_AUTHZ),
+    "envoy/loopback-listener.native.yaml": ("bootstrap", L7Engine.NATIVE),
+    "istio/loopback-listener-native.envoyfilter.yaml": ("envoyfilter", L7Engine.NATIVE),
 }
 
 
-@pytest.mark.parametrize(("path", "fmt"), sorted(GENERATED.items()))
-def test_committed_configs_are_the_generated_ones(path: str, fmt: str):
-    expected = envoy_config_text(fmt, authz_host="127.0.0.1", authz_port=9191, admin_port=15000)
+@pytest.mark.parametrize(("path", "generated"), sorted(GENERATED.items()))
+def test_committed_configs_are_the_generated_ones(path: str, generated: tuple[str, L7Engine]):
+    fmt, engine = generated
+    expected = envoy_config_text(fmt, authz_host="127.0.0.1", admin_port=15000, engine=engine)
     assert (PROJECT / path).read_text() == expected, (
-        f"{path} is stale: regenerate with meshguard envoy-config --format {fmt} > {path}"
+        f"{path} is stale: regenerate with meshguard envoy-config --format {fmt}"
+        f" --engine {engine.value} > {path}"
     )
+
+
+def test_the_real_envoy_refuses_the_native_listener_without_its_rbac_file(tmp_path: Path):
+    """Why the native EnvoyFilter selects only pods that have the file."""
+    config = tmp_path / "native.yaml"
+    text = (PROJECT / "envoy/loopback-listener.native.yaml").read_text()
+    config.write_text(text.replace("/etc/meshguard/l7/rbac.json", str(tmp_path / "rbac.json")))
+    done = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "--config-path", str(config)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "rbac.json' does not exist" in done.stdout + done.stderr
+    (tmp_path / "rbac.json").write_text(injected_rbac_document())
+    done = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "--config-path", str(config)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def injected_rbac_document() -> str:
+    pod = yaml.safe_load(EXAMPLE_POD.read_text())
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "defaultAction: deny"
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    text: str = pod["metadata"]["annotations"]["meshguard.io/l7-rbac"]
+    return text
 
 
 def test_the_real_envoy_accepts_the_bootstrap():
@@ -167,10 +200,12 @@ def test_the_envoyfilter_adds_the_standalone_listeners_and_cluster():
     assert yaml.safe_load(text) == yaml.safe_load(yaml.safe_dump(standalone))
 
 
-@pytest.mark.parametrize(("path", "fmt"), sorted(GENERATED.items()))
-def test_the_cli_prints_the_committed_configs(path: str, fmt: str):
+@pytest.mark.parametrize(("path", "generated"), sorted(GENERATED.items()))
+def test_the_cli_prints_the_committed_configs(path: str, generated: tuple[str, L7Engine]):
+    fmt, engine = generated
+    engine_flag = [] if engine is L7Engine.EXT_AUTHZ else ["--engine", engine.value]
     done = subprocess.run(
-        [sys.executable, "-m", "meshguard", "envoy-config", "--format", fmt],
+        [sys.executable, "-m", "meshguard", "envoy-config", "--format", fmt, *engine_flag],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert done.stdout == (PROJECT / path).read_text()
@@ -180,7 +215,7 @@ def test_the_cli_prints_the_committed_configs(path: str, fmt: str):
 
 SIDECAR_HAS = IstioSettings()  # the authz Service's cluster Istio gives every sidecar
 ADMIN_PORT = 15000
-AUTHZ_PORT = 9191
+AUTHZ_PORT = LOCAL_AUTHZ_PORT  # plaintext beside the proxy: in its protected range
 
 
 def sidecar_bootstrap(envoy_filter_calls: IstioSettings) -> dict[str, Any]:

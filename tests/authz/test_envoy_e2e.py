@@ -9,6 +9,7 @@ containers' uids, and clients under the containers' uids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -23,6 +24,8 @@ import yaml
 
 import meshguard
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.l7 import L7Engine
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
@@ -84,6 +87,11 @@ class L7Pod:
         lines = [json.loads(line) for line in self.decisions.read_text().splitlines() if line]
         return [line for line in lines if line.get("event") == "decision"]
 
+    def native_lines(self) -> list[dict[str, Any]]:
+        """The native engine's decision lines (the proxy's stdout)."""
+        lines = [json.loads(line) for line in self.decisions.read_text().splitlines() if line]
+        return [line for line in lines if line.get("meshguard") == "l7_decision"]
+
 
 def rules_in(box: PodSandbox) -> set[str]:
     """The backends holding meshguard's rules, read from the namespace."""
@@ -99,15 +107,19 @@ def rules_in(box: PodSandbox) -> set[str]:
 
 def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
     process = ns.spawn(
-        authz_command([pod_file], uid=PROXY, gid=PROXY, port=9191),
+        authz_command([pod_file], uid=PROXY, gid=PROXY, port=LOCAL_AUTHZ_PORT),
         stderr=log.open("a"),
     )
-    wait_listening(ns, port=9191, uid=PROXY, gid=PROXY)
+    wait_listening(ns, port=LOCAL_AUTHZ_PORT, uid=PROXY, gid=PROXY)
     return process
 
 
 def injected_pod(
-    mode: str, *, policy: str = POLICY, netfilter: Netfilter = Netfilter.IPTABLES_NFT
+    mode: str,
+    *,
+    policy: str = POLICY,
+    netfilter: Netfilter = Netfilter.IPTABLES_NFT,
+    engine: L7Engine = L7Engine.EXT_AUTHZ,
 ) -> dict[str, Any]:
     """The example pod as Istio injects it for ``netfilter``, then meshguard."""
     pod = pod_for(yaml.safe_load(EXAMPLE.read_text()), netfilter)
@@ -115,17 +127,29 @@ def injected_pod(
     app["ports"].append({"containerPort": H2C_PORT, "name": "grpc"})
     pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
+    pod["metadata"]["annotations"]["meshguard.io/l7-engine"] = engine.value
     inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
     return pod
 
 
-@pytest.fixture(params=["enforce"])
-def l7pod(
-    request: pytest.FixtureRequest, tmp_path: Path, shared_dir: Path, netfilter: Netfilter
+@contextlib.contextmanager
+def l7_sandbox(
+    *,
+    mode: str,
+    netfilter: Netfilter,
+    shared: Path,
+    tmp_path: Path,
+    authz: bool = True,
+    engine: L7Engine = L7Engine.EXT_AUTHZ,
+    policy: str = POLICY,
+    rbac_text: str | None = None,
 ) -> Iterator[L7Pod]:
-    pod = injected_pod(request.param, netfilter=netfilter)
-    shared = shared_dir  # read by processes running as the proxy's uid
-    pod_file = shared / "pod.yaml"
+    """The injected example pod in a fresh namespace: Istio's capture and meshguard's rules
+    in ``netfilter``, the apps, pilot-agent, and the Envoy of ``envoy/`` for ``engine``:
+    ext-authz with the authz server (unless ``authz`` is false), or native with the pod's
+    RBAC document (its ``meshguard.io/l7-rbac``, as the downward API mounts it)."""
+    pod = injected_pod(mode, netfilter=netfilter, policy=policy, engine=engine)
+    pod_file = shared / "pod.yaml"  # read by processes running as the proxy's uid
     pod_file.write_text(yaml.safe_dump(pod))
     ruleset_file = tmp_path / "ruleset"
     ruleset_file.write_text(pod["metadata"]["annotations"]["meshguard.io/ruleset"])
@@ -150,17 +174,41 @@ def l7pod(
         ns.spawn(h2c, ready_line="ready")
         agent = serve_http_command(name="pilot-agent", uid=PROXY, gid=PROXY, ports=[15020])
         ns.spawn(agent, ready_line="ready")
-        authz = start_authz(ns, pod_file, decisions)
+        native = engine is L7Engine.NATIVE
+        server = start_authz(ns, pod_file, decisions) if authz and not native else None
         # A copy the proxy's uid can read wherever the checkout is (a clone under /root or in
         # mktemp -d is not traversable by other uids).
         config = shared / "loopback-listener.yaml"
-        config.write_text((PROJECT / "envoy" / "loopback-listener.yaml").read_text())
+        committed = "loopback-listener.native.yaml" if native else "loopback-listener.yaml"
+        text = (PROJECT / "envoy" / committed).read_text()
+        if native:
+            rbac = shared / "rbac.json"
+            document = pod["metadata"]["annotations"]["meshguard.io/l7-rbac"]
+            rbac.write_text(document if rbac_text is None else rbac_text)
+            text = text.replace("/etc/meshguard/l7/rbac.json", str(rbac))
+        config.write_text(text)
         ns.spawn(
-            envoy_command(config, uid=PROXY, gid=PROXY),
+            [
+                "sh",
+                "-c",
+                'exec "$@" >>"$0"',
+                str(decisions),
+                *envoy_command(config, uid=PROXY, gid=PROXY),
+            ],
             env={"POD_NAME": "shop", "POD_NAMESPACE": "demo"},
         )
         wait_listening(ns, port=15007, uid=PROXY, gid=PROXY)
-        yield L7Pod(box=box, pod_file=pod_file, decisions=decisions, authz=authz)
+        yield L7Pod(box=box, pod_file=pod_file, decisions=decisions, authz=server)
+
+
+@pytest.fixture(params=["enforce"])
+def l7pod(
+    request: pytest.FixtureRequest, tmp_path: Path, shared_dir: Path, netfilter: Netfilter
+) -> Iterator[L7Pod]:
+    with l7_sandbox(
+        mode=request.param, netfilter=netfilter, shared=shared_dir, tmp_path=tmp_path
+    ) as pod:
+        yield pod
 
 
 def test_allowed_request_reaches_the_upstream_on_loopback_without_meshguard_headers(l7pod: L7Pod):
@@ -327,3 +375,51 @@ def test_dot_segments_hidden_in_path_parameters_or_encodings_get_403_with_the_re
     # The app saw only the two allowed requests; every denial was logged with its reason.
     paths = [d["request"]["path"] for d in l7pod.decision_lines() if d["result"] == "allow"]
     assert paths == ["/public/ok", "/public/items;v=2"]
+
+
+#: A squatter: answers OK to every Check, from a container's uid (imports as root, then drops
+#: to the uid before it binds, as a container process would run).
+ROGUE_AUTHZ = """
+import os, sys
+from concurrent import futures
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import status_pb2
+
+class Yes(external_auth_pb2_grpc.AuthorizationServicer):
+    def Check(self, request, context):
+        return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
+
+uid, port = int(sys.argv[1]), int(sys.argv[2])
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Yes(), server)
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+server.add_insecure_port(f"127.0.0.1:{port}")
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
+"""
+
+
+def test_a_container_that_binds_the_authz_address_first_cannot_answer_checks(
+    tmp_path: Path, shared_dir: Path
+):
+    """Issue 23.6: the authz server's address (127.0.0.1:15030) is in the proxy's protected
+    range. A container that binds it before the authz server (pod start, authz restart) and
+    answers OK to every Check gets no SYN-ACK out: Envoy has no decision and fails closed
+    (503), where at the old 127.0.0.1:9191 the squatter allowed every request."""
+    with l7_sandbox(
+        mode="enforce", netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir, tmp_path=tmp_path,
+        authz=False,
+    ) as pod:  # fmt: skip
+        rogue = shared_dir / "rogue_authz.py"
+        rogue.write_text(ROGUE_AUTHZ)
+        pod.box.ns.spawn(
+            [sys.executable, str(rogue), str(APP), str(LOCAL_AUTHZ_PORT)], ready_line="ready"
+        )
+        listening = pod.box.ns.run(["ss", "-Htlnp", f"sport = :{LOCAL_AUTHZ_PORT}"])
+        assert "python" in listening, listening  # the squatter holds the address
+        denied = {"host": "127.0.0.1", "port": 15020, "method": "GET", "path": "/quitquitquit"}
+        got = pod.http(APP, **denied)
+        assert (got["result"], got.get("status")) == ("error", 503), got
+        assert "server" not in got  # pilot-agent never saw it

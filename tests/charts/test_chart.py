@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshguard import __version__
-from meshguard.authz.envoy_config import IstioSettings
+from meshguard.authz.envoy_config import DECISION_HEADERS, IstioSettings
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
@@ -655,7 +655,7 @@ def test_authz_terminates_mtls_with_istios_workload_certificate() -> None:
 
 def test_the_envoyfilter_forwards_only_the_listed_headers() -> None:
     values = {"istio": {"envoyFilter": {"enabled": True}}, "authz": {"forwardHeaders": ["X-Token"]}}
-    (envoy_filter,) = kinds(render(values), "EnvoyFilter")
+    envoy_filter = one(render(values), "EnvoyFilter", "meshguard-loopback-listener")
     text = json.dumps(envoy_filter)
     filters = [
         f
@@ -669,8 +669,8 @@ def test_the_envoyfilter_forwards_only_the_listed_headers() -> None:
     for ext_authz in filters:
         config = ext_authz["typed_config"]
         assert config["allowed_headers"]["patterns"] == [
-            {"exact": "x-meshguard-pod", "ignore_case": True},
-            {"exact": "x-token", "ignore_case": True},
+            {"exact": name, "ignore_case": True}
+            for name in ("x-meshguard-pod", *DECISION_HEADERS, "x-token")
         ]
         assert "with_request_body" not in config
     assert "authorization" not in text.lower()

@@ -28,8 +28,10 @@ from meshguard.authz.envoy_config import (
     envoy_config_text,
     envoy_filter,
     envoy_filter_helm_template,
+    envoy_filter_name,
 )
 from meshguard.cli import main as cli_main
+from meshguard.l7 import L7Engine
 from tests.support.kube import istio_crd_schema
 
 helm = pytest.importorskip(
@@ -83,8 +85,14 @@ def notes(values: dict[str, Any], namespace: str = "meshguard-system") -> str:
     return _render(json.dumps(values, sort_keys=True), namespace)[1]
 
 
-def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (found,) = (o for o in objects if o["kind"] == kind)
+def one(objects: list[dict[str, Any]], kind: str, name: str = ENVOY_FILTER_NAME) -> dict[str, Any]:
+    """The one object of ``kind`` (of EnvoyFilters, the one named ``name``: the ext-authz
+    engine's by default)."""
+    (found,) = (
+        o
+        for o in objects
+        if o["kind"] == kind and (kind != "EnvoyFilter" or o["metadata"]["name"] == name)
+    )
     return found
 
 
@@ -304,3 +312,18 @@ def test_helm_lint_strict_with_the_istio_objects_elsewhere() -> None:
     report = helm.lint(CHART, ELSEWHERE, strict=True, namespace=ELSEWHERE_NAMESPACE)
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_the_charts_native_envoyfilter_is_the_clis_and_selects_only_native_pods() -> None:
+    objects = render(DEFAULTS_ON, "meshguard-system")
+    name = envoy_filter_name(L7Engine.NATIVE)
+    rendered = without_labels(one(objects, "EnvoyFilter", name))
+    validate_istio(rendered)
+    assert rendered == envoy_filter(IstioSettings(), engine=L7Engine.NATIVE)
+    committed = (ROOT / "istio" / "loopback-listener-native.envoyfilter.yaml").read_text()
+    assert rendered == yaml.safe_load(committed)
+    assert rendered["spec"]["workloadSelector"] == {"labels": {"meshguard.io/l7-engine": "native"}}
+    ext_authz = one(objects, "EnvoyFilter")
+    assert ext_authz["spec"]["workloadSelector"] == {
+        "labels": {"meshguard.io/l7-engine": "ext-authz"}
+    }

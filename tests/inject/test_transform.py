@@ -17,6 +17,7 @@ import yaml
 from meshguard.errors import RefusedError
 from meshguard.init_container import InitContainerSettings, init_container, ruleset_volume
 from meshguard.inject.istio import istio_template
+from meshguard.inject.l7 import L7_VOLUME
 from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_documents
@@ -34,7 +35,8 @@ GATEWAYS = {"gateway.yaml.injected"}
 SAMPLES = injected_sample_names() or ["(../shared absent)"]
 
 #: JSON pointers (prefixes) meshguard may touch; anything else must stay as Istio left it.
-OWN_ANNOTATIONS = ("meshguard.io~1ruleset", "meshguard.io~1status")
+OWN_ANNOTATIONS = ("meshguard.io~1ruleset", "meshguard.io~1status", "meshguard.io~1l7-rbac")
+OWN_LABELS = {"meshguard.io/admitted": "true", "meshguard.io/l7-engine": "native"}
 
 
 def load(name: str, *, as_is: bool = False) -> list[Any]:
@@ -135,17 +137,17 @@ def test_every_other_field_is_unchanged(name: str):
                 or _is_admitted_label(op)
                 or "/initContainers" in path
                 or "/volumes" in path
+                or "/volumeMounts" in path  # the RBAC document, mounted into istio-proxy
                 or "/securityContext" in path  # posture fixes, each reported as a warning
             ), op
 
 
 def _is_admitted_label(op: dict[str, Any]) -> bool:
-    """The admitted label, added alone or with a labels map the pod did not have."""
-    if op["path"].endswith("/labels/meshguard.io~1admitted"):
-        return bool(op["value"] == "true")
-    return op["path"].endswith("/metadata/labels") and op["value"] == {
-        "meshguard.io/admitted": "true"
-    }
+    """meshguard's labels, added alone or with a labels map the pod did not have."""
+    for key, value in OWN_LABELS.items():
+        if op["path"].endswith("/labels/" + key.replace("/", "~1")):
+            return bool(op["value"] == value)
+    return op["path"].endswith("/metadata/labels") and op["value"] == OWN_LABELS
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -315,7 +317,14 @@ def test_istio_s_own_containers_in_every_sample_pass_deny_mode_untouched(name: s
         assert own in {c.name for c in view.mesh_init}
         for container in template.spec.get("initContainers", []) + template.spec["containers"]:
             if container["name"] in istio_before:
-                assert container == istio_before[container["name"]]
+                # only the native engine's RBAC document is added to the proxy's mounts
+                mounts = [m for m in container.get("volumeMounts", []) if m["name"] != L7_VOLUME]
+                assert {**container, "volumeMounts": mounts} == {
+                    **istio_before[container["name"]],
+                    "volumeMounts": mounts,
+                }
+                before = istio_before[container["name"]].get("volumeMounts", [])
+                assert mounts == before
 
 
 def test_a_sample_with_a_host_path_is_refused_naming_volume_and_path():

@@ -24,6 +24,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from meshguard import yaml_io
 from meshguard.authz.envoy_config import envoy_config_text
+from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.istio import CaptureConfig, capture_payload
@@ -33,7 +34,7 @@ from tests.support.processes import HOST
 
 POD_KEY = "demo/shop"
 PROXY, APP = 1337, 1000
-AUTHZ_PORT, LISTENER_PORT, ENVOY_ADMIN_PORT, AGENT_PORT = 9191, 15007, 15000, 15020
+AUTHZ_PORT, LISTENER_PORT, ENVOY_ADMIN_PORT, AGENT_PORT = LOCAL_AUTHZ_PORT, 15007, 15000, 15020
 
 
 # --- Checks ---------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The pod's L7 engine at admission: which one, and for the native engine its RBAC document.
+
+The native engine (the default) compiles the admitted policy into the pod's Envoy RBAC
+document (:func:`meshguard.rbac.compile_rbac`), stored in ``meshguard.io/l7-rbac`` and
+mounted read-only into istio-proxy by a downward API volume, where the loopback listener's
+RBAC filter reads it once at startup (ECDS from a file). The pod is labelled
+``meshguard.io/l7-engine: native`` so that only pods with the file get the native listener
+(a missing file makes Envoy refuse the listener); ``ext-authz`` pods get the listener that
+asks ``meshguard serve-authz``, and carry no document. Pure: dicts in, edited in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from meshguard import annotation_keys
+from meshguard.errors import PolicyError, Problem
+from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
+from meshguard.pod import PROXY_CONTAINER
+from meshguard.policy import Mode, Policy
+from meshguard.rbac import compile_rbac, rbac_digest, rbac_document_text
+
+L7_VOLUME: Final = "meshguard-l7"
+
+
+def parse_engine(text: object, *, default: L7Engine) -> L7Engine:
+    """``meshguard.io/l7-engine`` as the pod asks; absent: the install's default."""
+    if text is None:
+        return default
+    try:
+        return L7Engine(str(text).strip().lower())
+    except ValueError:
+        raise PolicyError(
+            annotation=annotation_keys.L7_ENGINE,
+            problems=[Problem(path="", value=text, expected="'native' or 'ext-authz'")],
+        ) from None
+
+
+def apply_engine(
+    metadata: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    engine: L7Engine,
+    policy: Policy,
+    mode: Mode,
+    sources: Mapping[str, Sequence[str]],
+) -> str | None:
+    """Record the engine on the pod; for the native one write and mount its RBAC document.
+    Returns the document's digest (None for ext-authz), for the admitted record."""
+    annotations = metadata.setdefault("annotations", {})
+    metadata["labels"] = {
+        **(metadata.get("labels") or {}),
+        annotation_keys.L7_ENGINE: engine.value,
+    }
+    _remove_mount(spec)
+    if engine is L7Engine.EXT_AUTHZ:
+        annotations.pop(annotation_keys.L7_RBAC, None)
+        return None
+    text = rbac_document_text(compile_rbac(policy=policy, mode=mode, sources=sources))
+    annotations[annotation_keys.L7_RBAC] = text
+    _mount(spec)
+    return rbac_digest(text)
+
+
+def _mount(spec: dict[str, Any]) -> None:
+    field = f"metadata.annotations['{annotation_keys.L7_RBAC}']"
+    volume = {
+        "name": L7_VOLUME,
+        "downwardAPI": {
+            "defaultMode": 0o444,
+            "items": [{"path": RBAC_FILE, "fieldRef": {"fieldPath": field}}],
+        },
+    }
+    spec["volumes"] = [*(spec.get("volumes") or []), volume]
+    for container in spec.get("containers") or []:
+        if container.get("name") == PROXY_CONTAINER:
+            mount = {"name": L7_VOLUME, "mountPath": RBAC_DIR, "readOnly": True}
+            container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
+    for container in spec.get("initContainers") or []:  # a native sidecar proxy
+        if container.get("name") == PROXY_CONTAINER:
+            mount = {"name": L7_VOLUME, "mountPath": RBAC_DIR, "readOnly": True}
+            container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
+
+
+def _remove_mount(spec: dict[str, Any]) -> None:
+    """Idempotence: the volume and mount of an earlier pass go before this pass adds its own."""
+    if "volumes" in spec:
+        spec["volumes"] = [v for v in spec.get("volumes") or [] if v.get("name") != L7_VOLUME]
+    for key in ("containers", "initContainers"):
+        for container in spec.get(key) or []:
+            if container.get("name") == PROXY_CONTAINER and "volumeMounts" in container:
+                container["volumeMounts"] = [
+                    m for m in container["volumeMounts"] or [] if m.get("name") != L7_VOLUME
+                ]
