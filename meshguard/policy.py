@@ -157,11 +157,39 @@ class Policy(_Frozen):
 
     default_action: Action = Field(default=Action.DENY, alias="defaultAction")
     rules: tuple[Rule, ...] = ()
+    #: Allow Istio's documented app<->sidecar patterns (:data:`ISTIO_PATTERNS`) to every
+    #: container; ``istioPatterns: false`` closes them.
+    istio_patterns: bool = Field(default=True, alias="istioPatterns", strict=True)
 
     @field_validator("default_action", mode="before")
     @classmethod
     def _action_any_case(cls, value: object) -> object:
         return _lower(value)
+
+
+#: Istio's documented app<->sidecar patterns, allowed by default (``istioPatterns``): an app
+#: waiting for its proxy to be ready (``GET localhost:15021/healthz/ready``) and a Job
+#: stopping its proxy when done (``POST localhost:15020/quitquitquit``). Only those requests:
+#: the rest of 15020 (pilot-agent's /debug) and 15021 stays closed.
+ISTIO_PATTERNS: Final = (
+    Rule.model_validate(
+        {"from": ANY_CONTAINER, "to": PROXY, "ports": [15021],
+         "http": {"methods": ["GET"], "paths": ["/healthz/ready"]}}
+    ),
+    Rule.model_validate(
+        {"from": ANY_CONTAINER, "to": PROXY, "ports": [15020],
+         "http": {"methods": ["POST"], "paths": ["/quitquitquit"]}}
+    ),
+)  # fmt: skip
+
+
+def with_istio_patterns(policy: Policy) -> Policy:
+    """The policy with :data:`ISTIO_PATTERNS` among its rules, unless it closes them (or
+    already has them: applying it twice equals applying it once)."""
+    if not policy.istio_patterns:
+        return policy
+    missing = tuple(rule for rule in ISTIO_PATTERNS if rule not in policy.rules)
+    return policy.model_copy(update={"rules": policy.rules + missing}) if missing else policy
 
 
 def _lower(value: object) -> object:
@@ -173,6 +201,7 @@ def _lower(value: object) -> object:
 #: What each field expects, in words, for error messages (keyed by field alias).
 _EXPECTED = {
     "defaultAction": "'deny' or 'allow'",
+    "istioPatterns": "true or false (Istio's app<->sidecar patterns, allowed by default)",
     "rules": "a list of rules (from, to, ports, protocol, http)",
     "from": "a container name, a list of container names, or '*'",
     "to": "one container name, or 'proxy'",
@@ -192,14 +221,20 @@ _EXPECTED_ITEM = {
     "paths": "a path starting with '/' (exact, or a prefix ending in '*')",
 }
 _FIELDS_OF = {
-    (): ("defaultAction", "rules"),
+    (): ("defaultAction", "rules", "istioPatterns"),
     ("rules",): ("from", "to", "ports", "protocol", "http"),
     ("rules", "http"): ("methods", "paths", "headers"),
 }
 
 
 def parse_policy(text: str | None) -> Policy:
-    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything."""
+    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything but
+    Istio's app<->sidecar patterns (:data:`ISTIO_PATTERNS`), which every policy allows
+    unless it says ``istioPatterns: false``."""
+    return with_istio_patterns(_parse_policy(text))
+
+
+def _parse_policy(text: str | None) -> Policy:
     if text is None:
         return Policy()
     if len(text.encode()) > MAX_POLICY_BYTES:

@@ -41,7 +41,7 @@ def test_describe_an_injected_pod():
 
 def test_describe_says_when_the_recorded_ruleset_is_stale():
     pod = injected_example()
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: []"
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "{rules: [], istioPatterns: false}"
     done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
     assert "STALE: the policy changed since" in done.stdout
     assert (

@@ -1,6 +1,8 @@
 """The admission webhook's HTTPS server (aiohttp): routes, TLS with reload, metrics.
 
-``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``), ``/healthz`` says
+``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``; ``?mode=audit`` or
+``?mode=enforce``: the namespace's mode, which the webhook configuration's per-mode entries
+set from the namespace's ``meshguard.io/mode`` label), ``/healthz`` says
 the process lives, ``/readyz`` that it serves with a loaded certificate, ``/metrics`` exposes
 Prometheus counters and a latency histogram.
 
@@ -249,7 +251,9 @@ async def _inject(request: web.Request) -> web.Response:
         metrics.bad_requests.inc()
         limit = settings.max_body_bytes
         return _json(413, {"error": f"AdmissionReview larger than {limit} bytes"})
-    status, answer, decision = handle(body, settings=settings.inject)
+    # ?mode=: the namespace's mode, set per namespace selection by the webhook configuration
+    namespace_mode = request.query.get("mode")
+    status, answer, decision = handle(body, settings=settings.inject, namespace_mode=namespace_mode)
     if decision is None:
         metrics.bad_requests.inc()
     else:

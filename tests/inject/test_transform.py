@@ -32,7 +32,8 @@ NOT_INJECTED_BY_ISTIO = {"custom-template.yaml.injected", "hello-host-network.ya
 SAMPLES = injected_sample_names() or ["(../shared absent)"]
 
 #: JSON pointers (prefixes) meshguard may touch; anything else must stay as Istio left it.
-OWN_ANNOTATIONS = ("meshguard.io~1ruleset", "meshguard.io~1status")
+#: meshguard.io/mode: the effective mode (here the default, enforce) is recorded on the pod.
+OWN_ANNOTATIONS = ("meshguard.io~1ruleset", "meshguard.io~1status", "meshguard.io~1mode")
 
 
 def load(name: str, *, as_is: bool = False) -> list[Any]:

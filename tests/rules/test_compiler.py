@@ -85,8 +85,13 @@ def test_layout_of_the_example_pod():
     assert redirect == [
         "-A MESHGUARD_REDIRECT -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
         "-A MESHGUARD_REDIRECT ! -o lo -m addrtype ! --dst-type LOCAL -j RETURN",
-        "-A MESHGUARD_REDIRECT -p tcp -m tcp --dport 15020 -m owner --uid-owner 1000"
-        " -j REDIRECT --to-ports 15007",
+        # the policy's rule to 15020, and Istio's patterns (15020, 15021) for everyone
+        "-A MESHGUARD_REDIRECT -p tcp -m multiport --dports 15020,15021 -m owner --uid-owner"
+        " 1000 -j REDIRECT --to-ports 15007",
+        "-A MESHGUARD_REDIRECT -p tcp -m multiport --dports 15020,15021 -m owner --uid-owner"
+        " 1001 -j REDIRECT --to-ports 15007",
+        "-A MESHGUARD_REDIRECT -p tcp -m multiport --dports 15020,15021 -m owner --uid-owner"
+        " 1002 -j REDIRECT --to-ports 15007",
         "-A MESHGUARD_REDIRECT -j ACCEPT",
     ]
     assert (
@@ -205,7 +210,7 @@ def test_default_allow_still_protects_the_proxy_ports():
 
 def test_no_l7_rule_means_no_redirect_to_the_listener_but_the_nat_guard_stays():
     pod = example()
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: []"
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "{rules: [], istioPatterns: false}"
     ruleset = compiled(pod)
     assert [t.name for t in ruleset.ipv4.tables] == ["filter", "nat"]
     assert "REDIRECT --to-ports" not in ruleset.ipv4.payload()
