@@ -185,7 +185,7 @@ class Finding:
     problem: str
     remedy: str
     outcome: Outcome
-    #: "baseline v1.37" or "meshguard": whose rule it is.
+    #: "Pod Security baseline v1.37" or "meshguard's own": whose rule it is.
     source: str = ""
 
     @property
@@ -194,14 +194,15 @@ class Finding:
 
     def __str__(self) -> str:
         tag = f"[{self.check}] ({self.source})" if self.source else f"[{self.check}]"
+        # Admission warnings are cut at 256 characters: whose rule it is comes first there.
         if self.outcome is Outcome.FIXED:
             return (
-                f"meshguard fixed {self.where}: {self.field}: {self.problem}; {self.remedy} {tag}"
+                f"meshguard fixed {self.where} {tag}: {self.field}: {self.problem}; {self.remedy}"
             )
         if self.outcome is Outcome.REPORTED:
             return (
-                f"meshguard would refuse or fix (posture report) {self.where}: {self.field}:"
-                f" {self.problem}; fix: {self.remedy} {tag}"
+                f"meshguard found, changed nothing (posture report) {self.where} {tag}:"
+                f" {self.field}: {self.problem}; fix: {self.remedy}"
             )
         return f"{self.where}: {self.field}: {self.problem}; fix: {self.remedy} {tag}"
 
@@ -239,7 +240,9 @@ class Review:
             outcome = Outcome.REFUSED
         baseline = self.settings.baseline
         source = (
-            f"baseline v1.{baseline.minor}" if origin(check) is Origin.BASELINE else "meshguard"
+            f"Pod Security baseline v1.{baseline.minor}"
+            if origin(check) is Origin.BASELINE
+            else "meshguard's own"
         )
         self.findings.append(
             Finding(
