@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -480,3 +481,34 @@ def test_a_fanout_as_large_as_the_pod_gives_one_dispatch_rule_per_uid():
 def test_a_fanout_below_two_is_refused():
     with pytest.raises(ValueError, match="dispatch_fanout must be at least 2, got 1"):
         CompilerSettings(dispatch_fanout=1)
+
+
+def _uids(pod: dict[str, Any], uids: dict[str, int | None]) -> dict[str, Any]:
+    for item in pod["spec"]["containers"]:
+        if item["name"] in uids:
+            context = item.setdefault("securityContext", {})
+            context.pop("runAsUser", None)
+            if uids[item["name"]] is not None:
+                context["runAsUser"] = uids[item["name"]]
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("uids", "problem"),
+    [
+        ({"cache": None}, "container 'cache' has no runAsUser"),
+        ({"cache": 1000}, "containers 'app' and 'cache' share uid 1000"),
+        ({"cache": 1337}, "container 'cache' runs as uid 1337, the proxy's uid"),
+    ],
+)
+def test_audit_mode_logs_what_it_cannot_attribute_where_enforce_refuses(uids, problem):
+    """Install day in audit mode: a container without a uid of its own does not refuse the
+    pod; the rules log its flows (an unknown uid's) and the warning says why."""
+    pod = _uids(example(), uids)
+    with pytest.raises(CompileError, match=re.escape(problem)):
+        compiled(pod)
+    pod["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
+    ruleset = compiled(pod)
+    assert any(w.startswith(f"audit mode: {problem}") for w in ruleset.warnings)
+    payload = ruleset.ipv4.payload()
+    assert '-j LOG --log-prefix "meshguard-audit: "' in payload and "REJECT" not in payload
