@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 API_VERSION: Final = "admission.k8s.io/v1"
 MAX_WARNING_CHARS: Final = 256
 EPHEMERAL_SUBRESOURCE: Final = "ephemeralcontainers"
+#: The path segment (``/inject/other``) of namespaces whose mode label is no mode.
+OTHER_MODE: Final = "other"
 
 
 class BadReviewError(MalformedInputError):
@@ -142,8 +144,9 @@ def respond(
     """The AdmissionReview answering a parsed request, and the decision behind it.
 
     ``namespace_mode``: the mode of the pod's namespace, as the request path says it (the
-    webhook configuration sends each namespace selection to its own ``?mode=``); it
-    replaces the cluster default for pods without ``meshguard.io/mode``."""
+    webhook configuration sends each namespace selection to its own ``/inject/<mode>``;
+    ``other``: the namespace's label has another value); it replaces the cluster default
+    for pods without ``meshguard.io/mode``."""
     uid = str(request["uid"])
     label = _pod_label(request)
     operation = request.get("operation", "CREATE")
@@ -184,10 +187,11 @@ def _with_namespace_mode(settings: InjectSettings, text: str | None) -> InjectSe
     try:
         mode = Mode(text)
     except ValueError:
+        found = "neither 'audit' nor 'enforce'" if text == OTHER_MODE else repr(text)
         raise _Deny(
             403,
             f"meshguard refuses the pod: its namespace's {annotation_keys.MODE} label is"
-            f" {text!r} (as the webhook configuration reports it), expected 'audit' or"
+            f" {found} (as the webhook configuration reports it), expected 'audit' or"
             " 'enforce': fix the namespace's label",
         ) from None
     return dataclasses.replace(settings, default_mode=mode)

@@ -1,8 +1,9 @@
 """The admission webhook's HTTPS server (aiohttp): routes, TLS with reload, metrics.
 
-``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``; ``?mode=audit`` or
-``?mode=enforce``: the namespace's mode, which the webhook configuration's per-mode entries
-set from the namespace's ``meshguard.io/mode`` label), ``/healthz`` says
+``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``; ``/inject/audit``,
+``/inject/enforce``: the namespace's mode, which the webhook configuration's per-mode entries
+send from the namespace's ``meshguard.io/mode`` label; ``/inject/other``: a label with another
+value), ``/healthz`` says
 the process lives, ``/readyz`` that it serves with a loaded certificate, ``/metrics`` exposes
 Prometheus counters and a latency histogram.
 
@@ -211,6 +212,7 @@ def create_app(settings: WebhookSettings) -> web.Application:
     app.cleanup_ctx.append(_watch_certificate)
     app.cleanup_ctx.append(_readiness)
     app.router.add_post("/inject", _inject)
+    app.router.add_post("/inject/{mode}", _inject)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -251,8 +253,9 @@ async def _inject(request: web.Request) -> web.Response:
         metrics.bad_requests.inc()
         limit = settings.max_body_bytes
         return _json(413, {"error": f"AdmissionReview larger than {limit} bytes"})
-    # ?mode=: the namespace's mode, set per namespace selection by the webhook configuration
-    namespace_mode = request.query.get("mode")
+    # /inject/<mode>: the namespace's mode, one path per namespace selection of the webhook
+    # configuration (a service path takes DNS-1123 segments only: no query string)
+    namespace_mode = request.match_info.get("mode")
     status, answer, decision = handle(body, settings=settings.inject, namespace_mode=namespace_mode)
     if decision is None:
         metrics.bad_requests.inc()

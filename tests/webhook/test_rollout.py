@@ -1,7 +1,7 @@
-"""A first rollout that breaks nothing: the cluster default mode, the namespace's mode (the
-webhook's ``?mode=``), the pod's annotation, in that order of precedence; audit mode changes
-no pod (posture ``report``, rules that log); the mode is recorded on the pod so that every
-reader agrees; misspelled ``meshguard.io/*`` keys are warned about."""
+"""A first rollout that breaks nothing: the pod's annotation over the namespace's mode (the
+webhook's path, ``/inject/<mode>``) over the cluster default; audit mode changes no pod
+(posture ``report``, rules that log); the mode is recorded on the pod so that every reader
+agrees; misspelled ``meshguard.io/*`` keys are warned about."""
 
 from __future__ import annotations
 
@@ -127,12 +127,15 @@ def test_pod_annotation_over_namespace_over_cluster_default(
     assert fixed is (expected == "enforce")
 
 
-@pytest.mark.parametrize("label", ["Audit", "enforcing", ""])
-def test_a_namespace_label_that_is_no_mode_refuses_the_pod_naming_the_label(label):
-    response, _ = admit(istio_pod(), AUDIT_DEFAULT, label)
+@pytest.mark.parametrize(
+    ("segment", "said"),
+    [("other", "neither 'audit' nor 'enforce'"), ("Audit", "'Audit'"), ("", "''")],
+)
+def test_a_namespace_label_that_is_no_mode_refuses_the_pod_naming_the_label(segment, said):
+    response, _ = admit(istio_pod(), AUDIT_DEFAULT, segment)
     assert response["allowed"] is False
     message = response["status"]["message"]
-    assert f"namespace's meshguard.io/mode label is {label!r}" in message
+    assert f"namespace's meshguard.io/mode label is {said}" in message
     assert "expected 'audit' or 'enforce'" in message
 
 
@@ -215,13 +218,18 @@ def test_a_misspelled_opt_out_is_warned_even_on_a_skipped_pod():
 
 def test_the_served_webhook_takes_the_namespace_mode_from_its_path(served: Served):  # noqa: F811
     """``meshguard serve-webhook`` (cluster default: enforce) over real HTTPS: the entry for
-    audit namespaces posts to ``/inject?mode=audit``."""
-    for path, mode in (("/inject?mode=audit", "audit"), ("/inject", "enforce")):
+    audit namespaces posts to ``/inject/audit`` (the API server adds ``?timeout=``)."""
+    paths = (("/inject/audit?timeout=10s", "audit"), ("/inject/enforce", "enforce"),
+             ("/inject", "enforce"))  # fmt: skip
+    for path, mode in paths:
         status, body = served.request("POST", path, admission_review(istio_pod(), "u-3"))
         assert status == 200
         response = json.loads(body)["response"]
         patch = json.loads(base64.b64decode(response["patch"]))
         admitted = jsonpatch.apply_patch(istio_pod(), patch)
         assert admitted["metadata"]["annotations"]["meshguard.io/mode"] == mode
-    status, body = served.request("POST", "/inject?mode=on", admission_review(istio_pod(), "u-4"))
-    assert status == 200 and json.loads(body)["response"]["allowed"] is False
+    status, body = served.request("POST", "/inject/other", admission_review(istio_pod(), "u-4"))
+    assert status == 200
+    response = json.loads(body)["response"]
+    assert response["allowed"] is False
+    assert "label is neither 'audit' nor 'enforce'" in response["status"]["message"]
