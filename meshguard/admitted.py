@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError, MeshguardError
-from meshguard.policy import Mode, Policy, parse_mode, parse_policy
+from meshguard.policy import Mode, Policy, parse_mode, parse_policy, with_istio_patterns
 from meshguard.status import PodStatus
 
 #: The key of the record in ``meshguard.io/status``.
@@ -136,7 +136,8 @@ def drift(admitted: Admitted, annotations: Mapping[str, str]) -> tuple[str, ...]
     """How the live ``policy`` and ``mode`` annotations differ from what was admitted."""
     found: list[str] = []
     live_policy = annotations.get(annotation_keys.POLICY)
-    if _live_policy(live_policy) != admitted.policy:
+    # A record admitted before the Istio patterns were default rules lacks them: not a drift
+    if _live_policy(live_policy) not in (admitted.policy, with_istio_patterns(admitted.policy)):
         found.append(f"{annotation_keys.POLICY} differs from the policy admitted")
     live_mode = annotations.get(annotation_keys.MODE)
     try:

@@ -3,6 +3,7 @@ Istio ones it honors."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Final
 
 POLICY: Final = "meshguard.io/policy"
@@ -25,3 +26,39 @@ ADMITTED_LABEL_VALUE: Final = "true"
 ISTIO_INJECT: Final = "sidecar.istio.io/inject"
 ISTIO_STATUS: Final = "sidecar.istio.io/status"
 ISTIO_TEMPLATES: Final = "inject.istio.io/templates"
+
+
+MESHGUARD_PREFIX: Final = "meshguard.io/"
+
+
+def known_keys() -> frozenset[str]:
+    """Every ``meshguard.io/`` key this module names: a key added here is known at once."""
+    return frozenset(
+        value
+        for value in globals().values()
+        if isinstance(value, str)
+        and value.startswith(MESHGUARD_PREFIX)
+        and value != MESHGUARD_PREFIX
+    )
+
+
+def unknown_keys(annotations: object) -> list[str]:
+    """A warning per ``meshguard.io/*`` annotation key meshguard does not know (a misspelled
+    ``meshguard.io/polciy`` would otherwise be silently ignored), naming the closest known
+    key — as Istio's analyzer does for its own annotations."""
+    if not isinstance(annotations, dict):
+        return []
+    known = known_keys()
+    warnings: list[str] = []
+    for key in sorted(k for k in annotations if isinstance(k, str)):
+        if not key.startswith(MESHGUARD_PREFIX) or key in known:
+            continue
+        names = sorted(k.removeprefix(MESHGUARD_PREFIX) for k in known)
+        close = difflib.get_close_matches(key.removeprefix(MESHGUARD_PREFIX), names, n=1)
+        hint = (
+            f"; did you mean {MESHGUARD_PREFIX}{close[0]}?"
+            if close
+            else f" (known: {', '.join(sorted(known))})"
+        )
+        warnings.append(f"unknown annotation {key}: meshguard ignores it{hint}")
+    return warnings

@@ -175,13 +175,18 @@ class Policy(_Frozen):
 
     default_action: Action = Field(default=Action.DENY, alias="defaultAction")
     rules: tuple[Rule, ...] = ()
+    #: Allow Istio's documented app<->sidecar patterns (:data:`ISTIO_PATTERNS`) to every
+    #: container; ``istioPatterns: false`` closes them.
+    istio_patterns: bool = Field(default=True, alias="istioPatterns", strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _bounded(cls, value: object) -> object:
         # Every way in (the annotation, the admitted record the authz server reads back)
         # meets the same limits before any rule is built.
-        problems = limit_problems(value)
+        # A record holds Istio's patterns beside the author's rules (with_istio_patterns):
+        # they are meshguard's, not counted against the author's limits.
+        problems = limit_problems(value, headroom=_PATTERN_HEADROOM)
         if problems:
             raise ValueError("; ".join(str(p) for p in problems))
         return value
@@ -190,6 +195,31 @@ class Policy(_Frozen):
     @classmethod
     def _action_any_case(cls, value: object) -> object:
         return _lower(value)
+
+
+#: Istio's documented app<->sidecar patterns, allowed by default (``istioPatterns``): an app
+#: waiting for its proxy to be ready (``GET localhost:15021/healthz/ready``) and a Job
+#: stopping its proxy when done (``POST localhost:15020/quitquitquit``). Only those requests:
+#: the rest of 15020 (pilot-agent's /debug) and 15021 stays closed.
+ISTIO_PATTERNS: Final = (
+    Rule.model_validate(
+        {"from": ANY_CONTAINER, "to": PROXY, "ports": [15021],
+         "http": {"methods": ["GET"], "paths": ["/healthz/ready"]}}
+    ),
+    Rule.model_validate(
+        {"from": ANY_CONTAINER, "to": PROXY, "ports": [15020],
+         "http": {"methods": ["POST"], "paths": ["/quitquitquit"]}}
+    ),
+)  # fmt: skip
+
+
+def with_istio_patterns(policy: Policy) -> Policy:
+    """The policy with :data:`ISTIO_PATTERNS` among its rules, unless it closes them (or
+    already has them: applying it twice equals applying it once)."""
+    if not policy.istio_patterns:
+        return policy
+    missing = tuple(rule for rule in ISTIO_PATTERNS if rule not in policy.rules)
+    return policy.model_copy(update={"rules": policy.rules + missing}) if missing else policy
 
 
 def _lower(value: object) -> object:
@@ -201,6 +231,7 @@ def _lower(value: object) -> object:
 #: What each field expects, in words, for error messages (keyed by field alias).
 _EXPECTED = {
     "defaultAction": "'deny' or 'allow'",
+    "istioPatterns": "true or false (Istio's app<->sidecar patterns, allowed by default)",
     "rules": "a list of rules (from, to, ports, protocol, http)",
     "from": "a container name, a list of container names, or '*'",
     "to": "one container name, or 'proxy'",
@@ -220,13 +251,17 @@ _EXPECTED_ITEM = {
     "paths": "a path starting with '/' (exact, or a prefix ending in '*')",
 }
 _FIELDS_OF = {
-    (): ("defaultAction", "rules"),
+    (): ("defaultAction", "rules", "istioPatterns"),
     ("rules",): ("from", "to", "ports", "protocol", "http"),
     ("rules", "http"): ("methods", "paths", "headers"),
 }
 
 
-def limit_problems(document: object) -> list[Problem]:
+#: Rules and ports :data:`ISTIO_PATTERNS` add to a policy after its limits were checked.
+_PATTERN_HEADROOM: Final = 2
+
+
+def limit_problems(document: object, *, headroom: int = 0) -> list[Problem]:
     """What in a parsed policy document exceeds meshguard's limits (:data:`MAX_RULES`,
     :data:`MAX_PORTS_PER_RULE`, :data:`MAX_PORTS`, :data:`MAX_SOURCES_PER_RULE`,
     :data:`MAX_HTTP_ENTRIES`, :data:`MAX_STRING_CHARS`); cheap: it counts, builds nothing.
@@ -236,7 +271,7 @@ def limit_problems(document: object) -> list[Problem]:
     rules = document.get("rules")
     if not isinstance(rules, list | tuple):
         return []
-    if len(rules) > MAX_RULES:
+    if len(rules) > MAX_RULES + headroom:
         return [_over("rules", f"{len(rules)} rules", MAX_RULES, "rules per policy")]
     problems: list[Problem] = []
     total = 0
@@ -246,7 +281,7 @@ def limit_problems(document: object) -> list[Problem]:
         problems.extend(_rule_limit_problems(index, rule))
         ports = rule.get("ports")
         total += len(ports) if isinstance(ports, list | tuple) else 0
-    if total > MAX_PORTS:
+    if total > MAX_PORTS + headroom:
         problems.append(_over("rules[*].ports", f"{total} ports", MAX_PORTS, "ports per policy"))
     return problems
 
@@ -302,11 +337,17 @@ def _over(path: str, value: str, limit: int, what: str) -> Problem:
 
 
 def parse_policy(text: str | None) -> Policy:
-    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything.
+    """Parse ``meshguard.io/policy``; no annotation means the default: deny everything but
+    Istio's app<->sidecar patterns (:data:`ISTIO_PATTERNS`), which every policy allows
+    unless it says ``istioPatterns: false``.
 
     :class:`~meshguard.errors.LimitError` when it exceeds a limit (its text's size, a YAML
     anchor or alias, the counts of :func:`limit_problems`), :class:`PolicyError` when it is
     wrong otherwise."""
+    return with_istio_patterns(_parse_policy(text))
+
+
+def _parse_policy(text: str | None) -> Policy:
     if text is None:
         return Policy()
     size = len(text.encode())

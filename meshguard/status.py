@@ -63,6 +63,9 @@ class PodStatus(BaseModel):
     admitted: Any = None
     #: What the posture fixes changed at admission, kept across reinvocations.
     changes: tuple[str, ...] = ()
+    #: The posture findings reported and left as they were (posture action ``report``,
+    #: audit mode's default): what enforcing would refuse or fix.
+    findings: tuple[str, ...] = ()
 
     def source_containers(self) -> dict[str, str]:
         """Source address -> the container whose redirected flows come from it."""
@@ -73,11 +76,13 @@ class PodStatus(BaseModel):
         }
 
     def to_annotation(self) -> str:
-        """The annotation's value: compact JSON, keys sorted; ``admitted`` and ``changes``
-        only when there are some."""
+        """The annotation's value: compact JSON, keys sorted; ``admitted``, ``changes`` and
+        ``findings`` only when there are some."""
         document = self.model_dump(mode="json", exclude_none=True)
         if not self.changes:
             del document["changes"]
+        if not self.findings:
+            del document["findings"]
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 

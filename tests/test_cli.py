@@ -406,7 +406,7 @@ def test_completion_script_completes_commands_and_choices(shell: str):
     assert complete("ru") == ["rules"]
     assert complete("rules", "-o", "") == ["text", "json", "yaml"]
     assert "--family" in complete("rules", "--fa")
-    assert complete("inject", "--posture-action", "") == ["fix", "deny"]
+    assert complete("inject", "--posture-action", "") == ["fix", "deny", "report"]
 
 
 def native_example() -> str:

@@ -47,7 +47,7 @@ def test_describe_says_when_the_recorded_ruleset_is_stale():
     status = json.loads(annotations["meshguard.io/status"])
     del status["admitted"]
     annotations["meshguard.io/status"] = json.dumps(status)
-    annotations["meshguard.io/policy"] = "rules: []"
+    annotations["meshguard.io/policy"] = "{rules: [], istioPatterns: false}"
     done = meshguard_cli("describe", "-f", "-", stdin=yaml.safe_dump(pod))
     assert "STALE: the policy changed since" in done.stdout
     assert (

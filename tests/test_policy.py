@@ -11,14 +11,17 @@ from hypothesis import strategies as st
 
 from meshguard.errors import PolicyError
 from meshguard.policy import (
+    ISTIO_PATTERNS,
     Action,
     Mode,
+    Policy,
     Protocol,
     check_names,
     control_port_warnings,
     parse_mode,
     parse_opt_out,
     parse_policy,
+    with_istio_patterns,
 )
 
 DESIGN_EXAMPLE = """
@@ -44,6 +47,7 @@ def test_design_example_parses():
         (("log-shipper",), "app", (9090,)),
         (("app",), "cache", (6379,)),
         (("app",), "proxy", (15020,)),
+        *((r.sources, r.to, r.ports) for r in ISTIO_PATTERNS),
     ]
     assert policy.rules[2].http is not None
     assert policy.rules[2].http.methods == ("POST",)
@@ -55,11 +59,33 @@ def test_json_is_accepted_and_equals_yaml():
     assert parse_policy(as_json) == parse_policy(DESIGN_EXAMPLE)
 
 
-def test_absent_or_empty_policy_is_default_deny_with_no_rules():
+def test_absent_or_empty_policy_is_default_deny_with_only_istio_s_patterns():
     for text in (None, "", "   \n"):
         policy = parse_policy(text)
         assert policy.default_action is Action.DENY
-        assert policy.rules == ()
+        assert policy.rules == ISTIO_PATTERNS
+
+
+def test_istio_s_documented_patterns_are_allowed_by_default_and_only_those_requests():
+    ready, quit_ = parse_policy(None).rules
+    assert (ready.sources, ready.to, ready.ports) == (("*",), "proxy", (15021,))
+    assert ready.http is not None
+    assert (ready.http.methods, ready.http.paths) == (("GET",), ("/healthz/ready",))
+    assert (quit_.sources, quit_.to, quit_.ports) == (("*",), "proxy", (15020,))
+    assert quit_.http is not None
+    assert (quit_.http.methods, quit_.http.paths) == (("POST",), ("/quitquitquit",))
+
+
+def test_istio_patterns_false_closes_them_and_a_bad_value_is_refused():
+    assert parse_policy("istioPatterns: false").rules == ()
+    with pytest.raises(PolicyError, match="istioPatterns: got 'no', expected true or false"):
+        parse_policy("istioPatterns: 'no'")
+
+
+def test_istio_patterns_are_added_once_whatever_the_parse_count():
+    policy = parse_policy(None)
+    again = Policy.model_validate(policy.model_dump(mode="json", by_alias=True))
+    assert with_istio_patterns(again) == policy
 
 
 def test_lists_wildcards_protocols_and_method_case():
@@ -69,7 +95,8 @@ def test_lists_wildcards_protocols_and_method_case():
         " {from: a, to: proxy, ports: [15000], http: {methods: [get], paths: ['/stats*'],"
         "  headers: {X-Token: abc}}}]"
     )
-    first, second, third = policy.rules
+    first, second, third, *patterns = policy.rules
+    assert tuple(patterns) == ISTIO_PATTERNS
     assert first.sources == ("a", "b")
     assert first.ports == (1, 2)
     assert first.protocols == (Protocol.TCP, Protocol.UDP)

@@ -51,7 +51,9 @@ __all__ = [
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 #: meshguard.inject.posture.PostureAction's values (not imported: `meshguard init` stays light).
-POSTURE_ACTIONS: Final = ("fix", "deny")
+POSTURE_ACTIONS: Final = ("fix", "deny", "report")
+#: meshguard.policy.Mode's values.
+MODES: Final = ("enforce", "audit")
 #: A command killed by SIGPIPE exits 128 + 13 in a shell: the same status, without the noise.
 EXIT_CLOSED_PIPE: Final = 141
 EXIT_INTERRUPTED: Final = 130
@@ -361,7 +363,31 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         "--posture-action",
         choices=POSTURE_ACTIONS,
         default="fix",
-        help="fix: patch what can be patched and warn (default); deny: refuse instead",
+        help="for pods in enforce mode: fix: patch what can be patched, refuse the rest, and"
+        " warn (default); deny: refuse instead; report: change and refuse nothing, warn and"
+        " record the findings in meshguard.io/status",
+    )
+    parser.add_argument(
+        "--audit-posture-action",
+        choices=POSTURE_ACTIONS,
+        default="report",
+        help="the posture action for pods in audit mode (default: %(default)s, so that audit"
+        " changes no pod)",
+    )
+    parser.add_argument(
+        "--default-mode",
+        choices=MODES,
+        default="enforce",
+        help="the mode of a pod without meshguard.io/mode whose namespace has no"
+        " meshguard.io/mode label (the chart sets audit on a fresh install); written on the"
+        " pod (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--baseline-version",
+        default="latest",
+        help="the Pod Security Standards baseline version the posture floor follows:"
+        " latest (v1.37) or v1.N, as Pod Security Admission's enforce-version"
+        " (default: %(default)s)",
     )
     parser.add_argument(
         "--l7-engine",

@@ -9,22 +9,38 @@ import sys
 from meshguard import yaml_io
 from meshguard.cli import EXIT_OK, fail, worst_status
 from meshguard.cli.templates import each_template
-from meshguard.errors import MeshguardError
+from meshguard.errors import MeshguardError, UsageError
 from meshguard.init_container import InitContainerSettings
 from meshguard.inject.istio import istio_template as template_text
-from meshguard.inject.posture import PostureAction, PostureSettings
+from meshguard.inject.posture import (
+    BadBaselineVersionError,
+    PostureAction,
+    PostureSettings,
+    parse_baseline_version,
+)
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.l7 import L7Engine
 from meshguard.manifests import pod_templates, read_sources
+from meshguard.policy import Mode
 
 
 def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
+    """The injection settings of the flags; :class:`UsageError` for a bad baseline version."""
+    try:
+        baseline = parse_baseline_version(args.baseline_version)
+    except BadBaselineVersionError as exc:
+        raise UsageError(f"--baseline-version: {exc}") from None
     return InjectSettings(
-        posture=PostureSettings(default_action=PostureAction(args.posture_action)),
+        posture=PostureSettings(
+            default_action=PostureAction(args.posture_action),
+            audit_action=PostureAction(args.audit_posture_action),
+            baseline=baseline,
+        ),
         init=InitContainerSettings(
             image=args.image, pull_secrets=tuple(dict.fromkeys(args.image_pull_secret))
         ),
         request_template=request_template,
+        default_mode=Mode(args.default_mode),
         l7_engine=L7Engine(getattr(args, "l7_engine", None) or L7Engine.NATIVE.value),
     )
 

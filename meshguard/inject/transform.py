@@ -21,7 +21,7 @@ the edited documents. Applying it twice equals applying it once.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -47,6 +47,9 @@ from meshguard.inject.posture import (
     review_ephemeral,
     review_posture,
 )
+from meshguard.inject.posture import (
+    Outcome as PostureOutcome,
+)
 from meshguard.l7 import L7Engine
 from meshguard.pod import (
     ISTIO_VALIDATION,
@@ -57,7 +60,7 @@ from meshguard.pod import (
     is_meshguard_init,
     read_pod,
 )
-from meshguard.policy import parse_mode, parse_opt_out, parse_policy
+from meshguard.policy import Mode, parse_mode, parse_opt_out, parse_policy
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
@@ -105,6 +108,9 @@ class InjectSettings:
     request_template: bool = True
     #: The L7 engine of pods that do not ask for one (``meshguard.io/l7-engine``).
     l7_engine: L7Engine = L7Engine.NATIVE
+    #: The mode of a pod without ``meshguard.io/mode``: its namespace's (the webhook's
+    #: request says it) or the cluster default (``--default-mode``). Recorded on the pod.
+    default_mode: Mode = Mode.ENFORCE
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,10 @@ def inject_pod(
     """Transform one pod in place; :class:`RefusedError` when it cannot be made safe."""
     check_shape(metadata=metadata, spec=spec)
     annotations: dict[str, Any] = metadata.get("annotations") or {}
+    notes = tuple(annotation_keys.unknown_keys(annotations))
     skip = skip_reason(metadata)
     if skip:
-        return Result(Outcome.SKIPPED, reason=skip)
+        return Result(Outcome.SKIPPED, warnings=notes, reason=skip)
     before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     gateway = gateway_reason(before)
     if gateway:
@@ -135,13 +142,18 @@ def inject_pod(
                 Outcome.SKIPPED, reason="no istio-proxy container (not injected by Istio)"
             )
         _request_template(metadata)
-        return Result(Outcome.TEMPLATE_REQUESTED, reason="asked Istio for the meshguard template")
+        return Result(
+            Outcome.TEMPLATE_REQUESTED,
+            warnings=notes,
+            reason="asked Istio for the meshguard template",
+        )
     policy = parse_policy(annotations.get(annotation_keys.POLICY))  # a bad one is refused first
-    mode = parse_mode(annotations.get(annotation_keys.MODE))
+    mode = effective_mode(annotations, settings)
     replaced = _remove_stale_init_container(before, spec)
     if replaced:
         before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
-    findings = review_posture(spec, pod=before, settings=settings.posture)
+    posture = settings.posture.for_audit() if mode is Mode.AUDIT else settings.posture
+    findings = review_posture(spec, pod=before, settings=posture)
     _raise_refusals(before, findings)
     pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     ruleset = compile_cached(
@@ -152,6 +164,9 @@ def inject_pod(
         native_nftables=uses_native_nftables(pod, spec),
     )
     annotations = metadata.setdefault("annotations", {})
+    # The namespace's or cluster's mode is written on the pod, so that whoever reads the
+    # pod's annotations (the authz server's drift check, describe, the CNI plugin) agrees.
+    annotations.setdefault(annotation_keys.MODE, mode.value)
     engine = parse_engine(annotations.get(annotation_keys.L7_ENGINE), default=settings.l7_engine)
     rbac = apply_engine(
         metadata, spec, engine=engine, policy=policy, mode=mode,
@@ -164,8 +179,9 @@ def inject_pod(
     # changed is still what meshguard changed.
     earlier = _recorded_changes(annotations.get(annotation_keys.STATUS))
     changes = tuple(dict.fromkeys((*earlier, *replaced, *(str(f) for f in findings if f.fixed))))
+    reported = tuple(str(f) for f in findings if f.outcome is PostureOutcome.REPORTED)
     annotations[annotation_keys.STATUS] = status_annotation(
-        pod, ruleset, mode=mode.value, admitted=admitted, changes=changes
+        pod, ruleset, mode=mode.value, admitted=admitted, changes=changes, findings=reported
     )
     metadata["labels"] = {
         **(metadata.get("labels") or {}),
@@ -181,8 +197,14 @@ def inject_pod(
         _place_init_container(spec, init_container(settings.init), pod)
         _set_volume(spec, ruleset_volume())
     _add_pull_secrets(spec, settings.init.pull_secrets)
-    warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
+    warnings = (*notes, *replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
+
+
+def effective_mode(annotations: Mapping[str, Any], settings: InjectSettings) -> Mode:
+    """The pod's ``meshguard.io/mode``, else its namespace's, else the cluster default."""
+    text = annotations.get(annotation_keys.MODE)
+    return settings.default_mode if text is None else parse_mode(_text(text))
 
 
 def review_ephemeral_containers(
@@ -204,9 +226,15 @@ def review_ephemeral_containers(
     if not injected and (pod.proxy is None or skip_reason(metadata)):
         return Result(Outcome.SKIPPED, reason="meshguard does not protect this pod")
     wanted = {c.name for c in pod.ephemeral} if added is None else set(added)
-    findings = review_ephemeral(spec, pod=pod, settings=settings.posture, names=wanted)
+    mode = effective_mode(pod.annotations, settings)
+    posture = settings.posture.for_audit() if mode is Mode.AUDIT else settings.posture
+    findings = review_ephemeral(spec, pod=pod, settings=posture, names=wanted)
     _raise_refusals(pod, findings)
-    return Result(Outcome.SKIPPED, reason="ephemeral containers reviewed: nothing to change")
+    return Result(
+        Outcome.SKIPPED,
+        warnings=tuple(str(f) for f in findings),
+        reason="ephemeral containers reviewed: nothing to change",
+    )
 
 
 def _raise_refusals(pod: PodView, findings: list[Finding]) -> None:
@@ -284,6 +312,7 @@ def status_annotation(
     mode: str,
     admitted: Admitted | None = None,
     changes: Sequence[str] = (),
+    findings: Sequence[str] = (),
 ) -> str:
     """``meshguard.io/status``: what was installed, for kubectl and istioctl users, the
     record of the admitted policy and mode (``admitted``), the only ones the authz server
@@ -295,13 +324,14 @@ def status_annotation(
         ruleset=ruleset.digest,
         mode=mode,
         proxy=ProxyStatus(uid=identity.uid, gid=identity.gid),
-        containers={c.name: c.uid for c in pod.workload},
+        containers={c.name: c.uid for c in pod.workload if c.uid is not None},
         listener=ListenerStatus(
             port=ruleset.listener_port,
             sources={s.container: (s.address4, s.address6) for s in ruleset.sources},
         ),
         admitted=admitted.to_document() if admitted is not None else None,
         changes=tuple(changes),
+        findings=tuple(findings),
     )
     return status.to_annotation()
 

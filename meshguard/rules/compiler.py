@@ -193,10 +193,11 @@ def compile_ruleset(
     check_expansion(pod, policy)
     warnings: list[str] = []
     _check_declared_ports(workload, settings)
-    plans = _plan_sources(pod, warnings)
+    audit = mode is Mode.AUDIT
+    plans = _plan_sources(pod, warnings, audit=audit)
     by_container = {name: plan for plan in plans.values() for name in plan.containers}
     _add_own_ports(workload, by_container)
-    _add_policy_rules(pod, policy, by_container, settings, warnings)
+    _add_policy_rules(pod, policy, by_container, settings, warnings, audit=audit)
     warnings.extend(control_port_warnings(policy))
 
     identities = _source_identities(pod, settings)
@@ -272,8 +273,10 @@ def check_expansion(pod: PodView, policy: Policy) -> None:
 # --- who is who ---------------------------------------------------------------------------
 
 
-def _plan_sources(pod: PodView, warnings: list[str]) -> dict[int, _SourcePlan]:
-    """Map each uid to the containers running as it; refuse what cannot be told apart."""
+def _plan_sources(pod: PodView, warnings: list[str], *, audit: bool) -> dict[int, _SourcePlan]:
+    """Map each uid to the containers running as it; refuse what cannot be told apart — in
+    audit mode, warn instead: such a container gets no chain, so its loopback flows are
+    logged as an unknown uid's (what enforcing would deny until its uid is fixed)."""
     proxy = pod.proxy_identity
     problems: list[str] = []
     plans: dict[int, _SourcePlan] = {}
@@ -298,7 +301,12 @@ def _plan_sources(pod: PodView, warnings: list[str]) -> dict[int, _SourcePlan]:
             )
         else:
             plans[container.uid] = _SourcePlan(uid=container.uid, containers=[container.name])
-    if problems:
+    if problems and audit:
+        warnings.extend(
+            f"audit mode: {problem} (its flows are logged, not attributed to it)"
+            for problem in problems
+        )
+    elif problems:
         raise CompileError("; ".join(problems))
     for container in one_shot:
         if container.uid is None or container.uid == proxy.uid:
@@ -373,6 +381,8 @@ def _add_policy_rules(
     plans: dict[str, _SourcePlan],
     settings: CompilerSettings,
     warnings: list[str],
+    *,
+    audit: bool = False,
 ) -> None:
     problems: list[Problem] = []
     for index, rule in enumerate(policy.rules):
@@ -384,7 +394,11 @@ def _add_policy_rules(
             )
             continue
         _warn_undeclared(pod, index, rule.to, rule.ports, warnings)
-        sources = _expand_sources(rule.sources, pod, plans, index, problems)
+        unattributed: list[Problem] = []
+        sources = _expand_sources(rule.sources, pod, plans, index, unattributed)
+        if audit:  # the container has no uid of its own: _plan_sources warned already
+            unattributed = []
+        problems.extend(unattributed)
         label = f"rules[{index}]: {','.join(rule.sources)} -> {rule.to}"
         for name in sources:
             plan = plans[name]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Required, TypedDict, cast
 
+from meshguard import annotation_keys
 from meshguard.errors import MalformedInputError, MeshguardError, RefusedError
 from meshguard.inject.fixed import is_admitted, refused_changes
 from meshguard.inject.transform import (
@@ -31,6 +33,7 @@ from meshguard.inject.transform import (
     inject_pod,
     review_ephemeral_containers,
 )
+from meshguard.policy import Mode
 from meshguard.webhook.patch import pod_patch
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ EPHEMERAL_SUBRESOURCE: Final = "ephemeralcontainers"
 #: UPDATEs checked against what must stay as admitted: the pod itself and its status (a
 #: status update can carry metadata); ``resize`` changes resources only.
 GUARDED_SUBRESOURCES: Final = frozenset({"", "status"})
+#: The path segment (``/inject/other``) of namespaces whose mode label is no mode.
+OTHER_MODE: Final = "other"
 
 
 class BadReviewError(MalformedInputError):
@@ -138,9 +143,14 @@ class _Deny(Exception):
 
 
 def respond(
-    request: AdmissionRequest, *, settings: InjectSettings
+    request: AdmissionRequest, *, settings: InjectSettings, namespace_mode: str | None = None
 ) -> tuple[AdmissionReviewAnswer, AdmissionVerdict]:
-    """The AdmissionReview answering a parsed request, and the decision behind it."""
+    """The AdmissionReview answering a parsed request, and the decision behind it.
+
+    ``namespace_mode``: the mode of the pod's namespace, as the request path says it (the
+    webhook configuration sends each namespace selection to its own ``/inject/<mode>``;
+    ``other``: the namespace's label has another value); it replaces the cluster default
+    for pods without ``meshguard.io/mode``."""
     uid = str(request["uid"])
     label = _pod_label(request)
     operation = request.get("operation", "CREATE")
@@ -151,13 +161,18 @@ def respond(
     if operation != "CREATE" and not ephemeral:
         return _allowed(uid), AdmissionVerdict(uid, "skipped", label, "not a CREATE", 0)
     try:
+        settings = _with_namespace_mode(settings, namespace_mode)
         pod = _pod_of(request)
         mutated = copy.deepcopy(pod)
         if ephemeral:
             result = _transform(
                 mutated, settings=settings, added=_added_ephemeral(request, pod), ephemeral=True
             )
-            return _allowed(uid), AdmissionVerdict(uid, "skipped", label, result.reason, 0)
+            texts = [_short(w) for w in result.warnings]
+            decision = AdmissionVerdict(
+                uid, "skipped", label, result.reason, len(texts), tuple(result.warnings)
+            )
+            return _allowed(uid, warnings=texts), decision
         result = _transform(mutated, settings=settings)
     except _Deny as deny:
         decision = AdmissionVerdict(uid, deny.result, label, str(deny), 0)
@@ -195,6 +210,22 @@ def _guard_update(
         " pod stays in meshguard's reviews); to change them, delete the pod and create it anew"
     )
     return _denied(uid, 403, message), AdmissionVerdict(uid, "refused", label, message, 0)
+
+
+def _with_namespace_mode(settings: InjectSettings, text: str | None) -> InjectSettings:
+    if text is None:
+        return settings
+    try:
+        mode = Mode(text)
+    except ValueError:
+        found = "neither 'audit' nor 'enforce'" if text == OTHER_MODE else repr(text)
+        raise _Deny(
+            403,
+            f"meshguard refuses the pod: its namespace's {annotation_keys.MODE} label is"
+            f" {found} (as the webhook configuration reports it), expected 'audit' or"
+            " 'enforce': fix the namespace's label",
+        ) from None
+    return dataclasses.replace(settings, default_mode=mode)
 
 
 def _pod_of(request: AdmissionRequest) -> dict[str, Any]:
@@ -251,16 +282,17 @@ def _transform(
 
 
 def handle(
-    body: bytes, *, settings: InjectSettings
+    body: bytes, *, settings: InjectSettings, namespace_mode: str | None = None
 ) -> tuple[int, AdmissionReviewAnswer | BadRequestAnswer, AdmissionVerdict | None]:
-    """HTTP status, JSON answer and decision for a request body; never raises."""
+    """HTTP status, JSON answer and decision for a request body; never raises.
+    ``namespace_mode``: see :func:`respond`."""
     started = time.perf_counter()
     try:
         request = parse_review(body)
     except BadReviewError as exc:
         return 400, {"error": str(exc)}, None
     try:
-        answer, decision = respond(request, settings=settings)
+        answer, decision = respond(request, settings=settings, namespace_mode=namespace_mode)
     except Exception as exc:  # a bug must not become a 500 nor let the pod through
         log.exception("admission failed", extra={"fields": {"event": "admission-error"}})
         uid = str(request["uid"])

@@ -1,6 +1,9 @@
 """The admission webhook's HTTPS server (aiohttp): routes, TLS with reload, metrics.
 
-``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``), ``/healthz`` says
+``POST /inject`` takes an AdmissionReview v1 (at most ``max_body_bytes``; ``/inject/audit``,
+``/inject/enforce``: the namespace's mode, which the webhook configuration's per-mode entries
+send from the namespace's ``meshguard.io/mode`` label; ``/inject/other``: a label with another
+value), ``/healthz`` says
 the process lives, ``/readyz`` that it serves with a loaded certificate, ``/metrics`` exposes
 Prometheus counters and a latency histogram.
 
@@ -233,6 +236,7 @@ def create_app(settings: WebhookSettings) -> web.Application:
     app.cleanup_ctx.append(_admission_workers)
     app.cleanup_ctx.append(_readiness)
     app.router.add_post("/inject", _inject)
+    app.router.add_post("/inject/{mode}", _inject)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -294,9 +298,15 @@ async def _inject(request: web.Request) -> web.Response:
             metrics.bad_requests.inc()
             limit = settings.max_body_bytes
             return _json(413, {"error": f"AdmissionReview larger than {limit} bytes"})
+        # /inject/<mode>: the namespace's mode, one path per namespace selection of the
+        # webhook configuration (a service path takes DNS-1123 segments only: no query)
+        namespace_mode = request.match_info.get("mode")
         loop = asyncio.get_running_loop()
         status, answer, decision = await loop.run_in_executor(
-            request.app[APP_WORKERS], functools.partial(handle, body, settings=settings.inject)
+            request.app[APP_WORKERS],
+            functools.partial(
+                handle, body, settings=settings.inject, namespace_mode=namespace_mode
+            ),
         )
     finally:
         state.pending_admissions -= 1

@@ -18,11 +18,15 @@ from meshguard.authz.decision import DECISION_HEADERS, Decision, PodPolicy, Reas
 from meshguard.authz.identity import WorkloadIdentity
 from meshguard.authz.server import AuthzSettings, Caller, check, serve_authz
 from meshguard.authz.store import StoreStats
-from tests.authz.test_decision import STATUS, pod, req
+from tests.authz.test_decision import POLICY, STATUS, pod, req
 from tests.authz.test_server import check_request, free_port
 
 TOKEN_RULE = "rules: [{from: app, to: app, ports: [8080], http: {headers: {x-token: s3cret}}}]"
-GET_ONLY = "rules: [{from: app, to: proxy, ports: [15020], http: {methods: [GET]}}]"
+#: Istio's patterns closed: they would allow POST /quitquitquit to every container.
+GET_ONLY = (
+    "{rules: [{from: app, to: proxy, ports: [15020], http: {methods: [GET]}}],"
+    " istioPatterns: false}"
+)
 POST_ONLY = GET_ONLY.replace("GET", "POST")
 
 
@@ -117,7 +121,7 @@ def test_the_values_of_headers_the_rules_name_are_part_of_the_key():
 def test_every_attribute_of_the_request_is_part_of_the_key():
     cache: DecisionCache[Decision] = DecisionCache()
     decided = Counting()
-    web = pod()
+    web = pod(policy=POLICY + "istioPatterns: false\n")  # cache's POST /quitquitquit: denied
     allowed = req()
     assert cache.get(allowed, web, decided(allowed, web)).allowed
     for change in (

@@ -79,7 +79,11 @@ def req(
             False,
             "ambiguous path: path parameter in a dot segment",
         ),
-        (req(source="127.0.100.2"), False, "no rule allows cache -> proxy:15020"),
+        (
+            req(source="127.0.100.2", method="GET", path="/debug/config_dump"),
+            False,
+            "no rule allows cache -> proxy:15020",
+        ),
         (req(source="127.0.0.1"), False, "unknown source address '127.0.0.1'"),
         (
             req(port=8080, method="GET", path="/api/v1", headers={"x-token": "s3cret"}),
@@ -208,3 +212,25 @@ def test_a_record_that_does_not_verify_denies_everything():
         assert (decision.allowed, decision.audited) == (False, False)
         assert decision.reason.startswith("pod 'shop/web-1' refused: meshguard.io/status")
         assert "digest mismatch" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("port", "method", "path", "allowed"),
+    [
+        (15021, "GET", "/healthz/ready", True),  # an app waiting for its proxy
+        (15020, "POST", "/quitquitquit", True),  # a Job stopping its proxy
+        (15021, "GET", "/stats/prometheus", False),
+        (15020, "GET", "/quitquitquit", False),
+        (15020, "GET", "/debug/config_dump", False),
+        (15000, "POST", "/quitquitquit", False),  # Envoy's admin port stays closed
+    ],
+)
+def test_istio_s_patterns_are_allowed_to_every_container_and_close_with_a_flag(
+    port, method, path, allowed
+):
+    """cache has no rule of its own to the proxy: only Istio's documented patterns pass,
+    and ``istioPatterns: false`` closes them too."""
+    request_ = req(source="127.0.100.2", port=port, method=method, path=path)
+    assert decide(request_, pod()).allowed is allowed
+    closed = pod(policy=POLICY + "istioPatterns: false\n")
+    assert decide(request_, closed).allowed is False

@@ -240,10 +240,19 @@ def test_a_spoofed_pod_header_is_overwritten_by_envoy(l7pod: L7Pod):
 
 
 def test_flows_without_an_l7_rule_never_reach_the_listener(l7pod: L7Pod):
-    got = l7pod.http(LOGS, host="127.0.0.1", port=15020, method="POST", path="/quitquitquit")
+    got = l7pod.http(LOGS, host="127.0.0.1", port=15090, method="GET", path="/stats")
     assert got["result"] == "deny" and "status" not in got  # refused by the kernel
     plain = l7pod.http(LOGS, host="127.0.0.1", port=9090, method="GET", path="/metrics")
     assert (plain["result"], plain["server"], plain["port"]) == ("allow", "app", 9090)
+
+
+def test_istio_s_patterns_reach_the_proxy_for_every_container_and_nothing_else(l7pod: L7Pod):
+    """log-shipper has no rule to the proxy: Istio's documented patterns pass through the
+    listener and the authz server; any other request to those ports gets a 403."""
+    got = l7pod.http(LOGS, host="127.0.0.1", port=15020, method="POST", path="/quitquitquit")
+    assert got["result"] == "allow", got
+    other = l7pod.http(LOGS, host="127.0.0.1", port=15020, method="GET", path="/debug/x")
+    assert (other["result"], other.get("status")) == ("deny", 403), other
 
 
 def test_every_decision_is_one_json_line(l7pod: L7Pod):

@@ -31,6 +31,7 @@ from meshguard.cli.inject import injection_settings
 from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
 from meshguard.inject.posture import PostureAction
 from meshguard.inject.transform import inject_pod
+from meshguard.policy import Mode
 from tests.support.kube import istio_crd_schema, selector_matches
 from tests.support.samples import istio_pod
 
@@ -219,6 +220,21 @@ def test_deployment_security_and_availability(component: str) -> None:
     other = "authz" if component == "webhook" else "webhook"
     other_labels = one(objects, "Deployment", f"meshguard-{other}")["spec"]["template"]
     assert not selector_matches(pdb["spec"]["selector"], other_labels["metadata"]["labels"])
+
+
+def test_a_fresh_install_audits_first_and_the_operator_can_enforce_and_pin_a_baseline() -> None:
+    """Install day changes no pod: audit mode by default, posture reported; the values reach
+    the real CLI's settings."""
+    main = container(one(render(), "Deployment", "meshguard-webhook"))
+    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    assert settings.default_mode is Mode.AUDIT
+    assert settings.posture.audit_action is PostureAction.REPORT
+    assert str(settings.posture.baseline) == "latest (v1.37)"
+    values = {"webhook": {"defaultMode": "enforce", "baselineVersion": "v1.33"}}
+    main = container(one(render(values), "Deployment", "meshguard-webhook"))
+    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    assert settings.default_mode is Mode.ENFORCE
+    assert str(settings.posture.baseline) == "v1.33"
 
 
 def test_webhook_command_line_is_the_real_cli() -> None:
@@ -693,6 +709,9 @@ def test_a_broken_destination_rule_fails_istios_schema() -> None:
         ({"authz": {"replicas": 0}}, "/authz/replicas"),
         ({"tls": {"mode": "vault"}}, "/tls/mode"),
         ({"webhook": {"postureAction": "warn"}}, "/webhook/postureAction"),
+        ({"webhook": {"defaultMode": "permissive"}}, "/webhook/defaultMode"),
+        ({"webhook": {"auditPostureAction": "ignore"}}, "/webhook/auditPostureAction"),
+        ({"webhook": {"baselineVersion": "1.30"}}, "/webhook/baselineVersion"),
         ({"webhook": {"failurePolicy": "Sometimes"}}, "/webhook/failurePolicy"),
         ({"webhook": {"timeoutSeconds": 31}}, "/webhook/timeoutSeconds"),
         ({"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser"),

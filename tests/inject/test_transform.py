@@ -35,7 +35,13 @@ GATEWAYS = {"gateway.yaml.injected"}
 SAMPLES = injected_sample_names() or ["(../shared absent)"]
 
 #: JSON pointers (prefixes) meshguard may touch; anything else must stay as Istio left it.
-OWN_ANNOTATIONS = ("meshguard.io~1ruleset", "meshguard.io~1status", "meshguard.io~1l7-rbac")
+#: meshguard.io/mode: the effective mode (here the default, enforce) is recorded on the pod.
+OWN_ANNOTATIONS = (
+    "meshguard.io~1ruleset",
+    "meshguard.io~1status",
+    "meshguard.io~1l7-rbac",
+    "meshguard.io~1mode",
+)
 OWN_LABELS = {"meshguard.io/admitted": "true", "meshguard.io/l7-engine": "native"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,13 @@ def test_layout_of_the_example_pod():
     assert redirect == [
         "-A MESHGUARD_REDIRECT -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
         "-A MESHGUARD_REDIRECT ! -o lo -m addrtype ! --dst-type LOCAL -j RETURN",
-        "-A MESHGUARD_REDIRECT -p tcp -m tcp --dport 15020 -m owner --uid-owner 1000"
-        " -j REDIRECT --to-ports 15007",
+        # the policy's rule to 15020, and Istio's patterns (15020, 15021) for everyone
+        "-A MESHGUARD_REDIRECT -p tcp -m multiport --dports 15020,15021 -m owner --uid-owner"
+        " 1000 -j REDIRECT --to-ports 15007",
+        "-A MESHGUARD_REDIRECT -p tcp -m multiport --dports 15020,15021 -m owner --uid-owner"
+        " 1001 -j REDIRECT --to-ports 15007",
+        "-A MESHGUARD_REDIRECT -p tcp -m multiport --dports 15020,15021 -m owner --uid-owner"
+        " 1002 -j REDIRECT --to-ports 15007",
         "-A MESHGUARD_REDIRECT -j ACCEPT",
     ]
     assert (
@@ -224,7 +230,7 @@ def test_default_allow_still_protects_the_proxy_ports():
 
 def test_no_l7_rule_means_no_redirect_to_the_listener_but_the_nat_guard_stays():
     pod = example()
-    pod["metadata"]["annotations"]["meshguard.io/policy"] = "rules: []"
+    pod["metadata"]["annotations"]["meshguard.io/policy"] = "{rules: [], istioPatterns: false}"
     ruleset = compiled(pod)
     assert [t.name for t in ruleset.ipv4.tables] == ["filter", "nat"]
     assert "REDIRECT --to-ports" not in ruleset.ipv4.payload()
@@ -494,3 +500,34 @@ def test_a_fanout_as_large_as_the_pod_gives_one_dispatch_rule_per_uid():
 def test_a_fanout_below_two_is_refused():
     with pytest.raises(ValueError, match="dispatch_fanout must be at least 2, got 1"):
         CompilerSettings(dispatch_fanout=1)
+
+
+def _uids(pod: dict[str, Any], uids: dict[str, int | None]) -> dict[str, Any]:
+    for item in pod["spec"]["containers"]:
+        if item["name"] in uids:
+            context = item.setdefault("securityContext", {})
+            context.pop("runAsUser", None)
+            if uids[item["name"]] is not None:
+                context["runAsUser"] = uids[item["name"]]
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("uids", "problem"),
+    [
+        ({"cache": None}, "container 'cache' has no runAsUser"),
+        ({"cache": 1000}, "containers 'app' and 'cache' share uid 1000"),
+        ({"cache": 1337}, "container 'cache' runs as uid 1337, the proxy's uid"),
+    ],
+)
+def test_audit_mode_logs_what_it_cannot_attribute_where_enforce_refuses(uids, problem):
+    """Install day in audit mode: a container without a uid of its own does not refuse the
+    pod; the rules log its flows (an unknown uid's) and the warning says why."""
+    pod = _uids(example(), uids)
+    with pytest.raises(CompileError, match=re.escape(problem)):
+        compiled(pod)
+    pod["metadata"]["annotations"]["meshguard.io/mode"] = "audit"
+    ruleset = compiled(pod)
+    assert any(w.startswith(f"audit mode: {problem}") for w in ruleset.warnings)
+    payload = ruleset.ipv4.payload()
+    assert '-j LOG --log-prefix "meshguard-audit: "' in payload and "REJECT" not in payload

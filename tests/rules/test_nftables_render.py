@@ -46,6 +46,7 @@ def test_a_chain_also_reached_by_a_verdict_map_keeps_its_rules() -> None:
 
 L4_ONLY_POLICY = """
 defaultAction: deny
+istioPatterns: false
 rules:
   - {from: app, to: cache, ports: [6379]}
 """
@@ -60,4 +61,5 @@ def test_a_hook_with_nothing_to_do_is_not_registered() -> None:
     assert chains_of(l4_only.chains)["MESHGUARD_SNAT"] == ()
     with_l7 = chains_of(build(compiled(native=True)).chains)
     assert with_l7["nat_postrouting"] == ('oifname "lo" jump MESHGUARD_SNAT',)
-    assert len(with_l7["MESHGUARD_SNAT"]) == 2
+    # one per container and family: Istio's patterns (istioPatterns) reach the proxy over L7
+    assert len(with_l7["MESHGUARD_SNAT"]) == 6

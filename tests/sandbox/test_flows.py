@@ -40,7 +40,7 @@ def expected(flows, source: str, to: str, port: int, kind: str = "l4") -> set[st
         ("cache", "app", 8080, "deny"),
         ("log-shipper", "cache", 6379, "deny"),
         ("app", "proxy", 15000, "deny"),  # Envoy's admin API
-        ("cache", "proxy", 15020, "deny"),
+        ("cache", "proxy", 15090, "deny"),  # Envoy's statistics
         ("proxy", "app", 8080, "allow"),
         ("other-uid", "app", 8080, "deny"),
         ("proxy-gid-only", "cache", 6379, "deny"),
@@ -56,8 +56,10 @@ def test_l7_covered_ports_are_tried_as_requests_not_connections():
     l7 = [f for f in flows if f.kind == "l7"]
     assert {(f.method, f.path, f.expected) for f in l7} == {
         ("POST", "/quitquitquit", "allow"),
+        ("GET", "/healthz/ready", "allow"),  # Istio's patterns: every container
         ("PATCH", "/meshguard-demo-denied", "deny"),
     }
+    assert expected(flows, "cache", "proxy", 15021, kind="l7") == {"allow", "deny"}
     assert {f.family for f in l7} == set(Family)
 
 

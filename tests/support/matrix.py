@@ -38,7 +38,10 @@ ALLOWED = {
     "log-shipper": {("udp", 5140), ("tcp", 9090)},
     "cache": {("tcp", 6379)},
 }
-L7_REDIRECTED = {"app": {("tcp", 15020)}}
+#: app's rule to 15020, and Istio's patterns (GET :15021/healthz/ready, POST
+#: :15020/quitquitquit) for every container: L7, so redirected to the loopback listener.
+ISTIO_PATTERNS = {("tcp", 15020), ("tcp", 15021)}
+L7_REDIRECTED = {"app": ISTIO_PATTERNS, "log-shipper": ISTIO_PATTERNS, "cache": ISTIO_PATTERNS}
 SOURCE_ADDRESS = {"app": ("127.0.100.1", "fd6d:6775::1")}  # app sorts first of 3 containers
 
 # Non-container identities: none may reach anything over loopback.
