@@ -392,11 +392,15 @@ def test_webhook_configuration() -> None:
     hooks = config["webhooks"]
     # what Istio's injection left on the pod; the admitted pods' debug containers
     # (tests/charts/test_selection.py)
-    assert [h["name"] for h in hooks] == [
-        "sidecar.injected.meshguard.io",
-        "template.injected.meshguard.io",
-        "admitted.meshguard.io",
-    ]
+    # one entry per namespace mode (meshguard.io/mode), each with its own path
+    modes = [("", "/inject"), ("audit.", "/inject/audit"), ("enforce.", "/inject/enforce"),
+             ("other-mode.", "/inject/other")]  # fmt: skip
+    expected = [
+        (f"{prefix}{entry}", path)
+        for entry in ("sidecar.injected.meshguard.io", "template.injected.meshguard.io")
+        for prefix, path in modes
+    ] + [("admitted.meshguard.io", "/inject")]
+    assert [(h["name"], h["clientConfig"]["service"]["path"]) for h in hooks] == expected
     for hook in hooks:
         assert hook["admissionReviewVersions"] == ["v1"]
         assert hook["sideEffects"] == "None"
@@ -406,7 +410,7 @@ def test_webhook_configuration() -> None:
         assert hook["clientConfig"]["service"] == {
             "name": "meshguard-webhook",
             "namespace": NAMESPACE,
-            "path": "/inject",
+            "path": hook["clientConfig"]["service"]["path"],
             "port": 443,
         }
     create = {
@@ -417,7 +421,33 @@ def test_webhook_configuration() -> None:
         "scope": "Namespaced",
     }
     debug = create | {"operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]}
-    assert [h["rules"] for h in hooks] == [[create], [create], [debug]]
+    assert [h["rules"] for h in hooks] == [[create]] * 8 + [[debug]]
+
+
+@pytest.mark.parametrize(
+    ("mode_label", "path"),
+    [
+        (None, "/inject"),  # the cluster default (webhook.defaultMode)
+        ("audit", "/inject/audit"),
+        ("enforce", "/inject/enforce"),
+        ("Enforce", "/inject/other"),  # not a mode: the webhook refuses the pod, naming it
+        ("", "/inject/other"),
+    ],
+)
+def test_a_namespaces_mode_label_reaches_the_webhook_as_its_path(
+    mode_label: str | None, path: str
+) -> None:
+    extra = {} if mode_label is None else {"meshguard.io/mode": mode_label}
+    namespace = namespace_labels("shop", **{"istio-injection": "enabled", **extra})
+    for pod in (INJECTED, {"app": "gw", "service.istio.io/canonical-name": "gw"}):
+        matching = [
+            h["clientConfig"]["service"]["path"]
+            for h in configuration()["webhooks"]
+            if "CREATE" in h["rules"][0]["operations"]
+            and selector_matches(h["namespaceSelector"], namespace)
+            and selector_matches(h["objectSelector"], pod)
+        ]
+        assert matching == [path]
 
 
 def test_failure_policy_and_timeout_are_configurable() -> None:
