@@ -274,7 +274,7 @@ def test_configuration_is_valid_and_sorts_after_istios() -> None:
     for scenario in SCENARIOS:
         for name in istio_install(scenario).configurations:
             assert config["metadata"]["name"] > name
-    assert [h["reinvocationPolicy"] for h in config["webhooks"]] == ["IfNeeded"] * 3
+    assert [h["reinvocationPolicy"] for h in config["webhooks"]] == ["IfNeeded"] * 9
 
 
 # --- istioctl analyze -----------------------------------------------------------------------
