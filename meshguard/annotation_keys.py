@@ -10,6 +10,8 @@ MODE: Final = "meshguard.io/mode"
 INJECT: Final = "meshguard.io/inject"
 STATUS: Final = "meshguard.io/status"
 RULESET: Final = "meshguard.io/ruleset"
+#: The webhook's signature over the ruleset and status it wrote (meshguard.attestation).
+ATTESTATION: Final = "meshguard.io/attestation"
 
 #: The label meshguard sets on every pod it admitted: the authz server lists and watches only
 #: pods carrying it (a label selector, evaluated by the API server).

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from meshguard import yaml_io
+from meshguard.attestation import load_signer
 from meshguard.cli import EXIT_OK, fail, worst_status
 from meshguard.cli.templates import each_template
 from meshguard.errors import MeshguardError
@@ -18,10 +20,14 @@ from meshguard.manifests import pod_templates, read_source
 
 
 def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
+    """The settings of ``--posture-action``, ``--image`` and ``--signing-key``."""
+    key: Path | None = getattr(args, "signing_key", None)
+    signer = load_signer(key) if key is not None else None
     return InjectSettings(
         posture=PostureSettings(default_action=PostureAction(args.posture_action)),
         init=InitContainerSettings(image=args.image),
         request_template=request_template,
+        signer=signer,
     )
 
 
@@ -29,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     documents = read_source(args.filename)
     templates = list(pod_templates(documents))
     settings = injection_settings(args, request_template=False)
+    if settings.signer is None:
+        print(
+            "note: no --signing-key: the pods carry no meshguard.io/attestation, and the CNI"
+            " plugin and the authz server refuse them",
+            file=sys.stderr,
+        )
     errors: list[MeshguardError] = []
     for template, result in each_template(
         templates,

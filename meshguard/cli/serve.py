@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
+from meshguard.attestation import TrustedKeys
 from meshguard.authz.feed import FedStore, Feed, FrameEncoder
 from meshguard.authz.identity import TlsFiles
 from meshguard.authz.kube import HttpPodSource, api_access
@@ -29,13 +30,23 @@ TLS_WAIT_SECONDS = 120.0
 
 
 def webhook(args: argparse.Namespace) -> int:
+    if args.signing_key is None:
+        return fail(
+            "meshguard serve-webhook: give --signing-key (the Ed25519 key the CNI plugin and"
+            " the authz server verify the admitted pods with; `meshguard keys generate`)",
+            EXIT_USAGE,
+        )
+    try:
+        inject = injection_settings(args, request_template=not args.no_template)
+    except MeshguardError as exc:
+        return fail(f"meshguard serve-webhook: {exc}", EXIT_USAGE)
     settings = WebhookSettings(
         cert_file=args.cert,
         key_file=args.key,
         host=args.host,
         port=args.port,
         reload_interval=args.reload_interval,
-        inject=injection_settings(args, request_template=not args.no_template),
+        inject=inject,
     )
     try:
         asyncio.run(_until_signal(lambda stop: run_webhook(settings, stop=stop)))
@@ -85,6 +96,11 @@ def _authz_usage_problem(args: argparse.Namespace) -> str | None:
         return f"--list-page-size {args.list_page_size}: expected at least 1"
     if args.workers < 1:
         return f"--workers {args.workers}: expected at least 1"
+    if args.trusted_keys is None and args.policy_feed is None:
+        return (
+            "give --trusted-keys (the webhook's public keys): only the policies meshguard's"
+            " webhook signed are served"
+        )
     if args.kubernetes and not any(given) and not args.insecure_plaintext:
         return (
             "--kubernetes serves the Check channel over mutual TLS: give --tls-cert, --tls-key"
@@ -106,14 +122,14 @@ class _Sources:
         store fed by its parent; --pods: the files."""
         if args.kubernetes:
             source = HttpPodSource(api_access(), page_size=args.list_page_size)
-            self.watcher = KubernetesStore(source)
+            self.watcher = KubernetesStore(source, trusted=TrustedKeys.load(args.trusted_keys))
             self.watcher.start()
             return self.watcher
         if args.policy_feed is not None:
             fed = FedStore(args.policy_feed)
             fed.start()
             return fed
-        return StaticStore.from_files(args.pods)
+        return StaticStore.from_files(args.pods, trusted=TrustedKeys.load(args.trusted_keys))
 
     def worker(self, args: argparse.Namespace, index: int) -> Worker:
         """Start worker ``index``; with --kubernetes, fed by this process's watch over a pipe
@@ -152,7 +168,7 @@ def _start_worker(
     if feed_fd is not None:
         source = ["--policy-feed", str(feed_fd)]
     else:
-        source = ["--pods", *map(str, args.pods)]
+        source = ["--pods", *map(str, args.pods), "--trusted-keys", str(args.trusted_keys)]
     metrics = args.metrics_port + index if args.metrics_port else 0
     argv = [
         sys.executable, "-m", "meshguard", "--log-level", args.log_level, "serve-authz", *source,

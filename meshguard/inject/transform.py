@@ -17,6 +17,7 @@ the edited documents. Applying it twice equals applying it once.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Final
 
 from meshguard import __version__, annotation_keys
 from meshguard.admitted import Admitted
+from meshguard.attestation import Signer, subject_of
 from meshguard.errors import RefusedError
 from meshguard.init_container import (
     MESHGUARD_INIT,
@@ -98,6 +100,9 @@ class InjectSettings:
     init: InitContainerSettings = field(default_factory=InitContainerSettings)
     #: Before Istio injected: ask for the ``meshguard`` template (istiod must have it).
     request_template: bool = True
+    #: The webhook's signing key (:mod:`meshguard.attestation`). Without it an injected pod
+    #: carries no ``meshguard.io/attestation``, and every consumer refuses it.
+    signer: Signer | None = None
 
 
 @dataclass(frozen=True)
@@ -109,23 +114,40 @@ class Result:
 
 
 def inject_pod(
-    metadata: dict[str, Any], spec: dict[str, Any], *, settings: InjectSettings
+    metadata: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    settings: InjectSettings,
+    namespace: str | None = None,
 ) -> Result:
-    """Transform one pod in place; :class:`RefusedError` when it cannot be made safe."""
+    """Transform one pod in place; :class:`RefusedError` when it cannot be made safe.
+
+    ``namespace``: the admission request's (the pod may not state its own); the
+    attestation is signed for it. A pod meshguard does not inject leaves with none of
+    meshguard's annotations nor its label (:func:`strip_admission_marks`).
+    """
     check_shape(metadata=metadata, spec=spec)
+    settings = _with_init_keys(settings)
     annotations: dict[str, Any] = metadata.get("annotations") or {}
     skip = skip_reason(metadata)
     if skip:
-        return Result(Outcome.SKIPPED, reason=skip)
+        return Result(Outcome.SKIPPED, reason=skip, warnings=strip_admission_marks(metadata))
     before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     if before.proxy is None:
         _refuse_unrecognized_proxy(before)
+        stripped = strip_admission_marks(metadata)
         if not settings.request_template:
             return Result(
-                Outcome.SKIPPED, reason="no istio-proxy container (not injected by Istio)"
+                Outcome.SKIPPED,
+                reason="no istio-proxy container (not injected by Istio)",
+                warnings=stripped,
             )
         _request_template(metadata)
-        return Result(Outcome.TEMPLATE_REQUESTED, reason="asked Istio for the meshguard template")
+        return Result(
+            Outcome.TEMPLATE_REQUESTED,
+            reason="asked Istio for the meshguard template",
+            warnings=stripped,
+        )
     policy = parse_policy(annotations.get(annotation_keys.POLICY))  # a bad one is refused first
     mode = parse_mode(annotations.get(annotation_keys.MODE))
     replaced = _remove_stale_init_container(before, spec)
@@ -164,8 +186,62 @@ def inject_pod(
     else:
         _place_init_container(spec, init_container(settings.init), pod)
         _set_volume(spec, ruleset_volume())
+    _attest(metadata, spec, signer=settings.signer, namespace=namespace)
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
+
+
+def _with_init_keys(settings: InjectSettings) -> InjectSettings:
+    """meshguard-init checks the attestation with the signer's own public key (the key that
+    signed this pod), unless the settings name keys of their own."""
+    if settings.signer is None or settings.init.trusted_keys is not None:
+        return settings
+    init = dataclasses.replace(settings.init, trusted_keys=settings.signer.public_pem())
+    return dataclasses.replace(settings, init=init)
+
+
+def _attest(
+    metadata: dict[str, Any], spec: dict[str, Any], *, signer: Signer | None, namespace: str | None
+) -> None:
+    """Sign what was just written, for this pod (last: it covers the final annotations and
+    containers); without a signer, no attestation (a stale or forged one is removed)."""
+    annotations = metadata.setdefault("annotations", {})
+    annotations.pop(annotation_keys.ATTESTATION, None)
+    if signer is None:
+        return
+    subject = subject_of(metadata=metadata, spec=spec, namespace=namespace)
+    annotations[annotation_keys.ATTESTATION] = signer.attest(
+        subject=subject, annotations={str(k): str(v) for k, v in annotations.items()}
+    )
+
+
+#: What meshguard writes on a pod it admits: never on a pod it did not.
+ADMISSION_ANNOTATIONS: Final = (
+    annotation_keys.RULESET,
+    annotation_keys.STATUS,
+    annotation_keys.ATTESTATION,
+)
+
+
+def strip_admission_marks(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """Remove meshguard's annotations and ``meshguard.io/admitted`` label from a pod meshguard
+    does not inject (forged by its author, or copied from another pod); what was removed, as
+    warnings."""
+    removed: list[str] = []
+    annotations = metadata.get("annotations")
+    if isinstance(annotations, dict):
+        for key in ADMISSION_ANNOTATIONS:
+            if annotations.pop(key, None) is not None:
+                removed.append(f"annotation {key}")
+    labels = metadata.get("labels")
+    if isinstance(labels, dict) and labels.pop(annotation_keys.ADMITTED_LABEL, None) is not None:
+        removed.append(f"label {annotation_keys.ADMITTED_LABEL}")
+    if not removed:
+        return ()
+    return (
+        f"meshguard removed {', '.join(removed)}: only meshguard's webhook writes them, on the"
+        " pods it admits",
+    )
 
 
 def review_ephemeral_containers(

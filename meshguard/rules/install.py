@@ -54,6 +54,7 @@ from meshguard.rules.ruleset import (
     Ruleset,
     Table,
     render,
+    require_valid,
 )
 
 #: The abstract unix socket that serializes meshguard's installers of a network namespace.
@@ -192,6 +193,7 @@ def install(
     which halves meshguard-init's time. When any family fails, every family this call
     changed is rolled back, so a failure leaves the namespace as it was found.
     """
+    require_valid(ruleset)  # no value reaches a restore payload unless it is of its type
     if ipv6_available is None:
         ipv6_available = Path("/proc/net/if_inet6").exists()
     wanted = list(families)

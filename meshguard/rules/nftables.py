@@ -52,7 +52,7 @@ from typing import Any, Final
 from meshguard.errors import MeshguardFailure
 from meshguard.process import CommandRunner
 from meshguard.rules.install import InstallResult
-from meshguard.rules.ruleset import CHAIN_PREFIX, Family, Ruleset, Table
+from meshguard.rules.ruleset import CHAIN_PREFIX, Family, Ruleset, Table, require_valid
 
 TABLE_FAMILY: Final = "inet"
 TABLE_NAME: Final = "meshguard"
@@ -124,6 +124,7 @@ class NftTable:
 
 def build(ruleset: Ruleset, *, families: Iterable[Family] = tuple(Family)) -> NftTable:
     """The table for ``families`` (both, normally): the ruleset's rules, translated."""
+    require_valid(ruleset)  # no value reaches the nft text unless it is of its type
     per_family = {family: _family_chains(ruleset, family) for family in families}
     names: list[str] = []
     for chains in per_family.values():

@@ -28,6 +28,7 @@ from meshguard.authz.envoy_config import (
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.keys import SIGNER
 from tests.support.shared import shared_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -237,7 +238,9 @@ def test_a_misnamed_authz_cluster_answers_503_and_says_so_not_403(
     name, where a policy denial (here: a pod the authz server does not know) is a 403
     counted as ``ext_authz.denied``."""
     pod = yaml.safe_load(EXAMPLE_POD.read_text())
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     pod_file = tmp_path / "pod.yaml"
     pod_file.write_text(yaml.safe_dump(pod))
     config = tmp_path / "sidecar.yaml"

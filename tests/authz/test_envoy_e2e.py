@@ -26,6 +26,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
+from tests.support.keys import SIGNER
 from tests.support.netfilter import Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
 
@@ -115,7 +116,9 @@ def injected_pod(
     app["ports"].append({"containerPort": H2C_PORT, "name": "grpc"})
     pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 

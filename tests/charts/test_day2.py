@@ -56,6 +56,7 @@ from tests.charts.test_chart import (
     pem,
     selector_matches,
 )
+from tests.support.keys import SIGNER
 from tests.support.shared import shared_file
 from tests.support.tls import CertificateAuthority
 
@@ -644,7 +645,7 @@ def _injected(sample: str) -> tuple[dict[str, Any], dict[str, Any]]:
     (template,) = pod_templates([d for d in yaml.safe_load_all(text) if d])
     istio = copy.deepcopy(template.spec)
     metadata, spec = copy.deepcopy(template.metadata), copy.deepcopy(template.spec)
-    inject_pod(metadata, spec, settings=InjectSettings(request_template=False))
+    inject_pod(metadata, spec, settings=InjectSettings(request_template=False, signer=SIGNER))
     return istio, spec
 
 

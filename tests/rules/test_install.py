@@ -390,7 +390,10 @@ def test_ruleset_document_round_trips():
         (lambda d: d["ipv4"]["tables"][0]["rules"].pop(), "digest mismatch"),
         (lambda d: d.update(version=99), "version 99"),
         (lambda d: d["ipv4"]["tables"][0]["chains"].append("ISTIO_OUTPUT"), "not meshguard's"),
-        (lambda d: d["ipv4"]["tables"][0]["rules"][0].__setitem__(1, "x\n-F"), "spans lines"),
+        (
+            lambda d: d["ipv4"]["tables"][0]["rules"][0].__setitem__(1, "x\n-F"),
+            "characters outside a rule",
+        ),
         (lambda d: d.pop("ipv6"), "unexpected content"),
     ],
 )

@@ -1,0 +1,192 @@
+"""Issue 23.1 without root: the webhook's signature and who accepts it (authz store, key
+rotation, the webhook stripping forged marks), and no hostile value reaching nft or
+iptables-restore text."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import dataclasses
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshguard.attestation import TrustedKeys, generate
+from meshguard.authz.store import policy_of
+from meshguard.errors import MalformedInputError
+from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.rules import nftables
+from meshguard.rules.install import install
+from meshguard.rules.ruleset import Ruleset, _ruleset_from
+from meshguard.webhook.review import handle
+from tests.support.keys import SIGNER, TRUSTED
+from tests.support.pods import admission_review, example_pod, injected_example
+
+FORGED_MARKS = {"meshguard.io/ruleset", "meshguard.io/status", "meshguard.io/attestation"}
+
+
+def signed_by(signer: Any) -> dict[str, Any]:
+    pod = example_pod()
+    inject_pod(pod["metadata"], pod["spec"],
+               settings=InjectSettings(request_template=False, signer=signer))  # fmt: skip
+    return pod
+
+
+# --- the authz server's store ------------------------------------------------------------
+
+
+def test_an_unsigned_pod_is_refused_by_the_authz_store_before_its_policy_is_read():
+    pod = example_pod()
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    policy = policy_of(pod, trusted=TRUSTED)
+    assert "unsigned" in policy.refused and policy.key in policy.refused
+    # the same pod, signed, is served
+    assert not policy_of(injected_example(), trusted=TRUSTED).refused
+
+
+def test_a_record_replayed_onto_another_pod_is_refused():
+    other = injected_example()
+    other["spec"]["serviceAccountName"] = "payments"
+    assert "signed for another pod" in policy_of(other, trusted=TRUSTED).refused
+
+
+def test_key_rotation_overlap():
+    """Add the new public key, switch the signing key, remove the old public key."""
+    old, new = SIGNER, generate()
+    both = TrustedKeys.from_pem(old.public_pem() + new.public_pem(), origin="both")
+    only_new = TrustedKeys.from_pem(new.public_pem(), origin="new")
+    by_old, by_new = signed_by(old), signed_by(new)
+    assert not policy_of(by_old, trusted=both).refused
+    assert not policy_of(by_new, trusted=both).refused
+    assert "not trusted" in policy_of(by_old, trusted=only_new).refused
+    assert not policy_of(by_new, trusted=only_new).refused
+
+
+def test_a_flipped_signature_bit_is_refused():
+    pod = injected_example()
+    annotations = pod["metadata"]["annotations"]
+    envelope = json.loads(annotations["meshguard.io/attestation"])
+    raw = bytearray(base64.b64decode(envelope["signature"]))
+    raw[0] ^= 1
+    envelope["signature"] = base64.b64encode(bytes(raw)).decode()
+    annotations["meshguard.io/attestation"] = json.dumps(envelope)
+    assert "does not verify" in policy_of(pod, trusted=TRUSTED).refused
+
+
+# --- the webhook: a pod it skips never carries meshguard's marks ---------------------------
+
+
+@pytest.mark.parametrize(
+    "opt_out",
+    [{"meshguard.io/inject": "false"}, {"sidecar.istio.io/inject": "false"},
+     {"ambient.istio.io/redirection": "enabled"}],
+)  # fmt: skip
+def test_the_webhook_strips_forged_marks_from_a_pod_it_skips(opt_out):
+    forged = injected_example()  # what the author copied from an admitted pod
+    forged["metadata"]["annotations"].update(opt_out)
+    status, answer, _ = handle(admission_review(forged, "u1"),
+                               settings=InjectSettings(signer=SIGNER))  # fmt: skip
+    assert status == 200 and answer["response"]["allowed"] is True
+    patch = json.loads(base64.b64decode(answer["response"]["patch"]))
+    admitted = jsonpatch.apply_patch(copy.deepcopy(forged), patch)
+    assert not FORGED_MARKS & set(admitted["metadata"]["annotations"])
+    assert "meshguard.io/admitted" not in (admitted["metadata"].get("labels") or {})
+    assert any("meshguard removed" in w for w in answer["response"]["warnings"])
+
+
+# --- no hostile value reaches the netfilter text ---------------------------------------
+
+HOSTILE = [
+    '1337; include "/etc/passwd";',
+    "1337 } table inet evil { chain c { type filter hook output priority 0; accept; } }",
+    "1337\n*filter\n-F\nCOMMIT",
+    "1337 # comment",
+    "$var",
+    "@set",
+    "1337' -j ACCEPT '",
+    "1337\\",
+    "99999999999",
+    "-1",
+]
+
+
+def _document_with(position: str, value: str) -> str:
+    document = json.loads(injected_example()["metadata"]["annotations"]["meshguard.io/ruleset"])
+    table = document["ipv4"]["tables"][0]
+    chain = table["rules"][0][0]
+    if position == "uid":
+        table["rules"][0] = [chain, f"-m owner --uid-owner {value} -j RETURN"]
+    elif position == "comment":
+        table["rules"][0] = [chain, f'-m comment --comment "{value}" -j RETURN']
+    elif position == "chain":
+        table["chains"].append(value)
+    elif position == "table":
+        table["name"] = value
+    elif position == "hook":
+        table["hooks"][0]["chain"] = value
+    elif position == "route":
+        document["ipv6"]["localRoutes"] = [value]
+    elif position == "source":
+        document["sources"][0]["ipv4"] = value
+    # the digest an attacker computes: the document is refused for its values, not its digest
+    with contextlib.suppress(Exception):
+        document["digest"] = _ruleset_from(document).digest
+    return json.dumps(document)
+
+
+POSITIONS = ["uid", "comment", "chain", "table", "hook", "route", "source"]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_are_refused_where_the_document_is_read(position, value):
+    if position == "comment" and value.lstrip("-").isdigit():
+        pytest.skip("a number is a harmless comment text")
+    with pytest.raises(MalformedInputError, match="ruleset: "):
+        Ruleset.from_json(_document_with(position, value))
+
+
+_BREAKERS = set(";{}\"'\\#$@\n\r`")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.sampled_from(POSITIONS))
+def test_no_generated_value_with_a_breaking_character_reaches_a_payload(value, position):
+    """Either the document is refused, or nothing of the value can break out of its place
+    in the nft text or the iptables-restore payload."""
+    try:
+        ruleset = Ruleset.from_json(_document_with(position, value))
+    except MalformedInputError:
+        return
+    assert not _BREAKERS & set(value) or (position == "comment" and not {'"', "\n"} & set(value))
+    payloads = ruleset.ipv4.payload() + ruleset.ipv6.payload()
+    try:
+        payloads += nftables.render(ruleset)
+    except MalformedInputError:
+        return
+    except nftables.UnsupportedRule:
+        return
+    assert "include" not in payloads.replace("--comment", "")
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_the_renderers_refuse_a_hostile_ruleset_built_in_memory(value):
+    """The renderers check their input too (a ruleset that never was a document)."""
+    good = Ruleset.from_json(_document_with("uid", "1000"))
+    table = good.ipv4.tables[0]
+    rule = (table.rules[0][0], f"-m owner --uid-owner {value} -j RETURN")
+    bad_table = dataclasses.replace(table, rules=(rule,))
+    bad = dataclasses.replace(good, ipv4=dataclasses.replace(good.ipv4, tables=(bad_table,)))
+    with pytest.raises(MalformedInputError, match="refused before rendering"):
+        nftables.build(bad)
+    with pytest.raises(MalformedInputError, match="refused before rendering"):
+        install(bad, run=_never)
+
+
+def _never(argv: Any, **_: Any) -> str:
+    raise AssertionError(f"ran {argv}")
