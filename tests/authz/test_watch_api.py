@@ -34,7 +34,7 @@ from tests.authz.test_server import check_request, free_port
 from tests.authz.test_store import EXAMPLE
 from tests.support.apiserver import TOKEN, ScriptedApiServer
 from tests.support.apiserver import Churn as ApiChurn
-from tests.support.keys import SIGNER, TRUSTED
+from tests.support.keys import SIGNER, TRUSTED, trusted_keys_file
 from tests.support.processes import children, listeners, wait_for
 
 PODS = 10_000
@@ -207,7 +207,7 @@ def test_serve_authz_workers_share_one_watch_and_serve_only_once_synced(api, tmp
     port, metrics = free_port(), free_port()
     argv = [sys.executable, "-m", "meshguard", "serve-authz", "--kubernetes",
             "--insecure-plaintext", "--port", str(port), "--metrics-port", str(metrics),
-            "--workers", "2"]  # fmt: skip
+            "--workers", "2", "--trusted-keys", str(trusted_keys_file(tmp_path))]  # fmt: skip
     server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: listeners(port) == 2, what="both workers to listen")
