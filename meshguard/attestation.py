@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -46,7 +47,9 @@ COVERED: Final = (annotation_keys.RULESET, annotation_keys.STATUS)
 DOMAIN: Final = b"meshguard.io/attestation v1\n"
 MAX_ATTESTATION_BYTES: Final = 16 * 1024
 MAX_KEY_FILE_BYTES: Final = 256 * 1024
-_PEM_PUBLIC = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+#: A public key, or a certificate carrying one (the chart's generated key is published as a
+#: self-signed certificate: Helm can make one from a key, not a bare public key).
+_PEM_PUBLIC = re.compile(r"-----BEGIN (PUBLIC KEY|CERTIFICATE)-----.+?-----END \1-----", re.DOTALL)
 
 
 class AttestationError(MalformedInputError):
@@ -189,11 +192,17 @@ class TrustedKeys:
 
     @classmethod
     def from_pem(cls, text: str, *, origin: str) -> TrustedKeys:
-        """Every ``PUBLIC KEY`` block of ``text``; at least one, all Ed25519."""
+        """Every ``PUBLIC KEY`` (or ``CERTIFICATE``) block of ``text``; at least one, all
+        Ed25519."""
         keys: dict[str, Ed25519PublicKey] = {}
-        for block in _PEM_PUBLIC.findall(text):
+        for match in _PEM_PUBLIC.finditer(text):
+            block = match.group(0).encode()
             try:
-                key = serialization.load_pem_public_key(block.encode())
+                key = (
+                    x509.load_pem_x509_certificate(block).public_key()
+                    if match.group(1) == "CERTIFICATE"
+                    else serialization.load_pem_public_key(block)
+                )
             except (ValueError, TypeError) as exc:
                 raise KeyFileError(
                     f"trusted keys {origin}: unreadable public key ({exc})"
