@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from meshguard.attestation import TrustedKeys, generate
 from meshguard.authz.store import policy_of
 from meshguard.errors import MalformedInputError
-from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.inject.transform import InjectSettings, OptOut, inject_pod
 from meshguard.rules import nftables
 from meshguard.rules.install import install
 from meshguard.rules.ruleset import Ruleset, _ruleset_from
@@ -190,3 +190,51 @@ def test_the_renderers_refuse_a_hostile_ruleset_built_in_memory(value):
 
 def _never(argv: Any, **_: Any) -> str:
     raise AssertionError(f"ran {argv}")
+
+
+# --- issue 23.2: platform-enforced coverage ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opt_out",
+    [{"annotations": {"meshguard.io/inject": "false"}},
+     {"annotations": {"sidecar.istio.io/inject": "false"}},
+     {"labels": {"sidecar.istio.io/inject": "false"}}],
+)  # fmt: skip
+def test_refused_opt_out_of_an_istio_injected_pod_unless_the_namespace_is_exempt(opt_out):
+    pod = example_pod()  # Istio injected it: istio-proxy is there
+    for where, entries in opt_out.items():
+        pod["metadata"].setdefault(where, {}).update(entries)
+    asked: list[str] = []
+
+    def exempt(namespace: str) -> bool:
+        asked.append(namespace)
+        return namespace == "platform-exempt"
+
+    refuse = InjectSettings(signer=SIGNER, opt_out=OptOut.REFUSE, opt_out_exempt=exempt)
+    status, answer, _ = handle(admission_review(pod, "u2"), settings=refuse)
+    response = answer["response"]
+    assert status == 200 and response["allowed"] is False
+    assert response["status"]["code"] == 403
+    assert "meshguard.io/opt-out=allowed" in response["status"]["message"]
+    assert asked == [pod["metadata"].get("namespace", "default")]
+    exempted = copy.deepcopy(pod)
+    exempted["metadata"]["namespace"] = "platform-exempt"
+    allowed = handle(admission_review(exempted, "u3"), settings=refuse)[1]["response"]
+    assert allowed["allowed"] is True
+    # the default (allow) lets any pod opt out, as before
+    assert handle(admission_review(pod, "u4"), settings=InjectSettings(signer=SIGNER))[1][
+        "response"
+    ]["allowed"]
+
+
+def test_refusing_opt_out_leaves_pods_without_istio_alone():
+    pod = example_pod()
+    pod["metadata"]["annotations"]["sidecar.istio.io/inject"] = "false"
+    pod["spec"]["containers"] = [c for c in pod["spec"]["containers"] if c["name"] != "istio-proxy"]
+    pod["spec"]["initContainers"] = [
+        c for c in pod["spec"].get("initContainers", []) if c["name"] != "istio-init"
+    ]
+    pod["metadata"]["annotations"].pop("sidecar.istio.io/status", None)
+    refuse = InjectSettings(signer=SIGNER, opt_out=OptOut.REFUSE)
+    assert handle(admission_review(pod, "u5"), settings=refuse)[1]["response"]["allowed"]

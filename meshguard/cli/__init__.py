@@ -588,6 +588,14 @@ def _add_servers(commands: Subcommands) -> None:
         " template. Without this flag every istiod revision must have the template, or Istio"
         ' refuses each pod: requested template "meshguard" not found',
     )
+    webhook.add_argument(
+        "--opt-out",
+        choices=["allow", "refuse"],
+        default="allow",
+        help='pod-level opt-out (meshguard.io/inject or sidecar.istio.io/inject "false") of a'
+        " pod Istio injects: allow, or refuse unless the pod's namespace is labelled"
+        " meshguard.io/opt-out=allowed (read from the API server: needs get on namespaces)",
+    )
     add_injection_flags(webhook)
     webhook.set_defaults(handler="meshguard.cli.serve:webhook", extra="server")
 

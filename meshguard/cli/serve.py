@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import os
 import signal
 import ssl
@@ -22,6 +23,8 @@ from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cli.inject import injection_settings
 from meshguard.cli.workers import Worker, WorkerPool
 from meshguard.errors import MeshguardError
+from meshguard.inject.transform import OptOut
+from meshguard.webhook.namespaces import NamespaceExemptions
 from meshguard.webhook.server import WebhookSettings, run_webhook
 
 PR_SET_PDEATHSIG = 1
@@ -38,6 +41,9 @@ def webhook(args: argparse.Namespace) -> int:
         )
     try:
         inject = injection_settings(args, request_template=not args.no_template)
+        if args.opt_out == OptOut.REFUSE:
+            exempt = NamespaceExemptions(api_access())
+            inject = dataclasses.replace(inject, opt_out=OptOut.REFUSE, opt_out_exempt=exempt)
     except MeshguardError as exc:
         return fail(f"meshguard serve-webhook: {exc}", EXIT_USAGE)
     settings = WebhookSettings(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -87,6 +87,19 @@ def install_mode(pod: PodView) -> InstallMode:
     )
 
 
+class OptOut(enum.StrEnum):
+    """What the webhook does with a pod-level opt-out of a pod Istio injects."""
+
+    ALLOW = "allow"  # the pod runs with Istio's sidecar and without meshguard
+    #: Refused, unless the pod's namespace carries :data:`OPT_OUT_EXEMPTION` (a label only
+    #: whoever may edit namespaces, normally cluster admins, can set).
+    REFUSE = "refuse"
+
+
+#: The namespace label that lets a namespace's pods opt out under ``OptOut.REFUSE``.
+OPT_OUT_EXEMPTION: Final = ("meshguard.io/opt-out", "allowed")
+
+
 class Outcome(enum.StrEnum):
     INJECTED = "injected"
     TEMPLATE_REQUESTED = "template-requested"
@@ -103,6 +116,11 @@ class InjectSettings:
     #: The webhook's signing key (:mod:`meshguard.attestation`). Without it an injected pod
     #: carries no ``meshguard.io/attestation``, and every consumer refuses it.
     signer: Signer | None = None
+    #: Pod-level opt-out of a pod that has (or gets) Istio's sidecar: allowed, or refused.
+    opt_out: OptOut = OptOut.ALLOW
+    #: namespace -> whether it carries :data:`OPT_OUT_EXEMPTION` (the webhook reads the
+    #: namespace from the API); None: no namespace is exempt.
+    opt_out_exempt: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,9 +148,11 @@ def inject_pod(
     settings = _with_init_keys(settings)
     annotations: dict[str, Any] = metadata.get("annotations") or {}
     skip = skip_reason(metadata)
+    before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    if skip and before.proxy is not None and _opts_out(metadata):
+        _refuse_opt_out(before, skip=skip, settings=settings, namespace=namespace)
     if skip:
         return Result(Outcome.SKIPPED, reason=skip, warnings=strip_admission_marks(metadata))
-    before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     if before.proxy is None:
         _refuse_unrecognized_proxy(before)
         stripped = strip_admission_marks(metadata)
@@ -189,6 +209,39 @@ def inject_pod(
     _attest(metadata, spec, signer=settings.signer, namespace=namespace)
     warnings = (*replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
+
+
+def _opts_out(metadata: dict[str, Any]) -> bool:
+    """The pod's author opted it out (``meshguard.io/inject`` or ``sidecar.istio.io/inject``
+    "false": the latter skips meshguard even where Istio injects anyway, e.g. a label
+    ``"true"`` that Istio lets win over the annotation); ambient pods have no sidecar."""
+    annotations: dict[str, Any] = metadata.get("annotations") or {}
+    labels: dict[str, Any] = metadata.get("labels") or {}
+    values = (
+        annotations.get(annotation_keys.INJECT),
+        annotations.get(annotation_keys.ISTIO_INJECT),
+        labels.get(annotation_keys.ISTIO_INJECT),
+    )
+    return any(str(v).strip().lower() == "false" for v in values if v is not None)
+
+
+def _refuse_opt_out(
+    pod: PodView, *, skip: str, settings: InjectSettings, namespace: str | None
+) -> None:
+    """Under ``OptOut.REFUSE`` a pod Istio injected may not leave meshguard out, unless its
+    namespace is exempt (:data:`OPT_OUT_EXEMPTION`)."""
+    if settings.opt_out is OptOut.ALLOW:
+        return
+    where = namespace or pod.namespace or "default"
+    if settings.opt_out_exempt is not None and settings.opt_out_exempt(where):
+        return
+    key, value = OPT_OUT_EXEMPTION
+    raise RefusedError(
+        f"meshguard refuses pod {pod.name or '(unnamed)'}: it has Istio's sidecar and {skip};"
+        f" in namespace {where} every Istio-injected pod is meshguard's (webhook opt-out:"
+        f" refuse). Remove the opt-out, or ask a cluster admin to label the namespace"
+        f" {key}={value}"
+    )
 
 
 def _with_init_keys(settings: InjectSettings) -> InjectSettings:

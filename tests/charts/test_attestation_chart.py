@@ -82,3 +82,17 @@ def test_an_existing_secret_without_its_public_key_is_refused(attestation):
 def test_a_private_key_is_refused_as_a_public_key():
     with pytest.raises(Exception, match="publicKeys"):
         render({"attestation": {"publicKeys": [private_pem(OTHER)]}})
+
+
+def test_refused_pod_opt_out_reads_namespaces_and_nothing_else():
+    objects = render({"webhook": {"podOptOut": "refuse"}})
+    webhook = one(objects, "Deployment", "meshguard-webhook")
+    assert "--opt-out=refuse" in container(webhook)["args"]
+    assert webhook["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    role = one(objects, "ClusterRole", "meshguard-webhook-namespaces")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]
+    binding = one(objects, "ClusterRoleBinding", "meshguard-webhook-namespaces")
+    assert binding["subjects"][0]["name"] == "meshguard-webhook"
+    default = render({})
+    assert "--opt-out=allow" in container(one(default, "Deployment", "meshguard-webhook"))["args"]
+    assert not [o for o in default if o["metadata"]["name"] == "meshguard-webhook-namespaces"]
