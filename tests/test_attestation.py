@@ -238,3 +238,33 @@ def test_refusing_opt_out_leaves_pods_without_istio_alone():
     pod["metadata"]["annotations"].pop("sidecar.istio.io/status", None)
     refuse = InjectSettings(signer=SIGNER, opt_out=OptOut.REFUSE)
     assert handle(admission_review(pod, "u5"), settings=refuse)[1]["response"]["allowed"]
+
+
+# --- the install reads back the whole nftables ruleset -------------------------------------
+
+
+def _listing(*items: dict[str, Any]) -> str:
+    return json.dumps({"nftables": [{"metainfo": {"version": "1"}}, *items]})
+
+
+ISTIO = {"table": {"family": "inet", "name": "istio-proxy-nat", "handle": 1}}
+ISTIO_RULE = {"rule": {"family": "inet", "table": "istio-proxy-nat", "chain": "output",
+                       "handle": 4, "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}  # fmt: skip
+OURS = {"chain": {"family": "inet", "table": "meshguard", "name": "MESHGUARD_DENY", "handle": 2}}
+
+
+def test_only_meshguards_table_may_change_and_no_other_meshguard_object_may_appear():
+    before = nftables.foreign_objects(_listing(ISTIO, ISTIO_RULE))
+    counted = copy.deepcopy(ISTIO_RULE)
+    counted["rule"]["expr"][0]["counter"] = {"packets": 9, "bytes": 900}
+    counted["rule"]["handle"] = 4
+    # traffic moved Istio's counters and meshguard's table changed: fine
+    same = nftables.foreign_objects(_listing(ISTIO, counted, OURS))
+    assert nftables.foreign_changes(before, same) == []
+    evil_table = {"table": {"family": "ip", "name": "meshguard2", "handle": 9}}
+    evil_chain = {"chain": {"family": "inet", "table": "istio-proxy-nat", "name": "MESHGUARD_X"}}
+    flushed = nftables.foreign_objects(_listing(ISTIO, evil_table, evil_chain))
+    problems = nftables.foreign_changes(before, flushed)
+    assert any("meshguard2" in p and "did not plan" in p for p in problems)
+    assert any("MESHGUARD_X" in p for p in problems)
+    assert any("removed" in p for p in problems)  # Istio's rule is gone

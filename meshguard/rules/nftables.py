@@ -684,11 +684,13 @@ def install(
         for prefix in ruleset.ipv6.local_routes:
             run(["ip", "-6", "route", "replace", "local", prefix, "dev", "lo"])
     before = current_table(run)
+    others = foreign_objects(run(["nft", "-j", "list", "ruleset"]))
     try:
         run(["nft", "-f", "-"], stdin=payload)  # atomic: all of it, or nothing changed
     except MeshguardFailure as exc:
         raise MeshguardFailure(f"nftables transaction refused, nothing changed: {exc}") from None
     problems = verify(table, parse_listing(run(["nft", "-j", "list", "table", "inet", TABLE_NAME])))
+    problems += foreign_changes(others, foreign_objects(run(["nft", "-j", "list", "ruleset"])))
     if problems:
         failure = MeshguardFailure(f"nftables rules not as compiled: {'; '.join(problems)}")
         _restore(before, run=run, failure=failure)
@@ -713,6 +715,49 @@ def install(
         InstallResult(family=f, installed=f in wanted, payload=payload, seconds=seconds)
         for f in families
     ]
+
+
+def foreign_objects(listing: str) -> list[str]:
+    """Everything of ``nft -j list ruleset`` outside meshguard's table, canonical (counters
+    zeroed, handles dropped): the install must leave all of it as it was."""
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise MeshguardFailure("nft -j list ruleset: not the JSON nft writes") from None
+    found: list[str] = []
+    for item in items:
+        if not isinstance(item, dict) or "metainfo" in item:
+            continue
+        (kind, body), *_ = item.items()
+        if not isinstance(body, dict):
+            continue
+        owner = (body.get("family"), body.get("table") if kind != "table" else body.get("name"))
+        if owner == (TABLE_FAMILY, TABLE_NAME):
+            continue
+        found.append(json.dumps({kind: _canonical(body)}, sort_keys=True))
+    return found
+
+
+def foreign_changes(before: Sequence[str], after: Sequence[str]) -> list[str]:
+    """What the install changed outside meshguard's table, and any meshguard-named object
+    there (a table or chain meshguard did not plan): each a problem."""
+    problems = [f"outside {TABLE_FAMILY} {TABLE_NAME}: {item}" for item in after
+                if item not in before]  # fmt: skip
+    problems += [f"outside {TABLE_FAMILY} {TABLE_NAME}, removed: {item}" for item in before
+                 if item not in after]  # fmt: skip
+    problems += [f"a meshguard-named object meshguard did not plan: {item}" for item in after
+                 if TABLE_NAME in item.lower() or CHAIN_PREFIX in item]  # fmt: skip
+    return list(dict.fromkeys(problems))
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, dict):
+        if set(value) == {"packets", "bytes"}:
+            return {"packets": 0, "bytes": 0}
+        return {k: _canonical(v) for k, v in value.items() if k != "handle"}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _restore(before: str | None, *, run: CommandRunner, failure: MeshguardFailure) -> None:
