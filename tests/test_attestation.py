@@ -21,7 +21,8 @@ from meshguard.authz.store import policy_of
 from meshguard.errors import MalformedInputError
 from meshguard.inject.transform import InjectSettings, OptOut, inject_pod
 from meshguard.rules import nftables
-from meshguard.rules.install import install
+from meshguard.rules.install import foreign_changes, install
+from meshguard.rules.iptables import parse_save
 from meshguard.rules.ruleset import Ruleset, _ruleset_from
 from meshguard.webhook.review import handle
 from tests.support.keys import SIGNER, TRUSTED
@@ -268,3 +269,22 @@ def test_only_meshguards_table_may_change_and_no_other_meshguard_object_may_appe
     assert any("meshguard2" in p and "did not plan" in p for p in problems)
     assert any("MESHGUARD_X" in p for p in problems)
     assert any("removed" in p for p in problems)  # Istio's rule is gone
+
+
+def test_an_iptables_install_may_change_nothing_outside_meshguards_chains_and_hooks():
+    before = parse_save(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"
+    )
+    ours = parse_save(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n"
+        ":MESHGUARD_REDIRECT - [0:0]\n-A OUTPUT -j MESHGUARD_REDIRECT\n-A OUTPUT -j ISTIO_OUTPUT\n"
+        "-A MESHGUARD_REDIRECT -j RETURN\nCOMMIT\n*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    )
+    assert foreign_changes(before, ours) == []
+    flushed = parse_save("*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\nCOMMIT\n")
+    assert foreign_changes(before, flushed) == ["nat OUTPUT: changed outside meshguard's rules"]
+    added = parse_save(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:EVIL - [0:0]\n"
+        "-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"
+    )
+    assert foreign_changes(before, added) == ["nat EVIL: changed outside meshguard's rules"]
