@@ -8,16 +8,19 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 from typing import Any
 
 import jsonpatch
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshguard.attestation import TrustedKeys, generate
 from meshguard.authz.store import policy_of
+from meshguard.cli import main
 from meshguard.errors import MalformedInputError
 from meshguard.inject.transform import InjectSettings, OptOut, inject_pod
 from meshguard.rules import nftables
@@ -288,3 +291,19 @@ def test_an_iptables_install_may_change_nothing_outside_meshguards_chains_and_ho
         "-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"
     )
     assert foreign_changes(before, added) == ["nat EVIL: changed outside meshguard's rules"]
+
+
+@pytest.mark.parametrize(("labels", "status"), [({}, 3), ({"meshguard.io/opt-out": "allowed"}, 0)])
+def test_describe_reports_pod_opt_out_where_it_is_refused(tmp_path, labels, status):
+    pod = example_pod()
+    pod["metadata"]["annotations"]["meshguard.io/inject"] = "false"
+    namespace = {"apiVersion": "v1", "kind": "Namespace",
+                 "metadata": {"name": pod["metadata"]["namespace"], "labels": labels}}  # fmt: skip
+    manifest = tmp_path / "cluster.yaml"
+    manifest.write_text(yaml.safe_dump_all([namespace, pod]))
+    argv = ["describe", "-f", str(manifest), "--fail-on-unprotected"]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main([*argv, "--pod-opt-out", "refuse"]) == status
+        assert main(argv) == 0  # the default: a pod's own opt-out is its owner's choice
+    if status:
+        assert "where pod opt-out is refused" in out.getvalue()

@@ -453,6 +453,14 @@ def _add_rules(commands: Subcommands) -> None:
         help="exit 3 if a pod has Istio's sidecar and no meshguard (opted-out pods excepted)",
     )
     describe.add_argument(
+        "--pod-opt-out",
+        choices=["allow", "refuse"],
+        default="allow",
+        help='refuse: count pods that opted themselves out (meshguard.io/inject "false") as'
+        " unprotected unless their namespace is labelled meshguard.io/opt-out=allowed (the"
+        " chart's webhook.podOptOut: refuse; give the Namespace objects in the input)",
+    )
+    describe.add_argument(
         "--only-unprotected",
         action="store_true",
         help="print only the unprotected pods, one line each, and a summary",

@@ -14,6 +14,7 @@ from meshguard import annotation_keys, yaml_io
 from meshguard.cli import EXIT_FAILED, EXIT_OK
 from meshguard.describe import Protection, Verdict, describe, protection
 from meshguard.errors import MalformedInputError, RefusedError, UsageError
+from meshguard.inject.transform import OPT_OUT_EXEMPTION
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.pod import read_pod
 from meshguard.policy import parse_mode, parse_policy
@@ -30,9 +31,18 @@ def run(args: argparse.Namespace) -> int:
     templates = list(pod_templates(documents))
     opt_out = _label(args.opt_out_label)
     opted_out_namespaces = _opted_out_namespaces(documents, opt_out)
+    exempt = (
+        _opted_out_namespaces(documents, OPT_OUT_EXEMPTION)
+        if getattr(args, "pod_opt_out", "allow") == "refuse"
+        else None
+    )
     settings = CompilerSettings()
     reports = [
-        _report(template, _verdict(template, opted_out_namespaces, opt_out), settings)
+        _report(
+            template,
+            _refused_opt_out(template, _verdict(template, opted_out_namespaces, opt_out), exempt),
+            settings,
+        )
         for template in templates
     ]
     unprotected = [r.pod for r in reports if r.verdict.protection is Protection.UNPROTECTED]
@@ -138,6 +148,22 @@ def _verdict(
     if template.namespace in opted_out_namespaces:
         reason = f"namespace {template.namespace} is labeled {opt_out[0]}={opt_out[1]}"
     return protection(template.metadata, template.spec, namespace_opt_out=reason)
+
+
+def _refused_opt_out(template: PodTemplate, verdict: Verdict, exempt: set[str] | None) -> Verdict:
+    """``--pod-opt-out refuse`` (as the webhook's ``--opt-out refuse``): a pod that opted
+    itself out is unprotected, unless its namespace is labelled meshguard.io/opt-out=allowed
+    (only pod-level opt-outs: a namespace label is the admins' own)."""
+    if exempt is None or verdict.protection is not Protection.OPTED_OUT:
+        return verdict
+    if template.namespace in exempt or "namespace" in verdict.line:
+        return verdict
+    key, value = OPT_OUT_EXEMPTION
+    return Verdict(
+        Protection.UNPROTECTED,
+        f"UNPROTECTED: {verdict.line.split(':', 1)[0]}, where pod opt-out is refused (its"
+        f" namespace is not labelled {key}={value}): Istio's sidecar, no loopback isolation",
+    )
 
 
 def _summary(reports: list[PodReport], unprotected: list[str]) -> str:
