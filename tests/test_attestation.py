@@ -34,8 +34,13 @@ from tests.support.pods import admission_review, example_pod, injected_example
 FORGED_MARKS = {"meshguard.io/ruleset", "meshguard.io/status", "meshguard.io/attestation"}
 
 
-def signed_by(signer: Any) -> dict[str, Any]:
+ALLOW_ALL = json.dumps({"defaultAction": "allow"})
+
+
+def signed_by(signer: Any, *, policy: str | None = None) -> dict[str, Any]:
     pod = example_pod()
+    if policy is not None:
+        pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
     inject_pod(pod["metadata"], pod["spec"],
                settings=InjectSettings(request_template=False, signer=signer))  # fmt: skip
     return pod
@@ -307,3 +312,47 @@ def test_describe_reports_pod_opt_out_where_it_is_refused(tmp_path, labels, stat
         assert main(argv) == 0  # the default: a pod's own opt-out is its owner's choice
     if status:
         assert "where pod opt-out is refused" in out.getvalue()
+
+
+# --- meshguard-init's consistency check ----------------------------------------------------
+
+
+def _init_files(tmp_path, *, attestation: str | None) -> tuple[Any, Any]:
+    pod = injected_example()
+    annotations = pod["metadata"]["annotations"]
+    ruleset = tmp_path / "ruleset"
+    ruleset.write_text(annotations["meshguard.io/ruleset"])
+    if attestation is not None:
+        (tmp_path / "attestation").write_text(attestation)
+    return ruleset, annotations
+
+
+def test_meshguard_init_with_keys_refuses_a_ruleset_the_webhook_did_not_sign(tmp_path, capsys):
+    ruleset, annotations = _init_files(tmp_path, attestation=None)
+    keys = tmp_path / "keys.pem"
+    keys.write_text(SIGNER.public_pem())
+    # --dry-run: whatever happens, nothing is installed in the test's own namespace
+    argv = ["init", "--dry-run", "--ruleset-file", str(ruleset), "--trusted-keys", str(keys)]
+    assert main(argv) == 2  # unsigned: no attestation file
+    assert "attestation" in capsys.readouterr().err
+    (tmp_path / "attestation").write_text(annotations["meshguard.io/attestation"])
+    other = signed_by(generate(), policy=ALLOW_ALL)["metadata"]["annotations"]
+    assert other["meshguard.io/ruleset"] != annotations["meshguard.io/ruleset"]
+    ruleset.write_text(other["meshguard.io/ruleset"])  # another pod's ruleset
+    assert main(argv) == 2
+    assert "not the text meshguard's webhook signed" in capsys.readouterr().err
+    (tmp_path / "attestation").write_text(other["meshguard.io/attestation"])  # its own, other key
+    assert main(argv) == 2
+    assert "not trusted" in capsys.readouterr().err
+
+
+def test_meshguard_init_reads_its_keys_from_the_environment_the_webhook_sets(
+    tmp_path, capsys, monkeypatch
+):
+    pod = injected_example()
+    (init,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "meshguard-init"]
+    assert init["env"] == [{"name": "MESHGUARD_TRUSTED_KEYS", "value": SIGNER.public_pem()}]
+    ruleset, _ = _init_files(tmp_path, attestation="")
+    monkeypatch.setenv("MESHGUARD_TRUSTED_KEYS", SIGNER.public_pem())
+    assert main(["init", "--dry-run", "--ruleset-file", str(ruleset)]) == 2
+    assert "is empty" in capsys.readouterr().err
