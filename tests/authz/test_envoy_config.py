@@ -28,7 +28,7 @@ from meshguard.authz.envoy_config import (
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace
-from tests.support.keys import SIGNER
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.shared import shared_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -247,7 +247,15 @@ def test_a_misnamed_authz_cluster_answers_503_and_says_so_not_403(
     config.write_text(yaml.safe_dump(sidecar_bootstrap(calls)))
     envoy_out = tmp_path / "envoy.stdout"
     with NetworkNamespace() as ns, envoy_out.open("w") as out:
-        ns.spawn(authz_command([pod_file], uid=0, gid=0, port=AUTHZ_PORT))
+        ns.spawn(
+            authz_command(
+                [pod_file],
+                uid=0,
+                gid=0,
+                port=AUTHZ_PORT,
+                trusted_keys=trusted_keys_file(pod_file.parent),
+            )
+        )
         wait_listening(ns, port=AUTHZ_PORT, uid=0, gid=0)
         envoy = subprocess.Popen(
             ns.argv(envoy_command(config, uid=0, gid=0)), stdout=out,

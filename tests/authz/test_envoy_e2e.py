@@ -26,7 +26,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
-from tests.support.keys import SIGNER
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.netfilter import Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
 
@@ -100,7 +100,13 @@ def rules_in(box: PodSandbox) -> set[str]:
 
 def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
     process = ns.spawn(
-        authz_command([pod_file], uid=PROXY, gid=PROXY, port=9191),
+        authz_command(
+            [pod_file],
+            uid=PROXY,
+            gid=PROXY,
+            port=9191,
+            trusted_keys=trusted_keys_file(pod_file.parent),
+        ),
         stderr=log.open("a"),
     )
     wait_listening(ns, port=9191, uid=PROXY, gid=PROXY)
