@@ -296,13 +296,29 @@ class TrustedKeys:
                 f"{where}: {name}: signed with key {_show(kid)}, which is not trusted"
                 f" (trusted: {', '.join(self.ids)})"
             )
-        try:
-            public.verify(base64.b64decode(signature, validate=True), DOMAIN + _canonical(claims))
-        except (InvalidSignature, binascii.Error, ValueError):
-            raise AttestationError(
-                f"{where}: {name}: the signature does not verify with key {kid}"
-            ) from None
+        if not _verified(public, str(kid), signature, _canonical(claims)):
+            raise AttestationError(f"{where}: {name}: the signature does not verify with key {kid}")
         return claims
+
+
+def _verified(public: Ed25519PublicKey, kid: str, signature: str, claims: bytes) -> bool:
+    if (kid, signature, claims) in _VERIFIED:
+        return True
+    try:
+        public.verify(base64.b64decode(signature, validate=True), DOMAIN + claims)
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED.add((kid, signature, claims))
+    return True
+
+
+#: (key id, signature, canonical claims) that verified: the pods of a Deployment share one
+#: attestation, so a relist of thousands of pods checks each distinct one once. Only
+#: successes are kept; a key id is its key's own hash, so an entry holds for that key only.
+_VERIFIED: set[tuple[str, str, bytes]] = set()
+_VERIFIED_MAX: Final = 4096
 
 
 def verify_pod(
