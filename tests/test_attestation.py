@@ -18,7 +18,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshguard.attestation import TrustedKeys, generate
+from meshguard.attestation import TrustedKeys, generate, load_signer
 from meshguard.authz.store import policy_of
 from meshguard.cli import main
 from meshguard.errors import MalformedInputError
@@ -356,3 +356,19 @@ def test_meshguard_init_reads_its_keys_from_the_environment_the_webhook_sets(
     monkeypatch.setenv("MESHGUARD_TRUSTED_KEYS", SIGNER.public_pem())
     assert main(["init", "--dry-run", "--ruleset-file", str(ruleset)]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_keys_generate_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path):
+    private, public = tmp_path / "signing-key.pem", tmp_path / "public.pem"
+    argv = ["keys", "generate", "--private", str(private), "--public", str(public)]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(argv) == 0
+    signer = load_signer(private)
+    assert signer.key_id in out.getvalue()
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert TrustedKeys.load(public).ids == (signer.key_id,)
+    assert TrustedKeys.load(tmp_path).ids == (signer.key_id,)  # a directory: the private key
+    # is not a public key block and is skipped by the PEM scan
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 1  # an existing key is never replaced
+    assert load_signer(private).key_id == signer.key_id
