@@ -37,7 +37,7 @@ from tests.cni.test_plugin_netns import (  # noqa: F401 - fixtures
     serve,
 )
 from tests.rules.test_backends import compiled, installed_backend, load_iptables, meshguard_in
-from tests.support.keys import SIGNER
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.netfilter import NETFILTERS, Netfilter, nft_golden
 
 #: Runs a module as ``python -m`` would (or a script, argv[2] ending in .py), after installing
@@ -184,7 +184,8 @@ def test_the_node_agent_installs_and_uninstalls_with_the_core_install(tmp_path: 
     conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": plugins}))
     dirs = ["--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)]
     install = ["install", *dirs, "--once", "--plugin-binary", str(tmp_path / "shim"),
-               "--service-account-dir", str(account)]  # fmt: skip
+               "--service-account-dir", str(account),
+               "--trusted-keys", str(trusted_keys_file(tmp_path))]  # fmt: skip
     in_cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     done = run(core_only("meshguard", "cni", *install), env=in_cluster)
     assert done.returncode == 0, done.stderr
