@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from meshguard.attestation import generate
+from meshguard.attestation import generate, subject_of
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.rules.ruleset import _ruleset_from
 from tests.cni.test_plugin_netns import (  # noqa: F401 - fixtures
     api,
     injected_pod,
@@ -104,3 +105,31 @@ def test_the_signed_pod_installs(netns, api):  # noqa: F811
     assert plugin("ADD", netns, api)[0] == 0
     assert not nothing_installed(netns)
     assert SIGNER.key_id in injected_pod()["metadata"]["annotations"]["meshguard.io/attestation"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['1337; include "/etc/passwd";', "1337 } table inet evil { }", "1337\n*filter\n-F\nCOMMIT"],
+)
+def test_a_signed_ruleset_with_a_hostile_value_never_reaches_netfilter(netns, api, value):  # noqa: F811
+    """Even signed (a webhook bug, a stolen key), a value that could break out of its place
+    in the nft or iptables-restore text is refused where the plugin reads the document."""
+    pod = injected_pod()
+    annotations = pod["metadata"]["annotations"]
+    document = json.loads(annotations["meshguard.io/ruleset"])
+    table = document["ipv4"]["tables"][0]
+    table["rules"][0] = [table["rules"][0][0], f"-m owner --uid-owner {value} -j RETURN"]
+    document["digest"] = _ruleset_from(document).digest  # the digest an attacker computes
+    annotations["meshguard.io/ruleset"] = json.dumps(document)
+    status = json.loads(annotations["meshguard.io/status"])
+    status["ruleset"] = document["digest"]
+    annotations["meshguard.io/status"] = json.dumps(status)
+    del annotations["meshguard.io/attestation"]
+    annotations["meshguard.io/attestation"] = SIGNER.attest(
+        subject=subject_of(metadata=pod["metadata"], spec=pod["spec"]), annotations=annotations
+    )
+    serve(pod)
+    code, out = plugin("ADD", netns, api)
+    assert code == 1 and out is not None and out["code"] == 100, out
+    assert "ruleset: unexpected content" in out["msg"] and "root:" not in out["msg"]
+    assert nothing_installed(netns)
