@@ -53,6 +53,7 @@ from meshguard.authz.identity import SECURITY_PROPERTY, URI_PROPERTY
 from meshguard.authz.metrics import AuthzMetrics
 from meshguard.authz.server import AuthorizationService, check, header_bytes_of, request_of
 from meshguard.authz.store import StaticStore, policy_of
+from tests.support.keys import TRUSTED
 from tests.support.load import Kind, check_kinds
 from tests.support.pods import injected_example
 
@@ -102,7 +103,7 @@ def run_check(check: Servicer, request: external_auth_pb2.CheckRequest, context:
 
 
 def meshguard_service(pod: dict[str, Any], *, identities: bool) -> AuthorizationService:
-    store = StaticStore([policy_of(pod)])
+    store = StaticStore([policy_of(pod, trusted=TRUSTED)])
     cache: DecisionCache[Decision] = DecisionCache()
     return AuthorizationService(
         store=store, metrics=AuthzMetrics(store, cache), identities=identities, cache=cache
@@ -132,7 +133,7 @@ STAGES = ("translate (request_of)", "translate + decide (check, decision cache)"
 def stages(pod: dict[str, Any]) -> dict[str, Servicer]:
     """The first parts of a Check as servicers of their own: the translation of the
     CheckRequest, then that and the decision (what the `us` of a decision line measures)."""
-    store = StaticStore([policy_of(pod)])
+    store = StaticStore([policy_of(pod, trusted=TRUSTED)])
     cache: DecisionCache[Decision] = DecisionCache()
 
     async def translate(request: external_auth_pb2.CheckRequest, _: Any) -> Any:

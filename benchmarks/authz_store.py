@@ -51,6 +51,7 @@ from benchmarks.common import (
 from meshguard.authz.kube import PAGE_SIZE
 from tests.support.apiserver import Churn as ApiChurn
 from tests.support.apiserver import ScriptedApiServer
+from tests.support.keys import trusted_keys_file
 from tests.support.latency import LatencyMs, latency_ms
 from tests.support.pods import injected_example
 from tests.support.processes import HOST, free_port, start_logged, stop_process
@@ -120,7 +121,8 @@ def serve_argv(
     return [sys.executable, "-m", "meshguard", "--log-level", "warning", "serve-authz",
             "--kubernetes", "--insecure-plaintext", "--host", HOST, "--port", str(port),
             "--metrics-port", str(metrics), "--workers", str(workers),
-            "--list-page-size", str(page_size)]  # fmt: skip
+            "--list-page-size", str(page_size),
+            "--trusted-keys", str(trusted_keys_file(kubeconfig.parent))]  # fmt: skip
 
 
 def tree(pid: int) -> list[int]:

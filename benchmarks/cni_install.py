@@ -77,6 +77,7 @@ from meshguard.rules.iptables import EnvRunner
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.apiserver import ApiServer, scripted_api
+from tests.support.keys import SIGNER
 from tests.support.samples import as_cni_mode
 from tests.support.shared import golden_payloads
 
@@ -128,7 +129,9 @@ class Document(TypedDict):
 def admitted_pod(n: int) -> dict[str, Any]:
     pod = as_cni_mode(synthetic_pod(n))
     pod["metadata"]["uid"] = f"bench-uid-{n}"
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 

@@ -122,6 +122,7 @@ from meshguard.sandbox.envoy import as_user, authz_command, envoy_command, wait_
 from meshguard.sandbox.netns import NetworkNamespace, probe_command
 from meshguard.sandbox.probe import drop_privileges
 from tests.authz.spiffe import AUTHZ_DNS, issue_workload, spiffe_id
+from tests.support.keys import trusted_keys_file
 from tests.support.latency import percentile
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
@@ -886,12 +887,14 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
             ready_line="ready", stderr=logs["echo_plain"],
         ),
         "authz": ns.spawn(
-            [*authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PORT),
+            [*authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PORT,
+                           trusted_keys=trusted_keys_file(pod_file.parent)),
              *certs.flags(certs.authz)],
             stderr=logs["authz"],
         ),
         "authz_plain": ns.spawn(
-            authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PLAIN_PORT),
+            authz_command([pod_file], uid=PROXY_UID, gid=PROXY_UID, port=AUTHZ_PLAIN_PORT,
+                          trusted_keys=trusted_keys_file(pod_file.parent)),
             stderr=logs["authz_plain"],
         ),
     }  # fmt: skip

@@ -73,6 +73,7 @@ from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.envoy import envoy_binary
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.keys import SIGNER
 from tests.support.latency import LatencyMs, latency_ms
 from tests.support.load import (
     AGENT_PORT,
@@ -265,7 +266,7 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
     ca_file, cert_file, key_file = write_server_files(workdir)
     pod = example_pod()
     expected = copy.deepcopy(pod)
-    inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings())
+    inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings(signer=SIGNER))
     port = free_port()
     log_file = workdir / "webhook.log"
     process = start_logged(serve_webhook_argv(cert_file, key_file, port), log_file)

@@ -75,6 +75,7 @@ from meshguard.policy import parse_mode, parse_policy
 from meshguard.rules.compiler import compile_ruleset
 from meshguard.webhook.patch import pod_patch
 from meshguard.webhook.review import handle
+from tests.support.keys import SIGNER
 from tests.support.latency import percentile
 from tests.support.pods import admission_review
 from tests.support.processes import (
@@ -444,7 +445,7 @@ def summarize(server: str, concurrency: int, runs: Sequence[Run]) -> Result:
 def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result], dict[str, Any]]:
     """Both servers at every concurrency; meshguard's own metrics at the end."""
     ca_file, cert_file, key_file = write_server_files(workdir)
-    status, answer, _ = handle(body, settings=InjectSettings())
+    status, answer, _ = handle(body, settings=InjectSettings(signer=SIGNER))
     if status != 200 or answer_error(status, json.dumps(answer).encode(), REVIEW_UID):
         raise RuntimeError(f"the synthetic pod is not injected: {answer}")
     answer_file = workdir / "answer.json"
@@ -535,7 +536,7 @@ def measure_handle(profile: Profile, body: bytes) -> list[tuple[str, float]]:
     """Per-admission cost of handle() and of its main steps, in ms (no HTTP)."""
     iterations, repeats = profile.handle_iterations, profile.handle_repeats
     count = iterations * repeats + 1
-    settings = InjectSettings()
+    settings = InjectSettings(signer=SIGNER)
     pod = json.loads(body)["request"]["object"]
     annotations = pod["metadata"]["annotations"]
     view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
@@ -699,7 +700,7 @@ def main(argv: Sequence[str]) -> int:
     profile = QUICK if args.quick else FULL
     began = time.perf_counter()
     body = admission_review(synthetic_pod(POD_CONTAINERS), REVIEW_UID)
-    answer_bytes = len(json.dumps(handle(body, settings=InjectSettings())[1]).encode())
+    answer_bytes = len(json.dumps(handle(body, settings=InjectSettings(signer=SIGNER))[1]).encode())
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-webhook-") as tmp:
         results, metrics = run_http(profile, body, Path(tmp))
     handle_rows = measure_handle(profile, body)

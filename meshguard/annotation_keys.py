@@ -17,6 +17,8 @@ RULESET: Final = "meshguard.io/ruleset"
 L7_ENGINE: Final = "meshguard.io/l7-engine"
 #: The pod's Envoy RBAC document (native engine), mounted into istio-proxy by the downward API.
 L7_RBAC: Final = "meshguard.io/l7-rbac"
+#: The webhook's signature over the ruleset and status it wrote (meshguard.attestation).
+ATTESTATION: Final = "meshguard.io/attestation"
 
 #: The label meshguard sets on every pod it admitted: the authz server lists and watches only
 #: pods carrying it (a label selector, evaluated by the API server).

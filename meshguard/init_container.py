@@ -27,6 +27,10 @@ VALIDATION_UID_CEILING: Final = 65532
 RULESET_VOLUME: Final = "meshguard-ruleset"
 RULESET_DIR: Final = "/etc/meshguard"
 RULESET_FILE: Final = "ruleset"
+#: Beside the ruleset: the webhook's signature over it (``meshguard.io/attestation``).
+ATTESTATION_FILE: Final = "attestation"
+#: meshguard-init's trusted public keys (PEM), when the webhook knows them.
+TRUSTED_KEYS_ENV: Final = "MESHGUARD_TRUSTED_KEYS"
 #: The servers' image (the webhook, the authz server): the Dockerfile's default target.
 DEFAULT_IMAGE: Final = f"ghcr.io/meshguard/meshguard:{__version__}"
 #: The slim image of meshguard-init and meshguard-validation (the Dockerfile's ``init``
@@ -45,11 +49,20 @@ class InitContainerSettings:
     #: Secrets (in the pod's namespace) the kubelet pulls :attr:`image` with: added to the
     #: pod's imagePullSecrets with the init step.
     pull_secrets: tuple[str, ...] = ()
+    #: The webhook's public keys (PEM) for meshguard-init's consistency check of the
+    #: attestation (``$MESHGUARD_TRUSTED_KEYS``); None: no check.
+    trusted_keys: str | None = None
 
 
 def init_container(settings: InitContainerSettings) -> dict[str, Any]:
     """meshguard-init: root for iptables, NET_ADMIN and NET_RAW only, nothing else."""
+    env = (
+        {"env": [{"name": TRUSTED_KEYS_ENV, "value": settings.trusted_keys}]}
+        if settings.trusted_keys
+        else {}
+    )
     return {
+        **env,
         "name": MESHGUARD_INIT,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
@@ -81,7 +94,13 @@ def ruleset_volume() -> dict[str, Any]:
                 {
                     "path": RULESET_FILE,
                     "fieldRef": {"fieldPath": f"metadata.annotations['{annotation_keys.RULESET}']"},
-                }
+                },
+                {
+                    "path": ATTESTATION_FILE,
+                    "fieldRef": {
+                        "fieldPath": f"metadata.annotations['{annotation_keys.ATTESTATION}']"
+                    },
+                },
             ]
         },
     }

@@ -49,7 +49,7 @@ MESH_INIT_CONTAINERS: Final = frozenset(
 #: Istio's init steps, one of which meshguard-init follows.
 ISTIO_INIT_STEPS: Final = (ISTIO_INIT, ISTIO_VALIDATION)
 #: Fields of meshguard-init that depend on the installation's settings, not on what it does.
-_SETTINGS_FIELDS: Final = frozenset({"image", "imagePullPolicy", "resources"})
+_SETTINGS_FIELDS: Final = frozenset({"image", "imagePullPolicy", "resources", "env"})
 
 
 class Role(enum.StrEnum):

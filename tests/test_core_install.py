@@ -37,6 +37,7 @@ from tests.cni.test_plugin_netns import (  # noqa: F401 - fixtures
     serve,
 )
 from tests.rules.test_backends import compiled, installed_backend, load_iptables, meshguard_in
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.netfilter import NETFILTERS, Netfilter, nft_golden
 
 #: Runs a module as ``python -m`` would (or a script, argv[2] ending in .py), after installing
@@ -120,9 +121,11 @@ def run(
 # --- the split itself ---------------------------------------------------------------------
 
 
-def test_the_core_install_is_pydantic_only():
+def test_the_core_install_is_pydantic_and_cryptography_only():
+    # cryptography: the CNI plugin and meshguard-init verify the webhook's Ed25519 signature
     assert core_distributions() - {"meshguard"} == {
         "pydantic", "pydantic-core", "annotated-types", "typing-extensions", "typing-inspection",
+        "cryptography", "cffi", "pycparser",
     }  # fmt: skip
 
 
@@ -200,7 +203,8 @@ def test_the_node_agent_installs_and_uninstalls_with_the_core_install(tmp_path: 
     conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": plugins}))
     dirs = ["--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)]
     install = ["install", *dirs, "--once", "--plugin-binary", str(tmp_path / "shim"),
-               "--service-account-dir", str(account)]  # fmt: skip
+               "--service-account-dir", str(account),
+               "--trusted-keys", str(trusted_keys_file(tmp_path))]  # fmt: skip
     in_cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     done = run(core_only("meshguard", "cni", *install), env=in_cluster)
     assert done.returncode == 0, done.stderr
@@ -327,7 +331,7 @@ def test_the_cni_plugin_installs_checks_and_removes_with_the_core_install(
     uid = validation["securityContext"]["runAsUser"]
     conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "meshguard-cni",
             "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": []},
-            "kubernetes": api}  # fmt: skip
+            "kubernetes": api, "trustedKeys": SIGNER.public_pem()}  # fmt: skip
     env = {"CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": f"/var/run/netns/{netns}",
            "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=shop;"
                        "K8S_POD_UID=uid-1"}  # fmt: skip

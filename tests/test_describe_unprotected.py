@@ -23,6 +23,7 @@ from meshguard.cli.describe import EXIT_UNPROTECTED
 from meshguard.describe import Protection, protection
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates, read_documents
+from tests.support.keys import SIGNER
 from tests.support.shared import shared_file
 
 #: Istio-injected samples whose pods carry Istio's sidecar (istio-init + istio-proxy, CNI
@@ -65,7 +66,7 @@ def pods_of(sample: str, namespace: str = "shop") -> list[dict[str, Any]]:
 def with_meshguard(pod: dict[str, Any]) -> dict[str, Any]:
     """The pod as the webhook admits it (meshguard.io/status, meshguard-init)."""
     pod = copy.deepcopy(pod)
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings())
+    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(signer=SIGNER))
     assert "meshguard.io/status" in pod["metadata"]["annotations"]
     return pod
 

@@ -19,6 +19,7 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
 from meshguard.rules.compiler import CompilerSettings, compile_pod
+from tests.support.keys import SIGNER
 from tests.support.samples import injected_sample_names
 from tests.support.shared import INJECTOR_SAMPLES
 
@@ -69,7 +70,7 @@ def _through_meshguard(documents: list[Any]) -> None:
         pod = read_pod(metadata=template.metadata, spec=template.spec)
         if pod.proxy is not None:
             compile_pod(pod, settings=CompilerSettings())
-        inject_pod(template.metadata, template.spec, settings=InjectSettings())
+        inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any, TypedDict
 
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.keys import SIGNER
 from tests.support.pods import admission_review
 
 INSTALL_SIZES = (2, 8, 32, 64)
@@ -151,7 +152,7 @@ def admission_growth(*, quick: bool) -> AdmissionGrowth:
     from meshguard.webhook.review import handle  # noqa: PLC0415
 
     wh = load_script("webhook")
-    settings = InjectSettings()
+    settings = InjectSettings(signer=SIGNER)
     iterations = 20 if quick else 100
     repeats = 3 if quick else 5
     rows: list[AdmissionRow] = []

@@ -24,6 +24,7 @@ from typing import Any, TypedDict
 
 from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
 from meshguard import yaml_io
+from tests.support.keys import trusted_keys_file
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST, free_port, stop_process
 
@@ -195,6 +196,8 @@ def measure(
         "0",
         "--workers",
         str(workers),
+        "--trusted-keys",
+        str(trusted_keys_file(pod_file.parent)),
     ]
     with log.open("wb") as sink:
         server = subprocess.Popen(argv, stdout=sink, stderr=sink, cwd=ROOT)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from meshguard import annotation_keys
 from meshguard.admitted import RECORD as ADMITTED_RECORD
+from meshguard.attestation import AttestationError, TrustedKeys, verify_pod
 from meshguard.authz.decision import PodPolicy
 from meshguard.authz.kube import PodPage, ResourceExpired, WatchEvent
 from meshguard.errors import MalformedInputError, MeshguardError
@@ -60,18 +61,24 @@ def pod_key(namespace: str | None, name: str) -> str:
     return f"{namespace or 'default'}/{name}"
 
 
-def policy_of(pod: Mapping[str, Any]) -> PodPolicy:
+def policy_of(pod: Mapping[str, Any], *, trusted: TrustedKeys) -> PodPolicy:
     """A pod (dict, as in YAML or the API) -> its PodPolicy; MeshguardError if unusable.
 
-    Only what was admitted is served: a pod whose status holds no admitted record (key
-    ``admitted``), or one that does not verify, is refused (every request
-    to it denied, with the reason); live ``policy``/``mode`` edits are ignored (``drift``).
+    Only what meshguard's webhook admitted and signed is served: a pod whose
+    ``meshguard.io/attestation`` does not verify with a ``trusted`` key for this pod (checked
+    before anything of its policy is parsed), whose status holds no admitted record (key
+    ``admitted``), or one that does not verify, is refused (every request to it denied,
+    with the reason); live ``policy``/``mode`` edits are ignored (``drift``).
     """
     metadata = pod.get("metadata") or {}
     view = read_pod(metadata=metadata, spec=pod.get("spec") or {})
     ports = {p.port: c.name for c in view.containers for p in c.ports}
     key = pod_key(view.namespace, view.name)
     account = str((pod.get("spec") or {}).get("serviceAccountName") or "default")
+    try:
+        verify_pod(trusted, metadata=metadata, spec=pod.get("spec") or {}, where=f"pod {key}")
+    except AttestationError as exc:
+        return PodPolicy.refusing(key=key, reason=str(exc), ports=ports, service_account=account)
     status = _status_or_none(view.annotations.get(annotation_keys.STATUS))
     if status is None or status.admitted is None:
         # Not admitted: its live policy is never parsed (whoever wrote the pod chose its
@@ -167,7 +174,7 @@ class StaticStore:
             self.report.note(policy)
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path]) -> StaticStore:
+    def from_files(cls, paths: Iterable[Path], *, trusted: TrustedKeys) -> StaticStore:
         policies = []
         for path in paths:
             for template in pod_templates(read_documents(path)):
@@ -177,7 +184,8 @@ class StaticStore:
                         f" {annotation_keys.STATUS} annotation: run it"
                         " through `meshguard inject` first"
                     )
-                policies.append(policy_of({"metadata": template.metadata, "spec": template.spec}))
+                pod = {"metadata": template.metadata, "spec": template.spec}
+                policies.append(policy_of(pod, trusted=trusted))
         return cls(policies)
 
     def get(self, key: str) -> PodPolicy | None:
@@ -234,12 +242,14 @@ class KubernetesStore:
         self,
         source: PodSource,
         *,
+        trusted: TrustedKeys,
         watch_seconds: int = 300,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
         self._source = source
+        self._trusted = trusted
         self._policies: dict[str, PodPolicy] = {}
         #: key -> "uid/resourceVersion" of the pod each cached policy was built from.
         self._built_from: dict[str, str] = {}
@@ -399,13 +409,12 @@ class KubernetesStore:
         for subscriber in self._subscribers:
             subscriber(change)
 
-    @staticmethod
-    def _policy_or_none(pod: Mapping[str, Any]) -> PodPolicy | None:
+    def _policy_or_none(self, pod: Mapping[str, Any]) -> PodPolicy | None:
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         if annotation_keys.STATUS not in annotations:
             return None
         try:
-            return policy_of(pod)
+            return policy_of(pod, trusted=self._trusted)
         except MeshguardError as exc:
             log.warning(
                 "pod policy unusable, its requests will be denied: %s",

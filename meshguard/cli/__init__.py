@@ -208,7 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_configs(commands)
     _add_completion(commands)
     _add_cni(commands)
+    _add_keys(commands)
     return parser
+
+
+def _add_keys(commands: Subcommands) -> None:
+    keys = commands.add_parser("keys", help="the webhook's signing key and its public keys")
+    sub = keys.add_subparsers(title="commands", metavar="COMMAND", dest="keys_command")
+    generate = sub.add_parser(
+        "generate",
+        formatter_class=_HelpFormatter,
+        help="create an Ed25519 keypair: the webhook signs with the private key, the CNI"
+        " plugin, the authz server and meshguard-init verify with the public one",
+        description="Write a new Ed25519 private key (PKCS#8 PEM, mode 0600) and its public"
+        " key (PEM). Put the private key in the webhook's Secret only; add the public key to"
+        " the trusted keys (the chart's meshguard-trusted-keys ConfigMap) before the webhook"
+        " signs with it (rotation: see docs/security-design.md).",
+    )
+    generate.add_argument("--private", type=Path, required=True, help="private key file to write")
+    generate.add_argument("--public", type=Path, required=True, help="public key file to write")
+    generate.set_defaults(handler="meshguard.cli.keys:generate")
+
+
+def add_trusted_keys_flag(parser: argparse.ArgumentParser, *, what: str) -> None:
+    parser.add_argument(
+        "--trusted-keys",
+        type=Path,
+        metavar="FILE|DIR",
+        help="the public keys meshguard's webhook signs with (PEM file, or a directory of"
+        f" them: a mounted ConfigMap); {what}",
+    )
 
 
 def _add_cni(commands: Subcommands) -> None:
@@ -333,6 +362,11 @@ def _add_cni(commands: Subcommands) -> None:
         default=10,
         help="at most this many pods deleted (or events recorded) per minute",
     )
+    add_trusted_keys_flag(
+        node,
+        what="required: written into meshguard-cni's entry (re-read every pass, so a rotation"
+        " reaches the node); the plugin installs only rulesets signed for the pod",
+    )
     node.set_defaults(handler="meshguard.cli.cni:run_install")
     remove = sub.add_parser(
         "uninstall",
@@ -409,6 +443,13 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a Secret (in each pod's namespace) to pull --image with: added to the pod's"
         " imagePullSecrets; repeat for several",
+    )
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE",
+        help="Ed25519 private key (PEM, `meshguard keys generate`) signing what is admitted"
+        " (meshguard.io/attestation); the CNI plugin and the authz server refuse unsigned pods",
     )
 
 
@@ -498,6 +539,18 @@ def _add_rules(commands: Subcommands) -> None:
     source.add_argument("--ruleset-file", type=Path, help="path of the ruleset document")
     source.add_argument("--ruleset-env", metavar="VAR", help="environment variable holding it")
     init.add_argument("--family", choices=[f.value for f in Family], help="only this family")
+    init.add_argument(
+        "--attestation-file",
+        type=Path,
+        help="the pod's meshguard.io/attestation (default: 'attestation' beside the ruleset"
+        " file, as the downward-API volume has it)",
+    )
+    add_trusted_keys_flag(
+        init,
+        what="default $MESHGUARD_TRUSTED_KEYS (the keys' PEM text, as the webhook sets it)."
+        " With keys, the ruleset installs only if the webhook signed it (a consistency check:"
+        " the pod's author controls this container; the CNI plugin's check is the guarantee)",
+    )
     init.add_argument(
         "--backend",
         choices=["auto", "iptables-legacy", "iptables-nft", "iptables", "nftables"],
@@ -618,6 +671,14 @@ def _add_servers(commands: Subcommands) -> None:
         " template. Without this flag every istiod revision must have the template, or Istio"
         ' refuses each pod: requested template "meshguard" not found',
     )
+    webhook.add_argument(
+        "--opt-out",
+        choices=["allow", "refuse"],
+        default="allow",
+        help='pod-level opt-out (meshguard.io/inject or sidecar.istio.io/inject "false") of a'
+        " pod Istio injects: allow, or refuse unless the pod's namespace is labelled"
+        " meshguard.io/opt-out=allowed (read from the API server: needs get on namespaces)",
+    )
     add_injection_flags(webhook)
     webhook.set_defaults(handler="meshguard.cli.serve:webhook", extra="server")
 
@@ -671,6 +732,10 @@ def _add_servers(commands: Subcommands) -> None:
         metavar="N",
         help="--kubernetes: pods per LIST page (each page is parsed at once, holding the"
         " interpreter: smaller pages, shorter pauses of the Checks while the cache lists)",
+    )
+    add_trusted_keys_flag(
+        authz,
+        what="required: a pod's admitted policy is served only if its attestation verifies",
     )
     tls = authz.add_argument_group(
         "mutual TLS (the Check channel; required with --kubernetes unless --insecure-plaintext)"

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from meshguard.cli.found import POD_TYPES, Found, NamespaceSeen
 from meshguard.cluster import Cluster, ClusterError, connect, get_object, list_objects
 from meshguard.errors import UsageError
+from meshguard.inject.transform import OPT_OUT_EXEMPTION
 from meshguard.manifests import SourceObject
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ def _opted_out(
         selector = f"{key}={value}"
         for obj in list_objects(cluster, resource="namespaces", namespace=None, selector=selector):
             yield NamespaceSeen(str((obj.get("metadata") or {}).get("name")), opted_out=True)
+        exemption = "=".join(OPT_OUT_EXEMPTION)
+        for obj in list_objects(cluster, resource="namespaces", namespace=None, selector=exemption):
+            name = str((obj.get("metadata") or {}).get("name"))
+            yield NamespaceSeen(name, opted_out=False, exempt=True)
         return
     try:
         obj = get_object(cluster, resource="namespaces", namespace="", name=namespace)
@@ -111,4 +116,5 @@ def _opted_out(
         yield NamespaceSeen(namespace, opted_out=False)
         return
     labels = (obj.get("metadata") or {}).get("labels") or {}
-    yield NamespaceSeen(namespace, opted_out=labels.get(key) == value)
+    exempt = labels.get(OPT_OUT_EXEMPTION[0]) == OPT_OUT_EXEMPTION[1]
+    yield NamespaceSeen(namespace, opted_out=labels.get(key) == value, exempt=exempt)

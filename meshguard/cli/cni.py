@@ -11,7 +11,8 @@ import signal
 import threading
 from pathlib import PurePath
 
-from meshguard.cli import EXIT_FAILED, EXIT_OK, fail
+from meshguard.attestation import TrustedKeys
+from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.node import (
     InstallSettings,
@@ -40,11 +41,22 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_install(args: argparse.Namespace) -> int:
     """The node agent: install, repair until SIGTERM, uninstall (or ``--once``)."""
     layout = _layout(args)
+    if args.trusted_keys is None:
+        return fail(
+            "meshguard cni install: give --trusted-keys (the webhook's public keys): the plugin"
+            " installs only rulesets the webhook signed",
+            EXIT_USAGE,
+        )
+    try:
+        TrustedKeys.load(args.trusted_keys)  # unreadable or empty: say so now, not per pod
+    except MeshguardError as exc:
+        return fail(f"meshguard cni install: {exc}", EXIT_USAGE)
     settings = InstallSettings(
         plugin_source=args.plugin_binary,
         chain_after=args.chain_after,
         exclude_namespaces=tuple(args.exclude),
         timeout_seconds=args.timeout,
+        trusted_keys=args.trusted_keys,
     )
     credentials = functools.partial(
         api_credentials, os.environ, account_dir=args.service_account_dir

@@ -31,7 +31,14 @@ from meshguard.errors import MalformedInputError, MeshguardError
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate, pod_templates, read_source
 from meshguard.rules.ruleset import Family
-from meshguard.sandbox.demo import Netfilter, Outcomes, PodDemo, as_native_nftables, root_problem
+from meshguard.sandbox.demo import (
+    Netfilter,
+    Outcomes,
+    PodDemo,
+    as_native_nftables,
+    ephemeral_signer,
+    root_problem,
+)
 from meshguard.sandbox.flows import Flow, audit_flows
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pod.yaml"
@@ -81,7 +88,7 @@ def _injected_template(filename: str, *, netfilter: Netfilter) -> PodTemplate:
     """The first pod template of the manifest, through ``meshguard inject``'s transform (in
     Istio's native nftables mode first, for that backend: admission reads it from the spec)."""
     for template in pod_templates(read_source(filename)):
-        settings = InjectSettings(request_template=False)
+        settings = InjectSettings(request_template=False, signer=ephemeral_signer())
         if netfilter is Netfilter.NFTABLES:
             as_native_nftables(template)
         result = inject_pod(template.metadata, template.spec, settings=settings)

@@ -37,6 +37,7 @@ from meshguard.describe import (
     text_lines,
 )
 from meshguard.errors import UsageError
+from meshguard.inject.transform import OPT_OUT_EXEMPTION
 from meshguard.manifests import PodTemplate, stream_objects
 from meshguard.rules.compiler import CompilerSettings
 
@@ -73,6 +74,7 @@ def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
         opt_out=opt_out,
         printer=_Printer(output=args.output, only_unprotected=only_unprotected),
         namespaces_complete=complete,
+        refuse_pod_opt_out=getattr(args, "pod_opt_out", "allow") == "refuse",
     )
     for item in found:
         audit.take(item)
@@ -91,6 +93,12 @@ def _refuse_cluster_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"-f reads manifests, not the cluster: {what} cannot be combined with it")
 
 
+def _is_exempt(labels: Mapping[str, object]) -> bool:
+    """The namespace may opt its pods out where pod opt-out is refused."""
+    key, value = OPT_OUT_EXEMPTION
+    return labels.get(key) == value
+
+
 def _from_files(filenames: list[str], recursive: bool, opt_out: tuple[str, str]) -> Iterator[Found]:
     key, value = opt_out
     for source in stream_objects(filenames, recursive=recursive):
@@ -99,8 +107,12 @@ def _from_files(filenames: list[str], recursive: bool, opt_out: tuple[str, str])
                 metadata = obj.obj.get("metadata")
                 metadata = metadata if isinstance(metadata, Mapping) else {}
                 labels = metadata.get("labels")
-                labeled = isinstance(labels, Mapping) and labels.get(key) == value
-                yield NamespaceSeen(str(metadata.get("name")), opted_out=labeled)
+                labels = labels if isinstance(labels, Mapping) else {}
+                yield NamespaceSeen(
+                    str(metadata.get("name")),
+                    opted_out=labels.get(key) == value,
+                    exempt=_is_exempt(labels),
+                )
             else:
                 yield from obj.pod_templates()
 
@@ -113,6 +125,9 @@ class _Held:
     label: str
     namespace: str | None
     description: PodDescription
+    #: The pod opted itself out and ``--pod-opt-out refuse`` made it unprotected: its own
+    #: verdict, restored if its namespace turns out to be exempt.
+    opted_out: Verdict | None = None
 
 
 @dataclass
@@ -123,8 +138,11 @@ class _Audit:
     printer: _Printer
     #: Every opted-out namespace is known before the first pod (read from the cluster).
     namespaces_complete: bool
+    #: ``--pod-opt-out refuse``: a pod's own opt-out counts only in exempt namespaces.
+    refuse_pod_opt_out: bool = False
     settings: CompilerSettings = field(default_factory=CompilerSettings)
     opted_out_namespaces: set[str] = field(default_factory=set)
+    exempt_namespaces: set[str] = field(default_factory=set)
     seen_namespaces: set[str] = field(default_factory=set)
     held: list[_Held] = field(default_factory=list)
     unprotected: list[str] = field(default_factory=list)
@@ -138,8 +156,11 @@ class _Audit:
             self.seen_namespaces.add(item.name)
             if item.opted_out:
                 self.opted_out_namespaces.add(item.name)
+            if item.exempt:
+                self.exempt_namespaces.add(item.name)
             return
-        verdict = self._verdict(item)
+        own = self._verdict(item)
+        verdict = self._refused_opt_out(item, own)
         if self.printer.only_unprotected and verdict.protection is not Protection.UNPROTECTED:
             self._count(item.label, verdict.protection)  # not printed: not described
             return
@@ -149,7 +170,8 @@ class _Audit:
             and not self.namespaces_complete
             and item.namespace not in self.seen_namespaces
         ):
-            self.held.append(_Held(item.label, item.namespace, description))
+            refused = own if own is not verdict else None
+            self.held.append(_Held(item.label, item.namespace, description, refused))
             return
         self._emit(item.label, description)
 
@@ -164,6 +186,10 @@ class _Audit:
                 )
                 description = description.model_copy(
                     update={"protection": verdict.protection, "verdict": verdict.line}
+                )
+            elif held.opted_out is not None and held.namespace in self.exempt_namespaces:
+                description = description.model_copy(
+                    update={"protection": held.opted_out.protection, "verdict": held.opted_out.line}
                 )
             if self.printer.only_unprotected and description.protection is Protection.OPTED_OUT:
                 self._count(held.label, description.protection)
@@ -181,6 +207,21 @@ class _Audit:
         if template.namespace in self.opted_out_namespaces:
             reason = f"namespace {template.namespace} is labeled {key}={value}"
         return protection(template.metadata, template.spec, namespace_opt_out=reason)
+
+    def _refused_opt_out(self, template: PodTemplate, verdict: Verdict) -> Verdict:
+        """``--pod-opt-out refuse`` (as the webhook's ``--opt-out refuse``): a pod that opted
+        itself out is unprotected unless its namespace is labelled meshguard.io/opt-out=allowed
+        (only pod-level opt-outs: a namespace's opt-out label is the admins' own)."""
+        if not self.refuse_pod_opt_out or verdict.protection is not Protection.OPTED_OUT:
+            return verdict
+        if template.namespace in self.exempt_namespaces or "namespace" in verdict.line:
+            return verdict
+        key, value = OPT_OUT_EXEMPTION
+        return Verdict(
+            Protection.UNPROTECTED,
+            f"UNPROTECTED: {verdict.line.split(':', 1)[0]}, where pod opt-out is refused (its"
+            f" namespace is not labelled {key}={value}): Istio's sidecar, no loopback isolation",
+        )
 
     def _describe(self, template: PodTemplate, verdict: Verdict) -> PodDescription:
         ref = PodRef(kind=template.kind, namespace=template.namespace, name=template.name)

@@ -128,6 +128,14 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
         " webhook.optOutLabel); Namespaces carrying it mark their pods as opted out"
         " (default: %(default)s)",
     )
+    parser.add_argument(
+        "--pod-opt-out",
+        choices=["allow", "refuse"],
+        default="allow",
+        help='refuse: count pods that opted themselves out (meshguard.io/inject "false") as'
+        " unprotected unless their namespace is labelled meshguard.io/opt-out=allowed (the"
+        " chart's webhook.podOptOut: refuse)",
+    )
 
 
 def _positive_int(text: str) -> int:

@@ -14,10 +14,12 @@ POD_TYPES: Final = ("pod", "pods", "po")
 
 @dataclass(frozen=True)
 class NamespaceSeen:
-    """A Namespace object, and whether it carries meshguard's opt-out label."""
+    """A Namespace object: whether it carries meshguard's opt-out label, and the exemption."""
 
     name: str
     opted_out: bool
+    #: Labelled meshguard.io/opt-out=allowed: its pods may opt out where that is refused.
+    exempt: bool = False
 
 
 #: What a source gives out, in order: Namespaces, and the pods (or templates) to judge.

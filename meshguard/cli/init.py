@@ -19,6 +19,7 @@ from pathlib import Path
 from meshguard import annotation_keys
 from meshguard.cli import DEFAULT_RULESET_FILE, EXIT_OK, RULESET_ENV, exit_status, fail
 from meshguard.errors import MeshguardError, MeshguardFailure
+from meshguard.init_container import ATTESTATION_FILE, TRUSTED_KEYS_ENV
 from meshguard.process import CommandRunner
 from meshguard.rules.backend import Backend, detect_backend, parse_backend
 from meshguard.rules.install import (
@@ -35,7 +36,9 @@ LOCK_TIMEOUT_ENV = "MESHGUARD_LOCK_TIMEOUT"
 
 def run(args: argparse.Namespace) -> int:
     try:
-        ruleset = Ruleset.from_json(_ruleset_text(args, os.environ))
+        text = _ruleset_text(args, os.environ)
+        _check_attestation(args, os.environ, text)
+        ruleset = Ruleset.from_json(text)
         families = [Family(args.family)] if args.family else list(Family)
         forced = _forced_backend(args)
         with install_lock(timeout=_lock_timeout(args, os.environ)) as locked:
@@ -52,6 +55,40 @@ def run(args: argparse.Namespace) -> int:
     except MeshguardError as exc:
         return fail(f"meshguard init: {exc}", exit_status(exc))
     return EXIT_OK
+
+
+def _check_attestation(args: argparse.Namespace, environ: Mapping[str, str], text: str) -> None:
+    """With trusted keys (``--trusted-keys``, else ``$MESHGUARD_TRUSTED_KEYS``), the ruleset
+    is installed only if the webhook's attestation covers it. A consistency check: the pod's
+    author writes this container's spec and can leave the keys out; what the node trusts is
+    the CNI plugin's check, and the authz server's."""
+    path: Path | None = getattr(args, "trusted_keys", None)
+    inline = environ.get(TRUSTED_KEYS_ENV, "").strip()
+    if path is None and not inline:
+        return
+    from meshguard.attestation import (  # noqa: PLC0415 - only with keys: cryptography
+        AttestationError,
+        TrustedKeys,
+    )
+
+    trusted = (
+        TrustedKeys.load(path)
+        if path is not None
+        else TrustedKeys.from_pem(inline, origin=f"${TRUSTED_KEYS_ENV}")
+    )
+    source = getattr(args, "attestation_file", None) or (
+        (args.ruleset_file or Path(DEFAULT_RULESET_FILE)).parent / ATTESTATION_FILE
+    )
+    try:
+        attestation = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AttestationError(f"cannot read the attestation {source}: {exc}") from None
+    if not attestation.strip():
+        raise AttestationError(
+            f"{source} is empty: the ruleset is not signed by meshguard's webhook"
+            f" ({annotation_keys.ATTESTATION} is missing)"
+        )
+    trusted.verify_text(attestation, key=annotation_keys.RULESET, text=text, where="meshguard-init")
 
 
 def _forced_backend(args: argparse.Namespace) -> Backend | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from meshguard import yaml_io
+from meshguard.attestation import load_signer
 from meshguard.cli import EXIT_OK, fail, worst_status
 from meshguard.cli.templates import each_template
 from meshguard.errors import MeshguardError, UsageError
@@ -25,11 +27,14 @@ from meshguard.policy import Mode
 
 
 def injection_settings(args: argparse.Namespace, *, request_template: bool) -> InjectSettings:
-    """The injection settings of the flags; :class:`UsageError` for a bad baseline version."""
+    """The injection settings of the flags (``--signing-key`` among them); :class:`UsageError`
+    for a bad baseline version."""
     try:
         baseline = parse_baseline_version(args.baseline_version)
     except BadBaselineVersionError as exc:
         raise UsageError(f"--baseline-version: {exc}") from None
+    key: Path | None = getattr(args, "signing_key", None)
+    signer = load_signer(key) if key is not None else None
     return InjectSettings(
         posture=PostureSettings(
             default_action=PostureAction(args.posture_action),
@@ -42,6 +47,7 @@ def injection_settings(args: argparse.Namespace, *, request_template: bool) -> I
         request_template=request_template,
         default_mode=Mode(args.default_mode),
         l7_engine=L7Engine(getattr(args, "l7_engine", None) or L7Engine.NATIVE.value),
+        signer=signer,
     )
 
 
@@ -49,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
     documents = read_sources(args.filename, recursive=args.recursive)
     templates = list(pod_templates(documents))
     settings = injection_settings(args, request_template=False)
+    if settings.signer is None:
+        print(
+            "note: no --signing-key: the pods carry no meshguard.io/attestation, and the CNI"
+            " plugin and the authz server refuse them",
+            file=sys.stderr,
+        )
     errors: list[MeshguardError] = []
     for template, result in each_template(
         templates,

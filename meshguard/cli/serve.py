@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import os
 import signal
 import ssl
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
+from meshguard.attestation import TrustedKeys
 from meshguard.authz.feed import FedStore, Feed, FrameEncoder
 from meshguard.authz.identity import TlsFiles, injected_from_env
 from meshguard.authz.kube import HttpPodSource, api_access
@@ -21,19 +23,34 @@ from meshguard.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from meshguard.cli.inject import injection_settings
 from meshguard.cli.workers import Worker, WorkerPool
 from meshguard.errors import MeshguardError
+from meshguard.inject.transform import OptOut
+from meshguard.webhook.namespaces import NamespaceExemptions
 from meshguard.webhook.server import WebhookSettings, run_webhook
 
 PR_SET_PDEATHSIG = 1
 
 
 def webhook(args: argparse.Namespace) -> int:
+    if args.signing_key is None:
+        return fail(
+            "meshguard serve-webhook: give --signing-key (the Ed25519 key the CNI plugin and"
+            " the authz server verify the admitted pods with; `meshguard keys generate`)",
+            EXIT_USAGE,
+        )
+    try:
+        inject = injection_settings(args, request_template=not args.no_template)
+        if args.opt_out == OptOut.REFUSE:
+            exempt = NamespaceExemptions(api_access())
+            inject = dataclasses.replace(inject, opt_out=OptOut.REFUSE, opt_out_exempt=exempt)
+    except MeshguardError as exc:
+        return fail(f"meshguard serve-webhook: {exc}", EXIT_USAGE)
     settings = WebhookSettings(
         cert_file=args.cert,
         key_file=args.key,
         host=args.host,
         port=args.port,
         reload_interval=args.reload_interval,
-        inject=injection_settings(args, request_template=not args.no_template),
+        inject=inject,
         admission_workers=args.admission_workers,
         max_pending_admissions=max(args.max_pending_admissions, args.admission_workers),
     )
@@ -78,22 +95,29 @@ def authz(args: argparse.Namespace) -> int:
 
 
 def _authz_usage_problem(args: argparse.Namespace) -> str | None:
+    """The first flag combination serve-authz cannot run with, in words; None when fine."""
     given = [args.tls_cert, args.tls_key, args.tls_ca]
-    if any(given) and not all(given):
-        return "give --tls-cert, --tls-key and --tls-ca together"
-    if args.list_page_size < 1:
-        return f"--list-page-size {args.list_page_size}: expected at least 1"
-    if args.workers < 1:
-        return f"--workers {args.workers}: expected at least 1"
-    if not args.tls_wait > 0:  # also NaN
-        return f"--tls-wait {args.tls_wait}: expected a number of seconds above 0"
-    if args.kubernetes and not any(given) and not args.insecure_plaintext:
-        return (
+    problems = (
+        (any(given) and not all(given), "give --tls-cert, --tls-key and --tls-ca together"),
+        (args.list_page_size < 1, f"--list-page-size {args.list_page_size}: expected at least 1"),
+        (args.workers < 1, f"--workers {args.workers}: expected at least 1"),
+        (
+            not args.tls_wait > 0,  # also NaN
+            f"--tls-wait {args.tls_wait}: expected a number of seconds above 0",
+        ),
+        (
+            args.trusted_keys is None and args.policy_feed is None,
+            "give --trusted-keys (the webhook's public keys): only the policies meshguard's"
+            " webhook signed are served",
+        ),
+        (
+            args.kubernetes and not any(given) and not args.insecure_plaintext,
             "--kubernetes serves the Check channel over mutual TLS: give --tls-cert, --tls-key"
             " and --tls-ca (Istio's workload certificate files), or --insecure-plaintext to"
-            " serve without callers' identities"
-        )
-    return None
+            " serve without callers' identities",
+        ),
+    )
+    return next((message for failed, message in problems if failed), None)
 
 
 class _Sources:
@@ -108,14 +132,14 @@ class _Sources:
         store fed by its parent; --pods: the files."""
         if args.kubernetes:
             source = HttpPodSource(api_access(), page_size=args.list_page_size)
-            self.watcher = KubernetesStore(source)
+            self.watcher = KubernetesStore(source, trusted=TrustedKeys.load(args.trusted_keys))
             self.watcher.start()
             return self.watcher
         if args.policy_feed is not None:
             fed = FedStore(args.policy_feed)
             fed.start()
             return fed
-        return StaticStore.from_files(args.pods)
+        return StaticStore.from_files(args.pods, trusted=TrustedKeys.load(args.trusted_keys))
 
     def worker(self, args: argparse.Namespace, index: int) -> Worker:
         """Start worker ``index``; with --kubernetes, fed by this process's watch over a pipe
@@ -154,7 +178,7 @@ def _start_worker(
     if feed_fd is not None:
         source = ["--policy-feed", str(feed_fd)]
     else:
-        source = ["--pods", *map(str, args.pods)]
+        source = ["--pods", *map(str, args.pods), "--trusted-keys", str(args.trusted_keys)]
     metrics = args.metrics_port + index if args.metrics_port else 0
     argv = [
         sys.executable, "-m", "meshguard", "--log-level", args.log_level, "serve-authz", *source,

@@ -108,9 +108,11 @@ def plugin_entry(
     exclude_namespaces: Sequence[str] = (),
     timeout_seconds: float = 5.0,
     lock_timeout_seconds: float = 30.0,
+    trusted_keys: str | None = None,
 ) -> dict[str, Any]:
-    """meshguard's conflist entry; ``kubeconfig`` is the path the node sees."""
-    return {
+    """meshguard's conflist entry; ``kubeconfig`` is the path the node sees;
+    ``trusted_keys``: the webhook's public keys (PEM), inline (they are public)."""
+    entry: dict[str, Any] = {
         "type": PLUGIN_TYPE,
         "kubernetes": {
             "kubeconfig": kubeconfig,
@@ -119,6 +121,9 @@ def plugin_entry(
         },
         "lockTimeoutSeconds": lock_timeout_seconds,
     }
+    if trusted_keys is not None:
+        entry["trustedKeys"] = trusted_keys
+    return entry
 
 
 def kubeconfig(*, server: str, token: str, ca_pem: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path, PurePath
 from typing import Any, Final
 
 from meshguard import kube_api
+from meshguard.attestation import TrustedKeys
 from meshguard.cni import install
 from meshguard.cni.protocol import PLUGIN_TYPE
 from meshguard.errors import MeshguardError, MeshguardFailure
@@ -57,6 +58,9 @@ class InstallSettings:
     chain_after: str = install.ISTIO_CNI_TYPE
     exclude_namespaces: Sequence[str] = ()
     timeout_seconds: float = 5.0
+    #: The webhook's public keys (a PEM file or a mounted ConfigMap's directory), read again
+    #: on every pass: a rotated key reaches the plugin's entry on the next repair.
+    trusted_keys: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +217,9 @@ def _chain_primary(layout: NodeLayout, settings: InstallSettings) -> list[str]:
         kubeconfig=str(layout.host_conf_dir / install.KUBECONFIG_NAME),
         exclude_namespaces=settings.exclude_namespaces,
         timeout_seconds=settings.timeout_seconds,
+        trusted_keys=(
+            TrustedKeys.load(settings.trusted_keys).pem() if settings.trusted_keys else None
+        ),
     )
     chained = install.chain(conflist, entry=entry, after=settings.chain_after)
     target = layout.conf_dir / name

@@ -4,8 +4,11 @@ Chained after istio-cni (whose capture rules are in place by then). Per command:
 
 - ADD: read the pod (``K8S_POD_NAMESPACE``/``K8S_POD_NAME`` of ``CNI_ARGS``) from the API
   server; a pod meshguard did not inject (no ``meshguard.io/ruleset``, no
-  ``meshguard.io/status``) passes through untouched; otherwise read and check its ruleset
-  (digest, and the digest recorded in the status), enter ``CNI_NETNS`` and install it with
+  ``meshguard.io/status``, no ``meshguard.io/attestation``) passes through untouched;
+  otherwise verify the webhook's signature (:mod:`meshguard.attestation`: signed with one
+  of the ``trustedKeys``, for this pod's namespace, service account and container uids,
+  over the exact ruleset and status), then read and check its ruleset (digest, and the
+  digest recorded in the status), enter ``CNI_NETNS`` and install it with
   meshguard-init's own code under the namespace's install lock (plan, one restore per family,
   verify, roll back on failure). Output: ``prevResult`` unchanged. Any failure — the API
   answers 403/404, times out or sends garbage, the ruleset is missing or altered, the install
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from meshguard import annotation_keys, logs
+from meshguard.attestation import AttestationError, KeyFileError, TrustedKeys, verify_pod
 from meshguard.cni.kube import Connections, api_access, get_pod
 from meshguard.cni.netns import NamespaceGone, entered, thread_has_ipv6
 from meshguard.cni.protocol import (
@@ -156,10 +160,13 @@ def admitted_ruleset(
         )
     annotations = metadata.get("annotations") or {}
     text, status = annotations.get(annotation_keys.RULESET), annotations.get(annotation_keys.STATUS)
-    if text is None and status is None:
+    if text is None and status is None and annotation_keys.ATTESTATION not in annotations:
         _log_event(f"{where} is not injected by meshguard: passed through",
                    event="pass-through", pod=f"{namespace}/{name}")  # fmt: skip
         return None
+    # Before anything of the ruleset is read: only what meshguard's webhook signed for this
+    # very pod is installed (a digest anyone can compute proves nothing).
+    _verify_attestation(conf, pod, where=where)
     if not isinstance(text, str) or not text.strip():
         raise CniError(
             Code.RULESET_UNAVAILABLE,
@@ -181,6 +188,26 @@ def admitted_ruleset(
             " admission; not started",
         )
     return ruleset
+
+
+def _verify_attestation(conf: NetConf, pod: Mapping[str, Any], *, where: str) -> None:
+    if not conf.trusted_keys:
+        raise CniError(
+            Code.INVALID_CONFIG,
+            f"{where} is injected by meshguard, but meshguard-cni's configuration has no"
+            " trustedKeys (the webhook's public keys: meshguard cni install --trusted-keys):"
+            " not started",
+        )
+    try:
+        trusted = TrustedKeys.from_pem(conf.trusted_keys, origin="trustedKeys")
+    except KeyFileError as exc:
+        raise CniError(Code.INVALID_CONFIG, f"{exc}: {where} not started") from None
+    spec = pod.get("spec")
+    try:
+        verify_pod(trusted, metadata=pod["metadata"], spec=spec if isinstance(spec, dict) else {},
+                   where=where)  # fmt: skip
+    except AttestationError as exc:
+        raise CniError(Code.NOT_ATTESTED, f"{exc}: not started") from None
 
 
 def add(ruleset: Ruleset, *, conf: NetConf, invocation: Invocation, host: Host = PROCESS) -> None:

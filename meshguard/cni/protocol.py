@@ -38,6 +38,7 @@ class Code(enum.IntEnum):
     RULESET_UNAVAILABLE = 100  # the pod's admitted ruleset cannot be read
     INSTALL_FAILED = 101  # installing or verifying the rules failed (rolled back)
     RULES_DRIFTED = 102  # CHECK: the rules in the namespace are not the admitted ones
+    NOT_ATTESTED = 103  # the pod's annotations are not signed by meshguard's webhook for it
 
 
 class CniError(Exception):
@@ -89,6 +90,9 @@ class NetConf(BaseModel):
     prev_result: dict[str, Any] | None = Field(default=None, alias="prevResult")
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     lock_timeout_seconds: float = Field(default=30.0, alias="lockTimeoutSeconds", ge=0, le=300)
+    #: The public keys (PEM) meshguard's webhook signs with (``meshguard cni install
+    #: --trusted-keys``): a pod's ruleset is installed only if its attestation verifies.
+    trusted_keys: str | None = Field(default=None, alias="trustedKeys")
 
 
 @dataclass(frozen=True, kw_only=True)

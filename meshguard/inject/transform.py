@@ -20,13 +20,15 @@ the edited documents. Applying it twice equals applying it once.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshguard import __version__, annotation_keys
 from meshguard.admitted import Admitted
+from meshguard.attestation import Signer, subject_of
 from meshguard.errors import RefusedError
 from meshguard.init_container import (
     MESHGUARD_INIT,
@@ -93,6 +95,19 @@ def install_mode(pod: PodView) -> InstallMode:
     )
 
 
+class OptOut(enum.StrEnum):
+    """What the webhook does with a pod-level opt-out of a pod Istio injects."""
+
+    ALLOW = "allow"  # the pod runs with Istio's sidecar and without meshguard
+    #: Refused, unless the pod's namespace carries :data:`OPT_OUT_EXEMPTION` (a label only
+    #: whoever may edit namespaces, normally cluster admins, can set).
+    REFUSE = "refuse"
+
+
+#: The namespace label that lets a namespace's pods opt out under ``OptOut.REFUSE``.
+OPT_OUT_EXEMPTION: Final = ("meshguard.io/opt-out", "allowed")
+
+
 class Outcome(enum.StrEnum):
     INJECTED = "injected"
     TEMPLATE_REQUESTED = "template-requested"
@@ -111,6 +126,14 @@ class InjectSettings:
     #: The mode of a pod without ``meshguard.io/mode``: its namespace's (the webhook's
     #: request says it) or the cluster default (``--default-mode``). Recorded on the pod.
     default_mode: Mode = Mode.ENFORCE
+    #: The webhook's signing key (:mod:`meshguard.attestation`). Without it an injected pod
+    #: carries no ``meshguard.io/attestation``, and every consumer refuses it.
+    signer: Signer | None = None
+    #: Pod-level opt-out of a pod that has (or gets) Istio's sidecar: allowed, or refused.
+    opt_out: OptOut = OptOut.ALLOW
+    #: namespace -> whether it carries :data:`OPT_OUT_EXEMPTION` (the webhook reads the
+    #: namespace from the API); None: no namespace is exempt.
+    opt_out_exempt: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,30 +145,49 @@ class Result:
 
 
 def inject_pod(
-    metadata: dict[str, Any], spec: dict[str, Any], *, settings: InjectSettings
+    metadata: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    settings: InjectSettings,
+    namespace: str | None = None,
 ) -> Result:
-    """Transform one pod in place; :class:`RefusedError` when it cannot be made safe."""
+    """Transform one pod in place; :class:`RefusedError` when it cannot be made safe.
+
+    ``namespace``: the admission request's (the pod may not state its own); the
+    attestation is signed for it. A pod meshguard does not inject leaves with none of
+    meshguard's annotations nor its label (:func:`strip_admission_marks`).
+    """
     check_shape(metadata=metadata, spec=spec)
+    settings = _with_init_keys(settings)
     annotations: dict[str, Any] = metadata.get("annotations") or {}
     notes = tuple(annotation_keys.unknown_keys(annotations))
     skip = skip_reason(metadata)
-    if skip:
-        return Result(Outcome.SKIPPED, warnings=notes, reason=skip)
     before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    if skip and before.proxy is not None and _opts_out(metadata):
+        _refuse_opt_out(before, skip=skip, settings=settings, namespace=namespace)
+    if skip:
+        return Result(
+            Outcome.SKIPPED, reason=skip, warnings=(*notes, *strip_admission_marks(metadata))
+        )
     gateway = gateway_reason(before)
     if gateway:
-        return Result(Outcome.SKIPPED, reason=gateway)
+        return Result(
+            Outcome.SKIPPED, reason=gateway, warnings=(*notes, *strip_admission_marks(metadata))
+        )
     if before.proxy is None:
         _refuse_unrecognized_proxy(before)
+        stripped = strip_admission_marks(metadata)
         if not settings.request_template:
             return Result(
-                Outcome.SKIPPED, reason="no istio-proxy container (not injected by Istio)"
+                Outcome.SKIPPED,
+                reason="no istio-proxy container (not injected by Istio)",
+                warnings=stripped,
             )
         _request_template(metadata)
         return Result(
             Outcome.TEMPLATE_REQUESTED,
-            warnings=notes,
             reason="asked Istio for the meshguard template",
+            warnings=(*notes, *stripped),
         )
     policy = parse_policy(annotations.get(annotation_keys.POLICY))  # a bad one is refused first
     mode = effective_mode(annotations, settings)
@@ -197,6 +239,7 @@ def inject_pod(
         _place_init_container(spec, init_container(settings.init), pod)
         _set_volume(spec, ruleset_volume())
     _add_pull_secrets(spec, settings.init.pull_secrets)
+    _attest(metadata, spec, signer=settings.signer, namespace=namespace)
     warnings = (*notes, *replaced, *(str(f) for f in findings), *ruleset.warnings)
     return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
 
@@ -205,6 +248,96 @@ def effective_mode(annotations: Mapping[str, Any], settings: InjectSettings) -> 
     """The pod's ``meshguard.io/mode``, else its namespace's, else the cluster default."""
     text = annotations.get(annotation_keys.MODE)
     return settings.default_mode if text is None else parse_mode(_text(text))
+
+
+def _opts_out(metadata: dict[str, Any]) -> bool:
+    """The pod's author opted it out (``meshguard.io/inject`` or ``sidecar.istio.io/inject``
+    "false": the latter skips meshguard even where Istio injects anyway, e.g. a label
+    ``"true"`` that Istio lets win over the annotation); ambient pods have no sidecar."""
+    annotations: dict[str, Any] = metadata.get("annotations") or {}
+    labels: dict[str, Any] = metadata.get("labels") or {}
+    values = (
+        annotations.get(annotation_keys.INJECT),
+        annotations.get(annotation_keys.ISTIO_INJECT),
+        labels.get(annotation_keys.ISTIO_INJECT),
+    )
+    return any(str(v).strip().lower() == "false" for v in values if v is not None)
+
+
+def _refuse_opt_out(
+    pod: PodView, *, skip: str, settings: InjectSettings, namespace: str | None
+) -> None:
+    """Under ``OptOut.REFUSE`` a pod Istio injected may not leave meshguard out, unless its
+    namespace is exempt (:data:`OPT_OUT_EXEMPTION`)."""
+    if settings.opt_out is OptOut.ALLOW:
+        return
+    where = namespace or pod.namespace or "default"
+    if settings.opt_out_exempt is not None and settings.opt_out_exempt(where):
+        return
+    key, value = OPT_OUT_EXEMPTION
+    raise RefusedError(
+        f"meshguard refuses pod {pod.name or '(unnamed)'}: it has Istio's sidecar and {skip};"
+        f" in namespace {where} every Istio-injected pod is meshguard's (webhook opt-out:"
+        f" refuse). Remove the opt-out, or ask a cluster admin to label the namespace"
+        f" {key}={value}"
+    )
+
+
+def _with_init_keys(settings: InjectSettings) -> InjectSettings:
+    """meshguard-init checks the attestation with the signer's own public key (the key that
+    signed this pod), unless the settings name keys of their own."""
+    if settings.signer is None or settings.init.trusted_keys is not None:
+        return settings
+    init = dataclasses.replace(settings.init, trusted_keys=settings.signer.public_pem())
+    return dataclasses.replace(settings, init=init)
+
+
+def _attest(
+    metadata: dict[str, Any], spec: dict[str, Any], *, signer: Signer | None, namespace: str | None
+) -> None:
+    """Sign what was just written, for this pod (last: it covers the final annotations and
+    containers); without a signer, no attestation (a stale or forged one is removed)."""
+    annotations = metadata.setdefault("annotations", {})
+    annotations.pop(annotation_keys.ATTESTATION, None)
+    if signer is None:
+        return
+    subject = subject_of(metadata=metadata, spec=spec, namespace=namespace)
+    annotations[annotation_keys.ATTESTATION] = signer.attest(
+        subject=subject, annotations={str(k): str(v) for k, v in annotations.items()}
+    )
+
+
+#: What meshguard writes on a pod it admits: never on a pod it did not.
+ADMISSION_ANNOTATIONS: Final = (
+    annotation_keys.RULESET,
+    annotation_keys.STATUS,
+    annotation_keys.ATTESTATION,
+    annotation_keys.L7_RBAC,
+)
+
+
+def strip_admission_marks(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """Remove meshguard's annotations and ``meshguard.io/admitted`` label from a pod meshguard
+    does not inject (forged by its author, or copied from another pod); what was removed, as
+    warnings."""
+    removed: list[str] = []
+    annotations = metadata.get("annotations")
+    if isinstance(annotations, dict):
+        for key in ADMISSION_ANNOTATIONS:
+            if annotations.pop(key, None) is not None:
+                removed.append(f"annotation {key}")
+    labels = metadata.get("labels")
+    if isinstance(labels, dict):
+        # meshguard.io/l7-engine as a label is meshguard's choice (EnvoyFilters select by it)
+        for key in (annotation_keys.ADMITTED_LABEL, annotation_keys.L7_ENGINE):
+            if labels.pop(key, None) is not None:
+                removed.append(f"label {key}")
+    if not removed:
+        return ()
+    return (
+        f"meshguard removed {', '.join(removed)}: only meshguard's webhook writes them, on the"
+        " pods it admits",
+    )
 
 
 def review_ephemeral_containers(

@@ -48,6 +48,7 @@ from meshguard.rules.iptables import (
     xtables_lock_path,
 )
 from meshguard.rules.ruleset import (
+    BUILTIN_CHAINS,
     CHAIN_PREFIX,
     Family,
     FamilyRuleset,
@@ -55,6 +56,7 @@ from meshguard.rules.ruleset import (
     Ruleset,
     Table,
     render,
+    require_valid,
 )
 
 #: The abstract unix socket that serializes meshguard's installers of a network namespace.
@@ -185,6 +187,7 @@ def install(
     which halves meshguard-init's time. When any family fails, every family this call
     changed is rolled back, so a failure leaves the namespace as it was found.
     """
+    require_valid(ruleset)  # no value reaches a restore payload unless it is of its type
     if ipv6_available is None:
         ipv6_available = Path("/proc/net/if_inet6").exists()
     wanted = list(families)
@@ -273,7 +276,8 @@ def _attempt(
         payload = plan_payload(desired, before)
         changed = True
         run([backend.restore(family), "--noflush", "--wait"], stdin=payload)
-        problems = verify(desired, parse_save(run([backend.save(family)])))
+        after = parse_save(run([backend.save(family)]))
+        problems = verify(desired, after) + foreign_changes(before, after)
         if problems:
             raise MeshguardFailure(f"{family.value} rules not as compiled: {'; '.join(problems)}")
     except (MeshguardFailure, OSError) as exc:
@@ -282,6 +286,31 @@ def _attempt(
     seconds = time.perf_counter() - started
     result = InstallResult(family=family, installed=True, payload=payload, seconds=seconds)
     return _Attempt(family=family, before=before, changed=changed, result=result)
+
+
+def foreign_changes(before: SavedState, after: SavedState) -> list[str]:
+    """What an install changed outside meshguard's chains and hooks, in every table of the
+    family (each a problem): it may touch nothing else."""
+    was, now = _foreign(before), _foreign(after)
+    return [
+        f"{table} {chain}: changed outside meshguard's rules"
+        for table, chain in sorted(set(was) | set(now))
+        # a table meshguard's restore creates brings its empty built-in chains
+        if was.get((table, chain), _ABSENT if chain not in BUILTIN_CHAINS else [])
+        != now.get((table, chain), _ABSENT if chain not in BUILTIN_CHAINS else [])
+    ]
+
+
+_ABSENT: Final[list[str]] = ["(no such chain)"]
+
+
+def _foreign(state: SavedState) -> dict[tuple[str, str], list[str]]:
+    return {
+        (name, chain): [spec for spec in saved.rules_of(chain) if not _is_own_jump(spec)]
+        for name, saved in state.tables.items()
+        for chain in saved.chains
+        if not chain.startswith(CHAIN_PREFIX)
+    }
 
 
 def _roll_back(

@@ -52,7 +52,7 @@ from typing import Any, Final
 from meshguard.errors import MeshguardFailure
 from meshguard.process import CommandRunner
 from meshguard.rules.install_result import InstallResult
-from meshguard.rules.ruleset import CHAIN_PREFIX, Family, Ruleset, Table
+from meshguard.rules.ruleset import CHAIN_PREFIX, Family, Ruleset, Table, require_valid
 
 TABLE_FAMILY: Final = "inet"
 TABLE_NAME: Final = "meshguard"
@@ -124,6 +124,7 @@ class NftTable:
 
 def build(ruleset: Ruleset, *, families: Iterable[Family] = tuple(Family)) -> NftTable:
     """The table for ``families`` (both, normally): the ruleset's rules, translated."""
+    require_valid(ruleset)  # no value reaches the nft text unless it is of its type
     per_family = {family: _family_chains(ruleset, family) for family in families}
     names: list[str] = []
     for chains in per_family.values():
@@ -700,11 +701,13 @@ def install(
         for prefix in ruleset.ipv6.local_routes:
             run(["ip", "-6", "route", "replace", "local", prefix, "dev", "lo"])
     before = current_table(run)
+    others = foreign_objects(run(["nft", "-j", "list", "ruleset"]))
     try:
         run(["nft", "-f", "-"], stdin=payload)  # atomic: all of it, or nothing changed
     except MeshguardFailure as exc:
         raise MeshguardFailure(f"nftables transaction refused, nothing changed: {exc}") from None
     problems = verify(table, parse_listing(run(["nft", "-j", "list", "table", "inet", TABLE_NAME])))
+    problems += foreign_changes(others, foreign_objects(run(["nft", "-j", "list", "ruleset"])))
     if problems:
         failure = MeshguardFailure(f"nftables rules not as compiled: {'; '.join(problems)}")
         _restore(before, run=run, failure=failure)
@@ -729,6 +732,49 @@ def install(
         InstallResult(family=f, installed=f in wanted, payload=payload, seconds=seconds)
         for f in families
     ]
+
+
+def foreign_objects(listing: str) -> list[str]:
+    """Everything of ``nft -j list ruleset`` outside meshguard's table, canonical (counters
+    zeroed, handles dropped): the install must leave all of it as it was."""
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise MeshguardFailure("nft -j list ruleset: not the JSON nft writes") from None
+    found: list[str] = []
+    for item in items:
+        if not isinstance(item, dict) or "metainfo" in item:
+            continue
+        (kind, body), *_ = item.items()
+        if not isinstance(body, dict):
+            continue
+        owner = (body.get("family"), body.get("table") if kind != "table" else body.get("name"))
+        if owner == (TABLE_FAMILY, TABLE_NAME):
+            continue
+        found.append(json.dumps({kind: _canonical(body)}, sort_keys=True))
+    return found
+
+
+def foreign_changes(before: Sequence[str], after: Sequence[str]) -> list[str]:
+    """What the install changed outside meshguard's table, and any meshguard-named object
+    there (a table or chain meshguard did not plan): each a problem."""
+    problems = [f"outside {TABLE_FAMILY} {TABLE_NAME}: {item}" for item in after
+                if item not in before]  # fmt: skip
+    problems += [f"outside {TABLE_FAMILY} {TABLE_NAME}, removed: {item}" for item in before
+                 if item not in after]  # fmt: skip
+    problems += [f"a meshguard-named object meshguard did not plan: {item}" for item in after
+                 if TABLE_NAME in item.lower() or CHAIN_PREFIX in item]  # fmt: skip
+    return list(dict.fromkeys(problems))
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, dict):
+        if set(value) == {"packets", "bytes"}:
+            return {"packets": 0, "bytes": 0}
+        return {k: _canonical(v) for k, v in value.items() if k != "handle"}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _restore(before: str | None, *, run: CommandRunner, failure: MeshguardFailure) -> None:

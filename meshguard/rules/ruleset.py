@@ -12,13 +12,17 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import ipaddress
 import json
-from collections.abc import Iterable, Mapping
+import re
+import shlex
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Required, TypedDict
+from typing import Any, Final, Required, TypedDict, TypeVar
 
 from meshguard.errors import MalformedInputError
 
+_T = TypeVar("_T")
 CHAIN_PREFIX: Final = "MESHGUARD_"
 FORMAT_VERSION: Final = 1
 MAX_ARTIFACT_BYTES: Final = 1024 * 1024
@@ -179,8 +183,9 @@ class Ruleset:
             raise MalformedInputError(f"ruleset: not valid JSON ({exc})") from None
         try:
             ruleset = _ruleset_from(document)
+            check_ruleset(ruleset)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MalformedInputError(f"ruleset: unexpected content ({exc!r})") from None
+            raise MalformedInputError(f"ruleset: unexpected content ({exc})") from None
         if ruleset.digest != document["digest"]:
             raise MalformedInputError(
                 f"ruleset: digest mismatch (document says {document['digest']},"
@@ -246,14 +251,14 @@ def _ruleset_from(document: Mapping[str, Any]) -> Ruleset:
         ipv6=_family_from(Family.IPV6, document["ipv6"]),
         sources=tuple(
             SourceIdentity(
-                container=str(s["container"]),
-                uid=int(s["uid"]),
-                address4=str(s["ipv4"]),
-                address6=str(s["ipv6"]),
+                container=_typed(s["container"], str, "sources[].container"),
+                uid=_typed(s["uid"], int, "sources[].uid"),
+                address4=_typed(s["ipv4"], str, "sources[].ipv4"),
+                address6=_typed(s["ipv6"], str, "sources[].ipv6"),
             )
-            for s in document["sources"]
+            for s in _typed(document["sources"], list, "sources")
         ),
-        listener_port=int(document["listenerPort"]),
+        listener_port=_typed(document["listenerPort"], int, "listenerPort"),
         native_nftables=_flag(document.get(NATIVE_NFTABLES_KEY, False)),
     )
 
@@ -266,22 +271,175 @@ def _flag(value: object) -> bool:
 
 def _family_from(family: Family, document: Mapping[str, Any]) -> FamilyRuleset:
     tables = []
-    for raw in document["tables"]:
-        chains = tuple(str(c) for c in raw["chains"])
-        for chain in chains:
-            _check_own_chain(chain)
-        hooks = tuple(Hook(chain=str(h["chain"]), spec=str(h["spec"])) for h in raw["hooks"])
-        rules = tuple((str(chain), str(spec)) for chain, spec in raw["rules"])
-        for chain, _ in rules:
-            _check_own_chain(chain)
-        for text in [h.spec for h in hooks] + [spec for _, spec in rules]:
-            if "\n" in text:
-                raise ValueError("a rule spans lines")
-        tables.append(Table(name=str(raw["name"]), chains=chains, hooks=hooks, rules=rules))
-    routes = tuple(str(r) for r in document["localRoutes"])
+    for raw in _typed(document["tables"], list, "tables"):
+        chains = tuple(_typed(c, str, "chain") for c in _typed(raw["chains"], list, "chains"))
+        hooks = tuple(
+            Hook(chain=_typed(h["chain"], str, "hook chain"), spec=_typed(h["spec"], str, "hook"))
+            for h in _typed(raw["hooks"], list, "hooks")
+        )
+        rules = tuple(
+            (_typed(chain, str, "rule chain"), _typed(spec, str, "rule"))
+            for chain, spec in _typed(raw["rules"], list, "rules")
+        )
+        tables.append(
+            Table(name=_typed(raw["name"], str, "table"), chains=chains, hooks=hooks, rules=rules)
+        )
+    routes = tuple(_typed(r, str, "localRoutes[]") for r in document["localRoutes"])
     return FamilyRuleset(family=family, tables=tuple(tables), local_routes=routes)
 
 
+def _typed(value: object, kind: type[_T], what: str) -> _T:
+    """``value`` if it is a ``kind`` (no coercion: ``"1337"`` is not a uid; a bool no int)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what}: expected {kind.__name__}, got {_show(value)}")
+    return value
+
+
+# -- What may reach iptables-restore and nft as text --------------------------------------
+# Every value of a ruleset is checked against its type before any backend renders it (and
+# where the document is read): no character that could end a rule, a line, a quoted string,
+# a block or a statement of either language (newline, ``;``, ``{``, ``}``, ``'``, ``\``,
+# ``#``, ``$``, ``@``, ...) gets through, and numbers, addresses and names are what they say.
+
+TABLES: Final = frozenset({"filter", "nat", "mangle", "raw"})
+BUILTIN_CHAINS: Final = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+_OWN_CHAIN = re.compile(rf"{CHAIN_PREFIX}[A-Z0-9_]{{1,18}}\Z")
+#: A rule as the compiler spells it: bare words, and double-quoted texts after QUOTED.
+_SPEC_CHARS = re.compile(r'[A-Za-z0-9 _.:,/=+!"*\[\]>-]{1,1000}\Z')
+_WORD = re.compile(r"[A-Za-z0-9_.:,/+!-]{1,100}\Z")
+_TEXT = re.compile(r"[A-Za-z0-9 _.:,/=+*\[\]>-]{0,255}\Z")
+QUOTED: Final = frozenset({"--comment", "--log-prefix"})
+_TARGET = re.compile(r"[A-Z][A-Z0-9_]{0,28}\Z")
+_PROTOCOL = re.compile(r"[a-z0-9]{1,16}\Z")
+_INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
+_RATE = re.compile(r"[0-9]{1,9}/(sec|second|min|minute|hour|day)\Z")
+_CONTAINER = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+MAX_ID: Final = 2**32 - 2
+
+
+def check_ruleset(ruleset: Ruleset) -> None:
+    """Raise ValueError naming the first value that is not of its type (see above)."""
+    _check_int(ruleset.listener_port, 0, 65535, "listenerPort")
+    for source in ruleset.sources:
+        if not _CONTAINER.match(source.container):
+            raise ValueError(f"sources: container name {_show(source.container)}")
+        _check_int(source.uid, 0, MAX_ID, f"sources[{source.container}].uid")
+        ipaddress.IPv4Address(source.address4)
+        ipaddress.IPv6Address(source.address6)
+    for part in (ruleset.ipv4, ruleset.ipv6):
+        for route in part.local_routes:
+            network = ipaddress.ip_network(route)
+            if network.version != (4 if part.family is Family.IPV4 else 6):
+                raise ValueError(f"{part.family.value}: local route {route} of the other family")
+        for table in part.tables:
+            _check_table(table)
+
+
+def require_valid(ruleset: Ruleset) -> None:
+    """:func:`check_ruleset` for the renderers: :class:`MalformedInputError` if off."""
+    try:
+        check_ruleset(ruleset)
+    except ValueError as exc:
+        raise MalformedInputError(f"ruleset: refused before rendering ({exc})") from None
+
+
+def _check_table(table: Table) -> None:
+    if table.name not in TABLES:
+        raise ValueError(f"table {_show(table.name)} is not an iptables table")
+    for chain in table.chains:
+        _check_own_chain(chain)
+    for hook in table.hooks:
+        if hook.chain not in BUILTIN_CHAINS:
+            raise ValueError(f"hook in {_show(hook.chain)}: not a built-in chain")
+        check_spec(hook.spec)
+    for chain, spec in table.rules:
+        _check_own_chain(chain)
+        check_spec(spec)
+
+
 def _check_own_chain(chain: str) -> None:
-    if not chain.startswith(CHAIN_PREFIX):
-        raise ValueError(f"chain {chain!r} is not meshguard's")
+    if not _OWN_CHAIN.match(chain):
+        raise ValueError(f"chain {_show(chain)} is not meshguard's")
+
+
+def check_spec(spec: str) -> None:
+    """One rule spec: allowed characters, canonical quoting, every value of its type."""
+    if not _SPEC_CHARS.match(spec):
+        raise ValueError(f"rule {_show(spec)}: characters outside a rule's")
+    words = shlex.split(spec)
+    canonical = " ".join(
+        f'"{word}"' if index and words[index - 1] in QUOTED else word
+        for index, word in enumerate(words)
+    )
+    if canonical != spec:
+        raise ValueError(f"rule {_show(spec)}: not in canonical form ({_show(canonical)})")
+    for index, word in enumerate(words):
+        flag = words[index - 1] if index else ""
+        if flag in QUOTED:
+            if not _TEXT.match(word):
+                raise ValueError(f"rule {_show(spec)}: {flag} text {_show(word)}")
+            continue
+        if not _WORD.match(word):
+            raise ValueError(f"rule {_show(spec)}: {_show(word)}")
+        check = _VALUES.get(flag)
+        if check is not None:
+            check(word, f"rule {_show(spec)}: {flag}")
+
+
+def _check_int(value: object, low: int, high: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what}: {_show(value)} is not an integer in {low}..{high}")
+
+
+def _number(text: str, high: int, what: str) -> None:
+    if not text.isdigit() or len(text) > 10 or int(text) > high:
+        raise ValueError(f"{what} {_show(text)}: not a number in 0..{high}")
+
+
+def _ids(text: str, what: str) -> None:
+    for part in text.split("-", 1):
+        _number(part, MAX_ID, what)
+
+
+def _ports(text: str, what: str) -> None:
+    for item in text.split(","):
+        for part in re.split("[:-]", item, maxsplit=1):
+            _number(part, 65535, what)
+
+
+def _address(text: str, what: str) -> None:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{what} {_show(text)}: not an address") from None
+
+
+def _pattern(pattern: re.Pattern[str]) -> Callable[[str, str], None]:
+    def check(text: str, what: str) -> None:
+        if not pattern.match(text):
+            raise ValueError(f"{what} {_show(text)}")
+
+    return check
+
+
+_VALUES: Final[Mapping[str, Callable[[str, str], None]]] = {
+    "--uid-owner": _ids,
+    "--gid-owner": _ids,
+    **dict.fromkeys(
+        ("--dport", "--sport", "--dports", "--sports", "--to-ports", "--ctorigdstport"), _ports
+    ),
+    "-d": _address,
+    "-s": _address,
+    "--to-source": _address,
+    "-o": _pattern(_INTERFACE),
+    "-i": _pattern(_INTERFACE),
+    "-p": _pattern(_PROTOCOL),
+    "-j": _pattern(_TARGET),
+    "-g": _pattern(_TARGET),
+    "--limit": _pattern(_RATE),
+}
+
+
+def _show(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

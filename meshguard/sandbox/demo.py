@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from shutil import which
 from typing import Any
 
 from meshguard import annotation_keys, yaml_io
+from meshguard.attestation import Signer, generate
 from meshguard.authz.envoy_config import envoy_config_text
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
@@ -280,7 +282,13 @@ class PodDemo:
         log = (self.workdir / "authz.log").open("a")
         self._exit.callback(log.close)
         self._authz = self.ns.spawn(
-            authz_command([self.workdir / "pod.yaml"], uid=uid, gid=gid, port=AUTHZ_PORT),
+            authz_command(
+                [self.workdir / "pod.yaml"],
+                uid=uid,
+                gid=gid,
+                port=AUTHZ_PORT,
+                trusted_keys=self._trusted_keys(),
+            ),
             stderr=log,
         )
         try:
@@ -291,6 +299,13 @@ class PodDemo:
                 f"{exc}; meshguard serve-authz said: {' | '.join(tail)}"
             ) from None
         self.progress(f"meshguard serve-authz on :{AUTHZ_PORT}")
+
+    def _trusted_keys(self) -> Path:
+        """The demo's ephemeral public key, as serve-authz reads it (readable by its uid)."""
+        path = self.workdir / "trusted-keys.pem"
+        path.write_text(ephemeral_signer().public_pem())
+        path.chmod(0o644)
+        return path
 
     # --- trying flows -------------------------------------------------------------------
 
@@ -320,12 +335,19 @@ class PodDemo:
         result = inject_pod(
             self.template.metadata,
             self.template.spec,
-            settings=InjectSettings(request_template=False),
+            settings=InjectSettings(request_template=False, signer=ephemeral_signer()),
         )
         assert result.outcome is Outcome.INJECTED
         self.install_rules()
         proxy = read_pod(metadata=self.template.metadata, spec=self.template.spec).proxy_identity
         self.start_authz(uid=proxy.uid, gid=proxy.gid)
+
+
+@functools.cache
+def ephemeral_signer() -> Signer:
+    """The demo's signing key: made for this process, never written to disk (only its
+    public key is, for serve-authz)."""
+    return generate()
 
 
 def _observed(flow: Flow, answer: ProbeOutcome) -> str:

@@ -83,11 +83,15 @@ def envoy_command(config: Path, *, uid: int, gid: int) -> list[str]:
     )  # fmt: skip
 
 
-def authz_command(pod_files: Sequence[Path], *, uid: int, gid: int, port: int) -> list[str]:
-    """``meshguard serve-authz`` under uid/gid (dropping privileges after Python loaded)."""
+def authz_command(
+    pod_files: Sequence[Path], *, uid: int, gid: int, port: int, trusted_keys: Path
+) -> list[str]:
+    """``meshguard serve-authz`` under uid/gid (dropping privileges after Python loaded),
+    serving the pods whose attestation verifies with ``trusted_keys``."""
     return [
         sys.executable, "-m", "meshguard.cli.run_as", str(uid), str(gid), "--",
         "serve-authz", "--pods", *map(str, pod_files), "--port", str(port), "--metrics-port", "0",
+        "--trusted-keys", str(trusted_keys),
     ]  # fmt: skip
 
 

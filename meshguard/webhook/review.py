@@ -173,7 +173,12 @@ def respond(
                 uid, "skipped", label, result.reason, len(texts), tuple(result.warnings)
             )
             return _allowed(uid, warnings=texts), decision
-        result = _transform(mutated, settings=settings)
+        namespace = request.get("namespace")
+        result = _transform(
+            mutated,
+            settings=settings,
+            namespace=namespace if isinstance(namespace, str) and namespace else None,
+        )
     except _Deny as deny:
         decision = AdmissionVerdict(uid, deny.result, label, str(deny), 0)
         return _denied(uid, deny.code, str(deny)), decision
@@ -265,6 +270,7 @@ def _transform(
     settings: InjectSettings,
     added: set[str] | None = None,
     ephemeral: bool = False,
+    namespace: str | None = None,
 ) -> Result:
     try:
         metadata = pod.setdefault("metadata", {})
@@ -272,7 +278,7 @@ def _transform(
             return review_ephemeral_containers(
                 metadata, pod["spec"], settings=settings, added=added
             )
-        return inject_pod(metadata, pod["spec"], settings=settings)
+        return inject_pod(metadata, pod["spec"], settings=settings, namespace=namespace)
     except RefusedError as exc:
         raise _Deny(403, str(exc)) from None
     except MalformedInputError as exc:

@@ -27,6 +27,7 @@ from meshguard.pod import read_pod
 from meshguard.policy import Mode, parse_mode, parse_policy
 from meshguard.rules.compiler import CompilerSettings
 from meshguard.status import PodStatus
+from tests.support.keys import SIGNER, TRUSTED
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 KEY = "demo/shop"
@@ -43,7 +44,9 @@ WIDER = json.dumps(
 def injected(**annotations: str) -> dict[str, Any]:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     pod["metadata"]["annotations"].update(annotations)
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 
@@ -69,7 +72,7 @@ def served(pod: dict[str, Any], tmp_path: Path) -> PodPolicy:
     """The pod as the authz server's file store serves it."""
     path = tmp_path / "pod.yaml"
     path.write_text(yaml.safe_dump(pod))
-    policy = StaticStore.from_files([path]).get(KEY)
+    policy = StaticStore.from_files([path], trusted=TRUSTED).get(KEY)
     assert policy is not None
     return policy
 
@@ -89,7 +92,11 @@ def test_the_webhook_records_the_admitted_policy_and_mode_in_the_status():
     assert status[STATUS_KEY]["digest"] == record.digest
     assert status["mode"] == "audit"
     again = json.loads(json.dumps(pod))  # the transform twice: the same record
-    inject_pod(again["metadata"], again["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        again["metadata"],
+        again["spec"],
+        settings=InjectSettings(request_template=False, signer=SIGNER),
+    )
     assert again == pod
 
 
@@ -155,8 +162,8 @@ def test_an_audit_pod_edited_to_enforce_stays_audit_as_admitted(tmp_path: Path):
 def test_the_edit_is_logged_once_per_pod(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.WARNING, logger="meshguard.authz.store")
     pod = annotate(injected(), mode="audit")
-    store = StaticStore([policy_of(pod)])
-    store.report.note(policy_of(pod))  # seen again (a relist): not logged again
+    store = StaticStore([policy_of(pod, trusted=TRUSTED)])
+    store.report.note(policy_of(pod, trusted=TRUSTED))  # seen again (a relist): not logged again
     (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("pod") == KEY]
     assert record.fields["event"] == "admitted-drift"
     assert record.fields["enforced_mode"] == "enforce"
@@ -164,19 +171,23 @@ def test_the_edit_is_logged_once_per_pod(tmp_path: Path, caplog: pytest.LogCaptu
     assert store.report.drifted == 1
 
 
+#: A status edited after admission no longer verifies: refused before its record is read.
+SIGNED_STATUS = "meshguard.io/status is not the text meshguard's webhook signed"
+
+
 @pytest.mark.parametrize(
     ("edit", "reason"),
     [
         (
             lambda s: s[STATUS_KEY].update(mode="audit"),
-            "meshguard.io/status 'admitted': digest mismatch",
+            SIGNED_STATUS,
         ),
         (
             lambda s: s[STATUS_KEY]["policy"].update(defaultAction="allow"),
-            "meshguard.io/status 'admitted': digest mismatch",
+            SIGNED_STATUS,
         ),
-        (lambda s: s.update(admitted="yes"), "meshguard.io/status 'admitted': not a JSON object"),
-        (lambda s: s.pop(STATUS_KEY), "no admitted policy record (meshguard.io/status 'admitted')"),
+        (lambda s: s.update(admitted="yes"), SIGNED_STATUS),
+        (lambda s: s.pop(STATUS_KEY), SIGNED_STATUS),
     ],
     ids=["record-mode", "record-policy", "record-replaced", "record-removed"],
 )
@@ -203,7 +214,7 @@ def test_hand_built_annotations_are_taken_as_given_but_never_served():
     direct = PodPolicy.from_pod(key=KEY, annotations=annotations, ports={})
     assert (direct.admitted, direct.mode) == (False, Mode.AUDIT)
     pod = edit_status(injected(), lambda s: s.pop(STATUS_KEY))
-    assert "no admitted policy record" in policy_of(annotate(pod, mode="audit")).refused
+    assert SIGNED_STATUS in policy_of(annotate(pod, mode="audit"), trusted=TRUSTED).refused
 
 
 # --- meshguard describe --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.sandbox.envoy import authz_command, envoy_binary, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.shared import shared_file
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -272,14 +273,24 @@ def test_a_misnamed_authz_cluster_answers_503_and_says_so_not_403(
     name, where a policy denial (here: a pod the authz server does not know) is a 403
     counted as ``ext_authz.denied``."""
     pod = yaml.safe_load(EXAMPLE_POD.read_text())
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     pod_file = tmp_path / "pod.yaml"
     pod_file.write_text(yaml.safe_dump(pod))
     config = tmp_path / "sidecar.yaml"
     config.write_text(yaml.safe_dump(sidecar_bootstrap(calls)))
     envoy_out = tmp_path / "envoy.stdout"
     with NetworkNamespace() as ns, envoy_out.open("w") as out:
-        ns.spawn(authz_command([pod_file], uid=0, gid=0, port=AUTHZ_PORT))
+        ns.spawn(
+            authz_command(
+                [pod_file],
+                uid=0,
+                gid=0,
+                port=AUTHZ_PORT,
+                trusted_keys=trusted_keys_file(pod_file.parent),
+            )
+        )
         wait_listening(ns, port=AUTHZ_PORT, uid=0, gid=0)
         envoy = subprocess.Popen(
             ns.argv(envoy_command(config, uid=0, gid=0)), stdout=out,

@@ -29,6 +29,7 @@ from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.netfilter import Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
 
@@ -107,7 +108,13 @@ def rules_in(box: PodSandbox) -> set[str]:
 
 def start_authz(ns: NetworkNamespace, pod_file: Path, log: Path) -> Any:
     process = ns.spawn(
-        authz_command([pod_file], uid=PROXY, gid=PROXY, port=LOCAL_AUTHZ_PORT),
+        authz_command(
+            [pod_file],
+            uid=PROXY,
+            gid=PROXY,
+            port=LOCAL_AUTHZ_PORT,
+            trusted_keys=trusted_keys_file(pod_file.parent),
+        ),
         stderr=log.open("a"),
     )
     wait_listening(ns, port=LOCAL_AUTHZ_PORT, uid=PROXY, gid=PROXY)
@@ -128,7 +135,9 @@ def injected_pod(
     pod["metadata"]["annotations"]["meshguard.io/policy"] = policy
     pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
     pod["metadata"]["annotations"]["meshguard.io/l7-engine"] = engine.value
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 

@@ -24,6 +24,7 @@ from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
 from tests.authz.spiffe import Workload, issue_workload, spiffe_id
 from tests.authz.test_envoy_e2e import APP, CACHE, PROXY, injected_pod
+from tests.support.keys import trusted_keys_file
 from tests.support.podns import PodSandbox
 from tests.support.tls import CertificateAuthority
 
@@ -95,7 +96,16 @@ def mtls_pod(tmp_path: Path, shared_dir: Path) -> Iterator[MtlsPod]:
         server = mesh["authz"]
         tls_flags = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
         tls_flags += ["--tls-ca", str(server.ca)]
-        authz = [*authz_command([pod_file], uid=PROXY, gid=PROXY, port=9191), *tls_flags]
+        authz = [
+            *authz_command(
+                [pod_file],
+                uid=PROXY,
+                gid=PROXY,
+                port=9191,
+                trusted_keys=trusted_keys_file(pod_file.parent),
+            ),
+            *tls_flags,
+        ]
         ns.spawn(authz, stderr=decisions.open("a"))
         envoys: list[Any] = []
 

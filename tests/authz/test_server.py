@@ -28,6 +28,7 @@ from meshguard.authz.server import AuthzSettings, serve_authz
 from meshguard.authz.store import StaticStore, StoreStats
 from meshguard.inject.transform import InjectSettings, inject_pod
 from tests.authz.test_store import EXAMPLE
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.processes import children, listeners, wait_for
 
 STATUS = json.dumps({"listener": {"sources": {"app": ["127.0.100.1", "fd6d:6775::1"]}}})
@@ -251,13 +252,16 @@ def test_not_serving_and_no_decision_until_the_store_has_synced():
 def serve_workers(tmp_path: Path, *, workers: int) -> tuple[subprocess.Popen[str], int]:
     """serve-authz --workers on the injected example pod's file: the parent and its port."""
     pod = yaml.safe_load(EXAMPLE.read_text())
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     pod_file = tmp_path / "pod.yaml"
     pod_file.write_text(yaml.safe_dump(pod))
     port = free_port()
     parent = subprocess.Popen(
         [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
-         "--port", str(port), "--metrics-port", "0", "--workers", str(workers)],
+         "--port", str(port), "--metrics-port", "0", "--workers", str(workers),
+         "--trusted-keys", str(trusted_keys_file(tmp_path))],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     return parent, port

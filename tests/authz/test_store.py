@@ -17,6 +17,7 @@ from meshguard.authz.kube import PodPage, ResourceExpired, WatchEvent
 from meshguard.authz.store import KubernetesStore, StaticStore
 from meshguard.errors import MalformedInputError
 from meshguard.inject.transform import InjectSettings, inject_pod
+from tests.support.keys import SIGNER, TRUSTED
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
@@ -25,14 +26,16 @@ def injected_example(name: str = "shop", **annotations: str) -> dict[str, Any]:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     pod["metadata"]["name"] = name
     pod["metadata"]["annotations"].update(annotations)
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 
 def test_static_store_reads_injected_pod_files(tmp_path: Path):
     path = tmp_path / "pod.yaml"
     path.write_text(yaml.safe_dump(injected_example()))
-    store = StaticStore.from_files([path])
+    store = StaticStore.from_files([path], trusted=TRUSTED)
     assert store.keys() == ["demo/shop"]
     policy = store.get("demo/shop")
     assert policy is not None
@@ -43,7 +46,7 @@ def test_static_store_reads_injected_pod_files(tmp_path: Path):
 
 def test_static_store_refuses_pods_meshguard_did_not_inject():
     with pytest.raises(MalformedInputError, match=r"has no meshguard\.io/status annotation"):
-        StaticStore.from_files([EXAMPLE])
+        StaticStore.from_files([EXAMPLE], trusted=TRUSTED)
 
 
 class FakeApi:
@@ -116,7 +119,7 @@ def test_watch_cache_resumes_from_the_last_version_and_lists_again_only_on_410()
             [WatchEvent("DELETED", versioned(changed, "21"))],
         ]
     )
-    store = KubernetesStore(api, sleep=snapshot, backoff_initial=0.01)
+    store = KubernetesStore(trusted=TRUSTED, source=api, sleep=snapshot, backoff_initial=0.01)
     store.run()
     assert api.calls == [
         "list", "watch@10", "watch@16", "watch@16", "watch@18", "list", "watch@20", "watch@21",
@@ -133,7 +136,9 @@ def test_a_relist_keeps_the_policies_of_unchanged_pods():
     web = versioned(injected_example("web"), "5")
     api = FakeApi([([web], "10"), [ResourceExpired("410")], ([web], "30")])
     first: list[object] = []
-    store = KubernetesStore(api, sleep=lambda _: api.done.is_set(), backoff_initial=0.01)
+    store = KubernetesStore(
+        trusted=TRUSTED, source=api, sleep=lambda _: api.done.is_set(), backoff_initial=0.01
+    )
     store.subscribe(lambda change: first.append(store.get("demo/web")))
     store.run()
     assert store.relists == 2
@@ -170,11 +175,11 @@ def test_watch_cache_serves_what_was_admitted_whatever_the_live_annotations(capl
             [WatchEvent("MODIFIED", forged), ConnectionError("watch broke")],
         ]
     )
-    store = KubernetesStore(api, sleep=snapshot, backoff_initial=0.01)
+    store = KubernetesStore(trusted=TRUSTED, source=api, sleep=snapshot, backoff_initial=0.01)
     store.run()
     assert seen[0] == seen[1] == ("enforce", "deny", "")  # the edit, then the 410's wait
     assert seen[2][:2] == ("enforce", "deny")
-    assert "digest mismatch" in seen[2][2]
+    assert "not the text meshguard's webhook signed" in seen[2][2]
     events = [r.fields["event"] for r in caplog.records if hasattr(r, "fields")]
     assert events.count("admitted-drift") == 1
     assert events.count("admitted-refused") == 1

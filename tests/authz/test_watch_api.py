@@ -34,6 +34,7 @@ from tests.authz.test_server import check_request, free_port
 from tests.authz.test_store import EXAMPLE
 from tests.support.apiserver import TOKEN, ScriptedApiServer
 from tests.support.apiserver import Churn as ApiChurn
+from tests.support.keys import SIGNER, TRUSTED, trusted_keys_file
 from tests.support.processes import children, listeners, wait_for
 
 PODS = 10_000
@@ -42,7 +43,9 @@ SELECTOR = "meshguard.io/admitted=true"
 
 def _template() -> str:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return json.dumps(pod)
 
 
@@ -92,7 +95,9 @@ def access(api: ScriptedApiServer, *, token: str = TOKEN) -> ApiAccess:
 
 
 def start_store(api: ScriptedApiServer, **knobs: Any) -> KubernetesStore:
-    store = KubernetesStore(HttpPodSource(access(api)), backoff_initial=0.05, **knobs)
+    store = KubernetesStore(
+        trusted=TRUSTED, source=HttpPodSource(access(api)), backoff_initial=0.05, **knobs
+    )
     store.start()
     return store
 
@@ -202,7 +207,7 @@ def test_serve_authz_workers_share_one_watch_and_serve_only_once_synced(api, tmp
     port, metrics = free_port(), free_port()
     argv = [sys.executable, "-m", "meshguard", "serve-authz", "--kubernetes",
             "--insecure-plaintext", "--port", str(port), "--metrics-port", str(metrics),
-            "--workers", "2"]  # fmt: skip
+            "--workers", "2", "--trusted-keys", str(trusted_keys_file(tmp_path))]  # fmt: skip
     server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: listeners(port) == 2, what="both workers to listen")
@@ -297,7 +302,9 @@ def test_a_worker_that_is_gone_gets_nothing_queued():
     read_end, write_end = os.pipe()
     os.close(read_end)
     feed = Feed(write_end, name="1", encoder=FrameEncoder())
-    store = KubernetesStore(HttpPodSource(ApiAccess(server="https://127.0.0.1:1")))
+    store = KubernetesStore(
+        trusted=TRUSTED, source=HttpPodSource(ApiAccess(server="https://127.0.0.1:1"))
+    )
     feed(Snapshot({}, store.stats()))  # EPIPE: the writer stops
     writer = feed._writer
     writer._thread.join(timeout=5)
@@ -332,7 +339,9 @@ def test_a_list_page_size_below_one_is_refused(size):
 
 
 def test_the_workers_feeds_encode_a_change_once():
-    store = KubernetesStore(HttpPodSource(ApiAccess(server="https://127.0.0.1:1")))
+    store = KubernetesStore(
+        trusted=TRUSTED, source=HttpPodSource(ApiAccess(server="https://127.0.0.1:1"))
+    )
     encoder = FrameEncoder()
     first, second = Snapshot({}, store.stats()), Snapshot({}, store.stats())
     frame = encoder(first)

@@ -155,11 +155,13 @@ def test_default_objects() -> None:
         [
             ("ClusterRole", "meshguard-authz"),
             ("ClusterRoleBinding", "meshguard-authz"),
+            ("ConfigMap", "meshguard-trusted-keys"),
             ("Deployment", "meshguard-authz"),
             ("Deployment", "meshguard-webhook"),
             ("MutatingWebhookConfiguration", "zz-meshguard"),
             ("PodDisruptionBudget", "meshguard-authz"),
             ("PodDisruptionBudget", "meshguard-webhook"),
+            ("Secret", "meshguard-attestation"),
             ("Secret", "meshguard-webhook-tls"),
             ("Service", "meshguard-authz"),
             ("Service", "meshguard-webhook"),
@@ -248,6 +250,8 @@ def test_webhook_command_line_is_the_real_cli() -> None:
     )
     assert (args.host, args.port) == ("0.0.0.0", 9443)
     assert args.log_level == "info"
+    assert str(args.signing_key) == "/etc/meshguard/attestation/signing-key.pem"
+    args.signing_key = None  # the Secret's file (tests/charts/test_attestation_chart.py)
     settings = injection_settings(args, request_template=not args.no_template)
     # no template by default: a missing `meshguard` template in istiod cannot block pods
     assert settings.request_template is False
@@ -282,6 +286,7 @@ def test_webhook_flags_follow_values() -> None:
     assert main["image"] == image
     args = build_parser().parse_args(main["args"])
     assert args.no_template is True
+    args.signing_key = None  # the Secret's file (tests/charts/test_attestation_chart.py)
     settings = injection_settings(args, request_template=not args.no_template)
     assert settings.request_template is False
     assert settings.posture.default_action is PostureAction.DENY
@@ -537,7 +542,7 @@ def test_generated_tls() -> None:
 
 def test_cert_manager_tls() -> None:
     objects = render(CERT_MANAGER)
-    assert not kinds(objects, "Secret")
+    assert [s["metadata"]["name"] for s in kinds(objects, "Secret")] == ["meshguard-attestation"]
     issuer = one(objects, "Issuer", "meshguard-selfsigned")
     assert issuer["apiVersion"] == "cert-manager.io/v1"
     assert issuer["spec"] == {"selfSigned": {}}

@@ -36,6 +36,7 @@ from tests.charts.test_chart import (
     render,
 )
 from tests.cni import pss
+from tests.support.keys import signing_key_file
 from tests.support.shared import shared_file
 
 CNI = {"cni": {"enabled": True}}
@@ -191,7 +192,8 @@ def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio
     ]  # fmt: skip
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
     assert mounts == {"/host/opt/cni/bin": "cni-bin-dir", "/host/etc/cni/net.d": "cni-net-dir",
-                      "/var/run/meshguard": "agent-socket", "/tmp": "tmp"}  # fmt: skip
+                      "/var/run/meshguard": "agent-socket", "/tmp": "tmp",
+                      "/etc/meshguard/trusted-keys": "trusted-keys"}  # fmt: skip
     # the socket where the shim looks for it (compiled in), iptables' lock on the emptyDir
     assert str(agent_args().agent_socket) == "/var/run/meshguard/cni.sock"
     assert '#define DEFAULT_SOCKET "/var/run/meshguard/cni.sock"' in SHIM_SOURCE.read_text()
@@ -265,11 +267,12 @@ def test_helm_lint_strict_with_cni():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-def test_a_pod_the_charts_webhook_injects_in_cni_mode_passes_baseline():
+def test_a_pod_the_charts_webhook_injects_in_cni_mode_passes_baseline(tmp_path):
     """The webhook as the chart runs it (its real args), Istio's real CNI-mode sample: no
     container meshguard adds needs more than restricted; the pod passes baseline."""
     webhook = container(one(render(CNI), "Deployment", "meshguard-webhook"))
     args = build_parser().parse_args(webhook["args"])
+    args.signing_key = signing_key_file(tmp_path)  # where the chart mounts its Secret's file
     settings = injection_settings(args, request_template=not args.no_template)
     text = shared_file("istio-injector-samples", "hello.yaml.cni.injected").read_text()
     templates = pod_templates([d for d in yaml.safe_load_all(text) if d])

@@ -56,6 +56,7 @@ from tests.charts.test_chart import (
     pem,
     selector_matches,
 )
+from tests.support.keys import SIGNER, signing_key_file
 from tests.support.shared import shared_file
 from tests.support.tls import CertificateAuthority
 
@@ -95,6 +96,9 @@ def values_of(mode: str) -> dict[str, Any]:
     tls = values.get("tls", {}).get("existingSecret")
     if tls and isinstance(tls["caBundle"], bytes):
         tls["caBundle"] = tls["caBundle"].decode()
+    if mode != "generated":  # stable: the signing key is the operator's Secret as well
+        values["attestation"] = {"mode": "existingSecret", "existingSecret": "signing-key",
+                                 "publicKeys": [SIGNER.public_pem()]}  # fmt: skip
     return values
 
 
@@ -169,7 +173,7 @@ def test_every_tls_mode_renders_valid_objects(mode: str) -> None:
     assert volumes["tls"]["secret"]["secretName"] == secret_name
     secrets = kinds(objects, "Secret")
     if mode == "generated":
-        assert [s["metadata"]["name"] for s in secrets] == [secret_name]
+        assert [s["metadata"]["name"] for s in secrets] == ["meshguard-attestation", secret_name]
     else:
         assert secrets == []  # the chart never holds a key in the stable modes
     if mode.startswith("existingSecret"):
@@ -436,7 +440,8 @@ def webhook_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int
         port = sock.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert_file),
-         "--key", str(key_file), "--host", "127.0.0.1", "--port", str(port)],
+         "--key", str(key_file), "--host", "127.0.0.1", "--port", str(port),
+         "--signing-key", str(signing_key_file(tmp_path))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -644,7 +649,7 @@ def _injected(sample: str) -> tuple[dict[str, Any], dict[str, Any]]:
     (template,) = pod_templates([d for d in yaml.safe_load_all(text) if d])
     istio = copy.deepcopy(template.spec)
     metadata, spec = copy.deepcopy(template.metadata), copy.deepcopy(template.spec)
-    inject_pod(metadata, spec, settings=InjectSettings(request_template=False))
+    inject_pod(metadata, spec, settings=InjectSettings(request_template=False, signer=SIGNER))
     return istio, spec
 
 

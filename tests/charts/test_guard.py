@@ -21,6 +21,7 @@ import yaml
 import meshguard
 from meshguard.inject.transform import InjectSettings, inject_pod
 from tests.charts.test_chart import K8S_VERSION, one, render
+from tests.support.keys import SIGNER
 
 celpy = pytest.importorskip(
     "celpy", reason="cel-python is not installed (pip install -e '.[test]')"
@@ -78,7 +79,9 @@ def test_the_values_schema_refuses_meaningless_actions(actions):
 
 def admitted_pod() -> dict[str, Any]:
     pod: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 

@@ -36,6 +36,7 @@ from tests.support.cni_runtime import (
     bridge_plugin,
     istio_cni_standin,
 )
+from tests.support.keys import SIGNER, trusted_keys_file
 from tests.support.matrix import APP, CACHE, LOGS, PROXY, SERVERS, STRANGERS, check_matrix
 from tests.support.matrix import example_pod as matrix_pod
 from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
@@ -92,7 +93,9 @@ def cni_mode_pod(netfilter: Netfilter) -> dict[str, Any]:
     istio-init), then admitted by meshguard (meshguard-validation, the ruleset annotations)."""
     pod = as_cni_mode(pod_for(matrix_pod(), netfilter))
     pod["metadata"].update(uid=POD_UID, namespace="demo", name="shop")
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     names = [c["name"] for c in pod["spec"]["initContainers"]]
     assert "meshguard-validation" in names and "meshguard-init" not in names
     return pod
@@ -163,7 +166,9 @@ def make_chain(node: Node, tmp_path: Path) -> Iterator[Any]:
         shim = tmp_path / "image" / "meshguard-cni"
         shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m meshguard.cni\n")
         shim.chmod(0o755)
-        settings = InstallSettings(plugin_source=shim, timeout_seconds=timeout)
+        settings = InstallSettings(
+            plugin_source=shim, timeout_seconds=timeout, trusted_keys=trusted_keys_file(tmp_path)
+        )
         install_once(layout, settings, node.credentials)
         pod_ns = RuntimeNamespace(name=f"mgpod-{uuid.uuid4().hex[:8]}")
         pod_ns.__enter__()

@@ -20,6 +20,7 @@ from meshguard.cni.kube import read_kubeconfig
 from meshguard.cni.node import ApiCredentials, InstallSettings, NodeLayout, install_once, uninstall
 from meshguard.cni.protocol import PLUGIN_TYPE, CniError
 from meshguard.errors import MalformedInputError
+from tests.support.keys import trusted_keys_file
 
 CALICO = {"type": "calico", "ipam": {"type": "calico-ipam"}, "log_level": "info"}
 PORTMAP = {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
@@ -194,7 +195,8 @@ def agent(
         [sys.executable, "-m", "meshguard", "cni", "install", "--cni-conf-dir", str(node.conf_dir),
          "--cni-bin-dir", str(node.bin_dir), "--plugin-binary", str(settings.plugin_source),
          "--service-account-dir", str(account), "--interval", "0.1",
-         "--ready-file", str(tmp_path / "ready")],
+         "--ready-file", str(tmp_path / "ready"),
+         "--trusted-keys", str(trusted_keys_file(tmp_path))],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     yield process

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import pytest
 
 from meshguard.inject.transform import InjectSettings, inject_pod
+from tests.support.keys import SIGNER
 from tests.support.samples import istio_pod
 from tests.support.tls import CertificateAuthority
 
@@ -71,15 +72,19 @@ def netns() -> Iterator[str]:
 
 def injected_pod() -> dict[str, Any]:
     pod = istio_pod(cni=True)
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     pod["metadata"]["uid"] = "uid-1"
     return pod
 
 
-def plugin(command: str, netns: str, api: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+def plugin(
+    command: str, netns: str, api: dict[str, Any], *, trusted: str | None = None
+) -> tuple[int, dict[str, Any] | None]:
     conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "meshguard-cni",
             "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": []},
-            "kubernetes": api}  # fmt: skip
+            "kubernetes": api, "trustedKeys": trusted or SIGNER.public_pem()}  # fmt: skip
     env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0",
            "CNI_NETNS": f"/var/run/netns/{netns}",
            "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=shop;"

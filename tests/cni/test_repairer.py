@@ -25,6 +25,7 @@ from meshguard.errors import MeshguardFailure
 from meshguard.logs import JsonFormatter
 from tests.cni.test_repair import NODE, changed, pod
 from tests.support.apiserver import ApiServer, scripted_api
+from tests.support.keys import trusted_keys_file
 
 TOKEN = "agent-token"
 DELETE = RepairMode.DELETE
@@ -248,7 +249,8 @@ def test_the_agent_process_repairs_with_the_daemonsets_flags(api: ApiServer, tmp
     command = [sys.executable, "-m", "meshguard", "cni", "install", "--cni-conf-dir", str(conf),
                "--cni-bin-dir", str(binaries), "--plugin-binary", str(shim),
                "--service-account-dir", str(account), "--interval", "0.1", "--repair-pods",
-               "--repair-mode", "delete", "--repair-interval", "0.1"]  # fmt: skip
+               "--repair-mode", "delete", "--repair-interval", "0.1",
+               "--trusted-keys", str(trusted_keys_file(tmp_path))]  # fmt: skip
     refused = subprocess.run(command, env=environment, capture_output=True, text=True,
                              timeout=120, check=False)  # fmt: skip
     assert refused.returncode == 1

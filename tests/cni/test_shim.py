@@ -43,6 +43,7 @@ from tests.support.cni_runtime import (
     bridge_plugin,
     istio_cni_standin,
 )
+from tests.support.keys import trusted_keys_file
 from tests.support.matrix import APP, SERVERS, STRANGERS, check_matrix
 from tests.support.netfilter import Netfilter
 from tests.support.podns import PodSandbox
@@ -129,7 +130,8 @@ def shim_chain(
                       f"--cni-conf-dir={conf_dir}", f"--cni-bin-dir={bin_dir}",
                       f"--host-cni-conf-dir={conf_dir}", f"--plugin-binary={shim}",
                       f"--service-account-dir={account}", f"--agent-socket={socket_path}",
-                      f"--ready-file={tmp_path / 'ready'}", "--interval=0.2"]),
+                      f"--ready-file={tmp_path / 'ready'}", "--interval=0.2",
+                      f"--trusted-keys={trusted_keys_file(tmp_path)}"]),
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60

@@ -23,10 +23,11 @@ from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import Role, read_pod
 from meshguard.rules.ruleset import Ruleset
 from tests.cni import pss
+from tests.support.keys import SIGNER
 from tests.support.samples import istio_pod
 from tests.support.shared import shared_file
 
-SETTINGS = InjectSettings(request_template=False)
+SETTINGS = InjectSettings(request_template=False, signer=SIGNER)
 CNI_SAMPLE = "hello.yaml.cni.injected"
 
 

@@ -23,11 +23,12 @@ from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
 from meshguard.rules.ruleset import Ruleset
+from tests.support.keys import SIGNER, signing_key_file
 from tests.support.samples import SAFE_CONTEXT, injected_sample_names, istio_pod
 from tests.support.shared import INJECTOR_SAMPLES, shared_file
 
 PROJECT = Path(__file__).resolve().parents[2]
-SETTINGS = InjectSettings(request_template=False)
+SETTINGS = InjectSettings(request_template=False, signer=SIGNER)
 K8S_VERSION = kubernetes_validate.latest_version()
 NOT_INJECTED_BY_ISTIO = {"custom-template.yaml.injected", "hello-host-network.yaml.injected"}
 #: Istio's gateway template: the proxy alone, no init step (left alone, see below).
@@ -41,6 +42,7 @@ OWN_ANNOTATIONS = (
     "meshguard.io~1status",
     "meshguard.io~1l7-rbac",
     "meshguard.io~1mode",
+    "meshguard.io~1attestation",
 )
 OWN_LABELS = {"meshguard.io/admitted": "true", "meshguard.io/l7-engine": "native"}
 
@@ -174,11 +176,12 @@ def validate(document: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_the_cli_gives_the_same_result_as_the_transform(name: str):
+def test_the_cli_gives_the_same_result_as_the_transform(name: str, tmp_path):
     documents = with_policy(load(name))
     text = yaml.safe_dump_all(documents, sort_keys=False)
+    key = signing_key_file(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "meshguard", "inject", "-f", "-"],
+        [sys.executable, "-m", "meshguard", "inject", "-f", "-", "--signing-key", str(key)],
         input=text, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -195,11 +198,11 @@ def test_before_istio_the_meshguard_template_is_requested_keeping_the_others():
         else pytest.skip("../shared absent")
     )
     (template,) = pod_templates(documents)
-    result = inject_pod(template.metadata, template.spec, settings=InjectSettings())
+    result = inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
     assert result.outcome is Outcome.TEMPLATE_REQUESTED
     assert template.metadata["annotations"]["inject.istio.io/templates"] == "sidecar,meshguard"
     template.metadata["annotations"]["inject.istio.io/templates"] = "custom"
-    inject_pod(template.metadata, template.spec, settings=InjectSettings())
+    inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
     assert template.metadata["annotations"]["inject.istio.io/templates"] == "custom,meshguard"
 
 
@@ -267,7 +270,8 @@ def test_the_istio_template_container_is_the_one_the_webhook_inserts():
     (template,) = pod_templates(load("pod.yaml.injected"))
     inject_pod(template.metadata, template.spec, settings=SETTINGS)
     inserted = next(c for c in template.spec["initContainers"] if c["name"] == "meshguard-init")
-    assert inserted == init_container(InitContainerSettings())
+    # the one the webhook inserts also has the signer's public key, for its consistency check
+    assert inserted == init_container(InitContainerSettings(trusted_keys=SIGNER.public_pem()))
 
 
 def test_a_template_placed_container_is_moved_after_istio_init_and_normalized():
@@ -278,7 +282,9 @@ def test_a_template_placed_container_is_moved_after_istio_init_and_normalized():
     names = [c["name"] for c in template.spec["initContainers"]]
     assert names[:2] == ["istio-init", "meshguard-init"]
     assert names.count("meshguard-init") == 1
-    assert template.spec["initContainers"][1] == init_container(InitContainerSettings())
+    assert template.spec["initContainers"][1] == init_container(
+        InitContainerSettings(trusted_keys=SIGNER.public_pem())
+    )
 
 
 # --- Istio's own containers in the samples; disguised ones in the transform ---------------
@@ -455,7 +461,7 @@ def test_a_cronjob_from_kube_inject_carries_its_istio_status_down_to_the_pod_tem
     path = shared_file("istio-injector-samples", "cronjob.yaml.injected")
     (template,) = pod_templates(read_documents(path))
     assert "sidecar.istio.io/status" in template.metadata["annotations"]
-    result = inject_pod(template.metadata, template.spec, settings=InjectSettings())
+    result = inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
     assert result.outcome is Outcome.INJECTED
 
 

@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.keys import SIGNER
 from tests.support.latency import percentile
 from tests.support.load import (
     AGENT_PORT,
@@ -224,7 +225,7 @@ def test_webhook_answers_every_admission_under_load(webhook: Webhook):
     (patch,) = {a.response["patch"] for a in answers if a.response}
     patched = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(patch)))
     expected = copy.deepcopy(pod)
-    inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings())
+    inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings(signer=SIGNER))
     assert patched == expected
     assert by_result == {"injected": ADMISSIONS}
     assert observed == ADMISSIONS

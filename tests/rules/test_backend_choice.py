@@ -17,9 +17,10 @@ from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.pod import read_pod
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.ruleset import Ruleset
+from tests.support.keys import SIGNER
 from tests.support.samples import istio_pod
 
-SETTINGS = InjectSettings(request_template=False)
+SETTINGS = InjectSettings(request_template=False, signer=SIGNER)
 
 
 def native(pod: dict[str, Any]) -> bool:

@@ -146,6 +146,13 @@ def test_install_fails_closed_when_verification_fails():
     assert calls[1][:2] == ["iptables-restore", "--noflush"]
 
 
+#: Before meshguard: Istio's nat jump (installed_state keeps it), an empty filter OUTPUT.
+BASE = (
+    "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"
+)
+
+
 class FakeTables:
     """iptables-save/restore of both families as text: a restore leaves either ``rs``
     installed or nothing (enough for install and rollback); each tool in ``failing`` fails
@@ -154,7 +161,7 @@ class FakeTables:
     def __init__(self, rs: Ruleset, *, failing: set[str]) -> None:
         self.rs = rs
         self.failing = failing
-        self.state = {f: "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n" for f in Family}
+        self.state = dict.fromkeys(Family, BASE)
         self.restores: list[str] = []
 
     def __call__(self, argv, *, stdin=None):
@@ -173,7 +180,7 @@ class FakeTables:
         if installs_ruleset and not rolls_back:
             self.state[family] = installed_state(self.rs, family)
         else:
-            self.state[family] = "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+            self.state[family] = BASE
         return ""
 
 
@@ -198,7 +205,7 @@ def test_a_family_that_fails_rolls_back_the_one_installed_next_to_it(
     events = [(r.fields["event"], r.fields["family"]) for r in caplog.records]
     assert ("installed", "ipv4") not in events
     assert ("rolled-back", "ipv4") in events
-    assert tables.state[Family.IPV4] == "*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    assert tables.state[Family.IPV4] == BASE
     # ipv4 installed and rolled back; ipv6's failed restore may have half-committed: undone
     assert sorted(tables.restores) == ["ip6tables-restore", "iptables-restore", "iptables-restore"]
 
@@ -390,7 +397,10 @@ def test_ruleset_document_round_trips():
         (lambda d: d["ipv4"]["tables"][0]["rules"].pop(), "digest mismatch"),
         (lambda d: d.update(version=99), "version 99"),
         (lambda d: d["ipv4"]["tables"][0]["chains"].append("ISTIO_OUTPUT"), "not meshguard's"),
-        (lambda d: d["ipv4"]["tables"][0]["rules"][0].__setitem__(1, "x\n-F"), "spans lines"),
+        (
+            lambda d: d["ipv4"]["tables"][0]["rules"][0].__setitem__(1, "x\n-F"),
+            "characters outside a rule",
+        ),
         (lambda d: d.pop("ipv6"), "unexpected content"),
     ],
 )

@@ -29,6 +29,7 @@ from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
 from meshguard.sandbox.istio import CaptureConfig, capture_payload
 from meshguard.sandbox.netns import NetworkNamespace, serve_http_command
+from tests.support.keys import trusted_keys_file
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
 
@@ -250,9 +251,22 @@ class FaultPod:
     def start_authz(self) -> None:
         with self.log_file.open("a") as log:
             self.authz = self.ns.spawn(
-                authz_command([self.pod_file], uid=PROXY, gid=PROXY, port=AUTHZ_PORT), stderr=log
+                authz_command(
+                    [self.pod_file],
+                    uid=PROXY,
+                    gid=PROXY,
+                    port=AUTHZ_PORT,
+                    trusted_keys=self.trusted_keys(),
+                ),
+                stderr=log,
             )
         wait_listening(self.ns, port=AUTHZ_PORT, uid=PROXY, gid=PROXY)
+
+    def trusted_keys(self) -> Path:
+        """The tests' public key beside the pod file, readable by the proxy's uid."""
+        path = trusted_keys_file(self.pod_file.parent)
+        path.chmod(0o644)
+        return path
 
     def kill_authz(self) -> None:
         assert self.authz is not None

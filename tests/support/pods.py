@@ -10,6 +10,7 @@ import meshguard
 from meshguard import annotation_keys, yaml_io
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.status import PodStatus, read_status
+from tests.support.keys import SIGNER
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
@@ -30,7 +31,9 @@ def injected_example(*, policy: str | None = None, mode: str | None = None) -> d
         annotations["meshguard.io/policy"] = policy
     if mode is not None:
         annotations["meshguard.io/mode"] = mode
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 

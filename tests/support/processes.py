@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support.keys import signing_key_file, trusted_keys_file
+
 HOST = "127.0.0.1"
 READY_TIMEOUT = 20.0
 
@@ -77,13 +79,15 @@ def start_logged(
 def serve_webhook_argv(cert_file: Path, key_file: Path, port: int) -> list[str]:
     """``meshguard serve-webhook`` on HOST:port with this certificate."""
     return [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert_file),
-            "--key", str(key_file), "--host", HOST, "--port", str(port)]  # fmt: skip
+            "--key", str(key_file), "--host", HOST, "--port", str(port),
+            "--signing-key", str(signing_key_file(cert_file.parent))]  # fmt: skip
 
 
 def serve_authz_argv(pod_file: Path, port: int) -> list[str]:
     """``meshguard serve-authz`` on ``port`` for the pods of ``pod_file``, no metrics port."""
     return [sys.executable, "-m", "meshguard", "serve-authz", "--pods", str(pod_file),
-            "--port", str(port), "--metrics-port", "0"]  # fmt: skip
+            "--port", str(port), "--metrics-port", "0",
+            "--trusted-keys", str(trusted_keys_file(pod_file.parent))]  # fmt: skip
 
 
 def https_get(port: int, path: str, ca_file: Path, *, timeout: float = 10) -> tuple[int, bytes]:

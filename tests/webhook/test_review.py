@@ -22,10 +22,11 @@ from meshguard.pod import read_pod
 from meshguard.policy import Mode, parse_policy
 from meshguard.rules.compiler import CompilerSettings
 from meshguard.webhook.review import handle
+from tests.support.keys import SIGNER
 from tests.support.samples import SAFE_CONTEXT, injected_sample_names, istio_pod
 from tests.support.shared import shared_file
 
-SETTINGS = InjectSettings()
+SETTINGS = InjectSettings(signer=SIGNER)
 
 
 def review(
@@ -88,8 +89,13 @@ def test_patch_applied_equals_meshguard_inject(name: str):
         expected = copy.deepcopy(pod)
         # meshguard inject (no template request) for injected pods; the webhook alone asks
         # Istio for the template when Istio has not injected yet.
-        cli = InjectSettings(request_template=False)
-        inject_pod(expected["metadata"], expected["spec"], settings=cli if has_proxy else SETTINGS)
+        cli = InjectSettings(request_template=False, signer=SIGNER)
+        inject_pod(
+            expected["metadata"],
+            expected["spec"],
+            settings=cli if has_proxy else SETTINGS,
+            namespace="shop",  # the request's: the attestation is signed for it
+        )
         assert patched == expected
         # the authz server's label selector: set on what meshguard admitted, and only there
         admitted = (patched["metadata"].get("labels") or {}).get("meshguard.io/admitted")
@@ -229,7 +235,9 @@ SAFE_DEBUG = {**SAFE_CONTEXT, "runAsUser": 30000, "runAsGroup": 30000}
 
 def injected_pod() -> dict[str, Any]:
     pod = istio_pod()
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     return pod
 
 

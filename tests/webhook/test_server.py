@@ -23,6 +23,7 @@ from cryptography import x509
 
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates
+from tests.support.keys import SIGNER, signing_key_file
 from tests.support.pods import admission_review
 from tests.support.shared import shared_file
 from tests.support.tls import CertificateAuthority
@@ -80,7 +81,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(cert_file),
-         "--key", str(key_file), "--host", HOST, "--port", str(port), "--reload-interval", "0.2"],
+         "--key", str(key_file), "--host", HOST, "--port", str(port), "--reload-interval", "0.2",
+         "--signing-key", str(signing_key_file(tmp_path))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     server = Served(port, ca_file, cert_file, key_file, ca, process)
@@ -133,7 +135,9 @@ def test_a_real_admission_over_https_patches_like_meshguard_inject(served: Serve
     )
     expected = copy.deepcopy(pod)
     inject_pod(
-        expected["metadata"], expected["spec"], settings=InjectSettings(request_template=False)
+        expected["metadata"],
+        expected["spec"],
+        settings=InjectSettings(request_template=False, signer=SIGNER),
     )
     assert patched == expected
     assert any("assigned runAsUser" in w for w in response["warnings"])
@@ -182,7 +186,8 @@ def test_a_half_written_certificate_keeps_the_previous_one(served: Served):
 def test_missing_certificate_exits_with_a_clear_line(tmp_path: Path):
     done = subprocess.run(
         [sys.executable, "-m", "meshguard", "serve-webhook", "--cert", str(tmp_path / "nope.crt"),
-         "--key", str(tmp_path / "nope.key"), "--port", str(free_port())],
+         "--key", str(tmp_path / "nope.key"), "--port", str(free_port()),
+         "--signing-key", str(signing_key_file(tmp_path))],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert done.returncode == 1
