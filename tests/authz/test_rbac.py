@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import meshguard
 from meshguard.admitted import TamperedError, read_admitted
 from meshguard.authz.decision import method_ambiguity, path_ambiguity
-from meshguard.describe import _l7_engine_lines
+from meshguard.describe import EngineDocument, PodRef, describe_pod, protection, text_lines
 from meshguard.errors import PolicyError
 from meshguard.inject.l7 import L7_VOLUME
 from meshguard.inject.transform import InjectSettings, inject_pod
@@ -38,6 +38,7 @@ from meshguard.rbac import (
     path_regex,
     rbac_document_text,
 )
+from meshguard.rules.compiler import CompilerSettings
 from meshguard.status import read_status
 from tests.authz.test_path_ambiguity import ALLOWED, DENIED, TARGET, clean_targets
 from tests.support.netfilter import Netfilter, pod_for
@@ -217,15 +218,37 @@ def test_a_forged_document_is_replaced_and_a_bad_engine_refused():
         injected({"meshguard.io/l7-engine": "wasm"})
 
 
+def _described(pod: dict):
+    metadata, spec = pod["metadata"], pod["spec"]
+    return describe_pod(
+        ref=PodRef(kind="Pod", name="p"),
+        metadata=metadata,
+        spec=spec,
+        verdict=protection(metadata, spec),
+        settings=CompilerSettings(),
+    )
+
+
+def _engine_lines(pod: dict) -> list[str]:
+    return [
+        line for line in text_lines(_described(pod)) if "L7 engine" in line or "compiled" in line
+    ]
+
+
 def test_describe_shows_the_engine_and_the_compiled_rules():
     pod = injected()
-    lines = _l7_engine_lines(pod["metadata"]["annotations"])
+    engine = _described(pod).engine
+    assert engine is not None
+    assert (engine.name, engine.document) == ("native", EngineDocument.ADMITTED)
+    assert "rules[000]/app" in engine.rules
+    lines = _engine_lines(pod)
     assert lines[0].startswith("L7 engine: native (Envoy RBAC in the sidecar, document sha256:")
     assert "rules[000]/app" in lines[1]
-    edited = {**pod["metadata"]["annotations"], "meshguard.io/l7-rbac": '{"resources": []}'}
-    assert "not the document admitted" in _l7_engine_lines(edited)[0]
+    pod["metadata"]["annotations"]["meshguard.io/l7-rbac"] = '{"resources": []}'
+    assert _described(pod).engine.document is EngineDocument.CHANGED
+    assert "not the document admitted" in _engine_lines(pod)[0]
     ext = injected({"meshguard.io/l7-engine": "ext-authz"})
-    assert _l7_engine_lines(ext["metadata"]["annotations"]) == [
+    assert _engine_lines(ext) == [
         "L7 engine: ext-authz (meshguard serve-authz decides each request)"
     ]
 
