@@ -30,6 +30,7 @@ from typing import Final, TextIO, TypeAlias
 
 from meshguard import __version__, annotation_keys, logs
 from meshguard.authz.kube import PAGE_SIZE
+from meshguard.cli.argtypes import positive_int
 from meshguard.cli.describe_args import add_commands as add_describe_commands
 from meshguard.cli.describe_args import add_manifest_flags
 from meshguard.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, MeshguardError, MissingExtraError
@@ -309,7 +310,7 @@ def _add_cni(commands: Subcommands) -> None:
     )
     node.add_argument(
         "--agent-max-calls",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="calls answered at once (different pods in parallel); more wait for a slot",
     )
@@ -358,7 +359,7 @@ def _add_cni(commands: Subcommands) -> None:
     )
     node.add_argument(
         "--repair-per-minute",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         help="at most this many pods deleted (or events recorded) per minute",
     )
@@ -573,16 +574,6 @@ def _add_rules(commands: Subcommands) -> None:
     init.set_defaults(handler="meshguard.cli.init:run")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return number
-
-
 def _seconds(text: str) -> float:
     try:
         seconds = float(text)
@@ -652,13 +643,13 @@ def _add_servers(commands: Subcommands) -> None:
     )
     webhook.add_argument(
         "--admission-workers",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="admissions judged at once, in threads beside the event loop",
     )
     webhook.add_argument(
         "--max-pending-admissions",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="admissions judged or waiting; past it a request is answered 429 before its body"
         " is read (at least --admission-workers)",

@@ -11,6 +11,8 @@ import argparse
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
+from meshguard.cli.argtypes import positive_int
+
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 #: Makes a subcommand's parser (meshguard.cli's, with its help formatter).
 Command: TypeAlias = Callable[..., argparse.ArgumentParser]
@@ -102,7 +104,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     )
     cluster.add_argument(
         "--chunk-size",
-        type=_positive_int,
+        type=positive_int,
         default=CHUNK_SIZE,
         metavar="N",
         help="objects per LIST page (limit/continue)",
@@ -136,16 +138,6 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
         " unprotected unless their namespace is labelled meshguard.io/opt-out=allowed (the"
         " chart's webhook.podOptOut: refuse)",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return number
 
 
 def add_manifest_flags(parser: argparse.ArgumentParser) -> None:

@@ -144,14 +144,7 @@ class Repairer:
         try:
             _call(credentials, "POST", path, body=document, timeout=self._settings.timeout)
         except MeshguardError as exc:
-            log.warning(
-                "cannot record an event on pod %s/%s: %s",
-                pod.namespace,
-                pod.name,
-                exc,
-                extra={"fields": {"event": "cni-repair-failed", "namespace": pod.namespace,
-                                  "name": pod.name, "reason": str(exc)}},
-            )  # fmt: skip
+            _repair_failed("cannot record an event on pod", pod, exc)
             return False
         log.warning(
             "pod %s/%s is stuck (%s): recorded event %s on it; delete it to repair it",
@@ -216,14 +209,7 @@ class Repairer:
         except _Gone:
             return False  # deleted or recreated meanwhile: nothing left to repair
         except MeshguardError as exc:
-            log.warning(
-                "cannot delete pod %s/%s: %s",
-                pod.namespace,
-                pod.name,
-                exc,
-                extra={"fields": {"event": "cni-repair-failed", "namespace": pod.namespace,
-                                  "name": pod.name, "reason": str(exc)}},
-            )  # fmt: skip
+            _repair_failed("cannot delete pod", pod, exc)
             return False
         log.info(
             "repaired pod %s/%s: deleted (%s); its controller recreates it",
@@ -262,3 +248,15 @@ def _call(
             raise _Gone(str(exc)) from None
         raise
     return kube_api.json_object(answer)
+
+
+def _repair_failed(what: str, pod: repair.Broken, exc: MeshguardError) -> None:
+    log.warning(
+        "%s %s/%s: %s",
+        what,
+        pod.namespace,
+        pod.name,
+        exc,
+        extra={"fields": {"event": "cni-repair-failed", "namespace": pod.namespace,
+                          "name": pod.name, "reason": str(exc)}},
+    )  # fmt: skip

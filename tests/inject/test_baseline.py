@@ -18,6 +18,7 @@ import jsonpatch
 import pytest
 import yaml
 
+from meshguard.inject.l7 import L7_VOLUME
 from meshguard.inject.posture import (
     LATEST,
     Check,
@@ -341,7 +342,9 @@ def test_webhook_report_mode_admits_the_pod_unchanged_and_says_what_it_found(nam
     patched = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(response["patch"])))
     for field in ("containers", "securityContext", "hostPID", "hostIPC"):
         assert patched["spec"].get(field) == pod["spec"].get(field)
-    volumes = [v for v in patched["spec"]["volumes"] if v["name"] != "meshguard-ruleset"]
+    volumes = [
+        v for v in patched["spec"]["volumes"] if v["name"] not in ("meshguard-ruleset", L7_VOLUME)
+    ]
     assert volumes == pod["spec"]["volumes"]
     status = json.loads(patched["metadata"]["annotations"]["meshguard.io/status"])
     assert any(tag(case.check, "latest") in f for f in status["findings"])

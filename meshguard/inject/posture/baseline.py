@@ -36,7 +36,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any, Final
 
-from meshguard.inject.posture import capabilities as caps
+import meshguard.inject.posture.capabilities as caps
 from meshguard.inject.posture.baseline_version import BaselineVersion
 from meshguard.inject.posture.model import Check, Review, Subject
 from meshguard.pod import Role

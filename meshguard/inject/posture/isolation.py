@@ -15,9 +15,9 @@ import functools
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import meshguard.inject.posture.baseline as pss
+import meshguard.inject.posture.capabilities as caps
 from meshguard.errors import RefusedError
-from meshguard.inject.posture import baseline
-from meshguard.inject.posture import capabilities as caps
 from meshguard.inject.posture.model import Check, Review, Subject
 from meshguard.pod import (
     ISTIO_INIT,
@@ -244,7 +244,7 @@ def check_ephemeral(review: Review, names: Collection[str]) -> None:
             if isinstance(uid, int):
                 others.setdefault(uid, container.name)
             continue
-        baseline.check_container(review, item)
+        pss.check_container(review, item)
         check_container(review, item)
         where = item.where
         remedy = "set a runAsUser that no container of the pod uses and is not the proxy's"
