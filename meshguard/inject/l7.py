@@ -72,24 +72,37 @@ def _mount(spec: dict[str, Any]) -> None:
             "items": [{"path": RBAC_FILE, "fieldRef": {"fieldPath": field}}],
         },
     }
-    spec["volumes"] = [*(spec.get("volumes") or []), volume]
-    for container in spec.get("containers") or []:
-        if container.get("name") == PROXY_CONTAINER:
-            mount = {"name": L7_VOLUME, "mountPath": RBAC_DIR, "readOnly": True}
-            container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
-    for container in spec.get("initContainers") or []:  # a native sidecar proxy
-        if container.get("name") == PROXY_CONTAINER:
-            mount = {"name": L7_VOLUME, "mountPath": RBAC_DIR, "readOnly": True}
-            container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
+    spec["volumes"] = [*_entries(spec.get("volumes")), volume]
+    mount = {"name": L7_VOLUME, "mountPath": RBAC_DIR, "readOnly": True}
+    for container in _proxies(spec):  # a native sidecar proxy among the init containers too
+        container["volumeMounts"] = [*_entries(container.get("volumeMounts")), mount]
 
 
 def _remove_mount(spec: dict[str, Any]) -> None:
     """Idempotence: the volume and mount of an earlier pass go before this pass adds its own."""
     if "volumes" in spec:
-        spec["volumes"] = [v for v in spec.get("volumes") or [] if v.get("name") != L7_VOLUME]
-    for key in ("containers", "initContainers"):
-        for container in spec.get(key) or []:
-            if container.get("name") == PROXY_CONTAINER and "volumeMounts" in container:
-                container["volumeMounts"] = [
-                    m for m in container["volumeMounts"] or [] if m.get("name") != L7_VOLUME
-                ]
+        spec["volumes"] = [v for v in _entries(spec["volumes"]) if _name(v) != L7_VOLUME]
+    for container in _proxies(spec):
+        if "volumeMounts" in container:
+            container["volumeMounts"] = [
+                m for m in _entries(container["volumeMounts"]) if _name(m) != L7_VOLUME
+            ]
+
+
+def _proxies(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """istio-proxy, as a container or a native sidecar (an entry of another shape is the API
+    server's to refuse, not meshguard's to crash on)."""
+    return [
+        container
+        for key in ("containers", "initContainers")
+        for container in _entries(spec.get(key))
+        if isinstance(container, dict) and container.get("name") == PROXY_CONTAINER
+    ]
+
+
+def _entries(value: object) -> list[Any]:
+    return list(value) if isinstance(value, list) else []
+
+
+def _name(entry: object) -> object:
+    return entry.get("name") if isinstance(entry, dict) else None

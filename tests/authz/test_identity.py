@@ -33,6 +33,7 @@ from meshguard.authz.store import StaticStore
 from meshguard.errors import MalformedInputError
 from tests.authz.spiffe import AUTHZ_DNS, Workload, issue_workload, spiffe_id
 from tests.authz.test_server import POLICY, STATUS, check_request, free_port
+from tests.support.keys import trusted_keys_file
 from tests.support.tls import CertificateAuthority
 
 POD = "demo/shop"
@@ -247,7 +248,8 @@ def test_serve_authz_exits_with_the_files_and_the_cause(tmp_path: Path) -> None:
     annotation): a clear error after the bound, not a wait forever."""
     argv = [sys.executable, "-m", "meshguard", "serve-authz", "--kubernetes", "--tls-wait=0.5",
             f"--tls-cert={tmp_path}/cert-chain.pem", f"--tls-key={tmp_path}/key.pem",
-            f"--tls-ca={tmp_path}/root-cert.pem"]  # fmt: skip
+            f"--tls-ca={tmp_path}/root-cert.pem",
+            f"--trusted-keys={trusted_keys_file(tmp_path)}"]  # fmt: skip
     env = {**os.environ, ISTIO_STATUS_ENV: ""}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert done.returncode != 0

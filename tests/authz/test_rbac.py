@@ -43,8 +43,11 @@ from meshguard.status import read_status
 from tests.authz.test_path_ambiguity import ALLOWED, DENIED, TARGET, clean_targets
 from tests.support.netfilter import Netfilter, pod_for
 
+# Istio's patterns closed: the document holds exactly these rules (the patterns are tested
+# where they are added, tests/webhook/test_rollout.py and the decision's tests).
 POLICY = parse_policy(
     """
+istioPatterns: false
 rules:
   - from: app
     to: proxy
@@ -89,7 +92,7 @@ def test_audit_mode_logs_instead_of_enforcing():
 
 
 def test_default_allow_is_a_policy_of_known_sources_only():
-    allow = parse_policy("defaultAction: allow")
+    allow = parse_policy("{defaultAction: allow, istioPatterns: false}")
     config = compile_rbac(policy=allow, mode=Mode.ENFORCE, sources=SOURCES)["resources"][0]
     (only,) = config["typed_config"]["rules"]["policies"].values()
     addresses = json.dumps(only["principals"])

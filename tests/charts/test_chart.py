@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import shutil
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE
 from meshguard.inject.posture import PostureAction
-from meshguard.inject.transform import inject_pod
+from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.policy import Mode
+from tests.support.keys import signing_key_file
 from tests.support.kube import istio_crd_schema, selector_matches
 from tests.support.samples import istio_pod
 
@@ -119,6 +121,15 @@ def namespace_labels(name: str, **labels: str) -> dict[str, str]:
 
 def pem(data: str) -> bytes:
     return base64.b64decode(data)
+
+
+def chart_injection_settings(argv: list[str]) -> InjectSettings:
+    """The webhook's injection settings from the chart's args; its signing key (a Secret
+    mounted in the pod) is the tests' key, written to a file of the same role."""
+    with tempfile.TemporaryDirectory() as directory:
+        key = signing_key_file(Path(directory))
+        argv = [f"--signing-key={key}" if a.startswith("--signing-key=") else a for a in argv]
+        return injection_settings(build_parser().parse_args(argv), request_template=False)
 
 
 # --- every object is a valid Kubernetes object -----------------------------------------
@@ -228,13 +239,13 @@ def test_a_fresh_install_audits_first_and_the_operator_can_enforce_and_pin_a_bas
     """Install day changes no pod: audit mode by default, posture reported; the values reach
     the real CLI's settings."""
     main = container(one(render(), "Deployment", "meshguard-webhook"))
-    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    settings = chart_injection_settings(main["args"])
     assert settings.default_mode is Mode.AUDIT
     assert settings.posture.audit_action is PostureAction.REPORT
     assert str(settings.posture.baseline) == "latest (v1.37)"
     values = {"webhook": {"defaultMode": "enforce", "baselineVersion": "v1.33"}}
     main = container(one(render(values), "Deployment", "meshguard-webhook"))
-    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    settings = chart_injection_settings(main["args"])
     assert settings.default_mode is Mode.ENFORCE
     assert str(settings.posture.baseline) == "v1.33"
 
@@ -851,7 +862,7 @@ def test_the_init_image_pull_secrets_reach_the_injected_pods(
     values: dict[str, Any], names: tuple[str, ...]
 ) -> None:
     main = container(one(render(values), "Deployment", "meshguard-webhook"))
-    settings = injection_settings(build_parser().parse_args(main["args"]), request_template=False)
+    settings = chart_injection_settings(main["args"])
     assert settings.init.pull_secrets == names
     pod = istio_pod()
     pod["spec"]["imagePullSecrets"] = [{"name": "app-own"}]
