@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib.metadata
 import json
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,40 @@ def _extra(requirement: str) -> str | None:
     return found.group(1) if found else None
 
 
+#: This checkout's pyproject.toml, against which the installed metadata is checked.
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@functools.cache
+def meshguard_requirements() -> tuple[str, ...]:
+    """meshguard's requirements as installed (what pip resolved the core install from), once
+    checked to be those of this checkout's pyproject.toml.
+
+    An editable install keeps the metadata of the pyproject it was made from: after a merge
+    that changes the dependencies, every test here would judge the code against the old
+    split (a new core library "not in the core install") until ``pip install -e`` runs again.
+    """
+    installed = tuple(importlib.metadata.requires("meshguard") or [])
+    if not PYPROJECT.is_file():
+        return installed
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    declared = {(_requirement_name(r), None) for r in project.get("dependencies", [])} | {
+        (_requirement_name(r), extra)
+        for extra, requirements in project.get("optional-dependencies", {}).items()
+        for r in requirements
+    }
+    found = {(_requirement_name(r), _extra(r)) for r in installed}
+    if found != declared:
+        pytest.fail(
+            f"meshguard's installed metadata is not {PYPROJECT}'s (pyproject changed since the"
+            f" install): only in pyproject {sorted(declared - found, key=str)}, only installed"
+            f" {sorted(found - declared, key=str)}; re-run: .venv/bin/python -m pip install"
+            " -e '.[test]'",
+            pytrace=False,
+        )
+    return installed
+
+
 def core_distributions() -> set[str]:
     """meshguard's distribution and everything its requirements without an extra pull in."""
     seen: set[str] = set()
@@ -86,7 +122,12 @@ def core_distributions() -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        for requirement in importlib.metadata.requires(name) or []:
+        requirements = (
+            meshguard_requirements()
+            if name == "meshguard"
+            else importlib.metadata.requires(name) or []
+        )
+        for requirement in requirements:
             if _extra(requirement) is None:
                 todo.append(_requirement_name(requirement))
     return seen
@@ -146,7 +187,7 @@ def test_every_library_outside_the_core_names_the_extra_that_brings_it():
     """EXTRA_OF_MODULE (the CLI's "pip install 'meshguard[...]'" hint) covers every library
     meshguard imports that the core install leaves out, each with an extra that provides it."""
     direct: dict[str, set[str]] = {}
-    for requirement in importlib.metadata.requires("meshguard") or []:
+    for requirement in meshguard_requirements():
         extra = _extra(requirement)
         if extra is not None:
             direct.setdefault(extra, set()).add(_requirement_name(requirement))
@@ -165,7 +206,7 @@ def test_every_declared_dependency_is_imported_by_the_product():
     of meshguard imports is dead weight in every image (issue 29.3)."""
     imported = imported_by_meshguard() | {"pydantic"}
     unused = []
-    for requirement in importlib.metadata.requires("meshguard") or []:
+    for requirement in meshguard_requirements():
         extra = _extra(requirement)
         name = _requirement_name(requirement)
         if extra in DEVELOPMENT_EXTRAS or name == "meshguard":
