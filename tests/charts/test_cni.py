@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from meshguard import __version__
+from meshguard.attestation import TrustedKeys
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.inject.transform import inject_pod
@@ -207,10 +208,16 @@ def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio
 
 
 def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
-    """The DaemonSet's args, run as they are with the mounts pointed at a node's dirs."""
-    node = {"/host/etc/cni/net.d": tmp_path / "net.d", "/host/opt/cni/bin": tmp_path / "bin"}
+    """The DaemonSet's args, run as they are with the mounts pointed at a node's dirs (and
+    the trusted keys' at the chart's ConfigMap, as the kubelet mounts it: a file per key)."""
+    objects = render(CNI)
+    keys = one(objects, "ConfigMap", "meshguard-trusted-keys")["data"]
+    node = {"/host/etc/cni/net.d": tmp_path / "net.d", "/host/opt/cni/bin": tmp_path / "bin",
+            "/etc/meshguard/trusted-keys": tmp_path / "trusted-keys"}  # fmt: skip
     for directory in node.values():
         directory.mkdir()
+    for key, text in keys.items():
+        (node["/etc/meshguard/trusted-keys"] / key).write_text(text)
     conflist = node["/host/etc/cni/net.d"] / "10-calico.conflist"
     plugins = [{"type": "calico"}, {"type": "istio-cni"}]
     conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": plugins}))
@@ -220,7 +227,7 @@ def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
     (account / "ca.crt").write_text("CA")
     shim = tmp_path / "meshguard-cni"
     shim.write_bytes(b"the executable")
-    argv = container(daemonset())["args"]
+    argv = container(one(objects, "DaemonSet", "meshguard-cni-node"))["args"]
     for mount, directory in node.items():
         argv = [a.replace(mount, str(directory)) for a in argv]
     argv = [re.sub(r"^--plugin-binary=.*", f"--plugin-binary={shim}", a) for a in argv]
@@ -237,6 +244,9 @@ def test_the_rendered_command_installs_into_a_nodes_directories(tmp_path: Path):
     assert [p["type"] for p in plugins] == ["calico", "istio-cni", "meshguard-cni"]
     assert plugins[2]["kubernetes"]["kubeconfig"] == "/etc/cni/net.d/ZZZ-meshguard-cni-kubeconfig"
     assert plugins[2]["kubernetes"]["excludeNamespaces"] == [NAMESPACE, "kube-system"]
+    # the plugin verifies with the webhook's public keys, written into its entry
+    trusted = TrustedKeys.from_pem("".join(keys.values()), origin="ConfigMap")
+    assert plugins[2]["trustedKeys"] == trusted.pem()
     assert (node["/host/opt/cni/bin"] / "meshguard-cni").read_bytes() == b"the executable"
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from meshguard.attestation import Signer, generate
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.denials import DENY_PREFIX
 from meshguard.cni.install import kubeconfig, plugin_entry, render
@@ -37,6 +38,7 @@ from meshguard.rules.ruleset import Family
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.cni.test_shim import shim  # noqa: F401 - the fixture
 from tests.support.apiserver import ApiServer, scripted_api
+from tests.support.keys import SIGNER
 from tests.support.matrix import example_pod as matrix_pod
 from tests.support.netfilter import Netfilter, pod_for
 from tests.support.samples import as_cni_mode, pod_of_uids
@@ -69,13 +71,16 @@ class PodNamespace(NetworkNamespace):
         )
 
 
-def admitted_pod(name: str, *, workloads: int) -> dict[str, Any]:
-    """A pod in CNI mode with ``workloads`` containers of their own uids, admitted by
-    meshguard (so each size has a ruleset of its own)."""
+def admitted_pod(name: str, *, workloads: int, signer: Signer | None = SIGNER) -> dict[str, Any]:
+    """A pod in CNI mode with ``workloads`` containers of their own uids, admitted (and
+    signed by ``signer``: the webhook's key) by meshguard (so each size has a ruleset of its
+    own)."""
     base = as_cni_mode(pod_for(matrix_pod(), Netfilter.IPTABLES_NFT))
     pod = pod_of_uids(base, [3000 + i for i in range(workloads)])
     pod["metadata"].update(namespace="demo", name=name, uid=f"uid-{name}")
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=signer)
+    )
     return pod
 
 
@@ -118,8 +123,9 @@ def start_agent(shim: Path) -> Iterator[Any]:  # noqa: F811 - the imported fixtu
         config.write_bytes(render(kubeconfig(server=api.url, token="t", ca_pem=api.ca_pem)))
         prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
                 "ips": [{"address": "10.1.2.3/24"}]}  # fmt: skip
-        conf = {**plugin_entry(kubeconfig=str(config), timeout_seconds=5), "name": "k8s",
-                "cniVersion": "1.0.0", "prevResult": prev}  # fmt: skip
+        entry = plugin_entry(kubeconfig=str(config), timeout_seconds=5,
+                             trusted_keys=SIGNER.public_pem())  # fmt: skip
+        conf = {**entry, "name": "k8s", "cniVersion": "1.0.0", "prevResult": prev}
         socket_path = directory / "cni.sock"
         agent_cm = serving(AgentSettings(socket_path=socket_path, conf_dir=directory,
                                          host_conf_dir=directory, **settings))  # fmt: skip
@@ -180,6 +186,29 @@ def test_add_check_del_run_in_the_agent_on_one_kept_alive_connection(start_agent
     # every GET, ADD and CHECK alike, on one connection: no process, no handshake per call
     assert len(agent.api.script.requests) == 5
     assert len(set(agent.api.script.clients)) == 1
+
+
+@pytest.mark.parametrize(
+    ("signer", "reason"), [(None, "unsigned"), (generate(), "not trusted")],
+    ids=["unsigned", "untrusted-key"],
+)  # fmt: skip
+def test_the_agent_installs_only_what_a_trusted_key_signed(start_agent, signer, reason):
+    """The in-process path verifies the attestation as the one-process plugin does."""
+    agent: Agent = start_agent()
+    forged, signed = (
+        admitted_pod("forged", workloads=1, signer=signer),
+        admitted_pod("signed", workloads=1),
+    )
+    agent.api.script.serve(forged)
+    agent.api.script.serve(signed)
+    with PodNamespace() as ns:
+        ns.load_istio()
+        status, answer = agent.call("ADD", forged, ns.path)
+        assert (status, answer["code"]) == (1, 103), answer
+        assert "pod demo/forged" in answer["msg"] and reason in answer["msg"]
+        assert ns.own_rules() == ""
+        assert agent.call("ADD", signed, ns.path)[0] == 0
+        assert ns.own_rules() != ""
 
 
 def test_calls_for_different_pods_run_in_parallel_each_in_its_own_namespace(start_agent):
@@ -262,7 +291,8 @@ def test_a_stopping_agent_answers_the_calls_in_progress_first(shim: Path, tmp_pa
             api.script.delay = 1.0
             config = directory / "kubeconfig"
             config.write_bytes(render(kubeconfig(server=api.url, token="t", ca_pem=api.ca_pem)))
-            conf = {**plugin_entry(kubeconfig=str(config)), "name": "k8s", "cniVersion": "1.0.0",
+            entry = plugin_entry(kubeconfig=str(config), trusted_keys=SIGNER.public_pem())
+            conf = {**entry, "name": "k8s", "cniVersion": "1.0.0",
                     "prevResult": {"cniVersion": "1.0.0"}}  # fmt: skip
             agent = Agent(shim=shim, socket=directory / "cni.sock", conf=conf, api=api)
             settings = AgentSettings(socket_path=agent.socket, conf_dir=directory,
