@@ -217,8 +217,12 @@ def test_jq_queries_the_json_output():
         ["log-shipper", 1001],
         ["cache", 1002],
     ]
-    assert jq('select(.pod.name == "protected") | .rules[] | select(.to == "proxy") | .http') == [
-        {"methods": ["POST"], "paths": ["/quitquitquit"], "headers": {}}
+    # The policy's own rule to the proxy, then Istio's app<->sidecar patterns (istioPatterns).
+    to_proxy = 'select(.pod.name == "protected") | .rules[] | select(.to == "proxy")'
+    assert jq(f"{to_proxy} | [.sources, .ports, .http]") == [
+        [["app"], [15020], {"methods": ["POST"], "paths": ["/quitquitquit"], "headers": {}}],
+        [["*"], [15021], {"methods": ["GET"], "paths": ["/healthz/ready"], "headers": {}}],
+        [["*"], [15020], {"methods": ["POST"], "paths": ["/quitquitquit"], "headers": {}}],
     ]
     assert jq('select(.pod.name == "protected") | .postureChanges | length') == [0]
     assert jq("[.apiVersion, .kind]") == [["describe.meshguard.io/v1alpha1", "PodDescription"]] * 2

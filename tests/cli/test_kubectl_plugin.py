@@ -176,8 +176,9 @@ def test_unprotected_across_namespaces_resolves_opt_outs_from_the_live_namespace
     assert done.stdout.splitlines()[-1].startswith(
         "UNPROTECTED: 2 of 4 pod(s) with Istio's sidecar have no meshguard, 1 opted out"
     )
-    (namespaces,) = [r for r in api.requests if r.path == "/api/v1/namespaces"]
-    assert namespaces.query["labelSelector"] == "meshguard.io/inject=disabled"
+    # One LIST per label: meshguard's opt-out, then the exemption --pod-opt-out refuse honours.
+    listed = [r.query["labelSelector"] for r in api.requests if r.path == "/api/v1/namespaces"]
+    assert listed == ["meshguard.io/inject=disabled", "meshguard.io/opt-out=allowed"]
 
 
 def test_describe_pod_by_name_selector_and_output(api: ScriptedApiServer, kubeconfig: Path):

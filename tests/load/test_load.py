@@ -113,7 +113,11 @@ def webhook(tmp_path: Path) -> Iterator[Webhook]:
     ca_file, cert_file, key_file = write_server_files(tmp_path)
     port = free_port()
     log_file = tmp_path / "webhook.log"
-    process = start_logged(serve_webhook_argv(cert_file, key_file, port), log_file)
+    # Room for every request in flight: this test is about answering each of them; the
+    # 429 past the pending bound is tests/webhook/test_bounds.py's.
+    argv = [*serve_webhook_argv(cert_file, key_file, port),
+            "--max-pending-admissions", str(CONCURRENCY)]  # fmt: skip
+    process = start_logged(argv, log_file)
     served = Webhook(port, ca_file, log_file, process)
     try:
         wait_https_ready(
