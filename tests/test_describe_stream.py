@@ -30,13 +30,17 @@ ISTIO_STATUS = json.dumps(
         "revision": "default",
     }
 )
-#: Runs meshguard's CLI and writes its peak RSS (KiB) on the last line of stderr.
+#: Runs meshguard's CLI and writes its peak RSS (KiB) on the last line of stderr: VmHWM, the
+#: process's own peak (getrusage's ru_maxrss is carried across fork and exec on Linux, so a
+#: child of a large pytest would start at pytest's size and every difference would be 0).
 WITH_RSS = """
-import resource, sys
+import sys
 from meshguard.cli import main
 code = main(sys.argv[1:])
 sys.stdout.flush()
-print(f"maxrss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+with open("/proc/self/status") as status:
+    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+print(f"maxrss={peak}", file=sys.stderr)
 sys.exit(code)
 """
 

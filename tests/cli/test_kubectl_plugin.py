@@ -38,12 +38,16 @@ print(json.dumps({{
     "status": {{"token": "{EXEC_TOKEN}"}},
 }}))
 """
+# The peak RSS of this process's own memory (VmHWM, kB): not getrusage's ru_maxrss, which
+# Linux carries across fork and exec, so a child of a large pytest starts at pytest's size.
 WITH_RSS = """
-import resource, sys
+import sys
 from meshguard.cli.kubectl import main
 code = main(sys.argv[1:])
 sys.stdout.flush()
-print(f"maxrss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+with open("/proc/self/status") as status:
+    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+print(f"maxrss={peak}", file=sys.stderr)
 sys.exit(code)
 """
 
