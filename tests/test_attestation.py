@@ -151,11 +151,17 @@ def _document_with(position: str, value: str) -> str:
 POSITIONS = ["uid", "comment", "chain", "table", "hook", "route", "source"]
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("value", HOSTILE)
+# A number is a harmless comment text: those pairs are not hostile, so not generated.
+HOSTILE_PLACES = [
+    (position, value)
+    for value in HOSTILE
+    for position in POSITIONS
+    if not (position == "comment" and value.lstrip("-").isdigit())
+]
+
+
+@pytest.mark.parametrize(("position", "value"), HOSTILE_PLACES)
 def test_hostile_values_are_refused_where_the_document_is_read(position, value):
-    if position == "comment" and value.lstrip("-").isdigit():
-        pytest.skip("a number is a harmless comment text")
     with pytest.raises(MalformedInputError, match="ruleset: "):
         Ruleset.from_json(_document_with(position, value))
 
