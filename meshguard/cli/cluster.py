@@ -21,7 +21,11 @@ from meshguard.manifests import SourceObject
 log = logging.getLogger(__name__)
 
 
-def pods_of_cluster(args: argparse.Namespace, opt_out: tuple[str, str]) -> Iterator[Found]:
+def pods_of_cluster(
+    args: argparse.Namespace, opt_out: tuple[str, str], *, exemptions: bool
+) -> Iterator[Found]:
+    """The pods the flags select, after the namespaces that opted out; with ``exemptions``
+    (``--pod-opt-out refuse``) also the namespaces exempt from that refusal."""
     names = pod_names(args.resources)
     if names and args.selector:
         raise UsageError("a pod's name cannot be given with a selector (-l)")
@@ -29,7 +33,7 @@ def pods_of_cluster(args: argparse.Namespace, opt_out: tuple[str, str]) -> Itera
         raise UsageError("a pod cannot be retrieved by name across all namespaces (-A)")
     cluster = connect(kubeconfig=args.kubeconfig, context=args.context)
     namespace = None if args.all_namespaces else (args.namespace or cluster.namespace)
-    yield from _opted_out(cluster, namespace, opt_out)
+    yield from _opted_out(cluster, namespace, opt_out, exemptions=exemptions)
     if names:
         assert namespace is not None  # refused above with -A
         yield from _named(cluster, namespace, names)
@@ -88,14 +92,18 @@ def _plain(names: Sequence[str]) -> list[str]:
 
 
 def _opted_out(
-    cluster: Cluster, namespace: str | None, opt_out: tuple[str, str]
+    cluster: Cluster, namespace: str | None, opt_out: tuple[str, str], *, exemptions: bool
 ) -> Iterator[NamespaceSeen]:
-    """The namespaces that opted out of meshguard (all, or the one listed)."""
+    """The namespaces that opted out of meshguard (all, or the one listed), and with
+    ``exemptions`` those whose pods may opt out alone. The exemption is read only when it
+    matters, so an audit that allows pod opt-outs needs no second LIST."""
     key, value = opt_out
     if namespace is None:
         selector = f"{key}={value}"
         for obj in list_objects(cluster, resource="namespaces", namespace=None, selector=selector):
             yield NamespaceSeen(str((obj.get("metadata") or {}).get("name")), opted_out=True)
+        if not exemptions:
+            return
         exemption = "=".join(OPT_OUT_EXEMPTION)
         for obj in list_objects(cluster, resource="namespaces", namespace=None, selector=exemption):
             name = str((obj.get("metadata") or {}).get("name"))

@@ -62,6 +62,7 @@ def run_unprotected(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
     opt_out = _label(args.opt_out_label)
+    refuse_pod_opt_out = getattr(args, "pod_opt_out", "allow") == "refuse"
     if args.filename:
         _refuse_cluster_flags(args)
         found: Iterator[Found] = _from_files(args.filename, args.recursive, opt_out)
@@ -69,12 +70,13 @@ def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
     else:
         from meshguard.cli.cluster import pods_of_cluster  # noqa: PLC0415 - the client is heavy
 
-        found, complete = pods_of_cluster(args, opt_out), True
+        found = pods_of_cluster(args, opt_out, exemptions=refuse_pod_opt_out)
+        complete = True
     audit = _Audit(
         opt_out=opt_out,
         printer=_Printer(output=args.output, only_unprotected=only_unprotected),
         namespaces_complete=complete,
-        refuse_pod_opt_out=getattr(args, "pod_opt_out", "allow") == "refuse",
+        refuse_pod_opt_out=refuse_pod_opt_out,
     )
     for item in found:
         audit.take(item)

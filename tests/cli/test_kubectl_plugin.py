@@ -180,7 +180,17 @@ def test_unprotected_across_namespaces_resolves_opt_outs_from_the_live_namespace
     assert done.stdout.splitlines()[-1].startswith(
         "UNPROTECTED: 2 of 4 pod(s) with Istio's sidecar have no meshguard, 1 opted out"
     )
-    # One LIST per label: meshguard's opt-out, then the exemption --pod-opt-out refuse honours.
+    # Pod opt-outs allowed (the default): one LIST, of the namespaces that opted out.
+    listed = [r.query["labelSelector"] for r in api.requests if r.path == "/api/v1/namespaces"]
+    assert listed == ["meshguard.io/inject=disabled"]
+
+
+def test_refusing_pod_opt_outs_also_lists_the_exempt_namespaces(
+    api: ScriptedApiServer, kubeconfig: Path
+):
+    done = plugin("unprotected", "-A", "--pod-opt-out", "refuse", kubeconfig=kubeconfig)
+    assert done.returncode == 0, done.stderr
+    # The exemption (meshguard.io/opt-out=allowed) is read only when pod opt-outs are refused.
     listed = [r.query["labelSelector"] for r in api.requests if r.path == "/api/v1/namespaces"]
     assert listed == ["meshguard.io/inject=disabled", "meshguard.io/opt-out=allowed"]
 
