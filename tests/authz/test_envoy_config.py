@@ -20,11 +20,9 @@ from meshguard.authz.envoy_config import (
     AUTHZ_ERROR_STATUS,
     HCM,
     UPSTREAM_CLUSTER,
-    IstioSettings,
     authz_cluster,
-    envoy_config_text,
-    envoy_filter,
 )
+from meshguard.authz.istio_config import IstioSettings, envoy_config_text, envoy_filter
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
