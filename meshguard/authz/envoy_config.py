@@ -48,6 +48,7 @@ HCM: Final = "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ORIGINAL_DST_HEADER: Final = "x-envoy-original-dst-host"
 UPSTREAM_CLUSTER: Final = "meshguard_loopback_upstream"
 AUTHZ_CLUSTER: Final = "meshguard_authz"
+VIRTUAL_HOST: Final = "meshguard_loopback"
 #: What the listener answers when the authz server gives no decision (the ext_authz cluster
 #: does not exist, has no endpoint, or the call timed out): 503, never a policy's 403.
 AUTHZ_ERROR_STATUS: Final = 503
@@ -76,6 +77,10 @@ class ListenerSettings:
     #: ``allowed_headers``): only those a policy's ``http.headers`` can match; every other
     #: header (Authorization, Cookie, ...) and the body never leave the pod's Envoy.
     forward_headers: tuple[str, ...] = ()
+    #: The Istio object that puts the listener in a sidecar, as Istio's config path
+    #: (:func:`istio_config_path`): the route carries it as Istio's own routes and clusters
+    #: do (``filter_metadata.istio.config``), so ``istioctl proxy-config route`` names it.
+    istio_config: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +94,19 @@ class AuthzTls:
     server_spiffe_id: str
 
 
+def istio_config_path(*, namespace: str, name: str) -> str:
+    """The path Istio writes into ``filter_metadata.istio.config`` for the objects a config
+    made (``/apis/GROUP/VERSION/namespaces/NS/KIND/NAME``), here for an EnvoyFilter;
+    istioctl shows it as ``NAME.NS``."""
+    return f"/apis/networking.istio.io/v1alpha3/namespaces/{namespace}/envoy-filter/{name}"
+
+
+def _managed_by(istio_config: str | None) -> dict[str, Any]:
+    if istio_config is None:
+        return {}
+    return {"metadata": {"filter_metadata": {"istio": {"config": istio_config}}}}
+
+
 def loopback_listeners(settings: ListenerSettings) -> list[dict[str, Any]]:
     return [
         _listener("meshguard_loopback_ipv4", "127.0.0.1", "127.0.0.1", settings),
@@ -96,10 +114,11 @@ def loopback_listeners(settings: ListenerSettings) -> list[dict[str, Any]]:
     ]
 
 
-def upstream_cluster() -> dict[str, Any]:
+def upstream_cluster(*, istio_config: str | None = None) -> dict[str, Any]:
     """ORIGINAL_DST, steered by the header the route sets: always loopback, original port."""
     return {
         "name": UPSTREAM_CLUSTER,
+        **_managed_by(istio_config),
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": "1s",
@@ -223,7 +242,12 @@ def _listener(
                 "typed_config": {"@type": _type("filters.listener.original_dst.v3.OriginalDst")},
             }
         ],
-        "filter_chains": [{"filters": [_http_connection_manager(name, upstream_host, settings)]}],
+        "filter_chains": [
+            {
+                "name": name,
+                "filters": [_http_connection_manager(name, upstream_host, settings)],
+            }
+        ],
     }
 
 
@@ -259,11 +283,12 @@ def _http_connection_manager(
                 "name": name,
                 "virtual_hosts": [
                     {
-                        "name": "loopback",
+                        "name": VIRTUAL_HOST,
                         "domains": ["*"],
                         "routes": [
                             {
                                 "match": {"prefix": "/"},
+                                **_managed_by(settings.istio_config),
                                 "route": {
                                     "cluster": UPSTREAM_CLUSTER,
                                     "timeout": settings.request_timeout,

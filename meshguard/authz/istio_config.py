@@ -8,6 +8,7 @@ the sidecars of meshguard's pods, the chart's template of it, and the YAML of bo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from meshguard import annotation_keys, yaml_io
 from meshguard.authz.envoy_config import (
     ListenerSettings,
     bootstrap,
+    istio_config_path,
     loopback_listeners,
     upstream_cluster,
 )
@@ -166,7 +168,12 @@ def envoy_filter(
     sidecars of the pods meshguard gave ``engine`` (label ``meshguard.io/l7-engine``; it
     lives in Istio's root namespace, so one object serves all of them). The native listener
     must never reach a pod without its RBAC file: Envoy would refuse the listener."""
-    listener_settings = settings or ListenerSettings(authz_cluster=istio.cluster, engine=engine)
+    name = envoy_filter_name(engine)
+    managed_by = istio_config_path(namespace=istio.root_namespace, name=name)
+    listener_settings = dataclasses.replace(
+        settings or ListenerSettings(authz_cluster=istio.cluster, engine=engine),
+        istio_config=managed_by,
+    )
     patches = [
         {
             "applyTo": "LISTENER",
@@ -179,13 +186,13 @@ def envoy_filter(
         {
             "applyTo": "CLUSTER",
             "match": {"context": "SIDECAR_OUTBOUND"},
-            "patch": {"operation": "ADD", "value": upstream_cluster()},
+            "patch": {"operation": "ADD", "value": upstream_cluster(istio_config=managed_by)},
         }
     )
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
-        "metadata": {"name": envoy_filter_name(engine), "namespace": istio.root_namespace},
+        "metadata": {"name": name, "namespace": istio.root_namespace},
         "spec": {
             "workloadSelector": {"labels": {annotation_keys.L7_ENGINE: engine.value}},
             "configPatches": patches,
@@ -198,7 +205,8 @@ def envoy_filter_name(engine: L7Engine) -> str:
 
 
 #: Stand-ins the Helm template replaces with expressions of the chart's values.
-_HELM_NAMESPACE: Final = "MESHGUARD_HELM_ROOT_NAMESPACE"
+#: (a DNS label: the EnvoyFilter's config path in its routes and cluster is built from it)
+_HELM_NAMESPACE: Final = "meshguard-helm-root-namespace"
 _HELM_CLUSTER: Final = "MESHGUARD_HELM_AUTHZ_CLUSTER"
 _HELM_LABELS: Final = "MESHGUARD_HELM_LABELS"
 _HELM_FORWARD: Final = "meshguard_helm_forward_headers"
@@ -215,7 +223,7 @@ def envoy_filter_helm_template() -> str:
     bodies = []
     for engine in (L7Engine.EXT_AUTHZ, L7Engine.NATIVE):
         document = envoy_filter(
-            IstioSettings(),
+            IstioSettings(root_namespace=_HELM_NAMESPACE),
             ListenerSettings(
                 authz_cluster=_HELM_CLUSTER, forward_headers=(_HELM_FORWARD,), engine=engine
             ),
@@ -244,9 +252,7 @@ def envoy_filter_helm_template() -> str:
 
 
 def _helm_body(body: str) -> str:
-    body = body.replace(
-        f"namespace: {_HELM_NAMESPACE}", "namespace: {{ .Values.istio.rootNamespace }}"
-    )
+    body = body.replace(_HELM_NAMESPACE, "{{ .Values.istio.rootNamespace }}")
     body = body.replace(
         f"labels: {_HELM_LABELS}",
         'labels:\n    {{- include "meshguard.labels" (dict "root" $ "component" "authz")'
