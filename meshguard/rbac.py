@@ -51,8 +51,13 @@ AMBIGUITY_FILTER_NAME: Final = "meshguard.ambiguity"
 #: The policy of the filter's default config (file missing at reload, empty or malformed):
 #: every request denied, with this name in the response details and the access log.
 NO_POLICY: Final = "meshguard-pod-policy-unavailable"
-AMBIGUOUS_PATH: Final = "ambiguous-path"
-AMBIGUOUS_METHOD: Final = "ambiguous-method"
+#: The ambiguity filter's policies, named as Istio names an AuthorizationPolicy's rules
+#: (``ns[NAMESPACE]-policy[NAME]-rule[RULE]``) so that ``istioctl x authz check`` lists them as
+#: ``ambiguity.meshguard.io`` (no namespace has a dot: no real policy has that name), and a
+#: denial's details read like Istio's own (``rbac_access_denied_matched_policy[ns[...]...]``).
+AMBIGUITY_POLICY: Final = "ns[meshguard.io]-policy[ambiguity]"
+AMBIGUOUS_PATH: Final = f"{AMBIGUITY_POLICY}-rule[path]"
+AMBIGUOUS_METHOD: Final = f"{AMBIGUITY_POLICY}-rule[method]"
 #: The RE2 program size Envoy must accept (Istio's bootstrap sets this runtime key).
 RE2_PROGRAM_SIZE: Final = 32768
 RE2_RUNTIME_KEY: Final = "re2.max_program_size.error_level"

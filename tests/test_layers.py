@@ -241,6 +241,7 @@ def test_a_module_below_the_layers_may_not_import_them(
     ("module", "heavy"),
     [
         ("meshguard.authz.envoy_config", "grpc"),
+        ("meshguard.authz.istio_config", "grpc"),
         ("meshguard.kube_api", "asyncio"),
         ("meshguard.kube_api", "kubernetes"),
         ("meshguard.cni.kube", "urllib.request"),

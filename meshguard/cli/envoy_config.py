@@ -9,7 +9,7 @@ import ipaddress
 import re
 import sys
 
-from meshguard.authz.envoy_config import IstioSettings, LocationError, envoy_config_text
+from meshguard.authz.istio_config import IstioSettings, LocationError, envoy_config_text
 from meshguard.cli import EXIT_OK, EXIT_USAGE, fail
 from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT, is_loopback, is_protected_port, unprotected_authz_port

@@ -27,7 +27,7 @@ from typing import Any
 
 from meshguard import annotation_keys, yaml_io
 from meshguard.attestation import Signer, generate
-from meshguard.authz.envoy_config import envoy_config_text
+from meshguard.authz.istio_config import envoy_config_text
 from meshguard.errors import MeshguardFailure
 from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import PodTemplate

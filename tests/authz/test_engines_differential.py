@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from meshguard.l7 import L7Engine
-from meshguard.rbac import NO_POLICY
+from meshguard.rbac import AMBIGUOUS_METHOD, AMBIGUOUS_PATH, NO_POLICY
 from tests.authz.test_envoy_e2e import (
     APP,
     CACHE,
@@ -170,7 +170,7 @@ def test_native_decisions_are_json_lines_naming_container_rule_and_reason(native
     assert (allowed["status"], denied["status"], hidden["status"]) == (200, 403, 403)
     assert denied["body"] == "meshguard: denied: rbac_access_denied_matched_policy[none]\n"
     assert hidden["body"] == (
-        "meshguard: denied: rbac_access_denied_matched_policy[ambiguous-path]\n"
+        f"meshguard: denied: rbac_access_denied_matched_policy[{AMBIGUOUS_PATH}]\n"
     )
     first, second, third = lines_after(native_pod, 3)
     assert {k: first[k] for k in ("pod", "source", "port", "method", "path", "code", "rule")} == {
@@ -179,7 +179,7 @@ def test_native_decisions_are_json_lines_naming_container_rule_and_reason(native
     }  # fmt: skip
     assert (second["source"], second["code"], second["rule"]) == ("cache", 403, None)
     assert second["details"] == "rbac_access_denied_matched_policy[none]"
-    assert third["details"] == "rbac_access_denied_matched_policy[ambiguous-path]"
+    assert third["details"] == f"rbac_access_denied_matched_policy[{AMBIGUOUS_PATH}]"
     assert first["source_address"].startswith("127.0.100.")
     # IPv6 and the pod's own addresses take the same path (fd6d:6775::N sources)
     for host in ("::1", "10.1.2.3", "fd00:10::3"):
@@ -204,7 +204,7 @@ def test_native_audit_lines_flag_would_be_denials(tmp_path: Path, shared_dir: Pa
         "allowed", "rules[001]/cache", "cache",
     )  # fmt: skip
     assert (second["audit"], second["audit_rule"], second["code"]) == ("allowed", None, 200)
-    assert third["details"] == "rbac_access_denied_matched_policy[ambiguous-method]"
+    assert third["details"] == f"rbac_access_denied_matched_policy[{AMBIGUOUS_METHOD}]"
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,9 @@ from meshguard.authz.envoy_config import (
     AUTHZ_ERROR_STATUS,
     HCM,
     UPSTREAM_CLUSTER,
-    IstioSettings,
     authz_cluster,
-    envoy_config_text,
-    envoy_filter,
 )
+from meshguard.authz.istio_config import IstioSettings, envoy_config_text, envoy_filter
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
@@ -194,11 +192,33 @@ def test_http11_and_h2c_in_the_apps_protocol_upstream_with_strict_paths(path: st
 
 def test_the_envoyfilter_adds_the_standalone_listeners_and_cluster():
     """Same listeners and upstream cluster in a sidecar as standalone, but for the authz
-    cluster's name (Istio's outbound cluster of the authz service)."""
+    cluster's name (Istio's outbound cluster of the authz service) and the EnvoyFilter
+    named in the route's and the cluster's metadata (as istioctl shows it)."""
     standalone = listeners_and_upstream("envoy/loopback-listener.yaml")
     sidecar = listeners_and_upstream("istio/loopback-listener.envoyfilter.yaml")
     text = yaml.safe_dump(sidecar).replace(IstioSettings().cluster, "meshguard_authz")
-    assert yaml.safe_load(text) == yaml.safe_load(yaml.safe_dump(standalone))
+    managed_by = {
+        "filter_metadata": {
+            "istio": {
+                "config": "/apis/networking.istio.io/v1alpha3/namespaces/istio-system"
+                "/envoy-filter/meshguard-loopback-listener"
+            }
+        }
+    }
+    plain = yaml.safe_load(yaml.safe_dump(standalone))
+    assert without_metadata(plain) == plain  # standalone: no Istio object to name
+    assert without_metadata(yaml.safe_load(text), managed_by) == plain
+
+
+def without_metadata(value: Any, expected: dict[str, Any] | None = None) -> Any:
+    """``value`` without its ``metadata`` keys, each of which must equal ``expected``."""
+    if isinstance(value, dict):
+        if "metadata" in value:
+            assert value["metadata"] == expected
+        return {k: without_metadata(v, expected) for k, v in value.items() if k != "metadata"}
+    if isinstance(value, list | tuple):
+        return [without_metadata(v, expected) for v in value]
+    return value
 
 
 @pytest.mark.parametrize(("path", "generated"), sorted(GENERATED.items()))

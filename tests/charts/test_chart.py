@@ -26,7 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshguard import __version__
-from meshguard.authz.envoy_config import DECISION_HEADERS, IstioSettings
+from meshguard.authz.decision import DECISION_HEADERS
+from meshguard.authz.istio_config import IstioSettings
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
 from meshguard.init_container import DEFAULT_IMAGE, DEFAULT_INIT_IMAGE

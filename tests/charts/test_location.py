@@ -21,9 +21,9 @@ import jsonschema
 import pytest
 import yaml
 
-from meshguard.authz.envoy_config import (
+from meshguard.authz.envoy_config import HCM
+from meshguard.authz.istio_config import (
     ENVOY_FILTER_NAME,
-    HCM,
     IstioSettings,
     envoy_config_text,
     envoy_filter,
@@ -208,7 +208,7 @@ def test_the_command_notes_print_generates_the_charts_envoyfilter(
 def test_the_committed_chart_template_is_the_generated_one() -> None:
     assert TEMPLATE.read_text() == envoy_filter_helm_template(), (
         f"{TEMPLATE.relative_to(ROOT)} is stale: regenerate it with python -c 'from"
-        " meshguard.authz.envoy_config import envoy_filter_helm_template as t;"
+        " meshguard.authz.istio_config import envoy_filter_helm_template as t;"
         ' print(t(), end="")\' > charts/meshguard/templates/istio-envoyfilter.yaml'
     )
 

@@ -23,7 +23,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from meshguard import yaml_io
-from meshguard.authz.envoy_config import envoy_config_text
+from meshguard.authz.istio_config import envoy_config_text
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
