@@ -33,8 +33,13 @@ STATS_REGEXPS: Final = "sidecar.istio.io/statsInclusionRegexps"
 PROXY_CONFIG_ANNOTATION: Final = "proxy.istio.io/config"
 PROXY_CONFIG_ENV: Final = "PROXY_CONFIG"
 #: Every stat of the loopback listeners' decision filters (RBAC, under any of meshguard's
-#: prefixes, and ext_authz); Envoy's stats matcher matches a regex against the whole name.
-LISTENER_STATS: Final = r"http\.meshguard_loopback_ipv[46]\.(rbac|ext_authz)\..*"
+#: prefixes, and ext_authz) and of the pod filter's config file (ECDS: ``config_fail``
+#: counts a document that does not load; Envoy 1.36 also counts the default config's
+#: denials there); Envoy's stats matcher matches a regex against the whole name.
+LISTENER_STATS: Final = (
+    r"(http\.meshguard_loopback_ipv[46]\.(rbac|ext_authz)"
+    r"|extension_config_discovery\.http_filter\.meshguard\.pod_rbac)\..*"
+)
 
 
 class _Unknown(Exception):
