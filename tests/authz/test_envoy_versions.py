@@ -20,6 +20,7 @@ from meshguard.rbac import AUDIT_PREFIX, RE2_RUNTIME_KEY, SOURCE_PREFIX, compile
 PROJECT = Path(__file__).resolve().parents[2]
 DOC = PROJECT / "docs" / "envoy-versions.md"
 HELPERS = PROJECT / "charts" / "meshguard" / "templates" / "_helpers.tpl"
+NOTES = PROJECT / "charts" / "meshguard" / "templates" / "NOTES.txt"
 
 #: Every rule shape the compiler knows: methods, prefix and exact paths, headers, a port
 #: rule, "*" sources, defaultAction allow.
@@ -169,7 +170,13 @@ def test_the_chart_checks_the_documented_istio_minimums():
     doc states for each engine."""
     text = DOC.read_text()
     helpers = HELPERS.read_text()
+    istio = {}
     for engine in L7Engine:
-        (istio,) = re.findall(rf"^\| {engine.value}[^|]*\|[^|]*\| \*\*(1\.\d+)\*\* \|", text,
-                              re.MULTILINE)  # fmt: skip
-        assert f'"{engine.value}" "{istio}"' in helpers, (engine, istio)
+        (istio[engine],) = re.findall(rf"^\| {engine.value}[^|]*\|[^|]*\| \*\*(1\.\d+)\*\* \|",
+                                      text, re.MULTILINE)  # fmt: skip
+        assert f'"{engine.value}" "{istio[engine]}"' in helpers, (engine, istio[engine])
+    # and NOTES, which states the install's
+    native, ext_authz = istio[L7Engine.NATIVE], istio[L7Engine.EXT_AUTHZ]
+    assert f'ternary "{native}" "{ext_authz}" (eq .Values.webhook.l7Engine "native")' in (
+        NOTES.read_text()
+    )
