@@ -63,9 +63,13 @@ RE2_PROGRAM_SIZE: Final = 32768
 RE2_RUNTIME_KEY: Final = "re2.max_program_size.error_level"
 #: The shadow rules' stat prefix (and so of their metadata keys, as Envoy names them).
 SOURCE_PREFIX: Final = "meshguard_source_"
-#: The audit-mode rules' stat prefix (so ``http.*.rbac.meshguard_audit_allowed`` counts
+#: The audit-mode rules' stat prefix (so ``http.*.rbac.meshguard_audit_.allowed`` counts
 #: would-be allowed requests, and the metadata keys tell audit from enforce).
 AUDIT_PREFIX: Final = "meshguard_audit_"
+#: The default config's stat prefix: ``http.*.rbac.meshguard_pod_policy_unavailable_.denied``
+#: counts the requests denied because the pod's document gave no config (Envoy joins a
+#: rules prefix and the counter's name with a dot).
+NO_POLICY_PREFIX: Final = "meshguard_pod_policy_unavailable_"
 
 
 def policy_id(index: int, container: str) -> str:
@@ -281,9 +285,11 @@ def ambiguity_rbac() -> dict[str, Any]:
 
 def default_config() -> dict[str, Any]:
     """The pod filter's config while its file gives none (missing on reload, empty,
-    malformed): every request denied, naming :data:`NO_POLICY`."""
+    malformed): every request denied, naming :data:`NO_POLICY` in the response details
+    and counting it under :data:`NO_POLICY_PREFIX`."""
     return {
         "@type": RBAC_TYPE,
+        "rules_stat_prefix": NO_POLICY_PREFIX,
         "rules": {
             "action": "DENY",
             "policies": {

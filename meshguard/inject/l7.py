@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from meshguard import annotation_keys
 from meshguard.errors import PolicyError, Problem
+from meshguard.inject.stats import STATS_REGEXPS, stats_annotation
 from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
 from meshguard.pod import PROXY_CONTAINER
 from meshguard.policy import Mode, Policy
@@ -54,6 +55,7 @@ def apply_engine(
         annotation_keys.L7_ENGINE: engine.value,
     }
     _remove_mount(spec)
+    _include_listener_stats(annotations, spec)
     if engine is L7Engine.EXT_AUTHZ:
         annotations.pop(annotation_keys.L7_RBAC, None)
         return None
@@ -61,6 +63,16 @@ def apply_engine(
     annotations[annotation_keys.L7_RBAC] = text
     _mount(spec)
     return rbac_digest(text)
+
+
+def _include_listener_stats(annotations: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The listener's RBAC and ext_authz stats into Istio's Prometheus merge (see
+    :mod:`meshguard.inject.stats`)."""
+    proxies = _proxies(spec)
+    env = _entries(proxies[0].get("env")) if proxies else []
+    value = stats_annotation(annotations=annotations, proxy_env=env)
+    if value is not None:
+        annotations[STATS_REGEXPS] = value
 
 
 def _mount(spec: dict[str, Any]) -> None:

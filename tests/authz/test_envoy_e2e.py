@@ -152,6 +152,7 @@ def l7_sandbox(
     engine: L7Engine = L7Engine.EXT_AUTHZ,
     policy: str = POLICY,
     rbac_text: str | None = None,
+    stats_config: dict[str, Any] | None = None,
 ) -> Iterator[L7Pod]:
     """The injected example pod in a fresh namespace: Istio's capture and meshguard's rules
     in ``netfilter``, the apps, pilot-agent, and the Envoy of ``envoy/`` for ``engine``:
@@ -195,6 +196,10 @@ def l7_sandbox(
             document = pod["metadata"]["annotations"]["meshguard.io/l7-rbac"]
             rbac.write_text(document if rbac_text is None else rbac_text)
             text = text.replace("/etc/meshguard/l7/rbac.json", str(rbac))
+        if stats_config is not None:  # a sidecar bootstrap's, as pilot-agent writes it
+            document = yaml.safe_load(text)
+            document["stats_config"] = stats_config
+            text = yaml.safe_dump(document)
         config.write_text(text)
         ns.spawn(
             [

@@ -43,6 +43,7 @@ OWN_ANNOTATIONS = (
     "meshguard.io~1l7-rbac",
     "meshguard.io~1mode",
     "meshguard.io~1attestation",
+    "sidecar.istio.io~1statsInclusionRegexps",  # the listener's stats (meshguard.inject.stats)
 )
 OWN_LABELS = {"meshguard.io/admitted": "true", "meshguard.io/l7-engine": "native"}
 

@@ -274,3 +274,31 @@ Istio runs in CNI mode here (DaemonSet {{ .metadata.namespace }}/{{ .metadata.na
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+Why Istio is too old for the L7 engine's listener, or "": given Istio's
+MutatingWebhookConfigurations (.webhooks; istiod's chart labels them with its
+app.kubernetes.io/version) and the engine (.engine), the injectors whose Istio ships an Envoy
+without a field the listener uses (docs/envoy-versions.md: the minimums per engine). Istio's
+charts built from source say 1.0.0: not a release, not judged.
+*/}}
+{{- define "meshguard.istio.tooOld" -}}
+{{- $minimum := get (dict "native" "1.23" "ext-authz" "1.18") .engine | default "1.23" }}
+{{- $min := splitList "." $minimum }}
+{{- $old := list }}
+{{- range .webhooks }}
+{{- $labels := .metadata.labels | default dict }}
+{{- $version := get $labels "app.kubernetes.io/version" | toString }}
+{{- $minor := regexFind "^[0-9]+[.][0-9]+" $version }}
+{{- if and (hasKey $labels "istio.io/rev") $minor (ne $minor "1.0") }}
+{{- $v := splitList "." $minor }}
+{{- $major := atoi (index $v 0) }}
+{{- if or (lt $major (atoi (index $min 0))) (and (eq $major (atoi (index $min 0))) (lt (atoi (index $v 1)) (atoi (index $min 1)))) }}
+{{- $old = append $old (printf "%s (revision %s: Istio %s)" .metadata.name (get $labels "istio.io/rev") $version) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $old -}}
+Istio is older than {{ $minimum }} here, the oldest Istio whose Envoy has every field of the {{ .engine }} L7 engine's loopback listener (docs/envoy-versions.md): {{ join ", " $old }}; its sidecars would refuse the listener and meshguard's pods would get no L7 decisions (their L7-covered flows refused). Upgrade Istio{{ if eq .engine "native" }}, or set webhook.l7Engine=ext-authz (Istio >= 1.18){{ end }}
+{{- end }}
+{{- end }}
