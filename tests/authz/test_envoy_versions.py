@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import pytest
 
-from meshguard.authz.envoy_config import IstioSettings, envoy_filter
+from meshguard.authz.istio_config import IstioSettings, envoy_filter
 from meshguard.l7 import L7Engine
 from meshguard.policy import Mode, parse_policy
 from meshguard.rbac import AUDIT_PREFIX, RE2_RUNTIME_KEY, SOURCE_PREFIX, compile_rbac
@@ -46,6 +46,9 @@ SOURCES = {"app": ("127.0.100.1", "fd6d:6775::1"), "cache": ("127.0.100.2", "fd6
 NAMED: Final = frozenset({"policies", "json_format"})
 #: Keys whose string values are data (a header's value, a regex, a name), never enums.
 DATA: Final = frozenset({"exact", "regex", "name", "inline_string", "key", "prefix"})
+#: Keys whose whole value is opaque data to Envoy (metadata by filter name: Istio's own
+#: ``istio.config`` naming the EnvoyFilter), never configuration it must understand.
+OPAQUE: Final = frozenset({"filter_metadata"})
 OPERATOR: Final = re.compile(r"%([A-Z_]+)(?:\(([^)%]*)\))?%")
 ENUM: Final = re.compile(r"[A-Z][A-Z0-9_]+")
 
@@ -68,6 +71,8 @@ def _field(name: str, value: Any) -> Iterator[str]:
         yield "@type " + value.removeprefix("type.googleapis.com/")
         return
     yield name
+    if name in OPAQUE:
+        return
     if name in NAMED:
         for inner in value.values():
             yield from _features(inner, name)
