@@ -55,35 +55,31 @@ def kernel(rows: dict[int, dict[str, Any]], goal: float, path: Path) -> Path:
 
 
 def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
-    """Envoy throughput ratios vs Envoy RBAC, latency, and authz vs bare grpc.aio echo."""
+    """Throughput by engine vs no authorization, latency, and authz vs bare grpc.aio echo."""
     conc = sorted(int(c) for c in http["rows"]["a"])
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
-    width = 0.25
+    keys = (("n", "(n) native"), ("n0", "(n0) native, no log"), ("c", "(c) serve-authz"),
+            ("c0", "(c0) do-nothing ext_authz"))  # fmt: skip
+    width = 0.8 / len(keys)
     xs = range(len(conc))
-    for i, (key, label) in enumerate(
-        (
-            ("a", "(a) envoy plain / (b) rbac"),
-            ("c", "(c) envoy+meshguard / (b) rbac"),
-            ("c0", "(c0) envoy+authz-echo / (b) rbac"),
-        )
-    ):
+    for i, (key, label) in enumerate(keys):
         ys = [
-            http["rows"][key][str(c)]["per_second"] / http["rows"]["b"][str(c)]["per_second"]
+            http["rows"][key][str(c)]["per_second"] / http["rows"]["a"][str(c)]["per_second"]
             for c in conc
         ]
-        left.bar([x + (i - 1) * width for x in xs], ys, width, label=label)
-    _baseline(left, "(b) envoy+rbac (= 1.0)")
-    _goal(left, http["goal_c_over_b"], f"goal (c)/(b) >= {http['goal_c_over_b']}")
+        left.bar([x + (i - 1.5) * width for x in xs], ys, width, label=f"{label} / (a)")
+    _baseline(left, "(a) no authorization (= 1.0)")
+    _goal(left, http["goal_n_over_a"], f"goal (n)/(a) >= {http['goal_n_over_a']}")
     left.set_xticks(list(xs), [str(c) for c in conc])
     left.set_xlabel("concurrent connections (wrk)")
-    left.set_ylabel("requests/s ratio vs (b) Envoy RBAC")
-    left.set_title("L7: HTTP throughput vs Envoy RBAC")
+    left.set_ylabel("requests/s ratio vs (a) no authorization")
+    left.set_title("L7: HTTP throughput by engine")
     left.legend(fontsize=7, loc="upper right")
     left.grid(axis="y", alpha=0.3)
     for key, label, color in (
         ("a", "(a) plain", "tab:blue"),
-        ("b", "(b) rbac", "tab:grey"),
-        ("c", "(c) meshguard", "tab:orange"),
+        ("n", "(n) native", "tab:green"),
+        ("c", "(c) serve-authz", "tab:orange"),
     ):
         middle.plot(
             conc,

@@ -7,6 +7,9 @@ from typing import Any
 
 from benchmarks.common import markdown_table
 
+#: The plots made for this report, by name (None: the plot failed).
+ASSETS: dict[str, Path | None] = {}
+
 
 def verdict(ok: bool | None) -> str:
     if ok is None:
@@ -29,6 +32,10 @@ def image(path: Path | None, alt: str) -> list[str]:
 
 def not_measured(name: str, problem: str) -> list[str]:
     return [f"Not measured: `{name}` failed ({problem}).", ""]
+
+
+def verdict_of(ok: bool) -> str:
+    return "met" if ok else "**not met**"
 
 
 class Report:
