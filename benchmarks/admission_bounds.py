@@ -169,18 +169,21 @@ def _traced_peak(trace: bool) -> int:
 
 def _authz_case(policy_of: Any, *, trace: bool) -> CaseResult:
     from meshguard.inject.transform import InjectSettings, inject_pod  # noqa: PLC0415
+    from tests.support.keys import SIGNER, TRUSTED  # noqa: PLC0415
     from tests.support.pods import wide_example  # noqa: PLC0415
 
     containers, policy = _case_pods()["rules: 100 rules x 8 ports x 4 sources"]
     pod = wide_example(containers, policy=policy)
-    inject_pod(pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False))
+    inject_pod(
+        pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
+    )
     annotations = pod["metadata"]["annotations"]
     size = sum(len(v) for v in annotations.values())
     before = _rss_mib()
     if trace:
         tracemalloc.start()
     started = time.perf_counter()
-    found = policy_of(pod)
+    found = policy_of(pod, trusted=TRUSTED)
     seconds = time.perf_counter() - started
     peak = _traced_peak(trace)
     return {
