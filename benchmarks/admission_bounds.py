@@ -4,19 +4,7 @@ refused attacks of issue 30, each in a fresh process.
 Run: ``python -m benchmarks.admission_bounds [--quick] [--json FILE]`` (about 1 minute;
 ``--quick`` about 20 s: one run per case instead of three). Loopback only; no root.
 
-Each case is an AdmissionReview (CREATE) body answered by :func:`meshguard.webhook.review.
-handle` — what a webhook worker thread runs — in a new Python process (this file's hidden
-``_case`` subcommand), cold (no compile cache). Per case it prints the answer (admitted, or
-the refusal's first words), the wall time of ``handle`` and the process's peak RSS after it
-(``ru_maxrss``) next to the RSS before it (imports done, one small admission warmed up),
-and, from a second process under tracemalloc, the peak of Python's allocations during it.
-``workers x worst`` runs the worst admitted case on ``admission_workers`` threads at once,
-as the server can. ``authz`` is the authz cache's side:
-:func:`meshguard.authz.store.policy_of` of a pod admitted with 100 rules (its admitted
-record near the limits), time and allocations.
-
-The chart's webhook and authz memory limits (values.yaml) are set from these figures: the
-webhook's peak RSS with every worker busy on the worst admitted input, plus headroom.
+What it measures and how: ``benchmarks/README.md``, section ``admission_bounds.py``.
 """
 
 from __future__ import annotations

@@ -1,25 +1,7 @@
 """``serve-authz --kubernetes`` at scale: time to ready, memory and API load at 10,000 admitted
 pods, and Check latency while the pod cache lists again (410 Gone) under steady churn.
 
-The API server is the scripted one of the tests (``tests/support/apiserver.py``: real HTTPS,
-paginated LIST, WATCH with bookmarks, 410), in this process; ``serve-authz`` runs as in a
-cluster, from a kubeconfig, as subprocesses. Configurations, alternated over the rounds:
-
-- ``1 process``: ``--workers 1``;
-- ``--workers 2``: the parent runs the only watch and feeds the worker (meshguard's design);
-- ``2 processes``: two ``--workers 1`` on the same port, each with its own LIST and WATCH
-  (what ``--workers 2`` did before: the baseline of the shared watch);
-- ``1 process, 0 pods``: the process's own floor (memory, start-up), to separate the cache.
-
-Ready: every process's ``meshguard_authz_synced`` is 1 (the gRPC health says SERVING at the
-same moment). Memory: VmRSS summed over the process tree once ready, and VmHWM (the peak).
-
-Latency: a client process sends Checks one at a time (c=1, one gRPC channel) for the whole
-phase; the phase has steady churn (pods deleted, created, modified), then a relist whose
-pods are unchanged (410 after a watch break: the policies are reused), then a relist where
-every pod changed (all policies built again). Latencies are split by window.
-
-Run: ``python -m benchmarks.authz_store [--quick] [--pods N] [--json FILE]``.
+What it measures and how: ``benchmarks/README.md``, section ``authz_store.py``.
 """
 
 from __future__ import annotations

@@ -3,40 +3,7 @@
 Run as root from the checkout: ``python -m benchmarks.cni_install [--quick] [--json FILE]
 [--markdown]``.
 
-What a node does when an injected pod starts: the runtime executes ``meshguard-cni`` ADD
-with the conflist entry the installer writes (``kubernetes.kubeconfig``) and a
-``prevResult``. The plugin GETs the pod from a scripted API server over real TLS (the pod is
-``kernel_path.py``'s synthetic pod of N containers, in Istio CNI mode, admitted by
-meshguard's real ``inject_pod``), checks its ruleset, enters the pod's network namespace,
-detects the backend and installs and verifies the rules. Each run gets a fresh network
-namespace holding Istio's capture (the ``ipnets`` golden, iptables-nft), loaded before the
-clock starts.
-
-Two ways to run the same plugin, the configurations alternating:
-
-- ``shim -> agent`` (the node's path): the runtime execs the static shim
-  (``cni-shim/meshguard-cni.c``, built with ``gcc -static``), which sends the call with the
-  namespace's descriptor to the node agent; the agent (:mod:`meshguard.cni.agent`, a process
-  of its own here, started once, its first call a warm-up) answers it in-process: a thread
-  per call, the pod read on a kept-alive connection. Wall time: the shim's, exec to exit;
-  CPU: the shim's plus what the agent process used meanwhile (its ``getrusage``, itself and
-  the iptables tools it ran);
-- ``process`` (a runtime without the agent, and what the agent did per call before it ran
-  the plugin in-process): ``python -m meshguard.cni``, a process per call, a TLS handshake
-  per GET. Wall time and CPU of the process and its tools.
-
-Each for an injected pod (ADD) and for the same pod without meshguard's annotations
-(pass-through: the configuration, the API GET, nothing installed — what every pod on the
-node pays, injected or not). Baselines in the same run:
-
-- ``netfilter``: the install's own netfilter time — the same backend detection and install
-  code run in the namespace from a thread of this process (no process start, no API call,
-  no CNI protocol), counting only the time inside the iptables tools on the critical path
-  (the detection's tools, then the slower family's save, restore and save); CPU: the tools';
-- ``meshguard init --ruleset-file F`` with the same ruleset (the init-container path).
-
-Median of N runs per configuration after one warm-up. The machine is small and shared:
-figures vary between runs.
+What it measures and how: ``benchmarks/README.md``, section ``cni_install.py``.
 """
 
 from __future__ import annotations

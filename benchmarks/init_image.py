@@ -3,30 +3,7 @@
 Run as root from the checkout: ``python -m benchmarks.init_image [--quick] [--json FILE]
 [--markdown]``.
 
-There is no container engine here, so each image is built by replaying the Dockerfile's
-own steps (tests/support/dockerfile.py, the replay tests/test_image.py runs: a root per
-stage over this Debian host, ``RUN`` in a chroot, ``COPY --from`` between stages), and its
-two layers of its own are measured:
-
-1. The virtualenv, ``/opt/meshguard`` of each image as the Dockerfile builds and copies it
-   (``build-init``: ``pip install /src``, pip and setuptools uninstalled after;
-   ``build``: ``pip install "/src[server]"``). Size: ``du -sk`` (disk usage, KiB); the
-   largest entries of its site-packages.
-2. What apt adds. The Debian packages each target installs (``iptables iproute2`` for the
-   servers' image; ``iptables nftables iproute2`` for init) and their ``Depends`` closure
-   (``apt-cache depends --recurse``), less the packages the ``python:3.11-slim-bookworm``
-   base already has (:data:`BASE_PACKAGES`: debian:bookworm-slim's packages and the Python
-   image's runtime libraries); ``Installed-Size`` from dpkg on this (bookworm) host.
-
-The base image both targets share (Debian slim and the Python interpreter) is not counted:
-the issue's 248 MB is the virtualenv of the servers' image.
-
-3. ``meshguard init --ruleset-file F`` wall time, each image's entrypoint in its replayed
-   root (``chroot``, uid 0), in a fresh network namespace per run (``ip netns exec``),
-   for the synthetic pods of ``kernel_path.py`` at 2 and 64 containers; median of N runs
-   after one warm-up, the two images alternating. The servers' image is the baseline of
-   the same run (init imports none of its extra libraries, so the ratio should be about
-   1: the gain of the slim image is the pull, not the start).
+What it measures and how: ``benchmarks/README.md``, section ``init_image.py``.
 """
 
 from __future__ import annotations

@@ -2,43 +2,7 @@
 
 Run as root: ``python -m benchmarks.kernel_path [--quick] [--json FILE] [--cpu N | --no-pin]``.
 
-1. Traffic. A synthetic Istio-injected pod of 16 containers (``c00``..``c15``, uid 2000+i,
-   port 8000+i, plus ``istio-proxy`` as uid 1337) whose ``meshguard.io/policy`` lets each
-   container reach the next one's port (``c15`` reaches ``c00``). In a fresh network
-   namespace per trial, a server running as ``c00``'s uid listens on 127.0.0.1:8000 and a
-   client running as ``c15``'s uid — the highest uid, the longest walk through the uid
-   dispatch for NEW packets — measures
-
-   - request/response: round trips per second of a small ping-pong on one TCP connection;
-   - connect: sequential connect + close per second (the server accepts and closes).
-
-   Configurations, in rounds that alternate their order (ABCD, DCBA, ...):
-   ``baseline`` (no netfilter rules at all), ``meshguard`` (rules installed by the real
-   ``python -m meshguard init --ruleset-file FILE``, as in production), ``istio`` (Istio's
-   IPv4 nat capture in iptables-nft, as istio-init writes it: ``meshguard.sandbox.istio``,
-   checked against Istio's goldens; it turns conntrack on as in any Istio pod),
-   ``istio+meshguard`` (meshguard-init detects iptables-nft: the uid-range tree),
-   ``istio+meshguard-flat`` (one dispatch rule per uid), ``istio-nft`` (Istio's native
-   nftables capture, ``table inet istio-proxy-nat``) and ``istio-nft+meshguard`` (the pod
-   admitted with ``--native-nftables``: ``table inet meshguard``, uid dispatch through one
-   verdict map). ``--configs`` runs a subset. The medians give the ratios: meshguard /
-   baseline, istio+meshguard / istio (meshguard's own cost in an Istio pod, iptables) and
-   istio-nft+meshguard / istio-nft (the same in native nftables) — both backends in the
-   same run. Keep-alive is the request/response rate on one connection, connection per
-   request the connect rate. After each meshguard trial a connection from a uid of no
-   container must be refused, and (iptables) the packet counter of the client's source
-   chain confirms every connection went through the uid dispatch, (nftables) the verdict
-   map holds the client's uid. Client and server are pinned to one CPU by default:
-   unpinned, cross-CPU wake-ups on a small VM make trials differ by 2-4x.
-
-2. Install cost for pods of 2, 8 and 32 containers: ``compile_pod`` (pure Python),
-   ``meshguard init`` as a subprocess (wall time, includes ``ip netns exec`` and Python
-   start-up) and the in-process :func:`meshguard.rules.install.install`.
-
-The load generator is this file too (hidden ``_server`` / ``_client`` subcommands), run
-inside the namespace; it drops to the container's uid as ``meshguard.sandbox.probe`` does.
-Only 127.0.0.1 inside namespaces this script creates is used; the namespaces and their
-processes are removed on exit.
+What it measures and how: ``benchmarks/README.md``, section ``kernel_path.py``.
 """
 
 from __future__ import annotations

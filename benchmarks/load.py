@@ -7,37 +7,7 @@ Loopback only. The third scenario needs root, iproute2, iptables and the ``envoy
 wheel; without them it is skipped with the reason. The same scenarios, smaller, are
 ``tests/load/test_load.py``.
 
-1. ``webhook``: the real ``meshguard serve-webhook`` over HTTPS (a throwaway CA and server
-   certificate generated here with ``cryptography``), its JSON log in a file. One aiohttp
-   client, keep-alive, ``--concurrency`` requests in flight (64), sends a warm-up and then
-   10000 (``--quick``: 2000) AdmissionReviews of ``meshguard/examples/pod.yaml``, each with
-   its own uid. An error is a transport error, a non-200, an answer for another uid, not
-   ``allowed``, no patch, or a patch that does not turn the pod into ``inject_pod``'s
-   result. The server's ``/metrics`` count and its log's ``admission`` lines must equal
-   what was sent.
-2. ``authz``: the real ``meshguard serve-authz --pods FILE --metrics-port 0`` as a
-   subprocess on the injected example pod, stderr (the decision log) in a file. One grpc.aio
-   channel (one HTTP/2 connection, as Envoy's worker keeps) and 64 concurrent Checks: a
-   warm-up, then 100000 (``--quick``: 20000), a fixed mix of ten kinds of request, four
-   allowed (the app's POST /quitquitquit to the proxy's 15020, from its IPv4 and IPv6
-   source addresses) and six denied (other method, other container, other path, dot
-   segments, unknown pod, unknown source). Every answer is checked against the policy; the
-   server's RSS (``/proc/PID/status`` VmRSS) is sampled after the warm-up and every 10000
-   Checks; the decision log must hold exactly one ``decision`` line per Check, with the
-   request and result it was sent for.
-3. ``fault``: the injected example pod in a network namespace (Istio's capture rules,
-   meshguard's rules by the real ``meshguard init``, pilot-agent's stand-in on 15020 and
-   ``meshguard serve-authz`` and the real Envoy's loopback listener, all as uid 1337). A
-   client under the app's uid (8 threads; ``--quick``: 4) alternates POST /quitquitquit
-   (allowed) and GET /quitquitquit (denied) on 127.0.0.1:15020, a new connection each; the
-   authz server is SIGKILLed, left down, restarted, three times (``--quick``: once). No GET
-   may ever get a 200; every request while it is down must get Envoy's 503; POST must work
-   again after each restart and keep working; every request must get an HTTP answer.
-
-Figures: per scenario, requests, errors, wrong answers, throughput and latency percentiles
-as the client sees them (send until the whole answer is read); RSS; per fault cycle, the
-requests by phase, how long the server was down, and how long from the restart to the
-first allowed request. The exit status is 1 if anything was lost or wrong.
+What it measures and how: ``benchmarks/README.md``, section ``load.py``.
 """
 
 from __future__ import annotations

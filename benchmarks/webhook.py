@@ -3,39 +3,7 @@
 Run: ``python -m benchmarks.webhook [--quick] [--json FILE]`` (about 1 minute; ``--quick``
 about 20 s). Loopback only (127.0.0.1); no root needed.
 
-What runs:
-
-- meshguard: the real server, ``python -m meshguard serve-webhook --cert ... --key ...
-  --host 127.0.0.1 --port P`` in a subprocess (as in ``tests/webhook/test_server.py``), with a
-  certificate issued by a throwaway CA generated here with ``cryptography``; its JSON log goes
-  to a temporary file, as it would go to a container's stderr.
-- baseline: a bare aiohttp HTTPS app (this file's hidden ``_baseline`` subcommand, also a
-  subprocess, same certificate, same host, same TLS settings) whose ``POST /inject`` reads the
-  body and returns a fixed AdmissionReview answer precomputed with meshguard's ``handle()``
-  for the same request, so both send the same bytes back.
-
-The request is an AdmissionReview (CREATE) of :func:`synthetic_pod`: an Istio-injected pod of
-10 containers (``c0``..``c8``, each with its own uid and port, plus ``istio-proxy`` as
-1337:1337) and ``istio-init``, with a ``meshguard.io/policy`` of a few rules. The containers
-are hardened, so meshguard injects with no posture fix: ``allowed: true`` with a JSONPatch.
-
-One client (this process, an aiohttp ``ClientSession`` trusting the test CA, keep-alive
-connections, connector ``limit`` = concurrency) sends the same number of requests to each
-server at concurrency 1 and 32, after a warm-up that opens the connections. Rounds alternate
-which server goes first. A non-200 answer, a transport error, or an answer that is not
-``allowed: true`` with a patch for the request's uid counts as an error.
-
-What it prints:
-
-1. per server and concurrency: requests, errors, throughput (admissions/s), latency p50 and
-   p99 (ms, one request as the client sees it: send until the whole answer is read);
-2. the ratio meshguard/baseline throughput per concurrency (goal >= 0.5);
-3. meshguard's own count of admissions and mean server-side time (from ``/metrics``);
-4. the in-process cost of ``handle()`` alone (no HTTP) per admission for the same body,
-   and of its main steps, to show where the time goes.
-
-Both servers and the client share the machine's CPUs: on a small machine the baseline
-mostly measures the client, and the ratio understates meshguard's own capacity.
+What it measures and how: ``benchmarks/README.md``, section ``webhook.py``.
 """
 
 from __future__ import annotations
