@@ -20,7 +20,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
 from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
-from benchmarks.l7_path import _EchoAuthorization
+from benchmarks.l7.servers import _EchoAuthorization
 from meshguard import logs
 from meshguard.authz.cache import DecisionCache
 from meshguard.authz.decision import Decision

@@ -32,7 +32,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
-from benchmarks.kernel_path import synthetic_pod
+from benchmarks.kernel.pod import synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.install import kubeconfig, plugin_entry, render
 from meshguard.cni.netns import entered, thread_has_ipv6

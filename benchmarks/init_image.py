@@ -27,7 +27,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
-from benchmarks.kernel_path import compile_synthetic
+from benchmarks.kernel.pod import compile_synthetic
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.dockerfile import BuiltStage, Replay
 
