@@ -20,6 +20,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
 from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
+from benchmarks.harness import alternating
 from benchmarks.l7.servers import _EchoAuthorization
 from meshguard import logs
 from meshguard.authz.cache import DecisionCache
@@ -159,7 +160,7 @@ def measure(*, quick: bool) -> Document:
             if name != "echo":
                 check_answers(check, kinds, context)
         for index in range(rounds):
-            order = list(CONFIGS) if index % 2 == 0 else list(reversed(CONFIGS))
+            order = alternating(CONFIGS, index)
             for name in order:
                 check, context, logged = servicers[name]
                 decisions_logger.setLevel(logging.INFO if logged else logging.WARNING)

@@ -30,6 +30,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
+from benchmarks.harness import process_tree
 from meshguard.authz.kube import PAGE_SIZE
 from tests.support.apiserver import Churn as ApiChurn
 from tests.support.apiserver import ScriptedApiServer
@@ -107,19 +108,6 @@ def serve_argv(
             "--trusted-keys", str(trusted_keys_file(kubeconfig.parent))]  # fmt: skip
 
 
-def tree(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        pending += [int(child) for child in children]
-    return found
-
-
 def status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -170,9 +158,9 @@ def measure_start(
         ready = wait_metric(
             ports, "meshguard_authz_synced", 1, timeout=READY_TIMEOUT, servers=servers
         )
-        cpu = sum(process_cpu(pid) for server in servers for pid in tree(server.pid))
+        cpu = sum(process_cpu(pid) for server in servers for pid in process_tree(server.pid))
         time.sleep(1.0)  # settle: the view swapped in, garbage collected
-        pids = [pid for server in servers for pid in tree(server.pid)]
+        pids = [pid for server in servers for pid in process_tree(server.pid)]
         rss = sum(status_kib(pid, "VmRSS") for pid in pids)
         hwm = sum(status_kib(pid, "VmHWM") for pid in pids)
     finally:

@@ -3,16 +3,17 @@ noise from outside, alternating rounds."""
 
 from __future__ import annotations
 
-import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
+import contextlib
 import resource
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from benchmarks.common import (
-    CLOCK_TICKS,
-    process_cpu,
-)
+from benchmarks.common import CLOCK_TICKS, process_cpu
+
+T = TypeVar("T")
 
 # --- CPU accounting -------------------------------------------------------------------------
 
@@ -38,6 +39,29 @@ def system_cpu() -> dict[str, float]:
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (as /proc shows them now)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        pending += [int(child) for child in children]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its descendants (e.g. serve-authz's workers)."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):  # gone since
+            total += process_cpu(member)
+    return total
 
 
 @dataclass
@@ -67,3 +91,23 @@ def wait_for_quiet(limit_seconds: float = 60.0) -> float:
         busy = (system_cpu()["busy"] - before) / (time.monotonic() - started)
         if busy < NOISE_CORES / 2 or time.monotonic() >= deadline:
             return busy
+
+
+# --- rounds ---------------------------------------------------------------------------------
+
+
+def alternating(items: Sequence[T], index: int) -> tuple[T, ...]:
+    """``items`` in the order of round ``index``: forward, then reversed (ABCD DCBA ...), so a
+    burst of outside load hits the configurations compared alike."""
+    return tuple(items) if index % 2 == 0 else tuple(reversed(items))
+
+
+def schedule(
+    rounds: int, concurrencies: Sequence[int], configs: Sequence[T]
+) -> Iterator[tuple[int, int, T]]:
+    """(round, concurrency, configuration) in the order the trials run: the configurations
+    compared back to back at each concurrency, both levels alternating."""
+    for index in range(rounds):
+        for position, concurrency in enumerate(alternating(concurrencies, index)):
+            for config in alternating(configs, index + position):
+                yield index, concurrency, config

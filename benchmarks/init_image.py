@@ -27,6 +27,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
+from benchmarks.harness import alternating
 from benchmarks.kernel.pod import compile_synthetic
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.dockerfile import BuiltStage, Replay
@@ -150,7 +151,7 @@ def measure_init(replay: Replay, images: dict[str, BuiltStage], reps: int) -> li
         for image in images.values():  # warm-up: page cache
             time_init(replay, image, ruleset)
         for rep in range(reps):
-            order = list(images) if rep % 2 == 0 else list(reversed(images))
+            order = alternating(list(images), rep)
             for target in order:
                 seconds = time_init(replay, images[target], ruleset)
                 samples[target].append(seconds * 1000)

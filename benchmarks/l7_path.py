@@ -13,7 +13,6 @@ Envoy's bootstrap); what each is and how it is measured: ``benchmarks/README.md`
 from __future__ import annotations
 
 import argparse
-import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
 import os
 import shutil
 import sys

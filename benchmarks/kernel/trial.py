@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import alternating
 from benchmarks.kernel.configs import BASELINE, ISTIO_CAPTURE, ISTIO_GOAL, Config, pairs_of
 from benchmarks.kernel.pod import (
     BASE_PORT,
@@ -190,7 +191,7 @@ def run_traffic(
     )  # not counted: page cache, first netns
     trials = []
     for index in range(profile.trials):
-        for config in configs if index % 2 == 0 else tuple(reversed(configs)):
+        for config in alternating(configs, index):
             trial = run_trial(config, profile, rulesets, cpu, containers=containers)
             print(
                 f"  round {index + 1}/{profile.trials} {config.name:20}"

@@ -4,7 +4,6 @@ and direct gRPC trials in alternating rounds."""
 from __future__ import annotations
 
 import contextlib
-import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import IO, Any
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from benchmarks.harness import SYSTEM_FIELDS, CpuMeter
+from benchmarks.harness import SYSTEM_FIELDS, CpuMeter, schedule
 from benchmarks.l7.envoys import (
     ADMIN_PORTS,
     APP_UID,
@@ -369,22 +368,15 @@ def run_http(bench: Bench, profile: Profile) -> list[HttpTrial]:
     for config in CONFIGS if profile.warmup_seconds else ():  # not counted: pools, caches
         bench.wrk(config, 8, profile.warmup_seconds)
     trials = []
-    for index in range(profile.rounds):
-        # The configurations compared run back to back at each concurrency (ABCD DCBA ...),
-        # so a burst of outside load hits neighbours alike.
-        forward = index % 2 == 0
-        for position, concurrency in enumerate(
-            CONCURRENCY if forward else tuple(reversed(CONCURRENCY))
-        ):
-            for config in CONFIGS if (index + position) % 2 == 0 else tuple(reversed(CONFIGS)):
-                trial = bench.http_trial(config, concurrency, profile.http_seconds, index)
-                trials.append(trial)
-                print(
-                    f"  round {index + 1}/{profile.rounds} {config.label:<24} c={concurrency:<3}"
-                    f" {trial.per_second:9,.0f} req/s  p50 {trial.p50_us / 1000:6.2f} ms"
-                    f"  errors {trial.errors}  other CPU {trial.unattributed_cores:.2f} cores",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
+    for index, concurrency, config in schedule(profile.rounds, CONCURRENCY, CONFIGS):
+        trial = bench.http_trial(config, concurrency, profile.http_seconds, index)
+        trials.append(trial)
+        print(
+            f"  round {index + 1}/{profile.rounds} {config.label:<24} c={concurrency:<3}"
+            f" {trial.per_second:9,.0f} req/s  p50 {trial.p50_us / 1000:6.2f} ms"
+            f"  errors {trial.errors}  other CPU {trial.unattributed_cores:.2f} cores",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
     return trials
 
 
@@ -401,16 +393,10 @@ def grpc_job(server: str, concurrency: int, seconds: float, round_: int) -> dict
 
 
 def run_grpc(bench: Bench, profile: Profile) -> list[GrpcTrial]:
-    jobs = []
-    for index in range(profile.rounds):
-        forward = index % 2 == 0
-        for position, concurrency in enumerate(
-            CONCURRENCY if forward else tuple(reversed(CONCURRENCY))
-        ):
-            servers = list(GRPC_SERVERS)
-            if (index + position) % 2:
-                servers.reverse()
-            jobs.extend(grpc_job(s, concurrency, profile.grpc_seconds, index) for s in servers)
+    jobs = [
+        grpc_job(server, concurrency, profile.grpc_seconds, index)
+        for index, concurrency, server in schedule(profile.rounds, CONCURRENCY, list(GRPC_SERVERS))
+    ]
     trials = []
     for result, cpu in bench.grpc_jobs(jobs, profile.grpc_warmup):
         if result["first_status"] != code_pb2.OK or not result["first_allowed"]:

@@ -4,7 +4,6 @@ certificates and every Envoy's bootstrap."""
 from __future__ import annotations
 
 import copy
-import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
 import shutil
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
 from collections.abc import Sequence
 from typing import Any
 

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, TypedDict
 
-from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
+from benchmarks.common import L7_POLICY, ROOT
+from benchmarks.harness import tree_cpu_seconds
 from meshguard import yaml_io
 from tests.support.keys import trusted_keys_file
 from tests.support.pods import injected_example, status_of
@@ -68,23 +69,6 @@ def cpu_busy() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children (the serve-authz workers), in seconds."""
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        pending.extend(int(c) for c in children)
-    return total
 
 
 # --- client process -----------------------------------------------------------------------
