@@ -271,7 +271,8 @@ def network_conf(directory: Path, api: ApiServer) -> Path:
     config.write_bytes(render(kubeconfig(server=api.url, token="t", ca_pem=api.ca_pem)))
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
             "ips": [{"address": "10.1.2.3/24"}]}  # fmt: skip
-    conf = {**plugin_entry(kubeconfig=str(config)), "name": "k8s-pod-network",
+    conf = {**plugin_entry(kubeconfig=str(config), trusted_keys=SIGNER.public_pem()),
+            "name": "k8s-pod-network",
             "cniVersion": "1.0.0", "prevResult": prev}  # fmt: skip
     path = directory / "conf.json"
     path.write_text(json.dumps(conf))
