@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from meshguard.sandbox.istio import CaptureConfig
-
-# --- traffic trials -----------------------------------------------------------------------
 
 #: Istio's sidecar capture for the trials (REDIRECT mode, all outbound TCP to 15001, no DNS
 #: capture), IPv4, as istio-init writes it in iptables or in native nftables. Loopback
@@ -28,6 +27,13 @@ class Config:
     meshguard: bool
     flat: bool = False  # meshguard's rules with one dispatch rule per uid (no uid ranges)
     nftables: bool = False  # Istio's native nftables mode (meshguard's table follows it)
+    #: Other ``CompilerSettings`` fields of meshguard's ruleset, e.g. ``(("name", value),)``.
+    compiler: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def ruleset_key(self) -> tuple[bool, bool, tuple[tuple[str, Any], ...]]:
+        """The configurations sharing a ruleset share this key."""
+        return (self.flat, self.nftables, self.compiler)
 
 
 BASELINE = Config(name="baseline", istio=False, meshguard=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,17 @@ def _port(index: int, n: int) -> int:
     return BASE_PORT + index % n
 
 
-def compile_synthetic(n: int, *, flat: bool = False, native_nftables: bool = False) -> Ruleset:
+def compile_synthetic(
+    n: int,
+    *,
+    flat: bool = False,
+    native_nftables: bool = False,
+    compiler: Mapping[str, Any] | None = None,
+) -> Ruleset:
     pod = synthetic_pod(n, native_nftables=native_nftables)
     view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
-    settings = CompilerSettings(dispatch_fanout=max(n, 2)) if flat else CompilerSettings()
-    return compile_pod(view, settings=settings, native_nftables=native_nftables)
+    fields = dict(compiler or {}) | ({"dispatch_fanout": max(n, 2)} if flat else {})
+    return compile_pod(view, settings=CompilerSettings(**fields), native_nftables=native_nftables)
 
 
 def rule_count(ruleset: Ruleset) -> int:

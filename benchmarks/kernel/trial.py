@@ -111,7 +111,7 @@ def dispatched_packets(ns: NetworkNamespace, uid: int, port: int) -> int:
 def run_trial(
     config: Config,
     profile: Profile,
-    rulesets: Mapping[tuple[bool, bool], Path],
+    rulesets: Mapping[tuple[bool, bool, tuple[tuple[str, Any], ...]], Path],
     cpu: int | None,
     *,
     containers: int,
@@ -123,7 +123,7 @@ def run_trial(
         if config.istio:  # istio-init runs first, meshguard-init right after it
             load_istio(ns, nftables=config.nftables)
         if config.meshguard:
-            meshguard_init(ns, rulesets[(config.flat, config.nftables)])
+            meshguard_init(ns, rulesets[config.ruleset_key])
         server = ns.spawn(
             helper_argv("_server", "--uid", str(server_uid), "--port", str(port), *pin),
             ready_line="ready",
@@ -180,15 +180,17 @@ def run_traffic(
 ) -> list[Trial]:
     """Trials in rounds, each round in the reverse order of the previous (ABCD DCBA ...)."""
     rulesets = {}
-    for flat in (False, True):
-        for native in (False, True):
-            name = f"ruleset-{containers}{'-flat' if flat else ''}{'-nft' if native else ''}"
-            rulesets[(flat, native)] = workdir / f"{name}.json"
-            ruleset = compile_synthetic(containers, flat=flat, native_nftables=native)
-            rulesets[(flat, native)].write_text(ruleset.to_json(), encoding="utf-8")
-    run_trial(
-        BASELINE, WARMUP, rulesets, cpu, containers=containers
-    )  # not counted: page cache, first netns
+    for index, config in enumerate(c for c in configs if c.meshguard):
+        if config.ruleset_key not in rulesets:
+            path = workdir / f"ruleset-{containers}-{index}.json"
+            ruleset = compile_synthetic(
+                containers, flat=config.flat, native_nftables=config.nftables,
+                compiler=dict(config.compiler),
+            )  # fmt: skip
+            path.write_text(ruleset.to_json(), encoding="utf-8")
+            rulesets[config.ruleset_key] = path
+    # not counted: page cache, first netns
+    run_trial(BASELINE, WARMUP, rulesets, cpu, containers=containers)
     trials = []
     for index in range(profile.trials):
         for config in alternating(configs, index):
