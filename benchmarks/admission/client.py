@@ -38,8 +38,6 @@ from tests.support.processes import (
 )
 from tests.support.tls import write_server_files
 
-# --- the client -----------------------------------------------------------------------------
-
 
 @dataclass
 class Run:

@@ -24,8 +24,6 @@ from meshguard.webhook.patch import pod_patch
 from meshguard.webhook.review import handle
 from tests.support.keys import SIGNER
 
-# --- handle() in process --------------------------------------------------------------------
-
 
 def per_call_ms(fn: Callable[[], object], iterations: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean time of one call, in ms."""

@@ -38,9 +38,6 @@ QUICK = Profile("quick", rounds=2, requests=500, warmup=64, phase_seconds=8.0,
                 handle_iterations=60, handle_repeats=3)  # fmt: skip
 
 
-# --- the pod and the request ----------------------------------------------------------------
-
-
 def container_name(i: int) -> str:
     return f"c{i}"
 

@@ -19,8 +19,6 @@ from meshguard.rules.install import install
 from meshguard.rules.ruleset import Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
 
-# --- compile and install cost -------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class InstallCost:

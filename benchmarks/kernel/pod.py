@@ -77,9 +77,6 @@ WARMUP = Profile(
 )
 
 
-# --- the synthetic pod --------------------------------------------------------------------
-
-
 def is_root() -> bool:
     return os.geteuid() == 0
 

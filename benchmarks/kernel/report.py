@@ -23,8 +23,6 @@ from benchmarks.kernel.pod import (
 )
 from meshguard.rules.compiler import source_chain
 
-# --- report -------------------------------------------------------------------------------
-
 
 def format_traffic(
     summary: dict[str, Any], profile: Profile, cpu: int | None, *, containers: int

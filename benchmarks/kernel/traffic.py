@@ -29,8 +29,6 @@ from benchmarks.kernel.pod import (
 )
 from meshguard.sandbox.probe import drop_privileges
 
-# --- load generator (runs inside the namespace, as a container's uid) ---------------------
-
 
 def serve(port: int) -> None:
     """Echo on the first connection until EOF, then accept and close every connection."""

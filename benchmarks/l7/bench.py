@@ -67,9 +67,6 @@ QUICK = Profile("quick", rounds=2, http_seconds=1, grpc_seconds=0.6, grpc_warmup
                 warmup_seconds=0, profile_seconds=1)  # fmt: skip
 
 
-# --- the measurements -----------------------------------------------------------------------
-
-
 @dataclass
 class HttpTrial:
     config: str

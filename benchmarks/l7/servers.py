@@ -36,8 +36,6 @@ from tests.authz.spiffe import AUTHZ_DNS
 from tests.support.latency import percentile
 from tests.support.processes import HOST
 
-# --- helpers run inside the namespace (hidden subcommands) ---------------------------------
-
 
 class _UpstreamProtocol(asyncio.Protocol):
     """Keep-alive HTTP/1.1: every request (Content-Length bodies) gets one fixed 200."""

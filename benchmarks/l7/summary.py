@@ -20,8 +20,6 @@ from benchmarks.l7.envoys import (
     NATIVE_STRETCH,
 )
 
-# --- report ---------------------------------------------------------------------------------
-
 
 def _cell_figures(
     cell: Sequence[HttpTrial] | Sequence[GrpcTrial],

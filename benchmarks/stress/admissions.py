@@ -35,8 +35,6 @@ from tests.support.processes import (
 )
 from tests.support.tls import write_server_files
 
-# --- 1. the webhook -------------------------------------------------------------------------
-
 
 @dataclass
 class AdmissionRun:

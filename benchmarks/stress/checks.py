@@ -31,8 +31,6 @@ from tests.support.processes import (
     wait_grpc_serving,
 )
 
-# --- 2. the authz server --------------------------------------------------------------------
-
 
 def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, list[int]]:
     """The row, and the RSS samples (KiB): after the warm-up, then every rss_every Checks."""

@@ -28,8 +28,6 @@ from tests.support.load import (
     FaultPod,
 )
 
-# --- 3. the authz server killed mid-load, with the real Envoy in front ----------------------
-
 
 def fault_problem() -> str | None:
     """Why the fault scenario cannot run here, or None."""

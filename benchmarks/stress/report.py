@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 from benchmarks.stress.rows import FaultCycle, Profile, Row
 
-# --- report ---------------------------------------------------------------------------------
-
 
 def format_report(
     profile: Profile, concurrency: int, rows: Sequence[Row], rss: Sequence[int],
