@@ -30,6 +30,7 @@ from benchmarks.suite.runner import ScriptRun, run_script
 from benchmarks.suite.sections import (
     bounds_section,
     cni_section,
+    growth_section,
     image_section,
     install_section,
     load_section,
@@ -38,6 +39,22 @@ from benchmarks.suite.sections import (
 
 RESULTS = ROOT / "benchmarks" / "results"
 KERNEL_SIZES = (2, 8, 32, 64)
+#: The parts each script measures (``python -m benchmarks.SCRIPT --json``), by --only name.
+SCRIPTS = {
+    "l7": "l7_path",
+    "webhook": "webhook",
+    "image": "init_image",
+    "cni": "cni_install",
+    "load": "load",
+    "bounds": "admission_bounds",
+}
+#: The parts measured in this process, and their key in results.json.
+IN_PROCESS = {
+    "workers": ("authz_workers", lambda quick, log_dir: workers.run(quick=quick, log_dir=log_dir)),
+    "admission": ("admission_growth", lambda quick, _: measure.admission_growth(quick=quick)),
+    "install": ("rule_install", lambda quick, _: measure.rule_install(quick=quick)),
+}
+PARTS = ["kernel", *SCRIPTS, *IN_PROCESS]
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -54,18 +71,7 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=[
-            "kernel",
-            "l7",
-            "workers",
-            "webhook",
-            "admission",
-            "install",
-            "image",
-            "cni",
-            "load",
-            "bounds",
-        ],
+        choices=PARTS,
         help="re-measure only these parts; the others keep the figures of the last run",
     )
     return parser
@@ -98,68 +104,32 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("python -m benchmarks needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
+    if args.report_only:
+        return rerender()
     quick = ["--quick"] if args.quick else []
-    parts = set(args.only or [*PART_KEYS])
+    parts = set(args.only or PARTS)
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load_before = os.getloadavg()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     problems: dict[str, str] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="meshguard-bench-logs-"))
-    script_timeout = 240 if args.quick else 900
-
-    if args.report_only:
-        return rerender()
-    kernel_runs: dict[int, ScriptRun] = {}
+    timeout = 240 if args.quick else 900
+    runs: dict[str, Any] = {"kernel": {}}
     if "kernel" in parts:
         for n in KERNEL_SIZES:
-            kernel_runs[n] = run_script(
-                f"kernel-{n}",
-                "kernel_path.py",
-                [*quick, "--containers", str(n)],
-                timeout=script_timeout,
-                log_dir=log_dir,
-            )
-    l7 = None
-    if "l7" in parts:
-        if (ROOT / "benchmarks" / "l7_path.py").exists():
-            l7 = run_script("l7", "l7_path.py", quick, timeout=script_timeout, log_dir=log_dir)
-        else:
-            problems["l7"] = "benchmarks/l7_path.py is not there"
-    worker_result = None
-    if "workers" in parts:
-        worker_result = step(
-            "workers", lambda: workers.run(quick=args.quick, log_dir=log_dir), problems
+            run = run_script(f"kernel-{n}", "kernel_path.py", [*quick, "--containers", str(n)],
+                             timeout=timeout, log_dir=log_dir)  # fmt: skip
+            runs["kernel"][str(n)] = trimmed(run)
+    for part, script in SCRIPTS.items():
+        args_ = (part, f"{script}.py", quick)
+        runs[part] = (
+            trimmed(run_script(*args_, timeout=timeout, log_dir=log_dir)) if part in parts else None
         )
-    webhook = None
-    if "webhook" in parts:
-        webhook = run_script(
-            "webhook", "webhook.py", quick, timeout=script_timeout, log_dir=log_dir
-        )
-    growth = None
-    if "admission" in parts:
-        growth = step("admission", lambda: measure.admission_growth(quick=args.quick), problems)
-    install = None
-    if "install" in parts:
-        install = step("install", lambda: measure.rule_install(quick=args.quick), problems)
-    init_image = None
-    if "image" in parts:
-        init_image = run_script(
-            "image", "init_image.py", quick, timeout=script_timeout, log_dir=log_dir
-        )
-    cni_install = None
-    if "cni" in parts:
-        cni_install = run_script(
-            "cni", "cni_install.py", quick, timeout=script_timeout, log_dir=log_dir
-        )
-    load = None
-    if "load" in parts:
-        load = run_script("load", "load.py", quick, timeout=script_timeout, log_dir=log_dir)
-    bounds = None
-    if "bounds" in parts:
-        bounds = run_script(
-            "bounds", "admission_bounds.py", quick, timeout=script_timeout, log_dir=log_dir
-        )
+    measured = {
+        key: step(part, lambda fn=fn: fn(args.quick, log_dir), problems) if part in parts else None
+        for part, (key, fn) in IN_PROCESS.items()
+    }
     state = {
         "date": date,
         "quick": args.quick,
@@ -168,18 +138,8 @@ def main(argv: list[str]) -> int:
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "log_dir": str(log_dir),
-        "runs": {
-            "kernel": {str(n): trimmed(r) for n, r in kernel_runs.items()},
-            "l7": trimmed(l7),
-            "webhook": trimmed(webhook),
-            "image": trimmed(init_image),
-            "cni": trimmed(cni_install),
-            "load": trimmed(load),
-            "bounds": trimmed(bounds),
-        },
-        "authz_workers": worker_result,
-        "admission_growth": growth,
-        "rule_install": install,
+        "runs": runs,
+        **measured,
         "problems": problems,
     }
     if args.only and (RESULTS / "results.json").exists():
@@ -191,15 +151,8 @@ def main(argv: list[str]) -> int:
 #: where each part's figures live in results.json
 PART_KEYS = {
     "kernel": ("runs", "kernel"),
-    "l7": ("runs", "l7"),
-    "webhook": ("runs", "webhook"),
-    "load": ("runs", "load"),
-    "workers": ("authz_workers",),
-    "admission": ("admission_growth",),
-    "install": ("rule_install",),
-    "image": ("runs", "image"),
-    "cni": ("runs", "cni"),
-    "bounds": ("runs", "bounds"),
+    **{part: ("runs", part) for part in SCRIPTS},
+    **{part: (key,) for part, (key, _) in IN_PROCESS.items()},
 }
 
 
@@ -244,10 +197,9 @@ def render(state: dict[str, Any]) -> int:
     parts = set(state["parts"])
     problems: dict[str, str] = dict(state["problems"])
     kernel_runs = {int(n): as_run(r) for n, r in state["runs"]["kernel"].items()}
-    l7, webhook, load = (as_run(state["runs"][k]) for k in ("l7", "webhook", "load"))
-    init_image = as_run(state["runs"].get("image"))
-    cni_install = as_run(state["runs"].get("cni"))
-    bounds = as_run(state["runs"].get("bounds"))
+    l7, webhook, init_image, cni_install, load, bounds = (
+        as_run(state["runs"].get(part)) for part in SCRIPTS
+    )
     worker_result = state["authz_workers"]
     growth = state["admission_growth"]
     install = state["rule_install"]
@@ -283,7 +235,8 @@ def render(state: dict[str, Any]) -> int:
     kernel_section(report, kernel_runs) if "kernel" in parts else None
     if "l7" in parts or "workers" in parts:
         l7_section(report, l7, worker_result, problems.get("workers") or problems.get("l7"))
-    webhook_section(report, webhook, growth, problems.get("admission"))
+    webhook_section(report, webhook)
+    growth_section(report, growth, problems.get("admission"))
     install_section(report, install, problems.get("install"))
     image_section(report, init_image)
     cni_section(report, cni_install)

@@ -48,7 +48,9 @@ from benchmarks.l7.bench import (
 from benchmarks.l7.envoys import injected_pod
 from benchmarks.l7.servers import helper_main
 from benchmarks.l7.spy import run_profile
-from benchmarks.l7.summary import format_report, grpc_summary, http_summary
+from benchmarks.l7.summary import grpc_summary, http_summary
+from benchmarks.suite.l7 import l7_script_section
+from benchmarks.suite.report import script_text
 from meshguard.sandbox.netns import NetworkNamespace
 
 
@@ -121,20 +123,20 @@ def main(argv: Sequence[str]) -> int:
     http = http_summary(http_trials)
     grpc_ = grpc_summary(grpc_trials)
     elapsed = time.perf_counter() - started
-    print(format_report(profile, http, grpc_, extra))
     where = machine(grpcio=grpc.__version__)
-    print(f"\n{machine_line(where, elapsed)}")
+    document: Document = {
+        "profile": asdict(profile),
+        "machine": where,
+        "http": http,
+        "grpc": grpc_,
+        "extra": extra,
+        "http_trials": [asdict(t) for t in http_trials],
+        "grpc_trials": [asdict(t) for t in grpc_trials],
+        "seconds": elapsed,
+    }
+    print(script_text("l7", document, l7_script_section))
+    print(machine_line(where, elapsed))
     if args.json:
-        document: Document = {
-            "profile": asdict(profile),
-            "machine": where,
-            "http": http,
-            "grpc": grpc_,
-            "extra": extra,
-            "http_trials": [asdict(t) for t in http_trials],
-            "grpc_trials": [asdict(t) for t in grpc_trials],
-            "seconds": elapsed,
-        }
         write_json(args.json, document)
     return 0
 

@@ -21,9 +21,10 @@ from typing import Any, TypedDict
 
 import aiohttp
 
-from benchmarks.admission.client import run_http
+from benchmarks.admission.client import Result, run_http
 from benchmarks.admission.inprocess import measure_handle
 from benchmarks.admission.pod import (
+    CONCURRENCIES,
     FULL,
     GOAL_RATIO,
     POD_CONTAINERS,
@@ -31,15 +32,14 @@ from benchmarks.admission.pod import (
     REVIEW_UID,
     synthetic_pod,
 )
-from benchmarks.admission.report import format_report, ratios
 from benchmarks.admission.servers import baseline_main
 from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
+from benchmarks.suite.report import script_text
+from benchmarks.suite.sections import webhook_section
 from meshguard.inject.transform import InjectSettings
 from meshguard.webhook.review import handle
 from tests.support.keys import SIGNER
 from tests.support.pods import admission_review
-
-# --- report ---------------------------------------------------------------------------------
 
 
 class Document(TypedDict):
@@ -81,27 +81,36 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-webhook-") as tmp:
         results, metrics = run_http(profile, body, Path(tmp))
     handle_rows = measure_handle(profile, body)
-    print(format_report(profile, body, answer_bytes, results, metrics, handle_rows))
     elapsed = time.perf_counter() - began
     where = machine(aiohttp=aiohttp.__version__)
-    print(f"\n{machine_line(where, elapsed)}")
+    document: Document = {
+        "profile": asdict(profile),
+        "pod_containers": POD_CONTAINERS,
+        "request_bytes": len(body),
+        "answer_bytes": answer_bytes,
+        "results": [asdict(r) for r in results],
+        "throughput_ratio": {str(c): x for c, x in ratios(results).items()},
+        "goal_ratio": GOAL_RATIO,
+        "meshguard_metrics": metrics,
+        "handle_ms": dict(handle_rows),
+        "machine": where,
+        "seconds": elapsed,
+    }
+    print(script_text("webhook", document, webhook_section))
+    print(machine_line(where, elapsed))
     if args.json:
-        document: Document = {
-            "profile": asdict(profile),
-            "pod_containers": POD_CONTAINERS,
-            "request_bytes": len(body),
-            "answer_bytes": answer_bytes,
-            "results": [asdict(r) for r in results],
-            "throughput_ratio": {str(c): x for c, x in ratios(results).items()},
-            "goal_ratio": GOAL_RATIO,
-            "meshguard_metrics": metrics,
-            "handle_ms": dict(handle_rows),
-            "machine": where,
-            "seconds": elapsed,
-        }
         write_json(args.json, document)
     errors = sum(r.errors for r in results)
     return 1 if errors else 0
+
+
+def ratios(results: Sequence[Result]) -> dict[int, float]:
+    """meshguard / baseline throughput per concurrency."""
+    by = {(r.server, r.concurrency): r.throughput for r in results}
+    return {
+        c: by["meshguard", c] / by["baseline", c] if by["baseline", c] else 0.0
+        for c in CONCURRENCIES
+    }
 
 
 if __name__ == "__main__":

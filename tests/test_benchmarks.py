@@ -4,6 +4,7 @@ kernel configurations' rulesets. No timing here: the figures are the benchmarks'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from benchmarks.l7.envoys import (
     envoy_documents,
     write_mesh_certificates,
 )
-from benchmarks.l7.summary import http_summary, native_lines
+from benchmarks.l7.summary import http_summary
+from benchmarks.suite.l7 import _engines
+from benchmarks.suite.report import Report
 
 
 def test_rounds_alternate_at_both_levels() -> None:
@@ -74,7 +77,10 @@ def test_the_l7_goal_is_native_against_no_authorization() -> None:
     assert summary["goal_n_over_a"] == NATIVE_GOAL == 0.90
     assert summary["ratios"]["n/a"] == {c: pytest.approx(0.95) for c in CONCURRENCY}
     assert "goal_c_over_b" not in summary and "goal_c_over_c0" not in summary
-    assert any("(n) - (n0)" in line for line in native_lines(summary))
+    document = json.loads(json.dumps({"http": summary, "profile": {"rounds": 1, "name": "t"}}))
+    lines = _engines(Report(), document)
+    assert any(line.startswith("| (n0) native, no decision log | 64 |") for line in lines)
+    assert any("What the decision log line costs" in line for line in lines)
 
 
 def test_kernel_configurations_declare_their_rulesets() -> None:

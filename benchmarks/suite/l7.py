@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.harness import NOISE_CORES
+from benchmarks.l7.envoys import AUTHZ_GOAL, CONFIGS, NATIVE_GOAL, NATIVE_STRETCH
 from benchmarks.suite.report import ASSETS, Report, image, not_measured, table
+from benchmarks.suite.runner import ScriptRun
 
-NATIVE_GOAL, NATIVE_STRETCH = 0.90, 0.95  # (n) / (a) req/s at every concurrency
-AUTHZ_GOAL = 0.7  # serve-authz / bare grpc.aio echo, checks/s
 SHARED_NOTE = (
     "The machine is shared: other work on its 2 CPUs during a run lowers and scatters the"
     " figures; the per-round values and the 'used' column of the script's output show how much."
@@ -49,9 +50,85 @@ def l7_section(
     else:
         lines += _engines(report, run.data)
         lines += _authz_alone(report, run.data["grpc"])
+        lines += _where_time_goes(run.data)
         lines += image(ASSETS.get("l7"), "L7 throughput and latency ratios")
     lines += _workers(report, worker_result, worker_problem)
     report.section(lines)
+
+
+def l7_script_section(report: Report, run: ScriptRun) -> None:
+    """What ``l7_path.py`` prints: the section without the suite's workers."""
+    l7_section(report, run, None, None)
+    del report.sections[report.sections.index("### serve-authz --workers") :]
+    report.summary = [row for row in report.summary if row[0] != "authz workers"]
+
+
+def _where_time_goes(d: dict[str, Any]) -> list[str]:
+    """Per-process CPU, the decisions meshguard logged, the authz profile, Envoy's counters
+    and the noise from outside the benchmark."""
+    http, grpc_, extra = d["http"], d["grpc"], d["extra"]
+    rows, ratios = http["rows"], http["ratios"]
+    top = _by_c(rows["a"])[-1][0]
+    mg, echo = grpc_["rows"]["meshguard"][top], grpc_["rows"]["echo"][top]
+    c_cpu, b_cpu = rows["c"][top]["cpu_us_per_request"], rows["b"][top]["cpu_us_per_request"]
+    body = [
+        [config.label, *(f"{cell['cpu_us_per_request'][config.envoy]:.0f}"
+                         for _, cell in _by_c(rows[config.key])),
+         f"{ratios['b/a'][top]:.3f}" if config.key == "b" else ""]
+        for config in CONFIGS
+    ]  # fmt: skip
+    lines = ["### Where time goes", "", "Envoy's own CPU per request (µs):", ""]
+    lines += table(["configuration", *(f"c={c}" for c, _ in _by_c(rows["a"])), "(b)/(a)"], body)
+    decisions, spy = extra["decisions"], extra["profile"]
+    lines += [
+        f"- per Check, direct gRPC at c={top}: serve-authz {mg['server_cpu_us']:.0f} µs CPU,"
+        f" the bare grpc.aio echo {echo['server_cpu_us']:.0f} µs; plaintext ratios"
+        f" serve-authz / echo: {_series(grpc_['ratio_plain_meshguard_over_echo'])}; mTLS adds"
+        f" at c=1 (p50, server CPU µs): {grpc_['mtls_added_p50_us']},"
+        f" {grpc_['mtls_added_cpu_us']}",
+        f"- per request through Envoy at c={top}: authz {c_cpu['authz']:.0f} µs CPU (the echo in"
+        f" (c0): {rows['c0'][top]['cpu_us_per_request']['echo']:.0f} µs); the whole machine"
+        f" {c_cpu['busy']:.0f} µs with ext_authz, {b_cpu['busy']:.0f} µs with RBAC; (c0)/(b)"
+        f" {ratios['c0/b'][top]:.2f}, (c)/(c0) {ratios['c/c0'][top]:.2f}",
+        f"- decision time meshguard logs (`us`: translate + decide): p50 {decisions['us_p50']}"
+        f" µs, p99 {decisions['us_p99']} µs over {sum(decisions['decisions'].values()):,}"
+        f" decisions {decisions['decisions']}",
+        f"- serve-authz CPU by thread, direct gRPC at c={top} ({spy['checks_per_second']:,.0f}"
+        f" checks/s, {spy['server_cpu_us_per_check']:.0f} µs/check, outside noise"
+        f" {spy['noise_cores']:.2f} cores): "
+        + ", ".join(f"{name} {us:.0f} µs" for name, us in spy["thread_cpu_us_per_check"].items()),
+    ]
+    if "skipped" in spy:
+        lines.append(f"- profile: {spy['skipped']}")
+    else:
+        lines.append(
+            f"- py-spy on serve-authz, {spy['samples']} non-idle samples: "
+            + ", ".join(f"{name} {share:.1%}" for name, share in spy["buckets"].items())
+            + "; hottest leaf frames: "
+            + ", ".join(f"`{name}` {share:.1%}" for name, share in spy["top_leaves"][:8])
+        )
+    lines.append(
+        "- Envoy counters: "
+        + "; ".join(
+            f"{key}: " + ", ".join(f"{n.split('.', 1)[-1]}={v:,}" for n, v in sorted(s.items()))
+            for key, s in extra["envoy_stats"].items()
+            if s
+        )
+    )
+    noisy = [
+        cores
+        for summary in (http, grpc_)
+        for cells in summary["rows"].values()
+        for cell in cells.values()
+        for cores in cell["noise_cores"]
+    ]
+    lines += [
+        f"- noise: {sum(c >= NOISE_CORES for c in noisy)} of {len(noisy)} trials had >="
+        f" {NOISE_CORES} cores busy outside the benchmark's processes (max {max(noisy):.2f});"
+        " medians use each cell's clean trials when it has some",
+        "",
+    ]
+    return lines
 
 
 def _engines(report: Report, d: dict[str, Any]) -> list[str]:
@@ -66,7 +143,8 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
         " Check channel), (c0) the same listener asking a do-nothing grpc.aio ext_authz over"
         " the same mTLS, (b) Envoy RBAC holding the rule statically. Medians over"
         f" {d['profile']['rounds']} alternating rounds ({d['profile']['name']} profile); CPU"
-        " per request from /proc: the configuration's Envoy, and the whole machine.",
+        " per request from /proc: the configuration's Envoy, and the whole machine; 'used':"
+        " the rounds without outside CPU noise (none: all rounds used).",
         "",
     ]
     body = []
@@ -85,11 +163,12 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
                     f"{cell['per_second'] / rows['a'][c]['per_second']:.3f}",
                     f"{cpu[envoy]:.0f}",
                     f"{cpu['busy']:.0f}",
+                    f"{cell['used']}/{len(cell['per_round'])}",
                 ]
             )
     lines += table(
         ["config", "concurrency", "req/s", "p50 ms", "p99 ms", "errors", "ratio vs (a)",
-         "Envoy CPU µs/req", "machine CPU µs/req"],
+         "Envoy CPU µs/req", "machine CPU µs/req", "used"],
         body,
     )  # fmt: skip
     native = ratios["n/a"]
