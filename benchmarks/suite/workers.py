@@ -182,8 +182,12 @@ def run(*, quick: bool, log_dir: Path) -> Workers:
                 row = measure(workers, pod_file, fields, clients=3, concurrency=16,
                               seconds=2.0 if quick else 5.0,
                               log=log_dir / f"serve-authz-workers{workers}.log")  # fmt: skip
-                print(f"[workers] {workers} worker(s): {row['checks_per_second']:,.0f} checks/s,"
-                      f" server {row['server_cores']:.2f} cores", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"[workers] {workers} worker(s): {row['checks_per_second']:,.0f} checks/s,"
+                    f" server {row['server_cores']:.2f} cores",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 rows[workers].append(row)
     median = {w: sorted(x["checks_per_second"] for x in r)[len(r) // 2] for w, r in rows.items()}
     return {
