@@ -134,7 +134,10 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
     inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings(signer=SIGNER))
     port = free_port()
     log_file = workdir / "webhook.log"
-    process = start_logged(serve_webhook_argv(cert_file, key_file, port), log_file)
+    # Room for every request in flight, as tests/load: this is about answering each of them.
+    argv = [*serve_webhook_argv(cert_file, key_file, port),
+            "--max-pending-admissions", str(concurrency)]  # fmt: skip
+    process = start_logged(argv, log_file)
     try:
         wait_https_ready(
             process, name="serve-webhook", port=port, ca_file=ca_file, log_file=log_file
