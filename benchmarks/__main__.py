@@ -118,8 +118,10 @@ def main(argv: list[str]) -> int:
     runs: dict[str, Any] = {"kernel": {}}
     if "kernel" in parts:
         for n in KERNEL_SIZES:
-            run = run_script(f"kernel-{n}", "kernel_path.py", [*quick, "--containers", str(n)],
-                             timeout=timeout, log_dir=log_dir)  # fmt: skip
+            argv = [*quick, "--containers", str(n), "--no-install"]  # install: the suite's
+            run = run_script(
+                f"kernel-{n}", "kernel_path.py", argv, timeout=timeout, log_dir=log_dir
+            )
             runs["kernel"][str(n)] = trimmed(run)
     for part, script in SCRIPTS.items():
         args_ = (part, f"{script}.py", quick)

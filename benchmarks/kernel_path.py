@@ -25,11 +25,13 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.kernel.configs import ALL_CONFIGS, parse_configs
-from benchmarks.kernel.install import InstallCost, measure_install, startup_ms
-from benchmarks.kernel.pod import FULL, INSTALL_POD_SIZES, QUICK, TRAFFIC_POD_SIZE, is_root
-from benchmarks.kernel.report import format_install, format_traffic
+from benchmarks.kernel.pod import FULL, QUICK, TRAFFIC_POD_SIZE, is_root
+from benchmarks.kernel.report import traffic_markdown
 from benchmarks.kernel.traffic import helper_main
-from benchmarks.kernel.trial import installed_python, run_traffic, traffic_summary
+from benchmarks.kernel.trial import run_traffic, traffic_summary
+from benchmarks.suite.measure import RuleInstall, rule_install
+from benchmarks.suite.report import script_text
+from benchmarks.suite.sections import install_section
 
 
 class Document(TypedDict):
@@ -41,8 +43,9 @@ class Document(TypedDict):
     machine: Machine
     traffic: dict[str, Any]  # traffic_summary
     trials: list[dict[str, Any]]  # Trial
-    install: list[dict[str, Any]]  # InstallCost
+    install: list[dict[str, Any]]  # InstallRow of the suite's rule_install
     init_startup_ms: dict[str, float]
+    install_profile_ms: dict[str, float]
     seconds: float
 
 
@@ -69,7 +72,9 @@ def main_parser() -> argparse.ArgumentParser:
         + ")",
     )
     parser.add_argument(
-        "--no-install", action="store_true", help="measure traffic only (no install cost)"
+        "--no-install",
+        action="store_true",
+        help="measure traffic only (no install cost; python -m benchmarks measures it once)",
     )
     pin = parser.add_mutually_exclusive_group()
     pin.add_argument(
@@ -104,20 +109,14 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-") as tmp:
         workdir = Path(tmp)
         trials = run_traffic(profile, workdir, cpu, args.configs, containers=args.containers)
-        costs: list[InstallCost] = []
-        startup: dict[str, float] = {}
-        if not args.no_install:
-            python = installed_python(workdir)
-            costs = [measure_install(n, profile, workdir, python=python) for n in INSTALL_POD_SIZES]
-            startup = startup_ms(max(3, profile.install_reps), python=python)
+    install: RuleInstall | None = None if args.no_install else rule_install(quick=args.quick)
     summary = traffic_summary(trials, args.configs)
     elapsed = time.perf_counter() - started
-    print(format_traffic(summary, profile, cpu, containers=args.containers))
-    if costs:
-        print()
-        print(format_install(costs, startup, profile))
+    print("\n".join(traffic_markdown(summary, profile, cpu, containers=args.containers)))
+    if install is not None:
+        print(script_text("install", install, lambda r, run: install_section(r, run.data, None)))
     where = machine()
-    print(f"\n{machine_line(where, elapsed)}")
+    print(machine_line(where, elapsed))
     if args.json:
         document: Document = {
             "profile": asdict(profile),
@@ -126,8 +125,9 @@ def main(argv: Sequence[str]) -> int:
             "machine": where,
             "traffic": summary,
             "trials": [asdict(t) for t in trials],
-            "install": [asdict(c) for c in costs],
-            "init_startup_ms": startup,
+            "install": list(install["rows"]) if install else [],
+            "init_startup_ms": install["startup_ms"] if install else {},
+            "install_profile_ms": install["profile_ms"] if install else {},
             "seconds": elapsed,
         }
         write_json(args.json, document)

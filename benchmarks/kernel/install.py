@@ -7,10 +7,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.kernel.pod import Profile, compile_synthetic, rule_count, synthetic_pod
+from benchmarks.kernel.pod import synthetic_pod
 from benchmarks.kernel.trial import meshguard_init
 from meshguard.pod import read_pod
 from meshguard.process import run_command
@@ -18,15 +17,6 @@ from meshguard.rules.compiler import CompilerSettings, compile_pod
 from meshguard.rules.install import install
 from meshguard.rules.ruleset import Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
-
-
-@dataclass(frozen=True)
-class InstallCost:
-    containers: int
-    rules: int
-    compile_ms: float
-    init_subprocess_ms: float
-    install_in_process_ms: float
 
 
 def namespaced(ns: NetworkNamespace) -> Callable[..., str]:
@@ -57,21 +47,6 @@ def time_in_process_install(ruleset: Ruleset) -> float:
 def time_init(ruleset_file: Path, *, python: str = sys.executable) -> float:
     with NetworkNamespace() as ns:
         return meshguard_init(ns, ruleset_file, python=python)
-
-
-def measure_install(n: int, profile: Profile, workdir: Path, *, python: str) -> InstallCost:
-    ruleset = compile_synthetic(n)
-    ruleset_file = workdir / f"ruleset-{n}.json"
-    ruleset_file.write_text(ruleset.to_json(), encoding="utf-8")
-    init = [time_init(ruleset_file, python=python) for _ in range(profile.install_reps)]
-    in_process = [time_in_process_install(ruleset) for _ in range(profile.install_reps)]
-    return InstallCost(
-        containers=n,
-        rules=rule_count(ruleset),
-        compile_ms=time_compile(n, profile.compile_reps) * 1000,
-        init_subprocess_ms=statistics.median(init) * 1000,
-        install_in_process_ms=statistics.median(in_process) * 1000,
-    )
 
 
 #: What ``meshguard init`` imports before it reads the ruleset.

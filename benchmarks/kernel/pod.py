@@ -18,7 +18,6 @@ from meshguard.rules.ruleset import Ruleset
 HOST = "127.0.0.1"
 MESHGUARD_PACKAGE = Path(meshguard.__file__).parent
 TRAFFIC_POD_SIZE = 16
-INSTALL_POD_SIZES = (2, 8, 32)
 BASE_UID = 2000
 BASE_PORT = 8000
 PROXY_UID = 1337
@@ -41,8 +40,6 @@ class Profile:
     rr_seconds: float
     connect_count: int
     connect_seconds: float
-    compile_reps: int
-    install_reps: int
 
 
 FULL = Profile(
@@ -52,8 +49,6 @@ FULL = Profile(
     rr_seconds=1.5,
     connect_count=30_000,
     connect_seconds=1.5,
-    compile_reps=50,
-    install_reps=5,
 )
 QUICK = Profile(
     name="quick",
@@ -62,8 +57,6 @@ QUICK = Profile(
     rr_seconds=0.5,
     connect_count=10_000,
     connect_seconds=0.5,
-    compile_reps=10,
-    install_reps=1,
 )
 WARMUP = Profile(
     name="warmup",
@@ -72,8 +65,6 @@ WARMUP = Profile(
     rr_seconds=0.2,
     connect_count=200,
     connect_seconds=0.2,
-    compile_reps=1,
-    install_reps=1,
 )
 
 
