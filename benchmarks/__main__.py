@@ -208,30 +208,19 @@ def render(state: dict[str, Any]) -> int:
     load_before, load_after = state["load_before"], state["load_after"]
     elapsed, date, log_dir = state["elapsed"], state["date"], state["log_dir"]
 
-    # plots
-    good_kernel = {n: r.data["traffic"] for n, r in kernel_runs.items() if r.ok and r.data}
-    if good_kernel:
-        make_plot(
-            "kernel",
-            lambda: plots.kernel(good_kernel, KERNEL_GOAL, RESULTS / "kernel_path.png"),
-            problems,
-        )
-    if l7 is not None and l7.ok and l7.data:
-        data = l7.data
-        make_plot(
-            "l7", lambda: plots.l7(data["http"], data["grpc"], RESULTS / "l7_path.png"), problems
-        )
-    if worker_result is not None:
-        make_plot(
-            "workers", lambda: plots.workers(worker_result, RESULTS / "authz_workers.png"), problems
-        )
-    if growth is not None:
-        wh = webhook.data if webhook is not None and webhook.ok else None
-        make_plot(
-            "admission", lambda: plots.admission(wh, growth, RESULTS / "admission.png"), problems
-        )
-    if install is not None:
-        make_plot("install", lambda: plots.install(install, RESULTS / "rule_install.png"), problems)
+    wh = webhook.data if webhook is not None and webhook.ok else None
+    plans = {  # name: (figures, how to draw them into RESULTS / file)
+        "kernel": ({n: r.data["traffic"] for n, r in kernel_runs.items() if r and r.ok and r.data},
+                   lambda good: plots.kernel(good, KERNEL_GOAL, RESULTS / "kernel_path.png")),
+        "l7": (l7.data if l7 is not None and l7.ok else None,
+               lambda d: plots.l7(d["http"], d["grpc"], RESULTS / "l7_path.png")),
+        "workers": (worker_result, lambda w: plots.workers(w, RESULTS / "authz_workers.png")),
+        "admission": (growth, lambda g: plots.admission(wh, g, RESULTS / "admission.png")),
+        "install": (install, lambda i: plots.install(i, RESULTS / "rule_install.png")),
+    }  # fmt: skip
+    for name, (figures, draw) in plans.items():
+        if figures:
+            make_plot(name, lambda draw=draw, figures=figures: draw(figures), problems)
 
     report = Report()
     kernel_section(report, kernel_runs) if "kernel" in parts else None

@@ -29,8 +29,9 @@ from benchmarks.common import Machine, machine, machine_line, script_parser, wri
 from benchmarks.stress.admissions import run_webhook
 from benchmarks.stress.checks import run_authz
 from benchmarks.stress.fault import fault_problem, run_fault
-from benchmarks.stress.report import format_report
 from benchmarks.stress.rows import FULL, QUICK, FaultCycle, Row, Watchdog
+from benchmarks.suite.report import script_text
+from benchmarks.suite.sections import load_section
 
 
 class Document(TypedDict):
@@ -85,21 +86,21 @@ def main(argv: Sequence[str]) -> int:
             fault_row, fault = run_fault(profile, workdir / "fault")
             rows.append(fault_row)
     signal.alarm(0)
-    print(format_report(profile, args.concurrency, rows, rss, fault, skipped))
     elapsed = time.perf_counter() - began
     where = machine(grpcio=grpc.__version__, aiohttp=aiohttp.__version__)
-    print(f"\n{machine_line(where, elapsed)}")
+    document: Document = {
+        "profile": asdict(profile),
+        "concurrency": args.concurrency,
+        "rows": [asdict(row) for row in rows],
+        "authz_rss_kib": rss,
+        "fault_cycles": fault,
+        "fault_skipped": skipped,
+        "machine": where,
+        "seconds": elapsed,
+    }
+    print(script_text("load", document, load_section))
+    print(machine_line(where, elapsed))
     if args.json:
-        document: Document = {
-            "profile": asdict(profile),
-            "concurrency": args.concurrency,
-            "rows": [asdict(row) for row in rows],
-            "authz_rss_kib": rss,
-            "fault_cycles": fault,
-            "fault_skipped": skipped,
-            "machine": where,
-            "seconds": elapsed,
-        }
         write_json(args.json, document)
     return 1 if any(row.problems for row in rows) else 0
 

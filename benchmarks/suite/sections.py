@@ -130,18 +130,10 @@ def growth_section(report: Report, growth: dict[str, Any] | None, problem: str |
         rows_g = growth["rows"]
         lines += table(
             ["containers", "request B", "answer B", "allowed", "handle() ms", "vs smallest"],
-            [
-                [
-                    r["containers"],
-                    f"{r['request_bytes']:,}",
-                    f"{r['answer_bytes']:,}",
-                    r["allowed"],
-                    f"{r['handle_ms']:.2f}",
-                    f"{r['handle_ms'] / rows_g[0]['handle_ms']:.2f}",
-                ]
-                for r in rows_g
-            ],
-        )
+            [[r["containers"], f"{r['request_bytes']:,}", f"{r['answer_bytes']:,}", r["allowed"],
+              f"{r['handle_ms']:.2f}", f"{r['handle_ms'] / rows_g[0]['handle_ms']:.2f}"]
+             for r in rows_g],
+        )  # fmt: skip
         last = rows_g[-1]
         per = (last["handle_ms"] - rows_g[0]["handle_ms"]) / (
             last["containers"] - rows_g[0]["containers"]
@@ -183,28 +175,14 @@ def install_section(report: Report, result: dict[str, Any] | None, problem: str 
         "",
     ]
     lines += table(
-        [
-            "containers",
-            "rules",
-            "compile ms",
-            "install() in-process ms",
-            "meshguard init ms",
-            "samples ms",
-            "from checkout ms",
-        ],
-        [
-            [
-                r["containers"],
-                r["rules"],
-                f"{r['compile_ms']:.2f}",
-                f"{r['install_in_process_ms']:.1f}",
-                f"{r['init_ms']:.1f}",
-                ", ".join(f"{s:.0f}" for s in r["init_ms_samples"]),
-                f"{r['init_checkout_ms']:.1f}" if "init_checkout_ms" in r else "-",
-            ]
-            for r in result["rows"]
-        ],
-    )
+        ["containers", "rules", "compile ms", "install() in-process ms", "meshguard init ms",
+         "samples ms", "from checkout ms"],
+        [[r["containers"], r["rules"], f"{r['compile_ms']:.2f}",
+          f"{r['install_in_process_ms']:.1f}", f"{r['init_ms']:.1f}",
+          ", ".join(f"{s:.0f}" for s in r["init_ms_samples"]),
+          f"{r['init_checkout_ms']:.1f}" if "init_checkout_ms" in r else "-"]
+         for r in result["rows"]],
+    )  # fmt: skip
     lines += ["Start-up inside `ip netns exec` (median):", ""]
     lines += table(
         ["command", "ms"], [[f"`{k}`", f"{v:.1f}"] for k, v in result["startup_ms"].items()]
@@ -321,28 +299,51 @@ def cni_section(report: Report, run: ScriptRun | None) -> None:
 
 
 def load_section(report: Report, run: ScriptRun | None) -> None:
+    """benchmarks/load.py: its own renderer, so the script prints the same section."""
     lines = ["## Load and fault (benchmarks/load.py)", ""]
-    if run is None:
-        lines += ["Not run.", ""]
-    elif not run.data:
-        lines += not_measured("load.py", run.problem)
-    else:
-        lines += [
-            "`benchmarks/load.py` (no goal; reported as printed)"
-            + (" — exited non-zero: " + run.problem if not run.ok else ""),
-            "",
-        ]
-        lines += code(run.stdout[-6000:])
-        rows = run.data.get("rows", [])
-        found = sum(len(row.get("problems") or []) for row in rows)
-        report.add_summary(
-            "load + fault",
-            "problems found by load.py (lost or wrong answers)",
-            f"{found} in {len(rows)} scenarios",
-            "0",
-            found == 0,
-        )
-    report.section(lines)
+    if run is None or not run.data:
+        lines += not_measured("load.py", run.problem) if run else ["Not run.", ""]
+        report.section(lines)
+        return
+    d = run.data
+    lines += [
+        f"`benchmarks/load.py` ({d['profile']['name']} profile, concurrency {d['concurrency']};"
+        " latency as the client sees it; no goal but nothing lost)"
+        + (" — exited non-zero: " + run.problem if not run.ok else "") + ".",
+        "",
+    ]  # fmt: skip
+    rows = d["rows"]
+    lines += table(
+        ["scenario", "sent", "errors", "wrong", "per s", "p50 ms", "p99 ms", "p99.9 ms",
+         "max ms", "notes"],
+        [[r["scenario"], r["sent"], r["errors"], r["wrong"], f"{r['rate']:.1f}",
+          *(f"{r['latency'][k]:.2f}" for k in ("p50", "p99", "p999")),
+          f"{r['latency']['max']:.1f}", r["notes"]] for r in rows],
+    )  # fmt: skip
+    if d["authz_rss_kib"]:
+        lines += ["authz RSS (MiB) after the warm-up, then every chunk of Checks: "
+                  + " ".join(f"{kib / 1024:.1f}" for kib in d["authz_rss_kib"]), ""]  # fmt: skip
+    if d["fault_cycles"]:
+        lines += table(
+            ["kill", "down s", "restart -> listening s", "restart -> first allowed s",
+             "requests around it (phase method status)"],
+            [[c["cycle"], f"{c['down_seconds']:.2f}", f"{c['restart_to_listening_s']:.2f}",
+              f"{c['restart_to_allowed_s']:.2f}",
+              ", ".join(f"{k}: {v}" for k, v in sorted(c["by_phase"].items()))]
+             for c in d["fault_cycles"]],
+        )  # fmt: skip
+    if d["fault_skipped"]:
+        lines += [f"Fault scenario skipped: {d['fault_skipped']}.", ""]
+    problems = [p for row in rows for p in row.get("problems") or []]
+    lines += [f"- problem: {p}" for p in problems] or ["Nothing lost, nothing wrong."]
+    report.add_summary(
+        "load + fault",
+        "problems found by load.py (lost or wrong answers)",
+        f"{len(problems)} in {len(rows)} scenarios",
+        "0",
+        not problems,
+    )
+    report.section([*lines, ""])
 
 
 def bounds_section(report: Report, run: ScriptRun | None) -> None:
