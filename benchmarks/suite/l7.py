@@ -84,8 +84,11 @@ def _where_time_goes(d: dict[str, Any]) -> list[str]:
         f"- per Check, direct gRPC at c={top}: serve-authz {mg['server_cpu_us']:.0f} µs CPU,"
         f" the bare grpc.aio echo {echo['server_cpu_us']:.0f} µs; plaintext ratios"
         f" serve-authz / echo: {_series(grpc_['ratio_plain_meshguard_over_echo'])}; mTLS adds"
-        f" at c=1 (p50, server CPU µs): {grpc_['mtls_added_p50_us']},"
-        f" {grpc_['mtls_added_cpu_us']}",
+        " per Check at c=1: "
+        + ", ".join(
+            f"{server} p50 {p50:+.0f} µs, server CPU {grpc_['mtls_added_cpu_us'][server]:+.0f} µs"
+            for server, p50 in grpc_["mtls_added_p50_us"].items()
+        ),
         f"- per request through Envoy at c={top}: authz {c_cpu['authz']:.0f} µs CPU (the echo in"
         f" (c0): {rows['c0'][top]['cpu_us_per_request']['echo']:.0f} µs); the whole machine"
         f" {c_cpu['busy']:.0f} µs with ext_authz, {b_cpu['busy']:.0f} µs with RBAC; (c0)/(b)"
