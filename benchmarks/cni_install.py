@@ -433,22 +433,17 @@ def main(argv: Sequence[str]) -> int:
         " and a pass-through ADD (root)",
         quick="about 30 s",
     )
-    parser.add_argument("--markdown", action="store_true", help="print the report's section")
+    parser.add_argument(
+        "--markdown", action="store_true", help="the default (kept for older commands)"
+    )
     args = parser.parse_args(argv)
     data = measure(quick=args.quick)
     if args.json:
         write_json(args.json, data)
-    if args.markdown:
-        print("\n".join(markdown(data)))
-    else:
-        for row in data["rows"]:
-            ms = row["ms"]
-            cpu = row["cpu_ms"]
-            print(f"{row['containers']:>3} containers ({row['rules']} rules): wall/CPU ms "
-                  + ", ".join(f"{c} {ms[c]:.1f}/{cpu[c]:.1f}" for c in CONFIGS))  # fmt: skip
-        print(
-            ", ".join(f"{goal}: {'met' if ok else 'NOT met'}" for goal, ok in goals(data).items())
-        )
+    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.sections import cni_section  # noqa: PLC0415
+
+    print(script_text("cni", data, cni_section))
     print(machine_line(data["machine"], data["seconds"]))
     return 0
 
