@@ -94,7 +94,7 @@ def _most_containers() -> int:
     while high - low > 1:
         middle = (low + high) // 2
         body = admission_review(wide_example(middle, policy=_rules_policy([])), "fit")
-        _, answer, _ = handle(body, settings=_settings())
+        answer: dict[str, Any] = dict(handle(body, settings=_settings())[1])
         low, high = (middle, high) if answer["response"]["allowed"] else (low, middle)
     return low
 

@@ -125,7 +125,7 @@ def main(argv: Sequence[str]) -> int:
             "machine": where,
             "traffic": summary,
             "trials": [asdict(t) for t in trials],
-            "install": list(install["rows"]) if install else [],
+            "install": [dict(row) for row in install["rows"]] if install else [],
             "init_startup_ms": install["startup_ms"] if install else {},
             "install_profile_ms": install["profile_ms"] if install else {},
             "seconds": elapsed,

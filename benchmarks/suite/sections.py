@@ -385,7 +385,8 @@ def bounds_section(report: Report, run: ScriptRun | None) -> None:
 def _bounds_answer(case: dict[str, Any]) -> str:
     """admitted, or refused (by design) and the refusal's first words; **unexpected** when
     the answer is not the case's declared one (runs before ``expected`` have none)."""
-    answer, expected = case["answer"], case.get("expected", case["answer"])
+    answer: str = case["answer"]
+    expected = case.get("expected", answer)
     if answer.startswith("meshguard"):
         answer = f"refused: {answer[:60]}"
     if (expected == "admitted") != (case["answer"] == "admitted"):
