@@ -192,7 +192,6 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
         "no goal",
         None,
     )
-    report.summary[-1][-1] = "(informative)"
     log_cost = {
         c: rows["n"][c]["cpu_us_per_request"]["envoy_n"]
         - rows["n0"][c]["cpu_us_per_request"]["envoy_n0"]
@@ -326,7 +325,6 @@ def _workers(
             "no goal",
             None,
         )
-        report.summary[-1][-1] = "(informative)"
         two = w["rows"]["2"][0]
         lines += [
             f"With {w['cpus']} CPUs and the load generators on the same machine, the second"

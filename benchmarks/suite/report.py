@@ -47,8 +47,12 @@ class Report:
         self.summary: list[list[Any]] = []
         self.sections: list[str] = []
 
-    def add_summary(self, benchmark: str, figure: str, value: str, goal: str, ok: bool | None):
-        self.summary.append([benchmark, figure, value, goal, verdict(ok)])
+    def add_summary(
+        self, benchmark: str, figure: str, value: str, goal: str, ok: bool | None
+    ) -> None:
+        """A row of the summary; a figure with "no goal" is "(informative)"."""
+        shown = "(informative)" if goal == "no goal" else verdict(ok)
+        self.summary.append([benchmark, figure, value, goal, shown])
 
     def section(self, lines: list[str]) -> None:
         self.sections.extend(lines)

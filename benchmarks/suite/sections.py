@@ -146,7 +146,6 @@ def growth_section(report: Report, growth: dict[str, Any] | None, problem: str |
             "no goal",
             None,
         )
-        report.summary[-1][-1] = "(informative)"
         lines += [
             f"Growth is about linear: ~{per:.3f} ms per extra container, driven by the"
             " answer size (the JSONPatch carries the ruleset, which grows with containers).",
@@ -268,7 +267,6 @@ def image_section(report: Report, run: ScriptRun | None) -> None:
     )
     init_at = ", ".join(f"{r['containers']}: {r['init_ms']['init']:.0f} ms" for r in data["init"])
     report.add_summary("init image", "meshguard init from the init image", init_at, "no goal", None)
-    report.summary[-1][-1] = "(informative)"
     report.section(measure.load_script("init_image").markdown(data))
 
 
@@ -378,7 +376,6 @@ def bounds_section(report: Report, run: ScriptRun | None) -> None:
         "no goal",
         None,
     )
-    report.summary[-1][-1] = "(informative)"
     report.section(lines)
 
 
