@@ -2,32 +2,7 @@
 
 Run: ``python -m benchmarks.authz_check [--quick] [--json FILE]`` (no root, no network).
 
-The L7 benchmark (``l7_path.py``) measures Checks through gRPC, Envoy and the kernel, where
-two shared CPUs scatter the figures by tens of percent between rounds. This one isolates
-meshguard's own per-Check Python: ``AuthorizationService.Check`` driven directly (the
-coroutine stepped to completion, no event loop, no gRPC), on the thread's CPU clock, beside
-the echo servicer of ``l7_path`` (a fixed OK: grpc.aio's floor) in the same run:
-
-- ``echo``: the do-nothing servicer;
-- ``meshguard``: serve-authz's servicer (metrics, decision cache) on the injected example
-  pod, its decision line written through meshguard's JSON log handler to a real file;
-- ``meshguard, mTLS``: the same with callers' identities checked (the caller's SPIFFE ID read
-  from an authentication context as gRPC hands it over: the pod's own);
-- ``meshguard, no decision log``: the same at ``--log-level warning``;
-
-and, cold only, the first parts of meshguard's Check on their own (:data:`STAGES`).
-
-The requests cycle through the load test's kinds of Check (four allowed, six denied, each
-with its known answer, checked before timing). Each configuration runs in rounds of
-alternating order; a figure is the minimum over rounds of CPU µs per Check (the least
-disturbed round: the work is the same each round).
-
-Those are *hot* figures: the same Check over and over keeps its code and data in the CPU's
-caches. In the server each Check runs between gRPC's, asyncio's, Envoy's and the kernel's
-work, which evict them. The *cold* figures time single Checks after 8 MiB of other memory
-was written (:data:`EVICT_BYTES`), the median of :data:`COLD_CHECKS` (quick: fewer): what a
-Check's working set costs when it must be fetched again, which is closer to what the L7
-benchmark sees per Check than the hot figure.
+What it measures and how: ``benchmarks/README.md``, section ``authz_check.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +20,8 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
 from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
-from benchmarks.l7_path import _EchoAuthorization
+from benchmarks.harness import alternating
+from benchmarks.l7.servers import _EchoAuthorization
 from meshguard import logs
 from meshguard.authz.cache import DecisionCache
 from meshguard.authz.decision import Decision
@@ -184,7 +160,7 @@ def measure(*, quick: bool) -> Document:
             if name != "echo":
                 check_answers(check, kinds, context)
         for index in range(rounds):
-            order = list(CONFIGS) if index % 2 == 0 else list(reversed(CONFIGS))
+            order = alternating(CONFIGS, index)
             for name in order:
                 check, context, logged = servicers[name]
                 decisions_logger.setLevel(logging.INFO if logged else logging.WARNING)

@@ -1,25 +1,7 @@
 """``serve-authz --kubernetes`` at scale: time to ready, memory and API load at 10,000 admitted
 pods, and Check latency while the pod cache lists again (410 Gone) under steady churn.
 
-The API server is the scripted one of the tests (``tests/support/apiserver.py``: real HTTPS,
-paginated LIST, WATCH with bookmarks, 410), in this process; ``serve-authz`` runs as in a
-cluster, from a kubeconfig, as subprocesses. Configurations, alternated over the rounds:
-
-- ``1 process``: ``--workers 1``;
-- ``--workers 2``: the parent runs the only watch and feeds the worker (meshguard's design);
-- ``2 processes``: two ``--workers 1`` on the same port, each with its own LIST and WATCH
-  (what ``--workers 2`` did before: the baseline of the shared watch);
-- ``1 process, 0 pods``: the process's own floor (memory, start-up), to separate the cache.
-
-Ready: every process's ``meshguard_authz_synced`` is 1 (the gRPC health says SERVING at the
-same moment). Memory: VmRSS summed over the process tree once ready, and VmHWM (the peak).
-
-Latency: a client process sends Checks one at a time (c=1, one gRPC channel) for the whole
-phase; the phase has steady churn (pods deleted, created, modified), then a relist whose
-pods are unchanged (410 after a watch break: the policies are reused), then a relist where
-every pod changed (all policies built again). Latencies are split by window.
-
-Run: ``python -m benchmarks.authz_store [--quick] [--pods N] [--json FILE]``.
+What it measures and how: ``benchmarks/README.md``, section ``authz_store.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +30,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
+from benchmarks.harness import process_tree
 from meshguard.authz.kube import PAGE_SIZE
 from tests.support.apiserver import Churn as ApiChurn
 from tests.support.apiserver import ScriptedApiServer
@@ -125,19 +108,6 @@ def serve_argv(
             "--trusted-keys", str(trusted_keys_file(kubeconfig.parent))]  # fmt: skip
 
 
-def tree(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        pending += [int(child) for child in children]
-    return found
-
-
 def status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -188,9 +158,9 @@ def measure_start(
         ready = wait_metric(
             ports, "meshguard_authz_synced", 1, timeout=READY_TIMEOUT, servers=servers
         )
-        cpu = sum(process_cpu(pid) for server in servers for pid in tree(server.pid))
+        cpu = sum(process_cpu(pid) for server in servers for pid in process_tree(server.pid))
         time.sleep(1.0)  # settle: the view swapped in, garbage collected
-        pids = [pid for server in servers for pid in tree(server.pid)]
+        pids = [pid for server in servers for pid in process_tree(server.pid)]
         rss = sum(status_kib(pid, "VmRSS") for pid in pids)
         hwm = sum(status_kib(pid, "VmHWM") for pid in pids)
     finally:

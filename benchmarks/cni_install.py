@@ -3,40 +3,7 @@
 Run as root from the checkout: ``python -m benchmarks.cni_install [--quick] [--json FILE]
 [--markdown]``.
 
-What a node does when an injected pod starts: the runtime executes ``meshguard-cni`` ADD
-with the conflist entry the installer writes (``kubernetes.kubeconfig``) and a
-``prevResult``. The plugin GETs the pod from a scripted API server over real TLS (the pod is
-``kernel_path.py``'s synthetic pod of N containers, in Istio CNI mode, admitted by
-meshguard's real ``inject_pod``), checks its ruleset, enters the pod's network namespace,
-detects the backend and installs and verifies the rules. Each run gets a fresh network
-namespace holding Istio's capture (the ``ipnets`` golden, iptables-nft), loaded before the
-clock starts.
-
-Two ways to run the same plugin, the configurations alternating:
-
-- ``shim -> agent`` (the node's path): the runtime execs the static shim
-  (``cni-shim/meshguard-cni.c``, built with ``gcc -static``), which sends the call with the
-  namespace's descriptor to the node agent; the agent (:mod:`meshguard.cni.agent`, a process
-  of its own here, started once, its first call a warm-up) answers it in-process: a thread
-  per call, the pod read on a kept-alive connection. Wall time: the shim's, exec to exit;
-  CPU: the shim's plus what the agent process used meanwhile (its ``getrusage``, itself and
-  the iptables tools it ran);
-- ``process`` (a runtime without the agent, and what the agent did per call before it ran
-  the plugin in-process): ``python -m meshguard.cni``, a process per call, a TLS handshake
-  per GET. Wall time and CPU of the process and its tools.
-
-Each for an injected pod (ADD) and for the same pod without meshguard's annotations
-(pass-through: the configuration, the API GET, nothing installed — what every pod on the
-node pays, injected or not). Baselines in the same run:
-
-- ``netfilter``: the install's own netfilter time — the same backend detection and install
-  code run in the namespace from a thread of this process (no process start, no API call,
-  no CNI protocol), counting only the time inside the iptables tools on the critical path
-  (the detection's tools, then the slower family's save, restore and save); CPU: the tools';
-- ``meshguard init --ruleset-file F`` with the same ruleset (the init-container path).
-
-Median of N runs per configuration after one warm-up. The machine is small and shared:
-figures vary between runs.
+What it measures and how: ``benchmarks/README.md``, section ``cni_install.py``.
 """
 
 from __future__ import annotations
@@ -65,7 +32,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
-from benchmarks.kernel_path import synthetic_pod
+from benchmarks.kernel.pod import synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.install import kubeconfig, plugin_entry, render
 from meshguard.cni.netns import entered, thread_has_ipv6
@@ -304,7 +271,8 @@ def network_conf(directory: Path, api: ApiServer) -> Path:
     config.write_bytes(render(kubeconfig(server=api.url, token="t", ca_pem=api.ca_pem)))
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
             "ips": [{"address": "10.1.2.3/24"}]}  # fmt: skip
-    conf = {**plugin_entry(kubeconfig=str(config)), "name": "k8s-pod-network",
+    conf = {**plugin_entry(kubeconfig=str(config), trusted_keys=SIGNER.public_pem()),
+            "name": "k8s-pod-network",
             "cniVersion": "1.0.0", "prevResult": prev}  # fmt: skip
     path = directory / "conf.json"
     path.write_text(json.dumps(conf))
@@ -465,22 +433,17 @@ def main(argv: Sequence[str]) -> int:
         " and a pass-through ADD (root)",
         quick="about 30 s",
     )
-    parser.add_argument("--markdown", action="store_true", help="print the report's section")
+    parser.add_argument(
+        "--markdown", action="store_true", help="the default (kept for older commands)"
+    )
     args = parser.parse_args(argv)
     data = measure(quick=args.quick)
     if args.json:
         write_json(args.json, data)
-    if args.markdown:
-        print("\n".join(markdown(data)))
-    else:
-        for row in data["rows"]:
-            ms = row["ms"]
-            cpu = row["cpu_ms"]
-            print(f"{row['containers']:>3} containers ({row['rules']} rules): wall/CPU ms "
-                  + ", ".join(f"{c} {ms[c]:.1f}/{cpu[c]:.1f}" for c in CONFIGS))  # fmt: skip
-        print(
-            ", ".join(f"{goal}: {'met' if ok else 'NOT met'}" for goal, ok in goals(data).items())
-        )
+    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.sections import cni_section  # noqa: PLC0415
+
+    print(script_text("cni", data, cni_section))
     print(machine_line(data["machine"], data["seconds"]))
     return 0
 

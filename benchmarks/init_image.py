@@ -3,30 +3,7 @@
 Run as root from the checkout: ``python -m benchmarks.init_image [--quick] [--json FILE]
 [--markdown]``.
 
-There is no container engine here, so each image is built by replaying the Dockerfile's
-own steps (tests/support/dockerfile.py, the replay tests/test_image.py runs: a root per
-stage over this Debian host, ``RUN`` in a chroot, ``COPY --from`` between stages), and its
-two layers of its own are measured:
-
-1. The virtualenv, ``/opt/meshguard`` of each image as the Dockerfile builds and copies it
-   (``build-init``: ``pip install /src``, pip and setuptools uninstalled after;
-   ``build``: ``pip install "/src[server]"``). Size: ``du -sk`` (disk usage, KiB); the
-   largest entries of its site-packages.
-2. What apt adds. The Debian packages each target installs (``iptables iproute2`` for the
-   servers' image; ``iptables nftables iproute2`` for init) and their ``Depends`` closure
-   (``apt-cache depends --recurse``), less the packages the ``python:3.11-slim-bookworm``
-   base already has (:data:`BASE_PACKAGES`: debian:bookworm-slim's packages and the Python
-   image's runtime libraries); ``Installed-Size`` from dpkg on this (bookworm) host.
-
-The base image both targets share (Debian slim and the Python interpreter) is not counted:
-the issue's 248 MB is the virtualenv of the servers' image.
-
-3. ``meshguard init --ruleset-file F`` wall time, each image's entrypoint in its replayed
-   root (``chroot``, uid 0), in a fresh network namespace per run (``ip netns exec``),
-   for the synthetic pods of ``kernel_path.py`` at 2 and 64 containers; median of N runs
-   after one warm-up, the two images alternating. The servers' image is the baseline of
-   the same run (init imports none of its extra libraries, so the ratio should be about
-   1: the gain of the slim image is the pull, not the start).
+What it measures and how: ``benchmarks/README.md``, section ``init_image.py``.
 """
 
 from __future__ import annotations
@@ -50,7 +27,8 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
-from benchmarks.kernel_path import compile_synthetic
+from benchmarks.harness import alternating
+from benchmarks.kernel.pod import compile_synthetic
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.dockerfile import BuiltStage, Replay
 
@@ -173,7 +151,7 @@ def measure_init(replay: Replay, images: dict[str, BuiltStage], reps: int) -> li
         for image in images.values():  # warm-up: page cache
             time_init(replay, image, ruleset)
         for rep in range(reps):
-            order = list(images) if rep % 2 == 0 else list(reversed(images))
+            order = alternating(list(images), rep)
             for target in order:
                 seconds = time_init(replay, images[target], ruleset)
                 samples[target].append(seconds * 1000)
@@ -323,7 +301,9 @@ def main(argv: Sequence[str]) -> int:
         " meshguard init's wall time from each.",
         quick="3 runs per figure instead of 9, about 1 min",
     )
-    parser.add_argument("--markdown", action="store_true", help="print the report's section")
+    parser.add_argument(
+        "--markdown", action="store_true", help="the default (kept for older commands)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("init_image.py needs root (network namespaces, iptables)", file=sys.stderr)
@@ -331,8 +311,10 @@ def main(argv: Sequence[str]) -> int:
     data = measure(quick=args.quick)
     if args.json:
         write_json(args.json, data)
-    if args.markdown:
-        print("\n".join(markdown(data)))
+    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.sections import image_section  # noqa: PLC0415
+
+    print(script_text("image", data, image_section))
     print(machine_line(data["machine"], data["seconds"]))
     return 0
 

@@ -13,6 +13,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypedDict
 
+from benchmarks.admission.pod import REVIEW_UID, synthetic_pod
+from benchmarks.kernel.install import startup_ms, time_compile, time_in_process_install, time_init
+from benchmarks.kernel.pod import compile_synthetic, rule_count
+from benchmarks.kernel.trial import installed_python
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.keys import SIGNER
 from tests.support.pods import admission_review
@@ -77,28 +81,27 @@ def rule_install(*, quick: bool) -> RuleInstall:
     Also the in-process ``install()`` and the interpreter + import start-up, to show where
     the subprocess's time goes.
     """
-    kp = load_script("kernel_path")
     reps = 3 if quick else 7
     rows: list[InstallRow] = []
     with tempfile.TemporaryDirectory(prefix="meshguard-install-") as tmp:
-        python = kp.installed_python(Path(tmp))
+        python = installed_python(Path(tmp))
         for n in INSTALL_SIZES:
-            ruleset = kp.compile_synthetic(n)
+            ruleset = compile_synthetic(n)
             ruleset_file = Path(tmp) / f"ruleset-{n}.json"
             ruleset_file.write_text(ruleset.to_json(), encoding="utf-8")
-            kp.time_init(ruleset_file, python=python)  # warm the page cache
-            init = [kp.time_init(ruleset_file, python=python) * 1000 for _ in range(reps)]
-            checkout = [kp.time_init(ruleset_file) * 1000 for _ in range(reps)]
-            in_process = [kp.time_in_process_install(ruleset) * 1000 for _ in range(reps)]
+            time_init(ruleset_file, python=python)  # warm the page cache
+            init = [time_init(ruleset_file, python=python) * 1000 for _ in range(reps)]
+            checkout = [time_init(ruleset_file) * 1000 for _ in range(reps)]
+            in_process = [time_in_process_install(ruleset) * 1000 for _ in range(reps)]
             rows.append(
                 {
                     "containers": n,
-                    "rules": kp.rule_count(ruleset),
+                    "rules": rule_count(ruleset),
                     "init_ms": statistics.median(init),
                     "init_ms_samples": init,
                     "init_checkout_ms": statistics.median(checkout),
                     "install_in_process_ms": statistics.median(in_process),
-                    "compile_ms": kp.time_compile(n, 5 if quick else 20) * 1000,
+                    "compile_ms": time_compile(n, 5 if quick else 20) * 1000,
                 }
             )
             print(
@@ -106,7 +109,7 @@ def rule_install(*, quick: bool) -> RuleInstall:
                 file=sys.stderr,
                 flush=True,
             )
-        startup = kp.startup_ms(reps, python=python)
+        startup = startup_ms(reps, python=python)
         profile = init_profile(ruleset_file, python=python, directory=Path(tmp))
     return {
         "rows": rows,
@@ -151,13 +154,12 @@ def admission_growth(*, quick: bool) -> AdmissionGrowth:
     from meshguard.inject.transform import InjectSettings  # noqa: PLC0415
     from meshguard.webhook.review import handle  # noqa: PLC0415
 
-    wh = load_script("webhook")
     settings = InjectSettings(signer=SIGNER)
     iterations = 20 if quick else 100
     repeats = 3 if quick else 5
     rows: list[AdmissionRow] = []
     for n in ADMISSION_SIZES:
-        body = admission_review(wh.synthetic_pod(n), wh.REVIEW_UID)
+        body = admission_review(synthetic_pod(n), REVIEW_UID)
         status, answer, _ = handle(body, settings=settings)
         allowed = status == 200 and answer["response"]["allowed"]
         samples = []

@@ -28,6 +28,16 @@ def _baseline(ax: Any, label: str = "baseline (= 1.0)") -> None:
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1.2, label=label)
 
 
+def _label(ax: Any, title: str, xlabel: str, ylabel: str, *, fontsize: int = 8, loc: str = "best",
+           grid: str = "both", ncol: int = 1) -> None:  # fmt: skip
+    """Title, axis labels, legend and grid: what every plot sets."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=fontsize, loc=loc, ncol=ncol)
+    ax.grid(axis=grid, alpha=0.3)
+
+
 def kernel(rows: dict[int, dict[str, Any]], goal: float, path: Path) -> Path:
     """Ratio (with meshguard / without) vs containers in the pod."""
     sizes = sorted(rows)
@@ -46,44 +56,36 @@ def kernel(rows: dict[int, dict[str, Any]], goal: float, path: Path) -> Path:
     _goal(ax, goal, f"goal >= {goal}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel("containers in the pod (client: the highest uid, the longest dispatch walk)")
-    ax.set_ylabel("throughput ratio (with / without meshguard)")
-    ax.set_title("Kernel path: loopback TCP with meshguard's rules vs without")
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
+    _label(ax, "Kernel path: loopback TCP with meshguard's rules vs without",
+           "containers in the pod (client: the highest uid, the longest dispatch walk)",
+           "throughput ratio (with / without meshguard)")  # fmt: skip
     return _save(fig, path)
 
 
 def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
-    """Envoy throughput ratios vs Envoy RBAC, latency, and authz vs bare grpc.aio echo."""
+    """Throughput by engine vs no authorization, latency, and authz vs bare grpc.aio echo."""
     conc = sorted(int(c) for c in http["rows"]["a"])
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
-    width = 0.25
+    keys = (("n", "(n) native"), ("n0", "(n0) native, no log"), ("c", "(c) serve-authz"),
+            ("c0", "(c0) do-nothing ext_authz"))  # fmt: skip
+    width = 0.8 / len(keys)
     xs = range(len(conc))
-    for i, (key, label) in enumerate(
-        (
-            ("a", "(a) envoy plain / (b) rbac"),
-            ("c", "(c) envoy+meshguard / (b) rbac"),
-            ("c0", "(c0) envoy+authz-echo / (b) rbac"),
-        )
-    ):
+    for i, (key, label) in enumerate(keys):
         ys = [
-            http["rows"][key][str(c)]["per_second"] / http["rows"]["b"][str(c)]["per_second"]
+            http["rows"][key][str(c)]["per_second"] / http["rows"]["a"][str(c)]["per_second"]
             for c in conc
         ]
-        left.bar([x + (i - 1) * width for x in xs], ys, width, label=label)
-    _baseline(left, "(b) envoy+rbac (= 1.0)")
-    _goal(left, http["goal_c_over_b"], f"goal (c)/(b) >= {http['goal_c_over_b']}")
+        left.bar([x + (i - 1.5) * width for x in xs], ys, width, label=f"{label} / (a)")
+    _baseline(left, "(a) no authorization (= 1.0)")
+    _goal(left, http["goal_n_over_a"], f"goal (n)/(a) >= {http['goal_n_over_a']}")
     left.set_xticks(list(xs), [str(c) for c in conc])
-    left.set_xlabel("concurrent connections (wrk)")
-    left.set_ylabel("requests/s ratio vs (b) Envoy RBAC")
-    left.set_title("L7: HTTP throughput vs Envoy RBAC")
-    left.legend(fontsize=7, loc="upper right")
-    left.grid(axis="y", alpha=0.3)
+    _label(left, "L7: HTTP throughput by engine", "concurrent connections (wrk)",
+           "requests/s ratio vs (a) no authorization",
+           fontsize=7, loc="upper right", grid="y")  # fmt: skip
     for key, label, color in (
         ("a", "(a) plain", "tab:blue"),
-        ("b", "(b) rbac", "tab:grey"),
-        ("c", "(c) meshguard", "tab:orange"),
+        ("n", "(n) native", "tab:green"),
+        ("c", "(c) serve-authz", "tab:orange"),
     ):
         middle.plot(
             conc,
@@ -102,11 +104,8 @@ def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
     middle.set_xscale("log", base=2)
     middle.set_yscale("log")
     middle.set_xticks(conc, [str(c) for c in conc])
-    middle.set_xlabel("concurrent connections (wrk)")
-    middle.set_ylabel("latency (ms, log scale)")
-    middle.set_title("L7: request latency p50 / p99")
-    middle.legend(fontsize=7, ncol=2)
-    middle.grid(alpha=0.3)
+    _label(middle, "L7: request latency p50 / p99", "concurrent connections (wrk)",
+           "latency (ms, log scale)", fontsize=7, ncol=2)  # fmt: skip
     gconc = sorted(int(c) for c in grpc["ratio_meshguard_over_echo"])
     right.plot(
         gconc,
@@ -119,11 +118,8 @@ def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
     right.set_xscale("log", base=2)
     right.set_xticks(gconc, [str(c) for c in gconc])
     right.set_ylim(0, 1.2)
-    right.set_xlabel("calls in flight (one gRPC channel)")
-    right.set_ylabel("checks/s ratio vs bare echo")
-    right.set_title("Authz server alone: Check calls/s")
-    right.legend(fontsize=7, loc="lower left")
-    right.grid(alpha=0.3)
+    _label(right, "Authz server alone: Check calls/s", "calls in flight (one gRPC channel)",
+           "checks/s ratio vs bare echo", fontsize=7, loc="lower left")  # fmt: skip
     return _save(fig, path)
 
 
@@ -149,11 +145,9 @@ def workers(result: dict[str, Any], path: Path) -> Path:
         linewidth=1,
         label=f"linear scaling ({len(counts)}x)",
     )
-    ax.set_xlabel("serve-authz --workers")
-    ax.set_ylabel("Check calls/s ratio vs 1 worker")
-    ax.set_title(f"serve-authz workers (SO_REUSEPORT), {result['cpus']} CPUs shared with clients")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
+    _label(ax, f"serve-authz workers (SO_REUSEPORT), {result['cpus']} CPUs shared with clients",
+           "serve-authz --workers", "Check calls/s ratio vs 1 worker",
+           loc="upper left", grid="y")  # fmt: skip
     return _save(fig, path)
 
 
@@ -200,11 +194,8 @@ def admission(webhook: dict[str, Any] | None, growth: dict[str, Any], path: Path
             xytext=(4, -12),
             fontsize=8,
         )
-    right.set_xlabel("containers in the pod")
-    right.set_ylabel("in-process handle() time, ratio vs smallest pod")
-    right.set_title("Admission cost growth (in-process handle(), no HTTP)")
-    right.legend(fontsize=8)
-    right.grid(alpha=0.3)
+    _label(right, "Admission cost growth (in-process handle(), no HTTP)", "containers in the pod",
+           "in-process handle() time, ratio vs smallest pod")  # fmt: skip
     return _save(fig, path)
 
 
@@ -244,9 +235,6 @@ def install(result: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_ylim(0, max(*(r["init_ms"] for r in rows), result["goal_ms"]) * 1.45)
-    ax.set_xlabel("containers in the pod")
-    ax.set_ylabel("wall time (ms)")
-    ax.set_title("Rule install: meshguard-init in a fresh network namespace")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
+    _label(ax, "Rule install: meshguard-init in a fresh network namespace",
+           "containers in the pod", "wall time (ms)", loc="upper left")  # fmt: skip
     return _save(fig, path)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import markdown_table
+from benchmarks.suite.runner import ScriptRun
+
+#: The plots made for this report, by name (None: the plot failed).
+ASSETS: dict[str, Path | None] = {}
 
 
 def verdict(ok: bool | None) -> str:
-    if ok is None:
-        return "not measured"
-    return "met" if ok else "**not met**"
+    return "not measured" if ok is None else verdict_of(ok)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -31,6 +36,10 @@ def not_measured(name: str, problem: str) -> list[str]:
     return [f"Not measured: `{name}` failed ({problem}).", ""]
 
 
+def verdict_of(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
 class Report:
     """Collects sections and the summary table."""
 
@@ -38,8 +47,12 @@ class Report:
         self.summary: list[list[Any]] = []
         self.sections: list[str] = []
 
-    def add_summary(self, benchmark: str, figure: str, value: str, goal: str, ok: bool | None):
-        self.summary.append([benchmark, figure, value, goal, verdict(ok)])
+    def add_summary(
+        self, benchmark: str, figure: str, value: str, goal: str, ok: bool | None
+    ) -> None:
+        """A row of the summary; a figure with "no goal" is "(informative)"."""
+        shown = "(informative)" if goal == "no goal" else verdict(ok)
+        self.summary.append([benchmark, figure, value, goal, shown])
 
     def section(self, lines: list[str]) -> None:
         self.sections.extend(lines)
@@ -55,3 +68,14 @@ class Report:
 
 def summary_text(report: Report) -> str:
     return "\n".join(table(["benchmark", "figure", "measured", "goal", "verdict"], report.summary))
+
+
+def script_text(
+    name: str, document: Mapping[str, Any], section: Callable[[Report, ScriptRun], None]
+) -> str:
+    """What a script prints: its section of REPORT.md, rendered from its JSON document as
+    ``python -m benchmarks`` reads it back, then its rows of the report's summary."""
+    data = json.loads(json.dumps(document, default=str))
+    report = Report()
+    section(report, ScriptRun(name=name, argv=sys.argv, ok=True, seconds=0.0, data=data))
+    return "\n".join([*report.sections, summary_text(report)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -45,57 +44,30 @@ def _attempt(name: str, script: str, args: list[str], *, timeout: float) -> Scri
         out = Path(tmp) / "out.json"
         module = f"benchmarks.{script.removesuffix('.py')}"
         argv = [sys.executable, "-m", module, *args, "--json", str(out)]
-        env = dict(os.environ)
         print(f"[{name}] {' '.join(argv[1:])}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:
             done = subprocess.run(
-                argv,
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                start_new_session=False,
+                argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
             )
+            stdout, stderr, returncode = done.stdout, done.stderr, done.returncode
         except subprocess.TimeoutExpired as exc:
-            return ScriptRun(
-                name=name,
-                argv=argv,
-                ok=False,
-                seconds=time.perf_counter() - started,
-                stdout=_text(exc.stdout),
-                stderr=_text(exc.stderr),
-                problem=f"timed out after {timeout:.0f} s",
-            )
-        seconds = time.perf_counter() - started
-        data = json.loads(out.read_text()) if out.exists() else None
-        ok = done.returncode == 0 and data is not None
-        problem = "" if ok else _problem(done.returncode, done.stderr)
-        print(
-            f"[{name}] {'done' if ok else 'FAILED: ' + problem} in {seconds:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-        return ScriptRun(
-            name=name,
-            argv=argv,
-            ok=ok,
-            seconds=seconds,
-            data=data,
-            stdout=done.stdout,
-            stderr=done.stderr,
-            problem=problem,
-        )
+            stdout, stderr, returncode = _text(exc.stdout), _text(exc.stderr), None
+        data = json.loads(out.read_text()) if out.exists() and returncode is not None else None
+    seconds = time.perf_counter() - started
+    ok = returncode == 0 and data is not None
+    if returncode is None:
+        problem = f"timed out after {timeout:.0f} s"
+    else:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        problem = "" if ok else f"exit {returncode}: {lines[-1] if lines else 'no output'}"
+    print(f"[{name}] {'done' if ok else 'FAILED: ' + problem} in {seconds:.0f} s",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return ScriptRun(name=name, argv=argv, ok=ok, seconds=seconds, data=data, stdout=stdout,
+                     stderr=stderr, problem=problem)  # fmt: skip
 
 
 def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
     return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _problem(returncode: int, stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return f"exit {returncode}: {lines[-1] if lines else 'no output'}"

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,20 @@ import time
 from pathlib import Path
 from typing import Any, TypedDict
 
-from benchmarks.common import CLOCK_TICKS, L7_POLICY, ROOT
+from benchmarks.common import L7_POLICY, ROOT, module_argv
+from benchmarks.harness import alternating, system_cpu, tree_cpu_seconds
 from meshguard import yaml_io
-from tests.support.keys import trusted_keys_file
 from tests.support.pods import injected_example, status_of
-from tests.support.processes import HOST, free_port, stop_process
+from tests.support.processes import (
+    HOST,
+    free_port,
+    serve_authz_argv,
+    stop_process,
+    wait_grpc_serving,
+)
 
 CHANNELS_PER_CLIENT = 4
+WARMUP_SECONDS = 0.5
 
 
 class WorkersRow(TypedDict):
@@ -64,77 +70,44 @@ def request_fields(pod: dict[str, Any]) -> dict[str, Any]:
     return {"source": source, "pod": key, "port": 15020, "method": "POST", "path": "/quitquitquit"}
 
 
-def cpu_busy() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children (the serve-authz workers), in seconds."""
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        pending.extend(int(c) for c in children)
-    return total
-
-
 # --- client process -----------------------------------------------------------------------
 
 
 async def _client(args: argparse.Namespace) -> dict[str, Any]:
+    """``concurrency`` Checks in flight over CHANNELS_PER_CLIENT channels; counted after the
+    warm-up for ``seconds``."""
     import grpc.aio  # noqa: PLC0415 - only the client processes need it
-    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: PLC0415
+    from envoy.service.auth.v3 import external_auth_pb2_grpc  # noqa: PLC0415
+
+    from tests.support.load import check_request  # noqa: PLC0415
 
     fields = json.loads(args.request)
-    request = external_auth_pb2.CheckRequest()
-    request.attributes.source.address.socket_address.address = fields["source"]
-    request.attributes.source.address.socket_address.port_value = 40000
-    request.attributes.destination.address.socket_address.address = HOST
-    request.attributes.destination.address.socket_address.port_value = fields["port"]
-    request.attributes.request.http.method = fields["method"]
-    request.attributes.request.http.path = fields["path"]
-    request.attributes.request.http.headers["x-meshguard-pod"] = fields["pod"]
+    request = check_request(fields["source"], method=fields["method"], path=fields["path"],
+                            port=fields["port"], pod=fields["pod"])  # fmt: skip
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(f"{HOST}:{args.port}", options=options)
-        for _ in range(CHANNELS_PER_CLIENT)
-    ]
+    channels = [grpc.aio.insecure_channel(f"{HOST}:{args.port}", options=options)
+                for _ in range(CHANNELS_PER_CLIENT)]  # fmt: skip
     stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
     counts = {"ok": 0, "denied": 0, "errors": 0}
-    counting = False
-    stop = False
+    state = {"counting": False, "stop": False}
 
     async def worker(index: int) -> None:
-        stub = stubs[index % len(stubs)]
-        while not stop:
+        while not state["stop"]:
             try:
-                answer = await stub.Check(request, timeout=5)
+                answer = await stubs[index % len(stubs)].Check(request, timeout=5)
+                kind = "ok" if answer.status.code == 0 else "denied"
             except grpc.aio.AioRpcError:
-                if counting:
-                    counts["errors"] += 1
-                continue
-            if counting:
-                counts["ok" if answer.status.code == 0 else "denied"] += 1
+                kind = "errors"
+            counts[kind] += state["counting"]
 
     for channel in channels:
         await asyncio.wait_for(channel.channel_ready(), 10)
     tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]
-    await asyncio.sleep(args.warmup)
-    counting = True
-    started = time.perf_counter()
+    await asyncio.sleep(WARMUP_SECONDS)
+    state["counting"], started = True, time.perf_counter()
     await asyncio.sleep(args.seconds)
-    counting = False
-    elapsed = time.perf_counter() - started
-    stop = True
+    state["counting"], elapsed = False, time.perf_counter() - started
+    state["stop"] = True
     await asyncio.gather(*tasks)
     for channel in channels:
         await channel.close()
@@ -144,98 +117,44 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
 def client_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.suite.workers _client")
     parser.add_argument("role", choices=["_client"])
-    parser.add_argument("--port", type=int, required=True)
+    for option in ("--port", "--concurrency"):
+        parser.add_argument(option, type=int, required=True)
     parser.add_argument("--request", required=True)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--warmup", type=float, default=0.5)
-    args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(_client(args))), flush=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    print(json.dumps(asyncio.run(_client(parser.parse_args(argv)))), flush=True)
     return 0
 
 
 # --- orchestration ------------------------------------------------------------------------
 
 
-def wait_serving(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve-authz exited with {process.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("serve-authz did not listen in time")
-
-
 def measure(
-    workers: int,
-    pod_file: Path,
-    fields: dict[str, Any],
-    *,
-    clients: int,
-    concurrency: int,
-    seconds: float,
-    log: Path,
-) -> WorkersRow:
+    workers: int, pod_file: Path, fields: dict[str, Any], *, clients: int, concurrency: int,
+    seconds: float, log: Path,
+) -> WorkersRow:  # fmt: skip
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "meshguard",
-        "serve-authz",
-        "--pods",
-        str(pod_file),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--workers",
-        str(workers),
-        "--trusted-keys",
-        str(trusted_keys_file(pod_file.parent)),
-    ]
+    argv = [*serve_authz_argv(pod_file, port), "--host", HOST, "--workers", str(workers)]
+    client_argv = module_argv("benchmarks.suite.workers", "_client", "--port", str(port),
+                              "--request", json.dumps(fields), "--concurrency", str(concurrency),
+                              "--seconds", str(seconds))  # fmt: skip
     with log.open("wb") as sink:
         server = subprocess.Popen(argv, stdout=sink, stderr=sink, cwd=ROOT)
         try:
-            wait_serving(port, server)
+            wait_grpc_serving(f"{HOST}:{port}", server, log)
             time.sleep(1.0 if workers > 1 else 0.3)  # every worker bound and serving
-            client_argv = [
-                sys.executable,
-                "-m",
-                "benchmarks.suite.workers",
-                "_client",
-                "--port",
-                str(port),
-                "--request",
-                json.dumps(fields),
-                "--concurrency",
-                str(concurrency),
-                "--seconds",
-                str(seconds),
-            ]
-            procs = [
-                subprocess.Popen(client_argv, stdout=subprocess.PIPE, cwd=ROOT)
-                for _ in range(clients)
-            ]
-            time.sleep(0.5 + 0.3)  # into the measured window (warm-up 0.5 s)
-            before = cpu_busy()
-            server_before, window_started = tree_cpu_seconds(server.pid), time.perf_counter()
+            procs = [subprocess.Popen(client_argv, stdout=subprocess.PIPE) for _ in range(clients)]
+            time.sleep(WARMUP_SECONDS + 0.3)  # into the measured window
+            busy_before, server_before = system_cpu()["busy"], tree_cpu_seconds(server.pid)
+            window_started = time.perf_counter()
             outputs = [p.communicate(timeout=seconds + 60)[0] for p in procs]
-            after = cpu_busy()
-            server_cores = (tree_cpu_seconds(server.pid) - server_before) / (
-                time.perf_counter() - window_started
-            )
+            window_cpu = time.perf_counter() - window_started
+            server_cores = (tree_cpu_seconds(server.pid) - server_before) / window_cpu
+            busy = (system_cpu()["busy"] - busy_before) / window_cpu / (os.cpu_count() or 1)
         finally:
             stop_process(server)
     results = [json.loads(o.decode().strip().splitlines()[-1]) for o in outputs]
     window = max(r["seconds"] for r in results)
-    busy = (after[0] - before[0]) / max(1, after[1] - before[1])
-    ok = sum(r["ok"] for r in results)
+    ok, denied = (sum(r[key] for r in results) for key in ("ok", "denied"))
     return {
         "workers": workers,
         "clients": clients,
@@ -243,9 +162,9 @@ def measure(
         "channels_per_client": CHANNELS_PER_CLIENT,
         "seconds": window,
         "ok": ok,
-        "denied": sum(r["denied"] for r in results),
+        "denied": denied,
         "errors": sum(r["errors"] for r in results),
-        "checks_per_second": (ok + sum(r["denied"] for r in results)) / window,
+        "checks_per_second": (ok + denied) / window,
         "machine_busy_share": busy,
         "server_cores": server_cores,
     }
@@ -254,39 +173,29 @@ def measure(
 def run(*, quick: bool, log_dir: Path) -> Workers:
     pod = injected_example(policy=L7_POLICY, mode="enforce")
     fields = request_fields(pod)
-    seconds = 2.0 if quick else 5.0
-    rounds = 1 if quick else 2
     rows: dict[int, list[WorkersRow]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="meshguard-workers-") as tmp:
         pod_file = Path(tmp) / "pod.yaml"
         pod_file.write_text(yaml_io.dump(pod, sort_keys=True), encoding="utf-8")
-        for index in range(rounds):
-            for workers in (1, 2) if index % 2 == 0 else (2, 1):
-                row = measure(
-                    workers,
-                    pod_file,
-                    fields,
-                    clients=3,
-                    concurrency=16,
-                    seconds=seconds,
-                    log=log_dir / f"serve-authz-workers{workers}.log",
-                )
+        for index in range(1 if quick else 2):
+            for workers in alternating((1, 2), index):
+                row = measure(workers, pod_file, fields, clients=3, concurrency=16,
+                              seconds=2.0 if quick else 5.0,
+                              log=log_dir / f"serve-authz-workers{workers}.log")  # fmt: skip
                 print(
-                    f"[workers] {workers} worker(s): {row['checks_per_second']:,.0f} checks/s"
-                    f" (machine busy {row['machine_busy_share']:.0%},"
-                    f" server {row['server_cores']:.2f} cores)",
+                    f"[workers] {workers} worker(s): {row['checks_per_second']:,.0f} checks/s,"
+                    f" server {row['server_cores']:.2f} cores",
                     file=sys.stderr,
                     flush=True,
                 )
                 rows[workers].append(row)
-    best = {w: max(r, key=lambda x: x["checks_per_second"]) for w, r in rows.items()}
     median = {w: sorted(x["checks_per_second"] for x in r)[len(r) // 2] for w, r in rows.items()}
     return {
         "request": fields,
         "rows": {str(w): r for w, r in rows.items()},
         "checks_per_second": {str(w): median[w] for w in rows},
         "speedup_2_over_1": median[2] / median[1],
-        "best": {str(w): b for w, b in best.items()},
+        "best": {str(w): max(r, key=lambda x: x["checks_per_second"]) for w, r in rows.items()},
         "cpus": os.cpu_count(),
     }
 

@@ -1,0 +1,379 @@
+"""The L7 benchmark's pod: ports, uids, the configurations (one line each), the mesh's
+certificates and every Envoy's bootstrap."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    L7_POLICY,
+)
+from meshguard import yaml_io
+from meshguard.authz.contract import SERVICE_NAME
+from meshguard.authz.envoy_config import (
+    AuthzTls,
+    ListenerSettings,
+    authz_cluster,
+    bootstrap,
+    loopback_listeners,
+    upstream_cluster,
+)
+from meshguard.authz.identity import TlsFiles
+from meshguard.l7 import L7Engine
+from meshguard.mesh import LOCAL_AUTHZ_PORT
+from meshguard.policy import Mode, parse_policy
+from meshguard.rbac import (
+    RE2_PROGRAM_SIZE,
+    RE2_RUNTIME_KEY,
+    compile_rbac,
+    rbac_document_text,
+)
+from tests.authz.spiffe import AUTHZ_DNS, issue_workload, spiffe_id
+from tests.support.pods import injected_example, status_of
+from tests.support.processes import HOST
+from tests.support.tls import CertificateAuthority
+
+APP_UID = 1000
+PROXY_UID = 1337
+UPSTREAM_PORT = 15020  # pilot-agent's port: covered by the L7 rule, REDIRECTed for the app
+LISTENER_PORT = ListenerSettings().port  # 15007
+ROUTER_PORT, RBAC_PORT, ECHO_LISTENER_PORT = 15100, 15101, 15102
+ECHO_PLAIN_LISTENER_PORT = 15103
+NATIVE_LISTENER_PORT, NATIVE_NOLOG_LISTENER_PORT = 15104, 15105
+AUTHZ_PORT, ECHO_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9195
+AUTHZ_PLAIN_PORT = LOCAL_AUTHZ_PORT  # plaintext on loopback: in the proxy's protected range
+#: The mesh's identities: the pod (demo/shop, ServiceAccount default) and the authz server.
+POD_SPIFFE_ID = spiffe_id("demo", "default")
+AUTHZ_SPIFFE_ID = spiffe_id("meshguard-system", "meshguard-authz")
+CONCURRENCY = (1, 8, 64)
+CHECK_METHOD = f"/{SERVICE_NAME}/Check"
+NATIVE_GOAL, NATIVE_STRETCH = 0.90, 0.95  # (n) / (a) throughput at every concurrency
+AUTHZ_GOAL = 0.7  # meshguard serve-authz / bare grpc.aio echo, checks/s
+CALL_TIMEOUT_SECONDS = 2.0
+HELPER_LIFETIME_SECONDS = 900  # helpers never outlive a stuck benchmark by much
+#: Istio's IPv4 nat capture rules (istio-iptables' ``ipnets`` golden, as the e2e test loads).
+ISTIO_NAT = """*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT
+COMMIT
+"""  # noqa: E501
+#: wrk: POST /quitquitquit with an empty body; one JSON line of results at the end.
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.path = "/quitquitquit"
+wrk.body = ""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d,'
+    .. ' "status": %d, "timeout": %d, "p50_us": %.1f, "p99_us": %.1f, "mean_us": %.1f}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    key: str
+    label: str
+    port: int  # what the client dials
+    admin_port: int
+    authz: str | None  # process name of the authz server its Envoy asks
+    get_status: int  # what the app's GET gets (the policy allows POST /quitquitquit only)
+
+    @property
+    def envoy(self) -> str:
+        """Its Envoy's process name."""
+        return f"envoy_{self.key}"
+
+
+#: One line per configuration; its Envoy's bootstrap is in ``envoy_documents``.
+CONFIGS = (
+    HttpConfig("a", "(a) envoy", ROUTER_PORT, 15110, None, 200),
+    HttpConfig("b", "(b) envoy+rbac", RBAC_PORT, 15111, None, 403),
+    HttpConfig("c", "(c) envoy+meshguard", UPSTREAM_PORT, 15000, "authz", 403),
+    HttpConfig("c0", "(c0) envoy+authz-echo", ECHO_LISTENER_PORT, 15112, "echo", 200),
+    HttpConfig("c0p", "(c0p) echo, plaintext", ECHO_PLAIN_LISTENER_PORT, 15113, "echo_plain", 200),
+    HttpConfig("n", "(n) envoy+native rbac", NATIVE_LISTENER_PORT, 15114, None, 403),
+    HttpConfig("n0", "(n0) native, no log", NATIVE_NOLOG_LISTENER_PORT, 15115, None, 403),
+)
+ADMIN_PORTS = {c.key: c.admin_port for c in CONFIGS}
+CONFIG_BY_KEY = {c.key: c for c in CONFIGS}
+
+
+@dataclass(frozen=True)
+class GrpcServer:
+    port: int
+    process: str  # its key in Bench.processes
+    tls: bool  # mTLS, the client presenting the pod's workload certificate
+
+
+#: The authz servers alone: (c)'s and (c0)'s over mTLS, and plaintext twins of both.
+GRPC_SERVERS = {
+    "echo": GrpcServer(ECHO_PORT, "echo", tls=True),
+    "meshguard": GrpcServer(AUTHZ_PORT, "authz", tls=True),
+    "echo-plain": GrpcServer(ECHO_PLAIN_PORT, "echo_plain", tls=False),
+    "meshguard-plain": GrpcServer(AUTHZ_PLAIN_PORT, "authz_plain", tls=False),
+}
+
+
+# --- the mesh's certificates ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM bytes a gRPC client presents (the pod's workload certificate) and trusts."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+
+@dataclass(frozen=True)
+class MeshCertificates:
+    """A test mesh CA's SPIFFE workload certificates, as istiod issues them: the authz
+    server's and the pod's (files readable by the proxy's uid)."""
+
+    ca: Path
+    authz: TlsFiles
+    pod: TlsFiles
+
+    def flags(self, which: TlsFiles) -> list[str]:
+        return [
+            f"--tls-{k}={v}" for k, v in (("cert", which.cert), ("key", which.key), ("ca", self.ca))
+        ]
+
+    def envoy_tls(self) -> AuthzTls:
+        """The pod's Envoy: its workload certificate; only the authz server's ID accepted."""
+        return AuthzTls(
+            cert=str(self.pod.cert), key=str(self.pod.key), ca=str(self.ca),
+            server_spiffe_id=AUTHZ_SPIFFE_ID,
+        )  # fmt: skip
+
+
+def write_mesh_certificates(directory: Path) -> MeshCertificates:
+    """A test mesh CA and its SPIFFE workload certificates for the authz server (with a DNS
+    name for the Python gRPC client, which checks host names) and the pod."""
+    ca = CertificateAuthority.create()
+    directory.mkdir(mode=0o755)
+    authz = issue_workload(ca, directory, "authz", AUTHZ_SPIFFE_ID, dns=AUTHZ_DNS)
+    pod = issue_workload(ca, directory, "pod", POD_SPIFFE_ID)
+    return MeshCertificates(
+        ca=authz.ca,
+        authz=TlsFiles(cert=authz.cert, key=authz.key, ca=authz.ca),
+        pod=TlsFiles(cert=pod.cert, key=pod.key, ca=pod.ca),
+    )
+
+
+# --- configuration: the pod, the Envoys ----------------------------------------------------
+
+
+def injected_pod() -> dict[str, Any]:
+    """The example pod with the L7 policy, enforce mode, through ``inject_pod``."""
+    return injected_example(policy=L7_POLICY, mode="enforce")
+
+
+def app_source_address(pod: dict[str, Any]) -> str:
+    """The IPv4 address meshguard's SNAT gives the app's redirected flows."""
+    return next(a for a in status_of(pod).listener.sources["app"] if ":" not in a)
+
+
+def _http_connection_manager(listener: dict[str, Any]) -> dict[str, Any]:
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    return dict(hcm["typed_config"])
+
+
+def direct_bootstrap(
+    name: str, *, port: int, admin_port: int, filters: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """meshguard's listener minus what meshguard adds: no original_dst, no identity stamp,
+    no ext_authz, a static upstream cluster; ``filters`` go before the same router."""
+    listener = copy.deepcopy(loopback_listeners(ListenerSettings(port=port))[0])
+    listener["name"] = name
+    listener.pop("listener_filters", None)
+    hcm = _http_connection_manager(listener)
+    router = hcm["http_filters"][-1]
+    if router["name"] != "envoy.filters.http.router":
+        raise RuntimeError(f"meshguard's listener no longer ends with the router: {router}")
+    hcm["stat_prefix"] = name
+    hcm["http_filters"] = [*filters, router]
+    hcm["route_config"]["name"] = name
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    route.pop("request_headers_to_add", None)
+    route["route"]["cluster"] = "bench_upstream"
+    listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
+    cluster = {
+        "name": "bench_upstream",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "bench_upstream",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(UPSTREAM_PORT)}}]}],
+        },
+    }
+    return _bootstrap(name, admin_port, [listener], [cluster])
+
+
+def rbac_filter() -> dict[str, Any]:
+    """meshguard's rule ``app -> proxy:15020 POST /quitquitquit`` in Envoy's RBAC terms: the
+    app is the direct peer 127.0.0.1, the listener's port stands for 15020."""
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {
+                "action": "ALLOW",
+                "policies": {
+                    "app-to-proxy-quitquitquit": {
+                        "permissions": [
+                            {
+                                "and_rules": {
+                                    "rules": [
+                                        {"destination_port": RBAC_PORT},
+                                        {
+                                            "header": {
+                                                "name": ":method",
+                                                "string_match": {"exact": "POST"},
+                                            }
+                                        },
+                                        {"url_path": {"path": {"exact": "/quitquitquit"}}},
+                                    ]
+                                }
+                            }
+                        ],
+                        "principals": [
+                            {"direct_remote_ip": {"address_prefix": HOST, "prefix_len": 32}}
+                        ],
+                    }
+                },
+            },
+        },
+    }
+
+
+def echo_authz_bootstrap(
+    name: str, *, port: int, echo_port: int, admin_port: int, tls: AuthzTls | None
+) -> dict[str, Any]:
+    """meshguard's IPv4 listener and clusters, on ``port``, asking the echo server (over
+    meshguard's mTLS cluster when ``tls``). Nothing redirects to ``port``, so the
+    original-destination header is pinned to the upstream."""
+    listener = copy.deepcopy(loopback_listeners(ListenerSettings(port=port))[0])
+    listener["name"] = name
+    hcm = _http_connection_manager(listener)
+    hcm["stat_prefix"] = name
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    (header,) = route["request_headers_to_add"]
+    header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
+    listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
+    clusters = [upstream_cluster(), authz_cluster(host=HOST, port=echo_port, tls=tls)]
+    return _bootstrap(name, admin_port, [listener], clusters)
+
+
+def native_bootstrap(
+    name: str, *, port: int, admin_port: int, rbac_path: Path, decision_log: bool
+) -> dict[str, Any]:
+    """meshguard's native IPv4 listener on ``port`` (the ambiguity DENY regexes, the pod's
+    RBAC by ECDS from ``rbac_path``, the router, the JSON decision line per request on
+    stdout unless not ``decision_log``): the original-destination header pinned to the
+    upstream, as nothing redirects there."""
+    settings = ListenerSettings(port=port, engine=L7Engine.NATIVE, rbac_path=str(rbac_path))
+    listener = copy.deepcopy(loopback_listeners(settings)[0])
+    listener["name"] = name
+    hcm = _http_connection_manager(listener)
+    hcm["stat_prefix"] = name
+    if not decision_log:  # (n0): what the line costs, by its absence
+        hcm["access_log"] = []
+    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    (header,) = route["request_headers_to_add"]
+    header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
+    listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
+    document = _bootstrap(name, admin_port, [listener], [upstream_cluster()])
+    document["layered_runtime"] = {
+        "layers": [{"name": "static", "static_layer": {RE2_RUNTIME_KEY: RE2_PROGRAM_SIZE}}]
+    }
+    return document
+
+
+def native_rbac_document(port: int) -> str:
+    """The example pod's policy as the native engine compiles it, with the app dialing the
+    native listener on ``port`` directly: its rule's port is the listener's, its address the
+    host's."""
+    policy = parse_policy(L7_POLICY.replace(str(UPSTREAM_PORT), str(port)))
+    document = compile_rbac(policy=policy, mode=Mode.ENFORCE, sources={"app": (HOST,)})
+    return rbac_document_text(document)
+
+
+def _bootstrap(
+    name: str, admin_port: int, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "node": {"id": f"bench-{name}", "cluster": "bench"},
+        "admin": {"address": _socket(admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _socket(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": HOST, "port_value": port}}
+
+
+def envoy_documents(workdir: Path, certs: MeshCertificates) -> dict[str, dict[str, Any]]:
+    """Each configuration's Envoy bootstrap, by its key (the native ones' RBAC files written)."""
+    admin = ADMIN_PORTS
+    documents = {
+        "a": direct_bootstrap("router_only", port=ROUTER_PORT, admin_port=admin["a"], filters=[]),
+        "b": direct_bootstrap(
+            "rbac", port=RBAC_PORT, admin_port=admin["b"], filters=[rbac_filter()]
+        ),
+        "c": bootstrap(
+            ListenerSettings(), authz_host=HOST, authz_port=AUTHZ_PORT,
+            admin_port=admin["c"], authz_tls=certs.envoy_tls(),
+        ),
+        "c0": echo_authz_bootstrap(
+            "echo_authz_ipv4", port=ECHO_LISTENER_PORT, echo_port=ECHO_PORT,
+            admin_port=admin["c0"], tls=certs.envoy_tls(),
+        ),
+        "c0p": echo_authz_bootstrap(
+            "echo_plain_ipv4", port=ECHO_PLAIN_LISTENER_PORT, echo_port=ECHO_PLAIN_PORT,
+            admin_port=admin["c0p"], tls=None,
+        ),
+    }  # fmt: skip
+    for key, name, logged in (("n", "native_ipv4", True), ("n0", "native_nolog_ipv4", False)):
+        config = CONFIG_BY_KEY[key]
+        rbac_path = workdir / f"rbac-{key}.json"
+        rbac_path.write_text(native_rbac_document(config.port))
+        documents[key] = native_bootstrap(
+            name, port=config.port, admin_port=config.admin_port, rbac_path=rbac_path,
+            decision_log=logged,
+        )  # fmt: skip
+    return documents
+
+
+def envoy_configs(workdir: Path, certs: MeshCertificates) -> dict[str, Path]:
+    """The bootstraps written to files, by Envoy process name."""
+    paths = {}
+    for key, document in envoy_documents(workdir, certs).items():
+        path = workdir / f"envoy_{key}.yaml"
+        path.write_text(yaml_io.dump(document))
+        paths[f"envoy_{key}"] = path
+    return paths

@@ -1,0 +1,2 @@
+"""The parts of ``benchmarks/load.py``: admissions, checks, the authz server killed under load,
+the report."""

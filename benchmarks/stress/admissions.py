@@ -1,0 +1,189 @@
+"""1. The webhook: admissions at a concurrency, every answer checked, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.common import json_lines
+from benchmarks.stress.rows import Profile, Row
+from meshguard.inject.transform import InjectSettings, inject_pod
+from tests.support.keys import SIGNER
+from tests.support.latency import latency_ms
+from tests.support.pods import admission_review, example_pod
+from tests.support.processes import (
+    HOST,
+    free_port,
+    https_get,
+    rss_kib,
+    serve_webhook_argv,
+    start_logged,
+    stop_process,
+    wait_https_ready,
+)
+from tests.support.tls import write_server_files
+
+
+@dataclass
+class AdmissionRun:
+    sent: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # no answer, not 200, not a review
+    wrong: Counter[str] = field(default_factory=Counter)  # an answer, but not the right one
+    latencies: list[float] = field(default_factory=list)
+    answered_uids: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+async def admit(
+    url: str, ca_file: Path, pod: dict[str, Any], expected: dict[str, Any], *,
+    prefix: str, count: int, concurrency: int, max_seconds: float,
+) -> AdmissionRun:  # fmt: skip
+    context = ssl.create_default_context(cafile=str(ca_file))
+    connector = aiohttp.TCPConnector(ssl=context, limit=concurrency)
+    headers = {"Content-Type": "application/json"}
+    run = AdmissionRun()
+    numbers = iter(range(count))
+    good_patches: set[str] = set()
+    stop_at = time.monotonic() + max_seconds
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            for number in numbers:
+                if time.monotonic() > stop_at:
+                    return
+                uid = f"{prefix}-{number:06d}"
+                body = admission_review(pod, uid)
+                run.sent += 1
+                started = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as answer:
+                        payload, status = await answer.read(), answer.status
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    run.errors[type(exc).__name__] += 1
+                    continue
+                finally:
+                    run.latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    run.errors[f"HTTP {status}"] += 1
+                    continue
+                try:
+                    response = json.loads(payload)["response"]
+                except (ValueError, KeyError, TypeError):
+                    run.errors["not an AdmissionReview"] += 1
+                    continue
+                run.answered_uids.append(str(response.get("uid")))
+                if problem := admission_problem(response, uid, pod, expected, good_patches):
+                    run.wrong[problem] += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        run.elapsed = time.perf_counter() - began
+    return run
+
+
+def admission_problem(
+    response: dict[str, Any],
+    uid: str,
+    pod: dict[str, Any],
+    expected: dict[str, Any],
+    good: set[str],
+) -> str | None:
+    """Why an answer is not the right injection for its uid; ``good`` holds the patches
+    already found to turn ``pod`` into ``expected`` (inject_pod's result)."""
+    if response.get("uid") != uid:
+        return "answer for another uid"
+    if response.get("allowed") is not True:
+        return f"not allowed: {response.get('status')}"
+    patch = response.get("patch")
+    if response.get("patchType") != "JSONPatch" or not patch:
+        return "no patch"
+    if patch not in good:
+        patched = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(patch)))
+        if patched != expected:
+            return "the patched pod is not inject_pod's"
+        good.add(patch)
+    return None
+
+
+def admissions_counted(text: str) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "meshguard_admissions_total":
+                counted[sample.labels["result"]] = int(sample.value)
+    return counted
+
+
+def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
+    ca_file, cert_file, key_file = write_server_files(workdir)
+    pod = example_pod()
+    expected = copy.deepcopy(pod)
+    inject_pod(expected["metadata"], expected["spec"], settings=InjectSettings(signer=SIGNER))
+    port = free_port()
+    log_file = workdir / "webhook.log"
+    # Room for every request in flight, as tests/load: this is about answering each of them.
+    argv = [*serve_webhook_argv(cert_file, key_file, port),
+            "--max-pending-admissions", str(concurrency)]  # fmt: skip
+    process = start_logged(argv, log_file)
+    try:
+        wait_https_ready(
+            process, name="serve-webhook", port=port, ca_file=ca_file, log_file=log_file
+        )
+        url = f"https://{HOST}:{port}/inject"
+
+        def load(prefix: str, count: int) -> AdmissionRun:
+            return asyncio.run(
+                admit(url, ca_file, pod, expected, prefix=prefix, count=count,
+                      concurrency=concurrency, max_seconds=profile.phase_seconds)
+            )  # fmt: skip
+
+        warmup = load("warmup", profile.admission_warmup)
+        rss_warm = rss_kib(process.pid)
+        measured = load("load", profile.admissions)
+        rss_end = rss_kib(process.pid)
+        counted = admissions_counted(https_get(port, "/metrics", ca_file)[1].decode())
+        alive = process.poll() is None
+    finally:
+        stop_process(process)
+    lines, not_json = json_lines(log_file)
+    logged = Counter(line.get("uid") for line in lines if line.get("event") == "admission")
+    sent = warmup.sent + measured.sent
+    problems = []
+    answered = Counter(warmup.answered_uids + measured.answered_uids)
+    if any(n != 1 for n in answered.values()) or answered.total() != sent:
+        problems.append(f"webhook: {answered.total()} answers for {sent} admissions sent")
+    if counted != {"injected": sent}:
+        problems.append(f"webhook: /metrics counted {counted}, sent {sent}")
+    if logged.total() != sent or any(n != 1 for n in logged.values()):
+        problems.append(f"webhook: {logged.total()} admission log lines for {sent} sent")
+    if not_json:
+        problems.append(f"webhook: {not_json} log lines are not JSON")
+    if not alive:
+        problems.append("webhook: the server died")
+    errors, wrong = warmup.errors + measured.errors, warmup.wrong + measured.wrong
+    problems += [f"webhook: {n} x {what}" for what, n in (errors + wrong).items()]
+    body_bytes = len(admission_review(pod, "load-000000"))
+    return Row(
+        scenario="webhook: admissions (HTTPS)",
+        sent=measured.sent,
+        errors=errors.total(),
+        wrong=wrong.total(),
+        rate=measured.sent / measured.elapsed if measured.elapsed else 0.0,
+        latency=latency_ms(measured.latencies),
+        notes=f"+{warmup.sent} warm-up; review {body_bytes} B; /metrics {counted}; log"
+        f" {logged.total()} lines; RSS {rss_warm / 1024:.1f} -> {rss_end / 1024:.1f} MiB",
+        problems=problems,
+    )
