@@ -3,7 +3,7 @@ that most packets leave by, so they pay no jump; nothing else moves."""
 
 from __future__ import annotations
 
-from meshguard.rules.nftables import Chain, _hoist_early_returns, build
+from meshguard.rules.nft_render import Chain, _hoist_early_returns, build
 from tests.rules.test_backends import compiled
 
 
