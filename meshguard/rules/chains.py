@@ -63,7 +63,7 @@ from typing import Final
 from meshguard.pod import PodView
 from meshguard.policy import ANY_CONTAINER, PROXY, Action, Mode, Policy, Protocol
 from meshguard.rules.ruleset import Family, FamilyRuleset, Hook, SourceIdentity, Table
-from meshguard.rules.settings import CompilerSettings
+from meshguard.rules.settings import AUDIT_PREFIX, DENY_PREFIX, CompilerSettings
 
 OUTPUT_CHAIN: Final = "MESHGUARD_OUTPUT"
 CHECK_CHAIN: Final = "MESHGUARD_CHECK"
@@ -340,17 +340,32 @@ def _split(items: Sequence[int], parts: int) -> list[Sequence[int]]:
 
 
 def _deny_rules(family: Family, mode: Mode, settings: CompilerSettings) -> list[str]:
+    """``MESHGUARD_DENY``: report the packet (rate-limited, to the node agent's NFLOG group),
+    then reject it (enforce) or let it pass (audit). NFLOG is no verdict: the packet goes on
+    to the next rule whether it was logged or the limit skipped it."""
+    group = settings.denial_log_group
     if mode is Mode.AUDIT:
-        return [
-            f"-m limit --limit {settings.audit_log_rate} -j LOG"
-            ' --log-prefix "meshguard-audit: " --log-uid',
-            "-j RETURN",
-        ]
+        if group is None:
+            # The rule before NFLOG, as it was (iptables' default burst).
+            report = (
+                f"-m limit --limit {settings.audit_log_rate} -j LOG"
+                ' --log-prefix "meshguard-audit: " --log-uid'
+            )
+        else:
+            report = _nflog(settings, prefix=AUDIT_PREFIX, group=group)
+        return [report, "-j RETURN"]
     unreachable = "icmp-port-unreachable" if family is Family.IPV4 else "icmp6-port-unreachable"
+    reports = [] if group is None else [_nflog(settings, prefix=DENY_PREFIX, group=group)]
     return [
+        *reports,
         "-p tcp -j REJECT --reject-with tcp-reset",
         f"-j REJECT --reject-with {unreachable}",
     ]
+
+
+def _nflog(settings: CompilerSettings, *, prefix: str, group: int) -> str:
+    """The denial log rule, in iptables-save's own spelling."""
+    return f'{settings.denial_limit} -j NFLOG --nflog-prefix "{prefix}" --nflog-group {group}'
 
 
 def _nat_table(

@@ -208,6 +208,13 @@ def _limit(rule: _Rule, word: str) -> None:
     rule.matches.append(f"limit rate {rate}/{_UNITS[unit]}")
 
 
+def _limit_burst(rule: _Rule, word: str) -> None:
+    burst = rule.words.value(word)
+    if not burst.isdigit() or not rule.matches or not rule.matches[-1].startswith("limit rate "):
+        raise UnsupportedRule(f"--limit-burst {burst} not right after --limit in {rule.spec!r}")
+    rule.matches[-1] += f" burst {burst} packets"
+
+
 def _jump(rule: _Rule, word: str) -> None:
     rule.verdict = _verdict(word, rule)
 
@@ -232,6 +239,7 @@ _HANDLERS: Final[Mapping[str, Callable[[_Rule, str], None]]] = {
     "--dst-type": _dst_type,
     "--comment": _comment,
     "--limit": _limit,
+    "--limit-burst": _limit_burst,
     "-j": _jump,
     "-g": _jump,
 }
@@ -252,6 +260,11 @@ def _verdict(flag: str, rule: _Rule) -> str:
         "REJECT": _REJECTS.get(options.get("--reject-with", "icmp-port-unreachable")),
         "LOG": f"log prefix {json.dumps(options.get('--log-prefix', ''))}"
         + (" flags skuid" if "--log-uid" in options else ""),
+        # Non-terminal, as the NFLOG target: the packet goes on to the next rule.
+        "NFLOG": f"log prefix {json.dumps(options.get('--nflog-prefix', ''))}"
+        f" group {options['--nflog-group']}"
+        if "--nflog-group" in options
+        else None,
         "REDIRECT": f"redirect to :{options['--to-ports']}" if "--to-ports" in options else None,
         "SNAT": f"snat {address} to {options['--to-source']}" if "--to-source" in options else None,
     }
