@@ -37,6 +37,7 @@ from meshguard.cni.kube import KeptAlive
 from meshguard.cni.node_watch import NodePods
 from meshguard.cni.watch import DenialWatch, serving_metrics
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.recent_denials import parse_agent_answer, text_lines
 from meshguard.rules.ruleset import Family, Ruleset
 from tests.support.keys import SIGNER
 from tests.support.matrix import CACHE, SERVERS, example_pod
@@ -158,7 +159,7 @@ def test_an_init_container_mode_pods_denial_becomes_a_json_line_and_a_counter(
                         break
                     time.sleep(0.05)
                 metrics = _get(port, "/metrics")
-                recent = json.loads(_get(port, "/denials?namespace=demo&pod=shop"))
+                answer = _get(port, "/denials?namespace=demo&pod=shop")
             assert [r["result"] for r in results] == ["deny"]
             (line, *_) = records(caplog)
             assert {k: line[k] for k in ("namespace", "pod", "source", "destination", "port",
@@ -170,7 +171,13 @@ def test_an_init_container_mode_pods_denial_becomes_a_json_line_and_a_counter(
                 'meshguard_loopback_denials_total{namespace="demo",pod="shop",source="cache",'
                 'destination="app",verdict="denied"} 1'
             ) in metrics
-            assert [d["destination"] for d in recent["denials"]] == ["app"]
+            assert [d["destination"] for d in json.loads(answer)["denials"]] == ["app"]
+            # what `meshguard describe --recent-denials` makes of the agent's answer
+            recent = parse_agent_answer(answer.encode(), agent="meshguard/denials-x")
+            assert text_lines(recent) == [
+                "recent denials (from node agent meshguard/denials-x, newest last):",
+                "  cache -> app 8080/tcp: denied",
+            ]
             assert node.sync([]) == set()  # gone from the node: unwatched, series forgotten
             assert 'pod="shop"' not in watch.counters.exposition()
         finally:

@@ -1,0 +1,82 @@
+"""``describe --recent-denials`` against the live cluster: the node agent's ``/denials``
+through the API server's pod proxy, else the pod's Events (see
+:mod:`meshguard.recent_denials`, which parses what is read here)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from meshguard.cluster import REQUEST_TIMEOUT, Cluster, ClusterError, _called, _json, connect
+from meshguard.cluster import list_objects as list_cluster_objects
+from meshguard.manifests import PodTemplate
+from meshguard.recent_denials import (
+    AGENT_SELECTOR,
+    RecentDenials,
+    agent_on,
+    from_events,
+    parse_agent_answer,
+)
+
+
+def reader(args: argparse.Namespace) -> Callable[[PodTemplate], RecentDenials]:
+    """Reads one pod's recent denials; the agents are listed once, on first use."""
+    cluster = connect(kubeconfig=args.kubeconfig, context=args.context)
+    agents: list[dict[str, Any]] | None = None
+
+    def read(template: PodTemplate) -> RecentDenials:
+        nonlocal agents
+        namespace, name = template.namespace or "default", template.name
+        node = str(template.spec.get("nodeName") or "")
+        try:
+            if agents is None:
+                agents = list(
+                    list_cluster_objects(
+                        cluster, resource="pods", namespace=None, selector=AGENT_SELECTOR
+                    )
+                )
+            agent = agent_on(agents, node=node) if node else None
+            if agent is not None:
+                answer = _from_agent(cluster, agent, namespace=namespace, pod=name)
+                if answer.error is None:
+                    return answer
+            return from_events(_events(cluster, namespace=namespace, pod=name))
+        except ClusterError as exc:
+            return RecentDenials(error=str(exc))
+
+    return read
+
+
+def _from_agent(
+    cluster: Cluster, agent: tuple[str, str, int], *, namespace: str, pod: str
+) -> RecentDenials:
+    agent_namespace, agent_name, port = agent
+    where = f"{agent_namespace}/{agent_name}"
+    path = f"/api/v1/namespaces/{agent_namespace}/pods/{agent_name}:{port}/proxy/denials"
+    api = cluster.api.api_client
+    try:
+        body = _called(
+            lambda: api.call_api(
+                path, "GET", query_params=[("namespace", namespace), ("pod", pod)],
+                auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True, _request_timeout=REQUEST_TIMEOUT,
+            ),
+            resource="pods/proxy", name=agent_name,
+        )  # fmt: skip
+    except ClusterError as exc:
+        return RecentDenials(agent=where, error=str(exc))
+    return parse_agent_answer(body, agent=where)
+
+
+def _events(cluster: Cluster, *, namespace: str, pod: str) -> list[dict[str, Any]]:
+    selector = f"involvedObject.kind=Pod,involvedObject.name={pod}"
+    body = _called(
+        lambda: cluster.api.list_namespaced_event(
+            namespace, field_selector=selector, _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
+        ),
+        resource="events", name=None,
+    )  # fmt: skip
+    items = _json(body).get("items")
+    return [item for item in items or () if isinstance(item, dict)]
