@@ -78,6 +78,8 @@ class NodePods:
                 wanted.add(key)
         for key in watched - wanted:
             self._watch.unwatch(key=key)
+        # bounded by the node's pods: a refused pod that is gone is forgotten
+        self._refused &= {str((p.get("metadata") or {}).get("uid", "")) for p in pods}
         return {key.removeprefix(_KEY_PREFIX) for key in wanted}
 
     def run(
