@@ -29,6 +29,7 @@ import http.server
 import json
 import logging
 import os
+import select
 import threading
 import time
 import urllib.parse
@@ -193,9 +194,17 @@ class DenialWatch:
             if not pods:
                 self._stop.wait(_READ_SECONDS)
                 continue
-            for watched in pods:
-                with contextlib.suppress(OSError, MeshguardError):  # closed under us: DEL
-                    for logged in watched.group.read(timeout=_READ_SECONDS / len(pods)):
+            # One wait for every pod's socket (poll: no FD_SETSIZE limit), then read only the
+            # ones with messages: an idle node costs one wakeup per _READ_SECONDS, whatever
+            # the number of pods. Sockets are closed only by this thread (``closing``).
+            poller = select.poll()
+            by_fd = {watched.group.fileno(): watched for watched in pods}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(_READ_SECONDS * 1000):
+                watched = by_fd[fd]
+                with contextlib.suppress(OSError, MeshguardError):
+                    for logged in watched.group.read(timeout=0):
                         denial = attribute(logged, watched.pod)
                         if denial is not None:
                             self._record(watched, denial)
