@@ -72,9 +72,10 @@ def test_a_processs_cgroup_names_its_pod(cgroup: str, uid: str | None) -> None:
     assert podnetns.pod_uid_of(cgroup) == uid
 
 
-def admitted(netfilter: Netfilter, *, uid: str) -> dict[str, Any]:
+def admitted(netfilter: Netfilter, *, uid: str, mode: str = "enforce") -> dict[str, Any]:
     pod: dict[str, Any] = pod_for(example_pod(), netfilter)
     pod["metadata"].update(namespace="demo", name="shop", uid=uid)
+    pod["metadata"]["annotations"]["meshguard.io/mode"] = mode
     inject_pod(
         pod["metadata"], pod["spec"], settings=InjectSettings(request_template=False, signer=SIGNER)
     )
@@ -125,12 +126,21 @@ def records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 
 
 @pytest.mark.root
+@pytest.mark.parametrize(
+    ("mode", "result", "verdict"), [("enforce", "deny", "denied"), ("audit", "allow", "would-deny")]
+)
 @pytest.mark.parametrize("netfilter", NETFILTERS, ids=str)
 def test_an_init_container_mode_pods_denial_becomes_a_json_line_and_a_counter(
-    tmp_path: Path, netfilter: Netfilter, pod_process: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    netfilter: Netfilter,
+    mode: str,
+    result: str,
+    verdict: str,
+    pod_process: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     uid = str(uuid.uuid4())
-    pod = admitted(netfilter, uid=uid)
+    pod = admitted(netfilter, uid=uid, mode=mode)
     ruleset = Ruleset.from_json(pod["metadata"]["annotations"][annotation_keys.RULESET])
     istio = {Family.IPV4: "ipnets.golden", Family.IPV6: "ipv6-outbound-ports.golden"}
     nft = matrix_capture_nft() if netfilter is Netfilter.NFTABLES else None
@@ -160,23 +170,23 @@ def test_an_init_container_mode_pods_denial_becomes_a_json_line_and_a_counter(
                     time.sleep(0.05)
                 metrics = _get(port, "/metrics")
                 answer = _get(port, "/denials?namespace=demo&pod=shop")
-            assert [r["result"] for r in results] == ["deny"]
+            assert [r["result"] for r in results] == [result]
             (line, *_) = records(caplog)
             assert {k: line[k] for k in ("namespace", "pod", "source", "destination", "port",
                                          "protocol", "verdict", "uid")} == {
                 "namespace": "demo", "pod": "shop", "source": "cache", "destination": "app",
-                "port": 8080, "protocol": "tcp", "verdict": "denied", "uid": CACHE.uid,
+                "port": 8080, "protocol": "tcp", "verdict": verdict, "uid": CACHE.uid,
             }  # fmt: skip
             assert (
                 'meshguard_loopback_denials_total{namespace="demo",pod="shop",source="cache",'
-                'destination="app",verdict="denied"} 1'
+                f'destination="app",verdict="{verdict}"}} 1'
             ) in metrics
             assert [d["destination"] for d in json.loads(answer)["denials"]] == ["app"]
             # what `meshguard describe --recent-denials` makes of the agent's answer
             recent = parse_agent_answer(answer.encode(), agent="meshguard/denials-x")
             assert text_lines(recent) == [
                 "recent denials (from node agent meshguard/denials-x, newest last):",
-                "  cache -> app 8080/tcp: denied",
+                f"  cache -> app 8080/tcp: {verdict}",
             ]
             assert node.sync([]) == set()  # gone from the node: unwatched, series forgotten
             assert 'pod="shop"' not in watch.counters.exposition()
