@@ -4,12 +4,12 @@ The node agent on the pod's node (``meshguard cni denials``, DaemonSet ``meshgua
 or the CNI agent with ``--agent-denials``) keeps each watched pod's last denials and serves
 them on ``GET /denials?namespace=NS&pod=NAME`` beside ``/metrics``. ``describe`` reaches it
 through the API server's pod proxy (``pods/proxy``: the caller's own RBAC decides, no port
-opened to the caller): it finds the agent pod on the described pod's node (labels
-``app.kubernetes.io/name=meshguard``, component ``denials`` or ``cni``; its container port
-named ``metrics``) and reads the answer into :class:`RecentDenials`. Where no agent answers,
-the pod's Events (``LoopbackDenied``, ``LoopbackWouldDeny``: the agent's optional Events)
-are read instead; failing both, :attr:`RecentDenials.error` says why. The parsing and the
-words are pure (:func:`parse_agent_answer`, :func:`from_events`, :func:`text_lines`).
+opened to the caller): it finds the agent pod on the described pod's node (label
+``app.kubernetes.io/name=meshguard``, component ``denials`` or ``cni``, its container port
+named ``metrics``) and reads the answer into :class:`RecentDenials`. Where no agent
+answers, the pod's Events (``LoopbackDenied``, ``LoopbackWouldDeny``: the agent's optional
+Events) are read instead; failing both, :attr:`RecentDenials.error` says why. The parsing
+and the words are pure (:func:`parse_agent_answer`, :func:`from_events`, :func:`text_lines`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-#: The agents' pods: the chart's labels.
-AGENT_SELECTOR: Final = (
-    "app.kubernetes.io/name=meshguard,app.kubernetes.io/component in (denials,cni)"
-)
+#: The chart's pods (listed with this selector); the agents among them by component.
+AGENT_SELECTOR: Final = "app.kubernetes.io/name=meshguard"
+AGENT_COMPONENTS: Final = frozenset({"denials", "cni"})
 EVENT_REASONS: Final = frozenset({"LoopbackDenied", "LoopbackWouldDeny"})
 MAX_SHOWN: Final = 20
 MAX_ANSWER_BYTES: Final = 1024 * 1024
@@ -100,6 +99,9 @@ def agent_on(pods: Sequence[Mapping[str, Any]], *, node: str) -> tuple[str, str,
     """(namespace, name, metrics port) of a running agent pod on ``node``, if any."""
     for pod in pods:
         spec, status = pod.get("spec") or {}, pod.get("status") or {}
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/component") not in AGENT_COMPONENTS:
+            continue
         if spec.get("nodeName") != node or status.get("phase") != "Running":
             continue
         for container in spec.get("containers") or []:

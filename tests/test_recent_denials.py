@@ -54,7 +54,8 @@ def test_the_agents_events_read_back_as_denials():
 
 def test_the_agent_is_the_running_one_on_the_pods_node():
     def agent(name: str, node: str, phase: str = "Running") -> dict[str, object]:
-        return {"metadata": {"namespace": "meshguard", "name": name},
+        return {"metadata": {"namespace": "meshguard", "name": name,
+                             "labels": {"app.kubernetes.io/component": "denials"}},
                 "spec": {"nodeName": node, "containers": [
                     {"ports": [{"name": "metrics", "containerPort": 9103}]}]},
                 "status": {"phase": phase}}  # fmt: skip

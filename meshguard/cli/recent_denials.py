@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from meshguard.cluster import REQUEST_TIMEOUT, Cluster, ClusterError, _called, _json, connect
+from meshguard.cluster import Cluster, ClusterError, connect, list_events, proxy_get
 from meshguard.cluster import list_objects as list_cluster_objects
 from meshguard.manifests import PodTemplate
 from meshguard.recent_denials import (
@@ -53,17 +53,10 @@ def _from_agent(
 ) -> RecentDenials:
     agent_namespace, agent_name, port = agent
     where = f"{agent_namespace}/{agent_name}"
-    path = f"/api/v1/namespaces/{agent_namespace}/pods/{agent_name}:{port}/proxy/denials"
-    api = cluster.api.api_client
     try:
-        body = _called(
-            lambda: api.call_api(
-                path, "GET", query_params=[("namespace", namespace), ("pod", pod)],
-                auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True, _request_timeout=REQUEST_TIMEOUT,
-            ),
-            resource="pods/proxy", name=agent_name,
-        )  # fmt: skip
+        query = [("namespace", namespace), ("pod", pod)]
+        body = proxy_get(cluster, namespace=agent_namespace, pod=agent_name, port=port,
+                         path="denials", query=query)  # fmt: skip
     except ClusterError as exc:
         return RecentDenials(agent=where, error=str(exc))
     return parse_agent_answer(body, agent=where)
@@ -71,12 +64,4 @@ def _from_agent(
 
 def _events(cluster: Cluster, *, namespace: str, pod: str) -> list[dict[str, Any]]:
     selector = f"involvedObject.kind=Pod,involvedObject.name={pod}"
-    body = _called(
-        lambda: cluster.api.list_namespaced_event(
-            namespace, field_selector=selector, _preload_content=False,
-            _request_timeout=REQUEST_TIMEOUT,
-        ),
-        resource="events", name=None,
-    )  # fmt: skip
-    items = _json(body).get("items")
-    return [item for item in items or () if isinstance(item, dict)]
+    return list_events(cluster, namespace=namespace, field_selector=selector)
