@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -196,6 +196,48 @@ def get_object(cluster: Cluster, *, resource: str, namespace: str, name: str) ->
             lambda: api.read_namespaced_pod(name, namespace, **_RAW), resource=resource, name=name
         )
     return _json(answer)
+
+
+def proxy_get(
+    cluster: Cluster,
+    *,
+    namespace: str,
+    pod: str,
+    port: int,
+    path: str,
+    query: Sequence[tuple[str, str]],
+) -> bytes:
+    """``GET`` ``path`` of ``pod``'s ``port`` through the API server's pod proxy (the
+    caller's RBAC on ``pods/proxy`` decides)."""
+    api = cluster.api.api_client
+
+    def call() -> Any:  # noqa: ANN401 - the client's RESTResponse
+        method, url, headers, body, post = api.param_serialize(
+            "GET", "/api/v1/namespaces/{namespace}/pods/{name}/proxy/{path}",
+            path_params={"namespace": namespace, "name": f"{pod}:{port}",
+                         "path": path.lstrip("/")},
+            query_params=list(query), auth_settings=["BearerToken"],
+        )  # fmt: skip
+        response = api.call_api(method, url, header_params=headers, body=body,
+                                post_params=post, _request_timeout=REQUEST_TIMEOUT)  # fmt: skip
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return response
+
+    return _called(call, resource="pods/proxy", name=pod)
+
+
+def list_events(cluster: Cluster, *, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+    """The Events of ``namespace`` that ``field_selector`` selects (one page)."""
+    body = _called(
+        lambda: cluster.api.list_namespaced_event(
+            namespace, field_selector=field_selector, **_RAW
+        ),
+        resource="events", name=None,
+    )  # fmt: skip
+    items = _json(body).get("items")
+    return [item for item in items or () if isinstance(item, dict)]
 
 
 #: The answer's body as bytes (no model built), with kubectl's patience.

@@ -44,6 +44,8 @@ from meshguard.policy import (
     parse_policy,
 )
 from meshguard.rbac import rbac_digest
+from meshguard.recent_denials import RecentDenials
+from meshguard.recent_denials import text_lines as recent_denial_lines
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_ruleset, hairpin_ports
 from meshguard.rules.ruleset import Ruleset
@@ -203,6 +205,8 @@ class PodDescription(_Data):
     posture_changes: tuple[str, ...] = ()
     #: The L7 engine that decides the pod's HTTP rules, where known.
     engine: EngineData | None = None
+    #: What the kernel denied the pod lately (``--recent-denials``: meshguard.recent_denials).
+    recent_denials: RecentDenials | None = None
 
     @property
     def tampered(self) -> bool:
@@ -472,6 +476,7 @@ def text_lines(d: PodDescription) -> list[str]:
     lines += _status_lines(d)
     lines += _admitted_lines(d)
     lines += _engine_lines(d.engine)
+    lines += recent_denial_lines(d.recent_denials)
     return lines
 
 

@@ -324,8 +324,7 @@ def _add_cni(commands: Subcommands) -> None:
         "--agent-denials",
         action="store_true",
         help="log (one JSON line each) and count the loopback denials of the pods it installs"
-        " into, read from NFLOG in their namespaces (docs/cni.md; meshguard's rules do not"
-        " log to NFLOG yet)",
+        " into, read from NFLOG in their namespaces (docs/cni.md)",
     )
     node.add_argument(
         "--agent-metrics-port",
@@ -369,6 +368,25 @@ def _add_cni(commands: Subcommands) -> None:
         " reaches the node); the plugin installs only rulesets signed for the pod",
     )
     node.set_defaults(handler="meshguard.cli.cni:run_install")
+    denials = sub.add_parser(
+        "denials",
+        formatter_class=_HelpFormatter,
+        help="node agent without CNI mode: the loopback denials of every meshguard pod on"
+        " the node (init-container mode too), as JSON lines, metrics and optional Events",
+        description="List the node's pods, find each one's network namespace through /proc"
+        " (--proc: the host's, hostPath-mounted), verify its admitted record, and read the"
+        " denials its rules report to NFLOG (docs/cni.md).",
+    )
+    denials.add_argument("--node-name", help="this node (default: $NODE_NAME)")
+    denials.add_argument("--proc", type=Path, default=Path("/proc"), help="the host's /proc")
+    denials.add_argument("--metrics-port", type=_port, default=9102, help="/metrics, /denials")
+    denials.add_argument("--interval", type=float, default=10.0, help="seconds between syncs")
+    denials.add_argument("--events", action="store_true", help="record Kubernetes Events")
+    denials.add_argument(
+        "--service-account-dir", type=Path, default=SERVICE_ACCOUNT_DIR, help="token, ca.crt"
+    )
+    add_trusted_keys_flag(denials, what="required: only verified pods are attributed")
+    denials.set_defaults(handler="meshguard.cli.cni:run_denials")
     remove = sub.add_parser(
         "uninstall",
         formatter_class=_HelpFormatter,

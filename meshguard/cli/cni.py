@@ -89,6 +89,40 @@ def run_install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_denials(args: argparse.Namespace) -> int:
+    """``cni denials``: the node's pods' denials, without CNI mode (docs/cni.md)."""
+    from meshguard.cni.events import EventRecorder  # noqa: PLC0415 - this command's only
+    from meshguard.cni.kube import KeptAlive  # noqa: PLC0415
+    from meshguard.cni.node_watch import NodePods  # noqa: PLC0415
+    from meshguard.cni.watch import DenialWatch, serving_metrics  # noqa: PLC0415
+    from meshguard.kube_api import ApiAccess  # noqa: PLC0415
+
+    node = args.node_name or os.environ.get("NODE_NAME", "")
+    if not node or args.trusted_keys is None:
+        return fail("cni denials needs --node-name (or $NODE_NAME) and --trusted-keys", EXIT_USAGE)
+    trusted = TrustedKeys.load(args.trusted_keys)
+
+    def access() -> ApiAccess:
+        credentials = api_credentials(os.environ, account_dir=args.service_account_dir)
+        return ApiAccess(server=credentials.server, token=credentials.token,
+                         ca_pem=credentials.ca_pem, timeout=10.0)  # fmt: skip
+
+    events = EventRecorder(access=access) if args.events else None
+    watch = DenialWatch(connections=KeptAlive(), on_denial=events.record if events else None)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with serving_metrics(watch.counters, port=args.metrics_port, watch=watch):
+            pods = NodePods(watch=watch, trusted=trusted, proc=args.proc)
+            pods.run(node=node, access=access, stop=stop, interval=args.interval)
+    finally:
+        watch.close()
+        if events is not None:
+            events.close()
+    return EXIT_OK
+
+
 def run_uninstall(args: argparse.Namespace) -> int:
     uninstall(_layout(args))
     return EXIT_OK

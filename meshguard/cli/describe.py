@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -39,6 +39,7 @@ from meshguard.describe import (
 from meshguard.errors import UsageError
 from meshguard.inject.transform import OPT_OUT_EXEMPTION
 from meshguard.manifests import PodTemplate, stream_objects
+from meshguard.recent_denials import RecentDenials
 from meshguard.rules.compiler import CompilerSettings
 
 #: Exit status of ``--fail-on-unprotected`` when a pod has Istio's sidecar and no meshguard
@@ -72,11 +73,17 @@ def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
 
         found = pods_of_cluster(args, opt_out, exemptions=refuse_pod_opt_out)
         complete = True
+    recent = None
+    if getattr(args, "recent_denials", False) and not args.filename:
+        from meshguard.cli.recent_denials import reader  # noqa: PLC0415 - the client is heavy
+
+        recent = reader(args)
     audit = _Audit(
         opt_out=opt_out,
         printer=_Printer(output=args.output, only_unprotected=only_unprotected),
         namespaces_complete=complete,
         refuse_pod_opt_out=refuse_pod_opt_out,
+        recent_denials=recent,
     )
     for item in found:
         audit.take(item)
@@ -143,6 +150,8 @@ class _Audit:
     #: ``--pod-opt-out refuse``: a pod's own opt-out counts only in exempt namespaces.
     refuse_pod_opt_out: bool = False
     settings: CompilerSettings = field(default_factory=CompilerSettings)
+    #: ``--recent-denials``: the described pod's recent denials (reading the cluster only).
+    recent_denials: Callable[[PodTemplate], RecentDenials] | None = None
     opted_out_namespaces: set[str] = field(default_factory=set)
     exempt_namespaces: set[str] = field(default_factory=set)
     seen_namespaces: set[str] = field(default_factory=set)
@@ -227,13 +236,16 @@ class _Audit:
 
     def _describe(self, template: PodTemplate, verdict: Verdict) -> PodDescription:
         ref = PodRef(kind=template.kind, namespace=template.namespace, name=template.name)
-        return describe_pod(
+        description = describe_pod(
             ref=ref,
             metadata=template.metadata,
             spec=template.spec,
             verdict=verdict,
             settings=self.settings,
         )
+        if self.recent_denials is None or verdict.protection is not Protection.PROTECTED:
+            return description
+        return description.model_copy(update={"recent_denials": self.recent_denials(template)})
 
     def _count(self, label: str, protection: Protection) -> None:
         if protection is not Protection.NO_SIDECAR:

@@ -56,6 +56,12 @@ def add_commands(commands: Subcommands, command: Command) -> None:
         action="store_true",
         help="print only the unprotected pods, one line each, and a summary (as `unprotected`)",
     )
+    describe.add_argument(
+        "--recent-denials",
+        action="store_true",
+        help="from the cluster: each pod's recent loopback denials, from the node agent on its"
+        " node (through the API server's pod proxy), else from the pod's events",
+    )
     describe.set_defaults(handler="meshguard.cli.describe:run", extra="cli")
 
     unprotected = command(

@@ -9,8 +9,8 @@ verdict (the rule's prefix: :data:`DENY_PREFIX` for a dropped packet, :data:`AUD
 for one audit mode let through) — written as one JSON line and counted in
 :class:`DenialCounters`, a Prometheus counter family whose series are bounded.
 
-Not built yet: the rules do not log to NFLOG (the prefixes here are what they are to use),
-and no agent loop binds the pods' groups; see docs/cni.md.
+The rules' NFLOG statements, their group and prefixes are the compiler's
+(:mod:`meshguard.rules.settings`, :mod:`meshguard.rules.chains`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from typing import Final
 
 from meshguard.cni.nflog import Logged
 from meshguard.mesh import PROXY_PORT_RANGE
+from meshguard.rules.settings import AUDIT_PREFIX, DENY_PREFIX
 from meshguard.status import PodStatus
 
-#: The NFLOG prefixes of meshguard's rules: a packet dropped, and one audit mode let through.
-DENY_PREFIX: Final = "meshguard:deny"
-AUDIT_PREFIX: Final = "meshguard:audit"
 PROXY: Final = "istio-proxy"
 LISTENER: Final = "meshguard-listener"
 UNKNOWN: Final = "unknown"

@@ -193,6 +193,9 @@ class Group:
             logged += parse(data)
         return logged
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def close(self) -> None:
         self._sock.close()
 

@@ -10,36 +10,51 @@ reads every pod's group: each packet a meshguard rule logged becomes a
 and its series. At most :data:`MAX_PODS` pods are watched; nothing of the watch can fail or
 delay a CNI call (it works after the answer, off the call's path).
 
-Not built yet: meshguard's rules do not log to NFLOG (the group and prefixes are what they
-are to use); the counters are not served over HTTP; init-container pods are not watched.
+The pod's attribution (its containers' uids, the proxy's) comes only from the admitted
+record the webhook signed: the pod read from the API server is verified against the
+webhook's public keys (:func:`verified_view`, :mod:`meshguard.attestation`) before its
+``meshguard.io/status`` is read; a pod that does not verify is not watched (and says so).
+Pods in init-container mode, whose namespaces no CNI call hands over, are found on the node
+by :mod:`meshguard.cni.node_watch`, into the same watch (:meth:`DenialWatch.watch`). The
+last :data:`RECENT_PER_POD` denials of each pod are kept for ``meshguard describe``
+(``GET /denials`` beside ``/metrics``); Kubernetes Events are optional
+(:mod:`meshguard.cni.events`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.server
+import json
 import logging
 import os
+import select
 import threading
 import time
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from meshguard import annotation_keys
+from meshguard.attestation import AttestationError, TrustedKeys, verify_pod
 from meshguard.cni.denials import Denial, DenialCounters, PodView, attribute
 from meshguard.cni.kube import Connections, api_access, get_pod
 from meshguard.cni.nflog import Group, bind_group
 from meshguard.cni.protocol import CniError, parse_args, read_netconf
 from meshguard.errors import MeshguardError, MeshguardFailure
+from meshguard.rules.settings import DENIAL_LOG_GROUP
 from meshguard.status import MalformedStatusError, read_status
 
 log = logging.getLogger(__name__)
 
-#: The NFLOG group meshguard's rules are to log denials to.
-NFLOG_GROUP: Final = 4747
+#: The NFLOG group meshguard's rules log denials to.
+NFLOG_GROUP: Final = DENIAL_LOG_GROUP
 MAX_PODS: Final = 1024
 LINES_PER_SECOND: Final = 20
+#: Denials kept per pod for ``meshguard describe`` (the newest; older ones only counted).
+RECENT_PER_POD: Final = 20
 _READ_SECONDS: Final = 0.5
 
 
@@ -53,9 +68,17 @@ class _Watched:
 class DenialWatch:
     """The pods watched, and the thread that reads them."""
 
-    def __init__(self, *, connections: Connections, group: int = NFLOG_GROUP) -> None:
+    def __init__(
+        self,
+        *,
+        connections: Connections,
+        group: int = NFLOG_GROUP,
+        on_denial: Callable[[Denial], None] | None = None,
+    ) -> None:
         self._connections = connections
         self._group = group
+        self._on_denial = on_denial
+        self._recent: dict[tuple[str, str], collections.deque[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._pods: dict[str, _Watched] = {}  # by sandbox (CNI_CONTAINERID)
         # Sockets the reader closes: it may be waiting on one (closed under it, its number
@@ -70,38 +93,67 @@ class DenialWatch:
         """After a successful ADD: watch the sandbox, if meshguard injected its pod. Takes
         ``netns_fd`` (a copy the caller made) and closes it."""
         try:
-            view = self._pod_view(variables, stdin)
-            if view is None:
+            try:
+                view = self._pod_view(variables, stdin)
+            except (MeshguardError, CniError, OSError) as exc:
+                reason = exc.msg if isinstance(exc, CniError) else str(exc)
+                fields = {"event": "denial-watch-failed", "reason": reason}
+                log.warning("denial watch not started: %s", reason, extra={"fields": fields})
                 return
-            with self._lock:
-                if len(self._pods) >= MAX_PODS:
-                    log.warning("denial watch: %d pods watched, not %s/%s", MAX_PODS,
-                                view.namespace, view.name,
-                                extra={"fields": {"event": "denial-watch-full"}})  # fmt: skip
-                    return
-            group = bind_group(f"/proc/self/fd/{netns_fd}", group=self._group)
-        except (MeshguardError, CniError, OSError) as exc:
-            reason = exc.msg if isinstance(exc, CniError) else str(exc)
-            fields = {"event": "denial-watch-failed", "reason": reason}
-            log.warning("denial watch not started: %s", reason, extra={"fields": fields})
-            return
+            if view is not None:
+                sandbox = variables.get("CNI_CONTAINERID", "")
+                self.watch(key=sandbox, view=view, netns=f"/proc/self/fd/{netns_fd}")
         finally:
             os.close(netns_fd)
-        sandbox = variables.get("CNI_CONTAINERID", "")
+
+    def watch(self, *, key: str, view: PodView, netns: str) -> bool:
+        """Watch ``view``'s pod in the network namespace at ``netns`` under ``key`` (a
+        sandbox, or a pod's UID); a pod watched under ``key`` before is replaced. False
+        (logged) when it cannot be: too many pods, or the namespace's group is not ours."""
         with self._lock:
-            previous = self._pods.pop(sandbox, None)
-            self._pods[sandbox] = _Watched(pod=view, group=group, lines=[])
+            if key not in self._pods and len(self._pods) >= MAX_PODS:
+                log.warning("denial watch: %d pods watched, not %s/%s", MAX_PODS,
+                            view.namespace, view.name,
+                            extra={"fields": {"event": "denial-watch-full"}})  # fmt: skip
+                return False
+        try:
+            group = bind_group(netns, group=self._group)
+        except (MeshguardError, OSError) as exc:
+            fields = {"event": "denial-watch-failed", "reason": str(exc),
+                      "namespace": view.namespace, "pod": view.name}  # fmt: skip
+            log.warning("denial watch not started: %s", exc, extra={"fields": fields})
+            return False
+        with self._lock:
+            previous = self._pods.pop(key, None)
+            self._pods[key] = _Watched(pod=view, group=group, lines=[])
             if previous is not None:
                 self._closing.append(previous.group)
+        fields = {"event": "denial-watch-started", "namespace": view.namespace, "pod": view.name}
+        log.info("watching the pod's denials", extra={"fields": fields})
+        return True
+
+    def unwatch(self, *, key: str) -> None:
+        """The watch under ``key`` ends: its socket, its series and its recent denials."""
+        with self._lock:
+            watched = self._pods.pop(key, None)
+            if watched is not None:
+                self._closing.append(watched.group)
+                self._recent.pop((watched.pod.namespace, watched.pod.name), None)
+        if watched is not None:
+            self.counters.forget(namespace=watched.pod.namespace, pod=watched.pod.name)
+
+    def watch_keys(self) -> set[str]:
+        with self._lock:
+            return set(self._pods)
+
+    def recent(self, *, namespace: str, pod: str) -> list[dict[str, Any]]:
+        """The pod's newest denials (at most :data:`RECENT_PER_POD`), oldest first."""
+        with self._lock:
+            return list(self._recent.get((namespace, pod), ()))
 
     def deleted(self, *, variables: Mapping[str, str]) -> None:
         """After a DEL: the sandbox's watch, socket and series end."""
-        with self._lock:
-            watched = self._pods.pop(variables.get("CNI_CONTAINERID", ""), None)
-            if watched is not None:
-                self._closing.append(watched.group)
-        if watched is not None:
-            self.counters.forget(namespace=watched.pod.namespace, pod=watched.pod.name)
+        self.unwatch(key=variables.get("CNI_CONTAINERID", ""))
 
     def watched(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -122,16 +174,15 @@ class DenialWatch:
         if not namespace or not name:
             return None
         conf = read_netconf(stdin.decode("utf-8", "replace"))
+        if not conf.trusted_keys:
+            raise MeshguardFailure(
+                "the network configuration has no trustedKeys: a pod's denials are attributed"
+                " only from its verified admitted record"
+            )
+        trusted = TrustedKeys.from_pem(conf.trusted_keys, origin="trustedKeys")
         access = api_access(conf.kubernetes, os.environ)
         pod = get_pod(access, namespace=namespace, name=name, connections=self._connections)
-        annotations = pod["metadata"].get("annotations") or {}
-        try:
-            status = read_status(annotations.get(annotation_keys.STATUS))
-        except MalformedStatusError:
-            return None
-        if status is None:
-            return None
-        return PodView(namespace=namespace, name=name, status=status, ports=_ports(pod))
+        return verified_view(pod, trusted=trusted)
 
     def _read_all(self) -> None:
         while not self._stop.is_set():
@@ -143,15 +194,30 @@ class DenialWatch:
             if not pods:
                 self._stop.wait(_READ_SECONDS)
                 continue
-            for watched in pods:
-                with contextlib.suppress(OSError, MeshguardError):  # closed under us: DEL
-                    for logged in watched.group.read(timeout=_READ_SECONDS / len(pods)):
+            # One wait for every pod's socket (poll: no FD_SETSIZE limit), then read only the
+            # ones with messages: an idle node costs one wakeup per _READ_SECONDS, whatever
+            # the number of pods. Sockets are closed only by this thread (``closing``).
+            poller = select.poll()
+            by_fd = {watched.group.fileno(): watched for watched in pods}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(_READ_SECONDS * 1000):
+                watched = by_fd[fd]
+                with contextlib.suppress(OSError, MeshguardError):
+                    for logged in watched.group.read(timeout=0):
                         denial = attribute(logged, watched.pod)
                         if denial is not None:
                             self._record(watched, denial)
 
     def _record(self, watched: _Watched, denial: Denial) -> None:
         self.counters.add(denial)
+        with self._lock:
+            recent = self._recent.setdefault(
+                (denial.namespace, denial.pod), collections.deque(maxlen=RECENT_PER_POD)
+            )
+            recent.append({**denial.__dict__, "time": round(time.time(), 3)})
+        if self._on_denial is not None:
+            self._on_denial(denial)
         now = time.monotonic()
         watched.lines[:] = [t for t in watched.lines if now - t < 1.0]
         if len(watched.lines) >= LINES_PER_SECOND:
@@ -159,6 +225,27 @@ class DenialWatch:
         watched.lines.append(now)
         fields = {**denial.__dict__, "event": "loopback-denial"}
         log.info("loopback connection denied", extra={"fields": fields})
+
+
+def verified_view(pod: Mapping[str, Any], *, trusted: TrustedKeys) -> PodView | None:
+    """The pod's attribution, from its admitted record once the webhook's signature over it
+    verifies for this pod (:func:`meshguard.attestation.verify_pod`); None for a pod
+    meshguard did not admit (no status). :class:`AttestationError` for one whose record is
+    not what the webhook signed for it: never attributed from unverified annotations."""
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
+    annotations = metadata.get("annotations") or {}
+    if annotation_keys.STATUS not in annotations:
+        return None
+    verify_pod(trusted, metadata=metadata, spec=spec, where=f"pod {namespace}/{name}")
+    try:
+        status = read_status(annotations.get(annotation_keys.STATUS))
+    except MalformedStatusError as exc:
+        raise AttestationError(f"pod {namespace}/{name}: {exc}") from None
+    if status is None:
+        return None
+    return PodView(namespace=namespace, name=name, status=status, ports=_ports(pod))
 
 
 def _ports(pod: Mapping[str, Any]) -> dict[int, str]:
@@ -174,18 +261,38 @@ def _ports(pod: Mapping[str, Any]) -> dict[int, str]:
 
 
 @contextlib.contextmanager
-def serving_metrics(counters: DenialCounters, *, port: int) -> Iterator[int]:
+def serving_metrics(
+    counters: DenialCounters, *, port: int, watch: DenialWatch | None = None
+) -> Iterator[int]:
     """``GET /metrics`` (the Prometheus text format of ``counters``) on ``port`` of every
-    address while the block runs; yields the port (0: one the kernel chose)."""
+    address while the block runs; yields the port (0: one the kernel chose). With
+    ``watch``, ``GET /denials?namespace=NS&pod=NAME`` too: the pod's recent denials
+    (``{"namespace", "pod", "denials": [...]}``, the JSON lines' fields and ``time``)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] != "/metrics":
-                self.send_error(404, "only /metrics is served here")
+            path, _, query = self.path.partition("?")
+            if path == "/denials" and watch is not None:
+                self._denials(urllib.parse.parse_qs(query))
                 return
-            body = counters.exposition().encode()
+            if path != "/metrics":
+                self.send_error(404, "only /metrics and /denials are served here")
+                return
+            self._send(counters.exposition().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+        def _denials(self, query: Mapping[str, list[str]]) -> None:
+            assert watch is not None
+            namespace, pod = query.get("namespace", [""])[0], query.get("pod", [""])[0]
+            if not namespace or not pod:
+                self.send_error(400, "GET /denials?namespace=NS&pod=NAME: both are required")
+                return
+            recent = watch.recent(namespace=namespace, pod=pod)
+            document = {"namespace": namespace, "pod": pod, "denials": recent}
+            self._send(json.dumps(document, sort_keys=True).encode(), "application/json")
+
+        def _send(self, body: bytes, content_type: str) -> None:
             self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -308,7 +308,10 @@ _OWN_CHAIN = re.compile(rf"{CHAIN_PREFIX}[A-Z0-9_]{{1,18}}\Z")
 _SPEC_CHARS = re.compile(r'[A-Za-z0-9 _.:,/=+!"*\[\]>-]{1,1000}\Z')
 _WORD = re.compile(r"[A-Za-z0-9_.:,/+!-]{1,100}\Z")
 _TEXT = re.compile(r"[A-Za-z0-9 _.:,/=+*\[\]>-]{0,255}\Z")
-QUOTED: Final = frozenset({"--comment", "--log-prefix"})
+QUOTED: Final = frozenset({"--comment", "--log-prefix", "--nflog-prefix"})
+#: An NFLOG prefix is one of meshguard's own (``meshguard:deny``, ``meshguard:audit``): the
+#: node agent attributes what it reads by it.
+_NFLOG_PREFIX = re.compile(r"meshguard:[a-z]{1,16}\Z")
 _TARGET = re.compile(r"[A-Z][A-Z0-9_]{0,28}\Z")
 _PROTOCOL = re.compile(r"[a-z0-9]{1,16}\Z")
 _INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
@@ -375,6 +378,8 @@ def check_spec(spec: str) -> None:
         raise ValueError(f"rule {_show(spec)}: not in canonical form ({_show(canonical)})")
     for index, word in enumerate(words):
         flag = words[index - 1] if index else ""
+        if flag == "--nflog-prefix" and not _NFLOG_PREFIX.match(word):
+            raise ValueError(f"rule {_show(spec)}: {flag} {_show(word)} is not meshguard's")
         if flag in QUOTED:
             if not _TEXT.match(word):
                 raise ValueError(f"rule {_show(spec)}: {flag} text {_show(word)}")
@@ -394,6 +399,11 @@ def _check_int(value: object, low: int, high: int, what: str) -> None:
 def _number(text: str, high: int, what: str) -> None:
     if not text.isdigit() or len(text) > 10 or int(text) > high:
         raise ValueError(f"{what} {_show(text)}: not a number in 0..{high}")
+
+
+def _bounded(text: str, low: int, high: int, what: str) -> None:
+    if not text.isdigit() or len(text) > 10 or not low <= int(text) <= high:
+        raise ValueError(f"{what} {_show(text)}: not a number in {low}..{high}")
 
 
 def _ids(text: str, what: str) -> None:
@@ -437,6 +447,8 @@ _VALUES: Final[Mapping[str, Callable[[str, str], None]]] = {
     "-j": _pattern(_TARGET),
     "-g": _pattern(_TARGET),
     "--limit": _pattern(_RATE),
+    "--limit-burst": lambda text, what: _bounded(text, 1, 10000, what),
+    "--nflog-group": lambda text, what: _bounded(text, 1, 65535, what),
 }
 
 

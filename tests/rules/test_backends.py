@@ -238,7 +238,7 @@ def test_a_failed_verification_restores_the_previous_table(ns, tmp_path):
     install(first, run=lambda argv, stdin=None: run_command(ns.argv(argv), stdin=stdin),
             backend=Backend.NFTABLES)  # fmt: skip
     before = ns.run(["nft", "-s", "list", "ruleset"])
-    with pytest.raises(MeshguardFailure, match="MESHGUARD_DENY has 3 rules, expected 2"):
+    with pytest.raises(MeshguardFailure, match="MESHGUARD_DENY has 4 rules, expected 3"):
         install(second, run=run, backend=Backend.NFTABLES)
     assert ns.run(["nft", "-s", "list", "ruleset"]) == before
 

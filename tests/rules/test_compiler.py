@@ -210,9 +210,52 @@ def test_audit_mode_logs_instead_of_rejecting():
     policy = parse_policy(pod["metadata"]["annotations"]["meshguard.io/policy"])
     deny = compile_ruleset(view, policy, mode=Mode.AUDIT, settings=SETTINGS).ipv4.tables[0]
     assert deny.rules_of("MESHGUARD_DENY") == [
-        '-m limit --limit 10/sec -j LOG --log-prefix "meshguard-audit: " --log-uid',
+        '-m limit --limit 10/sec --limit-burst 20 -j NFLOG --nflog-prefix "meshguard:audit"'
+        " --nflog-group 4747",
         "-j RETURN",
     ]
+
+
+def test_enforce_mode_reports_each_denial_before_rejecting_it():
+    deny = compiled(example()).ipv6.tables[0]
+    assert deny.rules_of("MESHGUARD_DENY") == [
+        '-m limit --limit 10/sec --limit-burst 20 -j NFLOG --nflog-prefix "meshguard:deny"'
+        " --nflog-group 4747",
+        "-p tcp -j REJECT --reject-with tcp-reset",
+        "-j REJECT --reject-with icmp6-port-unreachable",
+    ]
+
+
+@pytest.mark.parametrize("mode", [Mode.ENFORCE, Mode.AUDIT])
+def test_without_a_denial_log_group_the_rules_are_as_before_nflog(mode: Mode):
+    pod = example()
+    view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
+    policy = parse_policy(pod["metadata"]["annotations"]["meshguard.io/policy"])
+    settings = CompilerSettings(denial_log_group=None)
+    deny = compile_ruleset(view, policy, mode=mode, settings=settings).ipv4.tables[0]
+    assert deny.rules_of("MESHGUARD_DENY") == (
+        ['-m limit --limit 10/sec -j LOG --log-prefix "meshguard-audit: " --log-uid', "-j RETURN"]
+        if mode is Mode.AUDIT
+        else [
+            "-p tcp -j REJECT --reject-with tcp-reset",
+            "-j REJECT --reject-with icmp-port-unreachable",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"denial_log_group": 0},
+        {"denial_log_group": 65536},
+        {"denial_log_burst": 0},
+        {"audit_log_rate": "10/sec -j ACCEPT"},
+        {"audit_log_rate": "0/sec"},
+    ],
+)
+def test_denial_log_settings_out_of_range_are_refused(settings: dict[str, Any]):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        CompilerSettings(**settings)
 
 
 def test_default_allow_still_protects_the_proxy_ports():
@@ -530,4 +573,4 @@ def test_audit_mode_logs_what_it_cannot_attribute_where_enforce_refuses(uids, pr
     ruleset = compiled(pod)
     assert any(w.startswith(f"audit mode: {problem}") for w in ruleset.warnings)
     payload = ruleset.ipv4.payload()
-    assert '-j LOG --log-prefix "meshguard-audit: "' in payload and "REJECT" not in payload
+    assert '-j NFLOG --nflog-prefix "meshguard:audit"' in payload and "REJECT" not in payload

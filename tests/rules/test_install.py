@@ -30,7 +30,7 @@ from meshguard.rules.iptables import (
     parse_save,
     xtables_lock,
 )
-from meshguard.rules.ruleset import Family, FamilyRuleset, Hook, Ruleset, Table
+from meshguard.rules.ruleset import Family, FamilyRuleset, Hook, Ruleset, Table, check_spec
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
 
@@ -409,6 +409,32 @@ def test_altered_ruleset_documents_are_refused(mutate, message: str):
     mutate(document)
     with pytest.raises(MalformedInputError, match=message):
         Ruleset.from_json(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ('-j NFLOG --nflog-prefix "istio:deny" --nflog-group 4747', "is not meshguard's"),
+        ('-j NFLOG --nflog-prefix "meshguard:deny x" --nflog-group 4747', "is not meshguard's"),
+        ('-j NFLOG --nflog-prefix "meshguard:deny" --nflog-group 0', "not a number in 1..65535"),
+        ('-j NFLOG --nflog-prefix "meshguard:deny" --nflog-group 70000', "in 1..65535"),
+        ("-m limit --limit 10/sec --limit-burst 0 -j RETURN", "not a number in 1..10000"),
+        ("-m limit --limit 10/sec --limit-burst 99999 -j RETURN", "in 1..10000"),
+        ("-j NFLOG --nflog-prefix meshguard:deny --nflog-group 4747", "not in canonical form"),
+    ],
+)
+def test_denial_log_rules_outside_their_grammar_are_refused(spec: str, problem: str):
+    """The NFLOG words enter the rule grammar narrowly: meshguard's own prefixes only, a
+    group and a burst in range, the prefix quoted as iptables-save quotes it."""
+    with pytest.raises(ValueError, match=problem):
+        check_spec(spec)
+
+
+def test_the_denial_log_rules_are_in_the_grammar():
+    check_spec(
+        '-m limit --limit 10/sec --limit-burst 20 -j NFLOG --nflog-prefix "meshguard:deny"'
+        " --nflog-group 4747"
+    )
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", "null", '"x"', "{}", "x" * (2 * 1024 * 1024)])

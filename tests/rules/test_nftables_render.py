@@ -3,7 +3,9 @@ that most packets leave by, so they pay no jump; nothing else moves."""
 
 from __future__ import annotations
 
-from meshguard.rules.nftables import Chain, _hoist_early_returns, build
+from meshguard.rules.nft_render import Chain, _hoist_early_returns, build
+from meshguard.rules.nft_translate import translate
+from meshguard.rules.ruleset import Family
 from tests.rules.test_backends import compiled
 
 
@@ -63,3 +65,15 @@ def test_a_hook_with_nothing_to_do_is_not_registered() -> None:
     assert with_l7["nat_postrouting"] == ('oifname "lo" jump MESHGUARD_SNAT',)
     # one per container and family: Istio's patterns (istioPatterns) reach the proxy over L7
     assert len(with_l7["MESHGUARD_SNAT"]) == 6
+
+
+def test_the_denial_log_rule_becomes_a_rate_limited_log_statement():
+    """NFLOG in iptables, ``log group`` in nftables: both non-terminal, both behind the same
+    token bucket (rate and burst)."""
+    spec = (
+        '-m limit --limit 10/sec --limit-burst 20 -j NFLOG --nflog-prefix "meshguard:deny"'
+        " --nflog-group 4747"
+    )
+    assert translate(spec, family=Family.IPV4, table="filter", counted=True) == (
+        'limit rate 10/second burst 20 packets counter log prefix "meshguard:deny" group 4747'
+    )

@@ -27,6 +27,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class ScriptedApiServer:
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
         #: Namespace objects by name (GET and LIST /api/v1/namespaces).
         self.namespaces: dict[str, dict[str, Any]] = {}
+        #: ``namespace/pod:port`` -> a local HTTP server's URL: GET .../proxy/PATH forwarded.
+        self.proxied: dict[str, str] = {}
         #: Bearer tokens accepted (a verified client certificate is accepted too).
         self.tokens = {TOKEN}
         self.client_ca = CertificateAuthority.create()
@@ -195,6 +198,9 @@ class ScriptedApiServer:
                          "items": items}  # fmt: skip
         if len(parts) == 2 and parts[0] == "namespaces" and parts[1] in self.namespaces:
             return 200, self.namespaces[parts[1]]
+        if len(parts) >= 6 and parts[0] == "namespaces" and parts[2:5:2] == ["pods", "proxy"]:
+            name = urllib.parse.unquote(parts[3])  # "pod:port", its colon escaped by clients
+            return self._proxy(f"{parts[1]}/{name}", "/".join(parts[5:]), query)
         if len(parts) == 3 and parts[0] == "namespaces" and parts[2] == "pods":
             return self.list_page(query, namespace=parts[1])
         if len(parts) == 4 and parts[0] == "namespaces" and parts[2] == "pods":
@@ -204,6 +210,17 @@ class ScriptedApiServer:
                 return 200, pod
             return 404, _status(404, "NotFound", f'pods "{parts[3]}" not found')
         return 404, _status(404, "NotFound", "the server could not find the requested resource")
+
+    def _proxy(
+        self, target: str, path: str, query: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """The pod proxy, as kube-apiserver's: the pod's answer relayed (JSON here)."""
+        base = self.proxied.get(target)
+        if base is None:
+            return 503, _status(503, "ServiceUnavailable", f"no endpoints for {target}")
+        url = f"{base}/{path}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
 
     def list_page(
         self, query: Mapping[str, str], *, namespace: str | None = None

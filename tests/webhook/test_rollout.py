@@ -83,7 +83,7 @@ def test_install_day_audit_admits_the_pod_unchanged_records_audit_and_logs_inste
     assert status.changes == ()
     # the kernel rules log what they would deny and let it pass
     ruleset = ruleset_of(admitted)
-    assert "meshguard-audit: " in ruleset and "REJECT" not in ruleset
+    assert "meshguard:audit" in ruleset and "REJECT" not in ruleset
 
 
 def test_the_same_pod_in_enforce_mode_is_fixed_and_in_enforce_with_report_refused():

@@ -1,0 +1,67 @@
+"""``describe --recent-denials`` against the live cluster: the node agent's ``/denials``
+through the API server's pod proxy, else the pod's Events (see
+:mod:`meshguard.recent_denials`, which parses what is read here)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from meshguard.cluster import Cluster, ClusterError, connect, list_events, proxy_get
+from meshguard.cluster import list_objects as list_cluster_objects
+from meshguard.manifests import PodTemplate
+from meshguard.recent_denials import (
+    AGENT_SELECTOR,
+    RecentDenials,
+    agent_on,
+    from_events,
+    parse_agent_answer,
+)
+
+
+def reader(args: argparse.Namespace) -> Callable[[PodTemplate], RecentDenials]:
+    """Reads one pod's recent denials; the agents are listed once, on first use."""
+    cluster = connect(kubeconfig=args.kubeconfig, context=args.context)
+    agents: list[dict[str, Any]] | None = None
+
+    def read(template: PodTemplate) -> RecentDenials:
+        nonlocal agents
+        namespace, name = template.namespace or "default", template.name
+        node = str(template.spec.get("nodeName") or "")
+        try:
+            if agents is None:
+                agents = list(
+                    list_cluster_objects(
+                        cluster, resource="pods", namespace=None, selector=AGENT_SELECTOR
+                    )
+                )
+            agent = agent_on(agents, node=node) if node else None
+            if agent is not None:
+                answer = _from_agent(cluster, agent, namespace=namespace, pod=name)
+                if answer.error is None:
+                    return answer
+            return from_events(_events(cluster, namespace=namespace, pod=name))
+        except ClusterError as exc:
+            return RecentDenials(error=str(exc))
+
+    return read
+
+
+def _from_agent(
+    cluster: Cluster, agent: tuple[str, str, int], *, namespace: str, pod: str
+) -> RecentDenials:
+    agent_namespace, agent_name, port = agent
+    where = f"{agent_namespace}/{agent_name}"
+    try:
+        query = [("namespace", namespace), ("pod", pod)]
+        body = proxy_get(cluster, namespace=agent_namespace, pod=agent_name, port=port,
+                         path="denials", query=query)  # fmt: skip
+    except ClusterError as exc:
+        return RecentDenials(agent=where, error=str(exc))
+    return parse_agent_answer(body, agent=where)
+
+
+def _events(cluster: Cluster, *, namespace: str, pod: str) -> list[dict[str, Any]]:
+    selector = f"involvedObject.kind=Pod,involvedObject.name={pod}"
+    return list_events(cluster, namespace=namespace, field_selector=selector)

@@ -1,0 +1,66 @@
+"""The chart's denial agent (``denials.enabled``): the DaemonSet ``meshguard-denials`` that
+runs ``meshguard cni denials`` on every node without CNI mode, rendered by the real Helm
+engine, validated against Kubernetes' schemas; its privileges are exactly the documented
+ones (SYS_ADMIN, SYS_PTRACE, NET_ADMIN, the host's /proc read-only), its RBAC reads pods
+(and creates Events only with ``denials.events``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+
+from meshguard.cli import build_parser
+from tests.charts.test_chart import K8S_VERSION, container, one, render
+from tests.cni import pss
+
+DENIALS = {"denials": {"enabled": True}}
+
+
+def objects(values: dict[str, Any]) -> list[dict[str, Any]]:
+    return render(values)
+
+
+def test_off_by_default():
+    assert not [o for o in render({}) if o["metadata"]["name"] == "meshguard-denials"]
+
+
+def test_the_daemonset_runs_the_denial_agent_with_the_documented_privileges_only():
+    rendered = objects(DENIALS)
+    for obj in rendered:
+        if obj["metadata"]["name"] == "meshguard-denials":
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    daemonset = one(rendered, "DaemonSet", "meshguard-denials")
+    spec = daemonset["spec"]["template"]["spec"]
+    main = container(daemonset)
+    args = build_parser().parse_args(main["command"][1:] + main["args"])
+    assert (args.handler, str(args.proc), args.metrics_port, args.events) == (
+        "meshguard.cli.cni:run_denials", "/host/proc", 9103, False,
+    )  # fmt: skip
+    assert str(args.trusted_keys) == "/etc/meshguard/trusted-keys"
+    context = main["securityContext"]
+    assert context["capabilities"] == {
+        "drop": ["ALL"], "add": ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"]
+    }  # fmt: skip
+    assert context["privileged"] is False and context["allowPrivilegeEscalation"] is False
+    assert not spec.get("hostPID") and not spec.get("hostNetwork")
+    mounts = {m["mountPath"]: (m["name"], m.get("readOnly")) for m in main["volumeMounts"]}
+    assert mounts == {"/host/proc": ("host-proc", True),
+                      "/etc/meshguard/trusted-keys": ("trusted-keys", True)}  # fmt: skip
+    # baseline's objections: exactly the host's /proc and those capabilities (its namespace
+    # must be privileged, as istio-cni's and meshguard-cni-node's)
+    assert pss.baseline(spec, {}) == [
+        "hostPath volume host-proc",
+        "containers[0] denials: capabilities ['NET_ADMIN', 'SYS_ADMIN', 'SYS_PTRACE']",
+    ]
+
+
+def test_its_role_reads_pods_and_records_events_only_when_asked():
+    role = one(objects(DENIALS), "ClusterRole", "meshguard-denials")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    with_events = {"denials": {"enabled": True, "events": True}}
+    assert one(objects(with_events), "ClusterRole", "meshguard-denials")["rules"][1] == {
+        "apiGroups": [""], "resources": ["events"], "verbs": ["create"]
+    }  # fmt: skip
+    args = container(one(objects(with_events), "DaemonSet", "meshguard-denials"))["args"]
+    assert "--events" in args
