@@ -5,8 +5,8 @@ meshguard's annotations and labels, the L7 engine's document and mount, meshguar
 step, its volume and pull secrets), then :func:`apply_changes` makes them, in order, on the
 pod's metadata and spec. A change addresses the pod by a path from its root: ``"metadata"``
 or ``"spec"``, then mapping keys, list indices, or :class:`ByName` (every entry of a list
-with that name). A missing or null mapping on the way is created (a null one replaced);
-a missing list holds nothing to change.
+with that name). Setting a key creates a missing or null mapping on its way (a null one
+replaced); any other change finds nothing to change there, as in a missing list.
 
 A change's ``note`` is what meshguard records of it in ``meshguard.io/status`` (``changes``):
 what it did to the workload's own containers. meshguard's own marks carry none.
@@ -120,7 +120,7 @@ def apply_changes(
         if isinstance(change, PostureFixes):
             apply_fixes(spec, change.findings)
             continue
-        for node in _resolve(root, change.at):
+        for node in _resolve(root, change.at, create=isinstance(change, SetKey)):
             _apply(change, node)
 
 
@@ -148,11 +148,13 @@ def _apply(change: Change, node: dict[str, Any]) -> None:
         node[change.key] = kept
 
 
-def _resolve(root: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+def _resolve(root: dict[str, Any], path: Path, *, create: bool) -> list[dict[str, Any]]:
     nodes: list[Any] = [root]
     for position, segment in enumerate(path):
         # a mapping is made where a mapping is wanted: before a key, or at the path's end
-        makes_mapping = position + 1 == len(path) or isinstance(path[position + 1], str)
+        makes_mapping = create and (
+            position + 1 == len(path) or isinstance(path[position + 1], str)
+        )
         found: list[Any] = []
         for node in nodes:
             if isinstance(segment, str) and isinstance(node, dict):
