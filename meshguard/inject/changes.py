@@ -8,13 +8,15 @@ or ``"spec"``, then mapping keys, list indices, or :class:`ByName` (every entry 
 with that name). Setting a key creates a missing or null mapping on its way (a null one
 replaced); any other change finds nothing to change there, as in a missing list.
 
+A change's value becomes the pod's when it is made: a plan is made once, on the pod it was
+decided for.
+
 A change's ``note`` is what meshguard records of it in ``meshguard.io/status`` (``changes``):
 what it did to the workload's own containers. meshguard's own marks carry none.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +129,7 @@ def apply_changes(
 def _apply(change: Change, node: dict[str, Any]) -> None:
     if isinstance(change, SetKey):
         if not (change.keep and change.key in node):
-            node[change.key] = copy.deepcopy(change.value)
+            node[change.key] = change.value
     elif isinstance(change, RemoveKey):
         node.pop(change.key, None)
     elif isinstance(change, RemoveItem):
@@ -137,14 +139,14 @@ def _apply(change: Change, node: dict[str, Any]) -> None:
     elif isinstance(change, ReplaceNamed):
         kept = [e for e in _entries(node, change.key) if _name(e) != change.name]
         if change.item is not None:
-            kept.append(copy.deepcopy(dict(change.item)))
+            kept.append(dict(change.item))
         if change.item is not None or change.key in node:
             node[change.key] = kept
     elif isinstance(change, InsertAfter):
         kept = [e for e in _entries(node, change.key) if _name(e) not in change.replacing]
         names = [_name(e) for e in kept]
         position = names.index(change.after) + 1 if change.after in names else 0
-        kept.insert(position, copy.deepcopy(dict(change.item)))
+        kept.insert(position, dict(change.item))
         node[change.key] = kept
 
 

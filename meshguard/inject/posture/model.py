@@ -194,11 +194,14 @@ class Fix:
 
 
 def apply_fixes(spec: dict[str, Any], findings: Iterable[Finding]) -> None:
-    """Make the fixes of ``findings`` (the ones fixed) in ``spec``, in order."""
+    """Make the fixes of ``findings`` (the ones fixed) in ``spec``, in order: each target
+    ends with the context its last fix leaves, the one written."""
+    last: dict[FixTarget, Fix] = {}
     for finding in findings:
-        fix = finding.fix
-        if fix is None:
-            continue
+        if finding.fix is not None:
+            last.pop(finding.fix.target, None)  # written in the order of its last fix
+            last[finding.fix.target] = finding.fix
+    for fix in last.values():
         owner = spec if fix.target is None else spec[fix.target[0]][fix.target[1]]
         owner["securityContext"] = copy.deepcopy(dict(fix.security_context))
 
