@@ -335,7 +335,8 @@ def _container_copy(item: object) -> object:
 
 @dataclass(frozen=True)
 class Subject:
-    """A container under review: its view, its spec (edited in place by fixes), its label."""
+    """A container under review: its view, its spec in the review's working copy (edited by
+    fixes there), its label."""
 
     view: Container
     spec: dict[str, Any]
