@@ -102,3 +102,12 @@ def test_containers_sharing_one_security_context_through_a_yaml_anchor_are_fixed
     assert result.outcome is Outcome.INJECTED
     uids = [c["securityContext"]["runAsUser"] for c in template.spec["containers"][:2]]
     assert len(set(uids)) == 2, uids
+
+
+def test_a_pod_with_null_annotations_gets_the_template_request() -> None:
+    """``annotations: null`` is a valid pod; asking Istio for the template crashed on it
+    (AttributeError: the webhook answered 500)."""
+    metadata: dict[str, Any] = {"name": "x", "annotations": None}
+    result = inject_pod(metadata, {"containers": [{"name": "a"}]}, settings=InjectSettings())
+    assert result.outcome is Outcome.TEMPLATE_REQUESTED
+    assert metadata["annotations"] == {"inject.istio.io/templates": "sidecar,meshguard"}
