@@ -11,7 +11,7 @@ from typing import Any
 from meshguard import annotation_keys
 from meshguard.describe_schema import Protection
 from meshguard.errors import MeshguardError
-from meshguard.inject.transform import gateway_reason
+from meshguard.inject.left_alone import gateway_reason
 from meshguard.pod import PROXY_CONTAINER, read_pod
 from meshguard.policy import parse_opt_out
 

@@ -4,16 +4,16 @@ A pod without ``istio-proxy`` is not Istio's yet: the transform asks Istio for t
 ``meshguard`` template next to its own (``inject.istio.io/templates``) when
 ``request_template`` is set, else leaves it (the chart's webhook runs after Istio's
 injectors and sees such a pod only if it carries Istio's labels itself). Istio's gateway
-pods (the proxy alone, no init step) are left alone: :func:`gateway_reason`. Once the
-proxy is there: parse
-the policy, check the posture (refuse, or fix and warn), compile the ruleset, record it and
-the status on the pod, label it admitted (``meshguard.io/admitted: "true"``, the authz
-server's label selector), and put ``meshguard-init`` right after ``istio-init``, whether the
-template already added it or not. In Istio CNI mode (Istio's recognized init step is
-``istio-validation``: no istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin
-installs the same ruleset from the node, and the pod gets the capability-free
-``meshguard-validation`` right after ``istio-validation`` instead: no container with added
-capabilities, privilege or root.
+pods (the proxy alone, no init step) are left alone (:mod:`meshguard.inject.left_alone`).
+Once the proxy is there: parse the policy, check the posture (refuse, or fix and warn),
+compile the ruleset, record it and the status on the pod, label it admitted
+(``meshguard.io/admitted: "true"``, the authz server's label selector), and put
+``meshguard-init`` right after ``istio-init``, whether the template already added it or
+not. In Istio CNI mode (Istio's recognized init step is ``istio-validation``: no
+istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin installs the same
+ruleset from the node, and the pod gets the capability-free ``meshguard-validation`` right
+after ``istio-validation`` instead: no container with added capabilities, privilege or root.
+
 One pass (dicts in, edited in place): the pod is read once into its view
 (:func:`meshguard.pod.read_pod`); every change is decided from it as data (posture fixes,
 the stale init step's removal, annotations and labels, the L7 engine's document and mount,
@@ -52,13 +52,18 @@ from meshguard.inject.changes import (
     Path,
     PostureFixes,
     RemoveItem,
-    RemoveKey,
     ReplaceNamed,
     SetKey,
     apply_changes,
 )
 from meshguard.inject.changes import notes as change_notes
 from meshguard.inject.l7 import engine_changes, parse_engine
+from meshguard.inject.left_alone import (
+    gateway_reason,
+    mark_removals,
+    opts_out,
+    skip_reason,
+)
 from meshguard.inject.posture import (
     Finding,
     PostureSettings,
@@ -80,7 +85,7 @@ from meshguard.pod import (
     is_meshguard_init,
     read_pod,
 )
-from meshguard.policy import Mode, parse_mode, parse_opt_out, parse_policy
+from meshguard.policy import Mode, parse_mode, parse_policy
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
@@ -94,8 +99,6 @@ from meshguard.status import (
 
 TEMPLATE_NAME: Final = "meshguard"
 ISTIO_DEFAULT_TEMPLATES: Final = "sidecar"
-AMBIENT_ANNOTATION: Final = "ambient.istio.io/redirection"
-AMBIENT_LABEL: Final = "istio.io/dataplane-mode"
 
 
 class InstallMode(enum.StrEnum):
@@ -175,7 +178,8 @@ def inject_pod(
     (:mod:`meshguard.inject.changes`), then made at once; last, the attestation signs what
     they made. ``namespace``: the admission request's (the pod may not state its own); the
     attestation is signed for it. A pod meshguard does not inject leaves with none of
-    meshguard's annotations nor its label (:func:`strip_admission_marks`).
+    meshguard's annotations nor its label
+    (:func:`meshguard.inject.left_alone.strip_admission_marks`).
     """
     check_shape(metadata=metadata, spec=spec)
     settings = _with_init_keys(settings)
@@ -207,18 +211,18 @@ def _plan(
     annotations: Mapping[str, Any] = metadata.get("annotations") or {}
     notes = tuple(annotation_keys.unknown_keys(annotations))
     skip = skip_reason(metadata)
-    if skip and pod.proxy is not None and _opts_out(metadata):
+    if skip and pod.proxy is not None and opts_out(metadata):
         _refuse_opt_out(pod, skip=skip, settings=settings, namespace=namespace)
     reason = skip or gateway_reason(pod)
     if reason:
-        stripped, warning = _mark_removals(metadata)
+        stripped, warning = mark_removals(metadata)
         return Plan(
             changes=stripped,
             result=Result(Outcome.SKIPPED, reason=reason, warnings=(*notes, *warning)),
         )
     if pod.proxy is None:
         _refuse_unrecognized_proxy(pod)
-        stripped, warning = _mark_removals(metadata)
+        stripped, warning = mark_removals(metadata)
         if not settings.request_template:
             return Plan(
                 changes=stripped,
@@ -376,21 +380,7 @@ def _pull_secrets(spec: Mapping[str, Any], names: Sequence[str]) -> tuple[Change
 def effective_mode(annotations: Mapping[str, Any], settings: InjectSettings) -> Mode:
     """The pod's ``meshguard.io/mode``, else its namespace's, else the cluster default."""
     text = annotations.get(annotation_keys.MODE)
-    return settings.default_mode if text is None else parse_mode(_text(text))
-
-
-def _opts_out(metadata: Mapping[str, Any]) -> bool:
-    """The pod's author opted it out (``meshguard.io/inject`` or ``sidecar.istio.io/inject``
-    "false": the latter skips meshguard even where Istio injects anyway, e.g. a label
-    ``"true"`` that Istio lets win over the annotation); ambient pods have no sidecar."""
-    annotations: dict[str, Any] = metadata.get("annotations") or {}
-    labels: dict[str, Any] = metadata.get("labels") or {}
-    values = (
-        annotations.get(annotation_keys.INJECT),
-        annotations.get(annotation_keys.ISTIO_INJECT),
-        labels.get(annotation_keys.ISTIO_INJECT),
-    )
-    return any(str(v).strip().lower() == "false" for v in values if v is not None)
+    return settings.default_mode if text is None else parse_mode(str(text))
 
 
 def _refuse_opt_out(
@@ -433,49 +423,6 @@ def _attest(
     subject = subject_of(metadata=metadata, spec=spec, namespace=namespace)
     annotations[annotation_keys.ATTESTATION] = signer.attest(
         subject=subject, annotations={str(k): str(v) for k, v in annotations.items()}
-    )
-
-
-#: What meshguard writes on a pod it admits: never on a pod it did not.
-ADMISSION_ANNOTATIONS: Final = (
-    annotation_keys.RULESET,
-    annotation_keys.STATUS,
-    annotation_keys.ATTESTATION,
-    annotation_keys.L7_RBAC,
-)
-
-
-def strip_admission_marks(metadata: dict[str, Any]) -> tuple[str, ...]:
-    """Remove meshguard's annotations and ``meshguard.io/admitted`` label from a pod meshguard
-    does not inject (forged by its author, or copied from another pod); what was removed, as
-    warnings."""
-    removals, warning = _mark_removals(metadata)
-    apply_changes(removals, metadata=metadata, spec={})
-    return warning
-
-
-def _mark_removals(metadata: Mapping[str, Any]) -> tuple[tuple[Change, ...], tuple[str, ...]]:
-    """The removals of :func:`strip_admission_marks`, and the warning that names them."""
-    removals: list[RemoveKey] = []
-    removed: list[str] = []
-    annotations = metadata.get("annotations")
-    if isinstance(annotations, dict):
-        for key in ADMISSION_ANNOTATIONS:
-            if annotations.get(key) is not None:
-                removals.append(RemoveKey(at=("metadata", "annotations"), key=key))
-                removed.append(f"annotation {key}")
-    labels = metadata.get("labels")
-    if isinstance(labels, dict):
-        # meshguard.io/l7-engine as a label is meshguard's choice (EnvoyFilters select by it)
-        for key in (annotation_keys.ADMITTED_LABEL, annotation_keys.L7_ENGINE):
-            if labels.get(key) is not None:
-                removals.append(RemoveKey(at=("metadata", "labels"), key=key))
-                removed.append(f"label {key}")
-    if not removed:
-        return (), ()
-    return tuple(removals), (
-        f"meshguard removed {', '.join(removed)}: only meshguard's webhook writes them, on the"
-        " pods it admits",
     )
 
 
@@ -616,42 +563,6 @@ def _recorded_changes(text: object) -> tuple[str, ...]:
     except MalformedStatusError:
         return ()
     return status.changes if status is not None else ()
-
-
-def skip_reason(metadata: Mapping[str, Any]) -> str:
-    """Why meshguard leaves this pod alone (opted out, Istio off, ambient), or ""."""
-    annotations: dict[str, Any] = metadata.get("annotations") or {}
-    labels: dict[str, Any] = metadata.get("labels") or {}
-    if parse_opt_out(_text(annotations.get(annotation_keys.INJECT))):
-        return f'opted out ({annotation_keys.INJECT}: "false")'
-    for source in (annotations, labels):
-        if str(source.get(annotation_keys.ISTIO_INJECT, "")).lower() == "false":
-            return f'Istio injection is disabled ({annotation_keys.ISTIO_INJECT}: "false")'
-    if annotations.get(AMBIENT_ANNOTATION) == "enabled" or labels.get(AMBIENT_LABEL) == "ambient":
-        return "ambient-mode pod (no sidecar): meshguard does not apply"
-    return ""
-
-
-def gateway_reason(pod: PodView) -> str:
-    """Why an Istio gateway pod is left alone, or "".
-
-    A pod of Istio's ``gateway`` injection template: the proxy is its only container and
-    Istio gave it no init step (no istio-init, no istio-validation), so it runs without
-    NET_ADMIN or root. There is no container to isolate the proxy from, and meshguard's
-    init step would be the pod's only privileged container: nothing is added.
-    """
-    if pod.proxy is None or pod.workload or pod.istio_init_step is not None:
-        return ""
-    template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
-    return (
-        f"Istio gateway pod (injection template {template}): the proxy is the only container"
-        " and Istio added no init step, so there is nothing to isolate it from and meshguard"
-        " adds no privileged init container to it"
-    )
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
 
 
 def _template_request(annotations: Mapping[str, Any]) -> Change:
