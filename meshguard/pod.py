@@ -18,6 +18,7 @@ other container, whatever its name, is the workload's.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from collections.abc import Mapping, Sequence
@@ -149,6 +150,34 @@ class PodView:
 
     def container(self, name: str) -> Container | None:
         return next((c for c in self.containers if c.name == name), None)
+
+    def without(self, removed: Container) -> PodView:
+        """The view once ``removed`` is taken out of the spec: the containers after it in its
+        field move up one place; every classification stays."""
+
+        def moved(c: Container) -> Container:
+            if c.field == removed.field and c.index > removed.index:
+                return dataclasses.replace(c, index=c.index - 1)
+            return c
+
+        return dataclasses.replace(
+            self,
+            containers=tuple(moved(c) for c in self.containers if c != removed),
+            ephemeral=tuple(moved(c) for c in self.ephemeral if c != removed),
+        )
+
+    def with_ids(self, ids: Mapping[tuple[str, int], tuple[int | None, int | None]]) -> PodView:
+        """The view once the containers at ``(field, index)`` run as the given (uid, gid)."""
+
+        def updated(c: Container) -> Container:
+            new = ids.get((c.field, c.index))
+            return c if new is None else dataclasses.replace(c, uid=new[0], gid=new[1])
+
+        return dataclasses.replace(
+            self,
+            containers=tuple(updated(c) for c in self.containers),
+            ephemeral=tuple(updated(c) for c in self.ephemeral),
+        )
 
 
 class _Shape(BaseModel):
@@ -415,6 +444,16 @@ def _read_container(
         ports=_ports(item.get("ports") or [], where),
         field=field,
         index=index,
+    )
+
+
+def effective_ids(
+    context: Mapping[str, Any], pod_context: Mapping[str, Any], *, where: str
+) -> tuple[int | None, int | None]:
+    """The (uid, gid) a container with this ``securityContext`` runs as in this pod."""
+    return (
+        _id(context, pod_context, "runAsUser", where),
+        _id(context, pod_context, "runAsGroup", where),
     )
 
 

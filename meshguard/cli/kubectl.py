@@ -12,8 +12,9 @@ import argparse
 from collections.abc import Sequence
 
 from meshguard import __version__
-from meshguard.cli import _command, _HelpFormatter, run_command
+from meshguard.cli import run_command
 from meshguard.cli.describe_args import add_commands
+from meshguard.cli.flags import HelpFormatter, command
 
 PROG = "kubectl meshguard"
 
@@ -21,7 +22,7 @@ PROG = "kubectl meshguard"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="meshguard's view of the pods of the cluster kubeconfig points at:"
         " their loopback policy, what was admitted and changed, and the pods Istio injected"
         " without meshguard.",
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="least severe log record written to stderr",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    add_commands(commands, _command)
+    add_commands(commands, command)
     return parser
 
 

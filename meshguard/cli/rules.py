@@ -18,7 +18,8 @@ from meshguard import yaml_io
 from meshguard.cli import EXIT_FAILED, EXIT_OK, worst_status
 from meshguard.cli.templates import each_template
 from meshguard.errors import MeshguardError
-from meshguard.inject.transform import InjectSettings, inject_pod, skip_reason
+from meshguard.inject.left_alone import skip_reason
+from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import PodTemplate, pod_templates, read_sources
 from meshguard.pod import read_pod
 from meshguard.rules import nftables

@@ -4,18 +4,23 @@ A pod without ``istio-proxy`` is not Istio's yet: the transform asks Istio for t
 ``meshguard`` template next to its own (``inject.istio.io/templates``) when
 ``request_template`` is set, else leaves it (the chart's webhook runs after Istio's
 injectors and sees such a pod only if it carries Istio's labels itself). Istio's gateway
-pods (the proxy alone, no init step) are left alone: :func:`gateway_reason`. Once the
-proxy is there: parse
-the policy, check the posture (refuse, or fix and warn), compile the ruleset, record it and
-the status on the pod, label it admitted (``meshguard.io/admitted: "true"``, the authz
-server's label selector), and put ``meshguard-init`` right after ``istio-init``, whether the
-template already added it or not. In Istio CNI mode (Istio's recognized init step is
-``istio-validation``: no istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin
-installs the same ruleset from the node, and the pod gets the capability-free
-``meshguard-validation`` right after ``istio-validation`` instead: no container with added
-capabilities, privilege or root.
-Pure (dicts in, edited in place): the webhook diffs a copy into a JSONPatch, the CLI prints
-the edited documents. Applying it twice equals applying it once.
+pods (the proxy alone, no init step) are left alone (:mod:`meshguard.inject.left_alone`).
+Once the proxy is there: parse the policy, check the posture (refuse, or fix and warn),
+compile the ruleset, record it and the status on the pod, label it admitted
+(``meshguard.io/admitted: "true"``, the authz server's label selector), and put
+``meshguard-init`` right after ``istio-init``, whether the template already added it or
+not. In Istio CNI mode (Istio's recognized init step is ``istio-validation``: no
+istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin installs the same
+ruleset from the node, and the pod gets the capability-free ``meshguard-validation`` right
+after ``istio-validation`` instead: no container with added capabilities, privilege or root.
+
+One pass (dicts in, edited in place): the pod is read once into its view
+(:func:`meshguard.pod.read_pod`); every change is decided from it as data (posture fixes,
+the stale init step's removal, annotations and labels, the L7 engine's document and mount,
+meshguard's init step, volume and pull secrets: :mod:`meshguard.inject.changes`) and made at
+once; the status's ``changes`` are those changes' notes, and the webhook diffs the pod before
+and after into its JSONPatch; the CLI prints the edited documents. Applying it twice equals
+applying it once.
 """
 
 from __future__ import annotations
@@ -41,7 +46,24 @@ from meshguard.init_container import (
     ruleset_volume,
     validation_container,
 )
-from meshguard.inject.l7 import apply_engine, parse_engine
+from meshguard.inject.changes import (
+    Change,
+    InsertAfter,
+    Path,
+    PostureFixes,
+    RemoveItem,
+    ReplaceNamed,
+    SetKey,
+    apply_changes,
+)
+from meshguard.inject.changes import notes as change_notes
+from meshguard.inject.l7 import engine_changes, parse_engine, stats_changes
+from meshguard.inject.left_alone import (
+    gateway_reason,
+    mark_removals,
+    opts_out,
+    skip_reason,
+)
 from meshguard.inject.posture import (
     Finding,
     PostureSettings,
@@ -59,10 +81,11 @@ from meshguard.pod import (
     PodView,
     Role,
     check_shape,
+    effective_ids,
     is_meshguard_init,
     read_pod,
 )
-from meshguard.policy import Mode, parse_mode, parse_opt_out, parse_policy
+from meshguard.policy import Mode, parse_mode, parse_policy
 from meshguard.rules.backend import uses_native_nftables
 from meshguard.rules.compiler import CompilerSettings, compile_cached
 from meshguard.rules.ruleset import Ruleset
@@ -76,8 +99,6 @@ from meshguard.status import (
 
 TEMPLATE_NAME: Final = "meshguard"
 ISTIO_DEFAULT_TEMPLATES: Final = "sidecar"
-AMBIENT_ANNOTATION: Final = "ambient.istio.io/redirection"
-AMBIENT_LABEL: Final = "istio.io/dataplane-mode"
 
 
 class InstallMode(enum.StrEnum):
@@ -153,115 +174,214 @@ def inject_pod(
 ) -> Result:
     """Transform one pod in place; :class:`RefusedError` when it cannot be made safe.
 
-    ``namespace``: the admission request's (the pod may not state its own); the
+    One pass: the pod is read once into its view, every change is decided as data
+    (:mod:`meshguard.inject.changes`), then made at once; last, the attestation signs what
+    they made. ``namespace``: the admission request's (the pod may not state its own); the
     attestation is signed for it. A pod meshguard does not inject leaves with none of
-    meshguard's annotations nor its label (:func:`strip_admission_marks`).
+    meshguard's annotations nor its label
+    (:func:`meshguard.inject.left_alone.strip_admission_marks`).
     """
     check_shape(metadata=metadata, spec=spec)
     settings = _with_init_keys(settings)
-    annotations: dict[str, Any] = metadata.get("annotations") or {}
+    pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    plan = _plan(metadata, spec, pod=pod, settings=settings, namespace=namespace)
+    apply_changes(plan.changes, metadata=metadata, spec=spec)
+    if plan.result.outcome is Outcome.INJECTED:
+        _attest(metadata, spec, signer=settings.signer, namespace=namespace)
+    return plan.result
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What an admission does to a pod: the changes, in order, and its result."""
+
+    changes: tuple[Change, ...]
+    result: Result
+
+
+def _plan(
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    pod: PodView,
+    settings: InjectSettings,
+    namespace: str | None,
+) -> Plan:
+    """Every change the admission makes, decided from the pod as it came (nothing edited)."""
+    annotations: Mapping[str, Any] = metadata.get("annotations") or {}
     notes = tuple(annotation_keys.unknown_keys(annotations))
     skip = skip_reason(metadata)
-    before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
-    if skip and before.proxy is not None and _opts_out(metadata):
-        _refuse_opt_out(before, skip=skip, settings=settings, namespace=namespace)
-    if skip:
-        return Result(
-            Outcome.SKIPPED, reason=skip, warnings=(*notes, *strip_admission_marks(metadata))
+    if skip and pod.proxy is not None and opts_out(metadata):
+        _refuse_opt_out(pod, skip=skip, settings=settings, namespace=namespace)
+    reason = skip or gateway_reason(pod)
+    if reason:
+        stripped, warning = mark_removals(metadata)
+        return Plan(
+            changes=stripped,
+            result=Result(Outcome.SKIPPED, reason=reason, warnings=(*notes, *warning)),
         )
-    gateway = gateway_reason(before)
-    if gateway:
-        return Result(
-            Outcome.SKIPPED, reason=gateway, warnings=(*notes, *strip_admission_marks(metadata))
-        )
-    if before.proxy is None:
-        _refuse_unrecognized_proxy(before)
-        stripped = strip_admission_marks(metadata)
+    if pod.proxy is None:
+        _refuse_unrecognized_proxy(pod)
+        stripped, warning = mark_removals(metadata)
         if not settings.request_template:
-            return Result(
-                Outcome.SKIPPED,
-                reason="no istio-proxy container (not injected by Istio)",
-                warnings=stripped,
+            return Plan(
+                changes=stripped,
+                result=Result(
+                    Outcome.SKIPPED,
+                    reason="no istio-proxy container (not injected by Istio)",
+                    warnings=(*notes, *warning),
+                ),
             )
-        _request_template(metadata)
-        return Result(
-            Outcome.TEMPLATE_REQUESTED,
-            reason="asked Istio for the meshguard template",
-            warnings=(*notes, *stripped),
+        return Plan(
+            changes=(*stripped, _template_request(annotations)),
+            result=Result(
+                Outcome.TEMPLATE_REQUESTED,
+                reason="asked Istio for the meshguard template",
+                warnings=(*notes, *warning),
+            ),
         )
+    return _admission(metadata, spec, pod=pod, settings=settings, notes=notes)
+
+
+def _admission(
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    pod: PodView,
+    settings: InjectSettings,
+    notes: tuple[str, ...],
+) -> Plan:
+    """The changes that make an Istio-injected pod meshguard's."""
+    annotations: Mapping[str, Any] = metadata.get("annotations") or {}
     policy = parse_policy(annotations.get(annotation_keys.POLICY))  # a bad one is refused first
     mode = effective_mode(annotations, settings)
-    replaced = _remove_stale_init_container(before, spec)
-    if replaced:
-        before = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    changes: list[Change] = []
+    # the pod as the review sees it: without a stale init step, which is replaced
+    reviewed, view = spec, pod
+    stale = _stale_init_container(pod, spec)
+    replaced = change_notes(stale)
+    if stale:
+        (removal,) = stale
+        changes.append(removal)
+        view = pod.without(
+            next(c for c in pod.containers if (c.field, c.index) == (removal.key, removal.index))
+        )
+        kept = [c for i, c in enumerate(spec[removal.key]) if i != removal.index]
+        reviewed = {**spec, removal.key: kept}
     posture = settings.posture.for_audit() if mode is Mode.AUDIT else settings.posture
-    findings = review_posture(spec, pod=before, settings=posture)
-    _raise_refusals(before, findings)
-    pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
+    findings = review_posture(reviewed, pod=view, settings=posture)
+    _raise_refusals(view, findings)
+    changes.append(PostureFixes(findings=tuple(findings)))
+    fixed = view.with_ids(_fixed_ids(reviewed, findings))
     ruleset = compile_cached(
-        pod.containers,
+        fixed.containers,
         annotations.get(annotation_keys.POLICY),
         mode,
         settings.compiler,
         native_nftables=uses_native_nftables(pod, spec),
     )
-    annotations = metadata.setdefault("annotations", {})
-    # The namespace's or cluster's mode is written on the pod, so that whoever reads the
-    # pod's annotations (the authz server's drift check, describe, the CNI plugin) agrees.
-    annotations.setdefault(annotation_keys.MODE, mode.value)
     engine = parse_engine(annotations.get(annotation_keys.L7_ENGINE), default=settings.l7_engine)
-    rbac = apply_engine(
-        metadata, spec, engine=engine, policy=policy, mode=mode,
+    engine_edits, rbac = engine_changes(
+        engine=engine, policy=policy, mode=mode,
         sources={s.container: (s.address4, s.address6) for s in ruleset.sources},
     )  # fmt: skip
     # what the authz server (or the pod's Envoy, natively) will enforce
     admitted = Admitted(policy=policy, mode=mode, l7_engine=engine.value, rbac_digest=rbac)
-    annotations[annotation_keys.RULESET] = ruleset.to_json()
     # Injected again (a webhook reinvocation, meshguard inject twice): what the first pass
     # changed is still what meshguard changed.
     earlier = _recorded_changes(annotations.get(annotation_keys.STATUS))
-    changes = tuple(dict.fromkeys((*earlier, *replaced, *(str(f) for f in findings if f.fixed))))
+    recorded = tuple(dict.fromkeys((*earlier, *change_notes(changes))))
     reported = tuple(str(f) for f in findings if f.outcome is PostureOutcome.REPORTED)
-    annotations[annotation_keys.STATUS] = status_annotation(
-        pod, ruleset, mode=mode.value, admitted=admitted, changes=changes, findings=reported
+    status = status_annotation(
+        fixed, ruleset, mode=mode.value, admitted=admitted, changes=recorded, findings=reported
     )
-    metadata["labels"] = {
-        **(metadata.get("labels") or {}),
-        annotation_keys.ADMITTED_LABEL: annotation_keys.ADMITTED_LABEL_VALUE,
+    marks: Path = ("metadata", "annotations")
+    changes += [
+        # The namespace's or cluster's mode is written on the pod, so that whoever reads the
+        # pod's annotations (the authz server's drift check, describe, the CNI plugin) agrees.
+        SetKey(at=marks, key=annotation_keys.MODE, value=mode.value, keep=True),
+        # a new mapping: labels may be shared with other parts of a manifest (YAML anchors)
+        SetKey(
+            at=("metadata",),
+            key="labels",
+            value={
+                **(metadata.get("labels") or {}),
+                annotation_keys.L7_ENGINE: engine.value,
+                annotation_keys.ADMITTED_LABEL: annotation_keys.ADMITTED_LABEL_VALUE,
+            },
+        ),
+        *engine_edits,
+        *stats_changes(annotations, spec),
+        SetKey(at=marks, key=annotation_keys.RULESET, value=ruleset.to_json()),
+        SetKey(at=marks, key=annotation_keys.STATUS, value=status),
+        *_init_step(fixed, settings=settings, mode=mode),
+        *_pull_secrets(spec, settings.init.pull_secrets),
+    ]
+    warnings = (*notes, *replaced, *(str(f) for f in findings), *ruleset.warnings)
+    return Plan(
+        changes=tuple(changes), result=Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
+    )
+
+
+def _fixed_ids(
+    spec: Mapping[str, Any], findings: Sequence[Finding]
+) -> dict[tuple[str, int], tuple[int | None, int | None]]:
+    """The (uid, gid) of every container a posture fix changed, once fixed."""
+    contexts: dict[tuple[str, int], Mapping[str, Any]] = {}
+    pod_context: Mapping[str, Any] = spec.get("securityContext") or {}
+    for finding in findings:
+        if finding.fix is None:
+            continue
+        if finding.fix.target is None:
+            pod_context = finding.fix.security_context
+        else:
+            contexts[finding.fix.target] = finding.fix.security_context
+    return {
+        (key, index): effective_ids(context, pod_context, where=f"spec.{key}[{index}]")
+        for (key, index), context in contexts.items()
     }
+
+
+def _init_step(pod: PodView, *, settings: InjectSettings, mode: Mode) -> tuple[Change, ...]:
+    """meshguard's init step right after Istio's (first if there is none), and its volume.
+
+    Any meshguard-init or meshguard-validation in the spec is meshguard's own by now (the pod
+    view recognized it, or :func:`_stale_init_container` removes it); the anchor is the init
+    step the view recognized as Istio's, not whatever bears its name.
+    """
+    step = pod.istio_init_step
     if install_mode(pod) is InstallMode.CNI:
         uid = validation_uid(pod)
-        _place_init_container(
-            spec, validation_container(settings.init, uid=uid, mode=mode.value), pod
-        )
-        _set_volume(spec, None)  # the node-side plugin reads the annotation itself
+        container = validation_container(settings.init, uid=uid, mode=mode.value)
+        volume = None  # the node-side plugin reads the annotation itself
     else:
-        _place_init_container(spec, init_container(settings.init), pod)
-        _set_volume(spec, ruleset_volume())
-    _add_pull_secrets(spec, settings.init.pull_secrets)
-    _attest(metadata, spec, signer=settings.signer, namespace=namespace)
-    warnings = (*notes, *replaced, *(str(f) for f in findings), *ruleset.warnings)
-    return Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
+        container, volume = init_container(settings.init), ruleset_volume()
+    return (
+        InsertAfter(
+            at=("spec",),
+            key="initContainers",
+            item=container,
+            after=step.name if step is not None else None,
+            replacing=frozenset({MESHGUARD_INIT, MESHGUARD_VALIDATION}),
+        ),
+        ReplaceNamed(at=("spec",), key="volumes", name=RULESET_VOLUME, item=volume),
+    )
+
+
+def _pull_secrets(spec: Mapping[str, Any], names: Sequence[str]) -> tuple[Change, ...]:
+    """The init image's pull secrets, after the pod's own (none twice)."""
+    if not names:
+        return ()
+    secrets = list(spec.get("imagePullSecrets") or [])
+    present = {s.get("name") for s in secrets if isinstance(s, dict)}
+    secrets += [{"name": name} for name in names if name not in present]
+    return (SetKey(at=("spec",), key="imagePullSecrets", value=secrets),)
 
 
 def effective_mode(annotations: Mapping[str, Any], settings: InjectSettings) -> Mode:
     """The pod's ``meshguard.io/mode``, else its namespace's, else the cluster default."""
     text = annotations.get(annotation_keys.MODE)
-    return settings.default_mode if text is None else parse_mode(_text(text))
-
-
-def _opts_out(metadata: dict[str, Any]) -> bool:
-    """The pod's author opted it out (``meshguard.io/inject`` or ``sidecar.istio.io/inject``
-    "false": the latter skips meshguard even where Istio injects anyway, e.g. a label
-    ``"true"`` that Istio lets win over the annotation); ambient pods have no sidecar."""
-    annotations: dict[str, Any] = metadata.get("annotations") or {}
-    labels: dict[str, Any] = metadata.get("labels") or {}
-    values = (
-        annotations.get(annotation_keys.INJECT),
-        annotations.get(annotation_keys.ISTIO_INJECT),
-        labels.get(annotation_keys.ISTIO_INJECT),
-    )
-    return any(str(v).strip().lower() == "false" for v in values if v is not None)
+    return settings.default_mode if text is None else parse_mode(str(text))
 
 
 def _refuse_opt_out(
@@ -304,39 +424,6 @@ def _attest(
     subject = subject_of(metadata=metadata, spec=spec, namespace=namespace)
     annotations[annotation_keys.ATTESTATION] = signer.attest(
         subject=subject, annotations={str(k): str(v) for k, v in annotations.items()}
-    )
-
-
-#: What meshguard writes on a pod it admits: never on a pod it did not.
-ADMISSION_ANNOTATIONS: Final = (
-    annotation_keys.RULESET,
-    annotation_keys.STATUS,
-    annotation_keys.ATTESTATION,
-    annotation_keys.L7_RBAC,
-)
-
-
-def strip_admission_marks(metadata: dict[str, Any]) -> tuple[str, ...]:
-    """Remove meshguard's annotations and ``meshguard.io/admitted`` label from a pod meshguard
-    does not inject (forged by its author, or copied from another pod); what was removed, as
-    warnings."""
-    removed: list[str] = []
-    annotations = metadata.get("annotations")
-    if isinstance(annotations, dict):
-        for key in ADMISSION_ANNOTATIONS:
-            if annotations.pop(key, None) is not None:
-                removed.append(f"annotation {key}")
-    labels = metadata.get("labels")
-    if isinstance(labels, dict):
-        # meshguard.io/l7-engine as a label is meshguard's choice (EnvoyFilters select by it)
-        for key in (annotation_keys.ADMITTED_LABEL, annotation_keys.L7_ENGINE):
-            if labels.pop(key, None) is not None:
-                removed.append(f"label {key}")
-    if not removed:
-        return ()
-    return (
-        f"meshguard removed {', '.join(removed)}: only meshguard's webhook writes them, on the"
-        " pods it admits",
     )
 
 
@@ -406,13 +493,13 @@ def validation_uid(pod: PodView) -> int:
     return uid
 
 
-def _is_own_step(item: dict[str, Any], name: str) -> bool:
+def _is_own_step(item: Mapping[str, Any], name: str) -> bool:
     if name == MESHGUARD_INIT:
         return is_meshguard_init(item, None)
     return is_validation_container(item, None)
 
 
-def _remove_stale_init_container(pod: PodView, spec: dict[str, Any]) -> tuple[str, ...]:
+def _stale_init_container(pod: PodView, spec: Mapping[str, Any]) -> tuple[RemoveItem, ...]:
     """meshguard-init (meshguard-validation in Istio CNI mode) is meshguard's to place: an
     out-of-date or misplaced copy of it (an older template's image, say) is removed, to be
     replaced; any other container of that name would be deleted or doubled by the
@@ -430,11 +517,11 @@ def _remove_stale_init_container(pod: PodView, spec: dict[str, Any]) -> tuple[st
                 " securityContext differ, or it is not a run-to-completion init container):"
                 " the name is reserved for meshguard, rename the container"
             )
-        spec["initContainers"] = [c for i, c in enumerate(init) if i != container.index]
-        return (
+        note = (
             f"meshguard replaced {container.where} {container.name!r}: it was not the container"
-            " this meshguard generates (image, resources or place differ)",
+            " this meshguard generates (image, resources or place differ)"
         )
+        return (RemoveItem(at=("spec",), key="initContainers", index=container.index, note=note),)
     return ()
 
 
@@ -479,80 +566,14 @@ def _recorded_changes(text: object) -> tuple[str, ...]:
     return status.changes if status is not None else ()
 
 
-def skip_reason(metadata: dict[str, Any]) -> str:
-    """Why meshguard leaves this pod alone (opted out, Istio off, ambient), or ""."""
-    annotations: dict[str, Any] = metadata.get("annotations") or {}
-    labels: dict[str, Any] = metadata.get("labels") or {}
-    if parse_opt_out(_text(annotations.get(annotation_keys.INJECT))):
-        return f'opted out ({annotation_keys.INJECT}: "false")'
-    for source in (annotations, labels):
-        if str(source.get(annotation_keys.ISTIO_INJECT, "")).lower() == "false":
-            return f'Istio injection is disabled ({annotation_keys.ISTIO_INJECT}: "false")'
-    if annotations.get(AMBIENT_ANNOTATION) == "enabled" or labels.get(AMBIENT_LABEL) == "ambient":
-        return "ambient-mode pod (no sidecar): meshguard does not apply"
-    return ""
-
-
-def gateway_reason(pod: PodView) -> str:
-    """Why an Istio gateway pod is left alone, or "".
-
-    A pod of Istio's ``gateway`` injection template: the proxy is its only container and
-    Istio gave it no init step (no istio-init, no istio-validation), so it runs without
-    NET_ADMIN or root. There is no container to isolate the proxy from, and meshguard's
-    init step would be the pod's only privileged container: nothing is added.
-    """
-    if pod.proxy is None or pod.workload or pod.istio_init_step is not None:
-        return ""
-    template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
-    return (
-        f"Istio gateway pod (injection template {template}): the proxy is the only container"
-        " and Istio added no init step, so there is nothing to isolate it from and meshguard"
-        " adds no privileged init container to it"
-    )
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _request_template(metadata: dict[str, Any]) -> None:
-    annotations = metadata.setdefault("annotations", {})
+def _template_request(annotations: Mapping[str, Any]) -> Change:
+    """Ask Istio for the ``meshguard`` template next to the pod's others."""
     current = str(annotations.get(annotation_keys.ISTIO_TEMPLATES) or ISTIO_DEFAULT_TEMPLATES)
     templates = [t.strip() for t in current.split(",") if t.strip()]
     if TEMPLATE_NAME not in templates:
         templates.append(TEMPLATE_NAME)
-    annotations[annotation_keys.ISTIO_TEMPLATES] = ",".join(templates)
-
-
-def _place_init_container(spec: dict[str, Any], container: dict[str, Any], pod: PodView) -> None:
-    """Put meshguard's init step right after Istio's (first if there is none).
-
-    Any meshguard-init or meshguard-validation in the spec is meshguard's own by now (the pod
-    view recognized it, or :func:`_remove_stale_init_container` removed it); the anchor is
-    the init step the view recognized as Istio's, not whatever bears its name.
-    """
-    own = {MESHGUARD_INIT, MESHGUARD_VALIDATION}
-    init = [c for c in spec.get("initContainers") or [] if c.get("name") not in own]
-    step = pod.istio_init_step
-    names_ = [c.get("name") for c in init]
-    position = names_.index(step.name) + 1 if step is not None else 0
-    init.insert(position, container)
-    spec["initContainers"] = init
-
-
-def _add_pull_secrets(spec: dict[str, Any], names: Sequence[str]) -> None:
-    """The init image's pull secrets, after the pod's own (none twice)."""
-    if not names:
-        return
-    secrets = list(spec.get("imagePullSecrets") or [])
-    present = {s.get("name") for s in secrets if isinstance(s, dict)}
-    secrets += [{"name": name} for name in names if name not in present]
-    spec["imagePullSecrets"] = secrets
-
-
-def _set_volume(spec: dict[str, Any], volume: dict[str, Any] | None) -> None:
-    volumes = [v for v in spec.get("volumes") or [] if v.get("name") != RULESET_VOLUME]
-    if volume is not None:
-        volumes.append(volume)
-    if volumes or "volumes" in spec:
-        spec["volumes"] = volumes
+    return SetKey(
+        at=("metadata", "annotations"),
+        key=annotation_keys.ISTIO_TEMPLATES,
+        value=",".join(templates),
+    )

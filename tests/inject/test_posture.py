@@ -12,6 +12,7 @@ from meshguard.inject.posture import (
     Check,
     PostureAction,
     PostureSettings,
+    apply_fixes,
     refusals,
     review_posture,
 )
@@ -52,7 +53,9 @@ def review_posture_of(
     if status is not None:
         metadata["annotations"]["sidecar.istio.io/status"] = status
     view = read_pod(metadata=metadata, spec=spec)
-    return review_posture(spec, pod=view, settings=settings)
+    findings = review_posture(spec, pod=view, settings=settings)
+    apply_fixes(spec, findings)  # the review decides the fixes; the transform makes them
+    return findings
 
 
 def checks(findings) -> set[Check]:

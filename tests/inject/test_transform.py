@@ -523,3 +523,52 @@ def test_an_istio_gateway_gets_nothing_privileged_and_the_reason_is_given():
     assert inject_pod(sidecar.metadata, sidecar.spec, settings=SETTINGS).outcome is (
         Outcome.INJECTED
     )
+
+
+def _unmeshed(pod: dict[str, Any]) -> dict[str, Any]:
+    """``pod`` before Istio's injection: its workload alone, no status."""
+    pod["metadata"]["annotations"].pop("sidecar.istio.io/status")
+    pod["spec"]["initContainers"] = []
+    pod["spec"]["containers"] = [c for c in pod["spec"]["containers"] if c["name"] == "app"]
+    return pod
+
+
+def _gateway(_: dict[str, Any]) -> dict[str, Any]:
+    """A pod as Istio's gateway template makes it: the proxy alone, no init step."""
+    pod = istio_pod(native=False)
+    pod["spec"]["initContainers"] = []
+    pod["spec"]["containers"] = [c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy"]
+    return pod
+
+
+def _opted_out(pod: dict[str, Any]) -> dict[str, Any]:
+    pod["metadata"]["annotations"]["meshguard.io/inject"] = "false"
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("shape", "settings", "outcome"),
+    [
+        (_unmeshed, SETTINGS, Outcome.SKIPPED),
+        (_unmeshed, InjectSettings(), Outcome.TEMPLATE_REQUESTED),
+        (_gateway, SETTINGS, Outcome.SKIPPED),
+        (_opted_out, SETTINGS, Outcome.SKIPPED),
+        (lambda pod: pod, SETTINGS, Outcome.INJECTED),
+    ],
+    ids=["no-proxy", "no-proxy-template", "gateway", "opted-out", "injected"],
+)
+def test_a_misspelled_annotation_is_warned_on_every_path(shape, settings, outcome):
+    """Whatever meshguard does with the pod, a misspelled ``meshguard.io/*`` key is warned
+    (the no-istio-proxy skip dropped it), next to the removal of a forged mark."""
+    pod = shape(istio_pod())
+    pod["metadata"]["annotations"]["meshguard.io/polciy"] = "x"
+    pod["metadata"]["labels"] = {"meshguard.io/admitted": "true"}  # forged
+    result = inject_pod(pod["metadata"], pod["spec"], settings=settings)
+    assert result.outcome is outcome, result.reason
+    assert any(
+        w.startswith("unknown annotation meshguard.io/polciy") and "meshguard.io/policy?" in w
+        for w in result.warnings
+    ), result.warnings
+    if outcome is not Outcome.INJECTED:
+        assert any("meshguard removed label meshguard.io/admitted" in w for w in result.warnings)
+        assert "meshguard.io/admitted" not in pod["metadata"]["labels"]

@@ -17,8 +17,9 @@ theirs, and even then Istio's init steps may hold no more than Istio gives them.
 their findings are always refusals.
 
 Per check an action is configured: ``deny`` refuses the pod, naming the container, the field
-and the fix; ``fix`` patches the spec (dropping a capability, assigning a uid, ...) and says
-what it changed, and refuses what has no safe patch (host network, a hostPath, ...);
+and the fix; ``fix`` decides a patch of the spec (dropping a capability, assigning a uid, ...),
+carried by the finding as data (:class:`Fix`, made by :func:`apply_fixes`), and says what it
+changes, and refuses what has no safe patch (host network, a hostPath, ...);
 ``report`` changes and refuses nothing: the findings become warnings (a pod in audit mode
 gets :attr:`PostureSettings.audit_action`, ``report`` by default). Every finding ends fixed,
 refused or reported (:class:`Outcome`), never silently kept.
@@ -26,7 +27,7 @@ refused or reported (:class:`Outcome`), never silently kept.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from meshguard.inject.posture import baseline, isolation
@@ -49,11 +50,13 @@ from meshguard.inject.posture.model import (
     UNFIXABLE,
     Check,
     Finding,
+    Fix,
     Origin,
     Outcome,
     PostureAction,
     PostureSettings,
     Review,
+    apply_fixes,
     origin,
 )
 from meshguard.pod import PodView
@@ -71,10 +74,12 @@ __all__ = [
     "BaselineVersion",
     "Check",
     "Finding",
+    "Fix",
     "Origin",
     "Outcome",
     "PostureAction",
     "PostureSettings",
+    "apply_fixes",
     "origin",
     "parse_baseline_version",
     "refusals",
@@ -86,14 +91,15 @@ __all__ = [
 
 
 def review_posture(
-    spec: dict[str, Any], *, pod: PodView, settings: PostureSettings
+    spec: Mapping[str, Any], *, pod: PodView, settings: PostureSettings
 ) -> list[Finding]:
-    """Check (and in fix mode, patch in place) the pod spec; every finding, fixed or not.
+    """Every finding on the pod, fixed or not; a fixed one carries its fix as data
+    (:class:`Fix`, made by :func:`apply_fixes`). ``spec`` is not edited.
 
     ``pod`` is the view of this very spec: its classification says which containers are
     Istio's, meshguard's and the workload's.
     """
-    review = Review(spec=spec, pod=pod, settings=settings)
+    review = Review.of(spec, pod=pod, settings=settings)
     baseline.check_pod(review)
     isolation.check_pod_groups(review)
     for container in pod.containers:
@@ -108,10 +114,10 @@ def review_posture(
 
 
 def review_ephemeral(
-    spec: dict[str, Any], *, pod: PodView, settings: PostureSettings, names: Collection[str]
+    spec: Mapping[str, Any], *, pod: PodView, settings: PostureSettings, names: Collection[str]
 ) -> list[Finding]:
     """The findings on the named ephemeral containers (``kubectl debug`` adding them)."""
-    review = Review(spec=spec, pod=pod, settings=settings)
+    review = Review.of(spec, pod=pod, settings=settings)
     isolation.check_ephemeral(review, names)
     return review.findings
 

@@ -18,7 +18,7 @@ from typing import Any
 import meshguard.inject.posture.baseline as pss
 import meshguard.inject.posture.capabilities as caps
 from meshguard.errors import RefusedError
-from meshguard.inject.posture.model import Check, Review, Subject
+from meshguard.inject.posture.model import Check, PendingFix, Review, Subject
 from meshguard.pod import (
     ISTIO_INIT,
     ISTIO_VALIDATION,
@@ -58,7 +58,7 @@ def check_pod_groups(review: Review) -> None:
             Check.SUPPLEMENTAL_GROUPS, "pod", "spec.securityContext.supplementalGroups",
             f"contains the proxy's gid {gid}",
             f"remove {gid} from supplementalGroups",
-            fix=lambda: _remove_group(context, gid),
+            fix=PendingFix(apply=lambda: _remove_group(context, gid), target=None),
         )  # fmt: skip
 
 
@@ -83,7 +83,7 @@ def check_mesh_init(review: Review, subject: Subject) -> None:
             Check.MESH_INIT_PRIVILEGES, where, "securityContext.privileged",
             "Istio's init step needs only NET_ADMIN and NET_RAW, not a privileged container",
             "set privileged: false",
-            fix=lambda: _set(subject.ensure_context(), "privileged", False),
+            fix=subject.fix(lambda: _set(subject.ensure_context(), "privileged", False)),
         )  # fmt: skip
     allowed = caps.ISTIO_INIT_CAPABILITIES.get(name, frozenset())
     extra = sorted(caps.added(context) - allowed)
@@ -93,7 +93,9 @@ def check_mesh_init(review: Review, subject: Subject) -> None:
             f"adds {', '.join(extra)}; Istio gives {name} only"
             f" {', '.join(sorted(allowed)) or 'no capabilities'}",
             f"remove {', '.join(extra)} from capabilities.add",
-            fix=functools.partial(caps.remove_added_canonical, subject.ensure_context, extra),
+            fix=subject.fix(
+                functools.partial(caps.remove_added_canonical, subject.ensure_context, extra)
+            ),
         )  # fmt: skip
 
 
@@ -167,7 +169,7 @@ def check_uids(review: Review) -> None:
         where, container = item.where, item.spec
         alongside = item.view.runs_alongside
         uid = item.context().get("runAsUser", pod_context.get("runAsUser"))
-        assign = _assigner(container, allocator)
+        assign = item.fix(_assigner(container, allocator))
         remedy = "set a distinct runAsUser (or let meshguard assign one: posture action fix)"
         if uid is None:
             review.report(
@@ -198,7 +200,11 @@ def _check_gid(
     gid = subject.context().get("runAsGroup", pod_context.get("runAsGroup"))
     proxy_gid = review.proxy.gid
     can_fix = subject.fixable and isinstance(uid, int) and uid != proxy_gid
-    fix = functools.partial(_set_group_to_uid, subject.spec, pod_context) if can_fix else None
+    fix = (
+        subject.fix(functools.partial(_set_group_to_uid, subject.spec, pod_context))
+        if can_fix
+        else None
+    )
     if gid is None:
         review.report(
             Check.MISSING_GID, subject.where, "securityContext.runAsGroup",

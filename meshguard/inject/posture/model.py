@@ -11,8 +11,10 @@ it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -177,6 +179,33 @@ class PostureSettings:
         )
 
 
+#: Where a fix writes: ``(field, index)`` of a container in the spec, or None for the pod.
+FixTarget = tuple[str, int] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fix:
+    """The change a fixed finding makes, as data: the ``securityContext`` its target has once
+    this fix (and the fixes before it) are made. Applying the fixes of a review in order
+    (:func:`apply_fixes`) gives the pod the review decided on."""
+
+    target: FixTarget
+    security_context: Mapping[str, Any]
+
+
+def apply_fixes(spec: dict[str, Any], findings: Iterable[Finding]) -> None:
+    """Make the fixes of ``findings`` (the ones fixed) in ``spec``, in order: each target
+    ends with the context its last fix leaves, the one written."""
+    last: dict[FixTarget, Fix] = {}
+    for finding in findings:
+        if finding.fix is not None:
+            last.pop(finding.fix.target, None)  # written in the order of its last fix
+            last[finding.fix.target] = finding.fix
+    for fix in last.values():
+        owner = spec if fix.target is None else spec[fix.target[0]][fix.target[1]]
+        owner["securityContext"] = copy.deepcopy(dict(fix.security_context))
+
+
 @dataclass(frozen=True)
 class Finding:
     check: Check
@@ -187,6 +216,8 @@ class Finding:
     outcome: Outcome
     #: "Pod Security baseline v1.37" or "meshguard's own": whose rule it is.
     source: str = ""
+    #: What the fix changes (fixed findings only).
+    fix: Fix | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def fixed(self) -> bool:
@@ -207,14 +238,29 @@ class Finding:
         return f"{self.where}: {self.field}: {self.problem}; fix: {self.remedy} {tag}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class PendingFix:
+    """A fix the review may make: ``apply`` edits the review's working copy and says what it
+    changed; ``target`` is whose ``securityContext`` it edits."""
+
+    apply: Callable[[], str]
+    target: FixTarget
+
+
 @dataclass
 class Review:
-    """One posture review: the spec (edited in place by fixes), its view, the findings."""
+    """One posture review: a working copy of the spec (the fixes decided so far made in it,
+    so that later checks see them; the spec itself is never edited), its view, the
+    findings."""
 
     spec: dict[str, Any]
     pod: PodView
     settings: PostureSettings
     findings: list[Finding] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any], *, pod: PodView, settings: PostureSettings) -> Review:
+        return cls(spec=working_copy(spec), pod=pod, settings=settings)
 
     @property
     def proxy(self) -> ProxyIdentity:
@@ -227,14 +273,16 @@ class Review:
         field_: str,
         problem: str,
         remedy: str,
-        fix: Callable[[], str] | None = None,
+        fix: PendingFix | None = None,
     ) -> None:
-        """Record a finding; in fix mode apply ``fix``, which says what it changed."""
+        """Record a finding; in fix mode make ``fix`` in the working copy and record it."""
         action = self.settings.action(check)
+        made: Fix | None = None
         if action is PostureAction.REPORT:
             outcome = Outcome.REPORTED
         elif fix is not None and action is PostureAction.FIX:
-            remedy = fix()
+            remedy = fix.apply()
+            made = Fix(target=fix.target, security_context=copy.deepcopy(self._context(fix.target)))
             outcome = Outcome.FIXED
         else:
             outcome = Outcome.REFUSED
@@ -253,13 +301,42 @@ class Review:
                 remedy=remedy,
                 outcome=outcome,
                 source=source,
+                fix=made,
             )
         )
+
+    def _context(self, target: FixTarget) -> dict[str, Any]:
+        owner = self.spec if target is None else self.spec[target[0]][target[1]]
+        context: dict[str, Any] = owner.get("securityContext") or {}
+        return context
+
+
+def working_copy(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec with its own copies of the pod's and every container's ``securityContext``
+    (all a fix edits), sharing everything else with ``spec``."""
+    copied = dict(spec)
+    if isinstance(spec.get("securityContext"), dict):
+        copied["securityContext"] = copy.deepcopy(spec["securityContext"])
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        items = spec.get(key)
+        if isinstance(items, list):
+            copied[key] = [_container_copy(item) for item in items]
+    return copied
+
+
+def _container_copy(item: object) -> object:
+    if not isinstance(item, dict):
+        return item
+    copied = dict(item)
+    if isinstance(item.get("securityContext"), dict):
+        copied["securityContext"] = copy.deepcopy(item["securityContext"])
+    return copied
 
 
 @dataclass(frozen=True)
 class Subject:
-    """A container under review: its view, its spec (edited in place by fixes), its label."""
+    """A container under review: its view, its spec in the review's working copy (edited by
+    fixes there), its label."""
 
     view: Container
     spec: dict[str, Any]
@@ -276,5 +353,8 @@ class Subject:
         self.spec["securityContext"] = context
         return context
 
-    def fix(self, fix: Callable[[], str]) -> Callable[[], str] | None:
-        return fix if self.fixable else None
+    def fix(self, fix: Callable[[], str]) -> PendingFix | None:
+        """``fix`` as this container's, if it can be fixed at all."""
+        if not self.fixable:
+            return None
+        return PendingFix(apply=fix, target=(self.view.field, self.view.index))
