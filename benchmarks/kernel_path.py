@@ -1,6 +1,7 @@
 """Benchmark meshguard's kernel path: loopback TCP with and without its rules, and install cost.
 
-Run as root: ``python -m benchmarks.kernel_path [--quick] [--json FILE] [--cpu N | --no-pin]``.
+Run as root: ``python -m benchmarks.kernel_path [--quick] [--json FILE] [--cpu N | --no-pin]
+[--denials]``.
 
 What it measures and how: ``benchmarks/README.md``, section ``kernel_path.py``.
 """
@@ -24,7 +25,7 @@ from benchmarks.common import (
     script_parser,
     write_json,
 )
-from benchmarks.kernel.configs import ALL_CONFIGS, parse_configs
+from benchmarks.kernel.configs import ALL_CONFIGS, DENIAL_CONFIGS, KNOWN_CONFIGS, parse_configs
 from benchmarks.kernel.pod import FULL, QUICK, TRAFFIC_POD_SIZE, is_root
 from benchmarks.kernel.report import traffic_markdown
 from benchmarks.kernel.traffic import helper_main
@@ -76,6 +77,11 @@ def main_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure traffic only (no install cost; python -m benchmarks measures it once)",
     )
+    parser.add_argument(
+        "--denials",
+        action="store_true",
+        help="also measure the denial path, with and without the NFLOG rule and its listener",
+    )
     pin = parser.add_mutually_exclusive_group()
     pin.add_argument(
         "--cpu", type=int, help="CPU to pin client and server to (default: the first allowed)"
@@ -91,7 +97,7 @@ def chosen_cpu(args: argparse.Namespace) -> int | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if argv and argv[0] in {"_server", "_client", "_refused"}:
+    if argv and argv[0] in {"_server", "_client", "_refused", "_nflog"}:
         return helper_main(argv)
     args = main_parser().parse_args(argv)
     if args.containers < 2:
@@ -108,9 +114,12 @@ def main(argv: Sequence[str]) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="meshguard-bench-") as tmp:
         workdir = Path(tmp)
-        trials = run_traffic(profile, workdir, cpu, args.configs, containers=args.containers)
+        wanted = {*args.configs, *(DENIAL_CONFIGS if args.denials else ())}
+        configs = tuple(c for c in KNOWN_CONFIGS if c in wanted)
+        trials = run_traffic(profile, workdir, cpu, configs, containers=args.containers,
+                             denials=args.denials)  # fmt: skip
     install: RuleInstall | None = None if args.no_install else rule_install(quick=args.quick)
-    summary = traffic_summary(trials, args.configs)
+    summary = traffic_summary(trials, configs)
     elapsed = time.perf_counter() - started
     print("\n".join(traffic_markdown(summary, profile, cpu, containers=args.containers)))
     if install is not None:

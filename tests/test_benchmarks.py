@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from benchmarks.harness import alternating, schedule
-from benchmarks.kernel.configs import ALL_CONFIGS, ALL_PAIRS, ISTIO_MESHGUARD, Config
+from benchmarks.kernel.configs import (
+    ALL_PAIRS,
+    DENIAL_GROUPS,
+    ISTIO_MESHGUARD,
+    KNOWN_CONFIGS,
+    Config,
+    parse_configs,
+)
 from benchmarks.kernel.pod import compile_synthetic
 from benchmarks.l7.bench import HttpTrial
 from benchmarks.l7.envoys import (
@@ -84,11 +91,24 @@ def test_the_l7_goal_is_native_against_no_authorization() -> None:
 
 
 def test_kernel_configurations_declare_their_rulesets() -> None:
-    names = [c.name for c in ALL_CONFIGS]
+    names = [c.name for c in KNOWN_CONFIGS]
     assert len(set(names)) == len(names)
-    assert all(a in ALL_CONFIGS and b in ALL_CONFIGS for a, b in ALL_PAIRS)
+    assert all(a in KNOWN_CONFIGS and b in KNOWN_CONFIGS for a, b in ALL_PAIRS)
+    assert parse_configs(",".join(reversed(names))) == KNOWN_CONFIGS
     variant = Config(name="x", istio=True, meshguard=True, compiler=(("dispatch_fanout", 16),))
     assert variant.ruleset_key != ISTIO_MESHGUARD.ruleset_key
     flat = compile_synthetic(16, flat=True)
     assert compile_synthetic(16, compiler=dict(variant.compiler)).to_json() == flat.to_json()
     assert compile_synthetic(16).to_json() != flat.to_json()
+
+
+def test_the_denial_path_compares_the_nflog_rule_per_backend() -> None:
+    for base, *others in DENIAL_GROUPS:  # no NFLOG rule; the default limit; lifted, twice
+        rulesets = [
+            compile_synthetic(16, native_nftables=c.nftables, compiler=dict(c.compiler)).to_json()
+            for c in (base, *others)
+        ]
+        assert "4747" not in rulesets[0] and all("4747" in r for r in rulesets[1:])
+        assert rulesets[1] != rulesets[2] == rulesets[3]
+        assert [c.listener for c in (base, *others)] == [False, True, True, False]
+        assert all((base, c) in ALL_PAIRS for c in others)

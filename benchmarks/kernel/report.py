@@ -3,11 +3,11 @@ ratios against their baselines and goals, the per-trial values and the dispatch 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from benchmarks.common import markdown_table
 from benchmarks.kernel.configs import (
-    ALL_CONFIGS,
     ALL_PAIRS,
     ISTIO_GOAL,
     ISTIO_MESHGUARD,
@@ -24,7 +24,7 @@ def traffic_markdown(
 ) -> list[str]:
     last = containers - 1
     pinning = f"client and server pinned to CPU {cpu}" if cpu is not None else "not pinned"
-    configs = [c.name for c in ALL_CONFIGS if c.name in summary["medians"]]
+    configs = summary["configs"]
     medians, trials = summary["medians"], summary["trials"]
     check = summary["dispatch_check"]
     return [
@@ -62,6 +62,40 @@ def traffic_markdown(
         " baseline includes turning conntrack on; an Istio pod already has it on (its nat"
         " capture rules).",
         "",
+        *_denials(summary, containers=containers),
+    ]  # fmt: skip
+
+
+DENIED = ("denied_per_second", "denied_per_cpu_second", "denied_per_node_cpu_second")
+
+
+def _denials(summary: dict[str, Any], *, containers: int) -> list[str]:
+    """``--denials``: the configurations that measured the denial path, and their ratios."""
+    medians, logged = summary["medians"], summary["logged"]
+    configs = [c for c in medians if not math.isnan(medians[c].get("denied_per_second", math.nan))]
+    if not configs:
+        return []
+    return [
+        f"Denial path (`--denials`): {container_name(containers - 1)} connects in a loop to"
+        f" {HOST}:{BASE_PORT + 1}, each attempt refused by meshguard's reset; per CPU second of"
+        " the client, then with the NFLOG listener's; what the listener read (benchmarks/"
+        "README.md: `-nolog`, `+listener`, `-logall`).",
+        "",
+        *markdown_table(
+            ["configuration", "refused/s", "refused /cpu-s", "with listener's cpu",
+             "per trial: logged / refused"],
+            [[c, *(f"{medians[c][m]:,.0f}" for m in DENIED),
+              ", ".join(f"{'-' if n is None else f'{n:,}'} / {d:,}" for n, d in logged[c])]
+             for c in configs],
+        ),
+        "",
+        *markdown_table(
+            ["ratio (against no NFLOG rule)", "refused/s", "refused /cpu-s",
+             "with listener's cpu"],
+            [[pair, *(f"{ratios[m]:.3f}" for m in DENIED)]
+             for pair, ratios in summary["ratios"].items() if pair.endswith("-nolog")],
+        ),
+        "",
     ]  # fmt: skip
 
 
@@ -69,6 +103,8 @@ def _verdict(pair: str, ratios: dict[str, float]) -> str:
     """Goal >= GOAL on both figures; the Istio pairs: ISTIO_GOAL on the connect rate."""
     if pair == f"{ISTIO_MESHGUARD.name} / {ISTIO_MESHGUARD_FLAT.name}":
         return "no goal (uid-range dispatch vs one rule per uid)"
+    if pair.endswith("-nolog"):
+        return "no goal (~1.0: only a denied packet reaches the NFLOG rule)"
     if pair in {f"{b.name} / {a.name}" for a, b in ALL_PAIRS[1:3]}:
         met = ratios["connect_per_second"] >= ISTIO_GOAL
         return f"connect {'met' if met else '**not met**'} (>= {ISTIO_GOAL})"

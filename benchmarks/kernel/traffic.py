@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import resource
@@ -27,6 +28,8 @@ from benchmarks.kernel.pod import (
     SERVER_LIFETIME_SECONDS,
     SOCKET_TIMEOUT_SECONDS,
 )
+from meshguard.cni.nflog import open_group
+from meshguard.rules.settings import DENIAL_LOG_GROUP
 from meshguard.sandbox.probe import drop_privileges
 
 
@@ -116,7 +119,7 @@ def client(args: argparse.Namespace) -> dict[str, Any]:
         args.port, count=args.connect_count, seconds=args.connect_seconds
     )
     conn_cpu = cpu_of(args.server_pid) - cpu
-    return {
+    return measure_denials(args) | {
         "rr_per_second": rr / rr_elapsed,
         "round_trips": rr,
         "connect_per_second": conn / conn_elapsed,
@@ -130,11 +133,57 @@ def client(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_denials(args: argparse.Namespace) -> dict[str, float]:
+    """``--denials``: connect in a loop to a port the rules deny, each refused by their reset.
+    CPU: the client's (the rules, the reset and NFLOG run in its context), then with the
+    listener's; warm-up included, as in :func:`client`."""
+    if not args.denied_port:
+        return {}
+    listener = process_cpu(args.listener_pid) if args.listener_pid else 0.0
+    cpu = own_cpu()
+    for _ in range(CONNECT_WARMUP):
+        deny_once(args.denied_port)
+    port, count, seconds = args.denied_port, args.connect_count * 10, args.connect_seconds
+    done, elapsed = timed_loop(lambda: deny_once(port), count=count, seconds=seconds)
+    cpu, total = own_cpu() - cpu, done + CONNECT_WARMUP
+    listener = (process_cpu(args.listener_pid) if args.listener_pid else 0.0) - listener
+    return {"denied_per_second": done / elapsed, "denied_per_cpu_second": total / cpu,
+            "denied_per_node_cpu_second": total / (cpu + listener), "denied": total}  # fmt: skip
+
+
+def deny_once(port: int) -> None:
+    if not refused(port):
+        raise ConnectionError(f"port {port} accepted a connection the rules deny")
+
+
+def drain_denial_log() -> int:
+    """As the node agent: read the denial log's NFLOG group until SIGTERM and it is empty; how
+    many messages it read (``ENOBUFS``: it fell behind, the kernel dropped some)."""
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.alarm(SERVER_LIFETIME_SECONDS)
+    logged = 0
+    with open_group("/proc/self/ns/net", group=DENIAL_LOG_GROUP) as group:
+        print("ready", flush=True)
+        while True:
+            try:
+                got = len(group.read(timeout=0.2))
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                continue
+            logged += got
+            if stopping and not got:
+                return logged
+
+
 def helper_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="kernel_path.py _server|_client")
-    parser.add_argument("role", choices=["_server", "_client", "_refused"])
-    parser.add_argument("--uid", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("role", choices=["_server", "_client", "_refused", "_nflog"])
+    parser.add_argument("--uid", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--denied-port", type=int, default=0, help="(client) --denials")
+    parser.add_argument("--listener-pid", type=int, default=0, help="(client) the NFLOG reader")
     parser.add_argument("--rr-count", type=int, default=0)
     parser.add_argument("--rr-seconds", type=float, default=0.0)
     parser.add_argument("--connect-count", type=int, default=0)
@@ -144,6 +193,9 @@ def helper_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
+    if args.role == "_nflog":  # as root: binding an NFLOG group needs CAP_NET_ADMIN
+        print(drain_denial_log(), flush=True)
+        return 0
     drop_privileges(uid=args.uid, gid=args.uid)
     if args.role == "_server":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

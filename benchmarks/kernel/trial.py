@@ -4,6 +4,7 @@ medians."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -38,6 +39,11 @@ METRICS = (
     # Per CPU second of client + server: less sensitive to what else the machine runs.
     ("rr_per_cpu_second", "request/response per CPU second"),
     ("connect_per_cpu_second", "connect+close per CPU second"),
+    # --denials (NaN without): refused connections; per CPU second of the client, then with
+    # the NFLOG listener's.
+    ("denied_per_second", "refused (conn/s)"),
+    ("denied_per_cpu_second", "refused per CPU second"),
+    ("denied_per_node_cpu_second", "refused per CPU second with the listener's"),
 )
 
 
@@ -50,6 +56,11 @@ class Trial:
     rr_per_cpu_second: float
     connect_per_cpu_second: float
     dispatched: int | None  # NEW packets RETURNed by the client's source chain (meshguard)
+    denied_per_second: float | None  # --denials (None: not measured)
+    denied_per_cpu_second: float | None
+    denied_per_node_cpu_second: float | None
+    denied: int | None  # refused attempts, warm-up included
+    logged: int | None  # denials the NFLOG listener read (None: no listener)
 
 
 def meshguard_init(
@@ -115,10 +126,12 @@ def run_trial(
     cpu: int | None,
     *,
     containers: int,
+    denials: bool = False,
 ) -> Trial:
     client_uid = BASE_UID + containers - 1
     server_uid, port = BASE_UID, BASE_PORT
     pin = ["--cpu", str(cpu)] if cpu is not None else []
+    denied = ["--denied-port", str(port + 1)] if denials and config.meshguard else []
     with NetworkNamespace() as ns:
         if config.istio:  # istio-init runs first, meshguard-init right after it
             load_istio(ns, nftables=config.nftables)
@@ -128,16 +141,27 @@ def run_trial(
             helper_argv("_server", "--uid", str(server_uid), "--port", str(port), *pin),
             ready_line="ready",
         )
+        if denied:  # c01's port, denied the client: a refusal is the rules', not a closed port's
+            ns.spawn(helper_argv("_server", "--uid", str(server_uid + 1), "--port", str(port + 1)),
+                     ready_line="ready")  # fmt: skip
+        listener = None
+        if denied and config.listener:  # drains the denial log as the node agent does
+            listener = ns.spawn(helper_argv("_nflog"), ready_line="ready")
+            denied += ["--listener-pid", str(listener.pid)]
         output = ns.run(
             helper_argv(
                 "_client", "--uid", str(client_uid), "--port", str(port), *pin,
                 "--server-pid", str(server.pid),
                 "--rr-count", str(profile.rr_count), "--rr-seconds", str(profile.rr_seconds),
                 "--connect-count", str(profile.connect_count),
-                "--connect-seconds", str(profile.connect_seconds),
+                "--connect-seconds", str(profile.connect_seconds), *denied,
             )
         )  # fmt: skip
         result = json.loads(output)
+        logged = None
+        if listener is not None and listener.stdout is not None:
+            listener.terminate()  # it reads what is left, then says how many it read
+            logged = int(listener.stdout.readline())
         dispatched = None
         if config.meshguard:
             check_enforced(ns, port=port, pin=pin)
@@ -154,6 +178,11 @@ def run_trial(
         rr_per_cpu_second=result["rr_per_cpu_second"],
         connect_per_cpu_second=result["connect_per_cpu_second"],
         dispatched=dispatched,
+        denied_per_second=result.get("denied_per_second"),
+        denied_per_cpu_second=result.get("denied_per_cpu_second"),
+        denied_per_node_cpu_second=result.get("denied_per_node_cpu_second"),
+        denied=result.get("denied"),
+        logged=logged,
     )
 
 
@@ -177,6 +206,7 @@ def run_traffic(
     configs: Sequence[Config],
     *,
     containers: int = TRAFFIC_POD_SIZE,
+    denials: bool = False,
 ) -> list[Trial]:
     """Trials in rounds, each round in the reverse order of the previous (ABCD DCBA ...)."""
     rulesets = {}
@@ -194,10 +224,13 @@ def run_traffic(
     trials = []
     for index in range(profile.trials):
         for config in alternating(configs, index):
-            trial = run_trial(config, profile, rulesets, cpu, containers=containers)
+            trial = run_trial(
+                config, profile, rulesets, cpu, containers=containers, denials=denials
+            )
             print(
                 f"  round {index + 1}/{profile.trials} {config.name:20}"
-                f" rr {trial.rr_per_second:9,.0f}/s  connect {trial.connect_per_second:7,.0f}/s",
+                f" rr {trial.rr_per_second:9,.0f}/s  connect {trial.connect_per_second:7,.0f}/s"
+                + (f"  refused {trial.denied_per_second:7,.0f}/s" if trial.denied else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -206,20 +239,24 @@ def run_traffic(
 
 
 def values_of(trials: Sequence[Trial], config: Config, metric: str) -> list[float]:
-    return [getattr(t, metric) for t in trials if t.config == config.name]
+    values = [getattr(t, metric) for t in trials if t.config == config.name]
+    return [math.nan if value is None else value for value in values]
 
 
 def traffic_summary(trials: Sequence[Trial], configs: Sequence[Config]) -> dict[str, Any]:
+    # The denial path's only when measured (--denials): no NaN columns otherwise.
+    measured = any(t.denied is not None for t in trials)
+    metrics = [m for m, _ in METRICS if measured or not m.startswith("denied")]
     medians = {
         config.name: {
-            metric: statistics.median(values_of(trials, config, metric)) for metric, _ in METRICS
+            metric: statistics.median(values_of(trials, config, metric)) for metric in metrics
         }
         for config in configs
     }
     ratios = {
         f"{with_.name} / {without.name}": {
             metric: medians[with_.name][metric] / medians[without.name][metric]
-            for metric, _ in METRICS
+            for metric in metrics
         }
         for without, with_ in pairs_of(configs)
     }
@@ -233,7 +270,7 @@ def traffic_summary(trials: Sequence[Trial], configs: Sequence[Config]) -> dict[
                     strict=True,
                 )
             )
-            for metric, _ in METRICS
+            for metric in metrics
         }
         for without, with_ in pairs_of(configs)
     }
@@ -248,8 +285,13 @@ def traffic_summary(trials: Sequence[Trial], configs: Sequence[Config]) -> dict[
         "istio_goal": ISTIO_GOAL,
         "configs": [config.name for config in configs],
         "trials": {
-            config.name: {metric: values_of(trials, config, metric) for metric, _ in METRICS}
+            config.name: {metric: values_of(trials, config, metric) for metric in metrics}
             for config in configs
+        },
+        "logged": {  # --denials: (logged, refused) per trial
+            config.name: [(t.logged, t.denied) for t in trials if t.config == config.name]
+            for config in configs
+            if measured
         },
         "dispatch_check": {
             "connections": sum(t.connections_total for t in guarded),
