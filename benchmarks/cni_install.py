@@ -125,31 +125,29 @@ class PodNamespace(NetworkNamespace):
                           "--noflush"], stdin=payload)  # fmt: skip
 
 
-def plugin_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace) -> Timed:
-    """A runtime without the agent: a process per call."""
+def cni_env(pod: dict[str, Any], ns: NetworkNamespace) -> dict[str, str]:
+    """What the runtime sets for an ADD of ``pod`` in ``ns``."""
     metadata = pod["metadata"]
     cni_args = (
         f"IgnoreUnknown=1;K8S_POD_NAMESPACE={metadata['namespace']};"
         f"K8S_POD_NAME={metadata['name']};K8S_POD_UID={metadata['uid']}"
     )
-    env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
-           "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args}  # fmt: skip
+    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
+            "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args}  # fmt: skip
+
+
+def plugin_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace) -> Timed:
+    """A runtime without the agent: a process per call."""
     with conf_file.open() as stdin:
-        return timed([sys.executable, "-m", "meshguard.cni"], stdin=stdin, env=env)
+        return timed([sys.executable, "-m", "meshguard.cni"], stdin=stdin,
+                     env={**os.environ, **cni_env(pod, ns)})  # fmt: skip
 
 
 def shim_add(
     conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace, shim: Path, agent: AgentProcess
 ) -> Timed:
     """The node's path: the runtime execs the shim, which hands the call to the agent."""
-    metadata = pod["metadata"]
-    cni_args = (
-        f"IgnoreUnknown=1;K8S_POD_NAMESPACE={metadata['namespace']};"
-        f"K8S_POD_NAME={metadata['name']};K8S_POD_UID={metadata['uid']}"
-    )
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": "ADD",
-           "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
-           "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args,
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **cni_env(pod, ns),
            "MESHGUARD_CNI_SOCKET": str(shim.parent / "cni.sock")}  # fmt: skip
     before = agent.cpu()
     with conf_file.open() as stdin:
@@ -260,9 +258,8 @@ def build_shim(directory: Path) -> Path:
 
 
 def init(ruleset_file: Path, ns: NetworkNamespace) -> Timed:
-    return timed(
-        ns.argv([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
-    )
+    argv = [sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)]
+    return timed(ns.argv(argv))
 
 
 def network_conf(directory: Path, api: ApiServer) -> Path:
@@ -349,7 +346,15 @@ def goals(data: Document | dict[str, Any]) -> dict[str, bool]:
 
 def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``--markdown`` prints it)."""
-    columns = ("shim-add", "cni-add", "shim-pass", "pass-through", "netfilter", "init")
+    table = markdown_table(
+        ["containers", "rules", "", "ADD shim -> agent", "ADD process",
+         "pass-through shim -> agent", "pass-through process", "netfilter", "meshguard init",
+         "ADD shim -> agent / netfilter"],
+        [[row["containers"], row["rules"], label, *(f"{ms[c]:.1f}" for c in CONFIGS),
+          f"{ms['shim-add'] / ms['netfilter']:.2f}"]
+         for row in data["rows"]
+         for label, ms in (("wall ms", row["ms"]), ("CPU ms", row["cpu_ms"]))],
+    )  # fmt: skip
     lines = [
         "## Istio CNI mode: node-side install time (benchmarks/cni_install.py)",
         "",
@@ -369,31 +374,7 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         " machine (2 CPUs) was shared with other sessions' builds and tests during the run:"
         " expect scatter in the wall times.",
         "",
-        *markdown_table(
-            [
-                "containers",
-                "rules",
-                "",
-                "ADD shim -> agent",
-                "ADD process",
-                "pass-through shim -> agent",
-                "pass-through process",
-                "netfilter",
-                "meshguard init",
-                "ADD shim -> agent / netfilter",
-            ],
-            [
-                [
-                    row["containers"],
-                    row["rules"],
-                    label,
-                    *(f"{ms[c]:.1f}" for c in columns),
-                    f"{ms['shim-add'] / ms['netfilter']:.2f}",
-                ]
-                for row in data["rows"]
-                for label, ms in (("wall ms", row["ms"]), ("CPU ms", row["cpu_ms"]))
-            ],
-        ),
+        *table,
     ]
     met = goals(data)
     lines += [

@@ -151,25 +151,13 @@ def measure_init(replay: Replay, images: dict[str, BuiltStage], reps: int) -> li
         for image in images.values():  # warm-up: page cache
             time_init(replay, image, ruleset)
         for rep in range(reps):
-            order = alternating(list(images), rep)
-            for target in order:
-                seconds = time_init(replay, images[target], ruleset)
-                samples[target].append(seconds * 1000)
+            for target in alternating(list(images), rep):
+                samples[target].append(time_init(replay, images[target], ruleset) * 1000)
         medians = {target: median_of(values) for target, values in samples.items()}
-        rows.append(
-            {
-                "containers": n,
-                "init_ms": medians,
-                "samples_ms": samples,
-                "ratio": medians["init"] / medians["server"],
-            }
-        )
-        print(
-            f"[init-image] {n} containers: init image {medians['init']:.1f} ms,"
-            f" servers' image {medians['server']:.1f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
+        rows.append({"containers": n, "init_ms": medians, "samples_ms": samples,
+                     "ratio": medians["init"] / medians["server"]})  # fmt: skip
+        print(f"[init-image] {n} containers: init image {medians['init']:.1f} ms, servers'"
+              f" image {medians['server']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
     return rows
 
 
@@ -190,16 +178,12 @@ def measure(*, quick: bool) -> Document:
                 "apt_total_kib": sum(added.values()) if added is not None else None,
             }
         rows = measure_init(replay, images, reps)
-    images_ = measured
-    totals = {
-        target: image["venv_kib"] + (image["apt_total_kib"] or 0)
-        for target, image in images_.items()
-    }
+    totals = {t: image["venv_kib"] + (image["apt_total_kib"] or 0) for t, image in measured.items()}
     return {
-        "images": images_,
+        "images": measured,
         "totals_kib": totals,
         "size_ratio": totals["init"] / totals["server"],
-        "venv_ratio": images_["init"]["venv_kib"] / images_["server"]["venv_kib"],
+        "venv_ratio": measured["init"]["venv_kib"] / measured["server"]["venv_kib"],
         "goal_ratio": GOAL_RATIO,
         "init": rows,
         "reps": reps,
@@ -223,6 +207,12 @@ def _size_row(name: str, image: Any) -> list[str]:
 def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``python -m benchmarks`` and ``--markdown`` print the same)."""
     init, server = data["images"]["init"], data["images"]["server"]
+    init_table = markdown_table(
+        ["containers", "init image ms", "servers' image ms", "init / servers'", "samples (init)"],
+        [[row["containers"], f"{row['init_ms']['init']:.1f}", f"{row['init_ms']['server']:.1f}",
+          f"{row['ratio']:.2f}", ", ".join(f"{s:.0f}" for s in row["samples_ms"]["init"])]
+         for row in data["init"]],
+    )  # fmt: skip
     ok = data["size_ratio"] <= data["goal_ratio"]
     lines = [
         "## The slim init image (benchmarks/init_image.py)",
@@ -239,13 +229,7 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         "",
         *markdown_table(
             ["image", "virtualenv", "apt adds", "total", "largest in site-packages"],
-            [
-                _size_row(name, image)
-                for name, image in (
-                    ("init (`--target init`)", init),
-                    ("servers' (default)", server),
-                )
-            ],
+            [_size_row("init (`--target init`)", init), _size_row("servers' (default)", server)],
         ),
     ]
     added = init["apt_added_kib"] or {}
@@ -264,27 +248,7 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         f" namespace, wall time, median of {data['reps']}"
         " alternating runs after a warm-up; the servers' virtualenv is the baseline:",
         "",
-        *markdown_table(
-            [
-                "containers",
-                "init image ms",
-                "servers' image ms",
-                "init / servers'",
-                "samples (init)",
-            ],
-            [
-                [
-                    row["containers"],
-                    f"{row['init_ms']['init']:.1f}",
-                    f"{row['init_ms']['server']:.1f}",
-                    f"{row['ratio']:.2f}",
-                    ", ".join(f"{s:.0f}" for s in row["samples_ms"]["init"]),
-                ]
-                for row in data["init"]
-            ],
-        ),
-    ]
-    lines += [
+        *init_table,
         "",
         "meshguard init imports nothing of the servers' libraries (tests/test_core_install.py"
         " runs it with them blocked), so the start is the same from either image; what the"

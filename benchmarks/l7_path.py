@@ -26,13 +26,7 @@ from typing import Any, TypedDict
 import grpc
 import grpc.aio
 
-from benchmarks.common import (
-    Machine,
-    machine,
-    machine_line,
-    script_parser,
-    write_json,
-)
+from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
 from benchmarks.harness import NOISE_CORES, wait_for_quiet
 from benchmarks.l7.bench import (
     FULL,

@@ -26,12 +26,7 @@ from meshguard.webhook.review import handle
 from tests.support.admissions import Posted, admission_metrics, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import percentile
-from tests.support.processes import (
-    free_port,
-    https_get,
-    log_tail,
-    serve_webhook_argv,
-)
+from tests.support.processes import free_port, https_get, log_tail, serve_webhook_argv
 from tests.support.tls import write_server_files
 
 

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    L7_POLICY,
-)
+from benchmarks.common import L7_POLICY
 from meshguard import yaml_io
 from meshguard.authz.contract import SERVICE_NAME
 from meshguard.authz.envoy_config import (
@@ -26,12 +24,7 @@ from meshguard.authz.identity import TlsFiles
 from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.policy import Mode, parse_policy
-from meshguard.rbac import (
-    RE2_PROGRAM_SIZE,
-    RE2_RUNTIME_KEY,
-    compile_rbac,
-    rbac_document_text,
-)
+from meshguard.rbac import RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY, compile_rbac, rbac_document_text
 from tests.authz.spiffe import AUTHZ_DNS, issue_workload, spiffe_id
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST

@@ -21,9 +21,7 @@ import grpc.aio
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
-from benchmarks.common import (
-    module_argv,
-)
+from benchmarks.common import module_argv
 from benchmarks.l7.envoys import (
     CALL_TIMEOUT_SECONDS,
     CHECK_METHOD,

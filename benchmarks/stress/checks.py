@@ -15,11 +15,7 @@ from benchmarks.common import json_lines
 from benchmarks.stress.rows import Profile, Row
 from meshguard import yaml_io
 from tests.support.latency import latency_ms
-from tests.support.load import (
-    CheckRun,
-    check_kinds,
-    run_checks,
-)
+from tests.support.load import CheckRun, check_kinds, run_checks
 from tests.support.pods import injected_example
 from tests.support.processes import (
     HOST,

@@ -21,12 +21,7 @@ from meshguard.errors import MeshguardFailure
 from meshguard.sandbox.envoy import envoy_binary
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.latency import latency_ms
-from tests.support.load import (
-    AGENT_PORT,
-    APP,
-    LOAD_CLIENT,
-    FaultPod,
-)
+from tests.support.load import AGENT_PORT, APP, LOAD_CLIENT, FaultPod
 
 
 def fault_problem() -> str | None:
