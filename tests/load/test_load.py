@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -49,11 +48,10 @@ from tests.support.admissions import Posted, admission_metrics, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import percentile
 from tests.support.load import (
-    AGENT_PORT,
     APP,
-    LOAD_CLIENT,
     CheckRun,
     FaultPod,
+    LoadClient,
     check_kinds,
     run_checks,
 )
@@ -304,33 +302,6 @@ def fault_pod(shared_dir: Path) -> Iterator[FaultPod]:
     ``meshguard serve-authz`` (uid 1337) and the real Envoy's loopback listener (uid 1337)."""
     with NetworkNamespace() as ns:
         yield FaultPod(ns, shared_dir)
-
-
-class LoadClient:
-    """:data:`LOAD_CLIENT` in the namespace; :meth:`finish` stops it and returns its records."""
-
-    def __init__(self, ns: NetworkNamespace, *, uid: int, workers: int, max_seconds: float):
-        argv = [sys.executable, "-c", LOAD_CLIENT, str(uid), str(workers), str(max_seconds),
-                str(AGENT_PORT)]  # fmt: skip
-        self.process = subprocess.Popen(
-            ns.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.strip() != "ready":
-            self.process.kill()
-            raise AssertionError(f"load client did not start: {self.process.communicate()[1]}")
-
-    def finish(self) -> list[tuple[float, float, str, int, str]]:
-        out, err = self.process.communicate(timeout=30)  # closes stdin: the client stops
-        assert self.process.returncode == 0, err
-        return [tuple(record) for record in json.loads(out)]  # type: ignore[misc]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
 
 
 @dataclass

@@ -9,6 +9,7 @@ fault scenarios kill and restart under load from :data:`LOAD_CLIENT`.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -235,6 +236,33 @@ for thread in threads:
     thread.join()
 json.dump([record for mine in results for record in mine], sys.stdout)
 """
+
+
+class LoadClient:
+    """:data:`LOAD_CLIENT` in the namespace; :meth:`finish` stops it and returns its records."""
+
+    def __init__(self, ns: NetworkNamespace, *, uid: int, workers: int, max_seconds: float):
+        argv = [sys.executable, "-c", LOAD_CLIENT, str(uid), str(workers), str(max_seconds),
+                str(AGENT_PORT)]  # fmt: skip
+        self.process = subprocess.Popen(
+            ns.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":
+            self.process.kill()
+            raise RuntimeError(f"the load client did not start: {self.process.communicate()[1]}")
+
+    def finish(self, timeout: float = 30) -> list[tuple[float, float, str, int, str]]:
+        out, err = self.process.communicate(timeout=timeout)  # closes stdin: the client stops
+        if self.process.returncode != 0:
+            raise RuntimeError(f"the load client failed: {err[-1500:]}")
+        return [tuple(record) for record in json.loads(out)]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
 
 
 class FaultPod:
