@@ -21,6 +21,7 @@ from benchmarks.admission.pod import (
     answer_error,
 )
 from benchmarks.admission.servers import Server, baseline_argv, started, tls_version
+from benchmarks.harness import alternating
 from meshguard.inject.transform import InjectSettings
 from meshguard.webhook.review import handle
 from tests.support.admissions import Posted, admission_metrics, post_all
@@ -127,8 +128,7 @@ def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result]
         )
         for concurrency in CONCURRENCIES:
             for round_ in range(profile.rounds):
-                order = SERVERS if round_ % 2 == 0 else SERVERS[::-1]
-                for name in order:
+                for name in alternating(SERVERS, round_):
                     server = servers[name]
                     run = asyncio.run(
                         load(server.url, body, ca_file, concurrency=concurrency,
