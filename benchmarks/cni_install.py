@@ -27,7 +27,7 @@ from benchmarks.common import (
     median_of,
     script_parser,
 )
-from benchmarks.kernel.pod import synthetic_pod
+from benchmarks.kernel.pod import rule_count, synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.install import kubeconfig, plugin_entry, render
 from meshguard.cni.netns import entered, thread_has_ipv6
@@ -303,8 +303,8 @@ def measure_size(
             if rep:
                 runs[config].append(took["wall"] * 1000)
                 cpu_runs[config].append(took["cpu"] * 1000)
-    rules = sum(len(t.rules) for f in (ruleset.ipv4, ruleset.ipv6) for t in f.tables)
-    return {"containers": n, "rules": rules, "ms": {c: median_of(runs[c]) for c in CONFIGS},
+    return {"containers": n, "rules": rule_count(ruleset),
+            "ms": {c: median_of(runs[c]) for c in CONFIGS},
             "cpu_ms": {c: median_of(cpu_runs[c]) for c in CONFIGS}, "runs": runs,
             "cpu_runs": cpu_runs}  # fmt: skip
 

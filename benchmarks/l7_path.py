@@ -57,13 +57,12 @@ class Document(TypedDict):
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = script_parser(
+    return script_parser(
         "benchmarks.l7_path",
         description="HTTP through Envoy alone, with RBAC and with meshguard's ext_authz;"
         " meshguard serve-authz against a bare grpc.aio server (root).",
         quick="about 50 s",
     )
-    return parser
 
 
 def main(argv: Sequence[str]) -> int:

@@ -56,13 +56,12 @@ class Document(TypedDict):
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = script_parser(
+    return script_parser(
         "benchmarks.webhook",
         description="Admission latency and throughput of meshguard serve-webhook over HTTPS,"
         " against a bare aiohttp endpoint returning a precomputed answer.",
         quick="about 20 s",
     )
-    return parser
 
 
 def main(argv: Sequence[str]) -> int:
