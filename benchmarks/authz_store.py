@@ -167,16 +167,10 @@ def measure_start(
         for server in servers:
             stop_process(server)
     return {
-        "config": config,
-        "pods": pods,
-        "ready_s": ready - started,
-        "cpu_s": cpu,
-        "rss_mib": rss / 1024,
-        "hwm_mib": hwm / 1024,
-        "list_requests": len(api.lists()),
-        "list_mib": api.list_bytes / 2**20,
-        "watches": len(api.watches()),
-    }
+        "config": config, "pods": pods, "ready_s": ready - started, "cpu_s": cpu,
+        "rss_mib": rss / 1024, "hwm_mib": hwm / 1024, "list_requests": len(api.lists()),
+        "list_mib": api.list_bytes / 2**20, "watches": len(api.watches()),
+    }  # fmt: skip
 
 
 class Churn(ApiChurn):

@@ -96,15 +96,12 @@ def main(argv: Sequence[str]) -> int:
             spy = run_profile(bench, profile)
             stats = envoy_stats(bench)
             extra = {
-                "request_size": bench.request_size,
-                "check_request": str(check),
+                "request_size": bench.request_size, "check_request": str(check),
                 "decisions": decision_stats(bench.authz_log),
                 "decisions_http_phase": decision_stats(bench.authz_log, 0, http_offset),
                 "decisions_grpc_phase": decision_stats(bench.authz_log, http_offset),
-                "profile": spy,
-                "envoy_stats": stats,
-                "smoke": smoke,
-            }
+                "profile": spy, "envoy_stats": stats, "smoke": smoke,
+            }  # fmt: skip
         finally:
             for log in bench.logs:
                 log.close()
@@ -113,15 +110,10 @@ def main(argv: Sequence[str]) -> int:
     elapsed = time.perf_counter() - started
     where = machine(grpcio=grpc.__version__)
     document: Document = {
-        "profile": asdict(profile),
-        "machine": where,
-        "http": http,
-        "grpc": grpc_,
-        "extra": extra,
+        "profile": asdict(profile), "machine": where, "http": http, "grpc": grpc_, "extra": extra,
         "http_trials": [asdict(t) for t in http_trials],
-        "grpc_trials": [asdict(t) for t in grpc_trials],
-        "seconds": elapsed,
-    }
+        "grpc_trials": [asdict(t) for t in grpc_trials], "seconds": elapsed,
+    }  # fmt: skip
     finish_script("l7", document, l7_script_section, args.json)
     return 0
 

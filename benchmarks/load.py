@@ -82,15 +82,10 @@ def main(argv: Sequence[str]) -> int:
     elapsed = time.perf_counter() - began
     where = machine(grpcio=grpc.__version__, aiohttp=aiohttp.__version__)
     document: Document = {
-        "profile": asdict(profile),
-        "concurrency": args.concurrency,
-        "rows": [asdict(row) for row in rows],
-        "authz_rss_kib": rss,
-        "fault_cycles": fault,
-        "fault_skipped": skipped,
-        "machine": where,
-        "seconds": elapsed,
-    }
+        "profile": asdict(profile), "concurrency": args.concurrency,
+        "rows": [asdict(row) for row in rows], "authz_rss_kib": rss, "fault_cycles": fault,
+        "fault_skipped": skipped, "machine": where, "seconds": elapsed,
+    }  # fmt: skip
     finish_script("load", document, load_section, args.json)
     return 1 if any(row.problems for row in rows) else 0
 

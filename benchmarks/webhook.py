@@ -80,18 +80,12 @@ def main(argv: Sequence[str]) -> int:
     elapsed = time.perf_counter() - began
     where = machine(aiohttp=aiohttp.__version__)
     document: Document = {
-        "profile": asdict(profile),
-        "pod_containers": POD_CONTAINERS,
-        "request_bytes": len(body),
-        "answer_bytes": answer_bytes,
-        "results": [asdict(r) for r in results],
+        "profile": asdict(profile), "pod_containers": POD_CONTAINERS, "request_bytes": len(body),
+        "answer_bytes": answer_bytes, "results": [asdict(r) for r in results],
         "throughput_ratio": {str(c): x for c, x in ratios(results).items()},
-        "goal_ratio": GOAL_RATIO,
-        "meshguard_metrics": metrics,
-        "handle_ms": dict(handle_rows),
-        "machine": where,
-        "seconds": elapsed,
-    }
+        "goal_ratio": GOAL_RATIO, "meshguard_metrics": metrics, "handle_ms": dict(handle_rows),
+        "machine": where, "seconds": elapsed,
+    }  # fmt: skip
     finish_script("webhook", document, webhook_section, args.json)
     errors = sum(r.errors for r in results)
     return 1 if errors else 0

@@ -88,17 +88,12 @@ def summarize(server: str, concurrency: int, runs: Sequence[Run]) -> Result:
     requests = sum(run.requests for run in runs)
     elapsed = sum(run.elapsed for run in runs)
     return Result(
-        server=server,
-        concurrency=concurrency,
-        requests=requests,
-        errors=sum(errors.values()),
-        error_kinds=dict(errors),
-        throughput=requests / elapsed if elapsed else 0.0,
-        p50_ms=percentile(latencies, 0.50) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
+        server=server, concurrency=concurrency, requests=requests, errors=sum(errors.values()),
+        error_kinds=dict(errors), throughput=requests / elapsed if elapsed else 0.0,
+        p50_ms=percentile(latencies, 0.50) * 1000, p99_ms=percentile(latencies, 0.99) * 1000,
         mean_ms=statistics.fmean(latencies) * 1000 if latencies else float("nan"),
         round_throughputs=[run.requests / run.elapsed if run.elapsed else 0.0 for run in runs],
-    )
+    )  # fmt: skip
 
 
 def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result], dict[str, Any]]:

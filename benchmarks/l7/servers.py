@@ -183,18 +183,12 @@ async def _grpc_job(
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     latencies.sort()
     return {
-        **job,
-        "calls": calls,
-        "warmup_calls": warm,
-        "errors": counts["errors"],
-        "elapsed": elapsed,
-        "per_second": calls / elapsed,
-        "p50_us": percentile(latencies, 0.50) * 1e6,
-        "p99_us": percentile(latencies, 0.99) * 1e6,
-        "client_cpu": cpu,
-        "first_status": first.status.code,
+        **job, "calls": calls, "warmup_calls": warm, "errors": counts["errors"],
+        "elapsed": elapsed, "per_second": calls / elapsed,
+        "p50_us": percentile(latencies, 0.50) * 1e6, "p99_us": percentile(latencies, 0.99) * 1e6,
+        "client_cpu": cpu, "first_status": first.status.code,
         "first_allowed": first.HasField("ok_response"),
-    }
+    }  # fmt: skip
 
 
 async def _grpc_client(

@@ -16,7 +16,7 @@ import jsonpatch
 from benchmarks.common import json_lines
 from benchmarks.stress.rows import Profile, Row
 from meshguard.inject.transform import InjectSettings, inject_pod
-from tests.support.admissions import Posted, admission_metrics, post_all
+from tests.support.admissions import Posted, admission_metrics, answer_problem, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import latency_ms
 from tests.support.pods import admission_review, example_pod
@@ -83,13 +83,9 @@ def admission_problem(
 ) -> str | None:
     """Why an answer is not the right injection for its uid; ``good`` holds the patches
     already found to turn ``pod`` into ``expected`` (inject_pod's result)."""
-    if response.get("uid") != uid:
-        return "answer for another uid"
-    if response.get("allowed") is not True:
-        return f"not allowed: {response.get('status')}"
-    patch = response.get("patch")
-    if response.get("patchType") != "JSONPatch" or not patch:
-        return "no patch"
+    if problem := answer_problem(response, uid):
+        return problem
+    patch = response["patch"]
     if patch not in good:
         patched = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(patch)))
         if patched != expected:
@@ -148,13 +144,10 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
     problems += [f"webhook: {n} x {what}" for what, n in (errors + wrong).items()]
     body_bytes = len(admission_review(pod, "load-000000"))
     return Row(
-        scenario="webhook: admissions (HTTPS)",
-        sent=measured.sent,
-        errors=errors.total(),
-        wrong=wrong.total(),
-        rate=measured.sent / measured.elapsed if measured.elapsed else 0.0,
+        scenario="webhook: admissions (HTTPS)", sent=measured.sent, errors=errors.total(),
+        wrong=wrong.total(), rate=measured.sent / measured.elapsed if measured.elapsed else 0.0,
         latency=latency_ms(measured.latencies),
         notes=f"+{warmup.sent} warm-up; review {body_bytes} B; /metrics {counted}; log"
         f" {logged.total()} lines; RSS {rss_warm / 1024:.1f} -> {rss_end / 1024:.1f} MiB",
         problems=problems,
-    )
+    )  # fmt: skip

@@ -127,15 +127,11 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[FaultCycle]]:
     by_phase = Counter(f"{p} {r[2]} {r[3]}" for r, p in zip(records, phases, strict=True))
     up = [r[1] - r[0] for r, p in zip(records, phases, strict=True) if p == "up"]
     row = Row(
-        scenario="fault: HTTP via Envoy, authz killed",
-        sent=len(records),
-        errors=errors.total(),
-        wrong=wrong.total(),
-        rate=len(records) / span if span else 0.0,
-        latency=latency_ms(up),
+        scenario="fault: HTTP via Envoy, authz killed", sent=len(records), errors=errors.total(),
+        wrong=wrong.total(), rate=len(records) / span if span else 0.0, latency=latency_ms(up),
         notes=f"{profile.fault_workers} threads (app uid), {len(cycles)} kill(s); latency of"
         f" 'up' requests; {dict(sorted(by_phase.items()))}; answered by meshguard {decided},"
         f" decision lines {decisions}",
         problems=problems,
-    )
+    )  # fmt: skip
     return row, details

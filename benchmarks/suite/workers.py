@@ -159,18 +159,12 @@ def measure(
     window = max(r["seconds"] for r in results)
     ok, denied = (sum(r[key] for r in results) for key in ("ok", "denied"))
     return {
-        "workers": workers,
-        "clients": clients,
-        "concurrency_per_client": concurrency,
-        "channels_per_client": CHANNELS_PER_CLIENT,
-        "seconds": window,
-        "ok": ok,
-        "denied": denied,
-        "errors": sum(r["errors"] for r in results),
-        "checks_per_second": (ok + denied) / window,
-        "machine_busy_share": busy,
+        "workers": workers, "clients": clients, "concurrency_per_client": concurrency,
+        "channels_per_client": CHANNELS_PER_CLIENT, "seconds": window, "ok": ok,
+        "denied": denied, "errors": sum(r["errors"] for r in results),
+        "checks_per_second": (ok + denied) / window, "machine_busy_share": busy,
         "server_cores": server_cores,
-    }
+    }  # fmt: skip
 
 
 def run(*, quick: bool, log_dir: Path) -> Workers:

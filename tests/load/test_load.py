@@ -44,7 +44,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.netns import NetworkNamespace
-from tests.support.admissions import Posted, admission_metrics, post_all
+from tests.support.admissions import Posted, admission_metrics, answer_problem, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import percentile
 from tests.support.load import (
@@ -138,14 +138,7 @@ class Admission:
             return self.error
         if self.status != 200:
             return f"HTTP {self.status}"
-        response = self.response or {}
-        if response.get("uid") != self.uid:
-            return "answer for another uid"
-        if response.get("allowed") is not True:
-            return f"not allowed: {response.get('status')}"
-        if response.get("patchType") != "JSONPatch" or not response.get("patch"):
-            return "no patch"
-        return None
+        return answer_problem(self.response or {}, self.uid)
 
 
 async def admit_all(

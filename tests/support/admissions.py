@@ -7,7 +7,7 @@ import asyncio
 import math
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,3 +77,14 @@ def admission_metrics(text: str) -> dict[str, Any]:
             elif sample.name == "meshguard_admission_seconds_count":
                 found["seconds_count"] = int(sample.value)
     return found
+
+
+def answer_problem(response: Mapping[str, Any], uid: str) -> str | None:
+    """Why an AdmissionReview's ``response`` is not an injection for ``uid``, or None."""
+    if response.get("uid") != uid:
+        return "answer for another uid"
+    if response.get("allowed") is not True:
+        return f"not allowed: {response.get('status')}"
+    if response.get("patchType") != "JSONPatch" or not response.get("patch"):
+        return "no patch"
+    return None
