@@ -1,9 +1,10 @@
-"""The authz server under load, shared by ``tests/load`` and ``benchmarks/load.py``.
+"""The authz server under load, shared by ``tests/load`` and the benchmarks.
 
 Kinds of Check for the injected example pod (four the policy allows, six it denies, each
-knowing its answer), running them concurrently over one channel, and the example pod in a
-network namespace with the real Envoy and ``meshguard serve-authz`` (uid 1337) that the
-fault scenarios kill and restart under load from :data:`LOAD_CLIENT`.
+knowing its answer), the one driver of concurrent Checks (:func:`call_concurrently`, also
+under ``l7_path.py``'s and the workers' clients) and running the kinds over one channel, and
+the example pod in a network namespace with the real Envoy and ``meshguard serve-authz``
+(uid 1337) that the fault scenarios kill and restart under load from :class:`LoadClient`.
 """
 
 from __future__ import annotations
