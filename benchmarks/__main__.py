@@ -133,17 +133,11 @@ def main(argv: list[str]) -> int:
         for part, (key, fn) in IN_PROCESS.items()
     }
     state = {
-        "date": date,
-        "quick": args.quick,
-        "parts": sorted(parts),
-        "elapsed": time.perf_counter() - started,
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "log_dir": str(log_dir),
-        "runs": runs,
-        **measured,
+        "date": date, "quick": args.quick, "parts": sorted(parts),
+        "elapsed": time.perf_counter() - started, "load_before": load_before,
+        "load_after": os.getloadavg(), "log_dir": str(log_dir), "runs": runs, **measured,
         "problems": problems,
-    }
+    }  # fmt: skip
     if args.only and (RESULTS / "results.json").exists():
         state = merged(json.loads((RESULTS / "results.json").read_text()), state, parts)
     (RESULTS / "results.json").write_text(json.dumps(state, indent=1, default=str) + "\n")

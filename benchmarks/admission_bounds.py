@@ -1,9 +1,6 @@
 """What one admission costs at meshguard's limits: the worst ADMITTED inputs and the
 refused attacks of issue 30, each in a fresh process.
 
-Run: ``python -m benchmarks.admission_bounds [--quick] [--json FILE]`` (about 1 minute;
-``--quick`` about 20 s: one run per case instead of three). Loopback only; no root.
-
 What it measures and how: ``benchmarks/README.md``, section ``admission_bounds.py``.
 """
 
@@ -19,7 +16,7 @@ import time
 import tracemalloc
 from typing import Any, TypedDict
 
-from benchmarks.common import Machine, machine, machine_line, module_argv, script_parser, write_json
+from benchmarks.common import Machine, machine, module_argv, script_parser
 from meshguard import annotation_keys
 from meshguard.webhook.server import WebhookSettings
 
@@ -269,13 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     where = machine()
     document = Document(machine=where, seconds=seconds, runs=runs, most_containers=fit, cases=cases)
-    from benchmarks.suite.report import script_text  # noqa: PLC0415 - not in the cases' RSS
+    from benchmarks.suite.report import finish_script  # noqa: PLC0415 - not in the cases' RSS
     from benchmarks.suite.sections import bounds_section  # noqa: PLC0415
 
-    print(script_text("bounds", document, bounds_section))
-    print(machine_line(where, seconds))
-    if args.json:
-        write_json(args.json, document)
+    finish_script("bounds", document, bounds_section, args.json)
     return 0 if all(_as_designed(case) for case in cases) else 1
 
 

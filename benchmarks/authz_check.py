@@ -1,7 +1,5 @@
 """Benchmark what one Check costs inside the authz process, against a do-nothing servicer.
 
-Run: ``python -m benchmarks.authz_check [--quick] [--json FILE]`` (no root, no network).
-
 What it measures and how: ``benchmarks/README.md``, section ``authz_check.py``.
 """
 

@@ -167,16 +167,10 @@ def measure_start(
         for server in servers:
             stop_process(server)
     return {
-        "config": config,
-        "pods": pods,
-        "ready_s": ready - started,
-        "cpu_s": cpu,
-        "rss_mib": rss / 1024,
-        "hwm_mib": hwm / 1024,
-        "list_requests": len(api.lists()),
-        "list_mib": api.list_bytes / 2**20,
-        "watches": len(api.watches()),
-    }
+        "config": config, "pods": pods, "ready_s": ready - started, "cpu_s": cpu,
+        "rss_mib": rss / 1024, "hwm_mib": hwm / 1024, "list_requests": len(api.lists()),
+        "list_mib": api.list_bytes / 2**20, "watches": len(api.watches()),
+    }  # fmt: skip
 
 
 class Churn(ApiChurn):
@@ -306,6 +300,10 @@ def median_rows(rows: list[StartRow]) -> list[StartRow]:
     return merged
 
 
+START_HEADER = ["configuration", "pods", "time to ready (s)", "CPU to ready (s)", "RSS (MiB)",
+                "peak RSS (MiB)", "LIST requests", "LIST MiB", "watches"]  # fmt: skip
+
+
 def report(starts: list[StartRow], relists: list[Window], pods: int) -> str:
     start_rows = [
         [row["config"], f"{row['pods']:,}", f"{row['ready_s']:.2f}", f"{row['cpu_s']:.2f}",
@@ -322,20 +320,7 @@ def report(starts: list[StartRow], relists: list[Window], pods: int) -> str:
     lines = [
         f"Start at {pods:,} admitted pods (median of the rounds):",
         "",
-        *markdown_table(
-            [
-                "configuration",
-                "pods",
-                "time to ready (s)",
-                "CPU to ready (s)",
-                "RSS (MiB)",
-                "peak RSS (MiB)",
-                "LIST requests",
-                "LIST MiB",
-                "watches",
-            ],
-            start_rows,
-        ),
+        *markdown_table(START_HEADER, start_rows),
         "",
         "Check latency at c=1 (one channel), steady churn throughout:",
         "",
@@ -371,12 +356,8 @@ def main(argv: Sequence[str]) -> int:
                 rows.append(
                     measure_start(empty, floor_config, config="1 process", pods=0, workdir=workdir)
                 )
-                for config in CONFIGS:
-                    rows.append(
-                        measure_start(
-                            api, kubeconfig, config=config, pods=args.pods, workdir=workdir
-                        )
-                    )
+                rows += [measure_start(api, kubeconfig, config=config, pods=args.pods,
+                                       workdir=workdir) for config in CONFIGS]  # fmt: skip
             relists: list[Window] = []
             marks: dict[str, float] = {}
             for size in (int(size) for size in args.page_sizes.split(",")):

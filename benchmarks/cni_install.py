@@ -1,8 +1,5 @@
 """Istio CNI mode: the node-side install time of meshguard-cni, at 2 and 64 containers.
 
-Run as root from the checkout: ``python -m benchmarks.cni_install [--quick] [--json FILE]
-[--markdown]``.
-
 What it measures and how: ``benchmarks/README.md``, section ``cni_install.py``.
 """
 
@@ -26,13 +23,11 @@ from benchmarks.common import (
     ROOT,
     Machine,
     machine,
-    machine_line,
     markdown_table,
     median_of,
     script_parser,
-    write_json,
 )
-from benchmarks.kernel.pod import synthetic_pod
+from benchmarks.kernel.pod import rule_count, synthetic_pod
 from meshguard.cni.agent import AgentSettings, serving
 from meshguard.cni.install import kubeconfig, plugin_entry, render
 from meshguard.cni.netns import entered, thread_has_ipv6
@@ -125,31 +120,29 @@ class PodNamespace(NetworkNamespace):
                           "--noflush"], stdin=payload)  # fmt: skip
 
 
-def plugin_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace) -> Timed:
-    """A runtime without the agent: a process per call."""
+def cni_env(pod: dict[str, Any], ns: NetworkNamespace) -> dict[str, str]:
+    """What the runtime sets for an ADD of ``pod`` in ``ns``."""
     metadata = pod["metadata"]
     cni_args = (
         f"IgnoreUnknown=1;K8S_POD_NAMESPACE={metadata['namespace']};"
         f"K8S_POD_NAME={metadata['name']};K8S_POD_UID={metadata['uid']}"
     )
-    env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
-           "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args}  # fmt: skip
+    return {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
+            "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args}  # fmt: skip
+
+
+def plugin_add(conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace) -> Timed:
+    """A runtime without the agent: a process per call."""
     with conf_file.open() as stdin:
-        return timed([sys.executable, "-m", "meshguard.cni"], stdin=stdin, env=env)
+        return timed([sys.executable, "-m", "meshguard.cni"], stdin=stdin,
+                     env={**os.environ, **cni_env(pod, ns)})  # fmt: skip
 
 
 def shim_add(
     conf_file: Path, pod: dict[str, Any], ns: NetworkNamespace, shim: Path, agent: AgentProcess
 ) -> Timed:
     """The node's path: the runtime execs the shim, which hands the call to the agent."""
-    metadata = pod["metadata"]
-    cni_args = (
-        f"IgnoreUnknown=1;K8S_POD_NAMESPACE={metadata['namespace']};"
-        f"K8S_POD_NAME={metadata['name']};K8S_POD_UID={metadata['uid']}"
-    )
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": "ADD",
-           "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0",
-           "CNI_NETNS": f"/var/run/netns/{ns.name}", "CNI_ARGS": cni_args,
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **cni_env(pod, ns),
            "MESHGUARD_CNI_SOCKET": str(shim.parent / "cni.sock")}  # fmt: skip
     before = agent.cpu()
     with conf_file.open() as stdin:
@@ -260,9 +253,8 @@ def build_shim(directory: Path) -> Path:
 
 
 def init(ruleset_file: Path, ns: NetworkNamespace) -> Timed:
-    return timed(
-        ns.argv([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
-    )
+    argv = [sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)]
+    return timed(ns.argv(argv))
 
 
 def network_conf(directory: Path, api: ApiServer) -> Path:
@@ -311,8 +303,8 @@ def measure_size(
             if rep:
                 runs[config].append(took["wall"] * 1000)
                 cpu_runs[config].append(took["cpu"] * 1000)
-    rules = sum(len(t.rules) for f in (ruleset.ipv4, ruleset.ipv6) for t in f.tables)
-    return {"containers": n, "rules": rules, "ms": {c: median_of(runs[c]) for c in CONFIGS},
+    return {"containers": n, "rules": rule_count(ruleset),
+            "ms": {c: median_of(runs[c]) for c in CONFIGS},
             "cpu_ms": {c: median_of(cpu_runs[c]) for c in CONFIGS}, "runs": runs,
             "cpu_runs": cpu_runs}  # fmt: skip
 
@@ -349,7 +341,15 @@ def goals(data: Document | dict[str, Any]) -> dict[str, bool]:
 
 def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``--markdown`` prints it)."""
-    columns = ("shim-add", "cni-add", "shim-pass", "pass-through", "netfilter", "init")
+    table = markdown_table(
+        ["containers", "rules", "", "ADD shim -> agent", "ADD process",
+         "pass-through shim -> agent", "pass-through process", "netfilter", "meshguard init",
+         "ADD shim -> agent / netfilter"],
+        [[row["containers"], row["rules"], label, *(f"{ms[c]:.1f}" for c in CONFIGS),
+          f"{ms['shim-add'] / ms['netfilter']:.2f}"]
+         for row in data["rows"]
+         for label, ms in (("wall ms", row["ms"]), ("CPU ms", row["cpu_ms"]))],
+    )  # fmt: skip
     lines = [
         "## Istio CNI mode: node-side install time (benchmarks/cni_install.py)",
         "",
@@ -369,31 +369,7 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         " machine (2 CPUs) was shared with other sessions' builds and tests during the run:"
         " expect scatter in the wall times.",
         "",
-        *markdown_table(
-            [
-                "containers",
-                "rules",
-                "",
-                "ADD shim -> agent",
-                "ADD process",
-                "pass-through shim -> agent",
-                "pass-through process",
-                "netfilter",
-                "meshguard init",
-                "ADD shim -> agent / netfilter",
-            ],
-            [
-                [
-                    row["containers"],
-                    row["rules"],
-                    label,
-                    *(f"{ms[c]:.1f}" for c in columns),
-                    f"{ms['shim-add'] / ms['netfilter']:.2f}",
-                ]
-                for row in data["rows"]
-                for label, ms in (("wall ms", row["ms"]), ("CPU ms", row["cpu_ms"]))
-            ],
-        ),
+        *table,
     ]
     met = goals(data)
     lines += [
@@ -438,13 +414,10 @@ def main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     data = measure(quick=args.quick)
-    if args.json:
-        write_json(args.json, data)
-    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.report import finish_script  # noqa: PLC0415 - the suite imports this
     from benchmarks.suite.sections import cni_section  # noqa: PLC0415
 
-    print(script_text("cni", data, cni_section))
-    print(machine_line(data["machine"], data["seconds"]))
+    finish_script("cni", data, cni_section, args.json)
     return 0
 
 

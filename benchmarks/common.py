@@ -1,11 +1,7 @@
 """What the benchmark scripts share: running themselves as helpers, the machine they ran on,
 CPU accounting from /proc, lenient log reading, medians, their JSON documents and the one
-Markdown table renderer of the report's sections.
-
-What tests share with the benchmarks (ports, processes, certificates, the example pod,
-percentiles, the authz load) lives in ``tests/support``; the scripts import it from there.
-The scripts run as modules from the checkout: ``python -m benchmarks.kernel_path``.
-"""
+Markdown table renderer of the report's sections (what they share with the tests is in
+``tests/support``)."""
 
 from __future__ import annotations
 

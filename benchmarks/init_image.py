@@ -1,8 +1,5 @@
 """The slim init image against the servers' image: installed size and ``meshguard init`` time.
 
-Run as root from the checkout: ``python -m benchmarks.init_image [--quick] [--json FILE]
-[--markdown]``.
-
 What it measures and how: ``benchmarks/README.md``, section ``init_image.py``.
 """
 
@@ -21,11 +18,9 @@ from benchmarks.common import (
     ROOT,
     Machine,
     machine,
-    machine_line,
     markdown_table,
     median_of,
     script_parser,
-    write_json,
 )
 from benchmarks.harness import alternating
 from benchmarks.kernel.pod import compile_synthetic
@@ -151,25 +146,13 @@ def measure_init(replay: Replay, images: dict[str, BuiltStage], reps: int) -> li
         for image in images.values():  # warm-up: page cache
             time_init(replay, image, ruleset)
         for rep in range(reps):
-            order = alternating(list(images), rep)
-            for target in order:
-                seconds = time_init(replay, images[target], ruleset)
-                samples[target].append(seconds * 1000)
+            for target in alternating(list(images), rep):
+                samples[target].append(time_init(replay, images[target], ruleset) * 1000)
         medians = {target: median_of(values) for target, values in samples.items()}
-        rows.append(
-            {
-                "containers": n,
-                "init_ms": medians,
-                "samples_ms": samples,
-                "ratio": medians["init"] / medians["server"],
-            }
-        )
-        print(
-            f"[init-image] {n} containers: init image {medians['init']:.1f} ms,"
-            f" servers' image {medians['server']:.1f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
+        rows.append({"containers": n, "init_ms": medians, "samples_ms": samples,
+                     "ratio": medians["init"] / medians["server"]})  # fmt: skip
+        print(f"[init-image] {n} containers: init image {medians['init']:.1f} ms, servers'"
+              f" image {medians['server']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
     return rows
 
 
@@ -190,16 +173,12 @@ def measure(*, quick: bool) -> Document:
                 "apt_total_kib": sum(added.values()) if added is not None else None,
             }
         rows = measure_init(replay, images, reps)
-    images_ = measured
-    totals = {
-        target: image["venv_kib"] + (image["apt_total_kib"] or 0)
-        for target, image in images_.items()
-    }
+    totals = {t: image["venv_kib"] + (image["apt_total_kib"] or 0) for t, image in measured.items()}
     return {
-        "images": images_,
+        "images": measured,
         "totals_kib": totals,
         "size_ratio": totals["init"] / totals["server"],
-        "venv_ratio": images_["init"]["venv_kib"] / images_["server"]["venv_kib"],
+        "venv_ratio": measured["init"]["venv_kib"] / measured["server"]["venv_kib"],
         "goal_ratio": GOAL_RATIO,
         "init": rows,
         "reps": reps,
@@ -223,6 +202,12 @@ def _size_row(name: str, image: Any) -> list[str]:
 def markdown(data: Document | dict[str, Any]) -> list[str]:
     """The report's section (``python -m benchmarks`` and ``--markdown`` print the same)."""
     init, server = data["images"]["init"], data["images"]["server"]
+    init_table = markdown_table(
+        ["containers", "init image ms", "servers' image ms", "init / servers'", "samples (init)"],
+        [[row["containers"], f"{row['init_ms']['init']:.1f}", f"{row['init_ms']['server']:.1f}",
+          f"{row['ratio']:.2f}", ", ".join(f"{s:.0f}" for s in row["samples_ms"]["init"])]
+         for row in data["init"]],
+    )  # fmt: skip
     ok = data["size_ratio"] <= data["goal_ratio"]
     lines = [
         "## The slim init image (benchmarks/init_image.py)",
@@ -239,13 +224,7 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         "",
         *markdown_table(
             ["image", "virtualenv", "apt adds", "total", "largest in site-packages"],
-            [
-                _size_row(name, image)
-                for name, image in (
-                    ("init (`--target init`)", init),
-                    ("servers' (default)", server),
-                )
-            ],
+            [_size_row("init (`--target init`)", init), _size_row("servers' (default)", server)],
         ),
     ]
     added = init["apt_added_kib"] or {}
@@ -264,27 +243,7 @@ def markdown(data: Document | dict[str, Any]) -> list[str]:
         f" namespace, wall time, median of {data['reps']}"
         " alternating runs after a warm-up; the servers' virtualenv is the baseline:",
         "",
-        *markdown_table(
-            [
-                "containers",
-                "init image ms",
-                "servers' image ms",
-                "init / servers'",
-                "samples (init)",
-            ],
-            [
-                [
-                    row["containers"],
-                    f"{row['init_ms']['init']:.1f}",
-                    f"{row['init_ms']['server']:.1f}",
-                    f"{row['ratio']:.2f}",
-                    ", ".join(f"{s:.0f}" for s in row["samples_ms"]["init"]),
-                ]
-                for row in data["init"]
-            ],
-        ),
-    ]
-    lines += [
+        *init_table,
         "",
         "meshguard init imports nothing of the servers' libraries (tests/test_core_install.py"
         " runs it with them blocked), so the start is the same from either image; what the"
@@ -309,13 +268,10 @@ def main(argv: Sequence[str]) -> int:
         print("init_image.py needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
     data = measure(quick=args.quick)
-    if args.json:
-        write_json(args.json, data)
-    from benchmarks.suite.report import script_text  # noqa: PLC0415 - the suite imports this module
+    from benchmarks.suite.report import finish_script  # noqa: PLC0415 - the suite imports this
     from benchmarks.suite.sections import image_section  # noqa: PLC0415
 
-    print(script_text("image", data, image_section))
-    print(machine_line(data["machine"], data["seconds"]))
+    finish_script("image", data, image_section, args.json)
     return 0
 
 

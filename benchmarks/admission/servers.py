@@ -18,12 +18,7 @@ from aiohttp import web
 
 from benchmarks.admission.pod import BASELINE_LIFETIME_SECONDS
 from benchmarks.common import module_argv
-from tests.support.processes import (
-    HOST,
-    start_logged,
-    stop_process,
-    wait_https_ready,
-)
+from tests.support.processes import HOST, start_logged, stop_process, wait_https_ready
 
 # --- the baseline server (hidden subcommand) ------------------------------------------------
 

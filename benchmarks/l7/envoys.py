@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    L7_POLICY,
-)
+from benchmarks.common import L7_POLICY
 from meshguard import yaml_io
 from meshguard.authz.contract import SERVICE_NAME
 from meshguard.authz.envoy_config import (
@@ -26,12 +24,7 @@ from meshguard.authz.identity import TlsFiles
 from meshguard.l7 import L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.policy import Mode, parse_policy
-from meshguard.rbac import (
-    RE2_PROGRAM_SIZE,
-    RE2_RUNTIME_KEY,
-    compile_rbac,
-    rbac_document_text,
-)
+from meshguard.rbac import RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY, compile_rbac, rbac_document_text
 from tests.authz.spiffe import AUTHZ_DNS, issue_workload, spiffe_id
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
@@ -237,36 +230,20 @@ def direct_bootstrap(
 def rbac_filter() -> dict[str, Any]:
     """meshguard's rule ``app -> proxy:15020 POST /quitquitquit`` in Envoy's RBAC terms: the
     app is the direct peer 127.0.0.1, the listener's port stands for 15020."""
+    permission = {"and_rules": {"rules": [
+        {"destination_port": RBAC_PORT},
+        {"header": {"name": ":method", "string_match": {"exact": "POST"}}},
+        {"url_path": {"path": {"exact": "/quitquitquit"}}},
+    ]}}  # fmt: skip
+    policy = {
+        "permissions": [permission],
+        "principals": [{"direct_remote_ip": {"address_prefix": HOST, "prefix_len": 32}}],
+    }
     return {
         "name": "envoy.filters.http.rbac",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-            "rules": {
-                "action": "ALLOW",
-                "policies": {
-                    "app-to-proxy-quitquitquit": {
-                        "permissions": [
-                            {
-                                "and_rules": {
-                                    "rules": [
-                                        {"destination_port": RBAC_PORT},
-                                        {
-                                            "header": {
-                                                "name": ":method",
-                                                "string_match": {"exact": "POST"},
-                                            }
-                                        },
-                                        {"url_path": {"path": {"exact": "/quitquitquit"}}},
-                                    ]
-                                }
-                            }
-                        ],
-                        "principals": [
-                            {"direct_remote_ip": {"address_prefix": HOST, "prefix_len": 32}}
-                        ],
-                    }
-                },
-            },
+            "rules": {"action": "ALLOW", "policies": {"app-to-proxy-quitquitquit": policy}},
         },
     }
 
@@ -277,26 +254,16 @@ def echo_authz_bootstrap(
     """meshguard's IPv4 listener and clusters, on ``port``, asking the echo server (over
     meshguard's mTLS cluster when ``tls``). Nothing redirects to ``port``, so the
     original-destination header is pinned to the upstream."""
-    listener = copy.deepcopy(loopback_listeners(ListenerSettings(port=port))[0])
-    listener["name"] = name
-    hcm = _http_connection_manager(listener)
-    hcm["stat_prefix"] = name
-    (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    (header,) = route["request_headers_to_add"]
-    header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
-    listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
+    listener = _pinned_listener(name, ListenerSettings(port=port))
     clusters = [upstream_cluster(), authz_cluster(host=HOST, port=echo_port, tls=tls)]
     return _bootstrap(name, admin_port, [listener], clusters)
 
 
-def native_bootstrap(
-    name: str, *, port: int, admin_port: int, rbac_path: Path, decision_log: bool
+def _pinned_listener(
+    name: str, settings: ListenerSettings, *, decision_log: bool = True
 ) -> dict[str, Any]:
-    """meshguard's native IPv4 listener on ``port`` (the ambiguity DENY regexes, the pod's
-    RBAC by ECDS from ``rbac_path``, the router, the JSON decision line per request on
-    stdout unless not ``decision_log``): the original-destination header pinned to the
-    upstream, as nothing redirects there."""
-    settings = ListenerSettings(port=port, engine=L7Engine.NATIVE, rbac_path=str(rbac_path))
+    """meshguard's IPv4 listener named ``name``, its original-destination header pinned to
+    the upstream (nothing redirects to its port); without the decision line if asked."""
     listener = copy.deepcopy(loopback_listeners(settings)[0])
     listener["name"] = name
     hcm = _http_connection_manager(listener)
@@ -307,6 +274,18 @@ def native_bootstrap(
     (header,) = route["request_headers_to_add"]
     header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
     listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm
+    return listener
+
+
+def native_bootstrap(
+    name: str, *, port: int, admin_port: int, rbac_path: Path, decision_log: bool
+) -> dict[str, Any]:
+    """meshguard's native IPv4 listener on ``port`` (the ambiguity DENY regexes, the pod's
+    RBAC by ECDS from ``rbac_path``, the router, the JSON decision line per request on
+    stdout unless not ``decision_log``): the original-destination header pinned to the
+    upstream, as nothing redirects there."""
+    settings = ListenerSettings(port=port, engine=L7Engine.NATIVE, rbac_path=str(rbac_path))
+    listener = _pinned_listener(name, settings, decision_log=decision_log)
     document = _bootstrap(name, admin_port, [listener], [upstream_cluster()])
     document["layered_runtime"] = {
         "layers": [{"name": "static", "static_layer": {RE2_RUNTIME_KEY: RE2_PROGRAM_SIZE}}]

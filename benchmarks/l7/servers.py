@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import encodings.idna  # noqa: F401 - getaddrinfo loads it lazily, unreadable after the drop
+import itertools
 import json
 import signal
 import socket
@@ -20,9 +21,7 @@ import grpc.aio
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
-from benchmarks.common import (
-    module_argv,
-)
+from benchmarks.common import module_argv
 from benchmarks.l7.envoys import (
     CALL_TIMEOUT_SECONDS,
     CHECK_METHOD,
@@ -34,6 +33,7 @@ from meshguard.authz.identity import TlsFiles, server_credentials
 from meshguard.sandbox.probe import drop_privileges
 from tests.authz.spiffe import AUTHZ_DNS
 from tests.support.latency import percentile
+from tests.support.load import call_concurrently
 from tests.support.processes import HOST
 
 
@@ -157,44 +157,38 @@ async def _grpc_job(
             await call(payload, timeout=CALL_TIMEOUT_SECONDS)
         )
         latencies: list[float] = []
-        errors = 0
+        counts = {"calls": 0, "errors": 0, "record": False}
 
-        async def worker(deadline: float, record: bool) -> int:
-            nonlocal errors
-            done = 0
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                try:
-                    await call(payload, timeout=CALL_TIMEOUT_SECONDS)
-                except grpc.aio.AioRpcError:
-                    errors += record
-                    continue
-                done += 1
-                if record:
-                    latencies.append(time.perf_counter() - started)
-            return done
+        def answered(_: None, answer: object, seconds: float) -> None:
+            if isinstance(answer, grpc.aio.AioRpcError):
+                counts["errors"] += counts["record"]
+                return
+            counts["calls"] += 1
+            if counts["record"]:
+                latencies.append(seconds)
 
-        deadline = time.perf_counter() + warmup
-        warm = sum(await asyncio.gather(*(worker(deadline, False) for _ in range(concurrency))))
+        async def phase(until: float) -> int:
+            counts["calls"] = 0
+            await call_concurrently(
+                itertools.repeat(None), lambda *_: call(payload, timeout=CALL_TIMEOUT_SECONDS),
+                answered, concurrency=concurrency, more=lambda: time.perf_counter() < until,
+            )  # fmt: skip
+            return counts["calls"]
+
+        warm = await phase(time.perf_counter() + warmup)
         print(f"BEGIN {job['label']}", flush=True)
         cpu_started, started = time.process_time(), time.perf_counter()
-        deadline = started + seconds
-        calls = sum(await asyncio.gather(*(worker(deadline, True) for _ in range(concurrency))))
+        counts["record"] = True
+        calls = await phase(started + seconds)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     latencies.sort()
     return {
-        **job,
-        "calls": calls,
-        "warmup_calls": warm,
-        "errors": errors,
-        "elapsed": elapsed,
-        "per_second": calls / elapsed,
-        "p50_us": percentile(latencies, 0.50) * 1e6,
-        "p99_us": percentile(latencies, 0.99) * 1e6,
-        "client_cpu": cpu,
-        "first_status": first.status.code,
+        **job, "calls": calls, "warmup_calls": warm, "errors": counts["errors"],
+        "elapsed": elapsed, "per_second": calls / elapsed,
+        "p50_us": percentile(latencies, 0.50) * 1e6, "p99_us": percentile(latencies, 0.99) * 1e6,
+        "client_cpu": cpu, "first_status": first.status.code,
         "first_allowed": first.HasField("ok_response"),
-    }
+    }  # fmt: skip
 
 
 async def _grpc_client(

@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    CLOCK_TICKS,
-)
+from benchmarks.common import CLOCK_TICKS
 from benchmarks.harness import SYSTEM_FIELDS
 from benchmarks.l7.bench import Bench, Profile, grpc_job
 from benchmarks.l7.envoys import CONCURRENCY

@@ -68,14 +68,12 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
         for num, den in pairs
     }
     return {
-        "rows": rows,
-        "ratios": ratios,
-        "goal_n_over_a": NATIVE_GOAL,
+        "rows": rows, "ratios": ratios, "goal_n_over_a": NATIVE_GOAL,
         "stretch_n_over_a": NATIVE_STRETCH,
         "round_ratios_n_over_a": round_ratios(trials, "n", "a"),
         "round_ratios_c_over_c0": round_ratios(trials, "c", "c0"),
         "mtls_added_us": mtls_added(trials, mtls="c0", plain="c0p"),
-    }
+    }  # fmt: skip
 
 
 def round_ratios(trials: Sequence[HttpTrial], num: str, den: str) -> dict[int, list[float]]:
@@ -100,13 +98,9 @@ def mtls_added(trials: Sequence[HttpTrial], *, mtls: str, plain: str) -> dict[st
     rounds = sorted(r for (key, r) in by_key if key == mtls and (plain, r) in by_key)
     p50 = [by_key[mtls, r].p50_us - by_key[plain, r].p50_us for r in rounds]
     mean = [by_key[mtls, r].mean_us - by_key[plain, r].mean_us for r in rounds]
-    return {
-        "concurrency": first,
-        "p50_us": median_of(p50),
-        "mean_us": median_of(mean),
-        "p50_us_per_round": [round(v, 1) for v in p50],
-        "mean_us_per_round": [round(v, 1) for v in mean],
-    }
+    return {"concurrency": first, "p50_us": median_of(p50), "mean_us": median_of(mean),
+            "p50_us_per_round": [round(v, 1) for v in p50],
+            "mean_us_per_round": [round(v, 1) for v in mean]}  # fmt: skip
 
 
 def grpc_summary(trials: Sequence[GrpcTrial]) -> dict[str, Any]:

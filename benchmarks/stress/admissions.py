@@ -6,20 +6,17 @@ import asyncio
 import base64
 import copy
 import json
-import ssl
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jsonpatch
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import json_lines
 from benchmarks.stress.rows import Profile, Row
 from meshguard.inject.transform import InjectSettings, inject_pod
+from tests.support.admissions import Posted, admission_metrics, answer_problem, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import latency_ms
 from tests.support.pods import admission_review, example_pod
@@ -50,47 +47,30 @@ async def admit(
     url: str, ca_file: Path, pod: dict[str, Any], expected: dict[str, Any], *,
     prefix: str, count: int, concurrency: int, max_seconds: float,
 ) -> AdmissionRun:  # fmt: skip
-    context = ssl.create_default_context(cafile=str(ca_file))
-    connector = aiohttp.TCPConnector(ssl=context, limit=concurrency)
-    headers = {"Content-Type": "application/json"}
     run = AdmissionRun()
-    numbers = iter(range(count))
     good_patches: set[str] = set()
-    stop_at = time.monotonic() + max_seconds
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def worker() -> None:
-            for number in numbers:
-                if time.monotonic() > stop_at:
-                    return
-                uid = f"{prefix}-{number:06d}"
-                body = admission_review(pod, uid)
-                run.sent += 1
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as answer:
-                        payload, status = await answer.read(), answer.status
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    run.errors[type(exc).__name__] += 1
-                    continue
-                finally:
-                    run.latencies.append(time.perf_counter() - started)
-                if status != 200:
-                    run.errors[f"HTTP {status}"] += 1
-                    continue
-                try:
-                    response = json.loads(payload)["response"]
-                except (ValueError, KeyError, TypeError):
-                    run.errors["not an AdmissionReview"] += 1
-                    continue
-                run.answered_uids.append(str(response.get("uid")))
-                if problem := admission_problem(response, uid, pod, expected, good_patches):
-                    run.wrong[problem] += 1
+    def answered(posted: Posted) -> None:
+        run.sent += 1
+        run.latencies.append(posted.seconds)
+        if posted.error or posted.status != 200:
+            run.errors[posted.error or f"HTTP {posted.status}"] += 1
+            return
+        try:
+            response = json.loads(posted.payload)["response"]
+        except (ValueError, KeyError, TypeError):
+            run.errors["not an AdmissionReview"] += 1
+            return
+        run.answered_uids.append(str(response.get("uid")))
+        if problem := admission_problem(response, posted.key, pod, expected, good_patches):
+            run.wrong[problem] += 1
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        run.elapsed = time.perf_counter() - began
+    # each body made as it is sent, by the worker sending it
+    bodies = (
+        (uid, admission_review(pod, uid)) for uid in (f"{prefix}-{n:06d}" for n in range(count))
+    )
+    (run.elapsed,) = await post_all(url, ca_file, [bodies], concurrency=concurrency,
+                                    answered=answered, max_seconds=max_seconds)  # fmt: skip
     return run
 
 
@@ -103,28 +83,15 @@ def admission_problem(
 ) -> str | None:
     """Why an answer is not the right injection for its uid; ``good`` holds the patches
     already found to turn ``pod`` into ``expected`` (inject_pod's result)."""
-    if response.get("uid") != uid:
-        return "answer for another uid"
-    if response.get("allowed") is not True:
-        return f"not allowed: {response.get('status')}"
-    patch = response.get("patch")
-    if response.get("patchType") != "JSONPatch" or not patch:
-        return "no patch"
+    if problem := answer_problem(response, uid):
+        return problem
+    patch = response["patch"]
     if patch not in good:
         patched = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(patch)))
         if patched != expected:
             return "the patched pod is not inject_pod's"
         good.add(patch)
     return None
-
-
-def admissions_counted(text: str) -> dict[str, int]:
-    counted: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "meshguard_admissions_total":
-                counted[sample.labels["result"]] = int(sample.value)
-    return counted
 
 
 def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
@@ -154,7 +121,7 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
         rss_warm = rss_kib(process.pid)
         measured = load("load", profile.admissions)
         rss_end = rss_kib(process.pid)
-        counted = admissions_counted(https_get(port, "/metrics", ca_file)[1].decode())
+        counted = admission_metrics(https_get(port, "/metrics", ca_file)[1].decode())["admissions"]
         alive = process.poll() is None
     finally:
         stop_process(process)
@@ -177,13 +144,10 @@ def run_webhook(profile: Profile, concurrency: int, workdir: Path) -> Row:
     problems += [f"webhook: {n} x {what}" for what, n in (errors + wrong).items()]
     body_bytes = len(admission_review(pod, "load-000000"))
     return Row(
-        scenario="webhook: admissions (HTTPS)",
-        sent=measured.sent,
-        errors=errors.total(),
-        wrong=wrong.total(),
-        rate=measured.sent / measured.elapsed if measured.elapsed else 0.0,
+        scenario="webhook: admissions (HTTPS)", sent=measured.sent, errors=errors.total(),
+        wrong=wrong.total(), rate=measured.sent / measured.elapsed if measured.elapsed else 0.0,
         latency=latency_ms(measured.latencies),
         notes=f"+{warmup.sent} warm-up; review {body_bytes} B; /metrics {counted}; log"
         f" {logged.total()} lines; RSS {rss_warm / 1024:.1f} -> {rss_end / 1024:.1f} MiB",
         problems=problems,
-    )
+    )  # fmt: skip

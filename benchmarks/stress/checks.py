@@ -15,11 +15,7 @@ from benchmarks.common import json_lines
 from benchmarks.stress.rows import Profile, Row
 from meshguard import yaml_io
 from tests.support.latency import latency_ms
-from tests.support.load import (
-    CheckRun,
-    check_kinds,
-    run_checks,
-)
+from tests.support.load import CheckRun, check_kinds, run_checks
 from tests.support.pods import injected_example
 from tests.support.processes import (
     HOST,
@@ -96,15 +92,13 @@ def run_authz(profile: Profile, concurrency: int, workdir: Path) -> tuple[Row, l
     growth = (rss[-1] - rss[0]) / 1024 if rss else float("nan")
     per_check = (rss[-1] - rss[0]) * 1024 / measured.sent.total() if measured.sent else 0.0
     row = Row(
-        scenario="authz: Checks (gRPC, 1 channel)",
-        sent=measured.sent.total(),
-        errors=errors.total(),
-        wrong=wrong.total(),
+        scenario="authz: Checks (gRPC, 1 channel)", sent=measured.sent.total(),
+        errors=errors.total(), wrong=wrong.total(),
         rate=measured.sent.total() / measured.elapsed if measured.elapsed else 0.0,
         latency=latency_ms(measured.latencies),
         notes=f"+{warmup.sent.total()} warm-up; {allowed} allowed, {sent.total() - allowed}"
         f" denied; decision lines {len(decisions)}; RSS {rss[0] / 1024:.1f} ->"
         f" {rss[-1] / 1024:.1f} MiB ({growth:+.1f} MiB, {per_check:+.1f} B/Check)",
         problems=problems,
-    )
+    )  # fmt: skip
     return row, rss

@@ -3,11 +3,8 @@ and none allowed while it is down."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -21,12 +18,7 @@ from meshguard.errors import MeshguardFailure
 from meshguard.sandbox.envoy import envoy_binary
 from meshguard.sandbox.netns import NetworkNamespace
 from tests.support.latency import latency_ms
-from tests.support.load import (
-    AGENT_PORT,
-    APP,
-    LOAD_CLIENT,
-    FaultPod,
-)
+from tests.support.load import APP, FaultPod, LoadClient
 
 
 def fault_problem() -> str | None:
@@ -72,16 +64,9 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[FaultCycle]]:
     cycles: list[Cycle] = []
     with NetworkNamespace() as ns:
         pod = FaultPod(ns, workdir)
-        argv = [sys.executable, "-c", LOAD_CLIENT, str(APP), str(profile.fault_workers),
-                str(profile.phase_seconds), str(AGENT_PORT)]  # fmt: skip
-        client = subprocess.Popen(
-            ns.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        client = LoadClient(ns, uid=APP, workers=profile.fault_workers,
+                            max_seconds=profile.phase_seconds)  # fmt: skip
         try:
-            assert client.stdout is not None
-            if client.stdout.readline().strip() != "ready":
-                raise RuntimeError("the load client did not start")
             for _ in range(profile.fault_cycles):
                 time.sleep(profile.up_seconds)
                 cycle = Cycle(killed=time.monotonic())
@@ -93,14 +78,9 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[FaultCycle]]:
                 cycle.listening = time.monotonic()
                 cycles.append(cycle)
             time.sleep(profile.after_seconds)
-            out, err = client.communicate(timeout=60)
-            if client.returncode != 0:
-                raise RuntimeError(f"the load client failed: {err[-1500:]}")
+            records = sorted(client.finish(timeout=60))
         finally:
-            if client.poll() is None:
-                client.kill()
-                client.communicate()
-    records = sorted(json.loads(out))
+            client.kill()
     lines, not_json = json_lines(pod.log_file)
     decisions = sum(line.get("event") == "decision" for line in lines)
     for cycle in cycles:
@@ -147,15 +127,11 @@ def run_fault(profile: Profile, workdir: Path) -> tuple[Row, list[FaultCycle]]:
     by_phase = Counter(f"{p} {r[2]} {r[3]}" for r, p in zip(records, phases, strict=True))
     up = [r[1] - r[0] for r, p in zip(records, phases, strict=True) if p == "up"]
     row = Row(
-        scenario="fault: HTTP via Envoy, authz killed",
-        sent=len(records),
-        errors=errors.total(),
-        wrong=wrong.total(),
-        rate=len(records) / span if span else 0.0,
-        latency=latency_ms(up),
+        scenario="fault: HTTP via Envoy, authz killed", sent=len(records), errors=errors.total(),
+        wrong=wrong.total(), rate=len(records) / span if span else 0.0, latency=latency_ms(up),
         notes=f"{profile.fault_workers} threads (app uid), {len(cycles)} kill(s); latency of"
         f" 'up' requests; {dict(sorted(by_phase.items()))}; answered by meshguard {decided},"
         f" decision lines {decisions}",
         problems=problems,
-    )
+    )  # fmt: skip
     return row, details

@@ -118,13 +118,8 @@ def _where_time_goes(d: dict[str, Any]) -> list[str]:
             if s
         )
     )
-    noisy = [
-        cores
-        for summary in (http, grpc_)
-        for cells in summary["rows"].values()
-        for cell in cells.values()
-        for cores in cell["noise_cores"]
-    ]
+    noisy = [cores for summary in (http, grpc_) for cells in summary["rows"].values()
+             for cell in cells.values() for cores in cell["noise_cores"]]  # fmt: skip
     lines += [
         f"- noise: {sum(c >= NOISE_CORES for c in noisy)} of {len(noisy)} trials had >="
         f" {NOISE_CORES} cores busy outside the benchmark's processes (max {max(noisy):.2f});"
@@ -150,25 +145,15 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
         " the rounds without outside CPU noise (none: all rounds used).",
         "",
     ]
-    body = []
-    for key, label in ENGINES:
-        envoy = f"envoy_{key}"
-        for c, cell in _by_c(rows[key]):
-            cpu = cell["cpu_us_per_request"]
-            body.append(
-                [
-                    label,
-                    c,
-                    f"{cell['per_second']:,.0f}",
-                    f"{cell['p50_us'] / 1000:.2f}",
-                    f"{cell['p99_us'] / 1000:.2f}",
-                    cell["errors"],
-                    f"{cell['per_second'] / rows['a'][c]['per_second']:.3f}",
-                    f"{cpu[envoy]:.0f}",
-                    f"{cpu['busy']:.0f}",
-                    f"{cell['used']}/{len(cell['per_round'])}",
-                ]
-            )
+    body = [
+        [label, c, f"{cell['per_second']:,.0f}", f"{cell['p50_us'] / 1000:.2f}",
+         f"{cell['p99_us'] / 1000:.2f}", cell["errors"],
+         f"{cell['per_second'] / rows['a'][c]['per_second']:.3f}",
+         f"{cell['cpu_us_per_request'][f'envoy_{key}']:.0f}",
+         f"{cell['cpu_us_per_request']['busy']:.0f}", f"{cell['used']}/{len(cell['per_round'])}"]
+        for key, label in ENGINES
+        for c, cell in _by_c(rows[key])
+    ]  # fmt: skip
     lines += table(
         ["config", "concurrency", "req/s", "p50 ms", "p99 ms", "errors", "ratio vs (a)",
          "Envoy CPU µs/req", "machine CPU µs/req", "used"],
@@ -178,13 +163,10 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
     worst = min(native, key=lambda c: float(native[c]))
     ok = float(native[worst]) >= NATIVE_GOAL
     stretch = all(float(v) >= NATIVE_STRETCH for v in native.values())
-    report.add_summary(
-        "L7 path, native",
-        "(n) native engine / (a) no authorization, req/s (worst concurrency)",
-        f"{float(native[worst]):.3f} at c={worst}  ({_series(native)})",
-        f">= {NATIVE_GOAL} (stretch {NATIVE_STRETCH})",
-        ok,
-    )
+    report.add_summary("L7 path, native",
+                       "(n) native engine / (a) no authorization, req/s (worst concurrency)",
+                       f"{float(native[worst]):.3f} at c={worst}  ({_series(native)})",
+                       f">= {NATIVE_GOAL} (stretch {NATIVE_STRETCH})", ok)  # fmt: skip
     report.add_summary(
         "L7 path, ext_authz",
         "(c) serve-authz / (a); (c0) do-nothing ext_authz / (a), req/s",
@@ -192,11 +174,8 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
         "no goal",
         None,
     )
-    log_cost = {
-        c: rows["n"][c]["cpu_us_per_request"]["envoy_n"]
-        - rows["n0"][c]["cpu_us_per_request"]["envoy_n0"]
-        for c in rows["n"]
-    }
+    log_cost = {c: rows["n"][c]["cpu_us_per_request"]["envoy_n"]
+                - rows["n0"][c]["cpu_us_per_request"]["envoy_n0"] for c in rows["n"]}  # fmt: skip
     added = http["mtls_added_us"]
     lines += [
         f"Goal (n)/(a) >= {NATIVE_GOAL} at every concurrency: "
@@ -288,43 +267,21 @@ def _workers(
             " serve.",
             "",
         ]
-        rows = []
-        for n, samples in sorted(w["rows"].items()):
-            rows.append(
-                [
-                    n,
-                    f"{w['checks_per_second'][n]:,.0f}",
-                    f"{w['checks_per_second'][n] / w['checks_per_second']['1']:.2f}",
-                    ", ".join(f"{s['checks_per_second']:,.0f}" for s in samples),
-                    sum(s["errors"] for s in samples),
-                    sum(s["denied"] for s in samples),
-                    ", ".join(f"{s['machine_busy_share']:.0%}" for s in samples),
-                    ", ".join(
-                        f"{s['server_cores']:.2f}" if "server_cores" in s else "-" for s in samples
-                    ),
-                ]
-            )
         lines += table(
-            [
-                "workers",
-                "checks/s",
-                "vs 1 worker",
-                "per round",
-                "errors",
-                "denied",
-                "machine busy",
-                "server CPU (cores)",
-            ],
-            rows,
-        )
-        report.add_summary(
-            "authz workers",
-            "2 workers / 1 worker, checks/s",
-            f"{w['speedup_2_over_1']:.2f} ({w['checks_per_second']['1']:,.0f} -> "
-            f"{w['checks_per_second']['2']:,.0f}/s)",
-            "no goal",
-            None,
-        )
+            ["workers", "checks/s", "vs 1 worker", "per round", "errors", "denied",
+             "machine busy", "server CPU (cores)"],
+            [[n, f"{w['checks_per_second'][n]:,.0f}",
+              f"{w['checks_per_second'][n] / w['checks_per_second']['1']:.2f}",
+              ", ".join(f"{s['checks_per_second']:,.0f}" for s in samples),
+              sum(s["errors"] for s in samples), sum(s["denied"] for s in samples),
+              ", ".join(f"{s['machine_busy_share']:.0%}" for s in samples),
+              ", ".join(f"{s['server_cores']:.2f}" if "server_cores" in s else "-"
+                        for s in samples)]
+             for n, samples in sorted(w["rows"].items())],
+        )  # fmt: skip
+        report.add_summary("authz workers", "2 workers / 1 worker, checks/s",
+                           f"{w['speedup_2_over_1']:.2f} ({w['checks_per_second']['1']:,.0f} -> "
+                           f"{w['checks_per_second']['2']:,.0f}/s)", "no goal", None)  # fmt: skip
         two = w["rows"]["2"][0]
         lines += [
             f"With {w['cpus']} CPUs and the load generators on the same machine, the second"

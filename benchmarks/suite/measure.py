@@ -94,30 +94,17 @@ def rule_install(*, quick: bool) -> RuleInstall:
             checkout = [time_init(ruleset_file) * 1000 for _ in range(reps)]
             in_process = [time_in_process_install(ruleset) * 1000 for _ in range(reps)]
             rows.append(
-                {
-                    "containers": n,
-                    "rules": rule_count(ruleset),
-                    "init_ms": statistics.median(init),
-                    "init_ms_samples": init,
-                    "init_checkout_ms": statistics.median(checkout),
-                    "install_in_process_ms": statistics.median(in_process),
-                    "compile_ms": time_compile(n, 5 if quick else 20) * 1000,
-                }
-            )
-            print(
-                f"[install] {n:2} containers: init {rows[-1]['init_ms']:.1f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
+                {"containers": n, "rules": rule_count(ruleset), "init_ms": statistics.median(init),
+                 "init_ms_samples": init, "init_checkout_ms": statistics.median(checkout),
+                 "install_in_process_ms": statistics.median(in_process),
+                 "compile_ms": time_compile(n, 5 if quick else 20) * 1000}
+            )  # fmt: skip
+            print(f"[install] {n:2} containers: init {rows[-1]['init_ms']:.1f} ms", file=sys.stderr,
+                  flush=True)  # fmt: skip
         startup = startup_ms(reps, python=python)
         profile = init_profile(ruleset_file, python=python, directory=Path(tmp))
-    return {
-        "rows": rows,
-        "startup_ms": startup,
-        "profile_ms": profile,
-        "reps": reps,
-        "goal_ms": INSTALL_GOAL_MS,
-    }
+    return {"rows": rows, "startup_ms": startup, "profile_ms": profile, "reps": reps,
+            "goal_ms": INSTALL_GOAL_MS}  # fmt: skip
 
 
 #: Where meshguard init's time goes: (label, file suffix, function) of cProfile entries.
@@ -169,18 +156,10 @@ def admission_growth(*, quick: bool) -> AdmissionGrowth:
                 handle(body, settings=settings)
             samples.append((time.perf_counter() - started) / iterations * 1000)
         rows.append(
-            {
-                "containers": n,
-                "request_bytes": len(body),
-                "answer_bytes": len(json.dumps(answer)),
-                "allowed": bool(allowed),
-                "handle_ms": min(samples),
-                "handle_ms_median": statistics.median(samples),
-            }
-        )
-        print(
-            f"[admission] {n:2} containers: handle() {rows[-1]['handle_ms']:.2f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
+            {"containers": n, "request_bytes": len(body), "answer_bytes": len(json.dumps(answer)),
+             "allowed": bool(allowed), "handle_ms": min(samples),
+             "handle_ms_median": statistics.median(samples)}
+        )  # fmt: skip
+        print(f"[admission] {n:2} containers: handle() {rows[-1]['handle_ms']:.2f} ms",
+              file=sys.stderr, flush=True)  # fmt: skip
     return {"rows": rows, "iterations": iterations, "repeats": repeats}

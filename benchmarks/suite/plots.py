@@ -82,37 +82,19 @@ def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
     _label(left, "L7: HTTP throughput by engine", "concurrent connections (wrk)",
            "requests/s ratio vs (a) no authorization",
            fontsize=7, loc="upper right", grid="y")  # fmt: skip
-    for key, label, color in (
-        ("a", "(a) plain", "tab:blue"),
-        ("n", "(n) native", "tab:green"),
-        ("c", "(c) serve-authz", "tab:orange"),
-    ):
-        middle.plot(
-            conc,
-            [http["rows"][key][str(c)]["p50_us"] / 1000 for c in conc],
-            "o-",
-            color=color,
-            label=f"{label} p50",
-        )
-        middle.plot(
-            conc,
-            [http["rows"][key][str(c)]["p99_us"] / 1000 for c in conc],
-            "^--",
-            color=color,
-            label=f"{label} p99",
-        )
+    for key, label, color in (("a", "(a) plain", "tab:blue"), ("n", "(n) native", "tab:green"),
+                              ("c", "(c) serve-authz", "tab:orange")):  # fmt: skip
+        for quantile, style in (("p50", "o-"), ("p99", "^--")):
+            ys = [http["rows"][key][str(c)][f"{quantile}_us"] / 1000 for c in conc]
+            middle.plot(conc, ys, style, color=color, label=f"{label} {quantile}")
     middle.set_xscale("log", base=2)
     middle.set_yscale("log")
     middle.set_xticks(conc, [str(c) for c in conc])
     _label(middle, "L7: request latency p50 / p99", "concurrent connections (wrk)",
            "latency (ms, log scale)", fontsize=7, ncol=2)  # fmt: skip
     gconc = sorted(int(c) for c in grpc["ratio_meshguard_over_echo"])
-    right.plot(
-        gconc,
-        [grpc["ratio_meshguard_over_echo"][str(c)] for c in gconc],
-        "o-",
-        label="meshguard serve-authz / bare grpc.aio echo",
-    )
+    right.plot(gconc, [grpc["ratio_meshguard_over_echo"][str(c)] for c in gconc], "o-",
+               label="meshguard serve-authz / bare grpc.aio echo")  # fmt: skip
     _baseline(right, "bare grpc.aio echo (= 1.0)")
     _goal(right, grpc["goal"], f"goal >= {grpc['goal']}")
     right.set_xscale("log", base=2)
@@ -132,19 +114,11 @@ def workers(result: dict[str, Any], path: Path) -> Path:
         [str(w) for w in counts], ratios, color="tab:orange", label="checks/s vs 1 worker"
     )
     for bar, w in zip(bars, counts, strict=True):
-        ax.annotate(
-            f"{result['checks_per_second'][str(w)]:,.0f}/s",
-            (bar.get_x() + 0.2, bar.get_height() + 0.03),
-            fontsize=9,
-        )
+        ax.annotate(f"{result['checks_per_second'][str(w)]:,.0f}/s",
+                    (bar.get_x() + 0.2, bar.get_height() + 0.03), fontsize=9)  # fmt: skip
     _baseline(ax, "1 worker (= 1.0)")
-    ax.axhline(
-        len(counts),
-        color="tab:green",
-        linestyle="-.",
-        linewidth=1,
-        label=f"linear scaling ({len(counts)}x)",
-    )
+    ax.axhline(len(counts), color="tab:green", linestyle="-.", linewidth=1,
+               label=f"linear scaling ({len(counts)}x)")  # fmt: skip
     _label(ax, f"serve-authz workers (SO_REUSEPORT), {result['cpus']} CPUs shared with clients",
            "serve-authz --workers", "Check calls/s ratio vs 1 worker",
            loc="upper left", grid="y")  # fmt: skip
@@ -155,12 +129,8 @@ def admission(webhook: dict[str, Any] | None, growth: dict[str, Any], path: Path
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     if webhook is not None:
         conc = sorted(int(c) for c in webhook["throughput_ratio"])
-        left.bar(
-            [str(c) for c in conc],
-            [webhook["throughput_ratio"][str(c)] for c in conc],
-            color="tab:orange",
-            label="meshguard serve-webhook / bare aiohttp",
-        )
+        left.bar([str(c) for c in conc], [webhook["throughput_ratio"][str(c)] for c in conc],
+                 color="tab:orange", label="meshguard serve-webhook / bare aiohttp")  # fmt: skip
         _baseline(left, "bare aiohttp endpoint (= 1.0)")
         _goal(left, webhook["goal_ratio"], f"goal >= {webhook['goal_ratio']}")
         left.set_ylim(0, 1.15)
@@ -176,24 +146,14 @@ def admission(webhook: dict[str, Any] | None, growth: dict[str, Any], path: Path
     rows = growth["rows"]
     sizes = [r["containers"] for r in rows]
     first = rows[0]["handle_ms"]
-    right.plot(
-        sizes,
-        [r["handle_ms"] / first for r in rows],
-        "o-",
-        label="handle() time / handle() time at 5 containers",
-    )
-    right.plot(
-        sizes, [n / sizes[0] for n in sizes], "-.", color="tab:green", label="linear in containers"
-    )
+    right.plot(sizes, [r["handle_ms"] / first for r in rows], "o-",
+               label="handle() time / handle() time at 5 containers")  # fmt: skip
+    right.plot(sizes, [n / sizes[0] for n in sizes], "-.", color="tab:green",
+               label="linear in containers")  # fmt: skip
     _baseline(right, f"{sizes[0]} containers (= 1.0, {first:.2f} ms)")
     for r in rows:
-        right.annotate(
-            f"{r['handle_ms']:.2f} ms",
-            (r["containers"], r["handle_ms"] / first),
-            textcoords="offset points",
-            xytext=(4, -12),
-            fontsize=8,
-        )
+        right.annotate(f"{r['handle_ms']:.2f} ms", (r["containers"], r["handle_ms"] / first),
+                       textcoords="offset points", xytext=(4, -12), fontsize=8)  # fmt: skip
     _label(right, "Admission cost growth (in-process handle(), no HTTP)", "containers in the pod",
            "in-process handle() time, ratio vs smallest pod")  # fmt: skip
     return _save(fig, path)
@@ -203,34 +163,19 @@ def install(result: dict[str, Any], path: Path) -> Path:
     rows = result["rows"]
     sizes = [r["containers"] for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.plot(
-        sizes,
-        [r["init_ms"] for r in rows],
-        "o-",
-        label="python -m meshguard init, installed (wall)",
-    )
-    if all("init_checkout_ms" in r for r in rows):
-        ax.plot(
-            sizes,
-            [r["init_checkout_ms"] for r in rows],
-            "^:",
-            color="tab:gray",
-            label="the same from the editable checkout (not byte-compiled)",
-        )
-    ax.plot(
-        sizes,
-        [r["install_in_process_ms"] for r in rows],
-        "s--",
-        label="install() in process (iptables save/restore/verify, IPv4+IPv6)",
-    )
+    for key, style, color, label in (
+        ("init_ms", "o-", None, "python -m meshguard init, installed (wall)"),
+        ("init_checkout_ms", "^:", "tab:gray",
+         "the same from the editable checkout (not byte-compiled)"),
+        ("install_in_process_ms", "s--", None,
+         "install() in process (iptables save/restore/verify, IPv4+IPv6)"),
+    ):  # fmt: skip
+        if all(key in r for r in rows):
+            ax.plot(sizes, [r[key] for r in rows], style, color=color, label=label)
     start = next((v for k, v in result["startup_ms"].items() if "import meshguard" in k), None)
     if start is not None:
-        ax.axhline(
-            start,
-            color="tab:purple",
-            linestyle=":",
-            label=f"interpreter + init's imports ({start:.0f} ms)",
-        )
+        ax.axhline(start, color="tab:purple", linestyle=":",
+                   label=f"interpreter + init's imports ({start:.0f} ms)")  # fmt: skip
     _goal(ax, result["goal_ms"], f"goal < {result['goal_ms']:.0f} ms at 64 containers")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(n) for n in sizes])

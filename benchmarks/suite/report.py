@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table
+from benchmarks.common import machine_line, markdown_table, write_json
 from benchmarks.suite.runner import ScriptRun
 
 #: The plots made for this report, by name (None: the plot failed).
@@ -79,3 +79,15 @@ def script_text(
     report = Report()
     section(report, ScriptRun(name=name, argv=sys.argv, ok=True, seconds=0.0, data=data))
     return "\n".join([*report.sections, summary_text(report)])
+
+
+def finish_script(
+    name: str, document: Mapping[str, Any], section: Callable[[Report, ScriptRun], None],
+    json_file: Path | None,
+) -> None:  # fmt: skip
+    """A script's end: its section and summary rows (:func:`script_text`), the machine line,
+    and ``--json FILE``."""
+    print(script_text(name, document, section))
+    print(machine_line(document["machine"], document["seconds"]))
+    if json_file:
+        write_json(json_file, document)

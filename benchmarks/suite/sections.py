@@ -61,12 +61,11 @@ def webhook_section(report: Report, run: ScriptRun | None) -> None:
     ratio = d["throughput_ratio"]
     worst = min(ratio, key=lambda c: ratio[c])
     ok = ratio[worst] >= WEBHOOK_GOAL
+    series = ", ".join(f"c={c}: {v:.2f}" for c, v in ratio.items())
     report.add_summary(
         "admission",
         "serve-webhook / bare aiohttp, adm/s (worst concurrency)",
-        f"{ratio[worst]:.3f} at c={worst}  ("
-        + ", ".join(f"c={c}: {v:.2f}" for c, v in ratio.items())
-        + ")",
+        f"{ratio[worst]:.3f} at c={worst}  ({series})",
         f">= {WEBHOOK_GOAL}",
         ok,
     )
@@ -135,17 +134,14 @@ def growth_section(report: Report, growth: dict[str, Any] | None, problem: str |
              for r in rows_g],
         )  # fmt: skip
         last = rows_g[-1]
-        per = (last["handle_ms"] - rows_g[0]["handle_ms"]) / (
-            last["containers"] - rows_g[0]["containers"]
-        )
+        first = rows_g[0]
+        per = (last["handle_ms"] - first["handle_ms"]) / (last["containers"] - first["containers"])
         report.add_summary(
-            "admission",
-            f"handle() at {rows_g[0]['containers']} -> {last['containers']}"
+            "admission", f"handle() at {rows_g[0]['containers']} -> {last['containers']}"
             " containers (in-process)",
             f"{rows_g[0]['handle_ms']:.2f} -> {last['handle_ms']:.2f} ms (~{per:.3f} ms/container)",
-            "no goal",
-            None,
-        )
+            "no goal", None,
+        )  # fmt: skip
         lines += [
             f"Growth is about linear: ~{per:.3f} ms per extra container, driven by the"
             " answer size (the JSONPatch carries the ruleset, which grows with containers).",
@@ -195,20 +191,15 @@ def install_section(report: Report, result: dict[str, Any] | None, problem: str 
         lines += table(["phase", "ms"], [[k, f"{v:.1f}"] for k, v in result["profile_ms"].items()])
     top = result["rows"][-1]
     ok = top["init_ms"] < result["goal_ms"]
-    report.add_summary(
-        "rule install",
-        f"meshguard init wall time at {top['containers']} containers",
-        f"{top['init_ms']:.1f} ms",
-        f"< {result['goal_ms']:.0f} ms",
-        ok,
-    )
+    report.add_summary("rule install",
+                       f"meshguard init wall time at {top['containers']} containers",
+                       f"{top['init_ms']:.1f} ms", f"< {result['goal_ms']:.0f} ms", ok)  # fmt: skip
     lines += [f"Goal < {result['goal_ms']:.0f} ms at 64 containers: {verdict_of(ok)}.", ""]
     if not ok:
-        start = next(
-            (v for k, v in result["startup_ms"].items() if "import meshguard" in k), float("nan")
-        )
-        stdlib = next((v for k, v in result["startup_ms"].items() if "standard library" in k), None)
-        bare = result["startup_ms"].get("python -c pass", float("nan"))
+        startup = result["startup_ms"]
+        start = next((v for k, v in startup.items() if "import meshguard" in k), float("nan"))
+        stdlib = next((v for k, v in startup.items() if "standard library" in k), None)
+        bare = startup.get("python -c pass", float("nan"))
         lines += [
             "**What limits it (measured).** Of"
             f" {top['init_ms']:.0f} ms, starting the interpreter in the namespace costs"
@@ -251,20 +242,17 @@ def image_section(report: Report, run: ScriptRun | None) -> None:
     if run is None or not run.data:
         lines = ["## The slim init image (benchmarks/init_image.py)", ""]
         lines += not_measured("init_image.py", run.problem) if run else ["Not run.", ""]
-        report.add_summary(
-            "init image", "init image / servers' image, installed", "-", "<= 0.25", None
-        )
+        report.add_summary("init image", "init image / servers' image, installed", "-", "<= 0.25",
+                           None)  # fmt: skip
         report.section(lines)
         return
     data = run.data
     report.add_summary(
-        "init image",
-        "init image / servers' image, installed (virtualenv + apt)",
+        "init image", "init image / servers' image, installed (virtualenv + apt)",
         f"{data['size_ratio']:.3f} ({data['totals_kib']['init'] / 1024:.0f} MB /"
         f" {data['totals_kib']['server'] / 1024:.0f} MB)",
-        f"<= {data['goal_ratio']}",
-        data["size_ratio"] <= data["goal_ratio"],
-    )
+        f"<= {data['goal_ratio']}", data["size_ratio"] <= data["goal_ratio"],
+    )  # fmt: skip
     init_at = ", ".join(f"{r['containers']}: {r['init_ms']['init']:.0f} ms" for r in data["init"])
     report.add_summary("init image", "meshguard init from the init image", init_at, "no goal", None)
     report.section(measure.load_script("init_image").markdown(data))
@@ -286,13 +274,12 @@ def cni_section(report: Report, run: ScriptRun | None) -> None:
         for r in data["rows"]
     )
     report.add_summary(
-        "cni",
-        "meshguard-cni through shim -> agent (pass-through; ADD / the install's netfilter time)",
-        at,
+        "cni", "meshguard-cni through shim -> agent (pass-through; ADD / the install's netfilter"
+        " time)", at,
         f"pass-through <= {script.PASS_WALL_GOAL_MS:g} ms wall, <= {script.PASS_CPU_GOAL_MS:g} ms"
         f" CPU; ADD <= {script.ADD_NETFILTER_GOAL:g} x netfilter",
         all(script.goals(data).values()),
-    )
+    )  # fmt: skip
     report.section(script.markdown(data))
 
 

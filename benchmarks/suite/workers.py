@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -79,7 +80,7 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     import grpc.aio  # noqa: PLC0415 - only the client processes need it
     from envoy.service.auth.v3 import external_auth_pb2_grpc  # noqa: PLC0415
 
-    from tests.support.load import check_request  # noqa: PLC0415
+    from tests.support.load import call_concurrently, check_request  # noqa: PLC0415
 
     fields = json.loads(args.request)
     request = check_request(fields["source"], method=fields["method"], path=fields["path"],
@@ -91,24 +92,26 @@ async def _client(args: argparse.Namespace) -> dict[str, Any]:
     counts = {"ok": 0, "denied": 0, "errors": 0}
     state = {"counting": False, "stop": False}
 
-    async def worker(index: int) -> None:
-        while not state["stop"]:
-            try:
-                answer = await stubs[index % len(stubs)].Check(request, timeout=5)
-                kind = "ok" if answer.status.code == 0 else "denied"
-            except grpc.aio.AioRpcError:
-                kind = "errors"
-            counts[kind] += state["counting"]
+    def answered(_: None, answer: Any, seconds: float) -> None:
+        if isinstance(answer, grpc.aio.AioRpcError):
+            counts["errors"] += state["counting"]
+        else:
+            counts["ok" if answer.status.code == 0 else "denied"] += state["counting"]
 
     for channel in channels:
         await asyncio.wait_for(channel.channel_ready(), 10)
-    tasks = [asyncio.create_task(worker(i)) for i in range(args.concurrency)]
+    # worker i always on channel i % CHANNELS_PER_CLIENT; counted in the window only
+    load = asyncio.create_task(
+        call_concurrently(itertools.repeat(None),
+                          lambda index, _: stubs[index % len(stubs)].Check(request, timeout=5),
+                          answered, concurrency=args.concurrency, more=lambda: not state["stop"])
+    )  # fmt: skip
     await asyncio.sleep(WARMUP_SECONDS)
     state["counting"], started = True, time.perf_counter()
     await asyncio.sleep(args.seconds)
     state["counting"], elapsed = False, time.perf_counter() - started
     state["stop"] = True
-    await asyncio.gather(*tasks)
+    await load
     for channel in channels:
         await channel.close()
     return {**counts, "seconds": elapsed}
@@ -156,18 +159,12 @@ def measure(
     window = max(r["seconds"] for r in results)
     ok, denied = (sum(r[key] for r in results) for key in ("ok", "denied"))
     return {
-        "workers": workers,
-        "clients": clients,
-        "concurrency_per_client": concurrency,
-        "channels_per_client": CHANNELS_PER_CLIENT,
-        "seconds": window,
-        "ok": ok,
-        "denied": denied,
-        "errors": sum(r["errors"] for r in results),
-        "checks_per_second": (ok + denied) / window,
-        "machine_busy_share": busy,
+        "workers": workers, "clients": clients, "concurrency_per_client": concurrency,
+        "channels_per_client": CHANNELS_PER_CLIENT, "seconds": window, "ok": ok,
+        "denied": denied, "errors": sum(r["errors"] for r in results),
+        "checks_per_second": (ok + denied) / window, "machine_busy_share": busy,
         "server_cores": server_cores,
-    }
+    }  # fmt: skip
 
 
 def run(*, quick: bool, log_dir: Path) -> Workers:

@@ -28,9 +28,7 @@ import base64
 import copy
 import json
 import math
-import ssl
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -38,24 +36,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import grpc
 import jsonpatch
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.sandbox.netns import NetworkNamespace
+from tests.support.admissions import Posted, admission_metrics, answer_problem, post_all
 from tests.support.keys import SIGNER
 from tests.support.latency import percentile
 from tests.support.load import (
-    AGENT_PORT,
     APP,
-    LOAD_CLIENT,
     CheckRun,
     FaultPod,
+    LoadClient,
     check_kinds,
     run_checks,
 )
@@ -142,64 +138,29 @@ class Admission:
             return self.error
         if self.status != 200:
             return f"HTTP {self.status}"
-        response = self.response or {}
-        if response.get("uid") != self.uid:
-            return "answer for another uid"
-        if response.get("allowed") is not True:
-            return f"not allowed: {response.get('status')}"
-        if response.get("patchType") != "JSONPatch" or not response.get("patch"):
-            return "no patch"
-        return None
+        return answer_problem(self.response or {}, self.uid)
 
 
 async def admit_all(
     url: str, ca_file: Path, bodies: Sequence[tuple[str, bytes]], *, concurrency: int
 ) -> tuple[list[Admission], float]:
     """POST every body with ``concurrency`` in flight (keep-alive); answers and seconds."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    connector = aiohttp.TCPConnector(ssl=context, limit=concurrency)
-    headers = {"Content-Type": "application/json"}
     answers: list[Admission] = []
-    pending = iter(bodies)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def worker() -> None:
-            for uid, body in pending:
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as answer:
-                        payload, status = await answer.read(), answer.status
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    answers.append(
-                        Admission(uid, 0, time.perf_counter() - started, error=type(exc).__name__)
-                    )
-                    continue
-                seconds = time.perf_counter() - started
-                try:
-                    response = json.loads(payload)["response"]
-                except (ValueError, KeyError, TypeError):
-                    answers.append(Admission(uid, status, seconds, error="not an AdmissionReview"))
-                    continue
-                answers.append(Admission(uid, status, seconds, response))
+    def answered(posted: Posted) -> None:
+        if posted.error:
+            answers.append(Admission(posted.key, 0, posted.seconds, error=posted.error))
+            return
+        try:
+            response = json.loads(posted.payload)["response"]
+        except (ValueError, KeyError, TypeError):
+            answers.append(Admission(posted.key, posted.status, posted.seconds,
+                                     error="not an AdmissionReview"))  # fmt: skip
+            return
+        answers.append(Admission(posted.key, posted.status, posted.seconds, response))
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
+    (elapsed,) = await post_all(url, ca_file, [bodies], concurrency=concurrency, answered=answered)
     return answers, elapsed
-
-
-def admissions_counted(metrics_text: str) -> tuple[dict[str, int], int]:
-    """meshguard_admissions_total by result, and the latency histogram's count."""
-    by_result: dict[str, int] = {}
-    observed = 0
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "meshguard_admissions_total":
-                by_result[sample.labels["result"]] = int(sample.value)
-            elif sample.name == "meshguard_admission_seconds_count":
-                observed = int(sample.value)
-    return by_result, observed
 
 
 def test_webhook_answers_every_admission_under_load(webhook: Webhook):
@@ -212,7 +173,8 @@ def test_webhook_answers_every_admission_under_load(webhook: Webhook):
     )  # fmt: skip
     problems = Counter(p for a in answers if (p := a.problem()))
     latencies = sorted(a.seconds for a in answers)
-    by_result, observed = admissions_counted(webhook.get("/metrics")[1].decode())
+    metrics = admission_metrics(webhook.get("/metrics")[1].decode())
+    by_result, observed = metrics["admissions"], metrics.get("seconds_count", 0)
     logged = [line for line in json_lines(webhook.log_file) if line.get("event") == "admission"]
     print(
         f"\nwebhook: {len(answers)} admissions of the example pod ({len(bodies[0][1])} B) over"
@@ -333,33 +295,6 @@ def fault_pod(shared_dir: Path) -> Iterator[FaultPod]:
     ``meshguard serve-authz`` (uid 1337) and the real Envoy's loopback listener (uid 1337)."""
     with NetworkNamespace() as ns:
         yield FaultPod(ns, shared_dir)
-
-
-class LoadClient:
-    """:data:`LOAD_CLIENT` in the namespace; :meth:`finish` stops it and returns its records."""
-
-    def __init__(self, ns: NetworkNamespace, *, uid: int, workers: int, max_seconds: float):
-        argv = [sys.executable, "-c", LOAD_CLIENT, str(uid), str(workers), str(max_seconds),
-                str(AGENT_PORT)]  # fmt: skip
-        self.process = subprocess.Popen(
-            ns.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.strip() != "ready":
-            self.process.kill()
-            raise AssertionError(f"load client did not start: {self.process.communicate()[1]}")
-
-    def finish(self) -> list[tuple[float, float, str, int, str]]:
-        out, err = self.process.communicate(timeout=30)  # closes stdin: the client stops
-        assert self.process.returncode == 0, err
-        return [tuple(record) for record in json.loads(out)]  # type: ignore[misc]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
 
 
 @dataclass

@@ -1,23 +1,25 @@
-"""The authz server under load, shared by ``tests/load`` and ``benchmarks/load.py``.
+"""The authz server under load, shared by ``tests/load`` and the benchmarks.
 
 Kinds of Check for the injected example pod (four the policy allows, six it denies, each
-knowing its answer), running them concurrently over one channel, and the example pod in a
-network namespace with the real Envoy and ``meshguard serve-authz`` (uid 1337) that the
-fault scenarios kill and restart under load from :data:`LOAD_CLIENT`.
+knowing its answer), the one driver of concurrent Checks (:func:`call_concurrently`, also
+under ``l7_path.py``'s and the workers' clients) and running the kinds over one channel, and
+the example pod in a network namespace with the real Envoy and ``meshguard serve-authz``
+(uid 1337) that the fault scenarios kill and restart under load from :class:`LoadClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -33,6 +35,8 @@ from tests.support.keys import trusted_keys_file
 from tests.support.pods import injected_example, status_of
 from tests.support.processes import HOST
 
+T = TypeVar("T")
+R = TypeVar("R")
 POD_KEY = "demo/shop"
 PROXY, APP = 1337, 1000
 AUTHZ_PORT, LISTENER_PORT, ENVOY_ADMIN_PORT, AGENT_PORT = LOCAL_AUTHZ_PORT, 15007, 15000, 15020
@@ -135,33 +139,51 @@ class CheckRun:
         self.elapsed += other.elapsed
 
 
+async def call_concurrently(
+    items: Iterator[T], send: Callable[[int, T], Awaitable[R]],
+    answered: Callable[[T, R | grpc.aio.AioRpcError, float], None], *, concurrency: int,
+    more: Callable[[], bool] = lambda: True,
+) -> float:  # fmt: skip
+    """The one gRPC Check client of the tests and the benchmarks: ``concurrency`` workers on
+    this event loop, each taking the next item while ``more()``, awaiting ``send(worker,
+    item)`` (a unary call on the caller's channels) and passing the answer or the gRPC error
+    and the call's seconds to ``answered``. Returns the wall seconds."""
+
+    async def worker(index: int) -> None:
+        for item in items:
+            if not more():
+                return
+            started = time.perf_counter()
+            try:
+                answer: R | grpc.aio.AioRpcError = await send(index, item)
+            except grpc.aio.AioRpcError as exc:
+                answer = exc
+            answered(item, answer, time.perf_counter() - started)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
+    return time.perf_counter() - began
+
+
 async def run_checks(
     stub: external_auth_pb2_grpc.AuthorizationStub, kinds: Sequence[Kind], *, first: int,
     count: int, concurrency: int, stop_at: float,
 ) -> CheckRun:  # fmt: skip
     run = CheckRun()
-    numbers = iter(range(first, first + count))
 
-    async def worker() -> None:
-        for number in numbers:
-            if time.monotonic() > stop_at:
-                return
-            kind = kinds[number % len(kinds)]
-            run.sent[kind.name] += 1
-            started = time.perf_counter()
-            try:
-                response = await stub.Check(kind.request, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                run.errors[exc.code().name] += 1
-                continue
-            finally:
-                run.latencies.append(time.perf_counter() - started)
-            if problem := kind.problem(response):
-                run.wrong[problem] += 1
+    def answered(kind: Kind, response: Any, seconds: float) -> None:
+        run.sent[kind.name] += 1
+        run.latencies.append(seconds)
+        if isinstance(response, grpc.aio.AioRpcError):
+            run.errors[response.code().name] += 1
+        elif problem := kind.problem(response):
+            run.wrong[problem] += 1
 
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    run.elapsed = time.perf_counter() - began
+    run.elapsed = await call_concurrently(
+        (kinds[number % len(kinds)] for number in range(first, first + count)),
+        lambda _, kind: stub.Check(kind.request, timeout=10), answered,
+        concurrency=concurrency, more=lambda: time.monotonic() <= stop_at,
+    )  # fmt: skip
     return run
 
 
@@ -215,6 +237,33 @@ for thread in threads:
     thread.join()
 json.dump([record for mine in results for record in mine], sys.stdout)
 """
+
+
+class LoadClient:
+    """:data:`LOAD_CLIENT` in the namespace; :meth:`finish` stops it and returns its records."""
+
+    def __init__(self, ns: NetworkNamespace, *, uid: int, workers: int, max_seconds: float):
+        argv = [sys.executable, "-c", LOAD_CLIENT, str(uid), str(workers), str(max_seconds),
+                str(AGENT_PORT)]  # fmt: skip
+        self.process = subprocess.Popen(
+            ns.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":
+            self.process.kill()
+            raise RuntimeError(f"the load client did not start: {self.process.communicate()[1]}")
+
+    def finish(self, timeout: float = 30) -> list[tuple[float, float, str, int, str]]:
+        out, err = self.process.communicate(timeout=timeout)  # closes stdin: the client stops
+        if self.process.returncode != 0:
+            raise RuntimeError(f"the load client failed: {err[-1500:]}")
+        return [tuple(record) for record in json.loads(out)]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
 
 
 class FaultPod:
