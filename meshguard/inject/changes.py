@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from meshguard.errors import MeshguardFailure
 from meshguard.inject.posture import Finding, final_fixes
 
 
@@ -159,9 +160,9 @@ class Op:
 _Node = dict[str, Any] | list[Any]
 
 
-class PatchMismatchError(RuntimeError):
+class PatchMismatchError(MeshguardFailure):
     """An operation does not fit the pod it was decided for: a bug in meshguard (the
-    webhook answers it as its own failure, fail closed)."""
+    webhook refuses the pod as its own failure, fail closed)."""
 
 
 class PodEdit:
@@ -412,7 +413,9 @@ def _same(before: object, after: object) -> bool:
     serialisations tell them apart, and are only compared when ``==`` already holds."""
     if type(before) is str and type(after) is str:
         return before == after
-    return bool(before == after) and json.dumps(before) == json.dumps(after)
+    if before != after:
+        return False
+    return json.dumps(_json_copy(before)) == json.dumps(_json_copy(after))
 
 
 def _json_copy(value: object) -> object:
