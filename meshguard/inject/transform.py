@@ -18,9 +18,9 @@ One pass (dicts in, edited in place): the pod is read once into its view
 (:func:`meshguard.pod.read_pod`); every change is decided from it as data (posture fixes,
 the stale init step's removal, annotations and labels, the L7 engine's document and mount,
 meshguard's init step, volume and pull secrets: :mod:`meshguard.inject.changes`) and made at
-once; the status's ``changes`` are those changes' notes, and the webhook diffs the pod before
-and after into its JSONPatch; the CLI prints the edited documents. Applying it twice equals
-applying it once.
+once, each through its JSONPatch operations; the status's ``changes`` are those changes'
+notes, the webhook's patch is their operations, and the CLI prints the edited documents.
+Applying it twice equals applying it once (and the second pass has no operation).
 """
 
 from __future__ import annotations
@@ -47,14 +47,17 @@ from meshguard.init_container import (
     validation_container,
 )
 from meshguard.inject.changes import (
+    Append,
     Change,
     InsertAfter,
+    Operation,
     Path,
+    PodEdit,
     PostureFixes,
     RemoveItem,
+    RemoveKey,
     ReplaceNamed,
     SetKey,
-    apply_changes,
 )
 from meshguard.inject.changes import notes as change_notes
 from meshguard.inject.l7 import engine_changes, parse_engine, stats_changes
@@ -163,6 +166,8 @@ class Result:
     warnings: tuple[str, ...] = ()
     reason: str = ""
     ruleset: Ruleset | None = None
+    #: The JSONPatch (RFC 6902) of what was changed, from the pod as given: the webhook's.
+    operations: tuple[Operation, ...] = ()
 
 
 def inject_pod(
@@ -176,7 +181,8 @@ def inject_pod(
 
     One pass: the pod is read once into its view, every change is decided as data
     (:mod:`meshguard.inject.changes`), then made at once; last, the attestation signs what
-    they made. ``namespace``: the admission request's (the pod may not state its own); the
+    they made. The result carries the JSONPatch operations that made them (the webhook's
+    patch). ``namespace``: the admission request's (the pod may not state its own); the
     attestation is signed for it. A pod meshguard does not inject leaves with none of
     meshguard's annotations nor its label
     (:func:`meshguard.inject.left_alone.strip_admission_marks`).
@@ -185,10 +191,11 @@ def inject_pod(
     settings = _with_init_keys(settings)
     pod = read_pod(metadata=metadata, spec=spec, init_settings=settings.init)
     plan = _plan(metadata, spec, pod=pod, settings=settings, namespace=namespace)
-    apply_changes(plan.changes, metadata=metadata, spec=spec)
+    edit = PodEdit(metadata=metadata, spec=spec)
+    edit.make(plan.changes)
     if plan.result.outcome is Outcome.INJECTED:
-        _attest(metadata, spec, signer=settings.signer, namespace=namespace)
-    return plan.result
+        edit.make(_attestation(metadata, spec, signer=settings.signer, namespace=namespace))
+    return dataclasses.replace(plan.result, operations=edit.operations)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,15 +307,12 @@ def _admission(
         # The namespace's or cluster's mode is written on the pod, so that whoever reads the
         # pod's annotations (the authz server's drift check, describe, the CNI plugin) agrees.
         SetKey(at=marks, key=annotation_keys.MODE, value=mode.value, keep=True),
-        # a new mapping: labels may be shared with other parts of a manifest (YAML anchors)
+        # (labels shared with other parts of a manifest by a YAML anchor are copied first)
+        SetKey(at=("metadata", "labels"), key=annotation_keys.L7_ENGINE, value=engine.value),
         SetKey(
-            at=("metadata",),
-            key="labels",
-            value={
-                **(metadata.get("labels") or {}),
-                annotation_keys.L7_ENGINE: engine.value,
-                annotation_keys.ADMITTED_LABEL: annotation_keys.ADMITTED_LABEL_VALUE,
-            },
+            at=("metadata", "labels"),
+            key=annotation_keys.ADMITTED_LABEL,
+            value=annotation_keys.ADMITTED_LABEL_VALUE,
         ),
         *engine_edits,
         *stats_changes(annotations, spec),
@@ -370,12 +374,12 @@ def _init_step(pod: PodView, *, settings: InjectSettings, mode: Mode) -> tuple[C
 
 def _pull_secrets(spec: Mapping[str, Any], names: Sequence[str]) -> tuple[Change, ...]:
     """The init image's pull secrets, after the pod's own (none twice)."""
-    if not names:
-        return ()
-    secrets = list(spec.get("imagePullSecrets") or [])
+    secrets = spec.get("imagePullSecrets") or []
     present = {s.get("name") for s in secrets if isinstance(s, dict)}
-    secrets += [{"name": name} for name in names if name not in present]
-    return (SetKey(at=("spec",), key="imagePullSecrets", value=secrets),)
+    missing = tuple({"name": name} for name in names if name not in present)
+    if not missing:
+        return ()
+    return (Append(at=("spec",), key="imagePullSecrets", items=missing),)
 
 
 def effective_mode(annotations: Mapping[str, Any], settings: InjectSettings) -> Mode:
@@ -412,19 +416,24 @@ def _with_init_keys(settings: InjectSettings) -> InjectSettings:
     return dataclasses.replace(settings, init=init)
 
 
-def _attest(
-    metadata: dict[str, Any], spec: dict[str, Any], *, signer: Signer | None, namespace: str | None
-) -> None:
-    """Sign what was just written, for this pod (last: it covers the final annotations and
-    containers); without a signer, no attestation (a stale or forged one is removed)."""
-    annotations = metadata.setdefault("annotations", {})
-    annotations.pop(annotation_keys.ATTESTATION, None)
+def _attestation(
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    signer: Signer | None,
+    namespace: str | None,
+) -> tuple[Change, ...]:
+    """The signature of what was just written, for this pod (last: it covers the final
+    annotations and containers); without a signer, no attestation (a stale or forged one is
+    removed)."""
+    marks: Path = ("metadata", "annotations")
     if signer is None:
-        return
+        return (RemoveKey(at=marks, key=annotation_keys.ATTESTATION),)
+    annotations: Mapping[str, Any] = metadata.get("annotations") or {}
+    covered = {str(k): str(v) for k, v in annotations.items() if k != annotation_keys.ATTESTATION}
     subject = subject_of(metadata=metadata, spec=spec, namespace=namespace)
-    annotations[annotation_keys.ATTESTATION] = signer.attest(
-        subject=subject, annotations={str(k): str(v) for k, v in annotations.items()}
-    )
+    signature = signer.attest(subject=subject, annotations=covered)
+    return (SetKey(at=marks, key=annotation_keys.ATTESTATION, value=signature),)
 
 
 def review_ephemeral_containers(

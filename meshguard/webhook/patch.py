@@ -1,4 +1,8 @@
-"""The JSONPatch from the pod the API server sent to the pod meshguard made of it.
+"""A JSONPatch between two pods, by comparing them.
+
+The webhook no longer diffs: its patch is the operations the admission's changes were made
+with (:mod:`meshguard.inject.changes`). This stays for the admission benchmark
+(``benchmarks/admission/inprocess.py``), which measures it against ``jsonpatch.make_patch``.
 
 ``jsonpatch.make_patch`` on the whole pod canonicalises every list it meets to compare
 them, which was the largest single cost of an admission (about 1.2 ms of 3 for a

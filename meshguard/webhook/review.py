@@ -2,19 +2,19 @@
 
 The request body is checked strictly (a malformed request is the caller's fault: HTTP 400
 with the reason); a well-formed review of a pod is answered with the same ``uid``, and
-either a JSONPatch built with ``jsonpatch`` from the shared injection transform plus one
-warning per fix, or ``allowed: false`` with a message that names the container, the field and
-the fix. Ephemeral containers added to a running pod (``kubectl debug``: an UPDATE of the
-``ephemeralcontainers`` subresource) get the same posture checks; they are never patched,
-a finding refuses them. A failure inside meshguard is answered ``allowed: false`` too (fail
-closed), with a message that says it is meshguard's fault. The wire formats are typed at
-this boundary: :class:`AdmissionRequest` in, :class:`AdmissionReviewAnswer` out.
+either the JSONPatch of the shared injection transform (the operations its changes were
+made with: :mod:`meshguard.inject.changes`) plus one warning per fix, or ``allowed: false``
+with a message that names the container, the field and the fix. Ephemeral containers added
+to a running pod (``kubectl debug``: an UPDATE of the ``ephemeralcontainers`` subresource)
+get the same posture checks; they are never patched, a finding refuses them. A failure
+inside meshguard is answered ``allowed: false`` too (fail closed), with a message that says
+it is meshguard's fault. The wire formats are typed at this boundary:
+:class:`AdmissionRequest` in, :class:`AdmissionReviewAnswer` out.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import dataclasses
 import json
 import logging
@@ -34,7 +34,6 @@ from meshguard.inject.transform import (
     review_ephemeral_containers,
 )
 from meshguard.policy import Mode
-from meshguard.webhook.patch import pod_patch
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +162,9 @@ def respond(
     try:
         settings = _with_namespace_mode(settings, namespace_mode)
         pod = _pod_of(request)
-        mutated = copy.deepcopy(pod)
+        # the transform edits these two mappings and copies whatever it writes below them:
+        # the pod as sent stays as it is
+        mutated = {"metadata": dict(pod.get("metadata") or {}), "spec": dict(pod["spec"])}
         if ephemeral:
             result = _transform(
                 mutated, settings=settings, added=_added_ephemeral(request, pod), ephemeral=True
@@ -182,7 +183,7 @@ def respond(
     except _Deny as deny:
         decision = AdmissionVerdict(uid, deny.result, label, str(deny), 0)
         return _denied(uid, deny.code, str(deny)), decision
-    patch = pod_patch(pod, mutated)
+    patch = [*_metadata_made(pod), *result.operations]
     warnings = [_short(w) for w in result.warnings]
     if result.outcome is Outcome.SKIPPED:
         warnings.append(_short(f"meshguard skipped this pod: {result.reason}"))
@@ -248,6 +249,11 @@ def _pod_of(request: AdmissionRequest) -> dict[str, Any]:
     return pod
 
 
+def _metadata_made(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A pod sent without ``metadata`` gets the mapping the transform was given."""
+    return [] if "metadata" in pod else [{"op": "add", "path": "/metadata", "value": {}}]
+
+
 def _added_ephemeral(request: AdmissionRequest, pod: Mapping[str, Any]) -> set[str]:
     """The ephemeral containers this UPDATE adds (those admitted before are not re-judged)."""
     old = request.get("oldObject")
@@ -273,12 +279,11 @@ def _transform(
     namespace: str | None = None,
 ) -> Result:
     try:
-        metadata = pod.setdefault("metadata", {})
         if ephemeral:
             return review_ephemeral_containers(
-                metadata, pod["spec"], settings=settings, added=added
+                pod["metadata"], pod["spec"], settings=settings, added=added
             )
-        return inject_pod(metadata, pod["spec"], settings=settings, namespace=namespace)
+        return inject_pod(pod["metadata"], pod["spec"], settings=settings, namespace=namespace)
     except RefusedError as exc:
         raise _Deny(403, str(exc)) from None
     except MalformedInputError as exc:

@@ -15,8 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshguard.describe import describe
+from meshguard.errors import RefusedError
+from meshguard.init_container import InitContainerSettings
 from meshguard.inject.posture import PostureAction, PostureSettings
 from meshguard.inject.transform import InjectSettings, inject_pod
+from meshguard.l7 import L7Engine
 from meshguard.manifests import pod_templates
 from meshguard.pod import read_pod
 from meshguard.policy import Mode, parse_policy
@@ -108,6 +111,72 @@ def test_patch_applied_equals_meshguard_inject(name: str):
             assert again["allowed"] is True
             assert "patch" not in again  # idempotent: nothing left to change
             assert "warnings" not in again  # every fix was made the first time
+
+
+#: Every option set the webhook tests admit pods with (and the L7 engine and pull secrets).
+OPTION_SETS = {
+    "signed": SETTINGS,
+    "unsigned": InjectSettings(),
+    "no-template": InjectSettings(request_template=False, signer=SIGNER),
+    "deny": InjectSettings(posture=PostureSettings(default_action=PostureAction.DENY)),
+    "report": InjectSettings(
+        request_template=False, posture=PostureSettings(default_action=PostureAction.REPORT)
+    ),
+    "audit": InjectSettings(request_template=False, default_mode=Mode.AUDIT),
+    "ext-authz": InjectSettings(signer=SIGNER, l7_engine=L7Engine.EXT_AUTHZ),
+    "pull-secrets": InjectSettings(
+        signer=SIGNER, init=InitContainerSettings(pull_secrets=("regcred", "regcred"))
+    ),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTION_SETS))
+@pytest.mark.parametrize("name", injected_sample_names() or ["(../shared absent)"])
+def test_the_patch_gives_the_pod_meshguard_inject_makes_under_every_option_set(name, option):
+    """The patch is the operations the changes were made with: applied with ``jsonpatch`` to
+    the pod as sent, it gives inject_pod's pod exactly; admitted again, nothing to patch."""
+    if name.startswith("("):
+        pytest.skip("../shared/istio-injector-samples is absent")
+    settings = OPTION_SETS[option]
+    for pod in sample_pods(name):
+        _, answer, _ = handle(json.dumps(review(pod)).encode(), settings=settings)
+        response = answer["response"]
+        expected = copy.deepcopy(pod)
+        try:
+            inject_pod(expected["metadata"], expected["spec"], settings=settings, namespace="shop")
+        except RefusedError as exc:
+            assert response["allowed"] is False and response["status"]["message"] == str(exc)
+            continue
+        assert response["allowed"] is True, response
+        patched = apply(answer, copy.deepcopy(pod))
+        assert patched == expected
+        operations = json.loads(base64.b64decode(response.get("patch", "W10=")))
+        assert not any(op["path"] in ("", "/metadata", "/spec") for op in operations)
+        again = handle(json.dumps(review(patched)).encode(), settings=settings)[1]["response"]
+        assert again["allowed"] is True
+        assert "patch" not in again  # a reinvocation changes nothing
+
+
+def test_the_init_step_is_one_small_operation():
+    (pod,) = sample_pods("hello.yaml.injected")
+    _, answer = post(review(pod))
+    operations = json.loads(base64.b64decode(answer["response"]["patch"]))
+    init = [op for op in operations if op["path"].startswith("/spec/initContainers")]
+    assert [(op["op"], op["path"]) for op in init] == [
+        ("add", "/spec/initContainers/1/volumeMounts/9"),  # the native proxy's L7 document
+        ("add", "/spec/initContainers/1"),  # meshguard-init right after istio-init
+    ]
+    assert init[1]["value"]["name"] == "meshguard-init"
+
+
+def test_a_pod_sent_without_metadata_gets_it_in_the_patch():
+    pod: dict[str, Any] = {"spec": {"containers": [{"name": "app", "image": "x"}]}}
+    _, answer = post(review(pod))
+    assert answer["response"]["allowed"] is True
+    expected: dict[str, Any] = {"metadata": {}, "spec": copy.deepcopy(pod["spec"])}
+    inject_pod(expected["metadata"], expected["spec"], settings=SETTINGS)
+    assert apply(answer, copy.deepcopy(pod)) == expected
+    assert expected["metadata"]["annotations"]  # the template request
 
 
 def test_before_istio_only_the_template_is_requested():

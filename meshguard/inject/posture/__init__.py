@@ -57,6 +57,7 @@ from meshguard.inject.posture.model import (
     PostureSettings,
     Review,
     apply_fixes,
+    final_fixes,
     origin,
 )
 from meshguard.pod import PodView
@@ -80,6 +81,7 @@ __all__ = [
     "PostureAction",
     "PostureSettings",
     "apply_fixes",
+    "final_fixes",
     "origin",
     "parse_baseline_version",
     "refusals",

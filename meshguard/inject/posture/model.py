@@ -193,15 +193,21 @@ class Fix:
     security_context: Mapping[str, Any]
 
 
-def apply_fixes(spec: dict[str, Any], findings: Iterable[Finding]) -> None:
-    """Make the fixes of ``findings`` (the ones fixed) in ``spec``, in order: each target
-    ends with the context its last fix leaves, the one written."""
+def final_fixes(findings: Iterable[Finding]) -> tuple[Fix, ...]:
+    """The fix each target ends with (its last), in the order of the targets' last fixes:
+    what :func:`apply_fixes` writes, one ``securityContext`` per target."""
     last: dict[FixTarget, Fix] = {}
     for finding in findings:
         if finding.fix is not None:
             last.pop(finding.fix.target, None)  # written in the order of its last fix
             last[finding.fix.target] = finding.fix
-    for fix in last.values():
+    return tuple(last.values())
+
+
+def apply_fixes(spec: dict[str, Any], findings: Iterable[Finding]) -> None:
+    """Make the fixes of ``findings`` (the ones fixed) in ``spec``, in order: each target
+    ends with the context its last fix leaves, the one written."""
+    for fix in final_fixes(findings):
         owner = spec if fix.target is None else spec[fix.target[0]][fix.target[1]]
         owner["securityContext"] = copy.deepcopy(dict(fix.security_context))
 
