@@ -371,7 +371,6 @@ def _decision_log() -> dict[str, Any]:
                     # have allowed the request (null: none would, it would be denied)
                     "audit": f"%DYNAMIC_METADATA({rbac}:{AUDIT_PREFIX}enforced_engine_result)%",
                     "audit_rule": f"%DYNAMIC_METADATA({rbac}:{audit_id})%",
-                    "rbac": f"%DYNAMIC_METADATA({rbac})%",
                     "time": "%START_TIME%",
                 }
             },
