@@ -63,7 +63,6 @@ EXTRA_OF_MODULE: Final = {
     "google": "server",
     "grpc": "server",
     "grpc_health": "server",
-    "jsonpatch": "server",
     "kubernetes": "cli",
     "urllib3": "cli",
     "prometheus_client": "server",
