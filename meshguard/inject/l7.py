@@ -80,21 +80,14 @@ def engine_changes(
     ), rbac_digest(text)
 
 
-def stats_changes(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[Change, ...]:
+def stats_changes(annotations: Mapping[str, Any], proxy: Mapping[str, Any]) -> tuple[Change, ...]:
     """The listener's RBAC and ext_authz stats into Istio's Prometheus merge, whatever the
-    engine (see :mod:`meshguard.inject.stats`); none when that cannot be done safely."""
-    proxies = [
-        container
-        for key in ("containers", "initContainers")
-        for container in _entries(spec.get(key))
-        if isinstance(container, dict) and container.get("name") == PROXY_CONTAINER
-    ]
-    env = _entries(proxies[0].get("env")) if proxies else []
-    value = stats_annotation(annotations=annotations, proxy_env=env)
+    engine (see :mod:`meshguard.inject.stats`), from the pod's annotations and its proxy
+    container's spec; none when that cannot be done safely."""
+    env = proxy.get("env")
+    value = stats_annotation(
+        annotations=annotations, proxy_env=env if isinstance(env, list) else []
+    )
     if value is None:
         return ()
     return (SetKey(at=("metadata", "annotations"), key=STATS_REGEXPS, value=value),)
-
-
-def _entries(value: object) -> list[Any]:
-    return list(value) if isinstance(value, list) else []

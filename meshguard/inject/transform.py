@@ -315,7 +315,7 @@ def _admission(
             value=annotation_keys.ADMITTED_LABEL_VALUE,
         ),
         *engine_edits,
-        *stats_changes(annotations, spec),
+        *stats_changes(annotations, _proxy_spec(pod, spec)),
         SetKey(at=marks, key=annotation_keys.RULESET, value=ruleset.to_json()),
         SetKey(at=marks, key=annotation_keys.STATUS, value=status),
         *_init_step(fixed, settings=settings, mode=mode),
@@ -344,6 +344,14 @@ def _fixed_ids(
         (key, index): effective_ids(context, pod_context, where=f"spec.{key}[{index}]")
         for (key, index), context in contexts.items()
     }
+
+
+def _proxy_spec(pod: PodView, spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The istio-proxy container's spec, where the view found it (an admitted pod has one)."""
+    proxy = pod.proxy
+    assert proxy is not None  # pods without istio-proxy are left alone before admission
+    entry = spec[proxy.field][proxy.index]
+    return entry if isinstance(entry, Mapping) else {}
 
 
 def _init_step(pod: PodView, *, settings: InjectSettings, mode: Mode) -> tuple[Change, ...]:
