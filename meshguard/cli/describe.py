@@ -48,7 +48,15 @@ EXIT_UNPROTECTED: Final = 3
 #: Exit status when a pod's meshguard annotations were edited after admission.
 EXIT_TAMPERED: Final = 4
 #: Flags that read the cluster (meaningless with -f).
-CLUSTER_FLAGS: Final = ("namespace", "all_namespaces", "selector", "kubeconfig", "context")
+CLUSTER_FLAGS: Final = (
+    "namespace",
+    "all_namespaces",
+    "selector",
+    "kubeconfig",
+    "context",
+    "recent_denials",
+    "meshguard_namespace",
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +72,8 @@ def run_unprotected(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
     opt_out = _label(args.opt_out_label)
     refuse_pod_opt_out = getattr(args, "pod_opt_out", "allow") == "refuse"
+    if getattr(args, "meshguard_namespace", None) and not getattr(args, "recent_denials", False):
+        raise UsageError("--meshguard-namespace names where --recent-denials reads: give both")
     if args.filename:
         _refuse_cluster_flags(args)
         found: Iterator[Found] = _from_files(args.filename, args.recursive, opt_out)
@@ -74,7 +84,7 @@ def _audit(args: argparse.Namespace, *, only_unprotected: bool) -> int:
         found = pods_of_cluster(args, opt_out, exemptions=refuse_pod_opt_out)
         complete = True
     recent = None
-    if getattr(args, "recent_denials", False) and not args.filename:
+    if getattr(args, "recent_denials", False):
         from meshguard.cli.recent_denials import reader  # noqa: PLC0415 - the client is heavy
 
         recent = reader(args)

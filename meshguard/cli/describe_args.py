@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
-from meshguard.cli.argtypes import positive_int
+from meshguard.cli.argtypes import namespace_name, positive_int
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 #: Makes a subcommand's parser (meshguard.cli's, with its help formatter).
@@ -59,8 +59,16 @@ def add_commands(commands: Subcommands, command: Command) -> None:
     describe.add_argument(
         "--recent-denials",
         action="store_true",
-        help="from the cluster: each pod's recent loopback denials, from the node agent on its"
-        " node (through the API server's pod proxy), else from the pod's events",
+        help="from the cluster: each pod's recent loopback denials, from meshguard's node agent"
+        " on its node (through the API server's pod proxy), else from the pod's events"
+        " (advisory: anyone who may create events in the pod's namespace can write them)",
+    )
+    describe.add_argument(
+        "--meshguard-namespace",
+        type=namespace_name,
+        metavar="NS",
+        help="with --recent-denials: meshguard's release namespace, the only one whose node"
+        " agents are asked (default meshguard-system, the chart's)",
     )
     describe.set_defaults(handler="meshguard.cli.describe:run", extra="cli")
 

@@ -1,6 +1,7 @@
 """``describe --recent-denials`` against the live cluster: the node agent's ``/denials``
 through the API server's pod proxy, else the pod's Events (see
-:mod:`meshguard.recent_denials`, which parses what is read here)."""
+:mod:`meshguard.recent_denials`, which chooses the agent and parses what is read here).
+Agents are listed in meshguard's namespace only (``--meshguard-namespace``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from meshguard.cluster import list_objects as list_cluster_objects
 from meshguard.manifests import PodTemplate
 from meshguard.recent_denials import (
     AGENT_SELECTOR,
+    MESHGUARD_NAMESPACE,
     RecentDenials,
     agent_on,
     from_events,
@@ -21,8 +23,9 @@ from meshguard.recent_denials import (
 
 
 def reader(args: argparse.Namespace) -> Callable[[PodTemplate], RecentDenials]:
-    """Reads one pod's recent denials; the agents are listed once, on first use."""
+    """Reads one pod's recent denials; meshguard's agents are listed once, on first use."""
     cluster = connect(kubeconfig=args.kubeconfig, context=args.context)
+    meshguard_namespace: str = args.meshguard_namespace or MESHGUARD_NAMESPACE
     agents: list[dict[str, Any]] | None = None
 
     def read(template: PodTemplate) -> RecentDenials:
@@ -33,17 +36,30 @@ def reader(args: argparse.Namespace) -> Callable[[PodTemplate], RecentDenials]:
             if agents is None:
                 agents = list(
                     list_cluster_objects(
-                        cluster, resource="pods", namespace=None, selector=AGENT_SELECTOR
+                        cluster,
+                        resource="pods",
+                        namespace=meshguard_namespace,
+                        selector=AGENT_SELECTOR,
                     )
                 )
-            agent = agent_on(agents, node=node) if node else None
-            if agent is not None:
+        except ClusterError as exc:
+            why = f"meshguard's agents in namespace {meshguard_namespace} cannot be listed: {exc}"
+        else:
+            agent = agent_on(agents, node=node, namespace=meshguard_namespace) if node else None
+            if agent is None:
+                why = f"no agent of meshguard's (namespace {meshguard_namespace}) runs on " + (
+                    f"node {node}" if node else "the pod's node: it has none yet"
+                )
+            else:
                 answer = _from_agent(cluster, agent, namespace=namespace, pod=name)
                 if answer.error is None:
                     return answer
-            return from_events(_events(cluster, namespace=namespace, pod=name))
+                why = answer.error
+        try:
+            recent = from_events(_events(cluster, namespace=namespace, pod=name))
         except ClusterError as exc:
-            return RecentDenials(error=str(exc))
+            return RecentDenials(error=f"{why}; the pod's events cannot be read: {exc}")
+        return recent.model_copy(update={"fallback": why})
 
     return read
 

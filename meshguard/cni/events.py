@@ -6,6 +6,8 @@ source and destination container, port and verdict. One Event per pod per
 Event says how many there were. Events are posted from one worker thread through a bounded
 queue (a full queue drops the Event, never the reading of denials); a failed post is logged.
 The agent needs ``create`` on ``events`` (the chart's ClusterRole has it for repair).
+``describe --recent-denials`` reads back only Events reporting :data:`EVENT_COMPONENT`, and
+as advisory: anyone who may create Events in the namespace can write the same.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Final
 from meshguard import kube_api
 from meshguard.cni.denials import Denial
 from meshguard.kube_api import ApiAccess
+from meshguard.recent_denials import EVENT_COMPONENT
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ def event_object(denial: Denial, *, suppressed: int, component: str, now: float)
         "message": f"meshguard {verb} {denial.source} -> {denial.destination}"
         f" port {denial.port} {denial.protocol}{more}",
         "source": {"component": component},
+        "reportingComponent": component,
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
         "count": 1,
@@ -70,7 +74,7 @@ class EventRecorder:
         self,
         *,
         access: Callable[[], ApiAccess],
-        component: str = "meshguard-node-agent",
+        component: str = EVENT_COMPONENT,
         interval: float = INTERVAL_SECONDS,
     ) -> None:
         self._access = access

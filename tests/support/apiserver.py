@@ -76,6 +76,9 @@ class ScriptedApiServer:
         self.namespaces: dict[str, dict[str, Any]] = {}
         #: ``namespace/pod:port`` -> a local HTTP server's URL: GET .../proxy/PATH forwarded.
         self.proxied: dict[str, str] = {}
+        #: core/v1 Events (LIST of a namespace's, with an equality fieldSelector); None: not
+        #: served (404, as a server that has no Events for the client).
+        self.events: list[dict[str, Any]] | None = None
         #: Bearer tokens accepted (a verified client certificate is accepted too).
         self.tokens = {TOKEN}
         self.client_ca = CertificateAuthority.create()
@@ -203,6 +206,14 @@ class ScriptedApiServer:
             return self._proxy(f"{parts[1]}/{name}", "/".join(parts[5:]), query)
         if len(parts) == 3 and parts[0] == "namespaces" and parts[2] == "pods":
             return self.list_page(query, namespace=parts[1])
+        if (
+            len(parts) == 3
+            and parts[0] == "namespaces"
+            and parts[2] == "events"
+            and self.events is not None
+        ):
+            items = self._events_of(parts[1], query.get("fieldSelector", ""))
+            return 200, {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items}
         if len(parts) == 4 and parts[0] == "namespaces" and parts[2] == "pods":
             with self._lock:
                 pod = self._pods.get(f"{parts[1]}/{parts[3]}")
@@ -210,6 +221,20 @@ class ScriptedApiServer:
                 return 200, pod
             return 404, _status(404, "NotFound", f'pods "{parts[3]}" not found')
         return 404, _status(404, "NotFound", "the server could not find the requested resource")
+
+    def _events_of(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Equality field selectors on ``involvedObject.*`` (what ``describe`` sends)."""
+        assert self.events is not None
+        terms = [term.partition("=") for term in filter(None, selector.split(","))]
+        return [
+            event
+            for event in self.events
+            if event["metadata"].get("namespace") == namespace
+            and all(
+                event.get("involvedObject", {}).get(key.removeprefix("involvedObject.")) == value
+                for key, _, value in terms
+            )
+        ]
 
     def _proxy(
         self, target: str, path: str, query: Mapping[str, str]
