@@ -23,38 +23,29 @@ from meshguard.recent_denials import (
 
 
 def reader(args: argparse.Namespace) -> Callable[[PodTemplate], RecentDenials]:
-    """Reads one pod's recent denials; meshguard's agents are listed once, on first use."""
+    """Reads one pod's recent denials; meshguard's agents are listed once, on first use (a
+    listing that fails is not repeated for every pod)."""
     cluster = connect(kubeconfig=args.kubeconfig, context=args.context)
     meshguard_namespace: str = args.meshguard_namespace or MESHGUARD_NAMESPACE
-    agents: list[dict[str, Any]] | None = None
+    listed: list[dict[str, Any]] | str | None = None  # the agents, or why they are not
 
     def read(template: PodTemplate) -> RecentDenials:
-        nonlocal agents
+        nonlocal listed
         namespace, name = template.namespace or "default", template.name
         node = str(template.spec.get("nodeName") or "")
-        try:
-            if agents is None:
-                agents = list(
-                    list_cluster_objects(
-                        cluster,
-                        resource="pods",
-                        namespace=meshguard_namespace,
-                        selector=AGENT_SELECTOR,
-                    )
-                )
-        except ClusterError as exc:
-            why = f"meshguard's agents in namespace {meshguard_namespace} cannot be listed: {exc}"
+        if listed is None:
+            listed = _agents(cluster, namespace=meshguard_namespace)
+        if isinstance(listed, str):
+            why = listed
+        elif not node:
+            why = "the pod is on no node yet"
+        elif (agent := agent_on(listed, node=node, namespace=meshguard_namespace)) is None:
+            why = f"no agent of meshguard's (namespace {meshguard_namespace}) runs on node {node}"
         else:
-            agent = agent_on(agents, node=node, namespace=meshguard_namespace) if node else None
-            if agent is None:
-                why = f"no agent of meshguard's (namespace {meshguard_namespace}) runs on " + (
-                    f"node {node}" if node else "the pod's node: it has none yet"
-                )
-            else:
-                answer = _from_agent(cluster, agent, namespace=namespace, pod=name)
-                if answer.error is None:
-                    return answer
-                why = answer.error
+            answer = _from_agent(cluster, agent, namespace=namespace, pod=name)
+            if answer.error is None:
+                return answer
+            why = answer.error
         try:
             recent = from_events(_events(cluster, namespace=namespace, pod=name))
         except ClusterError as exc:
@@ -62,6 +53,18 @@ def reader(args: argparse.Namespace) -> Callable[[PodTemplate], RecentDenials]:
         return recent.model_copy(update={"fallback": why})
 
     return read
+
+
+def _agents(cluster: Cluster, *, namespace: str) -> list[dict[str, Any]] | str:
+    """The chart's pods in meshguard's namespace, or why they cannot be listed."""
+    try:
+        return list(
+            list_cluster_objects(
+                cluster, resource="pods", namespace=namespace, selector=AGENT_SELECTOR
+            )
+        )
+    except ClusterError as exc:
+        return f"meshguard's agents in namespace {namespace} cannot be listed: {exc}"
 
 
 def _from_agent(
