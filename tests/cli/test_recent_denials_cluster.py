@@ -232,3 +232,26 @@ def test_without_an_agent_only_the_agents_events_are_read_and_called_advisory(
         "  (advisory: anyone who may create events in the pod's namespace can write them; read"
         " because no agent of meshguard's (namespace meshguard-system) runs on node n2)",
     ]
+
+
+@pytest.mark.usefixtures("served")
+def test_without_rbac_in_meshguards_namespace_the_events_are_read(
+    api: ScriptedApiServer,  # noqa: F811
+    kubeconfig: Path,  # noqa: F811
+) -> None:
+    """Whoever may not list meshguard's pods still gets the pod's Events, told why; the
+    refused listing is asked once, not once per pod."""
+    api.script.forbidden.add("/api/v1/namespaces/meshguard-system/pods")
+    api.events = [_event("served"), _event("elsewhere-node")]
+    done = plugin("describe", "pod", "served", "elsewhere-node", "-n", "shop", "-o", "json",
+                  "--recent-denials", kubeconfig=kubeconfig)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for data in (json.loads(line) for line in done.stdout.splitlines()):
+        recent = data["recentDenials"]
+        assert recent["origin"] == "events" and len(recent["denials"]) == 1
+        assert recent["fallback"].startswith(
+            "meshguard's agents in namespace meshguard-system cannot be listed: Error from"
+            " server (Forbidden)"
+        )
+    agent_lists = [r for r in api.requests if r.path.endswith("/meshguard-system/pods")]
+    assert len(agent_lists) == 1 and proxied(api) == []

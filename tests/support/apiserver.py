@@ -59,6 +59,8 @@ class Script:
     page_delay: float = 0.0
     #: Answer every request 503 (the API server is down).
     down: bool = False
+    #: Paths answered 403 (what the client's RBAC does not allow).
+    forbidden: set[str] = field(default_factory=set)
 
 
 class ScriptedApiServer:
@@ -342,6 +344,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         certified = bool(self.connection.getpeercert())  # type: ignore[attr-defined]
         if not (scheme.lower() == "bearer" and token in self.api.tokens) and not certified:
             self._json(401, _status(401, "Unauthorized", "Unauthorized"))
+            return
+        if url.path in self.api.script.forbidden:
+            self._json(403, _status(403, "Forbidden", f"{url.path} is forbidden"))
             return
         if url.path != "/api/v1/pods":
             self._json(*self.api.get_object(url.path, query))
