@@ -2,7 +2,8 @@
 runs ``meshguard cni denials`` on every node without CNI mode, rendered by the real Helm
 engine, validated against Kubernetes' schemas; its privileges are exactly the documented
 ones (SYS_ADMIN, SYS_PTRACE, NET_ADMIN, the host's /proc read-only), its RBAC reads pods
-(and creates Events only with ``denials.events``)."""
+(and creates Events only with ``denials.events``); ``describe --recent-denials`` recognizes
+its pods, and the CNI agent's, as meshguard's own agents."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import kubernetes_validate
 
 from meshguard.cli import build_parser
-from tests.charts.test_chart import K8S_VERSION, container, one, render
+from meshguard.recent_denials import AGENT_SELECTOR, MESHGUARD_NAMESPACE, agent_on
+from tests.charts.test_chart import K8S_VERSION, NAMESPACE, container, one, render
 from tests.cni import pss
 
 DENIALS = {"denials": {"enabled": True}}
@@ -64,3 +66,34 @@ def test_its_role_reads_pods_and_records_events_only_when_asked():
     }  # fmt: skip
     args = container(one(objects(with_events), "DaemonSet", "meshguard-denials"))["args"]
     assert "--events" in args
+
+
+def test_describe_recognizes_the_charts_agents_as_meshguards_own():
+    """A pod of each agent DaemonSet, as the DaemonSet controller makes it from the template
+    (in the release namespace, its controller reference to the DaemonSet), is the agent
+    ``describe --recent-denials`` asks: the names, labels and port it looks for are the
+    chart's."""
+    assert NAMESPACE == MESHGUARD_NAMESPACE  # the chart's documented install namespace
+    rendered = objects({**DENIALS, "cni": {"enabled": True, "agent": {"watchDenials": True}}})
+    key, _, value = AGENT_SELECTOR.partition("=")
+    for name in ("meshguard-denials", "meshguard-cni-node"):
+        daemonset = one(rendered, "DaemonSet", name)
+        template = daemonset["spec"]["template"]
+        assert template["metadata"]["labels"][key] == value
+        pod = {
+            "metadata": {**template["metadata"], "namespace": daemonset["metadata"]["namespace"],
+                         "name": f"{name}-abcde",
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                              "name": name, "uid": "u", "controller": True}]},
+            "spec": {**template["spec"], "nodeName": "n1"},
+            "status": {"phase": "Running"},
+        }  # fmt: skip
+        port = one_port(pod, "metrics")
+        assert agent_on([pod], node="n1", namespace=NAMESPACE) == (NAMESPACE, f"{name}-abcde",
+                                                                    port)  # fmt: skip
+
+
+def one_port(pod: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for c in pod["spec"]["containers"]
+               for p in c.get("ports") or () if p.get("name") == name]  # fmt: skip
+    return int(port)
