@@ -15,6 +15,14 @@ class L7Engine(enum.StrEnum):
     EXT_AUTHZ = "ext-authz"  # meshguard serve-authz, asked per request over gRPC
 
 
+class DecisionLog(enum.StrEnum):
+    """Which of the native engine's decisions get their JSON line on the proxy's stdout
+    (per install: ``serve-webhook``'s chart value ``webhook.l7DecisionLog``)."""
+
+    ALL = "all"  # every request: allowed, denied, and in audit mode would-be decisions
+    DENIED = "denied"  # denials and audit mode's would-be denials only (allowed ones counted)
+
+
 #: Where istio-proxy finds the pod's RBAC document (a downward API volume of the
 #: ``meshguard.io/l7-rbac`` annotation).
 RBAC_DIR: Final = "/etc/meshguard/l7"

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from meshguard.authz.contract import POD_HEADER
 from meshguard.authz.decision import DECISION_HEADERS
-from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
+from meshguard.l7 import RBAC_DIR, RBAC_FILE, DecisionLog, L7Engine
 from meshguard.rbac import (
     AUDIT_PREFIX,
     POD_FILTER_NAME,
@@ -68,6 +68,8 @@ class ListenerSettings:
     engine: Engine = Engine.EXT_AUTHZ
     #: The native engine's pod RBAC document (read once, at startup).
     rbac_path: str = f"{RBAC_DIR}/{RBAC_FILE}"
+    #: The native engine's decision lines: every decision, or denials and would-be denials.
+    decision_log: DecisionLog = DecisionLog.ALL
     #: The ext_authz gRPC cluster: a static one in standalone Envoy, Istio's service cluster
     #: (outbound|9191||meshguard-authz.meshguard-system.svc.cluster.local) in a sidecar.
     authz_cluster: str = AUTHZ_CLUSTER
@@ -336,7 +338,44 @@ def _decision_filters(settings: ListenerSettings) -> list[dict[str, Any]]:
 def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
     if settings.engine is Engine.EXT_AUTHZ:
         return [_authz_error_log(settings)]
-    return [_decision_log()]
+    line = _decision_log()
+    if settings.decision_log is DecisionLog.DENIED:
+        return [{**line, "filter": denied_filter()}]
+    return [line]
+
+
+def denied_filter() -> dict[str, Any]:
+    """The decision lines of ``DecisionLog.DENIED``: a request an RBAC filter denied (the
+    response flag ``RBAC``: the ambiguity filter, the pod's policy, the default config;
+    never an upstream's own 403), or in audit mode one no rule would allow (the audit rules'
+    result is set, their policy id is not)."""
+    rbac = "envoy.filters.http.rbac"
+
+    def present(key: str, *, invert: bool, if_missing: bool) -> dict[str, Any]:
+        return {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": rbac,
+                    "path": [{"key": key}],
+                    "value": {"present_match": True},
+                    "invert": invert,
+                },
+                "match_if_key_not_found": if_missing,
+            }
+        }
+
+    would_be_denied = [
+        present(f"{AUDIT_PREFIX}enforced_engine_result", invert=False, if_missing=False),
+        present(f"{AUDIT_PREFIX}enforced_effective_policy_id", invert=True, if_missing=True),
+    ]
+    return {
+        "or_filter": {
+            "filters": [
+                {"response_flag_filter": {"flags": ["RBAC"]}},
+                {"and_filter": {"filters": would_be_denied}},
+            ]
+        }
+    }
 
 
 def _decision_log() -> dict[str, Any]:
