@@ -345,35 +345,56 @@ def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
 
 
 def denied_filter() -> dict[str, Any]:
-    """The decision lines of ``DecisionLog.DENIED``: a request an RBAC filter denied (the
-    response flag ``RBAC``: the ambiguity filter, the pod's policy, the default config;
-    never an upstream's own 403), or in audit mode one no rule would allow (the audit rules'
-    result is set, their policy id is not)."""
-    rbac = "envoy.filters.http.rbac"
-
-    def present(key: str, *, invert: bool, if_missing: bool) -> dict[str, Any]:
-        return {
+    """The decision lines of ``DecisionLog.DENIED``: a 403 no rule allowed (the ambiguity
+    filter's, the pod policy's, the default config's; an upstream's own 403 carries the rule
+    that let it through), and in audit mode a request no rule would allow (the audit rules'
+    result is set, their rule id is not)."""
+    denied = [_status_is(403, runtime_key="meshguard.deny"), _no_rule_id("")]
+    would_be_denied = [
+        {
             "metadata_filter": {
                 "matcher": {
-                    "filter": rbac,
-                    "path": [{"key": key}],
+                    "filter": "envoy.filters.http.rbac",
+                    "path": [{"key": f"{AUDIT_PREFIX}enforced_engine_result"}],
                     "value": {"present_match": True},
-                    "invert": invert,
                 },
-                "match_if_key_not_found": if_missing,
+                "match_if_key_not_found": False,
             }
-        }
-
-    would_be_denied = [
-        present(f"{AUDIT_PREFIX}enforced_engine_result", invert=False, if_missing=False),
-        present(f"{AUDIT_PREFIX}enforced_effective_policy_id", invert=True, if_missing=True),
+        },
+        _no_rule_id(AUDIT_PREFIX),
     ]
     return {
         "or_filter": {
             "filters": [
-                {"response_flag_filter": {"flags": ["RBAC"]}},
+                {"and_filter": {"filters": denied}},
                 {"and_filter": {"filters": would_be_denied}},
             ]
+        }
+    }
+
+
+def _status_is(code: int, *, runtime_key: str) -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "EQ",
+                "value": {"default_value": code, "runtime_key": runtime_key},
+            }
+        }
+    }
+
+
+def _no_rule_id(prefix: str) -> dict[str, Any]:
+    """True when the pod filter's rules (under ``prefix``) matched no rule: a rule id is
+    never empty, so an id present does not match and its absence does."""
+    return {
+        "metadata_filter": {
+            "matcher": {
+                "filter": "envoy.filters.http.rbac",
+                "path": [{"key": f"{prefix}enforced_effective_policy_id"}],
+                "value": {"string_match": {"exact": ""}},
+            },
+            "match_if_key_not_found": True,
         }
     }
 

@@ -11,7 +11,7 @@ import sys
 
 from meshguard.authz.istio_config import IstioSettings, LocationError, envoy_config_text
 from meshguard.cli import EXIT_OK, EXIT_USAGE, fail
-from meshguard.l7 import L7Engine
+from meshguard.l7 import DecisionLog, L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT, is_loopback, is_protected_port, unprotected_authz_port
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
@@ -60,18 +60,31 @@ def _envoy_config_text(args: argparse.Namespace) -> str:
         if is_loopback(host) and not is_protected_port(port):
             raise LocationError([("port", unprotected_authz_port(port))])
         return envoy_config_text(
-            "bootstrap", authz_host=host, authz_port=port, admin_port=admin, engine=_engine(args)
-        )
+            "bootstrap", authz_host=host, authz_port=port, admin_port=admin,
+            engine=_engine(args), decision_log=_decision_log(args),
+        )  # fmt: skip
     if args.admin_port is not None:
         raise LocationError([("admin_port", "applies to --format bootstrap only")])
     port = IstioSettings().port if args.port is None else args.port
     return envoy_config_text(
-        "envoyfilter", istio=_istio_location(args, port=port), engine=_engine(args)
-    )
+        "envoyfilter", istio=_istio_location(args, port=port), engine=_engine(args),
+        decision_log=_decision_log(args),
+    )  # fmt: skip
 
 
 def _engine(args: argparse.Namespace) -> L7Engine:
     return L7Engine(getattr(args, "engine", None) or L7Engine.EXT_AUTHZ.value)
+
+
+def _decision_log(args: argparse.Namespace) -> DecisionLog:
+    """Only the native engine writes decision lines (ext-authz's are the authz server's)."""
+    chosen = DecisionLog(getattr(args, "decision_log", None) or DecisionLog.ALL.value)
+    if chosen is not DecisionLog.ALL and _engine(args) is not L7Engine.NATIVE:
+        raise LocationError(
+            [("--decision-log", "applies to --engine native only (the ext-authz engine's"
+              " decisions are the authz server's log)")]
+        )  # fmt: skip
+    return chosen
 
 
 def _istio_location(args: argparse.Namespace, *, port: int) -> IstioSettings:

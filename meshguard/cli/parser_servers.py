@@ -173,6 +173,14 @@ def add_configs(commands: Subcommands) -> None:
         " Envoy RBAC document from /etc/meshguard/l7/rbac.json); an envoyfilter selects the"
         " pods labelled meshguard.io/l7-engine with that engine",
     )
+    envoy.add_argument(
+        "--decision-log",
+        choices=["all", "denied"],
+        default="all",
+        help="the native engine's JSON decision lines on the proxy's stdout: all (every"
+        " request) or denied (denials and audit mode's would-be denials; allowed requests"
+        " only counted in the RBAC stats); needs --engine native",
+    )
     location = envoy.add_argument_group(
         "authz server location",
         "bootstrap: --authz-host (an IP address or DNS name, default 127.0.0.1) and --port;"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from meshguard.l7 import L7Engine
+from meshguard.l7 import DecisionLog, L7Engine
 from meshguard.rbac import AMBIGUOUS_METHOD, AMBIGUOUS_PATH, NO_POLICY
 from tests.authz.test_envoy_e2e import (
     APP,
@@ -205,6 +205,43 @@ def test_native_audit_lines_flag_would_be_denials(tmp_path: Path, shared_dir: Pa
     )  # fmt: skip
     assert (second["audit"], second["audit_rule"], second["code"]) == ("allowed", None, 200)
     assert third["details"] == f"rbac_access_denied_matched_policy[{AMBIGUOUS_METHOD}]"
+
+
+@pytest.mark.parametrize("mode", ["enforce", "audit"])
+def test_a_denied_decision_log_writes_denials_and_would_be_denials_only(
+    mode: str, tmp_path: Path, shared_dir: Path
+):
+    """``--decision-log denied``: no line for an allowed request (nor, in audit mode, for
+    one a rule would allow); a line for every denial, ambiguity included, and for every
+    would-be denial."""
+    with l7_sandbox(
+        mode=mode, netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir, tmp_path=tmp_path,
+        engine=L7Engine.NATIVE, policy=POLICY, decision_log=DecisionLog.DENIED,
+    ) as pod:  # fmt: skip
+        allowed = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/x")
+        denied = pod.http(CACHE, host="127.0.0.1", port=8080, method="PUT", path="/api/x")
+        pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/y")
+        ambiguous = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET",
+                             path="/public/%2e%2e;/private")  # fmt: skip
+        # the last request is allowed: once the lines of the two before it are written, a
+        # line of the allowed ones would be there too (one log, written in order)
+        pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/z")
+        lines = lines_after(pod, 2)
+        time.sleep(0.5)
+        lines = pod.native_lines()
+    assert allowed["status"] == 200
+    assert denied["status"] == (403 if mode == "enforce" else 200)
+    assert ambiguous["status"] == 403
+    assert [(line["method"], line["path"]) for line in lines] == [
+        ("PUT", "/api/x"), ("GET", "/public/..;/private"),  # as Envoy normalized it
+    ], lines  # fmt: skip
+    first, second = lines
+    assert (first["source"], first["rule"]) == ("cache", None)
+    if mode == "audit":
+        assert (first["code"], first["audit"], first["audit_rule"]) == (200, "allowed", None)
+    else:
+        assert first["details"] == "rbac_access_denied_matched_policy[none]"
+    assert second["details"] == f"rbac_access_denied_matched_policy[{AMBIGUOUS_PATH}]"
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,9 @@ import pytest
 import yaml
 
 import meshguard
+from meshguard.authz.istio_config import envoy_config_text
 from meshguard.inject.transform import InjectSettings, inject_pod
-from meshguard.l7 import L7Engine
+from meshguard.l7 import DecisionLog, L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.envoy import authz_command, envoy_command, wait_listening
@@ -153,6 +154,7 @@ def l7_sandbox(
     policy: str = POLICY,
     rbac_text: str | None = None,
     stats_config: dict[str, Any] | None = None,
+    decision_log: DecisionLog = DecisionLog.ALL,
 ) -> Iterator[L7Pod]:
     """The injected example pod in a fresh namespace: Istio's capture and meshguard's rules
     in ``netfilter``, the apps, pilot-agent, and the Envoy of ``envoy/`` for ``engine``:
@@ -191,6 +193,8 @@ def l7_sandbox(
         config = shared / "loopback-listener.yaml"
         committed = "loopback-listener.native.yaml" if native else "loopback-listener.yaml"
         text = (PROJECT / "envoy" / committed).read_text()
+        if decision_log is not DecisionLog.ALL:  # what envoy-config --decision-log prints
+            text = envoy_config_text("bootstrap", engine=engine, decision_log=decision_log)
         if native:
             rbac = shared / "rbac.json"
             document = pod["metadata"]["annotations"]["meshguard.io/l7-rbac"]

@@ -12,8 +12,9 @@ from typing import Any, Final
 
 import pytest
 
+from meshguard.authz.envoy_config import ListenerSettings
 from meshguard.authz.istio_config import IstioSettings, envoy_filter
-from meshguard.l7 import L7Engine
+from meshguard.l7 import DecisionLog, L7Engine
 from meshguard.policy import Mode, parse_policy
 from meshguard.rbac import AUDIT_PREFIX, RE2_RUNTIME_KEY, SOURCE_PREFIX, compile_rbac
 
@@ -96,11 +97,15 @@ def _operators(text: str) -> Iterator[str]:
 
 
 def used(engine: L7Engine) -> set[str]:
-    """What one engine's sidecar objects use: its EnvoyFilter's listeners and cluster, and
-    for the native engine the pod's document in both modes and the RE2 runtime key."""
+    """What one engine's sidecar objects use: its EnvoyFilter's listeners and cluster (the
+    native one with each decision log), and for the native engine the pod's document in both
+    modes and the RE2 runtime key."""
+    logs = list(DecisionLog) if engine is L7Engine.NATIVE else [DecisionLog.ALL]
+    settings = [ListenerSettings(engine=engine, decision_log=log) for log in logs]
     documents: list[Any] = [
         patch["patch"]["value"]
-        for patch in envoy_filter(IstioSettings(), engine=engine)["spec"]["configPatches"]
+        for listener in settings
+        for patch in envoy_filter(IstioSettings(), listener, engine=engine)["spec"]["configPatches"]
     ]
     found: set[str] = set()
     if engine is L7Engine.NATIVE:

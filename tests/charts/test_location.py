@@ -179,8 +179,12 @@ def test_notes_name_the_releases_cluster_and_how_to_check_it() -> None:
 
 @pytest.mark.parametrize(
     ("values", "namespace"),
-    [({}, "meshguard-system"), (ELSEWHERE, ELSEWHERE_NAMESPACE)],
-    ids=["defaults", "elsewhere"],
+    [
+        ({}, "meshguard-system"),
+        (ELSEWHERE, ELSEWHERE_NAMESPACE),
+        ({"istio": {"envoyFilter": {"decisionLog": "denied"}}}, "meshguard-system"),
+    ],
+    ids=["defaults", "elsewhere", "denied-decision-log"],
 )
 def test_the_command_notes_print_generates_the_charts_envoyfilter(
     values: dict[str, Any], namespace: str, capsys: pytest.CaptureFixture[str]
@@ -188,18 +192,21 @@ def test_the_command_notes_print_generates_the_charts_envoyfilter(
     """With istio.envoyFilter.enabled=false, NOTES print the envoy-config command for this
     release; it prints exactly what the chart renders when enabled."""
     off = json.loads(json.dumps(values))
-    off.setdefault("istio", {})["envoyFilter"] = {"enabled": False}
+    off.setdefault("istio", {}).setdefault("envoyFilter", {})["enabled"] = False
     assert not [o for o in render(off, namespace) if o["kind"] == "EnvoyFilter"]
-    (line,) = (
-        line for line in notes(off, namespace).splitlines() if "meshguard envoy-config" in line
-    )
-    argv = shlex.split(line.split("|")[0].strip())
-    assert argv[:2] == ["meshguard", "envoy-config"]
-    assert cli_main(argv[1:]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = []
+    for line in notes(off, namespace).splitlines():
+        if "meshguard envoy-config" in line:
+            argv = shlex.split(line.split("|")[0].strip())
+            assert argv[:2] == ["meshguard", "envoy-config"]
+            assert cli_main(argv[1:]) == 0
+            printed.append(yaml.safe_load(capsys.readouterr().out))
     on = json.loads(json.dumps(values))
-    on.setdefault("istio", {})["envoyFilter"] = {"enabled": True}
-    assert without_labels(one(render(on, namespace), "EnvoyFilter")) == printed
+    on.setdefault("istio", {}).setdefault("envoyFilter", {})["enabled"] = True
+    rendered = [without_labels(o) for o in render(on, namespace) if o["kind"] == "EnvoyFilter"]
+    # one command per EnvoyFilter the chart would install (both engines), printing it exactly
+    assert sorted(printed, key=str) == sorted(rendered, key=str)
+    assert len(printed) == 2
 
 
 # --- one definition: the chart's EnvoyFilter is the CLI's and istio/'s --------------------
@@ -238,7 +245,10 @@ def test_the_charts_envoyfilter_is_the_clis(
 def test_the_envoyfilter_is_opt_in_like_the_destination_rule() -> None:
     assert not [o for o in render({}) if o["kind"] in {"EnvoyFilter", "DestinationRule"}]
     text = notes({})
-    assert "kubectl apply -f istio/loopback-listener.envoyfilter.yaml" in text
+    assert (
+        "kubectl apply -f istio/loopback-listener.envoyfilter.yaml"
+        " -f istio/loopback-listener-native.envoyfilter.yaml"
+    ) in text
     assert "outbound|9191||meshguard-authz.meshguard-system.svc.cluster.local" in text
 
 
