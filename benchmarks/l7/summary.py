@@ -59,8 +59,9 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
                 "mean_us": median_of(t.mean_us for t in these),
                 "cpu_us_per_request": cpu,
             }
-    pairs = (("c", "b"), ("c", "a"), ("b", "a"), ("c0", "b"), ("c", "c0"), ("c0", "c0p"),
-             ("n", "a"), ("n0", "a"), ("n", "n0"), ("c0", "a"))  # fmt: skip
+    pairs = (("c", "b"), ("c", "a"), ("b", "r"), ("a", "r"), ("c0", "b"), ("c", "c0"),
+             ("c0", "c0p"), ("n", "a"), ("n0", "a"), ("nd", "a"), ("n", "n0"),
+             ("c0", "a"))  # fmt: skip
     ratios = {
         f"{num}/{den}": {
             c: rows[num][c]["per_second"] / rows[den][c]["per_second"] for c in CONCURRENCY
