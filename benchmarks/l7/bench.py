@@ -380,7 +380,7 @@ def run_http(bench: Bench, profile: Profile) -> list[HttpTrial]:
         trial = bench.http_trial(config, concurrency, profile.http_seconds, index)
         trials.append(trial)
         print(
-            f"  round {index + 1}/{profile.rounds} {config.label:<24}@{trial.instance}"
+            f"  round {index + 1}/{profile.rounds} {config.label:<24} @{trial.instance}"
             f" c={concurrency:<3}"
             f" {trial.per_second:9,.0f} req/s  p50 {trial.p50_us / 1000:6.2f} ms"
             f"  errors {trial.errors}  other CPU {trial.unattributed_cores:.2f} cores",
