@@ -7,6 +7,7 @@ benchmarks' job."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from benchmarks.l7.envoys import (
     LISTENER_PORT,
     NATIVE_GOAL,
     UPSTREAM_PORT,
+    envoy_configs,
     envoy_document,
     write_mesh_certificates,
 )
@@ -39,6 +41,7 @@ from benchmarks.l7.summary import http_summary
 from benchmarks.suite.l7 import _engines
 from benchmarks.suite.report import Report
 from meshguard.authz.envoy_config import denied_filter
+from meshguard.sandbox.envoy import envoy_binary
 
 
 def test_rounds_alternate_at_both_levels() -> None:
@@ -105,6 +108,20 @@ def test_no_authorization_is_the_native_listener_minus_its_decisions(tmp_path: P
     assert _hcm(nd)["access_log"][0]["filter"] == denied_filter()
     names = [[f["name"] for f in _hcm(d)["http_filters"]] for d in (n, nd)]
     assert names[0] == names[1] and len(names[0]) == 3
+
+
+def test_envoy_accepts_every_l7_bootstrap(tmp_path: Path) -> None:
+    """The real Envoy validates each process's bootstrap (a field or enum value its version
+    refuses would stop that Envoy, and the benchmark, at startup)."""
+    configs = envoy_configs(tmp_path, write_mesh_certificates(tmp_path / "certs"))
+    assert sorted(configs) == sorted(c.process(i) for c, i in ENVOYS)
+    refused = {}
+    for name, path in configs.items():
+        argv = [str(envoy_binary()), "--mode", "validate", "-c", str(path), "-l", "error"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            refused[name] = (done.stdout + done.stderr)[-600:]
+    assert refused == {}
 
 
 def _listener(document: dict[str, Any]) -> dict[str, Any]:
