@@ -24,7 +24,7 @@ from benchmarks.kernel.configs import (
     parse_configs,
 )
 from benchmarks.kernel.pod import compile_synthetic
-from benchmarks.l7.bench import FULL, HttpTrial
+from benchmarks.l7.bench import FULL, QUICK, HttpTrial
 from benchmarks.l7.envoys import (
     CONCURRENCY,
     CONFIGS,
@@ -63,9 +63,11 @@ def test_every_l7_configuration_has_its_own_envoys(tmp_path: Path) -> None:
     ports += [c.admin(i) for c, i in ENVOYS]
     ports += [LISTENER_PORT, UPSTREAM_PORT, 15021, *(s.port for s in GRPC_SERVERS.values())]
     assert len(set(ports)) == len(ports)
-    for config in CONFIGS:  # the full profile's rounds use each instance alike
-        used = Counter(config.instance_of(r) for r in range(FULL.rounds))
-        assert used == dict.fromkeys(range(config.instances), FULL.rounds // config.instances)
+    for config in CONFIGS:  # the full profile's rounds: each instance alike, in both orders
+        used = Counter((config.instance_of(r), r % 2) for r in range(FULL.rounds))
+        assert set(used) == {(i, o) for i in range(config.instances) for o in (0, 1)}
+        assert len(set(used.values())) == 1
+    assert [CONFIGS[0].instance_of(r) for r in range(QUICK.rounds)] == [0, 1]
     certs = write_mesh_certificates(tmp_path / "certs")
     documents = {
         (c.key, i): envoy_document(c, i, tmp_path, certs) for c, i in ENVOYS

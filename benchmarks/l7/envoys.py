@@ -97,7 +97,7 @@ class HttpConfig:
     admin_port: int
     authz: str | None  # process name of the authz server its Envoy asks
     get_status: int  # what the app's GET gets (the policy allows POST /quitquitquit only)
-    instances: int = 2  # Envoy processes; round r uses instance r % instances
+    instances: int = 2  # Envoy processes, alternated by round (instance_of)
 
     @property
     def envoy(self) -> str:
@@ -115,7 +115,9 @@ class HttpConfig:
         return self.admin_port + instance * INSTANCE_STEP
 
     def instance_of(self, round_: int) -> int:
-        return round_ % self.instances
+        """Rounds 0 1 2 3 use instances 0 1 1 0: alternating, and each instance in both of
+        the rounds' orders (even rounds run forward, odd ones reversed)."""
+        return (round_ + round_ // 2) % self.instances
 
     def served(self, cpu: dict[str, float], instance: int) -> dict[str, float]:
         """A trial's CPU deltas, the serving instance's under ``envoy`` (the other's kept)."""

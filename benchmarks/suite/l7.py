@@ -120,6 +120,12 @@ def _where_time_goes(d: dict[str, Any]) -> list[str]:
             if s
         )
     )
+    spread = http["instance_spread"]
+    lines.append(
+        f"- two Envoy processes of one configuration, instance 1 / instance 0 req/s at c={top}"
+        " (why each round alternates them): "
+        + ", ".join(f"({key}) {float(by_c[top]):.3f}" for key, by_c in spread.items())
+    )
     noisy = [cores for summary in (http, grpc_) for cells in summary["rows"].values()
              for cell in cells.values() for cores in cell["noise_cores"]]  # fmt: skip
     lines += [
@@ -148,10 +154,10 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
         " routing header, a static cluster): (a)/(r) is what meshguard's routing costs, not"
         f" authorization. Medians over {d['profile']['rounds']} alternating rounds"
         f" ({d['profile']['name']} profile); every configuration but (c) runs in two Envoy"
-        " processes that the rounds alternate, as two processes of one configuration differ"
-        " by several percent (memory layout). CPU per request from /proc: the Envoy that"
-        " served the trial, and the whole machine; 'used': the rounds without outside CPU"
-        " noise (none: all rounds used).",
+        " processes that the rounds alternate (0 1 1 0), as two processes of one"
+        " configuration differ by several percent (memory layout). CPU per request from"
+        " /proc: the Envoy that served the trial, and the whole machine; 'used': the rounds"
+        " without outside CPU noise (none: all rounds used).",
         "",
     ]
     body = [
