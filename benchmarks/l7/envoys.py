@@ -93,7 +93,7 @@ end
 class HttpConfig:
     key: str
     label: str
-    port: int  # what the client dials
+    port: int  # what the client dials (instance 0)
     admin_port: int
     authz: str | None  # process name of the authz server its Envoy asks
     get_status: int  # what the app's GET gets (the policy allows POST /quitquitquit only)
