@@ -126,7 +126,7 @@ class HttpConfig:
         return cpu
 
 
-#: One line per configuration; its Envoy's bootstrap is in ``envoy_documents``.
+#: One line per configuration; its Envoys' bootstraps are in ``envoy_document``.
 #: (c) is reached by the kernel's REDIRECT to 15007: one process only.
 CONFIGS = (
     HttpConfig("a", "(a) native, no authz", ROUTER_PORT, 15110, None, 200),
