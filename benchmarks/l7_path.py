@@ -61,7 +61,7 @@ def main_parser() -> argparse.ArgumentParser:
         "benchmarks.l7_path",
         description="HTTP through Envoy alone, with RBAC and with meshguard's ext_authz;"
         " meshguard serve-authz against a bare grpc.aio server (root).",
-        quick="about 50 s",
+        quick="about 90 s",
     )
 
 

@@ -1,5 +1,6 @@
 """The L7 benchmark's measurements: the pod's namespace set up, the smoke check, the wrk
-and direct gRPC trials in alternating rounds."""
+and direct gRPC trials in alternating rounds (each round on its own instance of every
+configuration's Envoy)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from google.rpc import code_pb2
 
 from benchmarks.harness import SYSTEM_FIELDS, CpuMeter, schedule
 from benchmarks.l7.envoys import (
-    ADMIN_PORTS,
     APP_UID,
     AUTHZ_PLAIN_PORT,
     AUTHZ_PORT,
@@ -29,6 +29,7 @@ from benchmarks.l7.envoys import (
     CONFIGS,
     ECHO_PLAIN_PORT,
     ECHO_PORT,
+    ENVOYS,
     GRPC_SERVERS,
     ISTIO_NAT,
     LISTENER_PORT,
@@ -61,7 +62,7 @@ class Profile:
     profile_seconds: int  # py-spy sampling of the authz server (whole seconds)
 
 
-FULL = Profile("full", rounds=3, http_seconds=3, grpc_seconds=2.5, grpc_warmup=0.3,
+FULL = Profile("full", rounds=4, http_seconds=3, grpc_seconds=2.5, grpc_warmup=0.3,
                warmup_seconds=1, profile_seconds=4)  # fmt: skip
 QUICK = Profile("quick", rounds=2, http_seconds=1, grpc_seconds=0.6, grpc_warmup=0.15,
                 warmup_seconds=0, profile_seconds=1)  # fmt: skip
@@ -79,7 +80,8 @@ class HttpTrial:
     p50_us: float
     p99_us: float
     mean_us: float = float("nan")
-    cpu: dict[str, float] = field(default_factory=dict)
+    instance: int = 0  # which of the configuration's Envoy processes served it
+    cpu: dict[str, float] = field(default_factory=dict)  # config.envoy: that process
 
     @property
     def unattributed_cores(self) -> float:
@@ -123,30 +125,33 @@ class Bench:
     request_size: int = 0
 
     def wrk(
-        self, config: HttpConfig, concurrency: int, seconds: int
+        self, config: HttpConfig, instance: int, concurrency: int, seconds: int
     ) -> tuple[dict[str, Any], dict[str, float]]:
+        """wrk against Envoy ``instance`` of ``config``; its CPU under ``config.envoy``."""
+        url = f"http://{HOST}:{config.listener_port(instance)}/quitquitquit"
         argv = as_user(
             [self.wrk_path, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "2s",
-             "-s", str(self.workdir / "post.lua"), f"http://{HOST}:{config.port}/quitquitquit"],
+             "-s", str(self.workdir / "post.lua"), url],
             uid=APP_UID, gid=APP_UID,
         )  # fmt: skip
         before = self.meter.snapshot()
         output = self.ns.run(argv)
-        cpu = CpuMeter.delta(before, self.meter.snapshot())
+        cpu = config.served(CpuMeter.delta(before, self.meter.snapshot()), instance)
         (line,) = [line for line in output.splitlines() if line.startswith("WRK ")]
         return json.loads(line[4:]), cpu
 
     def http_trial(
         self, config: HttpConfig, concurrency: int, seconds: int, round_: int
     ) -> HttpTrial:
-        result, cpu = self.wrk(config, concurrency, seconds)
+        instance = config.instance_of(round_)
+        result, cpu = self.wrk(config, instance, concurrency, seconds)
         errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
         elapsed = result["duration_us"] / 1e6
         return HttpTrial(
             config=config.key, concurrency=concurrency, round=round_,
             requests=result["requests"], errors=errors, seconds=elapsed,
             per_second=result["requests"] / elapsed, p50_us=result["p50_us"],
-            p99_us=result["p99_us"], mean_us=result["mean_us"], cpu=cpu,
+            p99_us=result["p99_us"], mean_us=result["mean_us"], instance=instance, cpu=cpu,
         )  # fmt: skip
 
     def grpc_jobs(
@@ -197,7 +202,7 @@ class Bench:
 
 def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
     """Istio, meshguard init, the upstream, the authz servers (meshguard's and the echo, each
-    over mTLS and plaintext) and five Envoys."""
+    over mTLS and plaintext) and every configuration's Envoys."""
     certs = write_mesh_certificates(workdir / "certs")
     ruleset_file = workdir / "ruleset.json"
     ruleset_file.write_text(pod["metadata"]["annotations"]["meshguard.io/ruleset"])
@@ -209,11 +214,14 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
     os.chown(capture_dir, PROXY_UID, PROXY_UID)
     ns.run(["iptables-restore", "--noflush", "--wait"], stdin=ISTIO_NAT)
     ns.run([sys.executable, "-m", "meshguard", "init", "--ruleset-file", str(ruleset_file)])
-    # The benchmark's own exemption: the app may dial (a), (b), (c0) directly.
-    direct = ",".join(str(c.port) for c in CONFIGS if c.port != UPSTREAM_PORT)
-    ns.run(["iptables", "-w", "-I", "OUTPUT", "1", "-o", "lo", "-p", "tcp", "-m", "owner",
-            "--uid-owner", str(APP_UID), "-m", "multiport", "--dports", direct,
-            "-j", "ACCEPT"])  # fmt: skip
+    # The benchmark's own exemption: the app may dial every Envoy but (c)'s directly (one
+    # rule per instance: multiport takes at most 15 ports).
+    for instance in range(max(c.instances for c in CONFIGS)):
+        direct = ",".join(str(c.listener_port(i)) for c, i in ENVOYS if i == instance
+                          and c.port != UPSTREAM_PORT)  # fmt: skip
+        ns.run(["iptables", "-w", "-I", "OUTPUT", "1", "-o", "lo", "-p", "tcp", "-m", "owner",
+                "--uid-owner", str(APP_UID), "-m", "multiport", "--dports", direct,
+                "-j", "ACCEPT"])  # fmt: skip
     names = ("upstream", "echo", "echo_plain", "authz", "authz_plain")
     logs = {name: (workdir / f"{name}.log").open("w") for name in names}
     processes = {
@@ -250,7 +258,7 @@ def setup(ns: NetworkNamespace, workdir: Path, pod: dict[str, Any]) -> Bench:
             envoy_command(config, uid=PROXY_UID, gid=PROXY_UID), env=identity, stderr=log
         )
     ports = (AUTHZ_PORT, AUTHZ_PLAIN_PORT, LISTENER_PORT,
-             *(c.port for c in CONFIGS if c.port != UPSTREAM_PORT))  # fmt: skip
+             *(c.listener_port(i) for c, i in ENVOYS if c.port != UPSTREAM_PORT))  # fmt: skip
     for port in ports:
         wait_listening(ns, port=port, uid=PROXY_UID, gid=PROXY_UID)
     for name, process in processes.items():
@@ -274,26 +282,28 @@ def http_probe(bench: Bench, uid: int, targets: Sequence[dict[str, Any]]) -> lis
 
 
 def smoke_check(bench: Bench) -> list[str]:
-    """Every configuration forwards POST /quitquitquit; (b) and (c) refuse GET, (a) and
-    (c0) do not. Raises if not."""
+    """Every Envoy process forwards POST /quitquitquit; those with authorization refuse GET,
+    the others do not (``get_status``). Raises if not."""
     targets = [
-        {"host": HOST, "port": c.port, "method": method, "path": "/quitquitquit"}
-        for c in CONFIGS
+        {"host": HOST, "port": c.listener_port(i), "method": method, "path": "/quitquitquit"}
+        for c, i in ENVOYS
         for method in ("POST", "GET")
     ]
     results = http_probe(bench, APP_UID, targets)
     lines, problems = [], []
-    for config, (post, get) in zip(CONFIGS, zip(results[::2], results[1::2], strict=True),
-                                   strict=True):  # fmt: skip
+    for (config, instance), (post, get) in zip(
+        ENVOYS, zip(results[::2], results[1::2], strict=True), strict=True
+    ):
         body = str(get.get("body", get.get("server", ""))).strip()
+        label = f"{config.label} @{instance}"
         lines.append(
-            f"  {config.label:<24} POST {post.get('status')} ({post.get('server')}),"
+            f"  {label:<26} POST {post.get('status')} ({post.get('server')}),"
             f" GET {get.get('status')} {body[:70]!r}"
         )
         if post.get("status") != 200 or post.get("server") != "pilot-agent":
-            problems.append(f"{config.label}: POST {post}")
+            problems.append(f"{label}: POST {post}")
         if get.get("status") != config.get_status:
-            problems.append(f"{config.label}: GET {get}")
+            problems.append(f"{label}: GET {get}")
     if problems:
         raise RuntimeError("smoke check failed:\n" + "\n".join(problems))
     return lines
@@ -317,27 +327,28 @@ def prepare_check_request(bench: Bench, pod: dict[str, Any]) -> external_auth_pb
 
 
 def envoy_stats(bench: Bench) -> dict[str, dict[str, int]]:
-    """ext_authz / RBAC counters and authz connections, from each Envoy's admin port."""
+    """ext_authz / RBAC counters and authz connections by configuration: the sums over its
+    Envoy processes' admin ports."""
     path = (
         "/stats?format=json&filter="
         + "%5C.(ext_authz|rbac)%5C.|meshguard_authz%5C.upstream_cx_total"
     )
-    targets = [
-        {"host": HOST, "port": port, "method": "GET", "path": path} for port in ADMIN_PORTS.values()
-    ]
+    targets = [{"host": HOST, "port": c.admin(i), "method": "GET", "path": path} for c, i in ENVOYS]
     results = http_probe(bench, PROXY_UID, targets)
     wanted = ("rbac.allowed", "rbac.denied", "ext_authz.ok", "ext_authz.denied",
               "ext_authz.error", "upstream_cx_total")  # fmt: skip
-    return {
-        key: {
-            s["name"]: s["value"]
-            for s in result.get("stats", [])
-            if s.get("value")
-            and s["name"].endswith(wanted)
-            and s["name"].startswith(("http.", "cluster.meshguard_authz."))
-        }
-        for key, result in zip(ADMIN_PORTS, results, strict=True)
-    }
+    totals: dict[str, Counter[str]] = {c.key: Counter() for c in CONFIGS}
+    for (config, _), result in zip(ENVOYS, results, strict=True):
+        totals[config.key].update(
+            {
+                s["name"]: s["value"]
+                for s in result.get("stats", [])
+                if s.get("value")
+                and s["name"].endswith(wanted)
+                and s["name"].startswith(("http.", "cluster.meshguard_authz."))
+            }
+        )
+    return {key: dict(counts) for key, counts in totals.items()}
 
 
 def decision_stats(log: Path, start: int = 0, end: int | None = None) -> dict[str, Any]:
@@ -362,14 +373,15 @@ def decision_stats(log: Path, start: int = 0, end: int | None = None) -> dict[st
 
 
 def run_http(bench: Bench, profile: Profile) -> list[HttpTrial]:
-    for config in CONFIGS if profile.warmup_seconds else ():  # not counted: pools, caches
-        bench.wrk(config, 8, profile.warmup_seconds)
+    for config, instance in ENVOYS if profile.warmup_seconds else ():  # not counted
+        bench.wrk(config, instance, 8, profile.warmup_seconds)  # pools, caches
     trials = []
     for index, concurrency, config in schedule(profile.rounds, CONCURRENCY, CONFIGS):
         trial = bench.http_trial(config, concurrency, profile.http_seconds, index)
         trials.append(trial)
         print(
-            f"  round {index + 1}/{profile.rounds} {config.label:<24} c={concurrency:<3}"
+            f"  round {index + 1}/{profile.rounds} {config.label:<24} @{trial.instance}"
+            f" c={concurrency:<3}"
             f" {trial.per_second:9,.0f} req/s  p50 {trial.p50_us / 1000:6.2f} ms"
             f"  errors {trial.errors}  other CPU {trial.unattributed_cores:.2f} cores",
             file=sys.stderr, flush=True,

@@ -1,5 +1,6 @@
 """The L7 benchmark's pod: ports, uids, the configurations (one line each), the mesh's
-certificates and every Envoy's bootstrap."""
+certificates and every Envoy's bootstrap (two processes per configuration the app dials:
+two processes of one configuration differ by several percent, so rounds alternate them)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from meshguard.authz.envoy_config import (
     upstream_cluster,
 )
 from meshguard.authz.identity import TlsFiles
-from meshguard.l7 import L7Engine
+from meshguard.l7 import DecisionLog, L7Engine
 from meshguard.mesh import LOCAL_AUTHZ_PORT
 from meshguard.policy import Mode, parse_policy
 from meshguard.rbac import RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY, compile_rbac, rbac_document_text
@@ -37,6 +38,10 @@ LISTENER_PORT = ListenerSettings().port  # 15007
 ROUTER_PORT, RBAC_PORT, ECHO_LISTENER_PORT = 15100, 15101, 15102
 ECHO_PLAIN_LISTENER_PORT = 15103
 NATIVE_LISTENER_PORT, NATIVE_NOLOG_LISTENER_PORT = 15104, 15105
+ENVOY_ONLY_PORT, NATIVE_DENIED_LISTENER_PORT = 15106, 15107
+#: Instance i of a configuration listens on port + i * INSTANCE_STEP (admin likewise):
+#: 15200-15217, clear of Istio's 15000-15090, the authz servers and the instance 0 ports.
+INSTANCE_STEP = 100
 AUTHZ_PORT, ECHO_PORT, ECHO_PLAIN_PORT = 9191, 9193, 9195
 AUTHZ_PLAIN_PORT = LOCAL_AUTHZ_PORT  # plaintext on loopback: in the proxy's protected range
 #: The mesh's identities: the pod (demo/shop, ServiceAccount default) and the authz server.
@@ -88,29 +93,54 @@ end
 class HttpConfig:
     key: str
     label: str
-    port: int  # what the client dials
+    port: int  # what the client dials (instance 0)
     admin_port: int
     authz: str | None  # process name of the authz server its Envoy asks
     get_status: int  # what the app's GET gets (the policy allows POST /quitquitquit only)
+    instances: int = 2  # Envoy processes, alternated by round (instance_of)
 
     @property
     def envoy(self) -> str:
-        """Its Envoy's process name."""
+        """Its Envoy in a trial's CPU figures: the instance that served the trial."""
         return f"envoy_{self.key}"
 
+    def process(self, instance: int) -> str:
+        """The process name of its Envoy ``instance``."""
+        return f"{self.envoy}@{instance}"
 
-#: One line per configuration; its Envoy's bootstrap is in ``envoy_documents``.
+    def listener_port(self, instance: int) -> int:
+        return self.port + instance * INSTANCE_STEP
+
+    def admin(self, instance: int) -> int:
+        return self.admin_port + instance * INSTANCE_STEP
+
+    def instance_of(self, round_: int) -> int:
+        """Rounds 0 1 2 3 use instances 0 1 1 0: alternating, and each instance in both of
+        the rounds' orders (even rounds run forward, odd ones reversed)."""
+        return (round_ + round_ // 2) % self.instances
+
+    def served(self, cpu: dict[str, float], instance: int) -> dict[str, float]:
+        """A trial's CPU deltas, the serving instance's under ``envoy`` (the other's kept)."""
+        cpu = dict(cpu)
+        cpu[self.envoy] = cpu.pop(self.process(instance))
+        return cpu
+
+
+#: One line per configuration; its Envoys' bootstraps are in ``envoy_document``.
+#: (c) is reached by the kernel's REDIRECT to 15007: one process only.
 CONFIGS = (
-    HttpConfig("a", "(a) envoy", ROUTER_PORT, 15110, None, 200),
+    HttpConfig("a", "(a) native, no authz", ROUTER_PORT, 15110, None, 200),
+    HttpConfig("r", "(r) envoy router alone", ENVOY_ONLY_PORT, 15116, None, 200),
     HttpConfig("b", "(b) envoy+rbac", RBAC_PORT, 15111, None, 403),
-    HttpConfig("c", "(c) envoy+meshguard", UPSTREAM_PORT, 15000, "authz", 403),
+    HttpConfig("c", "(c) envoy+meshguard", UPSTREAM_PORT, 15000, "authz", 403, instances=1),
     HttpConfig("c0", "(c0) envoy+authz-echo", ECHO_LISTENER_PORT, 15112, "echo", 200),
     HttpConfig("c0p", "(c0p) echo, plaintext", ECHO_PLAIN_LISTENER_PORT, 15113, "echo_plain", 200),
     HttpConfig("n", "(n) envoy+native rbac", NATIVE_LISTENER_PORT, 15114, None, 403),
     HttpConfig("n0", "(n0) native, no log", NATIVE_NOLOG_LISTENER_PORT, 15115, None, 403),
+    HttpConfig("nd", "(nd) native, denials log", NATIVE_DENIED_LISTENER_PORT, 15117, None, 403),
 )
-ADMIN_PORTS = {c.key: c.admin_port for c in CONFIGS}
-CONFIG_BY_KEY = {c.key: c for c in CONFIGS}
+#: Every Envoy process: (configuration, instance).
+ENVOYS = tuple((c, i) for c in CONFIGS for i in range(c.instances))
 
 
 @dataclass(frozen=True)
@@ -199,8 +229,8 @@ def _http_connection_manager(listener: dict[str, Any]) -> dict[str, Any]:
 def direct_bootstrap(
     name: str, *, port: int, admin_port: int, filters: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
-    """meshguard's listener minus what meshguard adds: no original_dst, no identity stamp,
-    no ext_authz, a static upstream cluster; ``filters`` go before the same router."""
+    """meshguard's listener minus what meshguard adds: no original_dst, no routing header,
+    no decision filters, a static upstream cluster; ``filters`` go before the same router."""
     listener = copy.deepcopy(loopback_listeners(ListenerSettings(port=port))[0])
     listener["name"] = name
     listener.pop("listener_filters", None)
@@ -227,11 +257,11 @@ def direct_bootstrap(
     return _bootstrap(name, admin_port, [listener], [cluster])
 
 
-def rbac_filter() -> dict[str, Any]:
+def rbac_filter(port: int) -> dict[str, Any]:
     """meshguard's rule ``app -> proxy:15020 POST /quitquitquit`` in Envoy's RBAC terms: the
-    app is the direct peer 127.0.0.1, the listener's port stands for 15020."""
+    app is the direct peer 127.0.0.1, the listener's ``port`` stands for 15020."""
     permission = {"and_rules": {"rules": [
-        {"destination_port": RBAC_PORT},
+        {"destination_port": port},
         {"header": {"name": ":method", "string_match": {"exact": "POST"}}},
         {"url_path": {"path": {"exact": "/quitquitquit"}}},
     ]}}  # fmt: skip
@@ -260,16 +290,22 @@ def echo_authz_bootstrap(
 
 
 def _pinned_listener(
-    name: str, settings: ListenerSettings, *, decision_log: bool = True
+    name: str, settings: ListenerSettings, *, decision_log: bool = True, authorize: bool = True
 ) -> dict[str, Any]:
     """meshguard's IPv4 listener named ``name``, its original-destination header pinned to
-    the upstream (nothing redirects to its port); without the decision line if asked."""
+    the upstream (nothing redirects to its port); without the decision line, or without the
+    decision filters (the router alone), if asked."""
     listener = copy.deepcopy(loopback_listeners(settings)[0])
     listener["name"] = name
     hcm = _http_connection_manager(listener)
     hcm["stat_prefix"] = name
     if not decision_log:  # (n0): what the line costs, by its absence
         hcm["access_log"] = []
+    if not authorize:  # (a): the same listener, routing and cluster, with no authorization
+        router = hcm["http_filters"][-1]
+        if router["name"] != "envoy.filters.http.router":
+            raise RuntimeError(f"meshguard's listener no longer ends with the router: {router}")
+        hcm["http_filters"] = [router]
     (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
     (header,) = route["request_headers_to_add"]
     header["header"]["value"] = f"{HOST}:{UPSTREAM_PORT}"
@@ -278,14 +314,19 @@ def _pinned_listener(
 
 
 def native_bootstrap(
-    name: str, *, port: int, admin_port: int, rbac_path: Path, decision_log: bool
+    name: str, *, port: int, admin_port: int, rbac_path: Path | None, log: DecisionLog | None
 ) -> dict[str, Any]:
     """meshguard's native IPv4 listener on ``port`` (the ambiguity DENY regexes, the pod's
-    RBAC by ECDS from ``rbac_path``, the router, the JSON decision line per request on
-    stdout unless not ``decision_log``): the original-destination header pinned to the
-    upstream, as nothing redirects there."""
-    settings = ListenerSettings(port=port, engine=L7Engine.NATIVE, rbac_path=str(rbac_path))
-    listener = _pinned_listener(name, settings, decision_log=decision_log)
+    RBAC by ECDS from ``rbac_path``, the router, the JSON decision lines ``log`` selects on
+    stdout): the original-destination header pinned to the upstream, as nothing redirects
+    there. No ``rbac_path``: the decision filters removed; no ``log``: no access log."""
+    settings = ListenerSettings(
+        port=port, engine=L7Engine.NATIVE, decision_log=log or DecisionLog.ALL,
+        rbac_path=str(rbac_path or ListenerSettings().rbac_path),
+    )  # fmt: skip
+    listener = _pinned_listener(
+        name, settings, decision_log=log is not None, authorize=rbac_path is not None
+    )
     document = _bootstrap(name, admin_port, [listener], [upstream_cluster()])
     document["layered_runtime"] = {
         "layers": [{"name": "static", "static_layer": {RE2_RUNTIME_KEY: RE2_PROGRAM_SIZE}}]
@@ -316,43 +357,51 @@ def _socket(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": HOST, "port_value": port}}
 
 
-def envoy_documents(workdir: Path, certs: MeshCertificates) -> dict[str, dict[str, Any]]:
-    """Each configuration's Envoy bootstrap, by its key (the native ones' RBAC files written)."""
-    admin = ADMIN_PORTS
-    documents = {
-        "a": direct_bootstrap("router_only", port=ROUTER_PORT, admin_port=admin["a"], filters=[]),
-        "b": direct_bootstrap(
-            "rbac", port=RBAC_PORT, admin_port=admin["b"], filters=[rbac_filter()]
-        ),
-        "c": bootstrap(
-            ListenerSettings(), authz_host=HOST, authz_port=AUTHZ_PORT,
-            admin_port=admin["c"], authz_tls=certs.envoy_tls(),
-        ),
-        "c0": echo_authz_bootstrap(
-            "echo_authz_ipv4", port=ECHO_LISTENER_PORT, echo_port=ECHO_PORT,
-            admin_port=admin["c0"], tls=certs.envoy_tls(),
-        ),
-        "c0p": echo_authz_bootstrap(
-            "echo_plain_ipv4", port=ECHO_PLAIN_LISTENER_PORT, echo_port=ECHO_PLAIN_PORT,
-            admin_port=admin["c0p"], tls=None,
-        ),
-    }  # fmt: skip
-    for key, name, logged in (("n", "native_ipv4", True), ("n0", "native_nolog_ipv4", False)):
-        config = CONFIG_BY_KEY[key]
-        rbac_path = workdir / f"rbac-{key}.json"
-        rbac_path.write_text(native_rbac_document(config.port))
-        documents[key] = native_bootstrap(
-            name, port=config.port, admin_port=config.admin_port, rbac_path=rbac_path,
-            decision_log=logged,
-        )  # fmt: skip
-    return documents
+#: The native listeners: listener name and decision log by key; (a) without authorization.
+NATIVE = {
+    "a": ("no_authz_ipv4", None), "n": ("native_ipv4", DecisionLog.ALL),
+    "n0": ("native_nolog_ipv4", None), "nd": ("native_denied_ipv4", DecisionLog.DENIED),
+}  # fmt: skip
+
+
+def envoy_document(
+    config: HttpConfig, instance: int, workdir: Path, certs: MeshCertificates
+) -> dict[str, Any]:
+    """The bootstrap of one Envoy process (a native one's RBAC file written)."""
+    port, admin = config.listener_port(instance), config.admin(instance)
+    match config.key:
+        case "r":
+            return direct_bootstrap("router_only", port=port, admin_port=admin, filters=[])
+        case "b":
+            return direct_bootstrap(
+                "rbac", port=port, admin_port=admin, filters=[rbac_filter(port)]
+            )
+        case "c":
+            return bootstrap(
+                ListenerSettings(), authz_host=HOST, authz_port=AUTHZ_PORT, admin_port=admin,
+                authz_tls=certs.envoy_tls(),
+            )  # fmt: skip
+        case "c0" | "c0p":
+            plain = config.key == "c0p"
+            return echo_authz_bootstrap(
+                "echo_plain_ipv4" if plain else "echo_authz_ipv4", port=port,
+                echo_port=ECHO_PLAIN_PORT if plain else ECHO_PORT, admin_port=admin,
+                tls=None if plain else certs.envoy_tls(),
+            )  # fmt: skip
+    name, log = NATIVE[config.key]
+    rbac_path = None
+    if config.key != "a":  # each instance's RBAC grants its own port
+        rbac_path = workdir / f"rbac-{config.process(instance)}.json"
+        rbac_path.write_text(native_rbac_document(port))
+    return native_bootstrap(name, port=port, admin_port=admin, rbac_path=rbac_path, log=log)
 
 
 def envoy_configs(workdir: Path, certs: MeshCertificates) -> dict[str, Path]:
-    """The bootstraps written to files, by Envoy process name."""
+    """Every Envoy process's bootstrap written to a file, by its process name."""
     paths = {}
-    for key, document in envoy_documents(workdir, certs).items():
-        path = workdir / f"envoy_{key}.yaml"
-        path.write_text(yaml_io.dump(document))
-        paths[f"envoy_{key}"] = path
+    for config, instance in ENVOYS:
+        name = config.process(instance)
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml_io.dump(envoy_document(config, instance, workdir, certs)))
+        paths[name] = path
     return paths

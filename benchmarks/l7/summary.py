@@ -59,8 +59,9 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
                 "mean_us": median_of(t.mean_us for t in these),
                 "cpu_us_per_request": cpu,
             }
-    pairs = (("c", "b"), ("c", "a"), ("b", "a"), ("c0", "b"), ("c", "c0"), ("c0", "c0p"),
-             ("n", "a"), ("n0", "a"), ("n", "n0"), ("c0", "a"))  # fmt: skip
+    pairs = (("c", "b"), ("c", "a"), ("b", "r"), ("a", "r"), ("c0", "b"), ("c", "c0"),
+             ("c0", "c0p"), ("n", "a"), ("n0", "a"), ("nd", "a"), ("n", "n0"),
+             ("c0", "a"))  # fmt: skip
     ratios = {
         f"{num}/{den}": {
             c: rows[num][c]["per_second"] / rows[den][c]["per_second"] for c in CONCURRENCY
@@ -73,6 +74,25 @@ def http_summary(trials: Sequence[HttpTrial]) -> dict[str, Any]:
         "round_ratios_n_over_a": round_ratios(trials, "n", "a"),
         "round_ratios_c_over_c0": round_ratios(trials, "c", "c0"),
         "mtls_added_us": mtls_added(trials, mtls="c0", plain="c0p"),
+        "instance_spread": instance_spread(trials),
+    }  # fmt: skip
+
+
+def instance_spread(trials: Sequence[HttpTrial]) -> dict[str, dict[int, float]]:
+    """Instance 1 / instance 0 req/s of each configuration (medians over their rounds): how
+    much two Envoy processes of one configuration differ."""
+
+    def speed(key: str, c: int, instance: int) -> float:
+        return median_of(
+            t.per_second for t in trials
+            if (t.config, t.concurrency, t.instance) == (key, c, instance)
+        )  # fmt: skip
+
+    return {
+        config.key: {c: round(speed(config.key, c, 1) / speed(config.key, c, 0), 3)
+                     for c in CONCURRENCY}
+        for config in CONFIGS
+        if config.instances == 2
     }  # fmt: skip
 
 

@@ -20,9 +20,11 @@ ENGINES = (
     ("a", "(a) no authorization"),
     ("n", "(n) native engine"),
     ("n0", "(n0) native, no decision log"),
+    ("nd", "(nd) native, denials logged"),
     ("c", "(c) serve-authz ext_authz, mTLS"),
     ("c0", "(c0) do-nothing ext_authz, mTLS"),
     ("b", "(b) Envoy RBAC, static rule"),
+    ("r", "(r) Envoy router alone"),
 )
 
 
@@ -42,8 +44,8 @@ def l7_section(
 ) -> None:
     """The L7 path and the authz server alone (from ``run``), then the workers."""
     lines = ["## L7 path: the native engine and ext_authz against no authorization", ""]
-    if run is None or not run.ok or not run.data or "n0" not in run.data["http"]["rows"]:
-        problem = "not run" if run is None else (run.problem or "a run without (n0)")
+    if run is None or not run.ok or not run.data or "nd" not in run.data["http"]["rows"]:
+        problem = "not run" if run is None else (run.problem or "a run without (nd)")
         lines += not_measured("l7_path.py", problem)
         report.add_summary("L7 path", "(n) native / (a) no authorization", "-", ">= 0.9", None)
         report.add_summary("authz", "serve-authz / bare grpc.aio echo", "-", ">= 0.7", None)
@@ -74,11 +76,11 @@ def _where_time_goes(d: dict[str, Any]) -> list[str]:
     body = [
         [config.label, *(f"{cell['cpu_us_per_request'][config.envoy]:.0f}"
                          for _, cell in _by_c(rows[config.key])),
-         f"{ratios['b/a'][top]:.3f}" if config.key == "b" else ""]
+         f"{ratios['b/r'][top]:.3f}" if config.key == "b" else ""]
         for config in CONFIGS
     ]  # fmt: skip
     lines = ["### Where time goes", "", "Envoy's own CPU per request (µs):", ""]
-    lines += table(["configuration", *(f"c={c}" for c, _ in _by_c(rows["a"])), "(b)/(a)"], body)
+    lines += table(["configuration", *(f"c={c}" for c, _ in _by_c(rows["a"])), "(b)/(r)"], body)
     decisions, spy = extra["decisions"], extra["profile"]
     lines += [
         f"- per Check, direct gRPC at c={top}: serve-authz {mg['server_cpu_us']:.0f} µs CPU,"
@@ -118,6 +120,12 @@ def _where_time_goes(d: dict[str, Any]) -> list[str]:
             if s
         )
     )
+    spread = http["instance_spread"]
+    lines.append(
+        f"- two Envoy processes of one configuration, instance 1 / instance 0 req/s at c={top}"
+        " (why each round alternates them): "
+        + ", ".join(f"({key}) {float(by_c[top]):.3f}" for key, by_c in spread.items())
+    )
     noisy = [cores for summary in (http, grpc_) for cells in summary["rows"].values()
              for cell in cells.values() for cores in cell["noise_cores"]]  # fmt: skip
     lines += [
@@ -134,15 +142,22 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
     rows, ratios = http["rows"], http["ratios"]
     lines = [
         "`benchmarks/l7_path.py`: wrk (1 thread, keep-alive, POST /quitquitquit as the app"
-        " uid) through one Envoy worker per configuration: (a) the listener with no"
-        " authorization, (n) meshguard's native engine (the ambiguity DENY regexes and the"
-        " pod's RBAC by ECDS from a file, its JSON decision line per request), (n0) the same"
-        " without that line, (c) ext_authz to the real `serve-authz` (kernel REDIRECT, mTLS"
-        " Check channel), (c0) the same listener asking a do-nothing grpc.aio ext_authz over"
-        " the same mTLS, (b) Envoy RBAC holding the rule statically. Medians over"
-        f" {d['profile']['rounds']} alternating rounds ({d['profile']['name']} profile); CPU"
-        " per request from /proc: the configuration's Envoy, and the whole machine; 'used':"
-        " the rounds without outside CPU noise (none: all rounds used).",
+        " uid) through one Envoy worker per configuration: (a) meshguard's native listener"
+        " with no authorization (its original_dst, routing header and ORIGINAL_DST cluster;"
+        " only the router, no access log), (n) meshguard's native engine (the ambiguity DENY"
+        " regexes and the pod's RBAC by ECDS from a file, its JSON decision line per request),"
+        " (n0) the same without that line, (nd) the same logging denials only (the requests"
+        " here are allowed: its access-log filter runs, no line is written), (c) ext_authz"
+        " to the real `serve-authz` (kernel REDIRECT, mTLS Check channel), (c0) the same"
+        " listener asking a do-nothing grpc.aio ext_authz over the same mTLS, (b) Envoy RBAC"
+        " holding the rule statically on (r), Envoy's router alone (no original_dst, no"
+        " routing header, a static cluster): (a)/(r) is what meshguard's routing costs, not"
+        f" authorization. Medians over {d['profile']['rounds']} alternating rounds"
+        f" ({d['profile']['name']} profile); every configuration but (c) runs in two Envoy"
+        " processes that the rounds alternate (0 1 1 0), as two processes of one"
+        " configuration differ by several percent (memory layout). CPU per request from"
+        " /proc: the Envoy that served the trial, and the whole machine; 'used': the rounds"
+        " without outside CPU noise (none: all rounds used).",
         "",
     ]
     body = [
@@ -174,19 +189,24 @@ def _engines(report: Report, d: dict[str, Any]) -> list[str]:
         "no goal",
         None,
     )
-    log_cost = {c: rows["n"][c]["cpu_us_per_request"]["envoy_n"]
-                - rows["n0"][c]["cpu_us_per_request"]["envoy_n0"] for c in rows["n"]}  # fmt: skip
+    log_cost = {key: {c: rows[key][c]["cpu_us_per_request"][f"envoy_{key}"]
+                      - rows["n0"][c]["cpu_us_per_request"]["envoy_n0"] for c in rows[key]}
+                for key in ("n", "nd")}  # fmt: skip
     added = http["mtls_added_us"]
     lines += [
         f"Goal (n)/(a) >= {NATIVE_GOAL} at every concurrency: "
         + ("met" if ok else "**not met**")
         + f"; stretch >= {NATIVE_STRETCH}: {'met' if stretch else 'not met'}."
-        f" Per round: {http['round_ratios_n_over_a']}.",
+        f" Per round: {http['round_ratios_n_over_a']}. Meshguard's routing against Envoy's"
+        f" router alone, (a)/(r): {_series(ratios['a/r'])}.",
         "",
         f"**What the decision log line costs.** (n)/(n0): {_series(ratios['n/n0'])}; Envoy CPU"
         " per request with the line minus without: "
-        + ", ".join(f"c={c}: {v:+.0f} µs" for c, v in _by_c(log_cost))
-        + ". The benchmark's Envoys write their stdout to /dev/null: a pod's container log"
+        + ", ".join(f"c={c}: {v:+.0f} µs" for c, v in _by_c(log_cost["n"]))
+        + f". Logging denials only, (nd)/(a): {_series(ratios['nd/a'])} (no line written for"
+        " these allowed requests; its filter's CPU against (n0): "
+        + ", ".join(f"c={c}: {v:+.0f} µs" for c, v in _by_c(log_cost["nd"]))
+        + "). The benchmark's Envoys write their stdout to /dev/null: a pod's container log"
         " (a pipe to the runtime) costs more per line.",
         "",
         f"**The ext_authz engines** (informative): (c)/(c0), both mTLS: {_series(ratios['c/c0'])}"

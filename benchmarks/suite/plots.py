@@ -82,7 +82,7 @@ def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
     _label(left, "L7: HTTP throughput by engine", "concurrent connections (wrk)",
            "requests/s ratio vs (a) no authorization",
            fontsize=7, loc="upper right", grid="y")  # fmt: skip
-    for key, label, color in (("a", "(a) plain", "tab:blue"), ("n", "(n) native", "tab:green"),
+    for key, label, color in (("a", "(a) no authz", "tab:blue"), ("n", "(n) native", "tab:green"),
                               ("c", "(c) serve-authz", "tab:orange")):  # fmt: skip
         for quantile, style in (("p50", "o-"), ("p99", "^--")):
             ys = [http["rows"][key][str(c)][f"{quantile}_us"] / 1000 for c in conc]
