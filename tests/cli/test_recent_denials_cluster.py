@@ -103,6 +103,17 @@ def served(api: ScriptedApiServer) -> None:  # noqa: F811 - the fixture
     api.put(agent_pod("n1"))
 
 
+def describe_recent(pod: str, *, config: Path) -> tuple[dict[str, Any], str]:
+    """``describe pod POD --recent-denials`` in namespace shop: its JSON and its text."""
+    done = plugin("describe", "pod", pod, "-n", "shop", "-o", "json", "--recent-denials",
+                  kubeconfig=config)  # fmt: skip
+    text = plugin("describe", "pod", pod, "-n", "shop", "--recent-denials", kubeconfig=config)
+    assert done.returncode == 0, done.stderr
+    assert text.returncode == 0, text.stderr
+    (data,) = [json.loads(line) for line in done.stdout.splitlines()]
+    return data, text.stdout
+
+
 @pytest.mark.usefixtures("served")
 def test_describe_shows_the_node_agents_recent_denials(
     api: ScriptedApiServer,  # noqa: F811
@@ -110,20 +121,15 @@ def test_describe_shows_the_node_agents_recent_denials(
 ) -> None:
     with agent_http() as (port, asked):
         api.proxied["meshguard-system/meshguard-denials-n1:9103"] = f"http://127.0.0.1:{port}"
-        done = plugin("describe", "pod", "served", "-n", "shop", "-o", "json",
-                      "--recent-denials", kubeconfig=kubeconfig)  # fmt: skip
-        text = plugin("describe", "pod", "served", "-n", "shop", "--recent-denials",
-                      kubeconfig=kubeconfig)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    (data,) = [json.loads(line) for line in done.stdout.splitlines()]
+        data, text = describe_recent("served", config=kubeconfig)
     assert data["recentDenials"] == {
         "origin": "agent", "agent": "meshguard-system/meshguard-denials-n1",
         "denials": [{"source": "cache", "destination": "app", "port": 8080, "protocol": "tcp",
                      "verdict": "denied", "uid": 1002, "time": 1.5}],
     }  # fmt: skip
     assert asked[0] == "/denials?namespace=shop&pod=served"
-    assert "recent denials (from node agent meshguard-system/meshguard-denials-n1" in text.stdout
-    assert "  cache -> app 8080/tcp: denied" in text.stdout
+    assert "recent denials (from node agent meshguard-system/meshguard-denials-n1" in text
+    assert "  cache -> app 8080/tcp: denied" in text
     assert set(proxied(api)) == {"meshguard-system/meshguard-denials-n1:9103"}
     without = plugin("describe", "pod", "served", "-n", "shop", "-o", "json",
                      kubeconfig=kubeconfig)  # fmt: skip
@@ -213,20 +219,15 @@ def test_without_an_agent_only_the_agents_events_are_read_and_called_advisory(
         _event("elsewhere-node", reportingComponent="someone", reason="LoopbackDenied",
                message=forged),
     ]  # fmt: skip
-    done = plugin("describe", "pod", "elsewhere-node", "-n", "shop", "-o", "json",
-                  "--recent-denials", kubeconfig=kubeconfig)  # fmt: skip
-    text = plugin("describe", "pod", "elsewhere-node", "-n", "shop", "--recent-denials",
-                  kubeconfig=kubeconfig)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    (data,) = [json.loads(line) for line in done.stdout.splitlines()]
+    data, text = describe_recent("elsewhere-node", config=kubeconfig)
     assert data["recentDenials"] == {
         "origin": "events",
         "fallback": "no agent of meshguard's (namespace meshguard-system) runs on node n2",
         "denials": [{"source": "cache", "destination": "app", "port": 8080, "protocol": "tcp",
                      "verdict": "would-deny"}],
     }  # fmt: skip
-    assert "db-admin" not in text.stdout
-    assert [line.removeprefix("  ") for line in text.stdout.splitlines()[-3:]] == [
+    assert "db-admin" not in text
+    assert [line.removeprefix("  ") for line in text.splitlines()[-3:]] == [
         "recent denials (from the pod's events, newest last):",
         "  cache -> app 8080/tcp: would-deny",
         "  (advisory: anyone who may create events in the pod's namespace can write them; read"
