@@ -245,10 +245,17 @@ def test_a_denied_decision_log_writes_denials_and_would_be_denials_only(
 
 
 @pytest.mark.parametrize(
-    "content", ["", "not json", '{"resources": []}', json.dumps({"resources": [{"x": 1}]})]
+    ("content", "decision_log"),
+    [
+        ("", DecisionLog.ALL),
+        ("not json", DecisionLog.ALL),
+        ('{"resources": []}', DecisionLog.ALL),
+        (json.dumps({"resources": [{"x": 1}]}), DecisionLog.ALL),
+        ("not json", DecisionLog.DENIED),  # its denials are denials: logged
+    ],
 )
 def test_a_broken_rbac_document_fails_closed_with_a_named_reason(
-    content: str, tmp_path: Path, shared_dir: Path
+    content: str, decision_log: DecisionLog, tmp_path: Path, shared_dir: Path
 ):
     """The file read at startup is empty, malformed or of the wrong shape: Envoy keeps the
     listener and serves the filter's default config, which denies every request naming why
@@ -256,6 +263,7 @@ def test_a_broken_rbac_document_fails_closed_with_a_named_reason(
     with l7_sandbox(
         mode="enforce", netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir,
         tmp_path=tmp_path, engine=L7Engine.NATIVE, policy=POLICY, rbac_text=content,
+        decision_log=decision_log,
     ) as pod:  # fmt: skip
         got = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/x")
         (line,) = lines_after(pod, 1)
