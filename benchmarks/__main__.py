@@ -154,7 +154,7 @@ PART_KEYS = {
 
 def merged(old: dict[str, Any], new: dict[str, Any], parts: set[str]) -> dict[str, Any]:
     """``--only``: the earlier run's figures, with the parts just measured replaced."""
-    state = json.loads(json.dumps(old))
+    state: dict[str, Any] = json.loads(json.dumps(old))
     for part in parts:
         *path, key = PART_KEYS[part]
         source, target = new, state
@@ -192,7 +192,9 @@ def render(state: dict[str, Any]) -> int:
     """Plots and REPORT.md from the collected figures."""
     parts = set(state["parts"])
     problems: dict[str, str] = dict(state["problems"])
-    kernel_runs = {int(n): as_run(r) for n, r in state["runs"]["kernel"].items()}
+    kernel_runs = {
+        int(n): run for n, r in state["runs"]["kernel"].items() if (run := as_run(r)) is not None
+    }
     l7, webhook, init_image, cni_install, load, bounds = (
         as_run(state["runs"].get(part)) for part in SCRIPTS
     )

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
 from meshguard.errors import MeshguardFailure
 from meshguard.process import run_command
@@ -40,7 +40,7 @@ class NetworkNamespace:
     _processes: list[subprocess.Popen[str]] = field(default_factory=list)
     _stderr_files: list[IO[str]] = field(default_factory=list)
 
-    def __enter__(self) -> NetworkNamespace:
+    def __enter__(self) -> Self:
         run_command(["ip", "netns", "add", self.name])
         try:
             for argv in self._setup_commands():
