@@ -16,8 +16,9 @@ class L7Engine(enum.StrEnum):
 
 
 class DecisionLog(enum.StrEnum):
-    """Which of the native engine's decisions get their JSON line on the proxy's stdout
-    (per install: ``serve-webhook``'s chart value ``webhook.l7DecisionLog``)."""
+    """Which of the native engine's decisions get their JSON line on the proxy's stdout: a
+    property of the loopback listener, so per install (``envoy-config --decision-log``, the
+    chart's ``istio.envoyFilter.decisionLog``)."""
 
     ALL = "all"  # every request: allowed, denied, and in audit mode would-be decisions
     DENIED = "denied"  # denials and audit mode's would-be denials only (allowed ones counted)
