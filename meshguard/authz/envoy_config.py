@@ -346,8 +346,9 @@ def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
 
 def denied_filter() -> dict[str, Any]:
     """The decision lines of ``DecisionLog.DENIED``: a 403 no rule allowed (the ambiguity
-    filter's, the pod policy's, the default config's; an upstream's own 403 carries the rule
-    that let it through), and in audit mode a request no rule would allow (the audit rules'
+    filter's, the pod policy's, the default config's; in enforce mode an upstream's own 403
+    carries the rule that let it through, in audit mode it gets a line, its details
+    ``via_upstream``), and in audit mode a request no rule would allow (the audit rules'
     result is set, their rule id is not)."""
     denied = [_status_is(403, runtime_key="meshguard.deny"), _no_rule_id("")]
     would_be_denied = [
