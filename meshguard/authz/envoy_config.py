@@ -54,6 +54,8 @@ VIRTUAL_HOST: Final = "meshguard_loopback"
 AUTHZ_ERROR_STATUS: Final = 503
 #: The access log line (proxy's stdout) for each such request carries this "meshguard" field.
 AUTHZ_ERROR_EVENT: Final = "ext_authz_error"
+#: The runtime key of the native engine's denial status (403) in its filters.
+DENY_STATUS_KEY: Final = "meshguard.deny"
 
 
 Engine = L7Engine
@@ -350,7 +352,7 @@ def denied_filter() -> dict[str, Any]:
     carries the rule that let it through, in audit mode it gets a line, its details
     ``via_upstream``), and in audit mode a request no rule would allow (the audit rules'
     result is set, their rule id is not)."""
-    denied = [_status_is(403, runtime_key="meshguard.deny"), _no_rule_id("")]
+    denied = [_status_is(403, runtime_key=DENY_STATUS_KEY), _no_rule_id("")]
     would_be_denied = [
         {
             "metadata_filter": {
@@ -375,6 +377,7 @@ def denied_filter() -> dict[str, Any]:
 
 
 def _status_is(code: int, *, runtime_key: str) -> dict[str, Any]:
+    """An access-log (or local reply) filter: the response code is ``code``."""
     return {
         "status_code_filter": {
             "comparison": {
@@ -448,14 +451,7 @@ def _local_reply(settings: ListenerSettings) -> dict[str, Any]:
             "mappers": [
                 {
                     # local replies only: an upstream's own 403 is never rewritten
-                    "filter": {
-                        "status_code_filter": {
-                            "comparison": {
-                                "op": "EQ",
-                                "value": {"default_value": 403, "runtime_key": "meshguard.deny"},
-                            }
-                        }
-                    },
+                    "filter": _status_is(403, runtime_key=DENY_STATUS_KEY),
                     "body_format_override": {
                         "text_format_source": {
                             "inline_string": "meshguard: denied: %RESPONSE_CODE_DETAILS%\n"
@@ -479,17 +475,7 @@ def _authz_error_log(settings: ListenerSettings) -> dict[str, Any]:
             "and_filter": {
                 "filters": [
                     {"response_flag_filter": {"flags": ["UAEX"]}},
-                    {
-                        "status_code_filter": {
-                            "comparison": {
-                                "op": "EQ",
-                                "value": {
-                                    "default_value": AUTHZ_ERROR_STATUS,
-                                    "runtime_key": "meshguard.authz_error_status",
-                                },
-                            }
-                        }
-                    },
+                    _status_is(AUTHZ_ERROR_STATUS, runtime_key="meshguard.authz_error_status"),
                 ]
             }
         },
