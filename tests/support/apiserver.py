@@ -172,8 +172,14 @@ class ScriptedApiServer:
             self._log.clear()
             self._snapshots.clear()  # continue tokens expire too
 
+    @property
+    def generation(self) -> int:
+        """Bumped by :meth:`end_watches`: a watch that started under an older one ends."""
+        return self._generation
+
     def end_watches(self) -> None:
-        """Close every open watch stream (as an API server restart would)."""
+        """Close every open watch stream (as an API server restart would), including one
+        whose request arrived but whose stream has not started yet."""
         with self._lock:
             self._generation += 1
             self._lock.notify_all()
@@ -283,24 +289,28 @@ class ScriptedApiServer:
             metadata["continue"] = f"{snapshot_id}:{end}"
         return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": items}
 
-    def watch_events(self, query: Mapping[str, str]) -> Iterator[dict[str, Any]] | int:
-        """The events of a watch, or 410 (the HTTP status) when it starts too old."""
+    def watch_events(
+        self, query: Mapping[str, str], *, generation: int
+    ) -> Iterator[dict[str, Any]] | int:
+        """The events of a watch, or 410 (the HTTP status) when it starts too old;
+        ``generation``: :attr:`generation` when the request arrived."""
         since = int(query.get("resourceVersion") or 0)
         selector = query.get("labelSelector", "")
         bookmarks = query.get("allowWatchBookmarks") == "true"
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         if since < self._oldest and self.script.gone_as == "status":
             return 410
-        return self._stream(since, selector, bookmarks=bookmarks, deadline=deadline)
+        return self._stream(
+            since, selector, bookmarks=bookmarks, deadline=deadline, generation=generation
+        )
 
     def _stream(
-        self, since: int, selector: str, *, bookmarks: bool, deadline: float
+        self, since: int, selector: str, *, bookmarks: bool, deadline: float, generation: int
     ) -> Iterator[dict[str, Any]]:
         if since < self._oldest:
             yield {"type": "ERROR", "object": _status(410, "Expired", f"too old: {since}")}
             return
         last_bookmark = time.monotonic()
-        generation = self._generation
         while time.monotonic() < deadline:
             with self._lock:
                 if self._closing or generation != self._generation:
@@ -332,6 +342,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        # Read before the down check: a test that sets ``down`` and then ends the watches
+        # either gets this request refused or sees its stream end, never one that outlives
+        # both (a generation read when the stream starts could miss the end).
+        generation = self.api.generation
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         self.api.requests.append(Recorded(url.path, query, self.client_address[1]))
@@ -356,7 +370,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with self.api.lock:
                 self.api.list_bytes += sent
             return
-        events = self.api.watch_events(query)
+        events = self.api.watch_events(query, generation=generation)
         if isinstance(events, int):
             self._json(events, _status(events, "Expired", "too old resource version"))
             return
