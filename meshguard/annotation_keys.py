@@ -28,6 +28,8 @@ ADMITTED_LABEL_VALUE: Final = "true"
 ISTIO_INJECT: Final = "sidecar.istio.io/inject"
 ISTIO_STATUS: Final = "sidecar.istio.io/status"
 ISTIO_TEMPLATES: Final = "inject.istio.io/templates"
+#: NONE: Istio's sidecar template injects no istio-init (nor istio-validation).
+ISTIO_INTERCEPTION_MODE: Final = "sidecar.istio.io/interceptionMode"
 
 
 MESHGUARD_PREFIX: Final = "meshguard.io/"

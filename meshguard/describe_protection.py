@@ -11,8 +11,8 @@ from typing import Any
 from meshguard import annotation_keys
 from meshguard.describe_schema import Protection
 from meshguard.errors import MeshguardError
-from meshguard.inject.left_alone import gateway_reason
-from meshguard.pod import PROXY_CONTAINER, read_pod
+from meshguard.inject.left_alone import gateway_reason, no_init_step_reason
+from meshguard.pod import PROXY_CONTAINER, PodView, read_pod
 from meshguard.policy import parse_opt_out
 
 
@@ -59,9 +59,9 @@ def protection(
         )
     if namespace_opt_out:
         return namespace_opted_out(namespace_opt_out)
-    gateway = _gateway_reason(metadata, spec)
-    if gateway:
-        return Verdict(Protection.OPTED_OUT, f"left alone by meshguard: {gateway}")
+    left_alone = _left_alone(metadata, spec)
+    if left_alone is not None:
+        return left_alone
     return Verdict(
         Protection.UNPROTECTED,
         f"UNPROTECTED: Istio injected its sidecar ({annotation_keys.ISTIO_STATUS}) but meshguard"
@@ -80,14 +80,28 @@ def namespace_opted_out(reason: str) -> Verdict:
     )
 
 
-def _gateway_reason(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
-    """Why the webhook deliberately skips this pod as an Istio gateway, or "" (also for a
-    pod that does not read: then it is not known to be one)."""
+def _left_alone(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> Verdict | None:
+    """The verdict on a pod the webhook leaves alone on purpose: an Istio gateway (nothing
+    to isolate), or a pod Istio gave no init step (unprotected, and why)."""
+    view = _view(metadata, spec)
+    if view is None:
+        return None
+    gateway = gateway_reason(view)
+    if gateway:
+        return Verdict(Protection.OPTED_OUT, f"left alone by meshguard: {gateway}")
+    unprivileged = no_init_step_reason(view)
+    if unprivileged:
+        return Verdict(Protection.UNPROTECTED, f"UNPROTECTED: {unprivileged}")
+    return None
+
+
+def _view(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> PodView | None:
+    """The pod as the webhook reads it; None for a pod that does not read (then it is not
+    known to be one the webhook skips on purpose)."""
     try:
-        pod = read_pod(metadata=dict(metadata), spec=dict(spec))
+        return read_pod(metadata=dict(metadata), spec=dict(spec))
     except MeshguardError:
-        return ""
-    return gateway_reason(pod)
+        return None
 
 
 def _has_istio_sidecar(annotations: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:

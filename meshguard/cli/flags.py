@@ -15,6 +15,8 @@ Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 POSTURE_ACTIONS: Final = ("fix", "deny", "report")
 #: meshguard.policy.Mode's values.
 MODES: Final = ("enforce", "audit")
+#: meshguard.inject.init_step.WithoutIstioInit's values.
+WITHOUT_ISTIO_INIT: Final = ("skip", "node", "privileged")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -88,6 +90,16 @@ def add_injection_flags(parser: argparse.ArgumentParser) -> None:
         default="native",
         help="the L7 engine of pods that do not ask for one (meshguard.io/l7-engine): native"
         " (Envoy RBAC compiled from the pod's policy, default) or ext-authz (serve-authz)",
+    )
+    parser.add_argument(
+        "--without-istio-init",
+        choices=WITHOUT_ISTIO_INIT,
+        default="skip",
+        help="pods with containers besides the proxy to which Istio gave no init step"
+        " (grpc-agent template, sidecar.istio.io/interceptionMode: NONE): skip: leave them"
+        " alone and say why (refused under --opt-out refuse), as they hold no privilege"
+        " (default); node: meshguard-validation, the rules installed from the node by"
+        " meshguard's CNI plugin; privileged: a root meshguard-init with NET_ADMIN and NET_RAW",
     )
     parser.add_argument(
         "--image",

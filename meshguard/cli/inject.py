@@ -13,6 +13,7 @@ from meshguard.cli import EXIT_OK, fail, worst_status
 from meshguard.cli.templates import each_template
 from meshguard.errors import MeshguardError, UsageError
 from meshguard.init_container import InitContainerSettings
+from meshguard.inject.init_step import WithoutIstioInit
 from meshguard.inject.istio import istio_template as template_text
 from meshguard.inject.posture import (
     BadBaselineVersionError,
@@ -48,6 +49,7 @@ def injection_settings(args: argparse.Namespace, *, request_template: bool) -> I
         default_mode=Mode(args.default_mode),
         l7_engine=L7Engine(getattr(args, "l7_engine", None) or L7Engine.NATIVE.value),
         signer=signer,
+        without_istio_init=WithoutIstioInit(args.without_istio_init),
     )
 
 

@@ -1,6 +1,7 @@
 """The pods meshguard leaves alone, and why: opted out, Istio's injection disabled, ambient
-mode, Istio's gateways; and the marks only meshguard writes (its annotations and labels),
-removed from a pod it leaves alone. Pure: the removals are changes, as data
+mode, Istio's gateways, pods Istio gave no init step (unless the settings say how to protect
+them: :mod:`meshguard.inject.init_step`); and the marks only meshguard writes (its
+annotations and labels), removed from a pod it leaves alone. Pure: the removals are changes, as data
 (:mod:`meshguard.inject.changes`)."""
 
 from __future__ import annotations
@@ -47,6 +48,35 @@ def gateway_reason(pod: PodView) -> str:
         " and Istio added no init step, so there is nothing to isolate it from and meshguard"
         " adds no privileged init container to it"
     )
+
+
+def no_init_step_reason(pod: PodView) -> str:
+    """Why a pod with containers besides the proxy, to which Istio gave no init step, is
+    left alone under ``WithoutIstioInit.SKIP``, or "".
+
+    Istio's ``grpc-agent`` template, ``sidecar.istio.io/interceptionMode: NONE`` and custom
+    templates inject the proxy without istio-init or istio-validation: the pod runs without
+    NET_ADMIN or root, and may pass Pod Security baseline or restricted. A root meshguard-init
+    with NET_ADMIN would make it the pod's only privileged container, and Pod Security
+    Admission would refuse a pod that ran before meshguard was installed.
+    """
+    if pod.proxy is None or not pod.workload or pod.istio_init_step is not None:
+        return ""
+    # short enough for an admission warning (256 characters) with the webhook's prefix
+    return (
+        f"Istio gave it no init step ({_how_injected(pod)}), so meshguard adds no privileged"
+        " container (withoutIstioInit skip): no loopback isolation (node: rules from the"
+        " node; privileged: a root meshguard-init)"
+    )
+
+
+def _how_injected(pod: PodView) -> str:
+    """What made Istio leave out its init step, as the pod says it."""
+    interception = pod.annotations.get(annotation_keys.ISTIO_INTERCEPTION_MODE)
+    if str(interception or "").upper() == "NONE":
+        return f"{annotation_keys.ISTIO_INTERCEPTION_MODE}: NONE"
+    template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
+    return f"injection template {template}"
 
 
 def opts_out(metadata: Mapping[str, Any]) -> bool:

@@ -13,6 +13,8 @@ not. In Istio CNI mode (Istio's recognized init step is ``istio-validation``: no
 istio-init, no NET_ADMIN in the pod) meshguard's chained CNI plugin installs the same
 ruleset from the node, and the pod gets the capability-free ``meshguard-validation`` right
 after ``istio-validation`` instead: no container with added capabilities, privilege or root.
+A pod Istio gave no init step at all gets no more privilege than Istio gave it either: left
+alone by default, or as the settings say (:mod:`meshguard.inject.init_step`).
 
 One pass (dicts in, edited in place): the pod is read once into its view
 (:func:`meshguard.pod.read_pod`); every change is decided from it as data (posture fixes,
@@ -60,10 +62,12 @@ from meshguard.inject.changes import (
     SetKey,
 )
 from meshguard.inject.changes import notes as change_notes
+from meshguard.inject.init_step import InstallMode, WithoutIstioInit, install_mode
 from meshguard.inject.l7 import engine_changes, parse_engine, stats_changes
 from meshguard.inject.left_alone import (
     gateway_reason,
     mark_removals,
+    no_init_step_reason,
     opts_out,
     skip_reason,
 )
@@ -79,7 +83,6 @@ from meshguard.inject.posture import (
 )
 from meshguard.l7 import L7Engine
 from meshguard.pod import (
-    ISTIO_VALIDATION,
     PROXY_CONTAINER,
     PodView,
     Role,
@@ -102,21 +105,6 @@ from meshguard.status import (
 
 TEMPLATE_NAME: Final = "meshguard"
 ISTIO_DEFAULT_TEMPLATES: Final = "sidecar"
-
-
-class InstallMode(enum.StrEnum):
-    """Who installs the pod's rules."""
-
-    INIT = "init-container"  # meshguard-init, after istio-init
-    CNI = "cni"  # meshguard's chained CNI plugin, from the node; meshguard-validation checks
-
-
-def install_mode(pod: PodView) -> InstallMode:
-    """Istio CNI mode when Istio's recognized init step is istio-validation (no istio-init)."""
-    step = pod.istio_init_step
-    return (
-        InstallMode.CNI if step is not None and step.name == ISTIO_VALIDATION else InstallMode.INIT
-    )
 
 
 class OptOut(enum.StrEnum):
@@ -158,6 +146,9 @@ class InjectSettings:
     #: namespace -> whether it carries :data:`OPT_OUT_EXEMPTION` (the webhook reads the
     #: namespace from the API); None: no namespace is exempt.
     opt_out_exempt: Callable[[str], bool] | None = None
+    #: A pod with containers besides the proxy but no Istio init step: left alone, rules
+    #: from the node, or a privileged meshguard-init (:mod:`meshguard.inject.init_step`).
+    without_istio_init: WithoutIstioInit = WithoutIstioInit.SKIP
 
 
 @dataclass(frozen=True)
@@ -220,7 +211,9 @@ def _plan(
     skip = skip_reason(metadata)
     if skip and pod.proxy is not None and opts_out(metadata):
         _refuse_opt_out(pod, skip=skip, settings=settings, namespace=namespace)
-    reason = skip or gateway_reason(pod)
+    reason = (
+        skip or gateway_reason(pod) or _unprotectable(pod, settings=settings, namespace=namespace)
+    )
     if reason:
         stripped, warning = mark_removals(metadata)
         return Plan(
@@ -362,7 +355,7 @@ def _init_step(pod: PodView, *, settings: InjectSettings, mode: Mode) -> tuple[C
     step the view recognized as Istio's, not whatever bears its name.
     """
     step = pod.istio_init_step
-    if install_mode(pod) is InstallMode.CNI:
+    if install_mode(pod, without_istio_init=settings.without_istio_init) is InstallMode.CNI:
         uid = validation_uid(pod)
         container = validation_container(settings.init, uid=uid, mode=mode.value)
         volume = None  # the node-side plugin reads the annotation itself
@@ -396,16 +389,45 @@ def effective_mode(annotations: Mapping[str, Any], settings: InjectSettings) -> 
     return settings.default_mode if text is None else parse_mode(str(text))
 
 
+def _unprotectable(pod: PodView, *, settings: InjectSettings, namespace: str | None) -> str:
+    """Why a pod Istio gave no init step is left alone (``WithoutIstioInit.SKIP``), or "".
+    Under ``OptOut.REFUSE`` it is refused instead: it would run unprotected, and its author
+    can choose it (``sidecar.istio.io/interceptionMode: NONE``) as an opt-out."""
+    if settings.without_istio_init is not WithoutIstioInit.SKIP:
+        return ""
+    reason = no_init_step_reason(pod)
+    if not reason or not _opt_out_refused(pod, settings=settings, namespace=namespace):
+        return reason
+    key, value = OPT_OUT_EXEMPTION
+    raise RefusedError(
+        f"meshguard refuses pod {pod.name or '(unnamed)'}: {reason}; in namespace"
+        f" {_namespace(pod, namespace)} every Istio-injected pod is meshguard's (webhook"
+        " opt-out: refuse). Give the pod Istio's init step (no interceptionMode NONE, the"
+        " sidecar template), or set the webhook's withoutIstioInit to node (with cni.enabled)"
+        f" or privileged, or ask a cluster admin to label the namespace {key}={value}"
+    )
+
+
+def _opt_out_refused(pod: PodView, *, settings: InjectSettings, namespace: str | None) -> bool:
+    """Whether this pod's namespace may not leave an Istio-injected pod out of meshguard."""
+    if settings.opt_out is OptOut.ALLOW:
+        return False
+    exempt = settings.opt_out_exempt
+    return exempt is None or not exempt(_namespace(pod, namespace))
+
+
+def _namespace(pod: PodView, namespace: str | None) -> str:
+    return namespace or pod.namespace or "default"
+
+
 def _refuse_opt_out(
     pod: PodView, *, skip: str, settings: InjectSettings, namespace: str | None
 ) -> None:
     """Under ``OptOut.REFUSE`` a pod Istio injected may not leave meshguard out, unless its
     namespace is exempt (:data:`OPT_OUT_EXEMPTION`)."""
-    if settings.opt_out is OptOut.ALLOW:
+    if not _opt_out_refused(pod, settings=settings, namespace=namespace):
         return
-    where = namespace or pod.namespace or "default"
-    if settings.opt_out_exempt is not None and settings.opt_out_exempt(where):
-        return
+    where = _namespace(pod, namespace)
     key, value = OPT_OUT_EXEMPTION
     raise RefusedError(
         f"meshguard refuses pod {pod.name or '(unnamed)'}: it has Istio's sidecar and {skip};"

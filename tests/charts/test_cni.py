@@ -22,7 +22,8 @@ from meshguard import __version__
 from meshguard.attestation import TrustedKeys
 from meshguard.cli import build_parser
 from meshguard.cli.inject import injection_settings
-from meshguard.inject.transform import inject_pod
+from meshguard.inject.init_step import WithoutIstioInit
+from meshguard.inject.transform import Outcome, inject_pod
 from meshguard.manifests import pod_templates
 from tests.charts.test_chart import (
     CHART,
@@ -37,6 +38,7 @@ from tests.charts.test_chart import (
     render,
 )
 from tests.cni import pss
+from tests.inject.test_init_step import SHAPES
 from tests.support.keys import signing_key_file
 from tests.support.shared import shared_file
 
@@ -298,3 +300,41 @@ def test_a_pod_the_charts_webhook_injects_in_cni_mode_passes_baseline(tmp_path):
         # the pod's check and the node's agent come from the same image by default
         assert validation["image"] == container(daemonset())["image"] == INIT_IMAGE
     assert kinds(render(CNI), "DaemonSet")
+
+
+@pytest.mark.parametrize(
+    ("values", "chosen"),
+    [
+        ({}, WithoutIstioInit.SKIP),
+        (CNI, WithoutIstioInit.NODE),
+        ({"webhook": {"withoutIstioInit": "privileged"}}, WithoutIstioInit.PRIVILEGED),
+        ({**CNI, "webhook": {"withoutIstioInit": "skip"}}, WithoutIstioInit.SKIP),
+    ],
+    ids=["default", "cni", "privileged", "cni-skip"],
+)
+def test_pods_istio_gave_no_init_step_get_what_the_chart_says(tmp_path, values, chosen):
+    """The webhook as the chart runs it on Istio's grpc-agent and interceptionMode NONE pods:
+    skipped without the node agent, protected from the node with it, and a root
+    meshguard-init only when asked; the unprivileged choices keep the pod at baseline."""
+    webhook = container(one(render(values), "Deployment", "meshguard-webhook"))
+    args = build_parser().parse_args(webhook["args"])
+    args.signing_key = signing_key_file(tmp_path)
+    settings = injection_settings(args, request_template=not args.no_template)
+    assert settings.without_istio_init is chosen
+    expected = {
+        WithoutIstioInit.SKIP: (Outcome.SKIPPED, []),
+        WithoutIstioInit.NODE: (Outcome.INJECTED, ["meshguard-validation"]),
+        WithoutIstioInit.PRIVILEGED: (Outcome.INJECTED, ["meshguard-init"]),
+    }[chosen]
+    for shape in SHAPES.values():
+        metadata, spec = shape()
+        result = inject_pod(metadata, spec, settings=settings)
+        own = [c["name"] for c in spec.get("initContainers") or [] if c["name"].startswith("mesh")]
+        assert (result.outcome, own) == expected
+        if chosen is not WithoutIstioInit.PRIVILEGED:
+            assert pss.baseline(spec, metadata.get("annotations") or {}) == []
+
+
+def test_node_without_the_node_agent_is_refused_at_render():
+    with pytest.raises(helm.HelmRenderError, match=re.escape("but cni.enabled is false")):
+        render({"webhook": {"withoutIstioInit": "node"}})

@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 from meshguard.cni.node import ApiCredentials, InstallSettings, NodeLayout, install_once, uninstall
+from meshguard.errors import MeshguardFailure
+from meshguard.inject.init_step import WithoutIstioInit
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.rules.ruleset import Family, Ruleset
 from meshguard.sandbox.netns import NetworkNamespace
@@ -101,6 +103,24 @@ def cni_mode_pod(netfilter: Netfilter) -> dict[str, Any]:
     return pod
 
 
+def no_init_step_pod() -> dict[str, Any]:
+    """The matrix's example pod with Istio's ``sidecar.istio.io/interceptionMode: NONE`` (no
+    istio-init, no capture), admitted under ``withoutIstioInit: node``."""
+    pod = matrix_pod()
+    pod["metadata"].update(uid=POD_UID, namespace="demo", name="shop")
+    annotations = pod["metadata"]["annotations"]
+    annotations["sidecar.istio.io/interceptionMode"] = "NONE"
+    status = json.loads(annotations["sidecar.istio.io/status"])
+    annotations["sidecar.istio.io/status"] = json.dumps({**status, "initContainers": None})
+    pod["spec"]["initContainers"] = []
+    settings = InjectSettings(
+        request_template=False, signer=SIGNER, without_istio_init=WithoutIstioInit.NODE
+    )
+    inject_pod(pod["metadata"], pod["spec"], settings=settings)
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["meshguard-validation"]
+    return pod
+
+
 def capture_commands(netfilter: Netfilter) -> list[tuple[list[str], str]]:
     """What istio-cni runs in the pod: the matrix's Istio capture, in ``netfilter``."""
     if netfilter is Netfilter.NFTABLES:
@@ -149,15 +169,17 @@ class Chain:
 def make_chain(node: Node, tmp_path: Path) -> Iterator[Any]:
     made: list[Chain] = []
 
-    def make(netfilter: Netfilter, *, timeout: float = 5.0) -> Chain:
-        pod = cni_mode_pod(netfilter)
+    def make(netfilter: Netfilter, *, timeout: float = 5.0, no_init_step: bool = False) -> Chain:
+        pod = no_init_step_pod() if no_init_step else cni_mode_pod(netfilter)
         node.api.script.serve(pod)
         conf_dir = tmp_path / "net.d"  # the node's /etc/cni/net.d
         layout = NodeLayout(conf_dir=conf_dir, bin_dir=tmp_path / "bin", host_conf_dir=conf_dir)
         for directory in (layout.conf_dir, layout.bin_dir, tmp_path / "image"):
             directory.mkdir(exist_ok=True)
         # the network plugin's and istio-cni's configuration, as the node has it
-        istio = {"type": "istio-cni", "capture": capture_commands(netfilter)}
+        # (istio-cni captures nothing in a pod Istio gave no init step)
+        capture = [] if no_init_step else capture_commands(netfilter)
+        istio = {"type": "istio-cni", "capture": capture}
         bridge = bridge_plugin(bridge="mgbr0", data_dir=tmp_path / "ipam")
         network = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [bridge, istio]}
         (layout.conf_dir / "10-k8s-pod-network.conflist").write_text(json.dumps(network))
@@ -218,6 +240,40 @@ def test_the_attack_matrix_holds_on_the_pod_network_the_runtime_built(make_chain
     for uid in (APP.uid, 4242):
         (got,) = chain.box.probe(uid=uid, gid=uid, targets=[{"host": "10.0.0.5", "port": 80}])
         assert (got["result"], got.get("server"), got.get("port")) == ("allow", "proxy", 15001)
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["meshguard-cni", "unchained"])
+def test_a_pod_istio_gave_no_init_step_is_protected_from_the_node(make_chain, node, chained):
+    """withoutIstioInit node: no capture, no capability in the pod; meshguard-cni installs
+    the rules, and meshguard-validation (as the pod runs it) finds them, or the pod would not
+    start. Unchained, the same probes show what the pod would be without them."""
+    chain = make_chain(Netfilter.IPTABLES_NFT, no_init_step=True)
+    if not chained:
+        uninstall(chain.layout)
+    chain.add()
+    assert (chain.own_rules() != "") is chained
+    for server in (APP, PROXY):
+        chain.box.serve(server)
+    flows = [{"host": "127.0.0.1", "port": 8080}, {"host": "127.0.0.1", "port": 15000}]
+    stranger = chain.box.probe(uid=4242, gid=4242, targets=flows)
+    app = chain.box.probe(uid=APP.uid, gid=APP.gid, targets=flows)
+    refused = "deny" if chained else "allow"
+    assert [got["result"] for got in stranger] == [refused, refused]
+    assert [got["result"] for got in app] == ["allow", refused]  # Envoy's admin port
+    pod = node.api.script.served()[0]
+    (validation,) = pod["spec"]["initContainers"]
+    uid = validation["securityContext"]["runAsUser"]
+    # meshguard's CLI, loaded first (a checkout may be private to root), then run as the uid
+    code = (
+        "import os, sys, meshguard.cli, meshguard.cli.cni;"
+        f" os.setgroups([]); os.setgid({uid}); os.setuid({uid});"
+        f" sys.exit(meshguard.cli.main({validation['args']!r}))"
+    )
+    if chained:
+        chain.pod_ns.run([sys.executable, "-c", code])
+    else:
+        with pytest.raises(MeshguardFailure, match="rules"):
+            chain.pod_ns.run([sys.executable, "-c", code])
 
 
 def test_without_meshguards_entry_the_matrix_fails(make_chain, node):

@@ -12,13 +12,8 @@ import pytest
 
 from meshguard.errors import RefusedError
 from meshguard.init_container import MESHGUARD_VALIDATION, validation_container
-from meshguard.inject.transform import (
-    InjectSettings,
-    InstallMode,
-    Outcome,
-    inject_pod,
-    install_mode,
-)
+from meshguard.inject.init_step import InstallMode, WithoutIstioInit, install_mode
+from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import Role, read_pod
 from meshguard.rules.ruleset import Ruleset
@@ -59,7 +54,7 @@ def test_the_cni_sample_gets_meshguard_validation_and_no_privileged_container():
         assert not any(v.get("name") == "meshguard-ruleset" for v in template.spec["volumes"])
         assert len(template.spec["initContainers"]) == len(before["initContainers"]) + 1
         view = read_pod(metadata=template.metadata, spec=template.spec)
-        assert install_mode(view) is InstallMode.CNI
+        assert install_mode(view, without_istio_init=WithoutIstioInit.SKIP) is InstallMode.CNI
         assert next(c for c in view.containers if c.name == MESHGUARD_VALIDATION).role is (
             Role.MESH_INIT
         )

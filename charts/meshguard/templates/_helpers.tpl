@@ -302,3 +302,16 @@ charts built from source say 1.0.0: not a release, not judged.
 Istio is older than {{ $minimum }} here, the oldest Istio whose Envoy has every field of the {{ .engine }} L7 engine's loopback listener (docs/envoy-versions.md): {{ join ", " $old }}; its sidecars would refuse the listener and meshguard's pods would get no L7 decisions (their L7-covered flows refused). Upgrade Istio{{ if eq .engine "native" }}, or set webhook.l7Engine=ext-authz (Istio >= 1.18){{ end }}
 {{- end }}
 {{- end }}
+
+{{/*
+What the webhook does with pods Istio gave no init step (webhook.withoutIstioInit): empty
+means node with cni.enabled, else skip. node without the node agent would leave such pods
+with meshguard-validation and nobody to install their rules: they would never start.
+*/}}
+{{- define "meshguard.webhook.withoutIstioInit" -}}
+{{- $chosen := .Values.webhook.withoutIstioInit | default (ternary "node" "skip" .Values.cni.enabled) -}}
+{{- if and (eq $chosen "node") (not .Values.cni.enabled) -}}
+{{- fail "webhook.withoutIstioInit=node installs the rules of pods Istio gave no init step from the node, but cni.enabled is false: no node would install them and those pods would never start; set cni.enabled=true, or choose skip or privileged" -}}
+{{- end -}}
+{{- $chosen -}}
+{{- end }}

@@ -1,0 +1,212 @@
+"""Which init step a pod gets: never more privilege than Istio's injection gave it.
+
+Pods Istio gave no init step although they have workload containers (its ``grpc-agent``
+template, ``sidecar.istio.io/interceptionMode: NONE``) are built from Istio's real injector
+outputs with what those templates leave out taken out: no istio-init in the spec nor in
+``sidecar.istio.io/status``."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meshguard.describe_protection import protection
+from meshguard.describe_schema import Protection
+from meshguard.errors import RefusedError
+from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
+from meshguard.inject.init_step import InstallMode, WithoutIstioInit, install_mode
+from meshguard.inject.transform import InjectSettings, OptOut, Outcome, inject_pod
+from meshguard.manifests import pod_templates, read_documents
+from meshguard.pod import read_pod
+from meshguard.webhook.review import MAX_WARNING_CHARS
+from tests.cni import pss
+from tests.support.keys import SIGNER
+from tests.support.samples import injected_sample_names
+from tests.support.shared import shared_file
+
+ISTIO_STATUS = "sidecar.istio.io/status"
+ISTIO_STEPS = {"istio-init", "istio-validation"}
+SAMPLES = injected_sample_names() or ["(../shared absent)"]
+
+
+def _settings(without: WithoutIstioInit, **knobs: Any) -> InjectSettings:
+    return InjectSettings(
+        request_template=False, signer=SIGNER, without_istio_init=without, **knobs
+    )
+
+
+def _sample_pod(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, spec) of the first pod template of an Istio injector sample, hostPath
+    volumes left out (Pod Security baseline forbids them; meshguard refuses them)."""
+    if name.startswith("("):
+        pytest.skip("../shared/istio-injector-samples is absent")
+    (template, *_) = pod_templates(read_documents(shared_file("istio-injector-samples", name)))
+    spec = copy.deepcopy(template.spec)
+    spec["volumes"] = [v for v in spec.get("volumes") or [] if "hostPath" not in v]
+    return copy.deepcopy(template.metadata), spec
+
+
+def _without_init_step(
+    sample: str, annotation: tuple[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Istio's sample as a template without an init step renders it: no istio-init (nor
+    istio-validation) in the spec or in Istio's status, and the annotation that chose it."""
+    metadata, spec = _sample_pod(sample)
+    spec["initContainers"] = [
+        c for c in spec.get("initContainers") or [] if c["name"] not in ISTIO_STEPS
+    ]
+    annotations = metadata["annotations"]
+    status = json.loads(annotations[ISTIO_STATUS])
+    listed = [n for n in status.get("initContainers") or [] if n not in ISTIO_STEPS]
+    status["initContainers"] = listed or None
+    annotations[ISTIO_STATUS] = json.dumps(status, separators=(",", ":"))
+    key, value = annotation
+    annotations[key] = value
+    return metadata, spec
+
+
+def interception_none() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``sidecar.istio.io/interceptionMode: NONE`` (native sidecar: the proxy stays an init
+    container, istio-init is left out)."""
+    return _without_init_step("hello.yaml.injected", ("sidecar.istio.io/interceptionMode", "NONE"))
+
+
+def grpc_agent() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Istio's grpc-agent template: the agent as a regular container, no init container,
+    and no securityContext on it (the image's user)."""
+    metadata, spec = _without_init_step(
+        "hello-multi.yaml.injected", ("inject.istio.io/templates", "grpc-agent")
+    )
+    (proxy,) = [c for c in spec["initContainers"] if c["name"] == "istio-proxy"]
+    spec["initContainers"] = [c for c in spec["initContainers"] if c is not proxy]
+    proxy.pop("restartPolicy")
+    proxy.pop("securityContext", None)
+    spec["containers"].insert(0, proxy)
+    annotations = metadata["annotations"]
+    status = json.loads(annotations[ISTIO_STATUS])
+    status.update(initContainers=None, containers=["istio-proxy"])
+    annotations[ISTIO_STATUS] = json.dumps(status, separators=(",", ":"))
+    return metadata, spec
+
+
+SHAPES: dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "interceptionMode-NONE": interception_none,
+    "grpc-agent": grpc_agent,
+}
+
+
+def _baseline(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    return pss.baseline(spec, metadata.get("annotations") or {})
+
+
+def _own(spec: dict[str, Any]) -> list[str]:
+    init = spec.get("initContainers") or []
+    return [c["name"] for c in init if c["name"].startswith("meshguard")]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_pod_without_istio_init_is_left_alone_by_default_with_the_reason(shape):
+    metadata, spec = SHAPES[shape]()
+    assert not [c for c in spec.get("initContainers") or [] if c["name"] in ISTIO_STEPS]
+    assert _baseline(metadata, spec) == []  # Istio kept it at Pod Security baseline
+    before = copy.deepcopy((metadata, spec))
+    result = inject_pod(metadata, spec, settings=InjectSettings(request_template=False))
+    assert result.outcome is Outcome.SKIPPED
+    assert result.reason.startswith("Istio gave it no init step")
+    assert ("interceptionMode: NONE" if "NONE" in shape else "template grpc-agent") in (
+        result.reason
+    )
+    assert "meshguard adds no privileged container" in result.reason
+    # the webhook's warning carries all of it (a longer one is cut)
+    assert len(f"meshguard skipped this pod: {result.reason}") <= MAX_WARNING_CHARS
+    assert (metadata, spec) == before and result.operations == ()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_node_installs_from_the_node_and_the_pod_stays_at_baseline(shape):
+    metadata, spec = SHAPES[shape]()
+    settings = _settings(WithoutIstioInit.NODE)
+    result = inject_pod(metadata, spec, settings=settings)
+    assert result.outcome is Outcome.INJECTED, result.reason
+    assert _own(spec) == [MESHGUARD_VALIDATION]
+    assert spec["initContainers"][0]["name"] == MESHGUARD_VALIDATION  # first: nothing before
+    assert _baseline(metadata, spec) == []
+    assert not any(v["name"] == "meshguard-ruleset" for v in spec.get("volumes") or [])
+    view = read_pod(metadata=metadata, spec=spec)
+    assert install_mode(view, without_istio_init=WithoutIstioInit.NODE) is InstallMode.CNI
+    # admitted again (a reinvocation): recognized as meshguard's, nothing changes
+    again = inject_pod(metadata, spec, settings=settings)
+    assert again.outcome is Outcome.INJECTED and again.operations == ()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_privileged_adds_a_root_meshguard_init_only_when_asked(shape):
+    metadata, spec = SHAPES[shape]()
+    result = inject_pod(metadata, spec, settings=_settings(WithoutIstioInit.PRIVILEGED))
+    assert result.outcome is Outcome.INJECTED, result.reason
+    assert _own(spec) == [MESHGUARD_INIT]
+    assert {_unplaced(p) for p in _baseline(metadata, spec)} == {
+        _unplaced(MESHGUARD_INIT_CAPABILITIES)
+    }
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_where_pod_opt_out_is_refused_a_pod_without_istio_init_is_refused(shape):
+    """An author may choose interceptionMode NONE (or the grpc-agent template) to leave
+    meshguard out: under opt-out refuse that is refused, unless the namespace is exempt."""
+    metadata, spec = SHAPES[shape]()
+    refuse = _settings(WithoutIstioInit.SKIP, opt_out=OptOut.REFUSE)
+    with pytest.raises(RefusedError) as refused:
+        inject_pod(copy.deepcopy(metadata), copy.deepcopy(spec), settings=refuse)
+    message = str(refused.value)
+    assert "Istio gave it no init step" in message
+    assert "withoutIstioInit to node (with cni.enabled) or privileged" in message
+    assert "meshguard.io/opt-out=allowed" in message
+    exempt = _settings(WithoutIstioInit.SKIP, opt_out=OptOut.REFUSE, opt_out_exempt=lambda _: True)
+    assert inject_pod(metadata, spec, settings=exempt).outcome is Outcome.SKIPPED
+    # refused or not, node protects it without privilege
+    node = _settings(WithoutIstioInit.NODE, opt_out=OptOut.REFUSE)
+    assert inject_pod(metadata, spec, settings=node).outcome is Outcome.INJECTED
+
+
+@pytest.mark.parametrize("without", [WithoutIstioInit.SKIP, WithoutIstioInit.NODE])
+@pytest.mark.parametrize("sample", [*SAMPLES, *SHAPES])
+def test_meshguard_never_lowers_a_pods_pod_security_level(sample, without):
+    """The class: whatever Istio's injection made of a pod, meshguard's unprivileged
+    settings add no Pod Security baseline violation that Istio's own init step does not
+    already have (meshguard-init's two capabilities only where istio-init holds them)."""
+    if sample in SHAPES:
+        metadata, spec = SHAPES[sample]()
+    else:
+        metadata, spec = _sample_pod(sample)
+    before = _baseline(metadata, spec)
+    try:
+        inject_pod(metadata, spec, settings=_settings(without))
+    except RefusedError:
+        return  # refused: no pod at all
+    added = {_unplaced(p) for p in _baseline(metadata, spec)} - {_unplaced(p) for p in before}
+    if _unplaced(ISTIO_INIT_CAPABILITIES) in {_unplaced(p) for p in before}:
+        assert added <= {_unplaced(MESHGUARD_INIT_CAPABILITIES)}, added
+    else:
+        assert added == set(), added
+
+
+ISTIO_INIT_CAPABILITIES = "initContainers[0] istio-init: capabilities ['NET_ADMIN', 'NET_RAW']"
+MESHGUARD_INIT_CAPABILITIES = ISTIO_INIT_CAPABILITIES.replace("istio-init", "meshguard-init")
+
+
+def _unplaced(problem: str) -> str:
+    """A baseline problem without the container's index (meshguard's moves the others)."""
+    where, _, what = problem.partition(": ")
+    return f"{where.split(' ')[-1]}: {what}"
+
+
+def test_describe_says_why_a_pod_without_istio_init_is_unprotected():
+    metadata, spec = grpc_agent()
+    verdict = protection(metadata, spec)
+    assert verdict.protection is Protection.UNPROTECTED
+    assert "Istio gave it no init step (injection template grpc-agent)" in verdict.line
