@@ -13,8 +13,14 @@ privileged container there would lower the pod's Pod Security level. Pure.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Any, Final
 
+from meshguard import annotation_keys
 from meshguard.pod import ISTIO_VALIDATION, PodView
+
+#: Istio's injection template that adds istio-init (istio-validation in CNI mode).
+ISTIO_SIDECAR_TEMPLATE: Final = "sidecar"
 
 
 class InstallMode(enum.StrEnum):
@@ -48,3 +54,13 @@ def install_mode(pod: PodView, *, without_istio_init: WithoutIstioInit) -> Insta
     if step is None:
         return InstallMode.CNI if without_istio_init is WithoutIstioInit.NODE else InstallMode.INIT
     return InstallMode.CNI if step.name == ISTIO_VALIDATION else InstallMode.INIT
+
+
+def istio_will_add_init_step(annotations: Mapping[str, Any]) -> bool:
+    """Whether Istio's injection, still to come, gives the pod an init step, as far as the
+    pod says: its templates include ``sidecar`` (the default) and its interceptionMode is not
+    NONE (a mesh-wide interceptionMode in ProxyConfig is not visible here)."""
+    named = str(annotations.get(annotation_keys.ISTIO_TEMPLATES) or ISTIO_SIDECAR_TEMPLATE)
+    templates = {t.strip() for t in named.split(",")}
+    interception = str(annotations.get(annotation_keys.ISTIO_INTERCEPTION_MODE) or "")
+    return ISTIO_SIDECAR_TEMPLATE in templates and interception.strip().upper() != "NONE"

@@ -62,7 +62,12 @@ from meshguard.inject.changes import (
     SetKey,
 )
 from meshguard.inject.changes import notes as change_notes
-from meshguard.inject.init_step import InstallMode, WithoutIstioInit, install_mode
+from meshguard.inject.init_step import (
+    InstallMode,
+    WithoutIstioInit,
+    install_mode,
+    istio_will_add_init_step,
+)
 from meshguard.inject.l7 import engine_changes, parse_engine, stats_changes
 from meshguard.inject.left_alone import (
     gateway_reason,
@@ -229,6 +234,20 @@ def _plan(
                 result=Result(
                     Outcome.SKIPPED,
                     reason="no istio-proxy container (not injected by Istio)",
+                    warnings=(*notes, *warning),
+                ),
+            )
+        if not (
+            istio_will_add_init_step(annotations)
+            or settings.without_istio_init is WithoutIstioInit.PRIVILEGED
+        ):
+            return Plan(
+                changes=stripped,
+                result=Result(
+                    Outcome.SKIPPED,
+                    reason="the meshguard template would add a root meshguard-init, and Istio's"
+                    f" injection here ({_templates_of(annotations)}) adds no init step: not"
+                    " requested (meshguard reviews the pod once Istio injected it)",
                     warnings=(*notes, *warning),
                 ),
             )
@@ -603,6 +622,16 @@ def _recorded_changes(text: object) -> tuple[str, ...]:
     except MalformedStatusError:
         return ()
     return status.changes if status is not None else ()
+
+
+def _templates_of(annotations: Mapping[str, Any]) -> str:
+    """The pod's Istio templates and interceptionMode, as it names them."""
+    said = [
+        f"{key}: {annotations[key]}"
+        for key in (annotation_keys.ISTIO_TEMPLATES, annotation_keys.ISTIO_INTERCEPTION_MODE)
+        if annotations.get(key) is not None
+    ]
+    return ", ".join(said)
 
 
 def _template_request(annotations: Mapping[str, Any]) -> Change:

@@ -210,3 +210,42 @@ def test_describe_says_why_a_pod_without_istio_init_is_unprotected():
     verdict = protection(metadata, spec)
     assert verdict.protection is Protection.UNPROTECTED
     assert "Istio gave it no init step (injection template grpc-agent)" in verdict.line
+
+
+def _before_istio(**annotations: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Istio's sample before its injection (no istio-proxy yet), with these annotations."""
+    metadata, spec = _sample_pod("hello.yaml")
+    metadata.setdefault("annotations", {}).update(annotations)
+    return metadata, spec
+
+
+@pytest.mark.parametrize(
+    ("annotations", "requested"),
+    [
+        ({}, True),
+        ({"inject.istio.io/templates": "sidecar,custom"}, True),
+        ({"inject.istio.io/templates": "grpc-agent"}, False),
+        ({"inject.istio.io/templates": "gateway"}, False),
+        ({"sidecar.istio.io/interceptionMode": "NONE"}, False),
+        ({"sidecar.istio.io/interceptionMode": "none"}, False),
+        ({"sidecar.istio.io/interceptionMode": "TPROXY"}, True),
+    ],
+)
+def test_the_meshguard_template_is_asked_for_only_where_istio_adds_an_init_step(
+    annotations, requested
+):
+    """Before Istio's injection (requestTemplate): the template adds a root meshguard-init,
+    so it is asked for only beside Istio's sidecar template with its capture; elsewhere the
+    pod goes on to Istio unchanged, unless the installation chose privileged."""
+    metadata, spec = _before_istio(**annotations)
+    before = copy.deepcopy(metadata)
+    result = inject_pod(metadata, spec, settings=InjectSettings())
+    if requested:
+        assert result.outcome is Outcome.TEMPLATE_REQUESTED
+        assert "meshguard" in metadata["annotations"]["inject.istio.io/templates"].split(",")
+        return
+    assert result.outcome is Outcome.SKIPPED
+    assert "adds no init step: not requested" in result.reason
+    assert metadata == before
+    privileged = InjectSettings(without_istio_init=WithoutIstioInit.PRIVILEGED)
+    assert inject_pod(metadata, spec, settings=privileged).outcome is (Outcome.TEMPLATE_REQUESTED)

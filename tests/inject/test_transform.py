@@ -202,9 +202,17 @@ def test_before_istio_the_meshguard_template_is_requested_keeping_the_others():
     result = inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
     assert result.outcome is Outcome.TEMPLATE_REQUESTED
     assert template.metadata["annotations"]["inject.istio.io/templates"] == "sidecar,meshguard"
-    template.metadata["annotations"]["inject.istio.io/templates"] = "custom"
+    template.metadata["annotations"]["inject.istio.io/templates"] = "custom,sidecar"
     inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
-    assert template.metadata["annotations"]["inject.istio.io/templates"] == "custom,meshguard"
+    assert template.metadata["annotations"]["inject.istio.io/templates"] == (
+        "custom,sidecar,meshguard"
+    )
+    # a custom template alone adds no istio-init: the root meshguard-init is not asked for
+    # (tests/inject/test_init_step.py)
+    template.metadata["annotations"]["inject.istio.io/templates"] = "custom"
+    result = inject_pod(template.metadata, template.spec, settings=InjectSettings(signer=SIGNER))
+    assert result.outcome is Outcome.SKIPPED
+    assert template.metadata["annotations"]["inject.istio.io/templates"] == "custom"
 
 
 @pytest.mark.parametrize(
