@@ -18,7 +18,7 @@ from typing import Any, Final
 from meshguard import annotation_keys
 from meshguard.errors import PolicyError, Problem
 from meshguard.inject.changes import ByName, Change, Path, RemoveKey, ReplaceNamed, SetKey
-from meshguard.inject.stats import STATS_REGEXPS, stats_annotation
+from meshguard.inject.stats import STATS_REGEXPS, merge_stats
 from meshguard.l7 import RBAC_DIR, RBAC_FILE, L7Engine
 from meshguard.pod import PROXY_CONTAINER
 from meshguard.policy import Mode, Policy
@@ -80,14 +80,22 @@ def engine_changes(
     ), rbac_digest(text)
 
 
-def stats_changes(annotations: Mapping[str, Any], proxy: Mapping[str, Any]) -> tuple[Change, ...]:
+def stats_changes(
+    annotations: Mapping[str, Any], proxy: Mapping[str, Any]
+) -> tuple[tuple[Change, ...], tuple[str, ...]]:
     """The listener's RBAC and ext_authz stats into Istio's Prometheus merge, whatever the
     engine (see :mod:`meshguard.inject.stats`), from the pod's annotations and its proxy
-    container's spec; none when that cannot be done safely."""
+    container's spec, and the warning when that cannot be done safely."""
     env = proxy.get("env")
-    value = stats_annotation(
-        annotations=annotations, proxy_env=env if isinstance(env, list) else []
-    )
-    if value is None:
-        return ()
-    return (SetKey(at=("metadata", "annotations"), key=STATS_REGEXPS, value=value),)
+    merge = merge_stats(annotations=annotations, proxy_env=env if isinstance(env, list) else [])
+    if merge.left_out:
+        # within an admission warning's 256 characters
+        warning = (
+            f"meshguard left {STATS_REGEXPS} as it is ({merge.left_out}): the loopback"
+            " listener's decision stats stay out of Prometheus; add meshguard's regex to"
+            " proxyStatsMatcher yourself (istio/README.md)"
+        )
+        return (), (warning,)
+    if merge.value is None:
+        return (), ()
+    return (SetKey(at=("metadata", "annotations"), key=STATS_REGEXPS, value=merge.value),), ()

@@ -17,13 +17,15 @@ meshguard writes carries what the pod would have had without it: the operator's 
 else the regexes of the proxy config pilot-agent builds (the ``proxy.istio.io/config``
 annotation over the ``PROXY_CONFIG`` environment Istio's injection wrote, a list of the
 overlay replacing the base's), and then :data:`LISTENER_STATS`. When that cannot be known or
-written (an unreadable proxy config, a regex with a comma), the pod is left as it is.
+written (an unreadable proxy config, a regex with a comma), the pod is left as it is, and
+the reason is given (the admission's warning): the listener's stats then stay out.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from meshguard import yaml_io
@@ -46,10 +48,20 @@ class _Unknown(Exception):
     """The proxy config's regexes cannot be read: meshguard must not guess them."""
 
 
-def stats_annotation(*, annotations: Mapping[str, Any], proxy_env: Sequence[object]) -> str | None:
-    """The ``sidecar.istio.io/statsInclusionRegexps`` value the pod needs, or None to leave
-    the pod as it is (it already includes the listener's stats, or what it would lose by
-    the annotation cannot be known)."""
+@dataclass(frozen=True)
+class StatsMerge:
+    """What the pod's stats annotation becomes."""
+
+    #: The annotation's new value; None: the pod is left as it is.
+    value: str | None
+    #: Why the listener's stats stay out of Istio's merge, when they do ("" otherwise).
+    left_out: str = ""
+
+
+def merge_stats(*, annotations: Mapping[str, Any], proxy_env: Sequence[object]) -> StatsMerge:
+    """The ``sidecar.istio.io/statsInclusionRegexps`` value the pod needs; none when it
+    already includes the listener's stats, or when what the pod would lose by the annotation
+    cannot be known (then :attr:`StatsMerge.left_out` says why)."""
     current = annotations.get(STATS_REGEXPS)
     if isinstance(current, str) and current:  # pilot-agent ignores an empty one
         patterns = current.split(",")
@@ -57,14 +69,20 @@ def stats_annotation(*, annotations: Mapping[str, Any], proxy_env: Sequence[obje
         try:
             patterns = _proxy_config_regexps(annotations, proxy_env)
         except _Unknown:
-            return None
+            return StatsMerge(None, "the proxy config's proxyStatsMatcher is unreadable")
         if any("," in pattern for pattern in patterns):
-            return None  # the annotation is split on commas: such a regex cannot travel
+            # the annotation is split on commas: such a regex cannot travel
+            return StatsMerge(None, "a proxyStatsMatcher regex holds a comma")
     else:
-        return None
+        return StatsMerge(None, "it is not a string")
     if LISTENER_STATS in patterns:
-        return None
-    return ",".join([*patterns, LISTENER_STATS])
+        return StatsMerge(None)
+    return StatsMerge(",".join([*patterns, LISTENER_STATS]))
+
+
+def stats_annotation(*, annotations: Mapping[str, Any], proxy_env: Sequence[object]) -> str | None:
+    """:func:`merge_stats`'s value alone."""
+    return merge_stats(annotations=annotations, proxy_env=proxy_env).value
 
 
 def _proxy_config_regexps(annotations: Mapping[str, Any], proxy_env: Sequence[object]) -> list[str]:

@@ -314,6 +314,7 @@ def _admission(
     status = status_annotation(
         fixed, ruleset, mode=mode.value, admitted=admitted, changes=recorded, findings=reported
     )
+    stats, stats_warnings = stats_changes(annotations, _proxy_spec(pod, spec))
     marks: Path = ("metadata", "annotations")
     changes += [
         # The namespace's or cluster's mode is written on the pod, so that whoever reads the
@@ -327,13 +328,19 @@ def _admission(
             value=annotation_keys.ADMITTED_LABEL_VALUE,
         ),
         *engine_edits,
-        *stats_changes(annotations, _proxy_spec(pod, spec)),
+        *stats,
         SetKey(at=marks, key=annotation_keys.RULESET, value=ruleset.to_json()),
         SetKey(at=marks, key=annotation_keys.STATUS, value=status),
         *_init_step(fixed, settings=settings, mode=mode),
         *_pull_secrets(spec, settings.init.pull_secrets),
     ]
-    warnings = (*notes, *replaced, *(str(f) for f in findings), *ruleset.warnings)
+    warnings = (
+        *notes,
+        *replaced,
+        *(str(f) for f in findings),
+        *ruleset.warnings,
+        *stats_warnings,
+    )
     return Plan(
         changes=tuple(changes), result=Result(Outcome.INJECTED, warnings=warnings, ruleset=ruleset)
     )

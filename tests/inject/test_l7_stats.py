@@ -22,6 +22,7 @@ from meshguard.inject.stats import (
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import PROXY_CONTAINER
+from meshguard.webhook.review import MAX_WARNING_CHARS
 from tests.support.samples import give_distinct_uids, injected_sample_names
 from tests.support.shared import INJECTOR_SAMPLES, shared_file
 
@@ -93,6 +94,37 @@ def test_what_cannot_be_merged_safely_is_left_alone(
     """Writing the annotation would hide a regex meshguard cannot read or carry: the pod
     keeps what it has (the listener's own stats then stay out of Prometheus)."""
     assert stats_annotation(annotations=annotations, proxy_env=proxy_env) is None
+
+
+@pytest.mark.parametrize(
+    ("annotations", "proxy_config", "reason"),
+    [
+        ({}, '{"proxyStatsMatcher": {"inclusionRegexps": ["x{1,3}"]}}', "holds a comma"),
+        ({PROXY_CONFIG_ANNOTATION: "[unclosed"}, "{}", "is unreadable"),
+        ({}, '{"proxyStatsMatcher": "x"}', "is unreadable"),
+    ],
+    ids=["a-regex-with-a-comma", "unreadable-annotation", "matcher-not-a-mapping"],
+)
+def test_the_admission_warns_when_the_listeners_stats_stay_out(annotations, proxy_config, reason):
+    """Left as it is, the pod's stats list misses the listener's: the operator hears it (an
+    admission warning whole within 256 characters, with the way out), not on a dashboard."""
+    pods = _pods()
+    if not pods:
+        shared_file("istio-injector-samples")
+    _, metadata, spec = copy.deepcopy(next(p for p in pods if p[0] == "hello.yaml.injected[0]"))
+    metadata["annotations"].update(annotations)
+    proxy_env = _proxy(spec)["env"]
+    (entry,) = [e for e in proxy_env if e["name"] == "PROXY_CONFIG"]
+    entry["value"] = proxy_config
+    result = inject_pod(metadata, spec, settings=InjectSettings(request_template=False))
+    (warning,) = [w for w in result.warnings if STATS_REGEXPS in w]
+    assert reason in warning and "stay out of Prometheus" in warning
+    assert len(warning) <= MAX_WARNING_CHARS
+    assert STATS_REGEXPS not in metadata["annotations"]
+    # merged, no warning
+    fine = inject_pod(*copy.deepcopy(next(p for p in pods if p[0] == "hello.yaml.injected[0]"))[1:],
+                      settings=InjectSettings(request_template=False))  # fmt: skip
+    assert not [w for w in fine.warnings if STATS_REGEXPS in w]
 
 
 # --- through the injection, on Istio's real outputs ------------------------------------------
