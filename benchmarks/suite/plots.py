@@ -66,22 +66,27 @@ def l7(http: dict[str, Any], grpc: dict[str, Any], path: Path) -> Path:
     """Throughput by engine vs no authorization, latency, and authz vs bare grpc.aio echo."""
     conc = sorted(int(c) for c in http["rows"]["a"])
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
-    keys = (("n", "(n) native"), ("n0", "(n0) native, no log"), ("c", "(c) serve-authz"),
-            ("c0", "(c0) do-nothing ext_authz"))  # fmt: skip
+    rows = http["rows"]
+    # (key, label, baseline): the floor, Envoy RBAC with one rule, against the plain router
+    keys = [(k, label, "a") for k, label in (
+        ("n", "(n) native"), ("n0", "(n0) native, no log"), ("nd", "(nd) native, denied log"),
+        ("c", "(c) serve-authz"), ("c0", "(c0) do-nothing ext_authz"))]  # fmt: skip
+    keys = [k for k in keys if k[0] in rows] + [("b", "(b) Envoy RBAC, 1 rule", "r")] * (
+        "b" in rows and "r" in rows
+    )
     width = 0.8 / len(keys)
     xs = range(len(conc))
-    for i, (key, label) in enumerate(keys):
-        ys = [
-            http["rows"][key][str(c)]["per_second"] / http["rows"]["a"][str(c)]["per_second"]
-            for c in conc
-        ]
-        left.bar([x + (i - 1.5) * width for x in xs], ys, width, label=f"{label} / (a)")
+    for i, (key, label, base) in enumerate(keys):
+        ys = [rows[key][str(c)]["per_second"] / rows[base][str(c)]["per_second"] for c in conc]
+        offset = (i - (len(keys) - 1) / 2) * width
+        left.bar([x + offset for x in xs], ys, width, label=f"{label} / ({base})")
     _baseline(left, "(a) no authorization (= 1.0)")
     _goal(left, http["goal_n_over_a"], f"goal (n)/(a) >= {http['goal_n_over_a']}")
     left.set_xticks(list(xs), [str(c) for c in conc])
+    left.set_ylim(0, 1.5)  # room for the legend above the bars
     _label(left, "L7: HTTP throughput by engine", "concurrent connections (wrk)",
            "requests/s ratio vs (a) no authorization",
-           fontsize=7, loc="upper right", grid="y")  # fmt: skip
+           fontsize=7, loc="upper center", grid="y", ncol=2)  # fmt: skip
     for key, label, color in (("a", "(a) no authz", "tab:blue"), ("n", "(n) native", "tab:green"),
                               ("c", "(c) serve-authz", "tab:orange")):  # fmt: skip
         for quantile, style in (("p50", "o-"), ("p99", "^--")):

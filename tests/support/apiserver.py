@@ -355,7 +355,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # The scheme is case-insensitive, as kube-apiserver reads it (the official Python
         # client's in-cluster loader sends "bearer").
         scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
-        certified = bool(self.connection.getpeercert())  # type: ignore[attr-defined]
+        certified = bool(self.connection.getpeercert())
         if not (scheme.lower() == "bearer" and token in self.api.tokens) and not certified:
             self._json(401, _status(401, "Unauthorized", "Unauthorized"))
             return
