@@ -1,8 +1,8 @@
 """The pods meshguard leaves alone, and why: opted out, Istio's injection disabled, ambient
 mode, Istio's gateways, pods Istio gave no init step (unless the settings say how to protect
 them: :mod:`meshguard.inject.init_step`); and the marks only meshguard writes (its
-annotations and labels), removed from a pod it leaves alone. Pure: the removals are changes, as data
-(:mod:`meshguard.inject.changes`)."""
+annotations and labels), removed from a pod it leaves alone. Pure: the removals are changes,
+as data (:mod:`meshguard.inject.changes`)."""
 
 from __future__ import annotations
 

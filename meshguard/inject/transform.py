@@ -63,6 +63,7 @@ from meshguard.inject.changes import (
 )
 from meshguard.inject.changes import notes as change_notes
 from meshguard.inject.init_step import (
+    ISTIO_SIDECAR_TEMPLATE,
     InstallMode,
     WithoutIstioInit,
     install_mode,
@@ -109,7 +110,6 @@ from meshguard.status import (
 )
 
 TEMPLATE_NAME: Final = "meshguard"
-ISTIO_DEFAULT_TEMPLATES: Final = "sidecar"
 
 
 class OptOut(enum.StrEnum):
@@ -643,7 +643,7 @@ def _templates_of(annotations: Mapping[str, Any]) -> str:
 
 def _template_request(annotations: Mapping[str, Any]) -> Change:
     """Ask Istio for the ``meshguard`` template next to the pod's others."""
-    current = str(annotations.get(annotation_keys.ISTIO_TEMPLATES) or ISTIO_DEFAULT_TEMPLATES)
+    current = str(annotations.get(annotation_keys.ISTIO_TEMPLATES) or ISTIO_SIDECAR_TEMPLATE)
     templates = [t.strip() for t in current.split(",") if t.strip()]
     if TEMPLATE_NAME not in templates:
         templates.append(TEMPLATE_NAME)
