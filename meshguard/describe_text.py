@@ -35,7 +35,7 @@ def text_lines(d: PodDescription) -> list[str]:
         ports = ", ".join(f"{p.port}/{p.protocol}" for p in container.ports) or "no declared ports"
         lines.append(f"  {container.name:<20} {uid:<12} {container.role:<10} {ports}")
     lines.append("may connect over loopback (besides each container to its own ports):")
-    lines += [f"  {_rule_text(rule)}" for rule in d.rules] or ["  nothing"]
+    lines += [f"  {_rule_text(rule, engine=d.engine)}" for rule in d.rules] or ["  nothing"]
     default = (
         "deny every other loopback flow"
         if d.default_action is Action.DENY
@@ -101,10 +101,11 @@ def _mode_line(d: PodDescription) -> str:
 
 
 def _installer_text(installer: str | None) -> str:
-    """Which install mode the pod is in: meshguard-init, or Istio CNI mode (from the node)."""
+    """Which install mode the pod is in: meshguard-init, or from the node (Istio CNI mode, or
+    a pod Istio gave no init step under withoutIstioInit node)."""
     if installer == MESHGUARD_VALIDATION:
         return (
-            "the node (Istio CNI mode: meshguard's chained CNI plugin),"
+            "the node (meshguard's chained CNI plugin: Istio CNI mode, or no Istio init step),"
             f" checked in the pod by {MESHGUARD_VALIDATION} (no capabilities)"
         )
     if installer == MESHGUARD_INIT:
@@ -126,7 +127,7 @@ def _backend_text(*, native_nftables: bool) -> str:
     )
 
 
-def _rule_text(rule: RuleData) -> str:
+def _rule_text(rule: RuleData, *, engine: EngineData | None) -> str:
     sources = "every container" if ANY_CONTAINER in rule.sources else ", ".join(rule.sources)
     target = "the proxy" if rule.to == PROXY else rule.to
     ports = ", ".join(map(str, rule.ports))
@@ -136,8 +137,17 @@ def _rule_text(rule: RuleData) -> str:
         paths = ", ".join(rule.http.paths) or "any path"
         headers = ", ".join(f"{k}={v}" for k, v in rule.http.headers.items())
         text += f", only {methods} {paths}" + (f" with {headers}" if headers else "")
-        text += " (checked per request by the ext_authz server)"
+        text += f" (checked per request by {_decider(engine)})"
     return text
+
+
+def _decider(engine: EngineData | None) -> str:
+    """Who checks a rule's HTTP conditions: the pod's engine, where the pod says it."""
+    if engine is None:
+        return "the pod's L7 engine"
+    if engine.name == L7Engine.NATIVE.value:
+        return "Envoy in the sidecar"
+    return "the ext_authz server"
 
 
 def _admitted_lines(d: PodDescription) -> list[str]:

@@ -34,10 +34,26 @@ def test_describe_an_injected_pod():
     assert "proxy: uid 1337, gid 1337 — never restricted" in out
     assert "[1] app -> cache port 6379/tcp" in out
     assert (
-        "[3] app -> the proxy port 15020/tcp, only POST /quitquitquit (checked per request" in out
+        "[3] app -> the proxy port 15020/tcp, only POST /quitquitquit (checked per request"
+        " by Envoy in the sidecar)" in out  # the default engine: native
     )
+    assert "ext_authz" not in out
     assert "default: deny every other loopback flow" in out
     assert "— matches the policy" in out
+
+
+def test_describe_names_the_engine_that_checks_a_rules_http_conditions():
+    example = yaml.safe_load(EXAMPLE.read_text())
+    example["metadata"]["annotations"]["meshguard.io/l7-engine"] = "ext-authz"
+    done = meshguard_cli("inject", "-f", "-", stdin=yaml.safe_dump(example))
+    assert done.returncode == 0, done.stderr
+    described = meshguard_cli("describe", "-f", "-", stdin=done.stdout)
+    assert "only POST /quitquitquit (checked per request by the ext_authz server)" in (
+        described.stdout
+    )
+    # before admission no engine is recorded: the text does not guess
+    before = meshguard_cli("describe", "-f", "-", stdin=EXAMPLE.read_text())
+    assert "only POST /quitquitquit (checked per request by the pod's L7 engine)" in (before.stdout)
 
 
 def test_describe_says_when_the_recorded_ruleset_is_stale():
