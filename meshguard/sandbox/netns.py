@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Self
 
-from meshguard.errors import MeshguardFailure
+from meshguard.errors import MeshguardFailure, UsageError
 from meshguard.process import run_command
 
 
@@ -160,10 +160,16 @@ def record_command(
     ]  # fmt: skip
 
 
-def serve_http_command(*, name: str, uid: int, gid: int, ports: Sequence[int]) -> list[str]:
+def serve_http_command(
+    *, name: str, uid: int, gid: int, ports: Sequence[int], forbid: Sequence[str] = ()
+) -> list[str]:
+    """argv of HTTP echo servers as uid/gid; paths starting with one of ``forbid`` get 403."""
+    if any("," in prefix or not prefix.startswith("/") for prefix in forbid):
+        raise UsageError(f"--forbid: path prefixes start with / and hold no comma: {forbid!r}")
     return [
         sys.executable, "-m", "meshguard.sandbox.probe", "serve-http", "--name", name,
         "--uid", str(uid), "--gid", str(gid), "--tcp", ",".join(map(str, ports)),
+        *(["--forbid", ",".join(forbid)] if forbid else []),
     ]  # fmt: skip
 
 

@@ -9,7 +9,9 @@ kernel's owner match sees exactly what it would see in a pod.
   naming the server, the local port it landed on and the peer address. Prints ``ready``
   once bound.
 - ``serve-http``: HTTP/1.1 servers on the given TCP ports answering every request with a
-  JSON line (server, port, method, path, peer): the upstreams of L7 flows.
+  JSON line (server, port, method, path, peer): the upstreams of L7 flows. ``--forbid``
+  (comma-separated path prefixes) makes them answer a request whose path starts with one of
+  them 403, with the same JSON line: an app's own denial, for a rule that let it through.
 - ``probe``: read a JSON list of targets on stdin, try each, print a JSON list of outcomes:
   ``allow`` (the server answered; its reply says where the flow landed), ``deny`` (refused
   or reset: the kernel rejected it), ``timeout`` or ``error``; a datagram sent without
@@ -189,9 +191,11 @@ def _plain(address: str) -> str:
 
 
 class _EchoHandler(http.server.BaseHTTPRequestHandler):
-    """Answers every request with where it landed: server, port, method, path, peer."""
+    """Answers every request with where it landed: server, port, method, path, peer; 200,
+    or 403 when the path starts with one of ``forbidden_``."""
 
     server_name_: str = ""
+    forbidden_: tuple[str, ...] = ()
     protocol_version = "HTTP/1.1"
 
     def _answer(self) -> None:
@@ -210,7 +214,7 @@ class _EchoHandler(http.server.BaseHTTPRequestHandler):
                 ),
             }
         ).encode()
-        self.send_response(200)
+        self.send_response(403 if self.path.startswith(self.forbidden_) else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -233,9 +237,11 @@ class _DualStackHTTPServer(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = "localhost", self.server_address[1]
 
 
-def serve_http(*, name: str, ports: Sequence[int]) -> None:
-    """HTTP/1.1 echo servers on each port (dual-stack), one thread each."""
-    handler = type("Handler", (_EchoHandler,), {"server_name_": name})
+def serve_http(*, name: str, ports: Sequence[int], forbid: Sequence[str] = ()) -> None:
+    """HTTP/1.1 echo servers on each port (dual-stack), one thread each; a path starting
+    with one of ``forbid`` is answered 403."""
+    attributes = {"server_name_": name, "forbidden_": tuple(forbid)}
+    handler = type("Handler", (_EchoHandler,), attributes)
     servers = [_DualStackHTTPServer(("::", port), handler) for port in ports]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for thread in threads:
@@ -470,12 +476,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tcp", default="", help="comma-separated ports to serve")
     parser.add_argument("--udp", default="", help="comma-separated ports to serve")
     parser.add_argument("--seconds", type=float, default=2.0, help="how long to record")
+    parser.add_argument(
+        "--forbid", default="", help="serve-http: comma-separated path prefixes answered 403"
+    )
     args = parser.parse_args(argv)
     drop_privileges(uid=args.uid, gid=args.gid, groups=_ints(args.groups))
     if args.command in {"serve", "serve-http"}:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         if args.command == "serve-http":
-            serve_http(name=args.name, ports=_ints(args.tcp))
+            forbid = [prefix for prefix in args.forbid.split(",") if prefix]
+            serve_http(name=args.name, ports=_ints(args.tcp), forbid=forbid)
         else:
             serve(name=args.name, tcp=_ints(args.tcp), udp=_ints(args.udp))
         return 0

@@ -244,6 +244,72 @@ def test_a_denied_decision_log_writes_denials_and_would_be_denials_only(
     assert second["details"] == f"rbac_access_denied_matched_policy[{AMBIGUOUS_PATH}]"
 
 
+@pytest.mark.parametrize("mode", ["enforce", "audit"])
+def test_a_denied_decision_log_leaves_an_upstreams_own_403_to_its_mode(
+    mode: str, tmp_path: Path, shared_dir: Path
+):
+    """``--decision-log denied`` and an app that answers 403 itself: in enforce mode the
+    403 of a request a rule let through carries that rule, so it gets no line, while a
+    policy denial beside it still gets one; in audit mode every upstream 403 gets a line,
+    ``details`` ``via_upstream``, naming the rule that would have allowed it (null: a
+    would-be denial). The client gets the app's 403 as the app wrote it."""
+    with l7_sandbox(
+        mode=mode, netfilter=Netfilter.IPTABLES_NFT, shared=shared_dir, tmp_path=tmp_path,
+        engine=L7Engine.NATIVE, policy=POLICY, decision_log=DecisionLog.DENIED,
+        app_forbids=("/api/forbidden", "/items/forbidden"),
+    ) as pod:  # fmt: skip
+        by_path = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET",
+                           path="/api/forbidden")  # fmt: skip
+        by_header = pod.http(CACHE, host="127.0.0.1", port=8080, method="PUT",
+                             path="/items/forbidden/1", headers={"x-token": "abc"})  # fmt: skip
+        no_rule = pod.http(CACHE, host="127.0.0.1", port=8080, method="PUT",
+                           path="/api/forbidden")  # fmt: skip
+        ambiguous = pod.http(CACHE, host="127.0.0.1", port=8080, method="GET",
+                             path="/api/forbidden?_method=DELETE")  # fmt: skip
+        # allowed and answered 200: once the lines before it are written, a line of the
+        # allowed 403s would be there too (one log, written in order)
+        pod.http(CACHE, host="127.0.0.1", port=8080, method="GET", path="/api/z")
+        lines_after(pod, 2 if mode == "enforce" else 4)
+        time.sleep(0.5)
+        lines = pod.native_lines()
+    # the app's own 403 reaches the client as the app wrote it (no local reply body)
+    for got, method, path in [
+        (by_path, "GET", "/api/forbidden"), (by_header, "PUT", "/items/forbidden/1"),
+    ]:  # fmt: skip
+        assert got["status"] == 403, got
+        assert {k: json.loads(got["body"])[k] for k in ("server", "method", "path")} == {
+            "server": "app", "method": method, "path": path,
+        }, got  # fmt: skip
+    assert ambiguous["status"] == 403
+    assert ambiguous["body"] == (
+        f"meshguard: denied: rbac_access_denied_matched_policy[{AMBIGUOUS_METHOD}]\n"
+    )
+    fields = ("method", "path", "code", "rule", "details")
+    if mode == "enforce":
+        assert no_rule["body"] == "meshguard: denied: rbac_access_denied_matched_policy[none]\n"
+        assert [{k: line[k] for k in fields} for line in lines] == [
+            {"method": "PUT", "path": "/api/forbidden", "code": 403, "rule": None,
+             "details": "rbac_access_denied_matched_policy[none]"},
+            {"method": "GET", "path": "/api/forbidden?_method=DELETE", "code": 403,
+             "rule": None,
+             "details": f"rbac_access_denied_matched_policy[{AMBIGUOUS_METHOD}]"},
+        ], lines  # fmt: skip
+        return
+    assert (no_rule["status"], json.loads(no_rule["body"])["server"]) == (403, "app")
+    fields += ("audit", "audit_rule")
+    assert [{k: line[k] for k in fields} for line in lines] == [
+        {"method": "GET", "path": "/api/forbidden", "code": 403, "rule": None,
+         "details": "via_upstream", "audit": "allowed", "audit_rule": "rules[001]/cache"},
+        {"method": "PUT", "path": "/items/forbidden/1", "code": 403, "rule": None,
+         "details": "via_upstream", "audit": "allowed", "audit_rule": "rules[002]/cache"},
+        {"method": "PUT", "path": "/api/forbidden", "code": 403, "rule": None,
+         "details": "via_upstream", "audit": "allowed", "audit_rule": None},
+        {"method": "GET", "path": "/api/forbidden?_method=DELETE", "code": 403, "rule": None,
+         "details": f"rbac_access_denied_matched_policy[{AMBIGUOUS_METHOD}]",
+         "audit": None, "audit_rule": None},  # denied before the pod's rules ran
+    ], lines  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("content", "decision_log"),
     [

@@ -155,11 +155,13 @@ def l7_sandbox(
     rbac_text: str | None = None,
     stats_config: dict[str, Any] | None = None,
     decision_log: DecisionLog = DecisionLog.ALL,
+    app_forbids: tuple[str, ...] = (),
 ) -> Iterator[L7Pod]:
     """The injected example pod in a fresh namespace: Istio's capture and meshguard's rules
     in ``netfilter``, the apps, pilot-agent, and the Envoy of ``envoy/`` for ``engine``:
     ext-authz with the authz server (unless ``authz`` is false), or native with the pod's
-    RBAC document (its ``meshguard.io/l7-rbac``, as the downward API mounts it)."""
+    RBAC document (its ``meshguard.io/l7-rbac``, as the downward API mounts it). The app
+    answers 403 itself to paths starting with one of ``app_forbids``."""
     pod = injected_pod(mode, netfilter=netfilter, policy=policy, engine=engine)
     pod_file = shared / "pod.yaml"  # read by processes running as the proxy's uid
     pod_file.write_text(yaml.safe_dump(pod))
@@ -178,9 +180,10 @@ def l7_sandbox(
             box.load_istio("ipv6-outbound-ports.golden", families=[Family.IPV6])
         box.meshguard_init()
         assert rules_in(box) == {netfilter.value}
-        ns.spawn(
-            serve_http_command(name="app", uid=APP, gid=APP, ports=[8080, 9090]), ready_line="ready"
+        app = serve_http_command(
+            name="app", uid=APP, gid=APP, ports=[8080, 9090], forbid=app_forbids
         )
+        ns.spawn(app, ready_line="ready")
         h2c = [sys.executable, str(PEERS), "serve-h2c", "--name", "app-h2c", "--port",
                str(H2C_PORT), "--uid", str(APP), "--gid", str(APP)]  # fmt: skip
         ns.spawn(h2c, ready_line="ready")

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from meshguard.errors import UsageError
+from meshguard.sandbox.netns import NetworkNamespace, probe_command, serve_http_command
 from meshguard.sandbox.probe import _echo_reply, _landing
 
 
@@ -61,3 +63,31 @@ def test_targets_that_are_not_a_list_of_objects_are_refused(stdin: str) -> None:
     assert done.returncode == 2, done.stderr
     assert "stdin must be a JSON list of target objects" in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.root
+def test_an_http_echo_server_answers_403_to_its_forbidden_prefixes_only() -> None:
+    """``--forbid``: an app's own 403 (the same echo body), for upstream-403 tests."""
+    paths = ["/api/forbidden", "/api/forbidden/x?q=1", "/admin", "/api/x", "/", "/x/admin"]
+    targets = [
+        {"protocol": "http", "host": host, "port": 8080, "path": path}
+        for host in ("127.0.0.1", "::1")
+        for path in paths
+    ]
+    with NetworkNamespace() as ns:
+        ns.spawn(
+            serve_http_command(name="app", uid=1000, gid=1000, ports=[8080],
+                               forbid=["/api/forbidden", "/admin"]),
+            ready_line="ready",
+        )  # fmt: skip
+        results = json.loads(ns.run(probe_command(uid=1000, gid=1000), stdin=json.dumps(targets)))
+    assert [r["status"] for r in results] == [403, 403, 403, 200, 200, 200] * 2, results
+    for target, result in zip(targets, results, strict=True):
+        body = json.loads(result["body"]) if result["status"] == 403 else result
+        assert (body["server"], body["path"]) == ("app", target["path"]), result
+
+
+@pytest.mark.parametrize("forbid", [["api"], [""], ["/a,/b"]])
+def test_a_forbidden_prefix_that_is_not_a_path_is_refused(forbid: list[str]) -> None:
+    with pytest.raises(UsageError, match="path prefixes start with /"):
+        serve_http_command(name="app", uid=1000, gid=1000, ports=[8080], forbid=forbid)
