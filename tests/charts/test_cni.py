@@ -37,8 +37,8 @@ from tests.charts.test_chart import (
     one,
     render,
 )
-from tests.cni import pss
 from tests.inject.test_init_step import SHAPES
+from tests.support import pss
 from tests.support.keys import signing_key_file
 from tests.support.shared import shared_file
 
@@ -188,11 +188,12 @@ def test_the_pod_mounts_the_cni_directories_and_the_agent_socket_and_holds_istio
     assert context["readOnlyRootFilesystem"] is True
     # baseline's objections: exactly the hostPaths and those capabilities (its namespace must
     # be privileged, as istio-cni's)
-    assert pss.baseline(spec, {}) == [
-        "hostPath volume cni-bin-dir", "hostPath volume cni-net-dir",
-        "hostPath volume agent-socket",
-        "containers[0] install-cni: capabilities ['NET_ADMIN', 'NET_RAW', 'SYS_ADMIN']",
-    ]  # fmt: skip
+    annotations = daemonset()["spec"]["template"]["metadata"].get("annotations") or {}
+    assert pss.violations(spec, level="baseline", annotations=annotations) == {
+        *{("pod", f"hostPath volume {v}") for v in ("cni-bin-dir", "cni-net-dir", "agent-socket")},
+        *{("install-cni", f"capability {c}") for c in ("NET_ADMIN", "NET_RAW", "SYS_ADMIN")},
+    }
+    assert [c["name"] for c in spec["containers"]] == ["install-cni"]
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
     assert mounts == {"/host/opt/cni/bin": "cni-bin-dir", "/host/etc/cni/net.d": "cni-net-dir",
                       "/var/run/meshguard": "agent-socket", "/tmp": "tmp",
@@ -294,9 +295,11 @@ def test_a_pod_the_charts_webhook_injects_in_cni_mode_passes_baseline(tmp_path):
         inject_pod(metadata, spec, settings=settings)
         names = [c["name"] for c in spec["initContainers"]]
         assert "meshguard-validation" in names and "meshguard-init" not in names
-        assert pss.baseline(spec, metadata.get("annotations") or {}) == []
+        annotations = metadata.get("annotations") or {}
+        assert pss.violations(spec, level="baseline", annotations=annotations) == set()
+        restricted = pss.violations(spec, level="restricted", annotations=annotations)
+        assert pss.checks_of(restricted, "meshguard-validation") == set()
         validation = next(c for c in spec["initContainers"] if c["name"] == "meshguard-validation")
-        assert pss.restricted_container(validation, spec.get("securityContext") or {}) == []
         # the pod's check and the node's agent come from the same image by default
         assert validation["image"] == container(daemonset())["image"] == INIT_IMAGE
     assert kinds(render(CNI), "DaemonSet")
@@ -332,7 +335,8 @@ def test_pods_istio_gave_no_init_step_get_what_the_chart_says(tmp_path, values, 
         own = [c["name"] for c in spec.get("initContainers") or [] if c["name"].startswith("mesh")]
         assert (result.outcome, own) == expected
         if chosen is not WithoutIstioInit.PRIVILEGED:
-            assert pss.baseline(spec, metadata.get("annotations") or {}) == []
+            annotations = metadata.get("annotations") or {}
+            assert pss.violations(spec, level="baseline", annotations=annotations) == set()
 
 
 def test_node_without_the_node_agent_is_refused_at_render():

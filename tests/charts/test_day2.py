@@ -56,6 +56,7 @@ from tests.charts.test_chart import (
     pem,
     selector_matches,
 )
+from tests.support import pss
 from tests.support.keys import SIGNER, signing_key_file
 from tests.support.shared import shared_file
 from tests.support.tls import CertificateAuthority
@@ -517,106 +518,18 @@ def test_webhook_finishes_in_flight_admissions_on_sigterm(
 
 # --- Pod Security Standards --------------------------------------------------------------
 
-#: Pod Security Standards (Kubernetes "latest"): capabilities baseline allows to add.
-BASELINE_CAPABILITIES = {
-    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
-    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
-}  # fmt: skip
-RESTRICTED_VOLUMES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-    "projected", "secret",
-}  # fmt: skip
-SAFE_SYSCTLS = {
-    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes",
-}  # fmt: skip
-SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
 
-
-def pss_violations(spec: dict[str, Any], level: str) -> set[tuple[str, str]]:
-    """(container or "pod", check) pairs a pod spec fails at ``baseline`` or ``restricted``.
-
-    The checks of the Pod Security Standards, as the PodSecurity admission plugin applies
-    them (a container's own securityContext overrides the pod's where both may be set).
-    """
-    found: set[tuple[str, str]] = set()
-    pod_context = spec.get("securityContext") or {}
-    for flag in ("hostNetwork", "hostPID", "hostIPC"):
-        if spec.get(flag):
-            found.add(("pod", flag))
-    for sysctl in pod_context.get("sysctls") or []:
-        if sysctl["name"] not in SAFE_SYSCTLS:
-            found.add(("pod", f"sysctl {sysctl['name']}"))
-    for volume in spec.get("volumes") or []:
-        kind = next((k for k in volume if k != "name"), "emptyDir")
-        if kind == "hostPath":
-            found.add(("pod", f"hostPath volume {volume['name']}"))
-        if level == "restricted" and kind not in RESTRICTED_VOLUMES:
-            found.add(("pod", f"volume type {kind}"))
-    for profile_owner, context in (("pod", pod_context),):
-        if (context.get("seccompProfile") or {}).get("type") == "Unconfined":
-            found.add((profile_owner, "seccomp Unconfined"))
-    containers = [
-        *(spec.get("initContainers") or []),
-        *spec["containers"],
-        *(spec.get("ephemeralContainers") or []),
-    ]
-    for entry in containers:
-        name = entry["name"]
-        context = entry.get("securityContext") or {}
-        effective = {**pod_context, **context}
-        if context.get("privileged"):
-            found.add((name, "privileged"))
-        if (context.get("windowsOptions") or {}).get("hostProcess"):
-            found.add((name, "hostProcess"))
-        if context.get("procMount", "Default") != "Default":
-            found.add((name, "procMount"))
-        for port in entry.get("ports") or []:
-            if port.get("hostPort"):
-                found.add((name, "hostPort"))
-        added = set((context.get("capabilities") or {}).get("add") or [])
-        for capability in sorted(added - BASELINE_CAPABILITIES):
-            found.add((name, f"capability {capability}"))
-        seccomp = (effective.get("seccompProfile") or {}).get("type")
-        if seccomp == "Unconfined":
-            found.add((name, "seccomp Unconfined"))
-        apparmor = (effective.get("appArmorProfile") or {}).get("type")
-        if apparmor == "Unconfined":
-            found.add((name, "appArmor Unconfined"))
-        selinux = effective.get("seLinuxOptions") or {}
-        if (
-            selinux.get("type", "") not in SELINUX_TYPES
-            or selinux.get("user")
-            or selinux.get("role")
-        ):
-            found.add((name, "seLinuxOptions"))
-        if level != "restricted":
-            continue
-        if context.get("allowPrivilegeEscalation") is not False:
-            found.add((name, "allowPrivilegeEscalation"))
-        if effective.get("runAsNonRoot") is not True:
-            found.add((name, "runAsNonRoot"))
-        if effective.get("runAsUser") == 0:
-            found.add((name, "runAsUser 0"))
-        if seccomp not in {"RuntimeDefault", "Localhost"}:
-            found.add((name, "seccompProfile"))
-        if "ALL" not in ((context.get("capabilities") or {}).get("drop") or []):
-            found.add((name, "capabilities drop ALL"))
-        for capability in sorted(added - {"NET_BIND_SERVICE"}):
-            found.add((name, f"restricted capability {capability}"))
-    if level == "restricted" and pod_context.get("runAsUser") == 0:
-        found.add(("pod", "runAsUser 0"))
-    return found
+def _violations(template: dict[str, Any], level: pss.Level) -> set[pss.Violation]:
+    """What a pod template (its spec and its annotations) fails at ``level``."""
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    return pss.violations(template["spec"], level=level, annotations=annotations)
 
 
 @pytest.mark.parametrize("component", ["webhook", "authz"])
 @pytest.mark.parametrize("mode", ["generated", "existingSecret-cainjector", "certManager"])
 def test_servers_pass_pod_security_restricted(component: str, mode: str) -> None:
     deployment = one(render(values_of(mode)), "Deployment", f"meshguard-{component}")
-    spec = deployment["spec"]["template"]["spec"]
-    assert pss_violations(spec, "restricted") == set()
+    assert _violations(deployment["spec"]["template"], "restricted") == set()
     # the fields restricted asks for, stated where they are set
     main = container(deployment)["securityContext"]
     assert main["allowPrivilegeEscalation"] is False
@@ -637,44 +550,181 @@ def test_servers_pass_pod_security_restricted(component: str, mode: str) -> None
     ],
 )
 def test_the_pss_checker_sees_each_restricted_rule(mutate: Any, violation: str) -> None:
-    deployment = one(render({}), "Deployment", "meshguard-webhook")
-    spec = deployment["spec"]["template"]["spec"]
+    template = one(render({}), "Deployment", "meshguard-webhook")["spec"]["template"]
+    spec = template["spec"]
     mutate(spec["containers"][0]["securityContext"], spec["securityContext"])
-    assert ("webhook", violation) in pss_violations(spec, "restricted")
+    assert ("webhook", violation) in _violations(template, "restricted")
+
+
+POD, MAIN = pss.POD, "webhook"
+Change = tuple[str, dict[str, Any]]
+
+
+def _apply(template: dict[str, Any], change: Change) -> None:
+    """Set fields (None: remove them) on a part of the webhook's pod template: its "spec",
+    the "pod"'s or the "webhook"'s securityContext, the "container" or the "annotations"."""
+    where, fields = change
+    spec = template["spec"]
+    target = {
+        "spec": spec,
+        POD: spec["securityContext"],
+        MAIN: spec["containers"][0]["securityContext"],
+        "container": spec["containers"][0],
+        "annotations": template["metadata"]["annotations"],
+    }[where]
+    for key, value in fields.items():
+        if value is None:
+            target.pop(key)
+        else:
+            target[key] = value
+
+
+APPARMOR = "container.apparmor.security.beta.kubernetes.io/webhook"
+UNCONFINED = {"type": "Unconfined"}
+SPC = {"type": "spc_t", "user": "u", "role": "r"}
+SPC_FOUND = {"seLinuxOptions.type spc_t", "seLinuxOptions.user", "seLinuxOptions.role"}
+#: id: (changes to the webhook's pod template, which passes restricted; exactly what baseline
+#: then finds; exactly what restricted finds on top of it)
+PSS_RULES: dict[str, tuple[list[Change], set[tuple[str, str]], set[tuple[str, str]]]] = {
+    "hostNetwork": ([("spec", {"hostNetwork": True})], {(POD, "hostNetwork")}, set()),
+    "hostPID": ([("spec", {"hostPID": True})], {(POD, "hostPID")}, set()),
+    "hostIPC": ([("spec", {"hostIPC": True})], {(POD, "hostIPC")}, set()),
+    "pod hostProcess": (
+        [(POD, {"windowsOptions": {"hostProcess": True}})], {(POD, "hostProcess")}, set()
+    ),
+    "hostProcess": (
+        [(MAIN, {"windowsOptions": {"hostProcess": True}})], {(MAIN, "hostProcess")}, set()
+    ),
+    "privileged": ([(MAIN, {"privileged": True})], {(MAIN, "privileged")}, set()),
+    "capability": (
+        [(MAIN, {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}})],
+        {(MAIN, "capability SYS_ADMIN")}, {(MAIN, "restricted capability SYS_ADMIN")},
+    ),
+    "baseline capability": (
+        [(MAIN, {"capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}})],
+        set(), {(MAIN, "restricted capability CHOWN")},
+    ),
+    "NET_BIND_SERVICE": (
+        [(MAIN, {"capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}})], set(), set()
+    ),
+    "hostPath": (
+        [("spec", {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]})],
+        {(POD, "hostPath volume host")}, {(POD, "volume type hostPath")},
+    ),
+    "volume type": (
+        [("spec", {"volumes": [{"name": "n", "nfs": {"server": "s", "path": "/"}}]})],
+        set(), {(POD, "volume type nfs")},
+    ),
+    "hostPort": (
+        [("container", {"ports": [{"containerPort": 9443, "hostPort": 9443}]})],
+        {(MAIN, "hostPort 9443")}, set(),
+    ),
+    "procMount": ([(MAIN, {"procMount": "Unmasked"})], {(MAIN, "procMount")}, set()),
+    "sysctl": (
+        [(POD, {"sysctls": [{"name": "kernel.msgmax", "value": "1"},
+                            {"name": "net.ipv4.tcp_syncookies", "value": "1"}]})],
+        {(POD, "sysctl kernel.msgmax")}, set(),
+    ),
+    "pod seccomp": ([(POD, {"seccompProfile": UNCONFINED})], {(POD, "seccomp Unconfined")}, set()),
+    "seccomp": (
+        [(MAIN, {"seccompProfile": UNCONFINED})],
+        {(MAIN, "seccomp Unconfined")}, {(MAIN, "seccompProfile")},
+    ),
+    # a pod's own field is judged on the pod, also where each container sets its own
+    "pod appArmor": (
+        [(POD, {"appArmorProfile": UNCONFINED}),
+         (MAIN, {"appArmorProfile": {"type": "RuntimeDefault"}})],
+        {(POD, "appArmor Unconfined")}, set(),
+    ),
+    "appArmor": ([(MAIN, {"appArmorProfile": UNCONFINED})], {(MAIN, "appArmor Unconfined")}, set()),
+    "AppArmor annotation": (
+        [("annotations", {APPARMOR: "unconfined"})],
+        {(POD, f"annotation {APPARMOR}=unconfined")}, set(),
+    ),
+    "AppArmor annotation allowed": (
+        [("annotations", {APPARMOR: "runtime/default", f"{APPARMOR}2": "localhost/profile"})],
+        set(), set(),
+    ),
+    "pod seLinuxOptions": (
+        [(POD, {"seLinuxOptions": SPC}), (MAIN, {"seLinuxOptions": {"type": "container_t"}})],
+        {(POD, found) for found in SPC_FOUND}, set(),
+    ),
+    "seLinuxOptions": (
+        [(MAIN, {"seLinuxOptions": SPC | {"level": "s0:c1"}})],
+        {(MAIN, found) for found in SPC_FOUND}, set(),
+    ),
+    "allowPrivilegeEscalation": (
+        [(MAIN, {"allowPrivilegeEscalation": None})], set(), {(MAIN, "allowPrivilegeEscalation")}
+    ),
+    "runAsNonRoot": ([(MAIN, {"runAsNonRoot": False})], set(), {(MAIN, "runAsNonRoot")}),
+    # the pod may not say false (or 0), even where its containers say otherwise
+    "pod runAsNonRoot": ([(POD, {"runAsNonRoot": False})], set(), {(POD, "runAsNonRoot")}),
+    "runAsUser": ([(MAIN, {"runAsUser": 0})], set(), {(MAIN, "runAsUser 0")}),
+    "pod runAsUser": ([(POD, {"runAsUser": 0})], set(), {(POD, "runAsUser 0")}),
+    "inherited runAsUser": (
+        [(POD, {"runAsUser": 0}), (MAIN, {"runAsUser": None})],
+        set(), {(POD, "runAsUser 0"), (MAIN, "runAsUser 0")},
+    ),
+    "seccompProfile": (
+        [(POD, {"seccompProfile": None}), (MAIN, {"seccompProfile": None})],
+        set(), {(MAIN, "seccompProfile")},
+    ),
+    "drop ALL": ([(MAIN, {"capabilities": {}})], set(), {(MAIN, "capabilities drop ALL")}),
+    "init and ephemeral containers": (
+        [("spec", {"initContainers": [{"name": "setup", "securityContext": {"privileged": True}}],
+                   "ephemeralContainers": [{"name": "debug", "ports": [{"hostPort": 1}]}]})],
+        {("setup", "privileged"), ("debug", "hostPort 1")},
+        {(name, check) for name in ("setup", "debug")
+         for check in ("allowPrivilegeEscalation", "capabilities drop ALL")},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", PSS_RULES)
+def test_the_pss_checker_sees_each_rule_exactly(rule: str) -> None:
+    """Every rule of both levels, at the pod and at a container: the checker finds exactly
+    the broken rule, on its owner, and at restricted also baseline's."""
+    changes, baseline, restricted = PSS_RULES[rule]
+    template = one(render({}), "Deployment", "meshguard-webhook")["spec"]["template"]
+    assert _violations(template, "restricted") == set()
+    for change in changes:
+        _apply(template, change)
+    assert _violations(template, "baseline") == baseline
+    assert _violations(template, "restricted") == baseline | restricted
 
 
 def _injected(sample: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Istio's pod spec, the same pod after meshguard) for an Istio injector sample."""
+    """(Istio's pod template, the same pod after meshguard) for an Istio injector sample."""
     text = shared_file("istio-injector-samples", sample).read_text()
     (template,) = pod_templates([d for d in yaml.safe_load_all(text) if d])
-    istio = copy.deepcopy(template.spec)
+    istio = {"metadata": template.metadata, "spec": template.spec}
     metadata, spec = copy.deepcopy(template.metadata), copy.deepcopy(template.spec)
     inject_pod(metadata, spec, settings=InjectSettings(request_template=False, signer=SIGNER))
-    return istio, spec
+    return istio, {"metadata": metadata, "spec": spec}
 
 
 def test_meshguard_init_needs_the_level_istio_init_needs() -> None:
     """Sidecar mode: istio-init needs NET_ADMIN/NET_RAW already; meshguard-init, nothing more."""
     istio, meshguard = _injected("hello.yaml.injected")
     capabilities = {"capability NET_ADMIN", "capability NET_RAW"}
-    assert pss_violations(istio, "baseline") == {("istio-init", c) for c in capabilities}
-    assert pss_violations(meshguard, "baseline") == {
+    assert _violations(istio, "baseline") == {("istio-init", c) for c in capabilities}
+    assert _violations(meshguard, "baseline") == {
         *{("istio-init", c) for c in capabilities},
         *{("meshguard-init", c) for c in capabilities},
     }
     # so a namespace that runs Istio's sidecars runs meshguard's at the same level:
     # privileged (or exempted from baseline, as istio-init is)
-    names = [c["name"] for c in meshguard["initContainers"]]
+    names = [c["name"] for c in meshguard["spec"]["initContainers"]]
     assert names.index("meshguard-init") == names.index("istio-init") + 1
 
 
 def test_istio_cni_mode_costs_no_pod_security_level() -> None:
     """Istio CNI: istio-validation needs no capability, and neither does meshguard-validation."""
     istio, meshguard = _injected("hello.yaml.cni.injected")
-    assert pss_violations(istio, "baseline") == set()
-    assert pss_violations(meshguard, "baseline") == set()
+    assert _violations(istio, "baseline") == set()
+    assert _violations(meshguard, "baseline") == set()
     # meshguard adds no restricted violation (its posture fixes may remove some of the app's)
-    assert pss_violations(meshguard, "restricted") <= pss_violations(istio, "restricted")
-    names = [c["name"] for c in meshguard["initContainers"]]
+    assert _violations(meshguard, "restricted") <= _violations(istio, "restricted")
+    names = [c["name"] for c in meshguard["spec"]["initContainers"]]
     assert "meshguard-init" not in names
     assert names.index("meshguard-validation") == names.index("istio-validation") + 1

@@ -14,7 +14,7 @@ import kubernetes_validate
 from meshguard.cli import build_parser
 from meshguard.recent_denials import AGENT_SELECTOR, MESHGUARD_NAMESPACE, agent_on
 from tests.charts.test_chart import K8S_VERSION, NAMESPACE, container, one, render
-from tests.cni import pss
+from tests.support import pss
 
 DENIALS = {"denials": {"enabled": True}}
 
@@ -51,10 +51,12 @@ def test_the_daemonset_runs_the_denial_agent_with_the_documented_privileges_only
                       "/etc/meshguard/trusted-keys": ("trusted-keys", True)}  # fmt: skip
     # baseline's objections: exactly the host's /proc and those capabilities (its namespace
     # must be privileged, as istio-cni's and meshguard-cni-node's)
-    assert pss.baseline(spec, {}) == [
-        "hostPath volume host-proc",
-        "containers[0] denials: capabilities ['NET_ADMIN', 'SYS_ADMIN', 'SYS_PTRACE']",
-    ]
+    annotations = daemonset["spec"]["template"]["metadata"].get("annotations") or {}
+    assert pss.violations(spec, level="baseline", annotations=annotations) == {
+        ("pod", "hostPath volume host-proc"),
+        *{("denials", f"capability {c}") for c in ("NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE")},
+    }
+    assert [c["name"] for c in spec["containers"]] == ["denials"]
 
 
 def test_its_role_reads_pods_and_records_events_only_when_asked():

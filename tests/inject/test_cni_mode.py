@@ -17,7 +17,7 @@ from meshguard.inject.transform import InjectSettings, Outcome, inject_pod
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import Role, read_pod
 from meshguard.rules.ruleset import Ruleset
-from tests.cni import pss
+from tests.support import pss
 from tests.support.keys import SIGNER
 from tests.support.samples import istio_pod
 from tests.support.shared import shared_file
@@ -80,10 +80,10 @@ def test_an_injected_cni_pod_passes_pss_baseline_and_meshguard_s_container_restr
                                     if "hostPath" not in v]  # fmt: skip
         inject_pod(template.metadata, template.spec, settings=SETTINGS)
         annotations = template.metadata.get("annotations") or {}
-        assert pss.baseline(template.spec, annotations) == []
-        pod_context = template.spec.get("securityContext") or {}
+        assert pss.violations(template.spec, level="baseline", annotations=annotations) == set()
+        restricted = pss.violations(template.spec, level="restricted", annotations=annotations)
         for container in _own(template.spec):
-            assert pss.restricted_container(container, pod_context) == []
+            assert pss.checks_of(restricted, container["name"]) == set()
 
 
 def test_the_same_pod_with_istio_init_fails_baseline_because_of_meshguard_init():
@@ -91,8 +91,12 @@ def test_the_same_pod_with_istio_init_fails_baseline_because_of_meshguard_init()
     pod = istio_pod(cni=False)
     pod["spec"]["initContainers"][0]["securityContext"]["capabilities"]["add"] = []
     inject_pod(pod["metadata"], pod["spec"], settings=SETTINGS)
-    problems = pss.baseline(pod["spec"], pod["metadata"]["annotations"])
-    assert problems == ["initContainers[1] meshguard-init: capabilities ['NET_ADMIN', 'NET_RAW']"]
+    problems = pss.violations(
+        pod["spec"], level="baseline", annotations=pod["metadata"]["annotations"]
+    )
+    assert problems == {("meshguard-init", "capability NET_ADMIN"),
+                        ("meshguard-init", "capability NET_RAW")}  # fmt: skip
+    assert [c["name"] for c in pod["spec"]["initContainers"]][1] == "meshguard-init"
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -104,7 +108,8 @@ def test_minimal_cni_pod_is_injected_with_validation_and_is_idempotent(native: b
     assert pod == once
     names = [c["name"] for c in pod["spec"]["initContainers"]]
     assert names[:2] == ["istio-validation", MESHGUARD_VALIDATION]
-    assert pss.baseline(pod["spec"], pod["metadata"]["annotations"]) == []
+    annotations = pod["metadata"]["annotations"]
+    assert pss.violations(pod["spec"], level="baseline", annotations=annotations) == set()
     view = read_pod(metadata=pod["metadata"], spec=pod["spec"])
     assert [c.name for c in view.workload] == ["app"]
 

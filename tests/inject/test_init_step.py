@@ -23,7 +23,7 @@ from meshguard.inject.transform import InjectSettings, OptOut, Outcome, inject_p
 from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
 from meshguard.webhook.review import MAX_WARNING_CHARS
-from tests.cni import pss
+from tests.support import pss
 from tests.support.keys import SIGNER
 from tests.support.samples import injected_sample_names
 from tests.support.shared import shared_file
@@ -99,8 +99,9 @@ SHAPES: dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]] = {
 }
 
 
-def _baseline(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    return pss.baseline(spec, metadata.get("annotations") or {})
+def _baseline(metadata: dict[str, Any], spec: dict[str, Any]) -> set[pss.Violation]:
+    annotations = metadata.get("annotations") or {}
+    return pss.violations(spec, level="baseline", annotations=annotations)
 
 
 def _own(spec: dict[str, Any]) -> list[str]:
@@ -112,7 +113,7 @@ def _own(spec: dict[str, Any]) -> list[str]:
 def test_a_pod_without_istio_init_is_left_alone_by_default_with_the_reason(shape):
     metadata, spec = SHAPES[shape]()
     assert not [c for c in spec.get("initContainers") or [] if c["name"] in ISTIO_STEPS]
-    assert _baseline(metadata, spec) == []  # Istio kept it at Pod Security baseline
+    assert _baseline(metadata, spec) == set()  # Istio kept it at Pod Security baseline
     before = copy.deepcopy((metadata, spec))
     result = inject_pod(metadata, spec, settings=InjectSettings(request_template=False))
     assert result.outcome is Outcome.SKIPPED
@@ -134,7 +135,7 @@ def test_node_installs_from_the_node_and_the_pod_stays_at_baseline(shape):
     assert result.outcome is Outcome.INJECTED, result.reason
     assert _own(spec) == [MESHGUARD_VALIDATION]
     assert spec["initContainers"][0]["name"] == MESHGUARD_VALIDATION  # first: nothing before
-    assert _baseline(metadata, spec) == []
+    assert _baseline(metadata, spec) == set()
     assert not any(v["name"] == "meshguard-ruleset" for v in spec.get("volumes") or [])
     view = read_pod(metadata=metadata, spec=spec)
     assert install_mode(view, without_istio_init=WithoutIstioInit.NODE) is InstallMode.CNI
@@ -149,9 +150,7 @@ def test_privileged_adds_a_root_meshguard_init_only_when_asked(shape):
     result = inject_pod(metadata, spec, settings=_settings(WithoutIstioInit.PRIVILEGED))
     assert result.outcome is Outcome.INJECTED, result.reason
     assert _own(spec) == [MESHGUARD_INIT]
-    assert {_unplaced(p) for p in _baseline(metadata, spec)} == {
-        _unplaced(MESHGUARD_INIT_CAPABILITIES)
-    }
+    assert _baseline(metadata, spec) == MESHGUARD_INIT_CAPABILITIES
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -188,21 +187,24 @@ def test_meshguard_never_lowers_a_pods_pod_security_level(sample, without):
         inject_pod(metadata, spec, settings=_settings(without))
     except RefusedError:
         return  # refused: no pod at all
-    added = {_unplaced(p) for p in _baseline(metadata, spec)} - {_unplaced(p) for p in before}
-    if _unplaced(ISTIO_INIT_CAPABILITIES) in {_unplaced(p) for p in before}:
-        assert added <= {_unplaced(MESHGUARD_INIT_CAPABILITIES)}, added
+    added = _baseline(metadata, spec) - before
+    if _capabilities(before, "istio-init") == ISTIO_INIT_CAPABILITIES:
+        assert added in (set(), MESHGUARD_INIT_CAPABILITIES), added
     else:
         assert added == set(), added
 
 
-ISTIO_INIT_CAPABILITIES = "initContainers[0] istio-init: capabilities ['NET_ADMIN', 'NET_RAW']"
-MESHGUARD_INIT_CAPABILITIES = ISTIO_INIT_CAPABILITIES.replace("istio-init", "meshguard-init")
+ISTIO_INIT_CAPABILITIES = {
+    pss.Violation("istio-init", f"capability {c}") for c in ("NET_ADMIN", "NET_RAW")
+}
+MESHGUARD_INIT_CAPABILITIES = {
+    pss.Violation("meshguard-init", f"capability {c}") for c in ("NET_ADMIN", "NET_RAW")
+}
 
 
-def _unplaced(problem: str) -> str:
-    """A baseline problem without the container's index (meshguard's moves the others)."""
-    where, _, what = problem.partition(": ")
-    return f"{where.split(' ')[-1]}: {what}"
+def _capabilities(found: set[pss.Violation], owner: str) -> set[pss.Violation]:
+    """The capabilities beyond baseline that ``owner`` adds, among ``found``."""
+    return {v for v in found if v.owner == owner and v.check.startswith("capability ")}
 
 
 def test_describe_says_why_a_pod_without_istio_init_is_unprotected():
