@@ -348,11 +348,15 @@ def _access_logs(settings: ListenerSettings) -> list[dict[str, Any]]:
 
 def denied_filter() -> dict[str, Any]:
     """The decision lines of ``DecisionLog.DENIED``: a 403 no rule allowed (the ambiguity
-    filter's, the pod policy's, the default config's; in enforce mode an upstream's own 403
-    carries the rule that let it through, in audit mode it gets a line, its details
-    ``via_upstream``), and in audit mode a request no rule would allow (the audit rules'
-    result is set, their rule id is not)."""
-    denied = [_status_is(403, runtime_key=DENY_STATUS_KEY), _no_rule_id("")]
+    filter's, the pod policy's, the default config's), and in audit mode a request no rule
+    would allow (the audit rules' result is set, their rule id is not). An upstream's own 403
+    to a request a rule allowed carries that rule's id (the enforced one, or in audit mode
+    the one that would have allowed it) and gets no line: the app's answer, not a denial."""
+    denied = [
+        _status_is(403, runtime_key=DENY_STATUS_KEY),
+        _no_rule_id(""),
+        _no_rule_id(AUDIT_PREFIX),
+    ]
     would_be_denied = [
         {
             "metadata_filter": {
