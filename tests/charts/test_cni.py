@@ -329,6 +329,12 @@ def test_pods_istio_gave_no_init_step_get_what_the_chart_says(tmp_path, values, 
         WithoutIstioInit.NODE: (Outcome.INJECTED, ["meshguard-validation"]),
         WithoutIstioInit.PRIVILEGED: (Outcome.INJECTED, ["meshguard-init"]),
     }[chosen]
+    said = {
+        WithoutIstioInit.SKIP: "are left alone (webhook.withoutIstioInit=skip",
+        WithoutIstioInit.NODE: "get their rules from the node (webhook.withoutIstioInit=node)",
+        WithoutIstioInit.PRIVILEGED: "get a root meshguard-init with NET_ADMIN",
+    }[chosen]
+    assert said in notes(values)
     for shape in SHAPES.values():
         metadata, spec = shape()
         result = inject_pod(metadata, spec, settings=settings)
