@@ -3,7 +3,9 @@
 Plain ``istioctl kube-inject`` output is a normal input: its containers usually have no
 ``runAsUser``, which meshguard needs to tell them apart. For those pods the command shows the
 rules of the pod as meshguard admits it (``meshguard inject``, the webhook: each such
-container gets a uid of its own) and says so on stderr, per pod.
+container gets a uid of its own) and says so on stderr, per pod. Pods the webhook leaves
+alone are skipped with the reason (Istio's gateways among them); a pod Istio gave no init step
+shows the rules an install with ``withoutIstioInit`` node or privileged applies, and says so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from meshguard import yaml_io
 from meshguard.cli import EXIT_FAILED, EXIT_OK, worst_status
 from meshguard.cli.templates import each_template
 from meshguard.errors import MeshguardError
-from meshguard.inject.left_alone import skip_reason
+from meshguard.inject.init_step import WithoutIstioInit
+from meshguard.inject.left_alone import gateway_reason, no_init_step_reason, skip_reason
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import PodTemplate, pod_templates, read_sources
 from meshguard.pod import read_pod
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return worst_status(errors)
     if not compiled:
         print(
-            f"{', '.join(args.filename)}: no Istio-injected pod template found (run it through"
+            f"{', '.join(args.filename)}: no Istio-injected pod template found that meshguard"
+            " installs rules in (the notes above say why; run plain manifests through"
             " `istioctl kube-inject -f` first)",
             file=sys.stderr,
         )
@@ -62,12 +66,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _compile_template(template: PodTemplate, *, settings: CompilerSettings) -> Ruleset | None:
     pod = read_pod(metadata=template.metadata, spec=template.spec)
-    skip = skip_reason(template.metadata)
+    skip = skip_reason(template.metadata) or gateway_reason(pod)
     if not skip and pod.proxy is None:
         skip = "no istio-proxy container (not injected by Istio)"
     if skip:
         print(f"note: {template.label}: skipped, {skip}", file=sys.stderr)
         return None
+    unprivileged = no_init_step_reason(pod)
+    if unprivileged:
+        print(
+            f"note: {template.label}: {unprivileged}; below, the rules an install with"
+            " withoutIstioInit node or privileged applies",
+            file=sys.stderr,
+        )
     missing = [c.name for c in pod.workload if c.uid is None]
     if missing:
         return _as_admitted(template, missing, settings=settings)
@@ -90,9 +101,11 @@ def _as_admitted(
     """The rules of the pod once meshguard admits it (uids assigned), on a copy."""
     metadata: dict[str, Any] = copy.deepcopy(template.metadata)
     spec: dict[str, Any] = copy.deepcopy(template.spec)
-    result = inject_pod(
-        metadata, spec, settings=InjectSettings(compiler=settings, request_template=False)
+    # the ruleset is the same whoever installs it: node stands for node and privileged
+    admission = InjectSettings(
+        compiler=settings, request_template=False, without_istio_init=WithoutIstioInit.NODE
     )
+    result = inject_pod(metadata, spec, settings=admission)
     if result.ruleset is None:
         print(f"note: {template.label}: skipped, {result.reason}", file=sys.stderr)
         return None
