@@ -23,7 +23,7 @@ from meshguard.cli import (
 from meshguard.errors import MalformedInputError, MeshguardFailure, RefusedError, UsageError
 from meshguard.inject.posture import PostureAction
 from meshguard.rules.ruleset import Ruleset
-from tests.support.samples import injected_sample_names
+from tests.support.samples import injected_sample_names, interception_none
 from tests.support.shared import INJECTOR_SAMPLES
 
 EXAMPLE = Path(meshguard.__file__).parent / "examples" / "pod.yaml"
@@ -154,14 +154,8 @@ def test_rules_of_pods_the_webhook_leaves_alone_say_so():
     gateway = meshguard_cli("rules", "-f", str(INJECTOR_SAMPLES / "gateway.yaml.injected"))
     assert (gateway.returncode, gateway.stdout) == (1, "")
     assert "skipped, Istio gateway pod (injection template gateway)" in gateway.stderr
-    pod = next(yaml.safe_load_all((INJECTOR_SAMPLES / "pod.yaml.injected").read_text()))
-    pod["metadata"]["annotations"]["sidecar.istio.io/interceptionMode"] = "NONE"
-    pod["spec"]["initContainers"] = [
-        c for c in pod["spec"]["initContainers"] if c["name"] != "istio-init"
-    ]
-    status = json.loads(pod["metadata"]["annotations"]["sidecar.istio.io/status"])
-    status["initContainers"] = [n for n in status["initContainers"] if n != "istio-init"]
-    pod["metadata"]["annotations"]["sidecar.istio.io/status"] = json.dumps(status)
+    metadata, spec = interception_none()
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
     done = meshguard_cli("rules", "-f", "-", stdin=yaml.safe_dump(pod))
     assert done.returncode == 0, done.stderr
     assert "-A MESHGUARD_LOCAL -j MESHGUARD_DENY" in done.stdout

@@ -37,9 +37,9 @@ from tests.charts.test_chart import (
     one,
     render,
 )
-from tests.inject.test_init_step import SHAPES
 from tests.support import pss
 from tests.support.keys import signing_key_file
+from tests.support.samples import NO_INIT_STEP_SHAPES
 from tests.support.shared import shared_file
 
 CNI = {"cni": {"enabled": True}}
@@ -335,7 +335,7 @@ def test_pods_istio_gave_no_init_step_get_what_the_chart_says(tmp_path, values, 
         WithoutIstioInit.PRIVILEGED: "get a root meshguard-init with NET_ADMIN",
     }[chosen]
     assert said in notes(values)
-    for shape in SHAPES.values():
+    for shape in NO_INIT_STEP_SHAPES.values():
         metadata, spec = shape()
         result = inject_pod(metadata, spec, settings=settings)
         own = [c["name"] for c in spec.get("initContainers") or [] if c["name"].startswith("mesh")]

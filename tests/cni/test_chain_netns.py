@@ -43,7 +43,7 @@ from tests.support.matrix import APP, CACHE, LOGS, PROXY, SERVERS, STRANGERS, ch
 from tests.support.matrix import example_pod as matrix_pod
 from tests.support.netfilter import NETFILTERS, Netfilter, matrix_capture_nft, pod_for
 from tests.support.podns import PodSandbox
-from tests.support.samples import as_cni_mode
+from tests.support.samples import as_cni_mode, drop_istio_init_step
 from tests.support.shared import golden_payloads
 
 pytestmark = [
@@ -108,11 +108,7 @@ def no_init_step_pod() -> dict[str, Any]:
     istio-init, no capture), admitted under ``withoutIstioInit: node``."""
     pod = matrix_pod()
     pod["metadata"].update(uid=POD_UID, namespace="demo", name="shop")
-    annotations = pod["metadata"]["annotations"]
-    annotations["sidecar.istio.io/interceptionMode"] = "NONE"
-    status = json.loads(annotations["sidecar.istio.io/status"])
-    annotations["sidecar.istio.io/status"] = json.dumps({**status, "initContainers": None})
-    pod["spec"]["initContainers"] = []
+    drop_istio_init_step(pod["metadata"], pod["spec"], why="sidecar.istio.io/interceptionMode=NONE")
     settings = InjectSettings(
         request_template=False, signer=SIGNER, without_istio_init=WithoutIstioInit.NODE
     )

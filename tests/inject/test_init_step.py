@@ -2,14 +2,11 @@
 
 Pods Istio gave no init step although they have workload containers (its ``grpc-agent``
 template, ``sidecar.istio.io/interceptionMode: NONE``) are built from Istio's real injector
-outputs with what those templates leave out taken out: no istio-init in the spec nor in
-``sidecar.istio.io/status``."""
+outputs (:data:`tests.support.samples.NO_INIT_STEP_SHAPES`)."""
 
 from __future__ import annotations
 
 import copy
-import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,83 +17,26 @@ from meshguard.errors import RefusedError
 from meshguard.init_container import MESHGUARD_INIT, MESHGUARD_VALIDATION
 from meshguard.inject.init_step import InstallMode, WithoutIstioInit, install_mode
 from meshguard.inject.transform import InjectSettings, OptOut, Outcome, inject_pod
-from meshguard.manifests import pod_templates, read_documents
 from meshguard.pod import read_pod
 from meshguard.webhook.review import MAX_WARNING_CHARS
 from tests.support import pss
 from tests.support.keys import SIGNER
-from tests.support.samples import injected_sample_names
-from tests.support.shared import shared_file
+from tests.support.samples import (
+    ISTIO_INIT_STEPS,
+    NO_INIT_STEP_SHAPES,
+    grpc_agent,
+    injected_sample_names,
+    sample_pod,
+)
 
-ISTIO_STATUS = "sidecar.istio.io/status"
-ISTIO_STEPS = {"istio-init", "istio-validation"}
 SAMPLES = injected_sample_names() or ["(../shared absent)"]
+SHAPES = NO_INIT_STEP_SHAPES
 
 
 def _settings(without: WithoutIstioInit, **knobs: Any) -> InjectSettings:
     return InjectSettings(
         request_template=False, signer=SIGNER, without_istio_init=without, **knobs
     )
-
-
-def _sample_pod(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metadata, spec) of the first pod template of an Istio injector sample, hostPath
-    volumes left out (Pod Security baseline forbids them; meshguard refuses them)."""
-    if name.startswith("("):
-        pytest.skip("../shared/istio-injector-samples is absent")
-    (template, *_) = pod_templates(read_documents(shared_file("istio-injector-samples", name)))
-    spec = copy.deepcopy(template.spec)
-    spec["volumes"] = [v for v in spec.get("volumes") or [] if "hostPath" not in v]
-    return copy.deepcopy(template.metadata), spec
-
-
-def _without_init_step(
-    sample: str, annotation: tuple[str, str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Istio's sample as a template without an init step renders it: no istio-init (nor
-    istio-validation) in the spec or in Istio's status, and the annotation that chose it."""
-    metadata, spec = _sample_pod(sample)
-    spec["initContainers"] = [
-        c for c in spec.get("initContainers") or [] if c["name"] not in ISTIO_STEPS
-    ]
-    annotations = metadata["annotations"]
-    status = json.loads(annotations[ISTIO_STATUS])
-    listed = [n for n in status.get("initContainers") or [] if n not in ISTIO_STEPS]
-    status["initContainers"] = listed or None
-    annotations[ISTIO_STATUS] = json.dumps(status, separators=(",", ":"))
-    key, value = annotation
-    annotations[key] = value
-    return metadata, spec
-
-
-def interception_none() -> tuple[dict[str, Any], dict[str, Any]]:
-    """``sidecar.istio.io/interceptionMode: NONE`` (native sidecar: the proxy stays an init
-    container, istio-init is left out)."""
-    return _without_init_step("hello.yaml.injected", ("sidecar.istio.io/interceptionMode", "NONE"))
-
-
-def grpc_agent() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Istio's grpc-agent template: the agent as a regular container, no init container,
-    and no securityContext on it (the image's user)."""
-    metadata, spec = _without_init_step(
-        "hello-multi.yaml.injected", ("inject.istio.io/templates", "grpc-agent")
-    )
-    (proxy,) = [c for c in spec["initContainers"] if c["name"] == "istio-proxy"]
-    spec["initContainers"] = [c for c in spec["initContainers"] if c is not proxy]
-    proxy.pop("restartPolicy")
-    proxy.pop("securityContext", None)
-    spec["containers"].insert(0, proxy)
-    annotations = metadata["annotations"]
-    status = json.loads(annotations[ISTIO_STATUS])
-    status.update(initContainers=None, containers=["istio-proxy"])
-    annotations[ISTIO_STATUS] = json.dumps(status, separators=(",", ":"))
-    return metadata, spec
-
-
-SHAPES: dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]] = {
-    "interceptionMode-NONE": interception_none,
-    "grpc-agent": grpc_agent,
-}
 
 
 def _baseline(metadata: dict[str, Any], spec: dict[str, Any]) -> set[pss.Violation]:
@@ -112,7 +52,7 @@ def _own(spec: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_a_pod_without_istio_init_is_left_alone_by_default_with_the_reason(shape):
     metadata, spec = SHAPES[shape]()
-    assert not [c for c in spec.get("initContainers") or [] if c["name"] in ISTIO_STEPS]
+    assert not [c for c in spec.get("initContainers") or [] if c["name"] in ISTIO_INIT_STEPS]
     assert _baseline(metadata, spec) == set()  # Istio kept it at Pod Security baseline
     before = copy.deepcopy((metadata, spec))
     result = inject_pod(metadata, spec, settings=InjectSettings(request_template=False))
@@ -181,7 +121,7 @@ def test_meshguard_never_lowers_a_pods_pod_security_level(sample, without):
     if sample in SHAPES:
         metadata, spec = SHAPES[sample]()
     else:
-        metadata, spec = _sample_pod(sample)
+        metadata, spec = sample_pod(sample)
     before = _baseline(metadata, spec)
     try:
         inject_pod(metadata, spec, settings=_settings(without))
@@ -216,7 +156,7 @@ def test_describe_says_why_a_pod_without_istio_init_is_unprotected():
 
 def _before_istio(**annotations: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Istio's sample before its injection (no istio-proxy yet), with these annotations."""
-    metadata, spec = _sample_pod("hello.yaml")
+    metadata, spec = sample_pod("hello.yaml")
     metadata.setdefault("annotations", {}).update(annotations)
     return metadata, spec
 

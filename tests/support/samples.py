@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from meshguard.manifests import PodTemplate, pod_templates, read_documents
 from meshguard.pod import MESH_INIT_CONTAINERS, PROXY_CONTAINER
@@ -144,3 +147,69 @@ def as_cni_mode(pod: dict[str, Any]) -> dict[str, Any]:
     ]
     annotations[ISTIO_STATUS] = json.dumps(status)
     return cni
+
+
+# --- pods Istio gives no init step ---------------------------------------------------------
+
+ISTIO_INIT_STEPS = ("istio-init", "istio-validation")
+Pod = tuple[dict[str, Any], dict[str, Any]]  # (metadata, spec)
+
+
+def sample_pod(name: str) -> Pod:
+    """(metadata, spec) of the first pod template of an Istio injector sample (a copy),
+    hostPath volumes left out (Pod Security baseline forbids them; meshguard refuses them);
+    skips the test when ../shared is absent."""
+    if not INJECTOR_SAMPLES.exists():
+        pytest.skip("../shared/istio-injector-samples is absent")
+    (template, *_) = load_templates(name)
+    spec = copy.deepcopy(template.spec)
+    spec["volumes"] = [v for v in spec.get("volumes") or [] if "hostPath" not in v]
+    return copy.deepcopy(template.metadata), spec
+
+
+def drop_istio_init_step(metadata: dict[str, Any], spec: dict[str, Any], *, why: str) -> None:
+    """In place: the pod as an injection without an init step renders it, no istio-init (nor
+    istio-validation) in the spec or in Istio's status; ``why``, ``key=value``, is the
+    annotation that chose it."""
+    spec["initContainers"] = [
+        c for c in spec.get("initContainers") or [] if c["name"] not in ISTIO_INIT_STEPS
+    ]
+    annotations = metadata["annotations"]
+    status = json.loads(annotations[ISTIO_STATUS])
+    listed = [n for n in status.get("initContainers") or [] if n not in ISTIO_INIT_STEPS]
+    status["initContainers"] = listed or None
+    annotations[ISTIO_STATUS] = json.dumps(status, separators=(",", ":"))
+    key, _, value = why.partition("=")
+    annotations[key] = value
+
+
+def interception_none() -> Pod:
+    """``sidecar.istio.io/interceptionMode: NONE`` (native sidecar: the proxy stays an init
+    container, istio-init is left out)."""
+    metadata, spec = sample_pod("hello.yaml.injected")
+    drop_istio_init_step(metadata, spec, why="sidecar.istio.io/interceptionMode=NONE")
+    return metadata, spec
+
+
+def grpc_agent() -> Pod:
+    """Istio's grpc-agent template: the agent as a regular container, no init container,
+    and no securityContext on it (the image's user)."""
+    metadata, spec = sample_pod("hello-multi.yaml.injected")
+    drop_istio_init_step(metadata, spec, why="inject.istio.io/templates=grpc-agent")
+    (proxy,) = [c for c in spec["initContainers"] if c["name"] == PROXY_CONTAINER]
+    spec["initContainers"] = [c for c in spec["initContainers"] if c is not proxy]
+    proxy.pop("restartPolicy")
+    proxy.pop("securityContext", None)
+    spec["containers"].insert(0, proxy)
+    annotations = metadata["annotations"]
+    status = json.loads(annotations[ISTIO_STATUS])
+    status.update(initContainers=None, containers=[PROXY_CONTAINER])
+    annotations[ISTIO_STATUS] = json.dumps(status, separators=(",", ":"))
+    return metadata, spec
+
+
+#: The shapes of Istio's injection without an init step, built from its real samples.
+NO_INIT_STEP_SHAPES: dict[str, Callable[[], Pod]] = {
+    "interceptionMode-NONE": interception_none,
+    "grpc-agent": grpc_agent,
+}
