@@ -56,6 +56,8 @@ AUTHZ_ERROR_STATUS: Final = 503
 AUTHZ_ERROR_EVENT: Final = "ext_authz_error"
 #: The runtime key of the native engine's denial status (403) in its filters.
 DENY_STATUS_KEY: Final = "meshguard.deny"
+#: Envoy's RBAC HTTP filter: the native engine's filters, the namespace of their metadata.
+RBAC_FILTER: Final = "envoy.filters.http.rbac"
 
 
 Engine = L7Engine
@@ -320,7 +322,7 @@ def _decision_filters(settings: ListenerSettings) -> list[dict[str, Any]]:
         return [_stamp_pod_identity(), _ext_authz(settings)]
     return [
         {
-            "name": "envoy.filters.http.rbac",
+            "name": RBAC_FILTER,
             "typed_config": {**ambiguity_rbac(), "rules_stat_prefix": "meshguard_ambiguity_"},
         },
         {
@@ -358,16 +360,9 @@ def denied_filter() -> dict[str, Any]:
         _no_rule_id(AUDIT_PREFIX),
     ]
     would_be_denied = [
-        {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": "envoy.filters.http.rbac",
-                    "path": [{"key": f"{AUDIT_PREFIX}enforced_engine_result"}],
-                    "value": {"present_match": True},
-                },
-                "match_if_key_not_found": False,
-            }
-        },
+        _rbac_metadata(
+            f"{AUDIT_PREFIX}enforced_engine_result", {"present_match": True}, if_missing=False
+        ),
         _no_rule_id(AUDIT_PREFIX),
     ]
     return {
@@ -395,14 +390,18 @@ def _status_is(code: int, *, runtime_key: str) -> dict[str, Any]:
 def _no_rule_id(prefix: str) -> dict[str, Any]:
     """True when the pod filter's rules (under ``prefix``) matched no rule: a rule id is
     never empty, so an id present does not match and its absence does."""
+    return _rbac_metadata(
+        f"{prefix}enforced_effective_policy_id", {"string_match": {"exact": ""}}, if_missing=True
+    )
+
+
+def _rbac_metadata(key: str, value: dict[str, Any], *, if_missing: bool) -> dict[str, Any]:
+    """An access-log filter on the RBAC filters' dynamic metadata ``key`` (matching
+    ``value``; ``if_missing``: the result where the key is not set)."""
     return {
         "metadata_filter": {
-            "matcher": {
-                "filter": "envoy.filters.http.rbac",
-                "path": [{"key": f"{prefix}enforced_effective_policy_id"}],
-                "value": {"string_match": {"exact": ""}},
-            },
-            "match_if_key_not_found": True,
+            "matcher": {"filter": RBAC_FILTER, "path": [{"key": key}], "value": value},
+            "match_if_key_not_found": if_missing,
         }
     }
 
@@ -414,7 +413,7 @@ def _decision_log() -> dict[str, Any]:
     (``rbac_access_denied_matched_policy[...]`` for a denial); in audit mode ``audit`` is
     set and ``audit_rule`` is the rule that would have allowed it (null: it would be
     denied)."""
-    rbac = "envoy.filters.http.rbac"
+    rbac = RBAC_FILTER
     source_id = f"{SOURCE_PREFIX}shadow_effective_policy_id"  # keys carry the stat prefix
     audit_id = f"{AUDIT_PREFIX}enforced_effective_policy_id"
     return {
