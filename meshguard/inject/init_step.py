@@ -62,5 +62,11 @@ def istio_will_add_init_step(annotations: Mapping[str, Any]) -> bool:
     NONE (a mesh-wide interceptionMode in ProxyConfig is not visible here)."""
     named = str(annotations.get(annotation_keys.ISTIO_TEMPLATES) or ISTIO_SIDECAR_TEMPLATE)
     templates = {t.strip() for t in named.split(",")}
+    return ISTIO_SIDECAR_TEMPLATE in templates and not intercepts_nothing(annotations)
+
+
+def intercepts_nothing(annotations: Mapping[str, Any]) -> bool:
+    """The pod asks Istio for no capture (``sidecar.istio.io/interceptionMode: NONE``), so
+    Istio's sidecar template gives it no init step."""
     interception = str(annotations.get(annotation_keys.ISTIO_INTERCEPTION_MODE) or "")
-    return ISTIO_SIDECAR_TEMPLATE in templates and interception.strip().upper() != "NONE"
+    return interception.strip().upper() == "NONE"

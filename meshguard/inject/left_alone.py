@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from meshguard import annotation_keys
 from meshguard.inject.changes import Change, RemoveKey, apply_changes
+from meshguard.inject.init_step import intercepts_nothing
 from meshguard.pod import PodView
 from meshguard.policy import parse_opt_out
 
@@ -40,11 +41,10 @@ def gateway_reason(pod: PodView) -> str:
     NET_ADMIN or root. There is no container to isolate the proxy from, and meshguard's
     init step would be the pod's only privileged container: nothing is added.
     """
-    if pod.proxy is None or pod.workload or pod.istio_init_step is not None:
+    if not _without_init_step(pod) or pod.workload:
         return ""
-    template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
     return (
-        f"Istio gateway pod (injection template {template}): the proxy is the only container"
+        f"Istio gateway pod ({_template(pod)}): the proxy is the only container"
         " and Istio added no init step, so there is nothing to isolate it from and meshguard"
         " adds no privileged init container to it"
     )
@@ -60,7 +60,7 @@ def no_init_step_reason(pod: PodView) -> str:
     with NET_ADMIN would make it the pod's only privileged container, and Pod Security
     Admission would refuse a pod that ran before meshguard was installed.
     """
-    if pod.proxy is None or not pod.workload or pod.istio_init_step is not None:
+    if not _without_init_step(pod) or not pod.workload:
         return ""
     # short enough for an admission warning (256 characters) with the webhook's prefix
     return (
@@ -70,11 +70,20 @@ def no_init_step_reason(pod: PodView) -> str:
     )
 
 
+def _without_init_step(pod: PodView) -> bool:
+    """Istio injected its proxy and gave the pod no init step (no istio-init, no
+    istio-validation)."""
+    return pod.proxy is not None and pod.istio_init_step is None
+
+
 def _how_injected(pod: PodView) -> str:
     """What made Istio leave out its init step, as the pod says it."""
-    interception = pod.annotations.get(annotation_keys.ISTIO_INTERCEPTION_MODE)
-    if str(interception or "").upper() == "NONE":
+    if intercepts_nothing(pod.annotations):
         return f"{annotation_keys.ISTIO_INTERCEPTION_MODE}: NONE"
+    return _template(pod)
+
+
+def _template(pod: PodView) -> str:
     template = pod.annotations.get(annotation_keys.ISTIO_TEMPLATES) or "(not named)"
     return f"injection template {template}"
 
