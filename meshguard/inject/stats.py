@@ -80,11 +80,6 @@ def merge_stats(*, annotations: Mapping[str, Any], proxy_env: Sequence[object]) 
     return StatsMerge(",".join([*patterns, LISTENER_STATS]))
 
 
-def stats_annotation(*, annotations: Mapping[str, Any], proxy_env: Sequence[object]) -> str | None:
-    """:func:`merge_stats`'s value alone."""
-    return merge_stats(annotations=annotations, proxy_env=proxy_env).value
-
-
 def _proxy_config_regexps(annotations: Mapping[str, Any], proxy_env: Sequence[object]) -> list[str]:
     """``proxyStatsMatcher.inclusionRegexps`` as pilot-agent resolves it: the annotation's
     list if it has one, else the environment's, else none."""

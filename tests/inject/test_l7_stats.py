@@ -17,7 +17,7 @@ from meshguard.inject.stats import (
     LISTENER_STATS,
     PROXY_CONFIG_ANNOTATION,
     STATS_REGEXPS,
-    stats_annotation,
+    merge_stats,
 )
 from meshguard.inject.transform import InjectSettings, inject_pod
 from meshguard.manifests import pod_templates, read_documents
@@ -70,7 +70,7 @@ def matcher(**fields: list[str]) -> dict[str, Any]:
 def test_the_annotation_adds_the_listener_stats_to_what_the_pod_had(
     annotations: dict[str, str], proxy_env: list[dict[str, Any]], expected: str
 ):
-    assert stats_annotation(annotations=annotations, proxy_env=proxy_env) == expected
+    assert merge_stats(annotations=annotations, proxy_env=proxy_env).value == expected
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,8 @@ def test_what_cannot_be_merged_safely_is_left_alone(
 ):
     """Writing the annotation would hide a regex meshguard cannot read or carry: the pod
     keeps what it has (the listener's own stats then stay out of Prometheus)."""
-    assert stats_annotation(annotations=annotations, proxy_env=proxy_env) is None
+    merge = merge_stats(annotations=annotations, proxy_env=proxy_env)
+    assert merge.value is None
 
 
 @pytest.mark.parametrize(
